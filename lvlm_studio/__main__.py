@@ -1,0 +1,3 @@
+from lvlm_studio.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""Sentence segmentation with offsets, and the CSR reference's sentence cleaning filter.
+
+``segment_sentences`` returns spans whose offsets index the original string
+(``text[span.start:span.end] == span.text``), so the UI can highlight from stored offsets.
+It survives the usual traps of model answers: abbreviations ("Mr.", "Dr.", "e.g.", "i.e.",
+"etc.", "U.S."), decimals ("3.5"), ellipses ("..."), numbered-list markers ("1. The dog") and
+text that ends without a terminator (a sentence cut at end-of-sequence or by a length cap).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+    text: str
+
+
+# Lower-cased, without their final period. Titles and Latin abbreviations never end a sentence;
+# ``_MAY_END`` ones do when the next word is capitalised ("... and so on, etc. The dog ...").
+_NEVER_END = {
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "e.g", "i.e", "cf",
+    "approx", "fig", "figs", "no", "nos", "vol", "p", "pp", "ca", "u.s", "u.k", "u.n", "a.m", "p.m",
+    "dept", "est", "gen", "gov", "lt", "col", "capt", "sgt", "rev", "hon", "inc", "ltd", "co",
+    "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+}
+_MAY_END = {"etc", "u.s", "u.k", "a.m", "p.m", "inc", "ltd", "co", "corp"}
+
+_TERMINATOR = re.compile(r"[.!?]+[\"')\]]*")
+_WORD_BEFORE = re.compile(r"([A-Za-z](?:[A-Za-z.]*[A-Za-z])?|\d+)$")
+
+
+def _is_boundary(text: str, start: int, end: int) -> bool:
+    """Does the terminator text[start:end] end a sentence?"""
+    if end < len(text) and not text[end].isspace():
+        return False  # "3.5", "e.g.x", "www.site.com": no whitespace after the dot
+    rest = text[end:].lstrip()
+    if not rest:
+        return True
+    next_char = rest[0]
+    term = text[start:end].rstrip("\"')]")
+    if term.startswith("..") and len(term) >= 2 and set(term) == {"."}:
+        # An ellipsis ends a sentence only when a capitalised word follows.
+        return next_char.isupper() or not next_char.isalpha()
+    if term != ".":
+        return True  # "!", "?", "?!"
+    match = _WORD_BEFORE.search(text[:start])
+    if not match:
+        return True
+    word = match.group(1)
+    low = word.lower()
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    if word.isdigit() and not text[line_start:match.start()].strip():
+        return False  # "1. The dog": a numbered-list marker at the start of a line
+    if low in _MAY_END:
+        return next_char.isupper()
+    if low in _NEVER_END:
+        return False
+    if len(word) == 1 and word.isupper():
+        return False  # an initial: "J. Smith"
+    if "." in word and len(word) <= 6:
+        return next_char.isupper()  # "a.k.a. the", other dotted abbreviations
+    return True
+
+
+def segment_sentences(text: str) -> list[Span]:
+    """Split ``text`` into sentence spans (stripped of surrounding whitespace).
+
+    A line break also ends a sentence (lists, paragraphs). Empty input gives ``[]``.
+    """
+    spans: list[Span] = []
+    cut_points: list[int] = []
+    for match in _TERMINATOR.finditer(text):
+        if _is_boundary(text, match.start(), match.end()):
+            cut_points.append(match.end())
+    for match in re.finditer(r"\n", text):
+        cut_points.append(match.start())
+    cut_points = sorted(set(cut_points))
+    begin = 0
+    for cut in [*cut_points, len(text)]:
+        _append(spans, text, begin, cut)
+        begin = cut
+    return spans
+
+
+def _append(spans: list[Span], text: str, begin: int, end: int) -> None:
+    chunk = text[begin:end]
+    stripped = chunk.strip()
+    if not stripped:
+        return
+    start = begin + (len(chunk) - len(chunk.lstrip()))
+    spans.append(Span(start, start + len(stripped), stripped))
+
+
+def sentence_records(text: str) -> list[dict]:
+    """Per-sentence records for a text that was not scored (reference answers, STIC, POVID):
+    ``{start, end, text}`` plus the score fields set to ``None``."""
+    return [
+        {"start": s.start, "end": s.end, "text": s.text, "text_logprob": None, "clip_score": None, "reward": None}
+        for s in segment_sentences(text)
+    ]
+
+
+# ---- the CSR cleaning filter -------------------------------------------------------------------
+# Reference (CSR inference_csr/utils.py clean_tree + score.py): a candidate sentence is dropped when
+# it is shorter than 4 characters, repeats one word >= 6 times in a row (or one character >= 11
+# times), has > 5 line breaks, or contains foreign-script junk (Korean, Japanese kana, Cyrillic,
+# emoji, repeated &nbsp;). We add CJK ideographs, which the reference's list misses although
+# they are the same kind of junk for an English model.
+_FOREIGN = re.compile(
+    "[\u3130-\u318f\uac00-\ud7af"  # Hangul
+    "\u3040-\u309f\u30a0-\u30ff"  # Japanese kana
+    "\u0400-\u04ff"  # Cyrillic
+    "\u4e00-\u9fff"  # CJK ideographs
+    "\U0001f300-\U0001f5ff\U0001f600-\U0001f64f\U0001f680-\U0001f6ff\U0001f700-\U0001f77f]"  # emoji
+    "|(?:&nbsp;){2,}"
+)
+_REPEATED_CHAR = re.compile(r"(\S)(?:\s*\1){10,}")
+
+
+def clean_reason(
+    sentence: str, min_chars: int = 4, max_repeated_words: int = 6, max_newlines: int = 5
+) -> str | None:
+    """Why the sentence fails the cleaning filter, or ``None`` when it is clean."""
+    text = sentence.strip()
+    if len(text) < min_chars:
+        return "too_short"
+    if _FOREIGN.search(text):
+        return "foreign_script"
+    repeated_word = re.compile(r"\b(\w+)\b(?:\s+\1\b){%d,}" % (max_repeated_words - 1), re.IGNORECASE)
+    if repeated_word.search(text) or _REPEATED_CHAR.search(text):
+        return "repetition"
+    if text.count("\n") > max_newlines:
+        return "too_many_newlines"
+    return None
+
+
+def is_clean_sentence(sentence: str, min_chars: int = 4, max_repeated_words: int = 6) -> bool:
+    return clean_reason(sentence, min_chars=min_chars, max_repeated_words=max_repeated_words) is None

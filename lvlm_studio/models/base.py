@@ -1,0 +1,151 @@
+"""The model protocol every method talks to, and the errors it raises.
+
+A backend answers three questions:
+  * ``sample``: generate ``n`` continuations per (image, prompt), with per-token log-probs;
+  * ``score``: teacher-forced per-token log-probs of given continuations;
+  * ``open_prefix`` / ``extend``: encode image + prompt once, then continue many partial answers
+    (given as token ids, never re-tokenised text) from that cached prefix. The CSR search uses this.
+
+Log-probs are always those of the model's own next-token distribution at temperature 1 (raw
+logits, before temperature, top-p or a diversity penalty), so that ``sample`` and ``score`` agree
+on the same text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be resolved or loaded (unknown id, offline, corrupt files)."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional backend whose package is not installed (e.g. vllm)."""
+
+
+@dataclass
+class GenerationParams:
+    """Decoding parameters. temperature 0 means greedy.
+
+    ``num_beam_groups`` > 1 with ``diversity_penalty`` > 0 is diverse (group) beam search with one
+    beam per group, as the CSR reference code runs it (num_beams=5, num_beam_groups=5,
+    diversity_penalty=3.0): group g picks its token after subtracting ``diversity_penalty`` times
+    the number of earlier groups that picked that token at the same step (Hamming diversity).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "num_beam_groups": self.num_beam_groups,
+            "diversity_penalty": self.diversity_penalty,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class Sequence:
+    """One generated continuation.
+
+    ``token_ids``/``token_logprobs`` cover only the new tokens (the EOS token included when the
+    model emitted it). ``finish_reason`` is "eos", "stop" (a stop string was produced; the text
+    ends with it) or "length".
+    """
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    finish_reason: str
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "eos"
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        return float(sum(self.token_logprobs) / max(len(self.token_logprobs), 1))
+
+
+@dataclass
+class Prefix:
+    """An encoded image + prompt, owned by the backend that made it (opaque to callers)."""
+
+    backend_id: str
+    prompt: str
+    image_key: str
+    state: Any = field(repr=False, default=None)
+
+
+@runtime_checkable
+class VLMBackend(Protocol):
+    model_id: str
+
+    def sample(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[list[Sequence]]:
+        """For each (image, user prompt) return ``n`` sequences. Prompts are plain user text;
+        the backend applies the model's chat template and inserts the image token."""
+        ...
+
+    def score(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        continuations: list[str],
+    ) -> list[list[float]]:
+        """Teacher-forced per-token log-probs of each assistant continuation."""
+        ...
+
+    def open_prefix(self, image: Image.Image, prompt: str) -> Prefix:
+        """Encode image + chat prompt once; later ``extend`` calls reuse it."""
+        ...
+
+    def extend(
+        self,
+        prefix: Prefix,
+        partials: list[list[int]],
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[list[Sequence]]:
+        """Continue each partial answer (token ids after the assistant turn start) ``n`` times."""
+        ...
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of assistant text (no special tokens)."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        ...
+
+
+@dataclass
+class GenerationRecord:
+    """Provenance written beside every generated candidate."""
+
+    model: str
+    round: int | None
+    method: str
+    params: dict[str, Any]
+    seed: int | None
