@@ -1,0 +1,982 @@
+"""Imports into the store and exports of preference pairs.
+
+Imports (each returns an :class:`ImportReport`):
+  * ``folder``: every image under a directory (recursively); ``name.txt`` beside ``name.jpg``
+    becomes the reference answer; the prompt defaults to ``DEFAULT_PROMPT``.
+  * ``coco``: COCO captions and/or instances JSON; captions become references (the first one;
+    all in ``meta.captions``), instance category names become the image's ground-truth objects.
+  * ``jsonl``: one object per line: ``image`` (path relative to the file), ``prompt``, optional
+    ``reference``, ``objects``, and ``chosen`` + ``rejected`` (+ ``method``) for a pair.
+  * ``hf``/``trl``: a local ``datasets.save_to_disk`` directory (Dataset or DatasetDict) with an
+    ``image`` (PIL or path) or ``images`` column, ``prompt`` (text or conversational), optional
+    ``reference``, ``objects``, ``chosen``/``rejected`` (text or conversational). A TRL export
+    re-imports as items *and* pairs.
+  * ``llava``: the LLaVA DPO JSON the CSR/POVID code reads (``image``, ``conversations``,
+    ``rejected_conversations``); ``llamafactory``: the LLaMA-Factory ranking export.
+
+Every record is validated on its own: a bad one is reported (file + reason) and skipped, good ones
+land. A record's image row, item and pairs are written in one transaction, and an image file
+written for a record that then fails to land is removed again. Paths inside import files are
+resolved against the import root; absolute paths, URLs and ``..`` escapes (symlinks included)
+are refused.
+
+Exports (only pairs with a human effective label, unless ``include_auto``; 'reject_both' never):
+  * ``trl``: ``Dataset.save_to_disk`` with ``images`` (list of one image), conversational
+    ``prompt`` / ``chosen`` / ``rejected``, plus provenance columns (pair_id, method, round, margin,
+    status, dataset, split, reference, objects, meta) that TRL ignores.
+  * ``llava``: ``llava_dpo.json`` + ``images/`` (the JSON's ``image`` paths are relative to the
+    export directory: pass it as the reference code's ``--image_folder``).
+  * ``llamafactory``: ``lvlm_studio_dpo.json`` (sharegpt ranking) + ``images/`` +
+    ``dataset_info.json``.
+Exports are written to a temporary sibling directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lvlm_studio.config import Settings
+from lvlm_studio.media import IMAGE_SUFFIXES, ImageRejected, discard, ingest_image
+from lvlm_studio.store import Store, StoreError
+
+DEFAULT_PROMPT = "Describe the image."
+IMPORT_FORMATS = ("auto", "folder", "coco", "jsonl", "hf", "trl", "llava", "llamafactory")
+EXPORT_FORMATS = ("trl", "llava", "llamafactory")
+IMPORTED_SOURCE = "imported"  # candidates.source of answers that came from a file
+DEFAULT_METHOD = "imported"  # pairs.method when the file does not say
+LLAVA_FILE = "llava_dpo.json"
+LLAMAFACTORY_FILE = "lvlm_studio_dpo.json"
+LLAMAFACTORY_NAME = "lvlm_studio_dpo"
+META_KEY = "lvlm_studio"  # provenance block inside exported JSON records
+
+
+class DataImportError(ValueError):
+    """The import as a whole cannot run (missing path, unknown layout)."""
+
+
+class DataExportError(ValueError):
+    """The export cannot run (nothing to export, output exists)."""
+
+
+class UnsafePathError(ValueError):
+    """A path inside an import file that points outside the import root."""
+
+
+# ============================================================================================
+# Reports and records
+# ============================================================================================
+@dataclass
+class ImportReport:
+    source: str
+    format: str
+    imported: int = 0  # records landed (new or already present)
+    pairs: int = 0  # new pairs written
+    skipped: int = 0  # bad records
+    ignored: int = 0  # files that are not images (folder import)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if not self.errors:
+            return "ok"
+        return "partial" if self.imported else "failed"
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+        self.skipped += 1
+
+    def merge(self, other: ImportReport) -> None:
+        self.imported += other.imported
+        self.pairs += other.pairs
+        self.skipped += other.skipped
+        self.ignored += other.ignored
+        self.errors.extend(other.errors)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status}
+
+
+@dataclass
+class ExportReport:
+    format: str
+    path: str
+    pairs: int
+    images: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Record:
+    label: str  # names the record in error messages
+    image: Path | bytes
+    image_name: str
+    prompt: str
+    reference: str | None = None
+    objects: list[str] | None = None
+    dataset: str = "default"
+    split: str = "train"
+    meta: dict | None = None
+    pairs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Bad:
+    label: str
+    reason: str
+
+
+# ============================================================================================
+# Path safety and small parsers
+# ============================================================================================
+def safe_join(root: Path, relative: Any) -> Path:
+    """``root / relative``, refusing absolute paths, URLs and anything resolving outside root."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise UnsafePathError("missing image path")
+    if (
+        relative.startswith(("/", "\\", "~"))
+        or re.match(r"^[A-Za-z]:", relative)
+        or "://" in relative
+        or Path(relative).is_absolute()
+    ):
+        raise UnsafePathError(
+            f"image path {relative!r} is absolute; only paths inside the import root are allowed"
+        )
+    base = root.resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        raise UnsafePathError(f"image path {relative!r} escapes the import root {base}")
+    return target
+
+
+def _strip_image_token(text: str) -> str:
+    if text.startswith("<image>\n"):
+        return text[len("<image>\n") :]
+    if text.endswith("\n<image>"):
+        return text[: -len("\n<image>")]
+    return text.replace("<image>", "").strip()
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text") or ""
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    raise ValueError(f"unexpected message content {type(content).__name__}")
+
+
+def _prompt_text(value: Any) -> str:
+    """A prompt from plain text or conversational messages (first user turn)."""
+    if isinstance(value, str):
+        return _strip_image_token(value)
+    if isinstance(value, list):
+        for message in value:
+            if isinstance(message, dict) and message.get("role", message.get("from")) in ("user", "human"):
+                return _strip_image_token(_content_text(message.get("content", message.get("value"))))
+    raise ValueError("no user prompt found")
+
+
+def _answer_text(value: Any) -> str:
+    """An answer from plain text, a {from, value} turn, or conversational messages (last
+    assistant turn)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _content_text(value.get("content", value.get("value")))
+    if isinstance(value, list):
+        for message in reversed(value):
+            if isinstance(message, dict) and message.get("role", message.get("from")) in ("assistant", "gpt"):
+                return _content_text(message.get("content", message.get("value")))
+    raise ValueError("no assistant answer found")
+
+
+def _objects(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("'objects' must be a list of strings")
+    return sorted(set(value))
+
+
+def _meta_json(value: Any) -> dict | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        parsed = json.loads(value)
+        return parsed if isinstance(parsed, dict) else {"value": parsed}
+    return {"value": value}
+
+
+def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> dict:
+    chosen_text, rejected_text = _answer_text(chosen), _answer_text(rejected)
+    if not chosen_text.strip() or not rejected_text.strip():
+        raise ValueError("chosen and rejected answers must not be empty")
+    if chosen_text == rejected_text:
+        raise ValueError("chosen and rejected answers are identical")
+    round_ = info.get("round")
+    margin = info.get("margin")
+    return {
+        "chosen": chosen_text,
+        "rejected": rejected_text,
+        "method": info.get("method") or method or DEFAULT_METHOD,
+        "round": int(round_) if round_ is not None else 0,
+        "margin": float(margin) if margin is not None else None,
+        "meta": _meta_json(info.get("meta")),
+    }
+
+
+# ============================================================================================
+# Landing records
+# ============================================================================================
+def _find_or_add_candidate(store: Store, item_id: int, text: str) -> int:
+    existing = store.find_candidate(item_id, text)
+    return existing if existing is not None else store.add_candidate(item_id, text, IMPORTED_SOURCE)
+
+
+def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, source_label: str) -> None:
+    try:
+        image = ingest_image(settings, rec.image, name=rec.image_name, source_label=source_label)
+    except ImageRejected as exc:
+        report.fail(str(exc) if rec.label == rec.image_name else f"{rec.label}: {exc}")
+        return
+    new_pairs = 0
+    try:
+        with store.transaction():
+            store.add_image(image.id, image.path, image.width, image.height, source_label, rec.objects)
+            item_id = store.add_item(image.id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
+            for p in rec.pairs:
+                if store.find_pair(item_id, p["chosen"], p["rejected"], p["method"]) is not None:
+                    continue
+                store.add_pair(
+                    item_id,
+                    _find_or_add_candidate(store, item_id, p["chosen"]),
+                    _find_or_add_candidate(store, item_id, p["rejected"]),
+                    p["method"],
+                    margin=p["margin"],
+                    round=p["round"],
+                    meta=p["meta"],
+                )
+                new_pairs += 1
+    except (StoreError, sqlite3.Error, ValueError, TypeError) as exc:
+        if store.get_image(image.id) is None:
+            discard(image)
+        report.fail(f"{rec.label}: not stored ({exc})")
+        return
+    report.imported += 1
+    report.pairs += new_pairs
+
+
+def _land_all(
+    store: Store,
+    settings: Settings,
+    records: Iterable[_Record | _Bad],
+    report: ImportReport,
+    source_label: str,
+    limit: int | None = None,
+) -> ImportReport:
+    for rec in records:
+        if limit is not None and report.imported >= limit:
+            break
+        if isinstance(rec, _Bad):
+            report.fail(f"{rec.label}: {rec.reason}")
+        else:
+            _land(store, settings, rec, report, source_label)
+    if report.imported == 0 and not report.errors:
+        report.errors.append(f"{report.source}: nothing to import")
+    return report
+
+
+# ============================================================================================
+# Readers
+# ============================================================================================
+def _read_folder(
+    root: Path, dataset: str, split: str, prompt: str, report: ImportReport
+) -> Iterator[_Record | _Bad]:
+    base = root.resolve()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() != ".txt":
+                report.ignored += 1
+            continue
+        if not path.resolve().is_relative_to(base):
+            yield _Bad(rel, "symlink points outside the import folder")
+            continue
+        reference = None
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            try:
+                reference = sidecar.read_text(encoding="utf-8").strip() or None
+            except (OSError, UnicodeDecodeError) as exc:
+                yield _Bad(sidecar.relative_to(root).as_posix(), f"caption file unreadable ({exc})")
+                continue
+        yield _Record(rel, path, rel, prompt, reference, None, dataset, split, {"file": rel})
+
+
+def _coco_split(name: str) -> str | None:
+    match = re.search(r"(train|val|test)\d*", name)
+    return match.group(1) if match else None
+
+
+def _find_coco_images_dir(anchor: Path, split_name: str | None, sample: str | None) -> Path:
+    bases = [anchor.parent, anchor.parent.parent]
+    names = ([split_name] if split_name else []) + ["images", ""]
+    candidates = [b / n if n else b for b in bases for n in names]
+    for candidate in candidates:
+        if sample and (candidate / sample).is_file():
+            return candidate
+    return anchor.parent
+
+
+def _read_coco(
+    captions: Path | None,
+    instances: Path | None,
+    images_dir: Path | None,
+    dataset: str,
+    split: str | None,
+    prompt: str,
+) -> Iterator[_Record | _Bad]:
+    images: dict[int, dict] = {}
+    refs: dict[int, list[str]] = {}
+    objects: dict[int, set[str]] = {}
+    for path, kind in ((captions, "captions"), (instances, "instances")):
+        if path is None:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            for im in data.get("images", []):
+                images.setdefault(int(im["id"]), im)
+            if kind == "captions":
+                for ann in data.get("annotations", []):
+                    refs.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+            else:
+                names = {int(c["id"]): c["name"] for c in data.get("categories", [])}
+                for ann in data.get("annotations", []):
+                    objects.setdefault(int(ann["image_id"]), set()).add(names[int(ann["category_id"])])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            yield _Bad(path.name, f"not a readable COCO {kind} file ({exc})")
+            return
+    anchor = captions or instances
+    split_name = _coco_split(anchor.stem.split("_", 1)[-1]) if anchor else None
+    sample = next((im.get("file_name") for im in images.values()), None)
+    if images_dir is None:
+        images_dir = _find_coco_images_dir(anchor, anchor.stem.split("_", 1)[-1], sample)
+    for image_id in sorted(images):
+        im = images[image_id]
+        label = f"{anchor.name} image {image_id}"
+        try:
+            path = safe_join(images_dir, im.get("file_name"))
+        except UnsafePathError as exc:
+            yield _Bad(label, str(exc))
+            continue
+        captions_here = refs.get(image_id, [])
+        yield _Record(
+            label,
+            path,
+            str(im.get("file_name")),
+            prompt,
+            reference=captions_here[0] if captions_here else None,
+            # an image listed in instances without annotations has a known, empty ground truth
+            objects=sorted(objects.get(image_id, ())) if instances is not None else None,
+            dataset=dataset,
+            split=split or split_name or "train",
+            meta={"coco_id": image_id, "captions": captions_here} if captions_here else {"coco_id": image_id},
+        )
+
+
+def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
+    """(captions, instances) pairs found at a COCO path (a JSON file or a directory)."""
+    if path.is_file():
+        other = None
+        stem = path.stem
+        if stem.startswith("captions_"):
+            other = path.with_name("instances_" + stem[len("captions_") :] + path.suffix)
+            return [(path, other if other.is_file() else None)]
+        if stem.startswith("instances_"):
+            other = path.with_name("captions_" + stem[len("instances_") :] + path.suffix)
+            return [(other if other.is_file() else None, path)]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        is_instances = bool(data.get("categories"))
+        return [(None, path)] if is_instances else [(path, None)]
+    found: dict[str, list[Path | None]] = {}
+    for directory in (path, path / "annotations"):
+        for kind, index in (("captions", 0), ("instances", 1)):
+            for f in sorted(directory.glob(f"{kind}_*.json")):
+                found.setdefault(f.stem.split("_", 1)[1], [None, None])[index] = f
+    return [tuple(v) for _, v in sorted(found.items())]  # type: ignore[misc]
+
+
+def _read_jsonl(
+    path: Path, images_root: Path, dataset: str | None, split: str, prompt: str, method: str | None
+):
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            label = f"{path.name} line {number}"
+            if not line.strip():
+                continue
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"invalid JSON ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise ValueError("each line must be a JSON object")
+                yield _record_from_mapping(row, label, images_root, dataset, split, prompt, method)
+            except (ValueError, UnsafePathError, TypeError) as exc:
+                yield _Bad(label, str(exc))
+
+
+def _record_from_mapping(
+    row: dict, label: str, images_root: Path, dataset: str | None, split: str, prompt: str, method: str | None
+) -> _Record:
+    image = row.get("image")
+    if image is None:
+        raise ValueError("missing 'image'")
+    path = safe_join(images_root, image)
+    text = row.get("prompt", prompt)
+    prompt_text = _prompt_text(text) if text is not None else prompt
+    if not prompt_text.strip():
+        raise ValueError("empty 'prompt'")
+    pairs = []
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        if row.get("chosen") is None or row.get("rejected") is None:
+            raise ValueError("a pair needs both 'chosen' and 'rejected'")
+        pairs.append(_pair_from(row.get("chosen"), row.get("rejected"), row, method))
+    return _Record(
+        label,
+        path,
+        str(image),
+        prompt_text,
+        reference=row.get("reference"),
+        objects=_objects(row.get("objects")),
+        dataset=dataset or row.get("dataset") or "default",
+        split=row.get("split") or split,
+        meta=_meta_json(row.get("item_meta")),
+        pairs=pairs,
+    )
+
+
+def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, method: str | None):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        yield _Bad(path.name, f"not valid JSON ({exc})")
+        return
+    if not isinstance(data, list):
+        yield _Bad(path.name, "expected a JSON list of records")
+        return
+    for index, row in enumerate(data):
+        label = f"{path.name} record {index}"
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("record is not an object")
+            info = row.get(META_KEY) or {}
+            if "conversations" not in row:
+                raise ValueError("missing 'conversations'")
+            prompt = _prompt_text(row["conversations"])
+            chosen = _answer_text(row["conversations"])
+            image = row.get("image")
+            pairs = []
+            if row.get("rejected_conversations") is not None:
+                pairs.append(_pair_from(chosen, row["rejected_conversations"], info, method))
+            yield _Record(
+                label,
+                safe_join(images_root, image),
+                str(image),
+                prompt,
+                reference=info.get("reference"),
+                objects=_objects(info.get("objects")),
+                dataset=dataset or info.get("dataset") or "default",
+                split=info.get("split") or split,
+                meta=_meta_json(info.get("item_meta")),
+                pairs=pairs,
+            )
+        except (ValueError, UnsafePathError, TypeError, KeyError) as exc:
+            yield _Bad(label, str(exc))
+
+
+def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str, method: str | None):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        yield _Bad(path.name, f"not valid JSON ({exc})")
+        return
+    if not isinstance(data, list):
+        yield _Bad(path.name, "expected a JSON list of records")
+        return
+    for index, row in enumerate(data):
+        label = f"{path.name} record {index}"
+        try:
+            info = row.get(META_KEY) or {}
+            images = row.get("images") or []
+            if len(images) != 1:
+                raise ValueError(f"expected exactly one image, found {len(images)}")
+            yield _Record(
+                label,
+                safe_join(images_root, images[0]),
+                str(images[0]),
+                _prompt_text(row["conversations"]),
+                reference=info.get("reference"),
+                objects=_objects(info.get("objects")),
+                dataset=dataset or info.get("dataset") or "default",
+                split=info.get("split") or split,
+                meta=_meta_json(info.get("item_meta")),
+                pairs=[_pair_from(row["chosen"], row["rejected"], info, method)],
+            )
+        except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
+            yield _Bad(label, str(exc))
+
+
+def _no_decode(feature: Any) -> Any | None:
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(inner, datasets.Image):
+        return datasets.List(datasets.Image(decode=False))
+    return None
+
+
+def _hf_image(value: Any, root: Path, label: str) -> tuple[Path | bytes, str]:
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"expected exactly one image, found {len(value)}")
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"], value.get("path") or label
+        value = value.get("path")
+    if isinstance(value, str):
+        return safe_join(root, value), value
+    raise ValueError("no image in this row")
+
+
+def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, method: str | None):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        yield _Bad(path.name, f"not a dataset saved with save_to_disk ({exc})")
+        return
+    parts = list(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for part_name, ds in parts:
+        image_column = (
+            "images" if "images" in ds.column_names else "image" if "image" in ds.column_names else None
+        )
+        if image_column is None:
+            yield _Bad(path.name, "the dataset has no 'image' or 'images' column")
+            return
+        if "prompt" not in ds.column_names:
+            yield _Bad(path.name, "the dataset has no 'prompt' column")
+            return
+        plain = _no_decode(ds.features[image_column])
+        if plain is not None:
+            ds = ds.cast_column(image_column, plain)
+        for index, row in enumerate(ds):
+            label = f"{path.name}[{part_name + '/' if part_name else ''}{index}]"
+            try:
+                image, image_name = _hf_image(row[image_column], path, label)
+                prompt_text = _prompt_text(row["prompt"]) if row.get("prompt") is not None else prompt
+                pairs = []
+                if row.get("chosen") is not None and row.get("rejected") is not None:
+                    pairs.append(_pair_from(row["chosen"], row["rejected"], row, method))
+                yield _Record(
+                    label,
+                    image,
+                    image_name if isinstance(image, Path) else label,
+                    prompt_text,
+                    reference=row.get("reference"),
+                    objects=_objects(row.get("objects")),
+                    dataset=dataset or row.get("dataset") or "default",
+                    split=split or row.get("split") or part_name or "train",
+                    meta=_meta_json(row.get("item_meta")),
+                    pairs=pairs,
+                )
+            except (ValueError, UnsafePathError, TypeError, KeyError) as exc:
+                yield _Bad(label, str(exc))
+
+
+# ============================================================================================
+# Import entry points
+# ============================================================================================
+def detect_format(path: Path) -> str:
+    """Guess an import format from a path (see module docstring)."""
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return "hf"
+        if (path / LLAVA_FILE).is_file():
+            return "llava"
+        if (path / "dataset_info.json").is_file() and (path / LLAMAFACTORY_FILE).is_file():
+            return "llamafactory"
+        if _coco_files(path):
+            return "coco"
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataImportError(f"{path.name}: not valid JSON ({exc})") from exc
+        if isinstance(data, dict) and "images" in data and "annotations" in data:
+            return "coco"
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            if "rejected_conversations" in data[0]:
+                return "llava"
+            if "chosen" in data[0] and "conversations" in data[0]:
+                return "llamafactory"
+        raise DataImportError(
+            f"{path.name}: JSON layout not recognised (expected COCO, LLaVA or LLaMA-Factory)"
+        )
+    raise DataImportError(f"{path.name}: cannot guess the format; pass --format")
+
+
+def _json_in_dir(path: Path, name: str) -> Path:
+    if path.is_file():
+        return path
+    candidate = path / name
+    if not candidate.is_file():
+        raise DataImportError(f"{path}: no {name} in this directory")
+    return candidate
+
+
+def import_path(
+    store: Store,
+    settings: Settings,
+    path: str | Path,
+    format: str = "auto",
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    images_dir: str | Path | None = None,
+    method: str | None = None,
+    limit: int | None = None,
+) -> ImportReport:
+    """Import ``path`` in ``format`` (or detect it). ``dataset``/``split`` override what the file
+    says (defaults 'default'/'train'); ``images_dir`` is the root image paths are resolved against
+    (default: the file's directory); ``method`` names pairs whose file does not say."""
+    path = Path(path)
+    if not path.exists():
+        raise DataImportError(f"{path}: no such file or directory")
+    if format not in IMPORT_FORMATS:
+        raise DataImportError(
+            f"unknown import format {format!r}; expected one of {', '.join(IMPORT_FORMATS)}"
+        )
+    fmt = detect_format(path) if format == "auto" else format
+    settings.ensure_dirs()
+    report = ImportReport(source=str(path), format=fmt)
+    root = Path(images_dir) if images_dir is not None else (path if path.is_dir() else path.parent)
+    if fmt == "folder":
+        if not path.is_dir():
+            raise DataImportError(f"{path}: a folder import needs a directory")
+        records = _read_folder(path, dataset or "default", split or "train", prompt, report)
+        return _land_all(store, settings, records, report, "folder", limit)
+    if fmt == "coco":
+        sources = _coco_files(path)
+        if not sources:
+            raise DataImportError(f"{path}: no captions_*.json or instances_*.json found")
+        for captions, instances in sources:
+            part = ImportReport(source=str(captions or instances), format="coco")
+            records = _read_coco(
+                captions,
+                instances,
+                Path(images_dir) if images_dir else None,
+                dataset or "coco",
+                split,
+                prompt,
+            )
+            _land_all(store, settings, records, part, "coco", limit)
+            report.merge(part)
+        return report
+    if fmt == "jsonl":
+        if not path.is_file():
+            raise DataImportError(f"{path}: a JSONL import needs a file")
+        records = _read_jsonl(path, root, dataset, split or "train", prompt, method)
+        return _land_all(store, settings, records, report, "jsonl", limit)
+    if fmt in ("hf", "trl"):
+        if not path.is_dir():
+            raise DataImportError(f"{path}: an HF dataset is a directory written by save_to_disk")
+        return _land_all(store, settings, _read_hf(path, dataset, split, prompt, method), report, fmt, limit)
+    if fmt == "llava":
+        file = _json_in_dir(path, LLAVA_FILE)
+        root = Path(images_dir) if images_dir is not None else file.parent
+        records = _read_llava(file, root, dataset, split or "train", method)
+        return _land_all(store, settings, records, report, "llava", limit)
+    file = _json_in_dir(path, LLAMAFACTORY_FILE)
+    root = Path(images_dir) if images_dir is not None else file.parent
+    records = _read_llamafactory(file, root, dataset, split or "train", method)
+    return _land_all(store, settings, records, report, "llamafactory", limit)
+
+
+# ============================================================================================
+# Exports
+# ============================================================================================
+def _export_rows(store: Store, methods, include_auto: bool, round: int | None) -> list[dict]:
+    rows = store.training_pairs(methods=methods, include_auto=include_auto, round=round)
+    if not rows:
+        total = store.count_pairs()
+        hint = (
+            ""
+            if include_auto or total == 0
+            else " (no reviewed pairs; pass include_auto to export automatic labels)"
+        )
+        raise DataExportError(f"nothing to export: 0 of {total} pairs qualify{hint}")
+    return rows
+
+
+@dataclass
+class _Out:
+    final: Path
+    tmp: Path
+
+
+def _begin_out(out: Path, overwrite: bool) -> _Out:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataExportError(f"{out} exists and is not empty; choose another path or overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return _Out(out, tmp)
+
+
+def _commit_out(o: _Out) -> None:
+    if o.final.exists():
+        if o.final.is_dir():
+            shutil.rmtree(o.final)
+        else:
+            o.final.unlink()
+    o.tmp.rename(o.final)
+
+
+def _provenance(row: dict) -> dict:
+    return {
+        "pair_id": row["pair_id"],
+        "method": row["method"],
+        "round": row["round"],
+        "margin": row["margin"],
+        "status": row["status"],
+        "dataset": row["dataset"],
+        "split": row["split"],
+        "reference": row["reference"],
+        "objects": row["objects"],
+        "meta": row["meta"],
+    }
+
+
+def _copy_images(rows: list[dict], out_dir: Path) -> dict[str, str]:
+    """Copy each distinct image once to ``out_dir/images``; image_id → relative path."""
+    (out_dir / "images").mkdir(exist_ok=True)
+    mapping: dict[str, str] = {}
+    for row in rows:
+        if row["image_id"] in mapping:
+            continue
+        src = Path(row["image_path"])
+        rel = f"images/{row['image_id']}{src.suffix}"
+        shutil.copyfile(src, out_dir / rel)
+        mapping[row["image_id"]] = rel
+    return mapping
+
+
+def trl_features():
+    """The ``datasets.Features`` of a TRL export."""
+    import datasets
+
+    string = datasets.Value("string")
+    turns = datasets.List({"role": string, "content": datasets.List({"type": string, "text": string})})
+    return datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "prompt": turns,
+            "chosen": turns,
+            "rejected": turns,
+            "pair_id": datasets.Value("int64"),
+            "method": string,
+            "round": datasets.Value("int64"),
+            "margin": datasets.Value("float64"),
+            "status": string,
+            "dataset": string,
+            "split": string,
+            "reference": string,
+            "objects": datasets.List(string),
+            "meta": string,
+        }
+    )
+
+
+def trl_example(row: dict, image: dict | Any) -> dict:
+    """One TRL conversational preference example (the image block has no payload: TRL fills it)."""
+    return {
+        "images": [image],
+        "prompt": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "text": None}, {"type": "text", "text": row["prompt"]}],
+            }
+        ],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
+        **{k: v for k, v in _provenance(row).items() if k != "meta"},
+        "meta": json.dumps(row["meta"]) if row["meta"] is not None else None,
+    }
+
+
+def export_trl(
+    store: Store,
+    out: str | Path,
+    *,
+    methods=None,
+    include_auto: bool = False,
+    round: int | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    rows = _export_rows(store, methods, include_auto, round)
+    o = _begin_out(Path(out), overwrite)
+    features = trl_features()
+    arrow = o.tmp / "_build.arrow"
+    try:
+        # Stream to an Arrow file so 100k pairs never sit in memory at once.
+        with ArrowWriter(features=features, path=str(arrow)) as writer:
+            for row in rows:
+                image = {"bytes": Path(row["image_path"]).read_bytes(), "path": None}
+                writer.write(features.encode_example(trl_example(row, image)))
+            writer.finalize()
+        ds = Dataset.from_file(str(arrow))
+        ds.save_to_disk(str(o.tmp / "data"))
+        del ds
+        arrow.unlink()
+        data = o.tmp / "data"
+        for f in data.iterdir():
+            f.rename(o.tmp / f.name)
+        data.rmdir()
+        _commit_out(o)
+    except BaseException:
+        shutil.rmtree(o.tmp, ignore_errors=True)
+        raise
+    return ExportReport("trl", str(o.final), len(rows), len({r["image_id"] for r in rows}))
+
+
+def export_llava(
+    store: Store,
+    out: str | Path,
+    *,
+    methods=None,
+    include_auto: bool = False,
+    round: int | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    rows = _export_rows(store, methods, include_auto, round)
+    o = _begin_out(Path(out), overwrite)
+    try:
+        images = _copy_images(rows, o.tmp)
+        records = []
+        for row in rows:
+            human = {"from": "human", "value": "<image>\n" + row["prompt"]}
+            records.append(
+                {
+                    "id": f"pair-{row['pair_id']}",
+                    "image": images[row["image_id"]],
+                    "conversations": [human, {"from": "gpt", "value": row["chosen"]}],
+                    "rejected_conversations": [human, {"from": "gpt", "value": row["rejected"]}],
+                    META_KEY: _provenance(row),
+                }
+            )
+        (o.tmp / LLAVA_FILE).write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+        _commit_out(o)
+    except BaseException:
+        shutil.rmtree(o.tmp, ignore_errors=True)
+        raise
+    return ExportReport("llava", str(o.final), len(rows), len(images))
+
+
+def export_llamafactory(
+    store: Store,
+    out: str | Path,
+    *,
+    methods=None,
+    include_auto: bool = False,
+    round: int | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    rows = _export_rows(store, methods, include_auto, round)
+    o = _begin_out(Path(out), overwrite)
+    try:
+        images = _copy_images(rows, o.tmp)
+        records = [
+            {
+                "conversations": [{"from": "human", "value": "<image>\n" + row["prompt"]}],
+                "chosen": {"from": "gpt", "value": row["chosen"]},
+                "rejected": {"from": "gpt", "value": row["rejected"]},
+                "images": [images[row["image_id"]]],
+                META_KEY: _provenance(row),
+            }
+            for row in rows
+        ]
+        (o.tmp / LLAMAFACTORY_FILE).write_text(
+            json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
+        info = {
+            LLAMAFACTORY_NAME: {
+                "file_name": LLAMAFACTORY_FILE,
+                "formatting": "sharegpt",
+                "ranking": True,
+                "columns": {
+                    "messages": "conversations",
+                    "chosen": "chosen",
+                    "rejected": "rejected",
+                    "images": "images",
+                },
+            }
+        }
+        (o.tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        _commit_out(o)
+    except BaseException:
+        shutil.rmtree(o.tmp, ignore_errors=True)
+        raise
+    return ExportReport("llamafactory", str(o.final), len(rows), len(images))
+
+
+def export_pairs(
+    store: Store,
+    format: str,
+    out: str | Path,
+    *,
+    methods=None,
+    include_auto: bool = False,
+    round: int | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    exporters = {"trl": export_trl, "llava": export_llava, "llamafactory": export_llamafactory}
+    if format not in exporters:
+        raise DataExportError(
+            f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}"
+        )
+    return exporters[format](
+        store, out, methods=methods, include_auto=include_auto, round=round, overwrite=overwrite
+    )

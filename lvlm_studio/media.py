@@ -1,0 +1,256 @@
+"""Image intake: validate by really decoding, enforce limits, store content-addressed files.
+
+Identity: an image's id is the SHA-256 of its decoded RGB pixels (``b"RGB <w>x<h>\\n"`` + raw
+bytes), not of the file. The same picture therefore has one id whether it arrives as the original
+JPEG, as the PNG an export embedded, or from an HF dataset; exports round-trip to the same ids.
+
+Stored file: ``images/<id[:2]>/<id>.<ext>``. The original bytes are kept when they already are a
+plain RGB JPEG or PNG that needs no change (no re-encoding loss, no size blow-up); anything else
+(palette, alpha, grey, 16-bit, EXIF-rotated, GIF/WebP/BMP/TIFF) is converted to RGB and stored as
+PNG. Alpha is composited onto white. The write is atomic (temporary file + rename), and an image
+already stored (same pixels) is not written again.
+
+Checks, in order, each failing with an :class:`ImageRejected` that names the file: missing or
+empty file, file larger than ``Settings.max_file_bytes``, not a supported image format, width or
+height above ``Settings.max_side``, more than ``Settings.max_pixels`` pixels (read from the header
+*before* any pixel is decoded: the decompression-bomb guard), then truncated or corrupt pixel data
+(a full decode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lvlm_studio.config import Settings
+
+# Formats a browser or a dataset plausibly holds; Pillow's rarer plugins (EPS, PSD, ...) are a
+# larger attack surface for no gain here.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_KEEP_AS_IS = {"JPEG": ".jpg", "PNG": ".png"}
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be accepted; the message names the file and the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A stored image. ``created`` is True when this call wrote the file."""
+
+    id: str
+    path: Path
+    width: int
+    height: int
+    source: str = "upload"
+    format: str = "PNG"
+    created: bool = False
+
+
+def _human(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+def _read_source(source: Path | str | bytes, name: str, limit: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        size = len(data)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ImageRejected(name, "file not found")
+        if not path.is_file():
+            raise ImageRejected(name, "not a regular file")
+        size = path.stat().st_size
+        if size > limit:  # refuse before reading it into memory
+            raise ImageRejected(name, f"file is {_human(size)}, over the limit of {_human(limit)}")
+        data = path.read_bytes()
+    if size == 0:
+        raise ImageRejected(name, "empty file (0 bytes)")
+    if size > limit:
+        raise ImageRejected(name, f"file is {_human(size)}, over the limit of {_human(limit)}")
+    return data
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file's magic bytes claim, to tell 'truncated PNG' from 'not an image'."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for magic, kind in _MAGIC if data.startswith(magic)), None)
+
+
+def _open_checked(data: bytes, name: str, settings: Settings) -> Image.Image:
+    """Open (header only) and enforce the size limits before decoding any pixel."""
+    with warnings.catch_warnings():
+        # Our own limit below replaces Pillow's warning; Pillow still raises for > 2x its cap.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(
+                name, f"too many pixels, refused before decoding (decompression-bomb guard): {exc}"
+            ) from exc
+        except UnidentifiedImageError as exc:
+            kind = _sniff(data)
+            if kind is not None:
+                raise ImageRejected(name, f"truncated or corrupt {kind} file (header unreadable)") from exc
+            raise ImageRejected(
+                name, f"not a recognised image (accepted formats: {', '.join(ACCEPTED_FORMATS)})"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageRejected(name, f"truncated or corrupt image header ({exc})") from exc
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageRejected(name, f"invalid dimensions {width}x{height}")
+    if max(width, height) > settings.max_side:
+        raise ImageRejected(
+            name, f"dimensions {width}x{height} exceed the maximum side of {settings.max_side} px"
+        )
+    if width * height > settings.max_pixels:
+        raise ImageRejected(
+            name,
+            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {settings.max_pixels:,} "
+            "(decompression-bomb guard; refused before decoding)",
+        )
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def pixel_id(im: Image.Image) -> str:
+    """SHA-256 of an RGB image's size and raw pixels: the image id."""
+    rgb = _to_rgb(im)
+    digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def _existing(directory: Path, image_id: str) -> Path | None:
+    for ext in (".jpg", ".png"):
+        candidate = directory / f"{image_id}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _atomic_write(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(f".tmp-{dest.name}-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def ingest_image(
+    settings: Settings,
+    source: Path | str | bytes,
+    *,
+    name: str | None = None,
+    source_label: str = "upload",
+) -> ImageRecord:
+    """Validate, decode and store an image (file path or bytes). Raises :class:`ImageRejected`."""
+    if name is None:
+        name = Path(source).name if isinstance(source, (str, Path)) else "uploaded image"
+    data = _read_source(source, name, settings.max_file_bytes)
+    im = _open_checked(data, name, settings)
+    original_format, original_mode = im.format, im.mode
+    try:
+        im.load()  # the full decode: truncated or corrupt data fails here
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        # EXIF orientation is applied so that models see the picture upright.
+        rotated = _orientation(im) not in (None, 1)
+        oriented = ImageOps.exif_transpose(im) if rotated else im
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(name, f"truncated or corrupt image data ({exc})") from exc
+    rgb = _to_rgb(oriented)
+    image_id = pixel_id(rgb)
+
+    keep = (
+        original_format in _KEEP_AS_IS
+        and original_mode == "RGB"
+        and not rotated
+        and getattr(im, "n_frames", 1) == 1
+    )
+    directory = settings.images_dir / image_id[:2]
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = _existing(directory, image_id)
+    if existing is not None:
+        fmt = "JPEG" if existing.suffix == ".jpg" else "PNG"
+        return ImageRecord(image_id, existing, rgb.width, rgb.height, source_label, fmt, created=False)
+    if keep:
+        ext, payload, fmt = _KEEP_AS_IS[original_format], data, original_format
+    else:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG")
+        ext, payload, fmt = ".png", buffer.getvalue(), "PNG"
+    dest = directory / f"{image_id}{ext}"
+    _atomic_write(dest, payload)
+    return ImageRecord(image_id, dest, rgb.width, rgb.height, source_label, fmt, created=True)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - malformed EXIF just means "no orientation"
+        return None
+
+
+def discard(record: ImageRecord) -> None:
+    """Remove a file this process just wrote (``record.created``), e.g. when the database write
+    that should reference it failed. Files that existed before are left alone."""
+    if record.created and record.path.is_file():
+        record.path.unlink()
+
+
+def stored_files(settings: Settings) -> set[Path]:
+    """Every stored image file under the data root (temporary files excluded)."""
+    root = settings.images_dir
+    if not root.is_dir():
+        return set()
+    return {p.resolve() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open a stored image fully decoded as RGB (the file handle is closed)."""
+    with Image.open(path) as im:
+        im.load()
+        return _to_rgb(im).copy()

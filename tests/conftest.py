@@ -1,0 +1,128 @@
+"""Shared fixtures: a temporary data root, settings, a store, and image/pair factories."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lvlm_studio.config import Settings
+from lvlm_studio.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh data root; LVLM_STUDIO_HOME points at it for the test's duration."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("LVLM_STUDIO_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def settings(home) -> Settings:
+    return Settings().ensure_dirs()
+
+
+@pytest.fixture
+def store(settings):
+    s = Store(settings.db_path)
+    yield s
+    s.close()
+
+
+def noise_image(seed: int = 0, size: tuple[int, int] = (32, 24), mode: str = "RGB") -> Image.Image:
+    """A deterministic random image (distinct seeds → distinct pixels)."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode)
+
+
+def image_bytes(
+    seed: int = 0, fmt: str = "JPEG", size: tuple[int, int] = (32, 24), mode: str = "RGB"
+) -> bytes:
+    buffer = io.BytesIO()
+    noise_image(seed, size, mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image(path: Path, seed: int = 0, fmt: str | None = None, size: tuple[int, int] = (32, 24)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = fmt or {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
+    path.write_bytes(image_bytes(seed, fmt, size))
+    return path
+
+
+def huge_png_bytes(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid 1-bit greyscale PNG of width×height pixels that compresses to ~100 KB: a
+    decompression bomb (decoding it would allocate width·height bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(compressor.compress(row * (height % 1000)))
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def make_items(store, settings):
+    """Factory: ``make_items(n, seed0=0, dataset="default")`` → item ids, each on its own stored
+    image (real files under the data root)."""
+    from lvlm_studio.media import ingest_image
+
+    def make(
+        n: int, seed0: int = 0, dataset: str = "default", prompt: str = "Describe the image."
+    ) -> list[int]:
+        ids = []
+        for k in range(n):
+            rec = ingest_image(settings, image_bytes(seed0 + k, "PNG"), name=f"img{seed0 + k}.png")
+            store.add_image(rec.id, rec.path, rec.width, rec.height, "test", objects=["circle"])
+            ids.append(store.add_item(rec.id, prompt, reference=f"reference {seed0 + k}", dataset=dataset))
+        return ids
+
+    return make
+
+
+@pytest.fixture
+def make_pairs(store, make_items):
+    """Factory: ``make_pairs(margins, method="csr", round=0)`` → pair ids, one new item per
+    margin; the chosen text is "There is a red circle {k}.", the rejected "There is a blue star {k}."."""
+
+    counter = {"next": 0}  # successive calls use new images, hence new items
+
+    def make(margins, method: str = "csr", round: int = 0) -> list[int]:
+        pair_ids = []
+        seed0 = counter["next"]
+        counter["next"] += len(margins)
+        items = make_items(len(margins), seed0=1000 + seed0)
+        for k, (item_id, margin) in enumerate(zip(items, margins, strict=True), start=seed0):
+            chosen, rejected = f"There is a red circle {k}.", f"There is a blue star {k}."
+            store.write_generation(
+                item_id,
+                [
+                    {"text": chosen, "source": "csr", "model": "m", "round": round},
+                    {"text": rejected, "source": "csr", "model": "m", "round": round},
+                ],
+                [{"chosen": 0, "rejected": 1, "method": method, "margin": margin, "round": round}],
+            )
+            pair_ids.append(store.find_pair(item_id, chosen, rejected, method))
+        return pair_ids
+
+    return make

@@ -1,0 +1,419 @@
+"""Imports (folder, COCO, JSONL, HF dataset, LLaVA, LLaMA-Factory), exports, round trips, and
+TRL's DPOTrainer on an exported dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from conftest import huge_png_bytes, image_bytes, noise_image, write_image
+
+from lvlm_studio import io
+from lvlm_studio.media import stored_files
+from lvlm_studio.store import Store, StoreError
+
+
+def assert_consistent(store, settings):
+    """Integrity, foreign keys, every image row has its file and every file has its row."""
+    report = store.integrity()
+    assert report["integrity_check"] == ["ok"]
+    assert report["foreign_key_violations"] == []
+    assert report["missing_files"] == []
+    on_disk = stored_files(settings)
+    referenced = {Path(p).resolve() for p in store.image_paths().values()}
+    assert on_disk == referenced, f"orphans: {on_disk - referenced}"
+    assert not list(settings.images_dir.rglob(".tmp-*"))
+
+
+def issue_folder(root: Path) -> Path:
+    """The folder from the issue: one good JPEG, one truncated JPEG, a text file named .png, a
+    zero-byte file and a 30000x30000 PNG."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_image(root / "good.jpg", seed=1, size=(48, 32))
+    (root / "good.txt").write_text("A colourful noise pattern.\n")
+    truncated = image_bytes(2, "JPEG", (64, 64))
+    (root / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    (root / "notes.png").write_text("this is not an image\n")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "huge.png").write_bytes(huge_png_bytes(30000, 30000))
+    return root
+
+
+# ============================================================================ imports
+def test_issue_folder_partial_import(store, settings, tmp_path):
+    report = io.import_path(store, settings, issue_folder(tmp_path / "upload"))
+    assert report.format == "folder" and report.status == "partial"
+    assert report.imported == 1 and report.skipped == 4 and len(report.errors) == 4
+    by_file = {e.split(":", 1)[0]: e for e in report.errors}
+    assert set(by_file) == {"truncated.jpg", "notes.png", "empty.jpg", "huge.png"}
+    assert "truncated" in by_file["truncated.jpg"]
+    assert "not a recognised image" in by_file["notes.png"]
+    assert "empty file" in by_file["empty.jpg"]
+    assert "30000x30000" in by_file["huge.png"] or "pixels" in by_file["huge.png"]
+    [item] = store.list_items()
+    assert item["reference"] == "A colourful noise pattern." and item["prompt"] == io.DEFAULT_PROMPT
+    assert item["meta"] == {"file": "good.jpg"} and (item["width"], item["height"]) == (48, 32)
+    assert store.stats()["tables"]["images"] == 1
+    assert_consistent(store, settings)
+    # Importing again is idempotent.
+    again = io.import_path(store, settings, tmp_path / "upload")
+    assert again.imported == 1 and store.count_items() == 1
+
+
+def test_folder_import_nested_ignored_hidden_and_symlink(store, settings, tmp_path):
+    root = tmp_path / "f"
+    write_image(root / "a.png", seed=3)
+    write_image(root / "sub" / "b.jpg", seed=4)
+    write_image(root / ".hidden" / "c.png", seed=5)
+    (root / "README.md").write_text("hi")
+    outside = write_image(tmp_path / "outside.png", seed=6)
+    os.symlink(outside, root / "link.png")
+    report = io.import_path(store, settings, root, "folder", dataset="mine", split="test")
+    assert report.imported == 2 and report.ignored == 1
+    assert report.errors == ["link.png: symlink points outside the import folder"]
+    items = store.list_items(dataset="mine", split="test")
+    assert sorted(i["meta"]["file"] for i in items) == ["a.png", "sub/b.jpg"]
+    assert_consistent(store, settings)
+
+
+def test_empty_folder_fails(store, settings, tmp_path):
+    (tmp_path / "none").mkdir()
+    report = io.import_path(store, settings, tmp_path / "none", "folder")
+    assert report.status == "failed" and "nothing to import" in report.errors[0]
+
+
+def _coco(root: Path) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    images = [
+        {"id": 1, "file_name": "000001.jpg", "width": 32, "height": 24},
+        {"id": 2, "file_name": "000002.jpg", "width": 32, "height": 24},
+        {"id": 3, "file_name": "000003.jpg", "width": 32, "height": 24},  # file missing
+        {"id": 4, "file_name": "../../escape.jpg", "width": 32, "height": 24},
+    ]
+    write_image(root / "val2017" / "000001.jpg", seed=11)
+    write_image(root / "val2017" / "000002.jpg", seed=12)
+    captions = {
+        "images": images,
+        "annotations": [
+            {"id": 1, "image_id": 1, "caption": "A dog on a couch."},
+            {"id": 2, "image_id": 1, "caption": "A brown dog sleeping."},
+            {"id": 3, "image_id": 2, "caption": "A kitchen."},
+        ],
+    }
+    instances = {
+        "images": images,
+        "categories": [{"id": 18, "name": "dog"}, {"id": 63, "name": "couch"}, {"id": 44, "name": "bottle"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 18},
+            {"id": 2, "image_id": 1, "category_id": 63},
+            {"id": 3, "image_id": 1, "category_id": 18},
+        ],
+    }
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps(captions))
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(instances))
+    return root
+
+
+def test_coco_import(store, settings, tmp_path):
+    root = _coco(tmp_path / "coco")
+    assert io.detect_format(root) == "coco"
+    report = io.import_path(store, settings, root)
+    assert report.imported == 2 and report.status == "partial"
+    assert any("image 3" in e and "000003.jpg" in e and "file not found" in e for e in report.errors)
+    assert any("image 4" in e and "escapes the import root" in e for e in report.errors)
+    items = {i["meta"]["coco_id"]: i for i in store.list_items()}
+    assert items[1]["objects"] == ["couch", "dog"] and items[1]["reference"] == "A dog on a couch."
+    assert items[1]["meta"]["captions"] == ["A dog on a couch.", "A brown dog sleeping."]
+    assert items[2]["objects"] == []  # listed in instances with no annotation: known to be empty
+    assert items[1]["dataset"] == "coco" and items[1]["split"] == "val"
+    # Pointing at the captions file finds the instances beside it.
+    other = Store(tmp_path / "other" / "studio.db")
+    report = io.import_path(other, settings, root / "annotations" / "captions_val2017.json")
+    assert report.imported == 2 and sorted(i["objects"] == ["couch", "dog"] for i in other.list_items()) == [
+        False,
+        True,
+    ]
+    other.close()
+    assert_consistent(store, settings)
+
+
+def test_jsonl_import_with_bad_lines_and_escapes(store, settings, tmp_path):
+    root = tmp_path / "j"
+    write_image(root / "imgs" / "a.png", seed=21)
+    write_image(root / "imgs" / "b.png", seed=22)
+    write_image(tmp_path / "secret.png", seed=23)
+    lines = [
+        {"image": "imgs/a.png", "prompt": "What is here?", "reference": "Noise.", "objects": ["noise"]},
+        {
+            "image": "imgs/b.png",
+            "prompt": "Describe.",
+            "chosen": "Good answer.",
+            "rejected": "Bad answer.",
+            "method": "povid",
+            "margin": 0.7,
+        },
+        {"image": "../secret.png", "prompt": "x"},
+        {"image": str(tmp_path / "secret.png"), "prompt": "x"},
+        {"image": "imgs/missing.png", "prompt": "x"},
+        {"image": "imgs/a.png", "prompt": "x", "chosen": "only chosen"},
+        {"prompt": "no image"},
+    ]
+    text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n\n"
+    (root / "data.jsonl").write_text(text)
+    report = io.import_path(store, settings, root / "data.jsonl")
+    assert report.format == "jsonl" and report.imported == 2 and report.pairs == 1
+    assert report.skipped == 6 and report.status == "partial"
+    errors = "\n".join(report.errors)
+    assert "data.jsonl line 3: image path '../secret.png' escapes the import root" in errors
+    assert "data.jsonl line 4:" in errors and "is absolute" in errors
+    assert "data.jsonl line 5: imgs/missing.png: file not found" in errors
+    assert "line 6: a pair needs both 'chosen' and 'rejected'" in errors
+    assert "line 7: missing 'image'" in errors and "line 8: invalid JSON" in errors
+    a = next(i for i in store.list_items() if i["prompt"] == "What is here?")
+    assert a["objects"] == ["noise"] and a["reference"] == "Noise."
+    [pair] = store.training_pairs(include_auto=True)
+    assert (pair["chosen"], pair["rejected"], pair["method"], pair["margin"]) == (
+        "Good answer.",
+        "Bad answer.",
+        "povid",
+        0.7,
+    )
+    assert_consistent(store, settings)
+
+
+def test_hf_dataset_import_pil_and_paths(store, settings, tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {
+                    "image": [noise_image(31), noise_image(32)],
+                    "prompt": ["Describe.", "What colour?"],
+                    "reference": ["Noise one.", None],
+                    "objects": [["a", "b"], None],
+                },
+                features=datasets.Features(
+                    {
+                        "image": datasets.Image(),
+                        "prompt": datasets.Value("string"),
+                        "reference": datasets.Value("string"),
+                        "objects": datasets.List(datasets.Value("string")),
+                    }
+                ),
+            ),
+            "test": datasets.Dataset.from_dict(
+                {"image": [noise_image(33)], "prompt": ["Count."]}
+            ).cast_column("image", datasets.Image()),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "hf"))
+    assert io.detect_format(tmp_path / "hf") == "hf"
+    report = io.import_path(store, settings, tmp_path / "hf", dataset="hfdata")
+    assert report.status == "ok" and report.imported == 3
+    items = {i["prompt"]: i for i in store.list_items(dataset="hfdata")}
+    assert items["Describe."]["objects"] == ["a", "b"] and items["Describe."]["split"] == "train"
+    assert items["Count."]["split"] == "test" and items["What colour?"]["reference"] is None
+
+    # A path column: relative paths resolve inside the dataset directory; escapes are refused.
+    root = tmp_path / "hfpaths"
+    datasets.Dataset.from_dict(
+        {"image": ["pics/x.png", "../../etc/passwd"], "prompt": ["P1", "P2"]}
+    ).save_to_disk(str(root))
+    write_image(root / "pics" / "x.png", seed=34)
+    report = io.import_path(store, settings, root, "hf")
+    assert (
+        report.imported == 1 and report.status == "partial" and "escapes the import root" in report.errors[0]
+    )
+    assert_consistent(store, settings)
+
+
+def test_record_failure_after_image_write_leaves_no_orphan(store, settings, tmp_path, monkeypatch):
+    root = tmp_path / "j"
+    write_image(root / "a.png", seed=41)
+    write_image(root / "b.png", seed=42)
+    (root / "d.jsonl").write_text(
+        json.dumps({"image": "a.png", "prompt": "boom"})
+        + "\n"
+        + json.dumps({"image": "b.png", "prompt": "ok"})
+        + "\n"
+    )
+    real_add_item = store.add_item
+
+    def failing_add_item(image_id, prompt, *args, **kwargs):
+        if prompt == "boom":
+            raise StoreError("simulated failure while writing the item")
+        return real_add_item(image_id, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(store, "add_item", failing_add_item)
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 1 and "simulated failure" in report.errors[0]
+    assert store.stats()["tables"]["images"] == 1  # the image row of the failed record rolled back
+    assert_consistent(store, settings)  # ... and its file was removed
+
+
+def test_unknown_paths_and_formats(store, settings, tmp_path):
+    with pytest.raises(io.DataImportError, match="no such file"):
+        io.import_path(store, settings, tmp_path / "nope")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(io.DataImportError, match="cannot guess"):
+        io.import_path(store, settings, tmp_path / "x.csv")
+    with pytest.raises(io.DataImportError, match="unknown import format"):
+        io.import_path(store, settings, tmp_path / "x.csv", "xml")
+
+
+# ============================================================================ exports
+def _labelled_store(store, make_pairs):
+    a, b, c, d, e = make_pairs([0.1, 0.2, 0.3, 0.4, 0.5], method="csr")
+    [f] = make_pairs([None], method="povid", round=1)
+    store.add_review(a, "ann", "accept")
+    store.add_review(b, "ann", "swap")
+    store.add_review(c, "ann", "reject_both")
+    store.add_review(d, "ann", "edit", edited_text="There is a red circle.")
+    return a, b, c, d, e, f
+
+
+def test_export_llava_and_llamafactory_content(store, make_pairs, tmp_path):
+    a, b, c, d, e, f = _labelled_store(store, make_pairs)
+    report = io.export_pairs(store, "llava", tmp_path / "llava")
+    assert (report.pairs, report.images) == (3, 3)
+    records = json.loads((tmp_path / "llava" / io.LLAVA_FILE).read_text())
+    by_pair = {r[io.META_KEY]["pair_id"]: r for r in records}
+    assert set(by_pair) == {a, b, d}  # reviewed only; reject_both never
+    rec = by_pair[b]
+    assert rec["conversations"][0] == {"from": "human", "value": "<image>\nDescribe the image."}
+    assert rec["conversations"][1]["value"] == "There is a blue star 1."  # swapped
+    assert rec["rejected_conversations"][1]["value"] == "There is a red circle 1."
+    assert by_pair[d]["conversations"][1]["value"] == "There is a red circle."  # edited text chosen
+    assert (tmp_path / "llava" / rec["image"]).is_file() and rec["image"].startswith("images/")
+
+    report = io.export_pairs(store, "llamafactory", tmp_path / "lf", include_auto=True)
+    assert report.pairs == 5
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    entry = info[io.LLAMAFACTORY_NAME]
+    assert entry["ranking"] is True and entry["formatting"] == "sharegpt"
+    assert entry["columns"]["images"] == "images"
+    rows = json.loads((tmp_path / "lf" / entry["file_name"]).read_text())
+    assert rows[0]["conversations"][0]["from"] == "human" and rows[0]["chosen"]["from"] == "gpt"
+    assert all((tmp_path / "lf" / r["images"][0]).is_file() for r in rows)
+
+    with pytest.raises(io.DataExportError, match="not empty"):
+        io.export_pairs(store, "llava", tmp_path / "llava")
+    assert (
+        io.export_pairs(
+            store, "llava", tmp_path / "llava", methods=["povid"], include_auto=True, overwrite=True
+        ).pairs
+        == 1
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dirs left
+
+
+def test_export_nothing_is_a_clear_error(store, make_pairs, tmp_path):
+    make_pairs([0.1])
+    with pytest.raises(io.DataExportError, match="0 of 1 pairs qualify.*include_auto"):
+        io.export_pairs(store, "trl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _items_and_pairs(store):
+    items = {
+        (i["image_id"], i["prompt"], i["dataset"], i["split"], i["reference"], tuple(i["objects"] or ()))
+        for i in store.list_items()
+    }
+    pairs = {
+        (p["image_id"], p["prompt"], p["chosen"], p["rejected"], p["method"], p["round"], p["margin"])
+        for p in store.training_pairs(include_auto=True)
+    }
+    return items, pairs
+
+
+@pytest.mark.parametrize("fmt", ["llava", "trl", "llamafactory"])
+def test_round_trip_import_export_import(fmt, settings, tmp_path):
+    """JSONL → store A → export → store B: same items and pairs; re-importing adds nothing."""
+    src = tmp_path / "src"
+    for k in range(4):
+        write_image(src / f"{k}.jpg", seed=50 + k, size=(40, 30))
+    lines = [
+        {
+            "image": f"{k}.jpg",
+            "prompt": f"Describe picture {k}.",
+            "reference": f"Ref {k}.",
+            "objects": ["x", str(k)],
+            "chosen": f"Correct {k}.",
+            "rejected": f"Hallucinated {k}.",
+            "method": "csr" if k % 2 else "povid",
+            "margin": k / 10,
+            "round": k % 2,
+        }
+        for k in range(4)
+    ]
+    lines.append({**lines[0], "chosen": "Another good one.", "rejected": "Another bad one.", "margin": None})
+    (src / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    a = Store(tmp_path / "a" / "studio.db")
+    report = io.import_path(a, settings, src / "d.jsonl", dataset="rt")
+    assert report.status == "ok" and report.pairs == 5
+
+    out = tmp_path / f"export-{fmt}"
+    assert io.export_pairs(a, fmt, out, include_auto=True).pairs == 5
+    b = Store(tmp_path / "b" / "studio.db")
+    report = io.import_path(b, settings, out)  # format detected
+    assert report.format in (fmt, "hf") and report.status == "ok" and report.pairs == 5
+    assert _items_and_pairs(b) == _items_and_pairs(a)
+    assert len(_items_and_pairs(b)[1]) == 5 and len(_items_and_pairs(b)[0]) == 4
+    again = io.import_path(b, settings, out)
+    assert again.pairs == 0 and b.count_pairs() == 5 and b.count_items() == 4
+    a.close()
+    b.close()
+
+
+# ============================================================================ TRL
+def test_trl_export_trains_with_dpo_trainer(store, make_pairs, tmp_path):
+    import datasets
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    from lvlm_studio.models.tiny import build_tiny_llava
+
+    torch.set_num_threads(2)
+    _labelled_store(store, make_pairs)
+    report = io.export_pairs(store, "trl", tmp_path / "trl")
+    assert report.pairs == 3
+    ds = datasets.load_from_disk(str(tmp_path / "trl"))
+    assert {"images", "prompt", "chosen", "rejected"} <= set(ds.column_names) and len(ds) == 3
+    row = ds[0]
+    assert row["images"][0].mode == "RGB" and row["images"][0].size == (32, 24)
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"][0]["type"] == "image"
+    assert row["prompt"][0]["content"][1] == {"type": "text", "text": "Describe the image."}
+    assert row["chosen"] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "There is a red circle 0."}]}
+    ]
+
+    model_dir = build_tiny_llava(tmp_path / "tiny")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = DPOConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=3,
+        max_steps=1,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=None,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["pixel_values"].shape[0] == 6  # 3 examples × (chosen, rejected)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_token).any(dim=1).all()
+    result = trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(result.training_loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed  # one optimisation step really happened

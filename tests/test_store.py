@@ -1,0 +1,454 @@
+"""Store: schema, idempotent inserts, transactions, review derivation, queue order, rounds."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from lvlm_studio.store import NotFoundError, Store, StoreError, live_decisions
+
+
+# ------------------------------------------------------------------------- schema and pragmas
+def test_pragmas_and_migrations(store, settings):
+    db = store.db
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+    assert store.applied_migrations() == ["m001_initial_schema"]
+    tables = set(db.table_names())
+    assert {
+        "images",
+        "items",
+        "candidates",
+        "pairs",
+        "reviews",
+        "rounds",
+        "round_logs",
+        "eval_outputs",
+    } <= tables
+    # Reopening applies nothing twice and keeps data.
+    store.add_image("a" * 64, settings.images_dir / "x.png", 2, 2, "t")
+    again = Store(settings.db_path)
+    assert again.applied_migrations() == ["m001_initial_schema"]
+    assert again.get_image("a" * 64)["width"] == 2
+    again.close()
+
+
+def test_connection_per_thread(store, make_items):
+    import threading
+
+    [item] = make_items(1)
+    seen = []
+
+    def work():
+        seen.append((id(store.db), store.get_item(item)["id"]))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen[0][1] == item and seen[0][0] != id(store.db)
+
+
+# ------------------------------------------------------------------------- images and items
+def test_add_image_idempotent_relative_path_and_objects(store, settings):
+    path = settings.images_dir / "ab" / "abc.png"
+    assert store.add_image("abc", path, 10, 20, "upload") == "abc"
+    assert store.add_image("abc", path, 10, 20, "upload", objects=["dog", "cat"]) == "abc"
+    row = store.get_image("abc")
+    assert row["path"] == str(path.resolve()) and row["objects"] == ["dog", "cat"]
+    # Stored relative to the data root so the root can be moved.
+    assert store.db.execute("SELECT path FROM images").fetchone()[0] == "images/ab/abc.png"
+    assert store.stats()["tables"]["images"] == 1
+    with pytest.raises(StoreError):
+        store.add_image("", path, 1, 1, "x")
+
+
+def test_add_item_idempotent_and_listing(store, settings):
+    store.add_image("img1", settings.images_dir / "1.png", 4, 4, "t", ["cat"])
+    a = store.add_item("img1", "Describe.", dataset="d1", split="train")
+    assert store.add_item("img1", "Describe.", reference="later ref", dataset="d1") == a
+    assert store.get_item(a)["reference"] == "later ref"  # a reference fills an item that had none
+    assert store.add_item("img1", "Describe.", reference="other", dataset="d1") == a
+    assert store.get_item(a)["reference"] == "later ref"  # ... but never overwrites one
+    b = store.add_item("img1", "Describe.", dataset="d2", split="test")
+    c = store.add_item("img1", "Count.", dataset="d1", meta={"k": 1})
+    assert len({a, b, c}) == 3
+    item = store.get_item(c)
+    assert item["image_path"].endswith("1.png") and item["objects"] == ["cat"] and item["meta"] == {"k": 1}
+    assert [i["id"] for i in store.list_items(dataset="d1")] == [a, c]
+    assert [i["id"] for i in store.list_items(split="test")] == [b]
+    assert [i["id"] for i in store.list_items(limit=1, offset=1)] == [b]
+    assert store.count_items(dataset="d1") == 2
+    with pytest.raises(NotFoundError):
+        store.add_item("nope", "Describe.")
+    with pytest.raises(StoreError):
+        store.add_item("img1", "   ")
+
+
+# ------------------------------------------------------------------------- candidates and pairs
+def test_pair_validation(store, make_items):
+    i1, i2 = make_items(2)
+    c1 = store.add_candidate(
+        i1, "a", "model", sentences=[{"start": 0, "end": 1, "text": "a"}], params={"t": 1}
+    )
+    c2 = store.add_candidate(i1, "b", "model")
+    c3 = store.add_candidate(i2, "c", "model")
+    assert store.get_candidate(c1)["sentences"][0]["text"] == "a"
+    with pytest.raises(StoreError, match="belongs to item"):
+        store.add_pair(i1, c1, c3, "csr")
+    with pytest.raises(StoreError, match="different"):
+        store.add_pair(i1, c1, c1, "csr")
+    with pytest.raises(NotFoundError):
+        store.add_pair(i1, c1, 9999, "csr")
+    pid = store.add_pair(i1, c1, c2, "csr", margin=0.3, round=2, meta={"x": 1})
+    pair = store.get_pair(pid)
+    assert pair["chosen"]["text"] == "a" and pair["rejected"]["text"] == "b"
+    assert pair["meta"] == {"x": 1} and pair["round"] == 2 and pair["label"]["status"] == "auto"
+    assert store.items_with_pairs("csr", 2) == {i1}
+    assert store.items_with_pairs("csr", 0) == set()
+
+
+def test_write_generation_is_one_transaction(store, make_items):
+    [item] = make_items(1)
+    cands = [
+        {"text": f"t{k}", "source": "csr", "score": k, "spans": [{"start": 0, "end": 1}]} for k in range(3)
+    ]
+    ids = store.write_generation(
+        item, cands, [{"chosen": 0, "rejected": 2, "method": "csr", "margin": 1.5, "meta": {"a": 1}}]
+    )
+    assert len(ids) == 3 and store.count_pairs() == 1
+    assert store.get_candidate(ids[1])["spans"] == [{"start": 0, "end": 1}]
+    before = store.stats()["tables"]
+    with pytest.raises(StoreError):  # an index out of range: nothing of this call may land
+        store.write_generation(item, cands, [{"chosen": 0, "rejected": 7, "method": "csr"}])
+    with pytest.raises(StoreError):  # a candidate without text fails after others were inserted
+        store.write_generation(item, [{"text": "ok", "source": "s"}, {"source": "s"}], [])
+    assert store.stats()["tables"] == before
+
+
+# ------------------------------------------------------------------------- reviews
+def test_review_validation_and_append_only(store, make_pairs):
+    [pid] = make_pairs([0.1])
+    with pytest.raises(StoreError, match="unknown decision"):
+        store.add_review(pid, "ann", "maybe")
+    with pytest.raises(StoreError, match="edited text"):
+        store.add_review(pid, "ann", "edit", edited_text="  ")
+    with pytest.raises(StoreError, match="nothing|no decision"):
+        store.add_review(pid, "ann", "undo")
+    with pytest.raises(StoreError, match="reviewer"):
+        store.add_review(pid, " ", "accept")
+    with pytest.raises(NotFoundError):
+        store.add_review(12345, "ann", "accept")
+    rid = store.add_review(pid, "ann", "accept", marked_spans=[{"start": 0, "end": 5}], note="fine")
+    assert store.pair_reviews(pid)[0]["marked_spans"] == [{"start": 0, "end": 5}]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        store.db.execute("UPDATE reviews SET decision = 'swap' WHERE id = ?", (rid,))
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        store.db.execute("DELETE FROM reviews WHERE id = ?", (rid,))
+
+
+def test_effective_label_derivation(store, make_pairs):
+    [pid] = make_pairs([0.1])
+    chosen, rejected = "There is a red circle 0.", "There is a blue star 0."
+    label = store.effective_label(pid)
+    assert (label["status"], label["chosen_text"], label["reviewer"]) == ("auto", chosen, None)
+
+    store.add_review(pid, "ann", "accept")
+    assert store.effective_label(pid)["status"] == "accept"
+    store.add_review(pid, "bob", "swap")  # the latest live decision of any reviewer wins
+    label = store.effective_label(pid)
+    assert (label["status"], label["chosen_text"], label["rejected_text"], label["reviewer"]) == (
+        "swap",
+        rejected,
+        chosen,
+        "bob",
+    )
+    assert label["chosen_id"] == store.get_pair(pid)["rejected_id"] and label["decided_at"]
+    store.add_review(pid, "ann", "edit", edited_text="There is a red circle.")
+    label = store.effective_label(pid)
+    assert (label["status"], label["chosen_text"], label["rejected_text"], label["chosen_id"]) == (
+        "edit",
+        "There is a red circle.",
+        rejected,
+        None,
+    )
+    store.add_review(pid, "ann", "undo")  # cancels ann's edit → bob's swap is the latest live
+    assert store.effective_label(pid)["status"] == "swap"
+    store.add_review(pid, "bob", "undo")  # cancels bob's swap → ann's accept
+    assert store.effective_label(pid)["status"] == "accept"
+    assert store.decisions_matrix() == {pid: {"ann": "accept"}}
+    store.add_review(pid, "ann", "undo")
+    assert store.effective_label(pid)["status"] == "auto"
+    assert store.decisions_matrix() == {}
+    store.add_review(pid, "ann", "reject_both")
+    assert store.effective_label(pid)["status"] == "reject_both"
+    with pytest.raises(NotFoundError):
+        store.effective_label(999)
+
+
+def _reference_label(reviews):
+    """Derivation straight from the definition, over all reviews of one pair."""
+    live = {}
+    by_reviewer = {}
+    for r in reviews:
+        by_reviewer.setdefault(r["reviewer"], []).append(r)
+    for reviewer, rows in by_reviewer.items():
+        stack = live_decisions(rows)
+        if stack:
+            live[reviewer] = stack[-1]
+    if not live:
+        return "auto", {}
+    latest = max(live.values(), key=lambda r: r["id"])
+    return latest["decision"], {k: v["decision"] for k, v in live.items()}
+
+
+def test_effective_label_matches_definition_on_random_histories(store, make_pairs):
+    rng = random.Random(7)
+    pids = make_pairs([0.0] * 6)
+    for _ in range(300):
+        pid, reviewer = rng.choice(pids), rng.choice(["a", "b", "c"])
+        decision = rng.choice(["accept", "swap", "reject_both", "edit", "undo", "undo"])
+        if decision == "undo" and store.reviewer_decision(pid, reviewer) is None:
+            continue
+        store.add_review(pid, reviewer, decision, edited_text="edited" if decision == "edit" else None)
+    matrix = store.decisions_matrix()
+    for pid in pids:
+        expected_status, expected_live = _reference_label(store.pair_reviews(pid))
+        assert store.effective_label(pid)["status"] == expected_status
+        assert matrix.get(pid, {}) == expected_live
+    # The cached review_state is exactly what a rebuild from the append-only log gives.
+    before = sorted(store.db.execute("SELECT * FROM review_state").fetchall())
+    store.rebuild_review_state()
+    assert sorted(store.db.execute("SELECT * FROM review_state").fetchall()) == before
+
+
+def test_bulk_reviews_match_single_reviews(store, make_pairs):
+    pids = make_pairs([0.1, 0.2])
+    n = store.add_reviews(
+        [
+            {"pair_id": pids[0], "reviewer": "a", "decision": "accept"},
+            {"pair_id": pids[0], "reviewer": "a", "decision": "swap"},
+            {"pair_id": pids[0], "reviewer": "a", "decision": "undo"},
+            {"pair_id": pids[1], "reviewer": "b", "decision": "edit", "edited_text": "x"},
+        ]
+    )
+    assert n == 4
+    assert store.effective_label(pids[0])["status"] == "accept"
+    assert store.effective_label(pids[1])["chosen_text"] == "x"
+    with pytest.raises(StoreError):
+        store.add_reviews([{"pair_id": pids[0], "reviewer": "a", "decision": "bogus"}])
+
+
+# ------------------------------------------------------------------------- review queue
+def test_next_pair_order_filters_and_undo(store, make_pairs):
+    p_mid, p_null, p_low, p_high = make_pairs([0.5, None, -1.0, 2.0], method="csr")
+    [p_povid] = make_pairs([-5.0], method="povid", round=1)
+
+    order = []
+    exclude: list[int] = []
+    while (pair := store.next_pair("ann", method="csr", exclude=exclude)) is not None:
+        order.append(pair["id"])
+        exclude.append(pair["id"])
+    assert order == [p_low, p_mid, p_high, p_null]  # lowest margin first, NULL last
+
+    assert store.next_pair("ann")["id"] == p_povid  # no method filter: the lowest overall
+    assert store.next_pair("ann", round=1)["id"] == p_povid
+    assert store.next_pair("ann", method="povid", round=0) is None
+
+    store.add_review(p_povid, "ann", "accept")
+    store.add_review(p_low, "ann", "swap")
+    assert store.next_pair("ann")["id"] == p_mid
+    assert store.next_pair("bob")["id"] == p_povid  # other reviewers are unaffected
+    assert store.next_pair("ann", status="decided")["id"] == p_povid
+    assert store.next_pair("ann", status="all")["id"] == p_povid
+    store.add_review(p_low, "ann", "undo")  # undone → pending again
+    assert store.next_pair("ann")["id"] == p_low
+    pair = store.next_pair("ann")
+    assert pair["chosen"]["text"].startswith("There is a red circle") and pair["image_path"]
+    with pytest.raises(StoreError):
+        store.next_pair("ann", status="weird")
+
+
+def test_queue_query_uses_index(store, make_pairs):
+    make_pairs([0.1, 0.2])
+    key = "coalesce(p.margin, 9e999)"
+    for method in (None, "csr"):
+        for start in ("", f"AND {key} >= 0.1 AND ({key} > 0.1 OR p.id >= 1) "):
+            plan = " ".join(
+                str(r)
+                for r in store.db.execute(
+                    "EXPLAIN QUERY PLAN SELECT p.id FROM pairs p WHERE "
+                    + ("p.method = 'csr' AND " if method else "")
+                    + "NOT EXISTS (SELECT 1 FROM review_state s WHERE s.pair_id = p.id AND s.reviewer = 'a') "
+                    + start
+                    + f"ORDER BY {key}, p.id LIMIT 1"
+                )
+            )
+            assert "TEMP B-TREE" not in plan, plan  # ordered by an index, no sort of all pairs
+            assert "queue" in plan, plan
+            if start:
+                assert ">?" in plan.replace(" ", ""), plan  # the cursor is an index range
+
+
+def test_queue_cursor_sees_new_pairs_undos_and_other_processes(store, make_pairs, settings):
+    pids = make_pairs([1.0, 2.0, 3.0, 4.0])
+    for pid in pids[:3]:
+        store.add_review(pid, "ann", "accept")
+    assert store.next_pair_id("ann") == pids[3]  # cursor now at pids[3]
+    [early] = make_pairs([0.5])  # a new pair before the cursor
+    assert store.next_pair_id("ann") == early
+    store.add_review(early, "ann", "accept")
+    assert store.next_pair_id("ann") == pids[3]
+    store.add_review(pids[1], "ann", "undo")  # undo before the cursor: pending again
+    assert store.next_pair_id("ann") == pids[1]
+    store.add_review(pids[1], "ann", "swap")
+    other = Store(settings.db_path)  # another writer (process) adds and undoes
+    assert other.next_pair_id("ann") == pids[3]
+    other.add_review(pids[0], "ann", "undo")
+    assert store.next_pair_id("ann") == pids[0]
+    assert store.next_pair_id("ann", exclude=[pids[0]]) == pids[3]
+    assert store.next_pair_id("bob", method="csr") == early
+    other.close()
+
+
+def test_progress_stats_and_training_pairs(store, make_pairs):
+    a, b, c, d = make_pairs([0.1, 0.2, 0.3, 0.4], method="csr")
+    [e] = make_pairs([0.5], method="stic")
+    store.add_review(a, "ann", "accept")
+    store.add_review(b, "ann", "swap")
+    store.add_review(b, "bob", "accept")  # latest → accept
+    store.add_review(c, "bob", "reject_both")
+    store.add_review(d, "bob", "edit", edited_text="A red circle.")
+
+    progress = store.progress(reviewer="ann")
+    assert progress["total"] == 5 and progress["done"] == 4
+    assert progress["per_reviewer"] == {"ann": {"done": 2, "total": 5}, "bob": {"done": 3, "total": 5}}
+    assert progress["reviewer_done"] == 2
+    assert store.progress(method="stic")["done"] == 0
+
+    stats = store.stats()
+    assert stats["tables"]["pairs"] == 5 and stats["tables"]["reviews"] == 5
+    assert stats["pairs_by_method"] == {"csr": 4, "stic": 1}
+    assert stats["reviews_by_decision"] == {"accept": 2, "swap": 1, "reject_both": 1, "edit": 1}
+    assert stats["labels"] == {"auto": 1, "accept": 2, "swap": 0, "reject_both": 1, "edit": 1}
+    assert stats["reviewers"] == ["ann", "bob"]
+
+    rows = {r["pair_id"]: r for r in store.training_pairs()}
+    assert set(rows) == {a, b, d}  # reject_both never, auto only on request
+    assert rows[a]["chosen"] == "There is a red circle 0." and rows[a]["status"] == "accept"
+    assert rows[b]["chosen"] == "There is a red circle 1."  # bob's later accept beats ann's swap
+    assert rows[d]["chosen"] == "A red circle." and rows[d]["rejected"] == "There is a blue star 3."
+    assert rows[a]["image_path"].endswith(".png") and rows[a]["prompt"] == "Describe the image."
+    assert {r["pair_id"] for r in store.training_pairs(include_auto=True)} == {a, b, d, e}
+    assert {r["pair_id"] for r in store.training_pairs(methods=["stic"], include_auto=True)} == {e}
+    store.add_review(b, "bob", "undo")  # ann's swap is live again
+    swapped = {r["pair_id"]: r for r in store.training_pairs()}[b]
+    assert (
+        swapped["chosen"] == "There is a blue star 1." and swapped["rejected"] == "There is a red circle 1."
+    )
+
+
+# ------------------------------------------------------------------------- rounds and eval outputs
+def test_rounds_lifecycle(store):
+    assert store.current_round() is None
+    assert store.ensure_base_round("demo") == 0 and store.ensure_base_round("other") == 0
+    base = store.get_round(0)
+    assert base["status"] == "done" and base["adapter_path"] is None and base["base_model"] == "demo"
+    assert store.current_round() is None  # round 0 = the base model
+
+    r1 = store.create_round(0, "demo", {"lr": 1e-3})
+    assert (
+        r1 == 1
+        and store.get_round(r1)["status"] == "queued"
+        and store.get_round(r1)["config"] == {"lr": 1e-3}
+    )
+    store.update_round(r1, status="running", pid=123, progress=0.5)
+    running = store.get_round(r1)
+    assert running["started"] and running["finished"] is None and running["pid"] == 123
+    store.log_round_step(r1, 2, {"loss": 0.5})
+    store.log_round_step(r1, 1, {"loss": 0.7, "acc": 0.5})
+    assert store.round_curve(r1) == [{"step": 1, "loss": 0.7, "acc": 0.5}, {"step": 2, "loss": 0.5}]
+    store.update_round(r1, status="done", adapter_path="adapters/1", metrics={"chair_s": 0.1})
+    assert store.get_round(r1)["finished"] and store.current_round()["id"] == r1
+    r2 = store.create_round(r1, "demo", {})
+    store.update_round(r2, status="failed", error="boom")
+    assert store.current_round()["id"] == r1
+    assert [r["id"] for r in store.list_rounds()] == [0, 1, 2]
+    with pytest.raises(StoreError):
+        store.update_round(r2, colour="red")
+    with pytest.raises(StoreError):
+        store.update_round(r2, status="exploded")
+    with pytest.raises(NotFoundError):
+        store.create_round(77, "demo", {})
+
+
+def test_eval_outputs_atomic(store, make_items):
+    items = make_items(2)
+    store.ensure_base_round("demo")
+    store.add_eval_outputs(
+        0,
+        [
+            {"item_id": items[0], "answer": "A cat.", "objects": ["cat"], "hallucinated": []},
+            {"item_id": items[1], "answer": "A dog.", "objects": ["dog"], "hallucinated": ["dog"]},
+        ],
+    )
+    rows = store.eval_outputs(0)
+    assert [r["answer"] for r in rows] == ["A cat.", "A dog."]
+    assert rows[1]["hallucinated"] == ["dog"] and rows[0]["prompt"] == "Describe the image."
+    with pytest.raises(sqlite3.IntegrityError):  # unknown item: the whole batch is refused
+        store.add_eval_outputs(0, [{"item_id": items[0], "answer": "x"}, {"item_id": 999, "answer": "y"}])
+    assert len(store.eval_outputs(0)) == 2
+    with pytest.raises(NotFoundError):
+        store.add_eval_outputs(5, [])
+
+
+def test_integrity_report(store, make_items, settings):
+    make_items(2)
+    report = store.integrity()
+    assert report == {"integrity_check": ["ok"], "foreign_key_violations": [], "missing_files": []}
+    store.add_image("f" * 64, settings.images_dir / "gone.png", 1, 1, "t")
+    assert store.integrity()["missing_files"] == [str((settings.images_dir / "gone.png").resolve())]
+
+
+def test_queue_cursor_matches_brute_force_under_random_operations(store, make_pairs, settings):
+    """Two Store objects (as two processes) add pairs, decide, undo and ask for the next pair;
+    every answer equals the definition computed from scratch."""
+    rng = random.Random(3)
+    other = Store(settings.db_path)
+    other._MAX_HOLES = 2  # exercise the fallback when too many pairs arrive at once
+    make_pairs([rng.choice([None, rng.uniform(0, 3)]) for _ in range(30)], method="csr")
+    make_pairs([rng.uniform(0, 3) for _ in range(10)], method="stic")
+
+    def expected(reviewer, method, excluded):
+        for pid in store.pair_ids(queue_order=True):
+            pair = store.get_pair(pid)
+            if method is not None and pair["method"] != method:
+                continue
+            if pid in excluded or store.reviewer_decision(pid, reviewer) is not None:
+                continue
+            return pid
+        return None
+
+    for step in range(250):
+        s = rng.choice([store, other])
+        reviewer = rng.choice(["ann", "bob"])
+        method = rng.choice([None, "csr"])
+        op = rng.random()
+        if op < 0.08:
+            k = rng.choice([1, 1, 4])
+            make_pairs(
+                [rng.choice([None, rng.uniform(0, 3)]) for _ in range(k)], method=rng.choice(["csr", "stic"])
+            )
+        elif op < 0.18:
+            decided = [p for p in store.pair_ids() if store.reviewer_decision(p, reviewer) is not None]
+            if decided:
+                s.add_review(rng.choice(decided), reviewer, "undo")
+        else:
+            excluded = rng.sample(store.pair_ids(), 2) if rng.random() < 0.2 else []
+            got = s.next_pair_id(reviewer, method=method, exclude=excluded)
+            assert got == expected(reviewer, method, excluded), step
+            if got is not None and rng.random() < 0.8:
+                s.add_review(got, reviewer, "accept")
+    other.close()
