@@ -179,3 +179,212 @@ def build_tiny_llava(path: str | Path, words: Iterable[str] | None = None, spec:
     processor.save_pretrained(path)
     (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return path
+
+
+# --- Other architectures (tests: the backend must not be LLaVA-specific) -------------------------
+
+# Qwen2-VL's chat scaffold: ChatML turns, the image as <|vision_start|><|image_pad|><|vision_end|>
+# (the processor expands <|image_pad|> to one token per merged patch).
+QWEN2VL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Idefics3 / SmolVLM: "<|im_start|>User:<image>text<end_of_utterance>\nAssistant:"; the processor
+# expands <image> into <fake_token_around_image><global-img><image>*k<fake_token_around_image>.
+IDEFICS3_SPECIAL = [
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
+]
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _word_tokenizer_with(words: Iterable[str], specials: list[str], chat_template: str, eos: str | None = None):
+    """`build_word_tokenizer` plus the special tokens another architecture's processor expects."""
+    from tokenizers import AddedToken
+
+    tok = build_word_tokenizer(list(words) + ["user", "assistant", "system", "User", "Assistant"])
+    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    if eos is not None:
+        tok.eos_token = eos
+    tok.chat_template = chat_template
+    return tok
+
+
+def build_qwen2vl(words: Iterable[str], spec: TinyLlavaSpec | None = None):
+    """Return (model, processor) of a randomly initialised Qwen2-VL (M-RoPE, merged patches).
+
+    ``spec`` sizes are reused from `TinyLlavaSpec`; the image is resized to ``image_size``² pixels
+    and split into ``patch_size`` patches merged 2×2 (Qwen2-VL's spatial_merge_size).
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = spec or TinyLlavaSpec()
+    tok = _word_tokenizer_with(words, QWEN2VL_SPECIAL, QWEN2VL_CHAT_TEMPLATE, eos="<|im_end|>")
+    # The word tokenizer names <image> its image token; Qwen2-VL's processor reads it from there.
+    tok.image_token = "<|image_pad|>"
+    tok.video_token = "<|video_pad|>"
+    pixels = spec.image_size * spec.image_size
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=spec.patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    # The processor class requires a video processor even when no video is ever passed.
+    video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=spec.patch_size, merge_size=2
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    head_dim = spec.text_width // spec.text_heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # temporal, height, width: sums to head_dim / 2
+    config = Qwen2VLConfig(
+        vision_config=dict(
+            depth=spec.vision_layers,
+            embed_dim=spec.vision_width,
+            hidden_size=spec.text_width,
+            num_heads=spec.vision_heads,
+            mlp_ratio=2,
+            patch_size=spec.patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=spec.text_width,
+            intermediate_size=spec.text_intermediate,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_heads,
+            max_position_embeddings=spec.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    _set_generation_ids(model, tok)
+    return model, processor
+
+
+def build_idefics3(words: Iterable[str], spec: TinyLlavaSpec | None = None):
+    """Return (model, processor) of a randomly initialised Idefics3 (the SmolVLM architecture).
+
+    No image splitting: one ``image_size``² image, pixel-shuffled by scale_factor 2 into
+    (image_size / patch_size / 2)² image tokens.
+    """
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    spec = spec or TinyLlavaSpec()
+    tok = _word_tokenizer_with(words, IDEFICS3_SPECIAL, IDEFICS3_CHAT_TEMPLATE, eos="<end_of_utterance>")
+    scale = 2
+    image_seq_len = ((spec.image_size // spec.patch_size) ** 2) // (scale * scale)
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False,
+        size={"longest_edge": spec.image_size},
+        max_image_size={"longest_edge": spec.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE
+    )
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=spec.vision_width,
+            intermediate_size=spec.vision_width * 4,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=spec.text_width,
+            intermediate_size=spec.text_intermediate,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_heads,
+            max_position_embeddings=spec.max_positions,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = Idefics3ForConditionalGeneration(config)
+    _set_generation_ids(model, tok)
+    return model, processor
+
+
+def _set_generation_ids(model, tok) -> None:
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+
+
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "idefics3": build_idefics3}
+
+
+def build_tiny(arch: str, path: str | Path, words: Iterable[str] | None = None, spec: TinyLlavaSpec | None = None) -> Path:
+    """Build, save and return the directory of a random tiny model of architecture ``arch``
+    ("llava", "qwen2_vl" or "idefics3")."""
+    import json
+
+    if arch not in BUILDERS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(BUILDERS)}")
+    path = Path(path)
+    spec = spec or TinyLlavaSpec()
+    model, processor = BUILDERS[arch](words or GENERIC_WORDS, spec)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "tiny_spec.json").write_text(json.dumps({"arch": arch, **asdict(spec)}, indent=2))
+    return path

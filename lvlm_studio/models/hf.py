@@ -1,0 +1,510 @@
+"""Transformers backend for any `AutoModelForImageTextToText` + `AutoProcessor`.
+
+The decode loop is our own (a step loop over the model's KV cache, not ``model.generate``) because
+the methods need things ``generate`` does not give together:
+  * per-token log-probs of the model's raw next-token distribution (temperature 1), whatever the
+    decoding rule was, so that ``sample`` and ``score`` agree on the same text;
+  * continuing many partial answers from one cached image + prompt prefix (``open_prefix`` /
+    ``extend``: the image is encoded once per CSR search node, not once per expansion);
+  * diverse group beam search with one beam per group, as the CSR reference runs it. transformers 5
+    moved group beam search out of the library into a Hub "custom_generate" repository, which cannot
+    be loaded offline, so it is implemented here (`_choose`).
+
+Positions are tracked per row: text models use 1-D positions (cumsum of the attention mask, so left
+padding is harmless); models with multimodal RoPE (Qwen2-VL family: the inner model has
+``get_rope_index``) get their 3-D prefill positions from the image grid and continue every later text
+token at ``max(prefill positions) + 1`` on all three axes, exactly as the model's own generation does
+with ``rope_deltas``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..config import resolve_device
+from .base import GenerationParams, MissingDependencyError, ModelLoadError, Prefix, Sequence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_backend_counter = itertools.count()
+
+
+def image_key(image: Image.Image) -> str:
+    """sha256 of an image's pixels, mode and size (a cache key; not a file hash)."""
+    h = hashlib.sha256()
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it, float16 on older GPUs, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class _State:
+    """A batch of rows in the middle of decoding: KV cache, 2-D attention mask over everything in
+    the cache, each row's next position, and each row's logits for its next token."""
+
+    cache: Any
+    mask: torch.Tensor  # (B, L) long
+    next_pos: torch.Tensor  # (B,) long
+    last_logits: torch.Tensor  # (B, V) float32
+
+    def repeat(self, k: int) -> _State:
+        """Each row ``k`` times in a row (row r → rows r*k … r*k+k-1), on a copy of the cache."""
+        cache = copy.deepcopy(self.cache)
+        if k != 1:
+            cache.batch_repeat_interleave(k)
+        return _State(
+            cache,
+            self.mask.repeat_interleave(k, 0),
+            self.next_pos.repeat_interleave(k, 0),
+            self.last_logits.repeat_interleave(k, 0),
+        )
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+        self.next_pos = self.next_pos[keep]
+        self.last_logits = self.last_logits[keep]
+
+
+class HFBackend:
+    """`VLMBackend` over a transformers image-text-to-text model (LLaVA, Qwen2-VL, Idefics3, …)."""
+
+    def __init__(self, model, processor, model_id: str, device: str = "cpu", max_batch: int = 16):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        self.backend_id = f"hf:{model_id}:{next(_backend_counter)}"
+        tok = getattr(processor, "tokenizer", processor)
+        tok.padding_side = "left"  # batches are left-padded so every row's last token is real
+        self.tokenizer = tok
+        self.dtype = next(model.parameters()).dtype
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tok.eos_token_id
+        eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
+        if tok.eos_token_id is not None:
+            eos_list = [*eos_list, tok.eos_token_id]
+        self.eos_ids = sorted({int(e) for e in eos_list if e is not None})
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self.eos_ids or [0])[0]
+        # Never *pick* an image/video placeholder: a stray one in an answer breaks every later
+        # processor call on that text (token/feature count mismatch). Log-probs stay raw.
+        cfg = model.config
+        banned = {getattr(cfg, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
+        banned.add(tok.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"))
+        self.banned_ids = sorted(int(b) for b in banned if b is not None and b != tok.unk_token_id and b >= 0)
+        self._core = self._inner_model()
+        self._mrope = hasattr(self._core, "get_rope_index")
+
+    # --- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        adapter: str | None = None,
+        merge_adapter: bool = True,
+        quantization: str | None = None,
+        local_files_only: bool = False,
+    ) -> HFBackend:
+        """Load model + processor (+ an optional PEFT LoRA adapter, merged by default).
+
+        ``quantization`` "4bit"/"8bit" needs bitsandbytes and a CUDA GPU.
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        kwargs: dict[str, Any] = {
+            "dtype": torch_dtype,
+            "local_files_only": local_files_only,
+            # transformers looks for an adapter_config.json on the Hub without honouring
+            # local_files_only unless told here (otherwise ~20 s of retries offline).
+            "adapter_kwargs": {"local_files_only": local_files_only},
+        }
+        if quantization is not None:
+            if quantization not in ("4bit", "8bit"):
+                raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    "quantization needs the 'bitsandbytes' package and a CUDA GPU: "
+                    "pip install -r requirements-gpu.txt"
+                ) from exc
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype)
+                if quantization == "4bit"
+                else BitsAndBytesConfig(load_in_8bit=True)
+            )
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
+        processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
+        model_id = str(path_or_id)
+        if adapter is not None:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter))
+            except Exception as exc:  # peft raises ValueError/OSError/KeyError depending on the fault
+                raise ModelLoadError(
+                    f"Could not load the LoRA adapter {adapter!r} onto {path_or_id!r}: {exc}. "
+                    "Check that the adapter was trained on this base model."
+                ) from exc
+            if merge_adapter and quantization is None:
+                model = model.merge_and_unload()
+            model_id = f"{model_id}+{adapter}"
+        if quantization is None:
+            model = model.to(device)
+        return cls(model, processor, model_id, device)
+
+    def _inner_model(self):
+        m = self.model
+        if hasattr(m, "get_base_model"):  # an unmerged PeftModel
+            m = m.get_base_model()
+        return getattr(m, "model", m)
+
+    # --- text -------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def chat_text(self, prompt: str) -> str:
+        """The user turn (image first, then ``prompt``) and the assistant turn's opening."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # --- model calls ------------------------------------------------------------------------
+    def _inputs(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        bos = self.tokenizer.bos_token
+        # A template that writes BOS itself must not get a second one from the tokenizer.
+        add_special = not (bos is not None and texts[0].startswith(bos))
+        enc = self.processor(
+            images=[im.convert("RGB") for im in images],
+            text=texts,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=add_special,
+        )
+        out = {}
+        for k, v in enc.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = v
+        return out
+
+    def _prefill_positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        if self._mrope and inputs.get("mm_token_type_ids") is not None:
+            fn = self._core.get_rope_index
+            accepted = inspect.signature(fn).parameters
+            kwargs = {k: v for k, v in inputs.items() if k in accepted and k != "input_ids"}
+            positions, _ = fn(inputs["input_ids"], **kwargs)
+            return positions  # (3, B, L)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions  # (B, L)
+
+    @torch.no_grad()
+    def _prefill(self, images: list[Image.Image], texts: list[str]) -> _State:
+        from transformers import DynamicCache
+
+        inputs = self._inputs(images, texts)
+        positions = self._prefill_positions(inputs)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        mask = inputs["attention_mask"].long()
+        pos = positions if positions.dim() == 2 else positions.amax(0)
+        next_pos = (pos * mask).amax(-1) + 1
+        return _State(out.past_key_values, mask, next_pos, out.logits[:, -1].float())
+
+    @torch.no_grad()
+    def _step(self, state: _State, tokens: torch.Tensor, tok_mask: torch.Tensor, all_logits: bool = False):
+        """Feed ``tokens`` (B, q) (pads where ``tok_mask`` is 0, anywhere) after each row's cache."""
+        mask = torch.cat([state.mask, tok_mask], dim=1)
+        pos = state.next_pos[:, None] + (tok_mask.cumsum(-1) - 1).clamp(min=0)
+        if self._mrope:
+            pos = pos.unsqueeze(0).expand(3, -1, -1)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        state.cache = out.past_key_values
+        state.mask = mask
+        state.next_pos = state.next_pos + tok_mask.sum(-1)
+        state.last_logits = out.logits[:, -1].float()
+        return out.logits
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if not r:
+                continue
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # --- decoding ---------------------------------------------------------------------------
+    def _rows_per_input(self, n: int, params: GenerationParams) -> int:
+        if params.num_beam_groups > 1:
+            if n not in (1, params.num_beam_groups):
+                raise ValueError(
+                    f"diverse group search returns one sequence per group ({params.num_beam_groups}); "
+                    f"n must be 1 or {params.num_beam_groups}, not {n}"
+                )
+            return params.num_beam_groups
+        if n < 1:
+            raise ValueError(f"n must be >= 1, not {n}")
+        return n
+
+    def _generator(self, params: GenerationParams) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(params.seed))
+        return gen
+
+    def _choose(self, logprobs: torch.Tensor, groups: torch.Tensor, requests: torch.Tensor, params, gen):
+        """Pick one token per row. ``logprobs`` are the raw log-softmax; selection may differ.
+
+        Diverse group search (one beam per group, CSR reference: 5 groups, penalty 3.0): groups are
+        processed in order and group g's scores are lowered by ``diversity_penalty`` × the number of
+        earlier groups of the same input that picked each token at this step (Hamming diversity,
+        as transformers' HammingDiversityLogitsProcessor did).
+        """
+        scores = logprobs
+        if self.banned_ids:
+            scores = scores.clone()
+            scores[:, self.banned_ids] = float("-inf")
+        if params.num_beam_groups > 1 and params.diversity_penalty > 0:
+            chosen = torch.empty(len(logprobs), dtype=torch.long, device=logprobs.device)
+            counts: dict[int, torch.Tensor] = {}
+            for g in range(params.num_beam_groups):
+                rows = (groups == g).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                sc = scores[rows].clone()
+                for j, r in enumerate(rows.tolist()):
+                    c = counts.get(int(requests[r]))
+                    if c is not None:
+                        sc[j] -= params.diversity_penalty * c
+                picked = self._pick(sc, params, gen)
+                chosen[rows] = picked
+                for r, t in zip(rows.tolist(), picked.tolist(), strict=True):
+                    req = int(requests[r])
+                    if req not in counts:
+                        counts[req] = torch.zeros(scores.shape[-1], device=scores.device)
+                    counts[req][t] += 1
+            return chosen
+        return self._pick(scores, params, gen)
+
+    @staticmethod
+    def _pick(scores: torch.Tensor, params: GenerationParams, gen) -> torch.Tensor:
+        if params.temperature <= 0:
+            return scores.argmax(-1)
+        probs = torch.softmax(scores / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            # Drop a token when the tokens before it already cover top_p (the first always stays).
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=gen).flatten()
+
+    def _check_stop(self, ids: list[int], stops: tuple[str, ...]) -> str | None:
+        """The text cut right after the earliest stop string, or None."""
+        text = self.decode(ids)
+        best = None
+        for s in stops:
+            i = text.find(s)
+            if i >= 0 and (best is None or i + len(s) < best):
+                best = i + len(s)
+        return None if best is None else text[:best]
+
+    @torch.no_grad()
+    def _decode(self, state: _State, k: int, params: GenerationParams, gen) -> list[list[Sequence]]:
+        """Run the step loop on ``state``'s rows (request-major, ``k`` rows per request)."""
+        n_rows = state.mask.shape[0]
+        requests = torch.arange(n_rows, device=self.device) // k
+        groups = torch.arange(n_rows, device=self.device) % k
+        active = list(range(n_rows))
+        toks: list[list[int]] = [[] for _ in range(n_rows)]
+        lps: list[list[float]] = [[] for _ in range(n_rows)]
+        done: dict[int, Sequence] = {}
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        for _step in range(params.max_new_tokens):
+            logprobs = torch.log_softmax(state.last_logits, dim=-1)
+            idx = torch.tensor(active, device=self.device)
+            picked = self._choose(logprobs, groups[idx], requests[idx], params, gen)
+            picked_lp = logprobs.gather(-1, picked[:, None]).flatten().tolist()
+            is_eos = torch.isin(picked, eos).tolist()
+            keep = []
+            for j, (row, t) in enumerate(zip(active, picked.tolist(), strict=True)):
+                toks[row].append(t)
+                lps[row].append(picked_lp[j])
+                if is_eos[j]:
+                    done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "eos")
+                    continue
+                if params.stop:
+                    cut = self._check_stop(toks[row], params.stop)
+                    if cut is not None:
+                        done[row] = Sequence(cut, toks[row], lps[row], "stop")
+                        continue
+                keep.append(j)
+            if len(keep) < len(active):
+                active = [active[j] for j in keep]
+                if not active:
+                    break
+                state.select(torch.tensor(keep, device=self.device))
+                picked = picked[keep]
+            if _step + 1 < params.max_new_tokens:
+                self._step(state, picked[:, None], torch.ones_like(picked)[:, None])
+        for row in active:
+            done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "length")
+        return [[done[r * k + j] for j in range(k)] for r in range(n_rows // k)]
+
+    # --- protocol ---------------------------------------------------------------------------
+    def sample(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[list[Sequence]]:
+        params = params or GenerationParams()
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        k = self._rows_per_input(n, params)
+        gen = self._generator(params)
+        results: list[list[Sequence]] = []
+        step = max(1, self.max_batch // k)
+        for start in range(0, len(prompts), step):
+            ims, prs = images[start : start + step], prompts[start : start + step]
+            state = self._prefill(ims, [self.chat_text(p) for p in prs])
+            results.extend(self._decode(state.repeat(k), k, params, gen))
+        return results
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        continuations: list[str] | list[list[int]],
+        add_eos: bool = False,
+    ) -> list[list[float]]:
+        """Teacher-forced per-token log-probs of each continuation (text, or token ids as given).
+
+        ``add_eos`` appends the model's EOS token and scores it too.
+        """
+        if not (len(images) == len(prompts) == len(continuations)):
+            raise ValueError("images, prompts and continuations must have the same length")
+        results: list[list[float]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            sl = slice(start, start + self.max_batch)
+            conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations[sl]]
+            if add_eos:
+                conts = [[*c, self.eos_ids[0]] for c in conts]
+            state = self._prefill(images[sl], [self.chat_text(p) for p in prompts[sl]])
+            first = state.last_logits
+            if max(len(c) for c in conts) == 0:
+                results.extend([] for _ in conts)
+                continue
+            ids, tmask = self._pad(conts, left=False)
+            logits = self._step(state, ids, tmask, all_logits=True)
+            for b, c in enumerate(conts):
+                if not c:
+                    results.append([])
+                    continue
+                rows = torch.cat([first[b : b + 1], logits[b, : len(c) - 1].float()], dim=0)
+                lp = torch.log_softmax(rows, dim=-1).gather(-1, ids[b, : len(c), None]).flatten()
+                results.append(lp.tolist())
+        return results
+
+    def open_prefix(self, image: Image.Image, prompt: str) -> Prefix:
+        state = self._prefill([image], [self.chat_text(prompt)])
+        return Prefix(backend_id=self.backend_id, prompt=prompt, image_key=image_key(image), state=state)
+
+    def extend(
+        self,
+        prefix: Prefix,
+        partials: list[list[int]],
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[list[Sequence]]:
+        """Continue each partial answer from a copy of the cached prefix.
+
+        Only the partial tokens are prefilled (left-padded within their own segment, so pads sit
+        between the prefix and each partial, masked out); the image is never re-encoded.
+        """
+        params = params or GenerationParams()
+        if prefix.backend_id != self.backend_id:
+            raise ValueError("this prefix was opened by another backend")
+        if not partials:
+            return []
+        k = self._rows_per_input(n, params)
+        gen = self._generator(params)
+        base: _State = prefix.state
+        results: list[list[Sequence]] = []
+        step = max(1, self.max_batch // k)
+        for start in range(0, len(partials), step):
+            chunk = [list(p) for p in partials[start : start + step]]
+            state = base.repeat(len(chunk))
+            if max(len(p) for p in chunk) > 0:
+                ids, tmask = self._pad(chunk, left=True)
+                self._step(state, ids, tmask)
+                empty = torch.tensor([len(p) == 0 for p in chunk], device=self.device)
+                # A row with no partial tokens continues straight from the prefix's own logits.
+                state.last_logits = torch.where(empty[:, None], base.last_logits, state.last_logits)
+            results.extend(self._decode(state.repeat(k) if k > 1 else state, k, params, gen))
+        return results
+
+    def sample_from_text(
+        self,
+        image: Image.Image,
+        prompt: str,
+        partial_text: str,
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[Sequence]:
+        """The slow reference path (as the CSR reference code runs): every call re-encodes the
+        image and re-prefills the whole chat prompt + partial answer text, batch 1. With diverse
+        groups, one call yields all groups (as one ``generate`` call with num_beams did); with
+        sampling, each of the ``n`` sequences is its own call."""
+        params = params or GenerationParams()
+        k = self._rows_per_input(n, params)
+        gen = self._generator(params)
+        text = self.chat_text(prompt) + partial_text
+        if params.num_beam_groups > 1:
+            return self._decode(self._prefill([image], [text]).repeat(k), k, params, gen)[0]
+        return [self._decode(self._prefill([image], [text]), 1, params, gen)[0][0] for _ in range(k)]

@@ -1,0 +1,148 @@
+"""One factory for model backends and CLIP scorers.
+
+A model reference is "demo" (the ShapesWorld VLM in ``lvlm_studio/world/artifacts/vlm``), a local
+directory with a saved transformers model + processor, or a Hugging Face Hub id ("org/name").
+Hub ids load from the local cache first (``local_files_only``); the network is tried only when
+neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set. Anything that cannot load raises
+`ModelLoadError` with one message: what was tried, why it failed, what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+from ..config import resolve_device
+from .base import MissingDependencyError, ModelLoadError, VLMBackend
+from .clip import ClipScorer, _one_line
+from .hf import resolve_dtype
+
+DEMO_VLM_DIR = Path(__file__).resolve().parent.parent / "world" / "artifacts" / "vlm"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+_backends: dict[tuple, VLMBackend] = {}
+_clips: dict[tuple, ClipScorer] = {}
+_lock = threading.Lock()
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model_ref(ref: str) -> tuple[str, bool]:
+    """(path or Hub id, is_local). Raises ModelLoadError for a missing demo or local path."""
+    if ref == "demo":
+        if not (DEMO_VLM_DIR / "config.json").is_file():
+            raise ModelLoadError(
+                f"The demo model is not built yet (no {DEMO_VLM_DIR / 'config.json'}). "
+                "Build it with: lvlm-studio demo build"
+            )
+        return str(DEMO_VLM_DIR), True
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{ref!r} exists but is not a saved transformers model (no config.json in it). "
+                "Point to a directory written by model.save_pretrained + processor.save_pretrained."
+            )
+        return str(path), True
+    if ref.startswith(("/", "./", "../", "~", ".\\")) or not _HUB_ID.match(ref):
+        raise ModelLoadError(f"No model directory at {ref!r} (and it is not a Hugging Face Hub id like 'org/name').")
+    return ref, False
+
+
+def load_backend(
+    ref: str,
+    *,
+    backend: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+    adapter: str | None = None,
+    quantization: str | None = None,
+) -> VLMBackend:
+    """A loaded backend, cached per (ref, backend, adapter, device, dtype, quantization)."""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
+    device = resolve_device(device)
+    resolve_dtype(dtype, device)  # a bad dtype is a caller error (ValueError), checked before loading
+    if quantization not in (None, "4bit", "8bit"):
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
+    key = (ref, backend, str(adapter) if adapter else None, device, dtype, quantization)
+    with _lock:
+        if key in _backends:
+            return _backends[key]
+        path, local = resolve_model_ref(ref)
+        if adapter is not None and not Path(adapter).is_dir():
+            raise ModelLoadError(f"Adapter directory {adapter!r} does not exist.")
+        if backend == "vllm":
+            loaded = _load_vllm(ref, path, dtype, adapter)
+        else:
+            loaded = _load_hf(ref, path, local, device, dtype, adapter, quantization)
+        _backends[key] = loaded
+        return loaded
+
+
+def _load_hf(ref, path, local, device, dtype, adapter, quantization):
+    from .hf import HFBackend
+
+    def attempt(local_files_only: bool):
+        return HFBackend.from_pretrained(
+            path, device=device, dtype=dtype, adapter=adapter, quantization=quantization,
+            local_files_only=local_files_only,
+        )
+
+    try:
+        if local:
+            return attempt(local_files_only=True)
+        try:
+            return attempt(local_files_only=True)  # the Hub cache first: no network needed
+        except (ModelLoadError, MissingDependencyError):
+            raise
+        except Exception as cache_exc:
+            if is_offline():
+                raise ModelLoadError(
+                    f"Could not load model {ref!r}: it is not a local directory, and it is not in the "
+                    f"Hugging Face cache ({_one_line(cache_exc)}); downloading is off (HF_HUB_OFFLINE/"
+                    "TRANSFORMERS_OFFLINE is set). Download it on a connected machine "
+                    f"(huggingface-cli download {ref}) or use 'demo' or a local directory."
+                ) from cache_exc
+            return attempt(local_files_only=False)
+    except (ModelLoadError, MissingDependencyError):
+        raise
+    except Exception as exc:
+        where = "the local directory" if local else "the Hugging Face cache and the Hub"
+        raise ModelLoadError(
+            f"Could not load model {ref!r} from {where}: {_one_line(exc)}. "
+            "Check the id or path (it must be an image-text-to-text model with a processor), the "
+            "network if it is a Hub id, or use 'demo' or a local directory."
+        ) from exc
+
+
+def _load_vllm(ref, path, dtype, adapter):
+    from .vllm_backend import VLLMBackend
+
+    try:
+        return VLLMBackend(path, dtype=dtype, adapter=adapter)
+    except MissingDependencyError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"vLLM could not load model {ref!r}: {_one_line(exc)}.") from exc
+
+
+def load_clip(ref: str, device: str = "auto") -> ClipScorer:
+    """A CLIP scorer (see `ClipScorer.from_ref` for the refs), cached per (ref, device)."""
+    device = resolve_device(device)
+    key = (ref, device)
+    with _lock:
+        if key not in _clips:
+            _clips[key] = ClipScorer.from_ref(ref, device=device)
+        return _clips[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded backends and scorers (tests; after a new adapter replaces an old one)."""
+    with _lock:
+        _backends.clear()
+        _clips.clear()

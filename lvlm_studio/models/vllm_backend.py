@@ -1,0 +1,199 @@
+"""Optional vLLM backend (CUDA machines): same protocol as `HFBackend`, faster batched decoding.
+
+vllm is imported only when a `VLLMBackend` is constructed, so importing this module is free and
+works without vllm installed. Prefix caching is on: ``open_prefix`` only records the prompt's token
+ids and image; every ``extend`` resubmits prefix + partial as a token-id prompt and vLLM reuses the
+cached KV blocks of the shared prefix (image included: its blocks are keyed by the image hash).
+
+Log-probs: vLLM's default ``logprobs_mode="raw_logprobs"`` returns log-probs of the raw model
+distribution (before temperature, top-p or penalties), the same quantity `HFBackend` returns.
+Diverse group search has no vLLM sampler; it runs as a greedy step loop (one token per call, top-G
+log-probs, prefix caching keeps it cheap): with G groups at most G−1 tokens are penalised, so the
+penalised argmax always lies among the G most likely tokens.
+
+Not tested here (no GPU, no vllm); written against vLLM's documented ``LLM`` / ``SamplingParams`` /
+``TokensPrompt`` API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import Any
+
+from PIL import Image
+
+from .base import GenerationParams, MissingDependencyError, Prefix, Sequence
+
+INSTALL_HINT = "pip install -r requirements-gpu.txt"
+_counter = itertools.count()
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"The vLLM backend needs the 'vllm' package (CUDA only), which is not installed: "
+            f"{INSTALL_HINT}. Or use the default backend='hf'."
+        ) from exc
+    return vllm
+
+
+class VLLMBackend:
+    """`VLMBackend` over ``vllm.LLM`` with prefix caching."""
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        adapter: str | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        **llm_kwargs: Any,
+    ):
+        vllm = _import_vllm()
+        from transformers import AutoProcessor
+
+        self._vllm = vllm
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "dtype": dtype,
+            "enable_prefix_caching": True,
+            "limit_mm_per_prompt": {"image": 1},
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_logprobs": 20,
+        }
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        self._lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            kwargs["enable_lora"] = True
+            self._lora = LoRARequest("adapter", 1, str(adapter))
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.model_id = model if adapter is None else f"{model}+{adapter}"
+        self.backend_id = f"vllm:{self.model_id}:{next(_counter)}"
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+
+    # --- text -------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """Chat prompt as token ids with ONE (unexpanded) image placeholder: vLLM's multimodal
+        processor expands it in token space."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def _request(self, ids: list[int], image: Image.Image) -> dict:
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image.convert("RGB")}}
+
+    def _sampling(self, params: GenerationParams, n: int, **extra):
+        return self._vllm.SamplingParams(
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own log-prob
+            **extra,
+        )
+
+    def _generate(self, requests: list[dict], sampling) -> list:
+        return self.llm.generate(requests, sampling, lora_request=self._lora, use_tqdm=False)
+
+    def _to_sequence(self, comp) -> Sequence:
+        ids = list(comp.token_ids)
+        lps = [float(d[t].logprob) for t, d in zip(ids, comp.logprobs or [], strict=False)]
+        if comp.finish_reason == "length":
+            reason = "length"
+        elif isinstance(comp.stop_reason, str):
+            reason = "stop"
+        else:
+            reason = "eos"
+        return Sequence(comp.text, ids, lps, reason)
+
+    # --- protocol ---------------------------------------------------------------------------
+    def _run(self, prompt_ids: list[list[int]], images: list[Image.Image], n: int, params) -> list[list[Sequence]]:
+        if params.num_beam_groups > 1:
+            return [self._group_search(ids, im, params) for ids, im in zip(prompt_ids, images, strict=True)]
+        outs = self._generate([self._request(i, im) for i, im in zip(prompt_ids, images, strict=True)], self._sampling(params, n))
+        return [[self._to_sequence(c) for c in o.outputs] for o in outs]
+
+    def sample(self, images, prompts, n: int = 1, params: GenerationParams | None = None):
+        params = params or GenerationParams()
+        return self._run([self._prompt_ids(p) for p in prompts], list(images), n, params)
+
+    def score(self, images, prompts, continuations, add_eos: bool = False) -> list[list[float]]:
+        conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations]
+        if add_eos:
+            conts = [[*c, min(self.eos_ids)] for c in conts]
+        reqs = [self._request(self._prompt_ids(p) + c, im) for im, p, c in zip(images, prompts, conts, strict=True)]
+        sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        results = []
+        for out, c in zip(self._generate(reqs, sp), conts, strict=True):
+            # prompt_logprobs follow the *expanded* prompt; the continuation is its tail.
+            tail = out.prompt_logprobs[len(out.prompt_logprobs) - len(c) :] if c else []
+            results.append([float(d[t].logprob) for d, t in zip(tail, c, strict=True)])
+        return results
+
+    def open_prefix(self, image: Image.Image, prompt: str) -> Prefix:
+        key = hashlib.sha256(image.tobytes() + f"{image.mode}:{image.size}".encode()).hexdigest()
+        ids = self._prompt_ids(prompt)
+        return Prefix(backend_id=self.backend_id, prompt=prompt, image_key=key, state=(ids, image))
+
+    def extend(self, prefix: Prefix, partials, n: int = 1, params: GenerationParams | None = None):
+        params = params or GenerationParams()
+        if prefix.backend_id != self.backend_id:
+            raise ValueError("this prefix was opened by another backend")
+        ids, image = prefix.state
+        return self._run([ids + list(p) for p in partials], [image] * len(partials), n, params)
+
+    def _group_search(self, ids: list[int], image: Image.Image, params: GenerationParams) -> list[Sequence]:
+        """Greedy diverse group search, one beam per group (see module docstring)."""
+        if params.temperature > 0:
+            raise ValueError("the vLLM backend runs diverse group search greedily only (temperature 0)")
+        g_count = params.num_beam_groups
+        toks: list[list[int]] = [[] for _ in range(g_count)]
+        lps: list[list[float]] = [[] for _ in range(g_count)]
+        reason: list[str | None] = [None] * g_count
+        one = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=g_count)
+        for _ in range(params.max_new_tokens):
+            live = [g for g in range(g_count) if reason[g] is None]
+            if not live:
+                break
+            outs = self._generate([self._request(ids + toks[g], image) for g in live], one)
+            picked: dict[int, int] = {}
+            for g, out in zip(live, outs, strict=True):
+                cands = out.outputs[0].logprobs[0]  # token id -> Logprob, top-G plus the greedy one
+                penal = {t: lp.logprob - params.diversity_penalty * sum(p == t for p in picked.values()) for t, lp in cands.items()}
+                t = max(penal, key=penal.get)
+                picked[g] = t
+                toks[g].append(t)
+                lps[g].append(float(cands[t].logprob))
+                if t in self.eos_ids:
+                    reason[g] = "eos"
+                elif params.stop and any(s in self.decode(toks[g]) for s in params.stop):
+                    reason[g] = "stop"
+        result = []
+        for g in range(g_count):
+            text = self.decode(toks[g])
+            if reason[g] == "stop":
+                ends = [text.find(s) + len(s) for s in params.stop if s in text]
+                text = text[: min(ends)]
+            result.append(Sequence(text, toks[g], lps[g], reason[g] or "length"))
+        return result

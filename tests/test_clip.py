@@ -1,0 +1,110 @@
+"""ClipScorer over a tiny random open_clip CLIP saved in open_clip's local-dir layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from lvlm_studio.models import clip as clip_mod
+from lvlm_studio.models.base import ModelLoadError
+from lvlm_studio.models.clip import ClipScorer
+
+torch.set_num_threads(1)
+CFG = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+)
+
+
+def save_tiny_clip(path):
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**CFG)
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(model.state_dict(), path / "open_clip_model.safetensors")
+    cfg = {"model_cfg": CFG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (path / "open_clip_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny")
+
+
+@pytest.fixture()
+def scorer(clip_dir):
+    return ClipScorer.from_ref(str(clip_dir), device="cpu")
+
+
+def img(seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((30, 40, 3)) * 255).astype("uint8"))
+
+
+def test_score_is_100_cos(scorer):
+    texts = ["a red circle", "a blue square at the top left", "two green stars"]
+    got = scorer.score(img(0), texts)
+    with torch.no_grad():
+        ie = scorer.model.encode_image(scorer.preprocess(img(0)).unsqueeze(0))
+        te = scorer.model.encode_text(open_clip.tokenize(texts, context_length=16))
+    want = (100 * torch.nn.functional.cosine_similarity(te, ie)).tolist()
+    assert got == pytest.approx(want, abs=1e-3)
+    assert len(set(round(g, 4) for g in got)) == 3
+    assert scorer.score(img(0), []) == []
+
+
+def test_local_dir_prefix_and_batching(clip_dir, scorer):
+    other = ClipScorer.from_ref(f"local-dir:{clip_dir}", device="cpu")
+    texts = [f"there is a small {c} circle" for c in ["red", "green", "blue", "yellow", "purple"]]
+    other.batch_size = 2
+    assert other.score(img(1), texts) == pytest.approx(scorer.score(img(1), texts), abs=1e-4)
+
+
+def test_image_embedding_cache(scorer):
+    scorer.cache_size = 2
+    scorer.score(img(0), ["a"], image_key="k0")
+    scorer.score(img(0), ["b"], image_key="k0")
+    assert scorer.image_encodes == 1
+    scorer.score(img(0), ["a"])
+    scorer.score(img(0), ["a"])
+    assert scorer.image_encodes == 3  # no key, no cache
+    scorer.score(img(1), ["a"], image_key="k1")
+    scorer.score(img(2), ["a"], image_key="k2")  # evicts k0 (least recently used)
+    assert list(scorer._image_cache) == ["k1", "k2"]
+    scorer.score(img(0), ["a"], image_key="k0")
+    assert scorer.image_encodes == 6
+    # a cached embedding gives exactly the uncached score
+    assert scorer.score(img(1), ["a red circle"], image_key="k1") == pytest.approx(scorer.score(img(1), ["a red circle"]))
+
+
+def test_overlong_text_is_truncated(scorer):
+    long = "there is a small red circle at the top left " * 30
+    assert scorer.context_length == 16
+    tokens = scorer.tokenizer([long])
+    assert tokens.shape == (1, 16) and int(tokens[0, -1]) == scorer.tokenizer.eot_token_id
+    (s,) = scorer.score(img(0), [long])
+    assert np.isfinite(s)
+    # truncation keeps the start: same as the text cut to its first 14 BPE tokens + end token
+    assert s == pytest.approx(scorer.score(img(0), ["there is a small red circle at the top left there is a small red"])[0], abs=1e-3)
+
+
+def test_refs_and_errors(clip_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_mod, "DEMO_CLIP_DIR", tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="lvlm-studio demo build"):
+        ClipScorer.from_ref("demo")
+    monkeypatch.setattr(clip_mod, "DEMO_CLIP_DIR", clip_dir)
+    assert ClipScorer.from_ref("demo", device="cpu").score(img(0), ["a"])
+    with pytest.raises(ModelLoadError, match="Unknown CLIP reference"):
+        ClipScorer.from_ref("no-such-clip-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="open_clip_config.json"):
+        ClipScorer.from_ref(str(tmp_path / "empty"))
+    assert clip_mod._resolve_ref("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert clip_mod._resolve_ref("hf-hub:org/name") == ("hf-hub:org/name", None)
