@@ -28,6 +28,14 @@ _NEVER_END = {
     "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
 }
 _MAY_END = {"etc", "u.s", "u.k", "a.m", "p.m", "inc", "ltd", "co", "corp"}
+# After a _MAY_END abbreviation a capitalised word still may be a name ("the U.S. Army"), so only
+# these common sentence openers end the sentence ("... in the U.S. It is ...").
+_OPENERS = {
+    "the", "a", "an", "it", "its", "he", "she", "they", "we", "i", "you", "this", "that", "these",
+    "those", "there", "here", "his", "her", "their", "our", "my", "in", "on", "at", "as", "but",
+    "and", "so", "if", "when", "while", "after", "before", "then", "however", "also", "some",
+    "many", "most", "all", "one", "two", "each", "every", "no", "not", "what", "why", "how",
+}
 
 _TERMINATOR = re.compile(r"[.!?]+[\"')\]]*")
 _WORD_BEFORE = re.compile(r"([A-Za-z](?:[A-Za-z.]*[A-Za-z])?|\d+)$")
@@ -56,7 +64,8 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     if word.isdigit() and not text[line_start:match.start()].strip():
         return False  # "1. The dog": a numbered-list marker at the start of a line
     if low in _MAY_END:
-        return next_char.isupper()
+        next_word = re.match(r"[A-Za-z']+", rest)
+        return next_char.isupper() and bool(next_word) and next_word.group(0).lower() in _OPENERS
     if low in _NEVER_END:
         return False
     if len(word) == 1 and word.isupper():
@@ -130,7 +139,7 @@ def clean_reason(
         return "too_short"
     if _FOREIGN.search(text):
         return "foreign_script"
-    repeated_word = re.compile(r"\b(\w+)\b(?:\s+\1\b){%d,}" % (max_repeated_words - 1), re.IGNORECASE)
+    repeated_word = re.compile(r"\b(\w+)\b(?:\s+\1\b){" + str(max_repeated_words - 1) + ",}", re.IGNORECASE)
     if repeated_word.search(text) or _REPEATED_CHAR.search(text):
         return "repetition"
     if text.count("\n") > max_newlines:

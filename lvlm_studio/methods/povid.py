@@ -1,0 +1,589 @@
+"""POVID: Preference Optimization with AI-generated dispreferred responses (Zhou et al. 2024,
+arXiv 2402.11411).
+
+Per item (an image, a prompt and its ground-truth answer):
+  * chosen = the ground-truth answer;
+  * rejected (text) = that answer with plausible hallucinations injected. The paper prompts GPT-4V;
+    offline we offer a rule-based ``HallucinationInjector`` driven by a vocabulary and object
+    co-occurrence statistics (absent co-occurring objects, wrong colour/size, wrong count, wrong
+    relation/position), and a ``PromptedInjector`` that asks a local model through the backend
+    protocol and recovers the injected spans with a word diff. Spans are kept for the UI;
+  * rejected (image) = the model's own answer on the image distorted by diffusion forward noise
+    (t = 500 of the sigmoid schedule: about 0.863·x0 + 0.505·ε).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+import re
+from collections.abc import Iterable
+from collections.abc import Sequence as SeqType
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from lvlm_studio.methods.sentences import sentence_records
+from lvlm_studio.models.base import GenerationParams, VLMBackend
+
+CATEGORIES = ("object", "attribute", "count", "relation")
+
+# The 80 COCO categories: the default object vocabulary (POVID's data is COCO / LLaVA-Instruct).
+COCO_OBJECTS = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+]
+COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "orange", "pink", "purple", "gray"]
+SIZES = ["small", "large", "big", "tiny", "huge", "tall", "short"]
+COUNTS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+RELATIONS = [
+    "to the left of", "to the right of", "on the left", "on the right", "in front of", "behind",
+    "above", "below", "on top of", "under", "next to", "at the top", "at the bottom",
+]
+OPPOSITES = {
+    "left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below",
+    "below": "above", "in front of": "behind", "behind": "in front of", "on top of": "under",
+    "under": "on top of", "small": "large", "large": "small", "big": "small", "tiny": "huge",
+    "huge": "tiny", "tall": "short", "short": "tall",
+}
+_IRREGULAR_PLURALS = {
+    "person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
+    "scissors": "scissors", "man": "men", "woman": "women", "child": "children", "tv": "tvs",
+}
+
+
+def plural(word: str) -> str:
+    head, _, last = word.rpartition(" ")
+    if last in _IRREGULAR_PLURALS:
+        p = _IRREGULAR_PLURALS[last]
+    elif re.search(r"(s|x|z|ch|sh)$", last):
+        p = last + "es"
+    elif re.search(r"[^aeiou]y$", last):
+        p = last[:-1] + "ies"
+    else:
+        p = last + "s"
+    return f"{head} {p}" if head else p
+
+
+@dataclass
+class Vocabulary:
+    """What the rule-based injector may say. ``cooccurrence[a][b]`` = how many images hold both."""
+
+    objects: list[str] = field(default_factory=lambda: list(COCO_OBJECTS))
+    colours: list[str] = field(default_factory=lambda: list(COLOURS))
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))
+    counts: list[str] = field(default_factory=lambda: list(COUNTS))
+    relations: list[str] = field(default_factory=lambda: list(RELATIONS))
+    opposites: dict[str, str] = field(default_factory=lambda: dict(OPPOSITES))
+    cooccurrence: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_object_sets(cls, object_sets: Iterable[Iterable[str]], **kwargs: Any) -> Vocabulary:
+        """A vocabulary whose objects and co-occurrence come from a COCO-like annotated set."""
+        sets = [set(s) for s in object_sets]
+        cooc = cooccurrence_from_objects(sets)
+        objects = kwargs.pop("objects", None)
+        if objects is None:
+            objects = sorted(set().union(*sets)) if sets else []
+        return cls(objects=objects, cooccurrence=cooc, **kwargs)
+
+
+def cooccurrence_from_objects(object_sets: Iterable[Iterable[str]]) -> dict[str, dict[str, int]]:
+    """Symmetric pair counts: for every image, every unordered pair of distinct objects counts once."""
+    counts: dict[str, dict[str, int]] = {}
+    for objs in object_sets:
+        uniq = sorted(set(objs))
+        for a in uniq:
+            row = counts.setdefault(a, {})
+            for b in uniq:
+                if a != b:
+                    row[b] = row.get(b, 0) + 1
+    return counts
+
+
+@dataclass
+class Injection:
+    original: str
+    text: str
+    spans: list[dict[str, Any]]  # [{start, end, category, original, injected}] into ``text``
+
+
+@dataclass
+class _Edit:
+    start: int
+    end: int
+    replacement: str
+    category: str
+
+
+def _match_case(template: str, word: str) -> str:
+    return word[:1].upper() + word[1:] if template[:1].isupper() else word
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _phrase_regex(phrases: Iterable[str]) -> re.Pattern[str] | None:
+    alts = sorted({p for p in phrases if p}, key=len, reverse=True)
+    if not alts:
+        return None
+    return re.compile(r"\b(" + "|".join(re.escape(p) for p in alts) + r")\b", re.IGNORECASE)
+
+
+class HallucinationInjector:
+    """Rule-based hallucination injection over a ``Vocabulary``; seeded and reproducible.
+
+    Categories: "object" (replace a mentioned object by an absent object that co-occurs with the
+    mentioned ones, or add a sentence naming one), "attribute" (swap a colour or size, or insert
+    a wrong colour before an object), "count" (change a number word), "relation" (swap a
+    relation/position phrase for its opposite). Each span's offsets point at the injected words in
+    the returned text.
+    """
+
+    def __init__(self, vocabulary: Vocabulary | None = None, n_injections: int = 2,
+                 categories: SeqType[str] = CATEGORIES, cooccur_top_k: int = 5):
+        self.vocab = vocabulary or Vocabulary()
+        self.n_injections = n_injections
+        unknown = set(categories) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown injection categories {sorted(unknown)}; choose from {CATEGORIES}")
+        self.categories = tuple(categories)
+        self.cooccur_top_k = cooccur_top_k
+        forms: dict[str, str] = {}
+        for obj in self.vocab.objects:
+            forms[obj.lower()] = obj
+            forms[plural(obj).lower()] = obj
+        self._object_forms = forms
+        self._object_re = _phrase_regex(forms)
+        self._colour_re = _phrase_regex(self.vocab.colours)
+        self._size_re = _phrase_regex(self.vocab.sizes)
+        numbers = list(self.vocab.counts) + [str(i) for i in range(2, 11)]
+        self._count_re = _phrase_regex(numbers)
+        self._relation_re = _phrase_regex(self.vocab.relations)
+
+    def mentioned_objects(self, text: str) -> list[tuple[int, int, str, bool]]:
+        """(start, end, canonical object, is_plural) for each object mention."""
+        if not self._object_re:
+            return []
+        out = []
+        for m in self._object_re.finditer(text):
+            form = m.group(0).lower()
+            canon = self._object_forms[form]
+            out.append((m.start(), m.end(), canon, form != canon.lower()))
+        return out
+
+    def absent_candidates(self, mentioned: set[str], present: set[str]) -> list[str]:
+        """Absent objects ranked by co-occurrence with the mentioned ones (most frequent first)."""
+        excluded = {o.lower() for o in mentioned | present}
+        scores: dict[str, int] = {}
+        for m in mentioned:
+            for other, c in self.vocab.cooccurrence.get(m, {}).items():
+                if other.lower() not in excluded:
+                    scores[other] = scores.get(other, 0) + c
+        return sorted(scores, key=lambda o: (-scores[o], o))
+
+    def _pick_absent(self, rng: random.Random, mentioned: set[str], present: set[str], used: set[str]) -> str | None:
+        ranked = [o for o in self.absent_candidates(mentioned, present) if o not in used][: self.cooccur_top_k]
+        if ranked:
+            weights = [self._cooc_weight(o, mentioned) for o in ranked]
+            return rng.choices(ranked, weights=weights, k=1)[0]
+        excluded = {o.lower() for o in mentioned | present | used}
+        pool = [o for o in self.vocab.objects if o.lower() not in excluded]
+        return rng.choice(pool) if pool else None
+
+    def _cooc_weight(self, obj: str, mentioned: set[str]) -> float:
+        return float(sum(self.vocab.cooccurrence.get(m, {}).get(obj, 0) for m in mentioned)) or 1.0
+
+    def _edits(self, text: str, category: str, rng: random.Random, present: set[str], used: set[str]) -> list[_Edit]:
+        mentions = self.mentioned_objects(text)
+        mentioned = {m[2] for m in mentions}
+        edits: list[_Edit] = []
+        if category == "object":
+            for start, end, _canon, is_plural in mentions:
+                new = self._pick_absent(rng, mentioned, present, used)
+                if new:
+                    word = plural(new) if is_plural else new
+                    edits.append(self._with_article(text, start, end, _match_case(text[start:end], word), "object"))
+            if mentions or self.vocab.objects:
+                new = self._pick_absent(rng, mentioned, present, used)
+                if new:
+                    anchor = f" next to the {mentions[0][2]}" if mentions else ""
+                    sentence = f"There is also {_article(new)} {new}{anchor}."
+                    pos = len(text.rstrip())
+                    sep = "" if pos == 0 else " "
+                    edits.append(_Edit(pos, pos, sep + sentence, "object"))
+        elif category == "attribute":
+            for regex, pool in ((self._colour_re, self.vocab.colours), (self._size_re, self.vocab.sizes)):
+                if not regex:
+                    continue
+                for m in regex.finditer(text):
+                    word = m.group(0).lower()
+                    options = [self.vocab.opposites[word]] if word in self.vocab.opposites else [
+                        w for w in pool if w.lower() != word]
+                    if options:
+                        new = _match_case(m.group(0), rng.choice(options))
+                        edits.append(self._with_article(text, m.start(), m.end(), new, "attribute"))
+            if not edits and self.vocab.colours:
+                for start, end, _canon, _pl in mentions:
+                    colour = rng.choice(self.vocab.colours)
+                    edits.append(self._with_article(text, start, end, f"{colour} {text[start:end]}", "attribute"))
+        elif category == "count" and self._count_re:
+            for m in self._count_re.finditer(text):
+                word = m.group(0).lower()
+                options = [w for w in self.vocab.counts if w.lower() != word]
+                if word.isdigit():
+                    options = [str(i) for i in range(2, 11) if str(i) != word]
+                if options:
+                    edits.append(_Edit(m.start(), m.end(), _match_case(m.group(0), rng.choice(options)), "count"))
+        elif category == "relation" and self._relation_re:
+            for m in self._relation_re.finditer(text):
+                phrase = m.group(0).lower()
+                new = self._opposite_phrase(phrase)
+                if new is None:
+                    others = [r for r in self.vocab.relations if r.lower() != phrase]
+                    new = rng.choice(others) if others else None
+                if new:
+                    edits.append(_Edit(m.start(), m.end(), _match_case(m.group(0), new), "relation"))
+        return edits
+
+    def _opposite_phrase(self, phrase: str) -> str | None:
+        if phrase in self.vocab.opposites:
+            return self.vocab.opposites[phrase]
+        words = phrase.split()
+        swapped = [self.vocab.opposites.get(w, w) for w in words]
+        return " ".join(swapped) if swapped != words else None
+
+    @staticmethod
+    def _with_article(text: str, start: int, end: int, replacement: str, category: str) -> _Edit:
+        """Include a preceding "a"/"an" in the edit so the article agrees with the new word."""
+        m = re.search(r"\b(a|an|A|An)\s+$", text[:start])
+        if m and m.group(1).lower() != _article(replacement):
+            art = _article(replacement)
+            return _Edit(m.start(), end, _match_case(m.group(1), art) + " " + replacement, category)
+        return _Edit(start, end, replacement, category)
+
+    def inject(self, text: str, present_objects: Iterable[str] | None = None, seed: int | None = 0,
+               n: int | None = None) -> Injection:
+        """Inject up to ``n`` (default ``n_injections``) hallucinations into ``text``.
+
+        ``present_objects`` (ground truth, when known) are never used as hallucinated objects.
+        """
+        rng = random.Random(seed)
+        present = set(present_objects or ())
+        want = self.n_injections if n is None else n
+        chosen: list[_Edit] = []
+        used: set[str] = set()
+        categories = list(self.categories)
+        rng.shuffle(categories)
+        attempts = 0
+        while len(chosen) < want and categories and attempts < 4 * max(want, 1) + 8:
+            attempts += 1
+            category = categories[(attempts - 1) % len(categories)]
+            options = [e for e in self._edits(text, category, rng, present, used)
+                       if not any(_overlaps(e, c) for c in chosen)]
+            if not options:
+                categories.remove(category)
+                continue
+            edit = rng.choice(options)
+            chosen.append(edit)
+            if edit.category == "object":
+                used.update(o for o in self.vocab.objects if o in edit.replacement)
+        return apply_edits(text, chosen)
+
+
+def _overlaps(a: _Edit, b: _Edit) -> bool:
+    if a.start == a.end or b.start == b.end:
+        return a.start == b.start or (b.start < a.start < b.end) or (a.start < b.start < a.end)
+    return a.start < b.end and b.start < a.end
+
+
+def apply_edits(text: str, edits: list[_Edit]) -> Injection:
+    """Apply non-overlapping edits; spans point at each replacement in the new text (a leading
+    separator space of an insertion is not part of its span)."""
+    out: list[str] = []
+    spans: list[dict[str, Any]] = []
+    cursor = 0
+    length = 0
+    for e in sorted(edits, key=lambda e: (e.start, e.end)):
+        out.append(text[cursor:e.start])
+        length += e.start - cursor
+        lead = len(e.replacement) - len(e.replacement.lstrip(" ")) if e.start == e.end else 0
+        spans.append({
+            "start": length + lead,
+            "end": length + len(e.replacement),
+            "category": e.category,
+            "original": text[e.start:e.end],
+            "injected": e.replacement[lead:],
+        })
+        out.append(e.replacement)
+        length += len(e.replacement)
+        cursor = e.end
+    out.append(text[cursor:])
+    return Injection(text, "".join(out), spans)
+
+
+# ---- the prompted injector -----------------------------------------------------------------------
+
+DEFAULT_INJECT_PROMPT = (
+    "Rewrite the following description of the image so that it contains a few plausible but wrong "
+    "details: add objects that often appear in such scenes but are not in the image, change some "
+    "colours, sizes or counts, and change some positions or relations. Keep everything else the "
+    "same and answer with the rewritten description only.\n\nDescription: {answer}"
+)
+
+
+def diff_spans(original: str, rewritten: str) -> list[dict[str, Any]]:
+    """Word diff (difflib): a span for every inserted or replaced run of words in ``rewritten``."""
+    def words(s: str) -> list[tuple[int, int, str]]:
+        return [(m.start(), m.end(), re.sub(r"[^\w]", "", m.group(0).lower())) for m in re.finditer(r"\S+", s)]
+
+    a, b = words(original), words(rewritten)
+    matcher = difflib.SequenceMatcher(None, [w[2] for w in a], [w[2] for w in b], autojunk=False)
+    spans = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("replace", "insert") and j2 > j1:
+            start, end = b[j1][0], b[j2 - 1][1]
+            orig = original[a[i1][0]: a[i2 - 1][1]] if i2 > i1 else ""
+            spans.append({"start": start, "end": end, "category": "prompted", "original": orig,
+                          "injected": rewritten[start:end]})
+    return spans
+
+
+class PromptedInjector:
+    """Asks a local model (through the backend protocol) to rewrite an answer with hallucinations;
+    the spans come from a word diff against the original. With a ``vocabulary`` each span is
+    labelled with the category whose words it contains (else "prompted")."""
+
+    def __init__(self, backend: VLMBackend, prompt_template: str = DEFAULT_INJECT_PROMPT,
+                 params: GenerationParams | None = None, vocabulary: Vocabulary | None = None):
+        if "{answer}" not in prompt_template:
+            raise ValueError("prompt_template must contain '{answer}'")
+        self.backend = backend
+        self.template = prompt_template
+        self.params = params or GenerationParams(max_new_tokens=256, temperature=0.0)
+        self.vocab = vocabulary
+
+    def inject_many(self, images: list[Image.Image], answers: list[str]) -> list[Injection]:
+        prompts = [self.template.format(answer=a) for a in answers]
+        outs = self.backend.sample(images, prompts, n=1, params=self.params)
+        results = []
+        for answer, seqs in zip(answers, outs, strict=True):
+            new = seqs[0].text.strip() if seqs else ""
+            spans = diff_spans(answer, new)
+            for s in spans:
+                s["category"] = self._category(s["injected"])
+            results.append(Injection(answer, new, spans))
+        return results
+
+    def inject(self, image: Image.Image, answer: str) -> Injection:
+        return self.inject_many([image], [answer])[0]
+
+    def _category(self, words: str) -> str:
+        if not self.vocab:
+            return "prompted"
+        low = words.lower()
+        checks = (("object", self.vocab.objects + [plural(o) for o in self.vocab.objects]),
+                  ("count", self.vocab.counts), ("attribute", self.vocab.colours + self.vocab.sizes),
+                  ("relation", self.vocab.relations))
+        for name, pool in checks:
+            if any(re.search(rf"\b{re.escape(w.lower())}\b", low) for w in pool):
+                return name
+        return "prompted"
+
+
+# ---- image distortion ---------------------------------------------------------------------------
+
+
+def diffusion_coefficients(t: int = 500, num_steps: int = 1000, beta_start: float = 1e-5,
+                           beta_end: float = 5e-3) -> tuple[float, float]:
+    """(√ᾱ_t, √(1−ᾱ_t)) of POVID's schedule: β = sigmoid(linspace(−6, 6, 1000))·(5e-3 − 1e-5) + 1e-5,
+    ᾱ = cumprod(1 − β), indexed at ``t`` as the reference does (``alphas_bar_sqrt[t]``)."""
+    if not 0 <= t < num_steps:
+        raise ValueError(f"noise step must be in [0, {num_steps}), got {t}")
+    x = np.linspace(-6.0, 6.0, num_steps)
+    betas = 1.0 / (1.0 + np.exp(-x)) * (beta_end - beta_start) + beta_start
+    alpha_bar = np.cumprod(1.0 - betas)
+    return float(math.sqrt(alpha_bar[t])), float(math.sqrt(1.0 - alpha_bar[t]))
+
+
+def add_diffusion_noise(image: Image.Image, t: int = 500, seed: int | None = 0, **schedule: Any) -> Image.Image:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on x0 in [0, 1], clamped to [0, 1] before it becomes an image
+    again (the reference wraps around mod 256, a bug that turns bright pixels dark)."""
+    a, b = diffusion_coefficients(t, **schedule)
+    x0 = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    eps = np.random.default_rng(seed).standard_normal(x0.shape)
+    xt = np.clip(a * x0 + b * eps, 0.0, 1.0)
+    return Image.fromarray(np.round(xt * 255.0).astype(np.uint8), "RGB")
+
+
+# ---- pairs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class POVIDConfig:
+    """POVID settings; defaults follow the paper / reference (arXiv 2402.11411, YiyangZhou/POVID)."""
+
+    injector: Literal["rules", "prompted"] = "rules"
+    n_injections: int = 2
+    categories: tuple[str, ...] = CATEGORIES
+    cooccur_top_k: int = 5
+    noise_step: int = 500  # reference noise_step (√ᾱ ≈ 0.863, √(1−ᾱ) ≈ 0.505)
+    num_noise_steps: int = 1000
+    beta_start: float = 1e-5
+    beta_end: float = 5e-3
+    # "generate" (default): the model's full answer on the noisy image: simple and inspectable.
+    # "teacher_forced_argmax": the reference trainer's variant (per-position argmax under the noisy
+    # image of the teacher-forced chosen answer). Not implemented: the backend protocol's ``score``
+    # returns the log-probs of given tokens only, not the argmax token of each position's
+    # distribution; it needs a protocol method that returns per-position argmax ids.
+    noise_answer: Literal["generate", "teacher_forced_argmax"] = "generate"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = 8
+    make_text_rejected: bool = True
+    make_image_rejected: bool = True
+
+    def generation_params(self, seed: int | None = None) -> GenerationParams:
+        return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+
+    def noise_schedule(self) -> dict[str, Any]:
+        return {"num_steps": self.num_noise_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+def noisy_rejected(backend: VLMBackend, image: Image.Image, prompt: str, params: GenerationParams | None = None,
+                   config: POVIDConfig | None = None, seed: int | None = None) -> tuple[str, Image.Image]:
+    """The model's answer on the diffusion-noised image (POVID's image-side rejected answer)."""
+    cfg = config or POVIDConfig()
+    if cfg.noise_answer != "generate":
+        raise NotImplementedError(
+            "noise_answer='teacher_forced_argmax' needs per-position argmax tokens, which the backend "
+            "protocol's score() does not return; use noise_answer='generate'"
+        )
+    noisy = add_diffusion_noise(image, cfg.noise_step, cfg.seed if seed is None else seed, **cfg.noise_schedule())
+    seqs = backend.sample([noisy], [prompt], n=1, params=params or cfg.generation_params(seed))
+    return seqs[0][0].text.strip(), noisy
+
+
+@dataclass
+class POVIDItem:
+    image: Image.Image
+    prompt: str
+    reference: str
+    image_key: str | None = None
+    objects: list[str] | None = None  # ground-truth objects, when known
+
+
+@dataclass
+class POVIDCandidate:
+    text: str
+    source: str  # "reference", "povid_inject", "povid_noise"
+    sentences: list[dict[str, Any]]
+    spans: list[dict[str, Any]]
+    params: dict[str, Any]
+    seed: int | None
+
+
+@dataclass
+class POVIDResult:
+    prompt: str
+    image_key: str | None
+    chosen: POVIDCandidate
+    rejected_text: POVIDCandidate | None
+    rejected_image: POVIDCandidate | None
+    noisy_image: Image.Image | None = field(default=None, repr=False)
+
+
+def _as_item(item: Any) -> POVIDItem:
+    if isinstance(item, POVIDItem):
+        return item
+    if isinstance(item, dict):
+        return POVIDItem(**item)
+    return POVIDItem(*item)
+
+
+def build_povid_pairs(backend: VLMBackend | None, items: SeqType[Any], config: POVIDConfig | None = None,
+                      injector: HallucinationInjector | PromptedInjector | None = None,
+                      vocabulary: Vocabulary | None = None) -> list[POVIDResult]:
+    """For each item (``POVIDItem`` or ``(image, prompt, reference[, image_key[, objects]])``):
+    chosen = the reference answer, rejected_text = the injected answer, rejected_image = the model's
+    answer on the noisy image. Provenance (method, parameters, seed) rides on every candidate.
+    ``backend`` may be None when only the rule-based text side is wanted."""
+    cfg = config or POVIDConfig()
+    its = [_as_item(i) for i in items]
+    model_id = getattr(backend, "model_id", None)
+    if injector is None and cfg.make_text_rejected:
+        if cfg.injector == "prompted":
+            if backend is None:
+                raise ValueError("the prompted injector needs a backend")
+            injector = PromptedInjector(backend, vocabulary=vocabulary)
+        else:
+            injector = HallucinationInjector(vocabulary, cfg.n_injections, cfg.categories, cfg.cooccur_top_k)
+    if cfg.make_image_rejected and backend is None:
+        raise ValueError("the noisy-image rejected answer needs a backend (or make_image_rejected=False)")
+
+    text_side: list[POVIDCandidate | None] = [None] * len(its)
+    if cfg.make_text_rejected:
+        if isinstance(injector, PromptedInjector):
+            injections = []
+            for lo in range(0, len(its), cfg.batch_size):
+                chunk = its[lo: lo + cfg.batch_size]
+                injections += injector.inject_many([i.image for i in chunk], [i.reference for i in chunk])
+            params = {"method": "povid", "injector": "prompted", "model": model_id, "template": injector.template,
+                      "generation": injector.params.as_dict()}
+            seeds: list[int | None] = [injector.params.seed] * len(its)
+        else:
+            seeds = [cfg.seed + k for k in range(len(its))]
+            injections = [injector.inject(i.reference, i.objects, seed=s) for i, s in zip(its, seeds, strict=True)]
+            params = {"method": "povid", "injector": "rules", "n_injections": injector.n_injections,
+                      "categories": list(injector.categories), "cooccur_top_k": injector.cooccur_top_k}
+        for k, inj in enumerate(injections):
+            if inj.text.strip() and inj.text.strip() != inj.original.strip():
+                text_side[k] = POVIDCandidate(inj.text, "povid_inject", sentence_records(inj.text), inj.spans,
+                                              dict(params), seeds[k])
+
+    image_side: list[POVIDCandidate | None] = [None] * len(its)
+    noisy_images: list[Image.Image | None] = [None] * len(its)
+    if cfg.make_image_rejected:
+        if cfg.noise_answer != "generate":
+            raise NotImplementedError(
+                "noise_answer='teacher_forced_argmax' needs per-position argmax tokens, which the backend "
+                "protocol's score() does not return; use noise_answer='generate'"
+            )
+        for lo in range(0, len(its), cfg.batch_size):
+            chunk = its[lo: lo + cfg.batch_size]
+            seeds_n = [cfg.seed + lo + j for j in range(len(chunk))]
+            noisy = [add_diffusion_noise(i.image, cfg.noise_step, s, **cfg.noise_schedule())
+                     for i, s in zip(chunk, seeds_n, strict=True)]
+            gen = cfg.generation_params(cfg.seed + lo)
+            outs = backend.sample(noisy, [i.prompt for i in chunk], n=1, params=gen)
+            a, b = diffusion_coefficients(cfg.noise_step, **cfg.noise_schedule())
+            for j, seqs in enumerate(outs):
+                text = seqs[0].text.strip() if seqs else ""
+                noisy_images[lo + j] = noisy[j]
+                if not text:
+                    continue
+                params = {"method": "povid", "variant": "noisy_image", "model": model_id,
+                          "noise_step": cfg.noise_step, "sqrt_alpha_bar": a, "sqrt_one_minus_alpha_bar": b,
+                          **cfg.noise_schedule(), "noise_answer": cfg.noise_answer, "noise_seed": seeds_n[j],
+                          "generation": gen.as_dict()}
+                image_side[lo + j] = POVIDCandidate(text, "povid_noise", sentence_records(text), [], params, seeds_n[j])
+
+    results = []
+    for k, item in enumerate(its):
+        chosen = POVIDCandidate(item.reference, "reference", sentence_records(item.reference), [],
+                                {"method": "povid", "variant": "reference"}, None)
+        results.append(POVIDResult(item.prompt, item.image_key, chosen, text_side[k], image_side[k], noisy_images[k]))
+    return results

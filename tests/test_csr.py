@@ -1,0 +1,255 @@
+import math
+
+import pytest
+from PIL import Image
+
+from lvlm_studio.methods.csr import (
+    CSRConfig,
+    ImageTextScorer,
+    answer_score,
+    paper_reward,
+    prune,
+    reference_rewards,
+    run_csr,
+    run_csr_reference,
+    sibling_ranks,
+)
+from lvlm_studio.models.base import GenerationParams, Prefix, Sequence, VLMBackend
+
+EOS = "<eos>"
+
+
+class TableBackend:
+    """A deterministic test double of the model protocol: the continuations of an answer are read
+    from a table keyed by the answer so far. Word-level tokens; id 0 is EOS (decode skips it)."""
+
+    model_id = "table"
+
+    def __init__(self, table: dict[str, list[tuple[str, float, bool]]]):
+        self.table = table
+        self.vocab: dict[str, int] = {EOS: 0}
+        self.words: list[str] = [EOS]
+        self.extend_calls: list[tuple[str, list[str], int, GenerationParams]] = []
+        self.open_calls = 0
+
+    def _id(self, w: str) -> int:
+        if w not in self.vocab:
+            self.vocab[w] = len(self.words)
+            self.words.append(w)
+        return self.vocab[w]
+
+    def encode_text(self, text: str) -> list[int]:
+        return [self._id(w) for w in text.split()]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in token_ids if i != 0)
+
+    def open_prefix(self, image, prompt):
+        self.open_calls += 1
+        return Prefix(self.model_id, prompt, "k")
+
+    def extend(self, prefix, partials, n=1, params=None):
+        self.extend_calls.append((prefix.prompt, [self.decode(p) for p in partials], n, params))
+        out = []
+        for partial in partials:
+            rows = self.table[self.decode(partial)][:n]
+            seqs = []
+            for sentence, logprob, eos in rows:
+                ids = self.encode_text(sentence) + ([0] if eos else [])
+                finish = "eos" if eos else "stop"
+                seqs.append(Sequence(sentence, ids, [logprob] * len(ids), finish))
+            out.append(seqs)
+        return out
+
+    def sample(self, images, prompts, n=1, params=None):  # pragma: no cover - unused by CSR
+        raise NotImplementedError
+
+    def score(self, images, prompts, continuations):  # pragma: no cover - unused by CSR
+        raise NotImplementedError
+
+
+class TextReplayBackend(TableBackend):
+    """Same table, plus the optional slow-path helper of the reference execution model."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.from_text_calls = 0
+
+    def sample_from_text(self, image, prompt, partial_text, n, params):
+        self.from_text_calls += 1
+        return self.extend(Prefix(self.model_id, prompt, "k"), [self.encode_text(partial_text)], n, params)[0]
+
+
+class TableScorer:
+    def __init__(self, scores: dict[str, float]):
+        self.scores = scores
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def score(self, image, texts, image_key=None):
+        self.calls.append((list(texts), image_key))
+        return [self.scores[t] for t in texts]
+
+
+# Root: four open sentences and one that ends the answer. Depth 2: every continuation ends it.
+TABLE = {
+    "": [
+        ("A cat sits.", -0.1, False),
+        ("A dog runs.", -0.2, False),
+        ("A red ball.", -0.3, False),
+        ("Two birds fly.", -0.4, False),
+        ("It is sunny.", -0.5, True),
+    ],
+    "A cat sits.": [("It sleeps.", -0.1, True), ("It sleeps.", -0.1, True), ("It purrs.", -0.2, True)],
+    "A red ball.": [("It bounces.", -0.3, True), ("Ok.", -0.3, True)],  # "Ok." fails the filter
+    "Two birds fly.": [("", -0.05, True), ("It sleeps.", -0.6, True)],  # bare EOS completes the parent
+    "A dog runs.": [("It barks.", -0.1, True)],
+}
+CLIP = {
+    "A cat sits.": 30.0, "A dog runs.": 25.0, "A red ball.": 10.0, "Two birds fly.": -5.0,
+    "It is sunny.": 20.0, "It sleeps.": 28.0, "It purrs.": 15.0, "It bounces.": 5.0, "It barks.": 1.0,
+}
+IMG = Image.new("RGB", (8, 8), "white")
+
+
+def test_protocols_are_satisfied_by_the_doubles():
+    assert isinstance(TableBackend(TABLE), VLMBackend)
+    assert isinstance(TableScorer(CLIP), ImageTextScorer)
+
+
+def test_paper_reward_hand_computed():
+    # 0.9 * max(30, 0) + 0.1 * exp(ln 0.5) = 27 + 0.05
+    assert paper_reward(30.0, math.log(0.5), 0.9) == pytest.approx(27.05)
+    # negative CLIP is clipped at 0: 0 + 0.1 * 0.25
+    assert paper_reward(-12.0, math.log(0.25), 0.9) == pytest.approx(0.025)
+
+
+def test_reference_rank_reward_hand_computed():
+    assert sibling_ranks([0.1, 0.5, 0.3]) == pytest.approx([1.0, 1 / 3, 2 / 3])
+    # text ranks: -0.5 best (1/3), -1 (2/3), -2 (1); clip ranks: 30 (1/3), 20 (2/3), 10 (1)
+    r = reference_rewards([-1.0, -2.0, -0.5], [20.0, 10.0, 30.0], alpha=0.9)
+    assert r == pytest.approx([-2 / 3, -1.0, -1 / 3])
+    # alpha mixes: text best but CLIP worst -> -(0.9*1 + 0.1*0.5)
+    assert reference_rewards([0.0, -1.0], [1.0, 2.0], alpha=0.9)[0] == pytest.approx(-0.95)
+
+
+def test_answer_score_modes():
+    assert answer_score([3.0, 6.0], "mean") == pytest.approx(4.5)
+    assert answer_score([3.0, 6.0], "reference_mean") == pytest.approx(3.0)  # 9 / (2 + 1)
+    with pytest.raises(ValueError):
+        answer_score([1.0], "median")
+
+
+def test_prune_keeps_top1_and_bottom2():
+    kids = ["a", "b", "c", "d", "e", "f"]
+    assert prune(kids, [5, 1, 3, 4, 2, 0], 1, 2) == ["a", "b", "f"]
+    assert prune(kids[:3], [1, 2, 3], 1, 2) == ["a", "b", "c"]  # nothing to prune
+
+
+def test_config_defaults_follow_the_reference():
+    cfg = CSRConfig()
+    p = cfg.generation_params()
+    assert (p.num_beam_groups, p.diversity_penalty, p.temperature, p.max_new_tokens, p.stop) == (5, 3.0, 0.0, 70, (".",))
+    assert (cfg.keep_top, cfg.keep_bottom, cfg.lam, cfg.clip_alpha) == (1, 2, 0.9, 0.9)
+    s = CSRConfig(expansion="sample", temperature=0.8).generation_params(seed=7)
+    assert (s.temperature, s.num_beam_groups, s.seed) == (0.8, 1, 7)
+    with pytest.raises(ValueError):
+        CSRConfig(reward_mode="magic")
+
+
+def test_search_tree_pruning_and_pair():
+    backend, scorer = TableBackend(TABLE), TableScorer(CLIP)
+    events = []
+    [res] = run_csr(backend, scorer, [(IMG, "Describe.", "img1")], CSRConfig(), progress=events.append)
+
+    # depth 1 expands the root once; depth 2 expands the top-1 ("A cat sits.", -0.1) and the
+    # bottom-2 ("A red ball.", "Two birds fly.") of the four open children; "A dog runs." is pruned
+    assert [c[1] for c in backend.extend_calls] == [[""], ["A cat sits.", "A red ball.", "Two birds fly."]]
+    assert all(c[2] == 5 for c in backend.extend_calls)
+    assert backend.open_calls == 1
+    texts = [c.text for c in res.candidates]
+    assert texts == [
+        "It is sunny.",
+        "A cat sits. It sleeps.",  # the duplicate sibling "It sleeps." was merged
+        "A cat sits. It purrs.",
+        "A red ball. It bounces.",  # "Ok." was dropped by the cleaning filter
+        "Two birds fly.",  # completed by a bare EOS
+        "Two birds fly. It sleeps.",
+    ]
+    assert res.stats["dropped"] == {"too_short": 1}
+    # one CLIP call per depth, with the image key for the cache
+    assert [call[1] for call in scorer.calls] == ["img1", "img1"]
+    # depth 2: sleeps, purrs, bounces, sleeps -> scored once each (the bare EOS has no sentence)
+    assert scorer.calls[1][0] == ["It sleeps.", "It purrs.", "It bounces."]
+
+    for cand in res.candidates:
+        for s in cand.sentences:
+            assert cand.text[s["start"]: s["end"]] == s["text"]
+            assert s["reward"] == pytest.approx(paper_reward(CLIP[s["text"]], s["sum_logprob"], 0.9))
+        assert cand.score == pytest.approx(sum(s["reward"] for s in cand.sentences) / len(cand.sentences))
+    sleeps = res.candidates[1]
+    # "It sleeps." + EOS: 3 tokens at -0.1
+    assert sleeps.sentences[1]["sum_logprob"] == pytest.approx(-0.3)
+    assert sleeps.sentences[1]["text_logprob"] == pytest.approx(-0.1)
+    assert sleeps.text_score == pytest.approx(-0.2)
+    assert sleeps.token_ids == backend.encode_text("A cat sits. It sleeps.")  # no EOS id
+    # chosen: "A cat sits. It sleeps." (27.07, 25.27); rejected: "Two birds fly." (0.1*e^-1.2)
+    assert texts[res.chosen] == "A cat sits. It sleeps."
+    assert texts[res.rejected] == "Two birds fly."
+    expected_margin = (paper_reward(30, -0.3) + paper_reward(28, -0.3)) / 2 - paper_reward(-5, -1.2)
+    assert res.margin == pytest.approx(expected_margin)
+    assert events[-1].done and events[-1].depth == 2 and events[0].depth == 1
+
+
+def test_reference_reward_mode_ranks_siblings():
+    [res] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "k")],
+                    CSRConfig(reward_mode="reference", answer_score="reference_mean"))
+    first = {c.text: c.sentences[0]["reward"] for c in res.candidates if len(c.sentences) == 1}
+    # root siblings (5): "It is sunny." has text rank 5/5 and clip rank 3/5 ->-(0.9*0.6+0.1*1)
+    assert first["It is sunny."] == pytest.approx(-0.64)
+    cand = next(c for c in res.candidates if c.text == "A cat sits. It purrs.")
+    # "A cat sits.": text rank 1/5, clip rank 1/5 -> -0.2; "It purrs." among 2 siblings: 2/2, 2/2 -> -1
+    assert [s["reward"] for s in cand.sentences] == pytest.approx([-0.2, -1.0])
+    assert cand.score == pytest.approx(-1.2 / 3)
+
+
+def test_depth_cap_makes_answers_final():
+    table = {"": [("A cat sits.", -0.1, False), ("A dog runs.", -0.2, False)]}
+    [res] = run_csr(TableBackend(table), TableScorer(CLIP), [(IMG, "p", None)], CSRConfig(max_sentences=1))
+    assert sorted(c.finish_reason for c in res.candidates) == ["max_sentences", "max_sentences"]
+    assert res.has_pair and res.margin == pytest.approx(paper_reward(30, -0.3) - paper_reward(25, -0.6))  # 3 tokens each
+
+
+def test_single_answer_gives_no_pair():
+    table = {"": [("It is sunny.", -0.5, True)]}
+    [res] = run_csr(TableBackend(table), TableScorer(CLIP), [(IMG, "p", "k")])
+    assert res.chosen == 0 and res.rejected is None and res.margin is None and not res.has_pair
+
+
+def test_several_items_are_searched_together():
+    backend, scorer = TableBackend(TABLE), TableScorer(CLIP)
+    results = run_csr(backend, scorer, [(IMG, "first", "a"), (IMG, "second", "b")], CSRConfig(item_batch=2))
+    assert backend.open_calls == 2
+    # depth by depth, interleaved: one extend per item per depth
+    assert [c[0] for c in backend.extend_calls] == ["first", "second", "first", "second"]
+    assert [r.prompt for r in results] == ["first", "second"]
+    assert results[0].candidates[results[0].chosen].text == results[1].candidates[results[1].chosen].text
+
+
+@pytest.mark.parametrize("backend_cls", [TableBackend, TextReplayBackend])
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_reference_path_agrees_with_fast_path(backend_cls, mode):
+    cfg = CSRConfig(reward_mode=mode)
+    fast = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "p", "k")], cfg)[0]
+    slow_backend, slow_scorer = backend_cls(TABLE), TableScorer(CLIP)
+    slow = run_csr_reference(slow_backend, slow_scorer, [(IMG, "p", "k")], cfg)[0]
+    assert [c.text for c in slow.candidates] == [c.text for c in fast.candidates]
+    for a, b in zip(slow.candidates, fast.candidates, strict=True):
+        assert a.sentences == b.sentences and a.score == pytest.approx(b.score)
+    assert (slow.chosen, slow.rejected) == (fast.chosen, fast.rejected)
+    # the reference execution model: one expansion per node, CLIP without the image cache
+    assert all(key is None and len(texts) == 1 for texts, key in slow_scorer.calls)
+    assert len(slow_scorer.calls) == 9
+    if backend_cls is TextReplayBackend:
+        assert slow_backend.from_text_calls == 4
+    else:
+        assert slow_backend.open_calls == 4

@@ -1,0 +1,190 @@
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lvlm_studio.methods.povid import (
+    HallucinationInjector,
+    POVIDConfig,
+    POVIDItem,
+    PromptedInjector,
+    Vocabulary,
+    add_diffusion_noise,
+    build_povid_pairs,
+    cooccurrence_from_objects,
+    diff_spans,
+    diffusion_coefficients,
+    noisy_rejected,
+)
+from lvlm_studio.models.base import Sequence
+
+
+class EchoBackend:
+    """Test double: answers with a fixed text per prompt and records the images it saw."""
+
+    model_id = "echo"
+
+    def __init__(self, reply=lambda image, prompt: f"mean {np.asarray(image).mean():.1f}"):
+        self.reply = reply
+        self.seen: list[tuple[Image.Image, str]] = []
+        self.params = []
+
+    def sample(self, images, prompts, n=1, params=None):
+        self.params.append(params)
+        out = []
+        for img, p in zip(images, prompts, strict=True):
+            self.seen.append((img, p))
+            text = self.reply(img, p)
+            out.append([Sequence(text, [1, 2], [-0.1, -0.1], "eos")] * n)
+        return out
+
+
+def test_noise_coefficients_at_step_500():
+    a, b = diffusion_coefficients(500)
+    assert a == pytest.approx(0.8630, abs=5e-4) and b == pytest.approx(0.5052, abs=5e-4)
+    assert a * a + b * b == pytest.approx(1.0)
+    # t = 0 by hand: beta_0 = sigmoid(-6) * (5e-3 - 1e-5) + 1e-5
+    beta0 = 1 / (1 + math.exp(6)) * (5e-3 - 1e-5) + 1e-5
+    assert diffusion_coefficients(0)[0] == pytest.approx(math.sqrt(1 - beta0))
+    with pytest.raises(ValueError):
+        diffusion_coefficients(1000)
+
+
+def test_noise_is_clamped_not_wrapped_and_seeded():
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    noisy = np.asarray(add_diffusion_noise(white, 500, seed=3)).astype(float)
+    a, b = diffusion_coefficients(500)
+    eps = np.random.default_rng(3).standard_normal((64, 64, 3))
+    expected = np.round(np.clip(a + b * eps, 0, 1) * 255)
+    assert np.array_equal(noisy, expected)
+    # clamping: every pixel whose noise pushes it above 1 stays white (a wrap would make it dark)
+    over = a + b * eps > 1
+    assert np.all(noisy[over] == 255)
+    assert over.mean() == pytest.approx(0.393, abs=0.03)  # P(eps > (1 - a) / b = 0.271)
+    black = np.asarray(add_diffusion_noise(Image.new("RGB", (64, 64)), 500, seed=3))
+    assert np.all(black[eps < 0] == 0)
+    assert np.array_equal(np.asarray(add_diffusion_noise(white, seed=3)), noisy)
+    assert not np.array_equal(np.asarray(add_diffusion_noise(white, seed=4)), noisy)
+
+
+def test_cooccurrence_counts_pairs_once_per_image():
+    c = cooccurrence_from_objects([{"dog", "frisbee", "person"}, ["dog", "person", "dog"], {"cat"}])
+    assert c["dog"] == {"frisbee": 1, "person": 2}
+    assert c["person"]["dog"] == 2 and c["frisbee"] == {"dog": 1, "person": 1}
+    assert c["cat"] == {}
+
+
+SMALL = Vocabulary(objects=["cat", "dog", "couch", "frisbee", "apple"], colours=["red", "blue"], sizes=[],
+                   counts=["two", "three"], relations=["to the left of", "to the right of"],
+                   cooccurrence=cooccurrence_from_objects([{"dog", "frisbee"}] * 5 + [{"cat", "couch"}] * 3))
+
+
+def one(category: str, text: str, seed: int = 0, present=None):
+    return HallucinationInjector(SMALL, n_injections=1, categories=[category], cooccur_top_k=1).inject(
+        text, present, seed=seed)
+
+
+def test_injected_span_offsets_exact():
+    r = one("relation", "The cat is to the left of the dog.")
+    assert r.text == "The cat is to the right of the dog."
+    assert r.spans == [{"start": 11, "end": 26, "category": "relation", "original": "to the left of",
+                        "injected": "to the right of"}]
+    r = one("count", "I see two dogs.")
+    assert r.text == "I see three dogs." and r.spans[0]["start"] == 6 and r.spans[0]["end"] == 11
+    r = one("attribute", "A red ball.")
+    assert r.text == "A blue ball."
+    assert (r.spans[0]["start"], r.spans[0]["end"], r.spans[0]["original"]) == (2, 6, "red")
+
+
+def test_object_injection_uses_absent_cooccurring_objects():
+    texts = {one("object", "A dog sits.", seed=s, present={"dog"}).text for s in range(20)}
+    # the only absent co-occurring object of "dog" is the frisbee: replaced or added
+    assert texts == {"A frisbee sits.", "A dog sits. There is also a frisbee next to the dog."}
+    added = one("object", "A dog sits.", seed=next(s for s in range(20) if "also" in one(
+        "object", "A dog sits.", seed=s, present={"dog"}).text), present={"dog"})
+    span = added.spans[0]
+    assert added.text[span["start"]: span["end"]] == "There is also a frisbee next to the dog."
+    assert span["start"] == 12 and span["original"] == ""
+    # the article follows the new word: "A dog" -> "An apple" when only apple is available
+    vocab = Vocabulary(objects=["dog", "apple"], colours=[], sizes=[], counts=[], relations=[])
+    inj = HallucinationInjector(vocab, n_injections=1, categories=["object"])
+    outs = {inj.inject("A dog sits.", seed=s).text for s in range(10)}
+    assert "An apple sits." in outs
+    r = next(inj.inject("A dog sits.", seed=s) for s in range(10) if inj.inject("A dog sits.", seed=s).text == "An apple sits.")
+    assert r.spans[0]["injected"] == "An apple" and (r.spans[0]["start"], r.spans[0]["end"]) == (0, 8)
+
+
+def test_many_injections_keep_consistent_offsets_and_never_use_present_objects():
+    inj = HallucinationInjector(n_injections=3)  # the COCO default vocabulary
+    text = "Two dogs play with a red frisbee to the left of a large tree. A person watches."
+    for seed in range(40):
+        r = inj.inject(text, present_objects={"dog", "frisbee", "person", "cup"}, seed=seed)
+        assert 1 <= len(r.spans) <= 3 and r.text != text
+        ends = [(s["start"], s["end"]) for s in sorted(r.spans, key=lambda s: s["start"])]
+        assert all(e1 <= s2 for (_, e1), (s2, _) in zip(ends, ends[1:], strict=False))  # no overlap
+        for s in r.spans:
+            assert r.text[s["start"]: s["end"]] == s["injected"]
+            assert s["category"] in {"object", "attribute", "count", "relation"}
+            if s["category"] == "object":
+                assert "cup" not in s["injected"]
+        assert inj.inject(text, present_objects={"dog", "frisbee", "person", "cup"}, seed=seed).text == r.text
+
+
+def test_diff_spans_recover_inserted_and_replaced_words():
+    orig = "A dog sits on a mat."
+    new = "A black dog sits on a red mat near a cat."
+    spans = diff_spans(orig, new)
+    assert [(s["injected"], s["original"]) for s in spans] == [("black", ""), ("red", ""), ("near a cat.", "")]
+    for s in spans:
+        assert new[s["start"]: s["end"]] == s["injected"]
+    spans = diff_spans("Two cats sleep.", "Three cats sleep.")
+    assert spans == [{"start": 0, "end": 5, "category": "prompted", "original": "Two", "injected": "Three"}]
+
+
+def test_prompted_injector_asks_the_backend_and_labels_spans():
+    backend = EchoBackend(lambda img, p: " A dog sits on a red couch. ")
+    inj = PromptedInjector(backend, vocabulary=SMALL)
+    r = inj.inject(Image.new("RGB", (8, 8)), "A dog sits on a mat.")
+    assert r.text == "A dog sits on a red couch."
+    assert [(s["injected"], s["category"]) for s in r.spans] == [("red couch.", "object")]
+    assert "A dog sits on a mat." in backend.seen[0][1]
+    with pytest.raises(ValueError):
+        PromptedInjector(backend, prompt_template="no placeholder")
+
+
+def test_build_povid_pairs_provenance_and_noisy_side():
+    backend = EchoBackend()
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    items = [POVIDItem(img, "Describe.", "The cat is to the left of the dog.", "k1", ["cat", "dog"]),
+             (img, "What is here?", "Two dogs play.")]
+    res = build_povid_pairs(backend, items, POVIDConfig(n_injections=1))
+    assert len(res) == 2
+    r = res[0]
+    assert r.chosen.text == "The cat is to the left of the dog." and r.chosen.source == "reference"
+    assert r.rejected_text.source == "povid_inject" and r.rejected_text.text != r.chosen.text
+    for s in r.rejected_text.spans:
+        assert r.rejected_text.text[s["start"]: s["end"]] == s["injected"]
+    assert r.rejected_text.params["injector"] == "rules" and r.rejected_text.seed == 0
+    assert all(rec["text"] == r.rejected_text.text[rec["start"]: rec["end"]] for rec in r.rejected_text.sentences)
+    # the image-side answer was produced on the noisy image, not the clean one
+    clean_mean = np.asarray(img).mean()
+    assert r.rejected_image.source == "povid_noise"
+    assert r.rejected_image.text != f"mean {clean_mean:.1f}"
+    assert np.asarray(backend.seen[0][0]).std() > 10
+    assert r.rejected_image.params["noise_step"] == 500
+    assert r.rejected_image.params["sqrt_alpha_bar"] == pytest.approx(0.863, abs=1e-3)
+    assert r.rejected_image.params["model"] == "echo"
+    assert [res[0].rejected_image.seed, res[1].rejected_image.seed] == [0, 1]
+    # seeded: same config -> same output
+    again = build_povid_pairs(EchoBackend(), items, POVIDConfig(n_injections=1))
+    assert [x.rejected_text.text for x in again] == [x.rejected_text.text for x in res]
+    assert [x.rejected_image.text for x in again] == [x.rejected_image.text for x in res]
+
+
+def test_noisy_rejected_and_the_unimplemented_reference_variant():
+    backend = EchoBackend()
+    text, noisy = noisy_rejected(backend, Image.new("RGB", (8, 8), "white"), "Describe.")
+    assert text.startswith("mean ") and np.asarray(noisy).mean() < 255
+    with pytest.raises(NotImplementedError, match="argmax"):
+        noisy_rejected(backend, Image.new("RGB", (8, 8)), "x", config=POVIDConfig(noise_answer="teacher_forced_argmax"))

@@ -1,0 +1,56 @@
+from lvlm_studio.methods.sentences import clean_reason, is_clean_sentence, segment_sentences, sentence_records
+
+
+def texts(s: str) -> list[str]:
+    return [span.text for span in segment_sentences(s)]
+
+
+def test_offsets_point_into_the_original_string():
+    s = "  A cat sits on a mat.  Two dogs run!\nIs it sunny?  "
+    spans = segment_sentences(s)
+    assert [x.text for x in spans] == ["A cat sits on a mat.", "Two dogs run!", "Is it sunny?"]
+    for span in spans:
+        assert s[span.start: span.end] == span.text
+    assert spans[0].start == 2 and spans[1].start == 24
+
+
+def test_abbreviations_do_not_split():
+    assert texts("Mr. Smith met Dr. Jones. They talked.") == ["Mr. Smith met Dr. Jones.", "They talked."]
+    assert texts("Fruit, e.g. apples, i.e. food. Done.") == ["Fruit, e.g. apples, i.e. food.", "Done."]
+    assert texts("The U.S. Army is big. He lives in the U.S. It is nice.") == [
+        "The U.S. Army is big.", "He lives in the U.S.", "It is nice."
+    ]
+    assert texts("Apples, pears, etc. are fruit. Apples etc. The end") == [
+        "Apples, pears, etc. are fruit.", "Apples etc.", "The end"
+    ]
+    assert texts("Ask J. Smith today. Ok.") == ["Ask J. Smith today.", "Ok."]
+
+
+def test_decimals_ellipses_and_unterminated_text():
+    assert texts("It costs 3.5 dollars. Really") == ["It costs 3.5 dollars.", "Really"]
+    assert texts("I think... maybe not.") == ["I think... maybe not."]
+    assert texts("Wait... What? Yes!") == ["Wait...", "What?", "Yes!"]
+    assert texts("There is a cat") == ["There is a cat"]
+    assert texts('He said "Hi." Then left.') == ['He said "Hi."', "Then left."]
+    assert texts("1. The dog.\n2. The cat") == ["1. The dog.", "2. The cat"]
+    assert texts("") == [] and texts("   \n ") == []
+
+
+def test_sentence_records_have_offsets_and_empty_scores():
+    s = "A dog. A cat"
+    recs = sentence_records(s)
+    assert [(r["start"], r["end"]) for r in recs] == [(0, 6), (7, 12)]
+    assert all(r["clip_score"] is None and r["reward"] is None for r in recs)
+
+
+def test_cleaning_filter_follows_the_reference():
+    assert clean_reason("Hi.") == "too_short"  # 3 characters < 4
+    assert clean_reason("Yes.") is None  # 4 characters is kept
+    assert clean_reason("the dog dog dog dog dog dog runs") == "repetition"  # 6 in a row
+    assert clean_reason("the dog dog dog dog dog runs") is None  # 5 in a row is kept
+    assert clean_reason("a , , , , , , , , , , , , b") == "repetition"
+    assert clean_reason("A cat Привет sits.") == "foreign_script"
+    assert clean_reason("A cat 猫 sits.") == "foreign_script"
+    assert clean_reason("A cat \U0001F600 sits.") == "foreign_script"
+    assert clean_reason("a\nb\nc\nd\ne\nf\ng") == "too_many_newlines"
+    assert is_clean_sentence("The café has 3.5 tables, 50% full.")
