@@ -1,0 +1,692 @@
+"""Hallucination metrics: object extraction (ShapesWorld, COCO), CHAIR, object recall, POPE.
+
+Everything here is pure Python over texts and ground-truth object sets (no store, no torch), except
+``evaluate_backend``, which only calls ``backend.sample`` of the model protocol (models/base.py).
+
+CHAIR (Rohrbach et al. 2018, "Object Hallucination in Image Captioning"):
+  * CHAIR_i = hallucinated object mentions / all object mentions, pooled over all captions, every
+    occurrence counted (as the reference ``chair.py`` counts ``node_words``);
+  * CHAIR_s = captions with at least one hallucinated mention / all captions;
+  * object recall = ground-truth objects mentioned / ground-truth objects (pooled). CHAIR alone is
+    gamed by saying less, so recall is always reported beside it.
+  A mention is a hallucination when its canonical object is not in the image's ground truth.
+  Negation is not understood ("there is no dog" mentions a dog), exactly as in the reference.
+
+POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language Models"):
+  "Is there a {object} in the image?" with ``n`` present objects ("yes") and ``n`` absent ones
+  ("no") per image; negatives sampled at random, by popularity (the dataset's most frequent objects
+  absent from the image) or adversarially (the objects that co-occur most with the image's objects,
+  absent from it). Answers are parsed as the reference does: the first sentence; the words "no" or
+  "not" mean no, anything else yes. "yes" is the positive class of precision / recall / F1.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One object mention: ``text[start:end]`` names canonical object ``object``."""
+
+    start: int
+    end: int
+    text: str
+    object: str
+
+
+@runtime_checkable
+class ObjectExtractor(Protocol):
+    """Finds object mentions in free text and canonicalises ground-truth object lists."""
+
+    name: str
+
+    def mentions(self, text: str) -> list[Mention]:
+        """Every mention in order of appearance (repeats included)."""
+        ...
+
+    def extract(self, text: str) -> list[str]:
+        """Canonical object of every mention, in order (repeats included)."""
+        ...
+
+    def ground_truth(self, objects: Iterable[Any]) -> set[str]:
+        """Canonical object set of an image's ground truth (strings or dicts)."""
+        ...
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """All canonical objects (POPE draws its negatives from these)."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Word tokens with offsets, and a small English singulariser
+# ----------------------------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z]+")
+
+_IRREGULAR_PLURALS = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
+    "geese": "goose", "teeth": "tooth", "feet": "foot", "oxen": "ox", "knives": "knife",
+    "wolves": "wolf", "leaves": "leaf", "shelves": "shelf", "calves": "calf", "halves": "half",
+    "loaves": "loaf", "scarves": "scarf", "wives": "wife", "lives": "life", "dice": "die",
+    "cacti": "cactus", "fungi": "fungus", "buses": "bus", "gases": "gas", "skis": "ski",
+    "radii": "radius", "sheep": "sheep", "fish": "fish", "deer": "deer", "series": "series",
+    "species": "species", "bison": "bison", "cattle": "cattle", "glasses": "glass",
+    "dresses": "dress", "bosses": "boss", "classes": "class", "crosses": "cross",
+}
+# Words ending in s that are singular already.
+_SINGULAR_S = {
+    "bus", "glass", "gas", "grass", "dress", "class", "boss", "cross", "tennis", "this", "is", "was",
+    "has", "its", "us", "yes", "his", "as", "plus", "lens", "news", "scissors", "pants", "jeans",
+    "shorts", "canvas", "octopus", "cactus", "bonus", "status", "hippopotamus", "walrus", "circus",
+    "asparagus", "citrus", "always", "perhaps", "across", "less", "series", "species",
+}
+
+
+def singularize(word: str) -> str:
+    """Plural English noun → singular (lower-case in, lower-case out). Covers the plural forms of
+    the COCO synonyms and ShapesWorld's shapes; unknown words are returned unchanged."""
+    w = word.lower()
+    if w in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[w]
+    if len(w) <= 3 or w in _SINGULAR_S or w.endswith(("ss", "us", "is")):
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("ches", "shes", "xes", "zzes", "sses")):
+        return w[:-2]
+    if w.endswith("oes") and w[:-2] in {"potato", "tomato", "hero", "volcano", "mango", "echo"}:
+        return w[:-2]
+    if w.endswith("s"):
+        return w[:-1]
+    return w
+
+
+def _tokens(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+# ----------------------------------------------------------------------------------------------
+# ShapesWorld
+# ----------------------------------------------------------------------------------------------
+# Fallback vocabulary; the real one is lvlm_studio.world's WORLD_VOCAB when that module is present.
+DEFAULT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+DEFAULT_SHAPES = ("circle", "square", "triangle", "star")
+DEFAULT_SIZES = ("small", "large", "big", "tiny", "medium")
+
+
+class ShapesWorldExtractor:
+    """Exact-vocabulary extraction for ShapesWorld: a mention is "<colour> <shape>", with an optional
+    size word before the colour ("a small red circle") or between colour and shape ("red small
+    circle"); shapes singular or plural ("two red circles" is one mention of "red circle"). Every
+    occurrence counts. The canonical object is "<colour> <shape>" (size is not part of identity).
+    """
+
+    name = "shapesworld"
+
+    def __init__(
+        self,
+        colours: Sequence[str] = DEFAULT_COLOURS,
+        shapes: Sequence[str] = DEFAULT_SHAPES,
+        sizes: Sequence[str] = DEFAULT_SIZES,
+    ):
+        self.colours = tuple(c.lower() for c in colours)
+        self.shapes = tuple(s.lower() for s in shapes)
+        self.sizes = tuple(s.lower() for s in sizes)
+        self._colour_set, self._shape_set, self._size_set = set(self.colours), set(self.shapes), set(self.sizes)
+
+    @classmethod
+    def from_world(cls) -> ShapesWorldExtractor:
+        """The extractor over lvlm_studio.world's vocabulary (fallback: the default word lists)."""
+        try:
+            from lvlm_studio import world
+        except ImportError:
+            return cls()
+        vocab = getattr(world, "WORLD_VOCAB", None)
+        if isinstance(vocab, dict):
+            return cls(
+                colours=vocab.get("colours") or vocab.get("colors") or DEFAULT_COLOURS,
+                shapes=vocab.get("shapes") or DEFAULT_SHAPES,
+                sizes=vocab.get("sizes") or DEFAULT_SIZES,
+            )
+        colours = getattr(world, "COLOURS", None) or getattr(world, "COLORS", None)
+        shapes = getattr(world, "SHAPES", None)
+        sizes = getattr(world, "SIZES", None)
+        if colours and shapes:
+            return cls(colours, shapes, sizes or DEFAULT_SIZES)
+        return cls()
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return [f"{c} {s}" for c in self.colours for s in self.shapes]
+
+    def _shape(self, word: str) -> str | None:
+        if word in self._shape_set:
+            return word
+        single = singularize(word)
+        return single if single in self._shape_set else None
+
+    def mentions(self, text: str) -> list[Mention]:
+        toks = _tokens(text or "")
+        out: list[Mention] = []
+        i = 0
+        while i < len(toks):
+            word, start, _ = toks[i]
+            if word in self._colour_set:
+                j = i + 1
+                if j < len(toks) and toks[j][0] in self._size_set:
+                    j += 1
+                if j < len(toks):
+                    shape = self._shape(toks[j][0])
+                    if shape is not None:
+                        end = toks[j][2]
+                        out.append(Mention(start, end, text[start:end], f"{word} {shape}"))
+                        i = j + 1
+                        continue
+            i += 1
+        return out
+
+    def extract(self, text: str) -> list[str]:
+        return [m.object for m in self.mentions(text)]
+
+    def ground_truth(self, objects: Iterable[Any]) -> set[str]:
+        """Accepts "red circle", "small red circle", {"colour": .., "shape": ..} (also "color")."""
+        out: set[str] = set()
+        for obj in objects or ():
+            if isinstance(obj, dict):
+                colour = obj.get("colour") or obj.get("color")
+                shape = obj.get("shape")
+                if colour and shape:
+                    out.add(f"{str(colour).lower()} {str(shape).lower()}")
+                    continue
+                obj = obj.get("name") or obj.get("object") or ""
+            found = self.extract(str(obj))
+            if not found:
+                raise ValueError(f"ground-truth object {obj!r} is not a ShapesWorld '<colour> <shape>' object")
+            out.update(found)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO (CHAIR's synonym table and rules)
+# ----------------------------------------------------------------------------------------------
+# The 80 MSCOCO categories, first entry = category, then its synonyms: CHAIR's synonyms.txt
+# (Rohrbach et al. 2018, github.com/LisaAnne/Hallucination, data/synonyms.txt), written from the
+# reference. Entries are lower-cased here ("iPhone" in the reference could never match its
+# lower-cased captions); duplicates of the reference are harmless and dropped.
+COCO_SYNONYMS_TXT = """\
+person, girl, boy, man, woman, kid, child, chef, baker, people, adult, rider, children, baby, worker, passenger, sister, biker, policeman, cop, officer, lady, cowboy, bride, groom, male, female, guy, traveler, mother, father, gentleman, pitcher, player, skier, snowboarder, skater, skateboarder, foreigner, caller, offender, coworker, trespasser, patient, politician, soldier, grandchild, serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper, villager
+bicycle, bike, bikes, bicycles, unicycle, minibike, trike
+car, automobile, van, minivan, sedan, suv, hatchback, cab, jeep, coupe, taxicab, limo, taxi
+motorcycle, scooter, motor bike, motor cycle, motorbike, moped
+airplane, jetliner, plane, air plane, monoplane, aircraft, jet, airbus, biplane, seaplane
+bus, minibus, trolley
+train, locomotive, tramway, caboose
+truck, pickup, lorry, hauler, firetruck
+boat, ship, liner, sailboat, motorboat, dinghy, powerboat, speedboat, canoe, skiff, yacht, kayak, catamaran, pontoon, houseboat, vessel, rowboat, trawler, ferryboat, watercraft, tugboat, schooner, barge, ferry, sailboard, paddleboat, lifeboat, freighter, steamboat, riverboat, battleship, steamship
+traffic light, street light, traffic signal, stop light, streetlight, stoplight
+fire hydrant, hydrant
+stop sign
+parking meter, meter
+bench, pew
+bird, ostrich, owl, seagull, goose, duck, parakeet, falcon, robin, pelican, waterfowl, heron, hummingbird, mallard, finch, pigeon, sparrow, seabird, osprey, blackbird, fowl, shorebird, woodpecker, egret, chickadee, quail, bluebird, kingfisher, buzzard, willet, gull, swan, bluejay, flamingo, cormorant, parrot, loon, gosling, waterbird, pheasant, rooster, sandpiper, crow, raven, turkey, oriole, cowbird, warbler, magpie, peacock, cockatiel, lorikeet, puffin, vulture, condor, macaw, peafowl, cockatoo, songbird
+cat, kitten, feline, tabby
+dog, puppy, beagle, pup, chihuahua, schnauzer, dachshund, rottweiler, canine, pitbull, collie, pug, terrier, poodle, labrador, doggie, doberman, mutt, doggy, spaniel, bulldog, sheepdog, weimaraner, corgi, cocker, greyhound, retriever, brindle, hound, whippet, husky
+horse, colt, pony, racehorse, stallion, equine, mare, foal, palomino, mustang, clydesdale, bronc, bronco
+sheep, lamb, ram, goat, ewe
+cow, cattle, oxen, ox, calf, holstein, heifer, buffalo, bull, zebu, bison
+elephant
+bear, grizzly
+zebra
+giraffe
+backpack, knapsack
+umbrella
+handbag, wallet, purse, briefcase
+tie, bow, bow tie
+suitcase, suit case, luggage
+frisbee
+skis, ski
+snowboard
+sports ball, ball
+kite
+baseball bat
+baseball glove
+skateboard
+surfboard, longboard, skimboard, shortboard, wakeboard
+tennis racket, racket
+bottle
+wine glass
+cup
+fork
+knife, pocketknife, knives
+spoon
+bowl, container
+banana
+apple
+sandwich, burger, sub, cheeseburger, hamburger
+orange
+broccoli
+carrot
+hot dog
+pizza
+donut, doughnut, bagel
+cake, cheesecake, cupcake, shortcake, coffeecake, pancake
+chair, seat, stool
+couch, sofa, recliner, futon, loveseat, settee, chesterfield
+potted plant, houseplant
+bed
+dining table, table, desk
+toilet, urinal, commode, lavatory, potty
+tv, monitor, televison, television
+laptop, computer, notebook, netbook, lenovo, macbook, laptop computer
+mouse
+remote
+keyboard
+cell phone, mobile phone, phone, cellphone, telephone, phon, smartphone, iphone
+microwave
+oven, stovetop, stove, stove top oven
+toaster
+sink
+refrigerator, fridge, freezer
+book, novel, minibook, paperback, hardcover
+clock
+vase
+scissors
+teddy bear, teddybear
+hair drier, hairdryer, hair dryer, blow dryer, blowdryer, blow drier, blowdrier, hairdrier
+toothbrush
+"""
+
+
+def _parse_synonyms(txt: str) -> dict[str, list[str]]:
+    table: dict[str, list[str]] = {}
+    for line in txt.strip().splitlines():
+        names = [n.strip().lower() for n in line.split(",") if n.strip()]
+        table[names[0]] = list(dict.fromkeys(names))
+    return table
+
+
+COCO_SYNONYMS: dict[str, list[str]] = _parse_synonyms(COCO_SYNONYMS_TXT)
+COCO_CATEGORIES: list[str] = list(COCO_SYNONYMS)
+assert len(COCO_CATEGORIES) == 80, len(COCO_CATEGORIES)
+
+# chair.py: common two-word names that must be read as one word (those that are no COCO object,
+# "home plate", "train track", are merged too so that "train track" does not count as a train).
+COCO_DOUBLE_WORDS = [
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
+    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
+    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
+    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
+    "stove top oven", "home plate", "train track",
+]
+# chair.py: "baby bird" / "adult bird" is the bird, not a person; "passenger jet" is the jet.
+_ANIMAL_WORDS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"]
+_VEHICLE_WORDS = ["jet", "train"]
+
+
+def _coco_double_word_map() -> dict[str, str]:
+    mapping = {w: w for w in COCO_DOUBLE_WORDS}
+    for animal in _ANIMAL_WORDS:
+        mapping[f"baby {animal}"] = animal
+        mapping[f"adult {animal}"] = animal
+    for vehicle in _VEHICLE_WORDS:
+        mapping[f"passenger {vehicle}"] = vehicle
+    mapping["bow tie"] = "tie"
+    mapping["toilet seat"] = "toilet"
+    # Two-word synonyms of the table that chair.py's list misses ("hair dryer", "blow dryer", ...).
+    for synonyms in COCO_SYNONYMS.values():
+        for s in synonyms:
+            if s.count(" ") == 1:
+                mapping.setdefault(s, s)
+    return mapping
+
+
+class CocoExtractor:
+    """CHAIR's COCO procedure: lower-case, tokenise, singularise, merge two-word names (incl. the
+    special rules above), keep words in the 80 categories' synonym lists, map each to its category.
+    Three-word names ("stove top oven") are matched too. "seat" is dropped from a caption that also
+    mentions a toilet, as chair.py does."""
+
+    name = "coco"
+
+    def __init__(self, synonyms: dict[str, list[str]] | None = None):
+        self.synonyms = synonyms or COCO_SYNONYMS
+        self.inverse: dict[str, str] = {}
+        for category, names in self.synonyms.items():
+            for n in names:
+                self.inverse.setdefault(n, category)
+        self.double = _coco_double_word_map()
+        self.triple = {n for n in self.inverse if n.count(" ") == 2}
+        # Words never singularised: single-word synonyms and parts of multi-word names (tennis, bus, ...).
+        self._keep = {w for n in [*self.inverse, *self.double] for w in n.split()}
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.synonyms)
+
+    def _norm(self, word: str) -> str:
+        return word if word in self._keep else singularize(word)
+
+    def mentions(self, text: str) -> list[Mention]:
+        toks = [(self._norm(w), s, e) for w, s, e in _tokens(text or "")]
+        merged: list[tuple[str, int, int]] = []
+        i = 0
+        while i < len(toks):
+            three = " ".join(t[0] for t in toks[i : i + 3])
+            two = " ".join(t[0] for t in toks[i : i + 2])
+            if i + 2 < len(toks) and three in self.triple:
+                merged.append((three, toks[i][1], toks[i + 2][2]))
+                i += 3
+            elif i + 1 < len(toks) and two in self.double:
+                merged.append((self.double[two], toks[i][1], toks[i + 1][2]))
+                i += 2
+            else:
+                merged.append(toks[i])
+                i += 1
+        words = [m[0] for m in merged]
+        if "toilet" in words and "seat" in words:
+            merged = [m for m in merged if m[0] != "seat"]
+        return [Mention(s, e, text[s:e], self.inverse[w]) for w, s, e in merged if w in self.inverse]
+
+    def extract(self, text: str) -> list[str]:
+        return [m.object for m in self.mentions(text)]
+
+    def ground_truth(self, objects: Iterable[Any]) -> set[str]:
+        """Category names (or synonyms, or dicts with "name"/"category") → categories. Unknown
+        names raise: a silent drop would turn real objects into hallucinations."""
+        out: set[str] = set()
+        for obj in objects or ():
+            name = (obj.get("name") or obj.get("category")) if isinstance(obj, dict) else obj
+            name = str(name).lower().strip()
+            if name in self.synonyms:
+                out.add(name)
+                continue
+            found = self.extract(name)
+            if not found:
+                raise ValueError(f"ground-truth object {name!r} is not a COCO category or synonym")
+            out.update(found)
+        return out
+
+    def image_ground_truth(self, instance_categories: Iterable[str], captions: Iterable[str] = ()) -> set[str]:
+        """CHAIR's ground truth of an image: its instance categories ∪ categories its human
+        captions name."""
+        gt = self.ground_truth(instance_categories)
+        for caption in captions:
+            gt.update(self.extract(caption))
+        return gt
+
+
+def get_extractor(name: str) -> ObjectExtractor:
+    if name in ("shapesworld", "world", "shapes"):
+        return ShapesWorldExtractor.from_world()
+    if name == "coco":
+        return CocoExtractor()
+    raise ValueError(f"unknown object extractor {name!r} (choose 'shapesworld' or 'coco')")
+
+
+# ----------------------------------------------------------------------------------------------
+# CHAIR and recall
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CaptionScore:
+    objects: list[str]  # canonical object per mention (repeats kept)
+    hallucinated: list[str]  # the mentions (repeats kept) whose object is not in the ground truth
+    gt: set[str]
+    recalled: set[str]  # ground-truth objects mentioned at least once
+
+
+def score_caption(text: str, gt_objects: Iterable[Any], extractor: ObjectExtractor) -> CaptionScore:
+    gt = extractor.ground_truth(gt_objects)
+    objects = extractor.extract(text)
+    return CaptionScore(
+        objects=objects,
+        hallucinated=[o for o in objects if o not in gt],
+        gt=gt,
+        recalled={o for o in objects if o in gt},
+    )
+
+
+def chair(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
+    """CHAIR_i, CHAIR_s and object recall, pooled over ``scores``. Empty inputs give 0.0, not NaN,
+    with the counts beside them so a reader can tell "no mentions" from "no hallucinations"."""
+    n_mentions = sum(len(s.objects) for s in scores)
+    n_hall = sum(len(s.hallucinated) for s in scores)
+    n_gt = sum(len(s.gt) for s in scores)
+    n_recalled = sum(len(s.recalled) for s in scores)
+    n_bad = sum(1 for s in scores if s.hallucinated)
+    return {
+        "chair_i": n_hall / n_mentions if n_mentions else 0.0,
+        "chair_s": n_bad / len(scores) if scores else 0.0,
+        "recall": n_recalled / n_gt if n_gt else 0.0,
+        "n_captions": len(scores),
+        "n_mentions": n_mentions,
+        "n_hallucinated": n_hall,
+        "n_gt_objects": n_gt,
+    }
+
+
+def chair_from_texts(
+    texts: Sequence[str], gts: Sequence[Iterable[Any]], extractor: ObjectExtractor
+) -> dict[str, float | int]:
+    if len(texts) != len(gts):
+        raise ValueError(f"{len(texts)} captions but {len(gts)} ground-truth sets")
+    return chair([score_caption(t, g, extractor) for t, g in zip(texts, gts, strict=True)])
+
+
+# ----------------------------------------------------------------------------------------------
+# POPE
+# ----------------------------------------------------------------------------------------------
+POPE_TEMPLATE = "Is there a {object} in the image?"
+POPE_STRATEGIES = ("random", "popular", "adversarial")
+
+
+def cooccurrence(gt_sets: Iterable[Iterable[str]]) -> dict[str, Counter]:
+    """object → Counter of objects that appear in the same image."""
+    co: dict[str, Counter] = {}
+    for objs in gt_sets:
+        objs = set(objs)
+        for a in objs:
+            co.setdefault(a, Counter()).update(b for b in objs if b != a)
+    return co
+
+
+def build_pope_questions(
+    images: dict[Any, Iterable[str]],
+    vocabulary: Sequence[str],
+    strategy: str = "random",
+    n: int = 3,
+    seed: int = 0,
+    template: str = POPE_TEMPLATE,
+    statistics: dict[Any, Iterable[str]] | None = None,
+) -> list[dict]:
+    """POPE probes: per image ``n`` present objects ("yes") and ``n`` absent ones ("no").
+
+    ``images``: image id → canonical ground-truth objects. Popularity and co-occurrence are counted
+    over ``statistics`` (default: ``images`` itself), as POPE counts them over its image pool.
+    Images with fewer than ``n`` objects give all they have (POPE itself keeps images with ≥ 3).
+    Returns dicts: image_id, question, label ("yes"/"no"), object, strategy.
+    """
+    if strategy not in POPE_STRATEGIES:
+        raise ValueError(f"unknown POPE strategy {strategy!r}; choose one of {POPE_STRATEGIES}")
+    rng = random.Random(seed)
+    stats = {k: set(v) for k, v in (statistics or images).items()}
+    frequency = Counter(o for objs in stats.values() for o in objs)
+    co = cooccurrence(stats.values())
+    vocab_order = {o: i for i, o in enumerate(vocabulary)}  # deterministic tie-break
+    out: list[dict] = []
+    for image_id, objs in images.items():
+        present = sorted(set(objs), key=lambda o: vocab_order.get(o, len(vocab_order)))
+        absent = [o for o in vocabulary if o not in set(present)]
+        positives = rng.sample(present, min(n, len(present)))
+        if strategy == "random":
+            negatives = rng.sample(absent, min(n, len(absent)))
+        elif strategy == "popular":
+            negatives = sorted(absent, key=lambda o: (-frequency[o], vocab_order.get(o, 0)))[:n]
+        else:  # adversarial: most co-occurring with what is present
+            score = Counter()
+            for p in present:
+                score.update(co.get(p, Counter()))
+            negatives = sorted(absent, key=lambda o: (-score[o], -frequency[o], vocab_order.get(o, 0)))[:n]
+        for label, chosen in (("yes", positives), ("no", negatives)):
+            for obj in chosen:
+                out.append(
+                    {
+                        "image_id": image_id,
+                        "question": template.format(object=obj),
+                        "label": label,
+                        "object": obj,
+                        "strategy": strategy,
+                    }
+                )
+    return out
+
+
+def parse_yes_no(answer: str) -> str:
+    """POPE's parser: keep the first sentence; "no" or "not" as a word means "no", else "yes"."""
+    first = (answer or "").strip().split(".")[0]
+    words = set(re.findall(r"[a-z]+", first.lower()))
+    return "no" if words & {"no", "not"} else "yes"
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:
+    """Accuracy, precision, recall, F1 ("yes" positive) and yes-ratio of parsed answers."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(predictions, labels, strict=True))
+    fp = sum(p == "yes" and t == "no" for p, t in zip(predictions, labels, strict=True))
+    tn = sum(p == "no" and t == "no" for p, t in zip(predictions, labels, strict=True))
+    fn = sum(p == "no" and t == "yes" for p, t in zip(predictions, labels, strict=True))
+    total = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": (tp + tn) / total if total else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": (tp + fp) / total if total else 0.0,
+        "n": total,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a backend over an evaluation set
+# ----------------------------------------------------------------------------------------------
+class EvaluationCancelled(RuntimeError):
+    """``should_stop`` returned True between batches."""
+
+
+def pope_label(item: dict) -> str | None:
+    """The yes/no label of a POPE-style probe item, or None for a caption item. A probe says so in
+    ``meta`` (kind "pope"/"probe"/"existence") with its label in meta["label"/"answer"] or the
+    item's reference; or carries a top-level "label"."""
+    if item.get("label") in ("yes", "no"):
+        return item["label"]
+    meta = item.get("meta") or {}
+    if meta.get("kind") in ("pope", "probe", "existence"):
+        for value in (meta.get("label"), meta.get("answer"), item.get("reference")):
+            if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
+                return value.strip().lower()
+    return None
+
+
+def _load_image(item: dict):
+    image = item.get("image")
+    if image is not None:
+        return image
+    from PIL import Image
+
+    with Image.open(item["image_path"]) as im:
+        return im.convert("RGB")
+
+
+def evaluate_backend(
+    backend: Any,
+    eval_items: Sequence[dict],
+    extractor: ObjectExtractor,
+    params: Any = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Answer every item with ``backend.sample(..., n=1)`` and score it.
+
+    ``eval_items``: dicts with ``item_id``, ``prompt``, ``image`` (PIL) or ``image_path``, and
+    ``objects`` (ground truth) for caption items; POPE probes are recognised by ``pope_label``;
+    items whose meta kind is neither describe/caption nor a probe (e.g. "count") are answered and
+    stored but not scored.
+    Returns (metrics, rows): metrics has CHAIR_i / CHAIR_s / recall over caption items and
+    ``pope_*`` over probes; rows (for ``Store.add_eval_outputs``) are item_id, answer, objects,
+    hallucinated, meta. ``progress(done, total)`` after each batch; ``should_stop()`` is checked
+    before each batch and raises ``EvaluationCancelled``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    total = len(eval_items)
+    rows: list[dict] = []
+    scores: list[CaptionScore] = []
+    preds: list[str] = []
+    labels: list[str] = []
+    n_words = 0
+    for start in range(0, total, max(1, batch_size)):
+        if should_stop is not None and should_stop():
+            raise EvaluationCancelled(f"evaluation stopped after {start} of {total} items")
+        batch = eval_items[start : start + batch_size]
+        images = [_load_image(it) for it in batch]
+        outs = backend.sample(images, [it["prompt"] for it in batch], n=1, params=params)
+        for item, seqs in zip(batch, outs, strict=True):
+            answer = seqs[0].text.strip()
+            label = pope_label(item)
+            if label is not None:
+                pred = parse_yes_no(answer)
+                preds.append(pred)
+                labels.append(label)
+                rows.append(
+                    {
+                        "item_id": item["item_id"], "answer": answer, "objects": None, "hallucinated": None,
+                        "meta": {"kind": "pope", "label": label, "prediction": pred, "correct": pred == label},
+                    }
+                )
+                continue
+            kind = (item.get("meta") or {}).get("kind")
+            if kind not in (None, "describe", "caption"):
+                # Not an object-listing answer (e.g. a count question): stored, not scored.
+                rows.append({"item_id": item["item_id"], "answer": answer, "objects": None,
+                             "hallucinated": None, "meta": {"kind": kind}})
+                continue
+            s = score_caption(answer, item.get("objects") or [], extractor)
+            scores.append(s)
+            n_words += len(answer.split())
+            rows.append(
+                {
+                    "item_id": item["item_id"],
+                    "answer": answer,
+                    "objects": s.objects,
+                    "hallucinated": s.hallucinated,
+                    "meta": {
+                        "kind": "caption",
+                        "gt": sorted(s.gt),
+                        "recalled": sorted(s.recalled),
+                        "spans": [
+                            {"start": m.start, "end": m.end, "object": m.object, "hallucinated": m.object not in s.gt}
+                            for m in extractor.mentions(answer)
+                        ],
+                    },
+                }
+            )
+        if progress is not None:
+            progress(min(start + len(batch), total), total)
+    metrics: dict[str, Any] = {"extractor": extractor.name, "n_items": total}
+    if scores:
+        metrics.update(chair(scores))
+        metrics["mean_words"] = n_words / len(scores)
+    if labels:
+        metrics.update({f"pope_{k}": v for k, v in pope_metrics(preds, labels).items()})
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics, rows

@@ -1,0 +1,511 @@
+"""Training rounds as background subprocesses, with status, progress and logs in the store.
+
+One round = one process: ``python -m lvlm_studio.jobs run ROUND_ID --home HOME``. It trains
+(``training.train_round`` on ``Store.training_pairs``), evaluates (``evaluation.evaluate_backend``
+on the evaluation set: by default the items of split "test" whose images have ground-truth
+objects, i.e. ShapesWorld's unbiased test split or any imported dataset with objects), writes the
+evaluation outputs, and only then, in the same transaction, marks the round 'done' with its
+adapter, which makes it the current round. A process runs in its own session, so it outlives the
+app or CLI that started it; ``reattach`` finds it again after a restart.
+
+One training job at a time: ``start_round`` refuses while a round is queued or running. A round
+whose process is gone (SIGKILL, OOM, crash, reboot) while the store still says queued/running is
+"stale": the next ``status``/``reattach``/``start_round`` marks it 'failed' with the reason. Its
+adapter was never marked current (that happens only in the final transaction), so the previous
+round stays current and the store stays consistent. Liveness is checked by pid, excluding zombies
+and pids reused by another program (``/proc/PID/cmdline`` must name this module).
+
+Cancelling sends SIGTERM: the job's handler sets a flag that the trainer checks after each step
+(and the evaluation before each batch); the round ends 'cancelled' and no adapter becomes current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lvlm_studio.config import Settings
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("done", "failed", "cancelled")
+# A 'queued' row without a pid older than this is a start that died before spawning its process.
+QUEUED_GRACE_S = 120.0
+# Training takes this share of the progress bar, evaluation the rest.
+TRAIN_SHARE = 0.8
+
+# Processes started by this process: poll() reaps them (a dead child stays a zombie, which
+# os.kill(pid, 0) would still report alive) and tells how they ended.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be carried out."""
+
+
+class RoundBusyError(JobError):
+    """Another round is queued or running."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _store(settings: Settings):
+    from lvlm_studio.store import Store
+
+    settings.ensure_dirs()
+    return Store.open(settings)
+
+
+@contextlib.contextmanager
+def _start_lock(settings: Settings) -> Iterator[None]:
+    """An exclusive file lock around check-then-create, so two starts cannot both pass."""
+    import fcntl
+
+    settings.ensure_dirs()
+    with open(settings.home / ".jobs.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Is ``pid`` a live round process (not a zombie, not a reused pid of another program)?"""
+    if not pid:
+        return False
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    proc_dir = Path(f"/proc/{pid}")
+    if proc_dir.is_dir():
+        try:
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X"):
+                return False
+            if b"lvlm_studio.jobs" not in (proc_dir / "cmdline").read_bytes():
+                return False  # the pid was reused by another program
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+def _exit_reason(pid: int | None) -> str:
+    proc = _CHILDREN.get(pid) if pid else None
+    code = proc.poll() if proc is not None else None
+    if code is None:
+        return f"the training process (pid {pid}) is gone: killed or crashed before finishing"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the training process (pid {pid}) was killed by {name} before finishing"
+    return f"the training process (pid {pid}) exited with code {code} before finishing"
+
+
+def _mark_if_stale(store, row: dict) -> dict:
+    """Mark an active round whose process is gone 'failed' (under the write lock, re-reading the
+    row, so a job that just finished cleanly is never overwritten)."""
+    if row["status"] not in ACTIVE:
+        return row
+    with store.transaction():
+        row = store.get_round(row["id"])
+        if row["status"] not in ACTIVE:
+            return row
+        pid = row.get("pid")
+        if pid is None:
+            created = calendar.timegm(time.strptime(row["created"][:19], "%Y-%m-%dT%H:%M:%S"))  # UTC
+            if time.time() - created < QUEUED_GRACE_S:
+                return row
+            reason = "the round was queued but its process never started"
+        elif pid_alive(pid):
+            return row
+        else:
+            reason = _exit_reason(pid)
+        log = f"; see the log {row['log_path']}" if row.get("log_path") else ""
+        store.update_round(row["id"], status="failed", error=f"{reason}{log}")
+    # A killed trainer leaves its scratch dirs (.round_N.run-PID / .tmp-PID) beside the adapters.
+    for scratch in (store.root / "adapters").glob(f".round_{row['id']}.*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    return store.get_round(row["id"])
+
+
+def refresh(settings: Settings) -> list[dict]:
+    """Mark stale rounds failed; return all rounds."""
+    store = _store(settings)
+    try:
+        for row in store.list_rounds():
+            if row["status"] in ACTIVE:
+                _mark_if_stale(store, row)
+        return store.list_rounds()
+    finally:
+        store.close()
+
+
+def resolve_model_path(ref: str) -> str:
+    """A model reference ("demo", a local directory, a Hub id) → what from_pretrained loads."""
+    try:
+        from lvlm_studio.models.registry import resolve_model_ref
+    except ImportError:  # registry not present: local paths only
+        return ref
+    return resolve_model_ref(ref)[0]
+
+
+def adapter_lineage(store, round_id: int | None) -> list[str]:
+    """The adapter chain of a round (oldest first): round t's model = base + this chain merged."""
+    chain: list[str] = []
+    seen: set[int] = set()
+    while round_id is not None and round_id not in seen:
+        seen.add(round_id)
+        row = store.get_round(round_id)
+        if row is None:
+            raise JobError(f"round {round_id} does not exist")
+        if row["adapter_path"]:
+            if row["status"] != "done":
+                raise JobError(f"round {round_id} is {row['status']}, not done: it cannot be a parent")
+            chain.insert(0, row["adapter_path"])
+        round_id = row["parent_id"]
+    return chain
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API (UI / CLI / service)
+# ----------------------------------------------------------------------------------------------
+def start_round(settings: Settings, config: Any = None, parent_id: int | None = None) -> int:
+    """Queue a round (parent: ``parent_id`` or the current round, else the base model) and start
+    its process. Refuses with ``RoundBusyError`` while another round is queued or running."""
+    from lvlm_studio.training import DPORoundConfig
+
+    if config is None:
+        cfg = DPORoundConfig()
+    elif isinstance(config, DPORoundConfig):
+        cfg = config
+    else:
+        cfg = DPORoundConfig.from_dict(config)
+    with _start_lock(settings):
+        store = _store(settings)
+        try:
+            for row in store.list_rounds():
+                row = _mark_if_stale(store, row)
+                if row["status"] in ACTIVE:
+                    raise RoundBusyError(
+                        f"round {row['id']} is already {row['status']} (pid {row['pid']}); one training "
+                        "job runs at a time: wait for it to finish or cancel it"
+                    )
+            base = store.ensure_base_round(settings.model)
+            if parent_id is None:
+                current = store.current_round()
+                parent_id = current["id"] if current else base
+            adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
+            round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
+            run_dir = settings.runs_dir / f"round_{round_id}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log_path = run_dir / "train.log"
+            store.update_round(round_id, log_path=str(log_path))
+            env = dict(os.environ)
+            env.update(
+                LVLM_STUDIO_HOME=str(settings.home),
+                LVLM_STUDIO_MODEL=settings.model,
+                LVLM_STUDIO_CLIP=settings.clip,
+                LVLM_STUDIO_DEVICE=settings.device,
+                # The package may run from a checkout that is not installed.
+                PYTHONPATH=os.pathsep.join(
+                    p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+                ),
+            )
+            try:
+                with open(log_path, "ab") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "lvlm_studio.jobs", "run", str(round_id),
+                         "--home", str(settings.home)],
+                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        env=env, start_new_session=True,
+                    )
+            except OSError as exc:
+                store.update_round(round_id, status="failed", error=f"could not start the job: {exc}")
+                raise JobError(f"could not start the training process: {exc}") from exc
+            _CHILDREN[proc.pid] = proc
+            store.update_round(round_id, pid=proc.pid)
+            return round_id
+        finally:
+            store.close()
+
+
+def status(settings: Settings, round_id: int) -> dict:
+    """The round row, after marking it failed if its process is gone."""
+    store = _store(settings)
+    try:
+        row = store.get_round(round_id)
+        if row is None:
+            raise JobError(f"round {round_id} does not exist")
+        return _mark_if_stale(store, row)
+    finally:
+        store.close()
+
+
+def reattach(settings: Settings) -> dict | None:
+    """After an app/CLI restart: the queued or running round whose process is alive (stale ones
+    are marked failed on the way), or None."""
+    for row in refresh(settings):
+        if row["status"] in ACTIVE:
+            return row
+    return None
+
+
+def wait(round_id: int, timeout: float = 600.0, settings: Settings | None = None, poll: float = 0.5) -> dict:
+    """Block until the round is done/failed/cancelled; TimeoutError after ``timeout`` seconds."""
+    settings = settings or Settings()
+    deadline = time.monotonic() + timeout
+    while True:
+        row = status(settings, round_id)
+        if row["status"] in TERMINAL:
+            return row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {round_id} is still {row['status']} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force: bool = True) -> dict:
+    """Ask a round to stop (SIGTERM → clean stop → 'cancelled'). Waits up to ``timeout`` s for
+    the process to end (0 = return at once); if it has not ended and ``force``, SIGKILL. A round
+    whose process ended without recording an outcome (e.g. SIGTERM before its handler was
+    installed) is marked 'cancelled', since we asked for it."""
+    row = status(settings, round_id)
+    if row["status"] not in ACTIVE:
+        return row
+    pid = row.get("pid")
+    if pid and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    if timeout <= 0:
+        return row
+    deadline = time.monotonic() + timeout
+    while pid and pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid and pid_alive(pid) and force:
+        os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 10
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.1)
+    store = _store(settings)
+    try:
+        with store.transaction():
+            row = store.get_round(round_id)
+            if row["status"] in ACTIVE and not pid_alive(row.get("pid")):
+                store.update_round(round_id, status="cancelled", error="cancelled by request")
+        return store.get_round(round_id)
+    finally:
+        store.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The job itself (runs in the subprocess)
+# ----------------------------------------------------------------------------------------------
+def eval_items_for(store, cfg) -> list[dict]:
+    """The evaluation set: items of ``cfg.eval_split`` (and ``cfg.eval_dataset``) whose image has
+    ground-truth objects and whose kind (meta["kind"], absent = describe) is in ``cfg.eval_kinds``."""
+    items = []
+    for it in store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split):
+        kind = (it.get("meta") or {}).get("kind") or "describe"
+        if it.get("objects") is None or kind not in cfg.eval_kinds:
+            continue
+        items.append(
+            {
+                "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
+                "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
+            }
+        )
+        if cfg.eval_limit is not None and len(items) >= cfg.eval_limit:
+            break
+    return items
+
+
+def choose_extractor(name: str, items: list[dict]):
+    """'auto': ShapesWorld when its vocabulary parses every ground-truth list, else COCO."""
+    from lvlm_studio.evaluation import CocoExtractor, ShapesWorldExtractor, get_extractor
+
+    if name != "auto":
+        return get_extractor(name)
+    world = ShapesWorldExtractor.from_world()
+    try:
+        for it in items:
+            world.ground_truth(it["objects"])
+        return world
+    except ValueError:
+        return CocoExtractor()
+
+
+def _evaluate(model, processor, model_id: str, device: str, items, extractor, cfg, progress, should_stop):
+    from lvlm_studio.evaluation import evaluate_backend
+    from lvlm_studio.models.base import GenerationParams
+    from lvlm_studio.models.hf import HFBackend
+
+    backend = HFBackend(model, processor, model_id, device)
+    params = GenerationParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
+    return evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop)
+
+
+def run_round(round_id: int, home: str | Path) -> int:
+    """Body of the round process. Returns the process exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+        print(f"[round {round_id}] received {signal.Signals(signum).name}: stopping cleanly", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    settings = Settings(home=Path(home))
+    store = _store(settings)
+    with store.transaction():
+        row = store.get_round(round_id)
+        if row is None:
+            print(f"round {round_id} does not exist", file=sys.stderr)
+            return 2
+        if row["status"] != "queued":
+            print(f"round {round_id} is {row['status']}, not queued: nothing to do", flush=True)
+            return 0
+        store.update_round(round_id, status="running", pid=os.getpid(), progress=0.0)
+
+    def log(msg: str) -> None:
+        print(f"[round {round_id}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    def cancelled(msg: str) -> int:
+        store.update_round(round_id, status="cancelled", error=msg)
+        log(msg)
+        return 0
+
+    try:
+        threads = os.environ.get("LVLM_STUDIO_THREADS")
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        from lvlm_studio.training import DPORoundConfig, materialize_round_model, resolve_device, train_round
+
+        cfg = DPORoundConfig.from_dict(row["config"])
+        chain = adapter_lineage(store, row["parent_id"])
+        base_path = resolve_model_path(row["base_model"] or settings.model)
+        pairs = store.training_pairs(methods=cfg.methods, include_auto=cfg.include_auto, round=cfg.pair_round)
+        if not pairs:
+            raise JobError(
+                "no training pairs: review some pairs first, or allow automatic labels (include_auto)"
+                + (f" for methods {cfg.methods}" if cfg.methods else "")
+            )
+        log(f"training on {len(pairs)} pairs; base {base_path}; parent chain {chain or '(base model)'}")
+        out_dir = settings.adapters_dir / f"round_{round_id}"
+        last_progress = [0.0]
+
+        def on_log(rec: dict) -> None:
+            store.log_round_step(round_id, rec["step"], rec)
+            if rec.get("max_steps"):
+                p = TRAIN_SHARE * rec["step"] / rec["max_steps"]
+                if p - last_progress[0] >= 0.01:
+                    last_progress[0] = p
+                    store.update_round(round_id, progress=p)
+
+        result = train_round(pairs, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
+        if result.stopped:
+            return cancelled(f"cancelled during training after {result.steps} steps (no adapter saved)")
+        log(f"trained {result.steps} steps in {result.seconds:.1f} s; adapter {result.adapter_path}")
+        store.update_round(round_id, progress=TRAIN_SHARE)
+
+        metrics: dict[str, Any] = {
+            "train": {k: v for k, v in result.final.items() if k != "max_steps"},
+            "n_pairs": result.n_pairs,
+            "n_rows": result.n_rows,
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "eval": None,
+        }
+        items = eval_items_for(store, cfg)
+        rows: list[dict] = []
+        if not items:
+            metrics["eval_note"] = (
+                f"no evaluation items (split {cfg.eval_split!r} with ground-truth objects): import the "
+                "world's test split or a dataset with objects"
+            )
+            log(metrics["eval_note"])
+        else:
+            from lvlm_studio.evaluation import EvaluationCancelled
+
+            extractor = choose_extractor(cfg.extractor, items)
+            device = resolve_device(cfg.device)
+            try:
+                parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None
+                if cfg.eval_parent and parent is not None and not store.eval_outputs(parent["id"]):
+                    log(f"evaluating the parent round {parent['id']} on {len(items)} items (no stored outputs)")
+                    model, processor = materialize_round_model(base_path, chain, device=device)
+                    pm, prow = _evaluate(model, processor, f"round {parent['id']}", device, items, extractor,
+                                         cfg, None, stop.is_set)
+                    with store.transaction():
+                        store.add_eval_outputs(parent["id"], prow)
+                        store.update_round(parent["id"], metrics={**(parent.get("metrics") or {}), "eval": pm})
+                    del model
+                log(f"evaluating round {round_id} on {len(items)} items ({extractor.name} objects)")
+                model, processor = materialize_round_model(base_path, [*chain, str(out_dir)], device=device)
+
+                def progress(done: int, total: int) -> None:
+                    store.update_round(round_id, progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / max(total, 1))
+
+                em, rows = _evaluate(model, processor, f"round {round_id}", device, items, extractor, cfg,
+                                     progress, stop.is_set)
+            except EvaluationCancelled as exc:
+                return cancelled(f"cancelled during evaluation ({exc}); the adapter was not made current")
+            metrics["eval"] = em
+            log(f"evaluation: {em}")
+        if stop.is_set():
+            return cancelled("cancelled after training; the adapter was not made current")
+        # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
+        with store.transaction():
+            if rows:
+                store.add_eval_outputs(round_id, rows)
+            store.update_round(round_id, status="done", adapter_path=str(out_dir), metrics=metrics, progress=1.0)
+        log("done")
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
+        traceback.print_exc()
+        sys.stdout.flush()
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            store.update_round(round_id, status="failed", error=message[:2000])
+        except Exception:  # noqa: BLE001 - the store itself failed; the log has the traceback
+            traceback.print_exc()
+        return 1
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lvlm_studio.jobs", description="Run one DPO round job.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a queued round (started by start_round)")
+    run.add_argument("round_id", type=int)
+    run.add_argument("--home", required=True, help="the data root (LVLM_STUDIO_HOME)")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_round(args.round_id, args.home)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

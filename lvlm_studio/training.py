@@ -1,0 +1,491 @@
+"""A DPO round: reviewed preference pairs → a new LoRA adapter (TRL ``DPOTrainer`` + PEFT).
+
+Round lineage (CSR's iterations): round t starts from the model of round t−1 *merged* (the base
+with every earlier round's adapter merged in order) and trains a fresh LoRA on top. With PEFT,
+TRL's reference model is the policy with the adapter disabled, which is exactly that merged
+parent, so the reference of round t is the model of round t−1, as the CSR reference does it.
+An adapter is therefore only meaningful on top of its parents: each adapter directory carries
+``lineage.json`` (base model + the parent adapter chain), and ``materialize_round_model(base,
+chain)`` rebuilds a round's model by merging the chain in order.
+
+Losses (``DPORoundConfig``):
+  * plain DPO: TRL ``loss_type=["sigmoid"]``, β = 0.1 (all three papers).
+  * STIC's DPO + SFT on the chosen answer: ``sft_weight`` > 0 → ``loss_type=["sigmoid", "sft"]``,
+    ``loss_weights=[1, sft_weight]``. TRL's SFT term is the *mean* token NLL of the chosen answers
+    in the batch; STIC's reference uses the *summed* NLL / 1024. We use TRL's mean (length-
+    independent, so one weight fits short demo answers and long COCO descriptions alike).
+  * POVID's two-term loss 0.5·DPO(chosen vs text-hallucinated) + 0.5·DPO(chosen vs noisy-image
+    answer): TRL 1.16 has no per-row loss weights, and subclassing its 400-line ``_compute_loss``
+    for it would be brittle, so ``povid_two_term`` balances the data instead: POVID pairs are split
+    by term (``povid_term``) and the smaller term's rows are repeated (cycled) until both terms
+    have the same number of rows. The trainer's mean over rows then gives each term exactly half
+    of the POVID loss mass per epoch (the reference sums both terms per item in one batch; here
+    that holds in expectation over batches). POVID's stage 1 (text pairs only, 3 epochs) and
+    stage 2 (both terms, 1 epoch, after merging) are two rounds: the second starts from the first
+    merged, as every round does.
+
+On CUDA: bf16, gradient checkpointing and optional 4/8-bit loading (bitsandbytes) are wired in but
+untested here (the development machines have no GPU). On CPU: fp32, ``use_cpu=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
+CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+_EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch")
+LINEAGE_FILE = "lineage.json"
+
+
+@dataclass
+class DPORoundConfig:
+    """One DPO round. Defaults are the published recipes *scaled for the demo model* (a ~1 M
+    parameter LLaVA trained on ~100 pairs on 2 CPU cores); the paper values are cited beside each.
+    For a 7B model use the paper values (r=128, α=256, lr 1e-7 (CSR/STIC stage 1), 1 epoch)."""
+
+    # LoRA. CSR and STIC reference: r=128, α=256, dropout 0.05 on all LM linear layers. Demo: r=16,
+    # α=32 (same α/r = 2), as in the FACTS.md experiments.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # "all-linear" = every linear layer of the *language model* (not the vision tower, projector or
+    # lm_head), as the CSR reference's find_all_linear_names. A list is passed to PEFT verbatim.
+    target_modules: str | list[str] = "all-linear"
+    # DPO. β = 0.1 in CSR, POVID and STIC; sigmoid loss on summed log-probs.
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
+    # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
+    learning_rate: float = 5e-4
+    # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
+    num_epochs: float = 3.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    # Tokens per prompt + answer; must cover the image tokens (the demo: 16–64).
+    max_length: int | None = 512
+    lr_scheduler_type: str = "cosine"  # CSR reference: cosine with warmup 0.03
+    warmup_ratio: float = 0.03
+    max_steps: int = -1  # > 0 overrides num_epochs
+    logging_steps: int = 1
+    seed: int = 0
+    # STIC: DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring).
+    # STIC's reference weight is 1 on sum/1024; FACTS.md: weight 1 keeps recall on the demo.
+    sft_weight: float = 0.0
+    # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
+    povid_two_term: bool = False
+    # Hardware: None = auto (bf16 and gradient checkpointing on CUDA, fp32 and off on CPU).
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    quantization: str | None = None  # "4bit" | "8bit" (QLoRA; CUDA + bitsandbytes; untested here)
+    device: str = "auto"
+    # Data selection (jobs.py): which pairs train this round.
+    methods: list[str] | None = None
+    include_auto: bool = False
+    pair_round: int | None = None
+    # Evaluation after training (jobs.py).
+    eval_dataset: str | None = None  # None = any dataset
+    eval_split: str = "test"  # ShapesWorld's unbiased test split
+    eval_limit: int | None = 200
+    eval_kinds: list[str] = field(default_factory=lambda: ["describe", "pope"])
+    eval_max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    eval_parent: bool = True  # also evaluate the parent round if it has no stored outputs
+    extractor: str = "auto"  # "shapesworld" | "coco" | "auto" (world if its vocabulary parses the GT)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"quantization must be None, '4bit' or '8bit', not {self.quantization!r}")
+        if self.sft_weight < 0:
+            raise ValueError("sft_weight must be >= 0")
+        if self.batch_size < 1 or self.lora_r < 1:
+            raise ValueError("batch_size and lora_r must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DPORoundConfig:
+        """Unknown keys raise (a typo must not silently fall back to a default)."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown DPO round option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def loss_types(self) -> tuple[list[str], list[float]]:
+        if self.sft_weight > 0:
+            return [self.loss_type, "sft"], [1.0, float(self.sft_weight)]
+        return [self.loss_type], [1.0]
+
+
+@dataclass
+class TrainResult:
+    adapter_path: str | None  # None when stopped before the end (nothing saved)
+    stopped: bool
+    steps: int
+    n_pairs: int
+    n_rows: int
+    curve: list[dict]
+    seconds: float
+    lineage: dict
+
+    @property
+    def final(self) -> dict:
+        """The last logged record that has the curve keys."""
+        for rec in reversed(self.curve):
+            if "loss" in rec:
+                return rec
+        return {}
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def povid_term(pair: dict) -> str | None:
+    """'text' or 'noise' for a POVID pair (None for other methods). The noisy-image term is named
+    by the method ("povid_noise") or the pair's meta: kind "image" (as service.py writes it), or
+    rejected_source / term / variant naming noise ("povid_noise", "noisy_image")."""
+    method = str(pair.get("method") or "")
+    if not method.startswith("povid"):
+        return None
+    meta = pair.get("meta") or {}
+    tags = [method] + [str(meta.get(k) or "") for k in ("rejected_source", "term", "kind", "variant", "source")]
+    return "noise" if any("noise" in t or "noisy" in t or t == "image" for t in tags) else "text"
+
+
+def balance_povid(pairs: Sequence[dict]) -> list[dict]:
+    """Repeat the smaller POVID term's pairs (cycled) until both terms have as many rows."""
+    text = [p for p in pairs if povid_term(p) == "text"]
+    noise = [p for p in pairs if povid_term(p) == "noise"]
+    rest = [p for p in pairs if povid_term(p) is None]
+    if not text or not noise:
+        return list(pairs)
+    small, large = (text, noise) if len(text) < len(noise) else (noise, text)
+    extra = [small[i % len(small)] for i in range(len(large) - len(small))]
+    return [*rest, *text, *noise, *extra]
+
+
+def build_dpo_dataset(pairs: Sequence[dict]):
+    """TRL's conversational vision preference format (the same as the TRL export):
+    ``images`` [image], ``prompt`` [user turn], ``chosen`` / ``rejected`` [assistant turn].
+    A pair gives its image as ``image`` (PIL) or ``image_path``."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    turn = List({"role": Value("string"), "content": Value("string")})
+    features = Features({"images": List(Image()), "prompt": turn, "chosen": turn, "rejected": turn})
+    rows: dict[str, list] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
+    for p in pairs:
+        image = p.get("image")
+        if image is None:
+            path = p.get("image_path")
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"pair {p.get('pair_id')}: image file {path!r} is missing")
+            image = str(path)
+        if not str(p.get("chosen") or "").strip() or not str(p.get("rejected") or "").strip():
+            raise ValueError(f"pair {p.get('pair_id')}: chosen and rejected must be non-empty")
+        rows["images"].append([image])
+        rows["prompt"].append([{"role": "user", "content": p["prompt"]}])
+        rows["chosen"].append([{"role": "assistant", "content": p["chosen"]}])
+        rows["rejected"].append([{"role": "assistant", "content": p["rejected"]}])
+    return Dataset.from_dict(rows, features=features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def _as_chain(adapters: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    if adapters is None:
+        return []
+    if isinstance(adapters, (str, os.PathLike)):
+        return [str(adapters)]
+    return [str(a) for a in adapters]
+
+
+def read_lineage(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def adapter_chain(adapter_dir: str | os.PathLike) -> list[str]:
+    """The full chain ending at ``adapter_dir`` (parents first), from its lineage file."""
+    lineage = read_lineage(adapter_dir)
+    return [*lineage.get("parents", []), str(adapter_dir)]
+
+
+def resolve_device(device: str = "auto") -> str:
+    from lvlm_studio.config import resolve_device as _resolve
+
+    return _resolve(device)
+
+
+def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = False, quantization: str | None = None):
+    """(model, processor) of the base model, in the training dtype."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig  # untested here: needs CUDA + bitsandbytes
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_type="nf4")
+            if quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForImageTextToText.from_pretrained(str(base_model_path), **kwargs)
+    processor = AutoProcessor.from_pretrained(str(base_model_path))
+    return model, processor
+
+
+def merge_chain(model, chain: Sequence[str]):
+    """Merge each adapter of ``chain`` into ``model`` in order (each was trained on the previous
+    ones merged, so sequential merging rebuilds that round's model)."""
+    from peft import PeftModel
+
+    for adapter in chain:
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory {adapter!r} is missing")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+def materialize_round_model(
+    base_model_path: str,
+    adapter_chain: str | Sequence[str] | None,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+):
+    """The model of a round = base + its adapter chain merged in order. Returns (model, processor);
+    with ``out_dir`` also saves both there (atomically) so any loader can open the merged model."""
+    model, processor = load_base_model(base_model_path, device=device)
+    model = merge_chain(model, _as_chain(adapter_chain))
+    if out_dir is not None:
+        out = Path(out_dir)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return model.to(device), processor
+
+
+def lora_target_modules(model, target: str | list[str]) -> str | list[str]:
+    """'all-linear' → a regex over the language model's linear layers (vision tower, projector and
+    lm_head excluded); anything else is passed to PEFT unchanged."""
+    import torch
+
+    if target != "all-linear":
+        return target
+    for lm_attr in ("language_model", "text_model"):
+        leaves = {
+            name.split(".")[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and lm_attr in name.split(".")
+        }
+        if leaves:
+            return rf".*\b{lm_attr}\b.*\.({'|'.join(sorted(leaves))})"
+    return "all-linear"  # PEFT's own: every linear layer except the output layer
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None, curve: list):
+    from transformers import TrainerCallback
+
+    class _Stream(TrainerCallback):
+        stopped = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            record = {"step": int(state.global_step), "max_steps": int(state.max_steps or 0)}
+            for key in (*CURVE_KEYS, *_EXTRA_KEYS):
+                if key in logs and isinstance(logs[key], (int, float)) and math.isfinite(logs[key]):
+                    record[key] = float(logs[key])
+            for key in ("train_loss", "train_runtime"):
+                if key in logs:
+                    record[key] = float(logs[key])
+            curve.append(record)
+            if on_log is not None:
+                on_log(record)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_stop is not None and should_stop():
+                _Stream.stopped = True
+                control.should_training_stop = True
+            return control
+
+    return _Stream()
+
+
+def train_round(
+    pairs: Sequence[dict],
+    base_model_path: str | os.PathLike,
+    parent_adapter: str | Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    config: DPORoundConfig | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train one round's LoRA on ``pairs`` (dicts with prompt, chosen, rejected, image or
+    image_path, method, meta) on top of ``base_model_path`` + the ``parent_adapter`` chain merged.
+
+    The adapter is saved to ``out_dir`` atomically (a temp dir renamed when complete), with
+    ``lineage.json``; a stop request (``should_stop()`` true, checked after every step and before
+    the model loads) ends training cleanly and saves nothing (``adapter_path`` None).
+    """
+    import torch
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    config = config or DPORoundConfig()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"adapter directory {out} already exists; a round never overwrites one")
+    if not pairs:
+        raise ValueError("no training pairs: review some pairs (or allow automatic labels) first")
+    chain = _as_chain(parent_adapter)
+    rows = balance_povid(pairs) if config.povid_two_term else list(pairs)
+    dataset = build_dpo_dataset(rows)
+    lineage = {
+        "base_model": str(base_model_path),
+        "parents": chain,
+        "config": config.to_dict(),
+        "n_pairs": len(pairs),
+        "n_rows": len(rows),
+        "pair_ids": [p.get("pair_id") for p in pairs],
+    }
+    curve: list[dict] = []
+
+    def stopped_result(steps: int) -> TrainResult:
+        return TrainResult(None, True, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+
+    if should_stop is not None and should_stop():
+        return stopped_result(0)
+
+    device = resolve_device(config.device)
+    cuda = device.startswith("cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
+    grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
+    model = merge_chain(model, chain)
+    if config.quantization is not None:
+        from peft import prepare_model_for_kbit_training  # untested here (no GPU)
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    if should_stop is not None and should_stop():
+        return stopped_result(0)
+
+    types, weights = config.loss_types()
+    work = out.parent / f".{out.name}.run-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    args = DPOConfig(
+        output_dir=str(work),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio in transformers 5
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=bf16,
+        gradient_checkpointing=grad_ckpt,
+        beta=config.beta,
+        loss_type=types,
+        loss_weights=weights,
+        max_length=config.max_length,
+        seed=config.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_modules(model, config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    stream = _callback(on_log, should_stop, curve)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[stream],
+    )
+    try:
+        trainer.train()
+        steps = int(trainer.state.global_step)
+        if type(stream).stopped:
+            return stopped_result(steps)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(str(tmp))
+        lineage.update(steps=steps, seconds=time.perf_counter() - t0)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+        (tmp / "curve.json").write_text(json.dumps(curve))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)  # atomic on one filesystem: a reader sees no adapter or a whole one
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(str(out), False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+
+
+def sequence_logprobs(model, processor, pairs: Sequence[dict], which: str) -> list[float]:
+    """Summed log-prob of each pair's ``which`` ("chosen"/"rejected") answer under ``model``
+    (teacher-forced, same chat format as training). For checks and the UI's margin display."""
+    import torch
+    from PIL import Image
+
+    tok = processor.tokenizer
+    out = []
+    model.eval()
+    for p in pairs:
+        image = p.get("image")
+        if image is None:
+            with Image.open(p["image_path"]) as im:
+                image = im.convert("RGB")
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p["prompt"]}]}]
+        prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+        full = processor.apply_chat_template(
+            [*msgs, {"role": "assistant", "content": [{"type": "text", "text": p[which]}]}]
+        )
+        # TRL tokenises prompt and completion separately: the completion is what follows the prompt.
+        completion = full[len(prompt) :] if full.startswith(prompt) else p[which]
+        enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
+        comp = tok([completion], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = torch.cat([enc["input_ids"], comp], dim=1)
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids.to(model.device),
+                attention_mask=torch.ones_like(ids).to(model.device),
+                pixel_values=enc["pixel_values"].to(model.device, model.dtype),
+            ).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], dim=-1)
+        targets = ids[0, 1:].to(logp.device)
+        n = comp.shape[1]
+        out.append(float(logp[-n:].gather(1, targets[-n:, None]).sum()))
+    return out

@@ -1,0 +1,219 @@
+"""Hand-built cases for object extraction, CHAIR, recall and POPE (pure, fast)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lvlm_studio.evaluation import (
+    COCO_CATEGORIES,
+    CocoExtractor,
+    ObjectExtractor,
+    ShapesWorldExtractor,
+    build_pope_questions,
+    chair_from_texts,
+    evaluate_backend,
+    parse_yes_no,
+    pope_metrics,
+    score_caption,
+    singularize,
+)
+from lvlm_studio.models.base import GenerationParams, Sequence
+
+
+@pytest.fixture(scope="module")
+def coco() -> CocoExtractor:
+    return CocoExtractor()
+
+
+@pytest.fixture(scope="module")
+def world() -> ShapesWorldExtractor:
+    return ShapesWorldExtractor()
+
+
+def test_extractors_follow_protocol(coco, world):
+    assert isinstance(coco, ObjectExtractor) and isinstance(world, ObjectExtractor)
+    assert len(COCO_CATEGORIES) == 80 and len(set(coco.vocabulary)) == 80
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A puppy chases a kitten.", ["dog", "cat"]),  # synonyms
+        ("Two dogs, three horses and some sheep.", ["dog", "horse", "sheep"]),  # plurals
+        ("The men and women hold knives.", ["person", "person", "knife"]),  # irregular plurals
+        ("Hot dogs near a traffic light and a teddy bear.", ["hot dog", "traffic light", "teddy bear"]),
+        ("A girl holds a cell phone; a boy a mobile phone.", ["person", "cell phone", "person", "cell phone"]),
+        ("A baby elephant follows an adult giraffe.", ["elephant", "giraffe"]),  # not 'person'
+        ("A man wearing a bow tie.", ["person", "tie"]),
+        ("A cat sits on the toilet seat.", ["cat", "toilet"]),  # seat is not a chair here
+        ("A passenger jet over the train tracks.", ["airplane"]),  # neither a person nor a train
+        ("A sofa, a couch and a SOFA.", ["couch", "couch", "couch"]),  # every occurrence counts
+        ("Wine glasses and tennis rackets on a dining table.", ["wine glass", "tennis racket", "dining table"]),
+        ("The bus passes a bench.", ["bus", "bench"]),  # 'bus' is not singularised to 'bu'
+        ("", []),
+        ("A beautiful sunny day.", []),
+    ],
+)
+def test_coco_extraction(coco, text, expected):
+    assert coco.extract(text) == expected
+
+
+def test_coco_mentions_have_offsets(coco):
+    text = "Two Hot Dogs and a dog."
+    mentions = coco.mentions(text)
+    assert [(m.text, m.object) for m in mentions] == [("Hot Dogs", "hot dog"), ("dog", "dog")]
+    assert all(text[m.start : m.end] == m.text for m in mentions)
+
+
+def test_coco_ground_truth_from_instances_and_captions(coco):
+    gt = coco.image_ground_truth(["person", "dog"], ["A woman walks her puppy past a bicycle."])
+    assert gt == {"person", "dog", "bicycle"}
+    with pytest.raises(ValueError, match="not a COCO category"):
+        coco.ground_truth(["unicorn"])
+
+
+def test_singularize():
+    assert [singularize(w) for w in ["circles", "benches", "puppies", "buses", "glasses", "bus", "boxes"]] == [
+        "circle", "bench", "puppy", "bus", "glass", "bus", "box",
+    ]
+
+
+def test_world_extraction_sizes_plurals_repeats(world):
+    text = "There is a small red circle at the top left. Two blue squares. A red large circle. Red circles!"
+    assert world.extract(text) == ["red circle", "blue square", "red circle", "red circle"]
+    # Colour without a shape, shape without a colour: no mention.
+    assert world.extract("Something red. A circle. A green thing.") == []
+    assert world.extract("") == []
+
+
+def test_world_ground_truth_formats(world):
+    gt = world.ground_truth(["small red circle", {"colour": "Blue", "shape": "star", "size": "large"}])
+    assert gt == {"red circle", "blue star"}
+    with pytest.raises(ValueError):
+        world.ground_truth(["a dog"])
+
+
+def test_chair_counts_every_occurrence_and_recall(world):
+    texts = [
+        "A red circle and a green triangle. A green triangle.",  # 1 true + 2 hallucinated mentions
+        "A blue star.",  # correct
+        "",  # empty caption: no mentions, misses its object
+    ]
+    gts = [["red circle"], ["blue star", "yellow square"], ["purple circle"]]
+    m = chair_from_texts(texts, gts, world)
+    assert m["n_mentions"] == 4 and m["n_hallucinated"] == 2
+    assert m["chair_i"] == pytest.approx(2 / 4)
+    assert m["chair_s"] == pytest.approx(1 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)  # red circle, blue star of 4 GT objects
+
+
+def test_chair_empty_inputs_are_zero_not_nan(world):
+    m = chair_from_texts([""], [[]], world)
+    assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["recall"] == 0.0 and m["n_mentions"] == 0
+
+
+def test_score_caption_coco(coco):
+    s = score_caption("A dog and two cats on a couch next to a dog.", ["dog", "couch"], coco)
+    assert s.objects == ["dog", "cat", "couch", "dog"]
+    assert s.hallucinated == ["cat"]
+    assert s.recalled == {"dog", "couch"}
+
+
+@pytest.mark.parametrize(
+    "answer, parsed",
+    [
+        ("No, there is not.", "no"),
+        ("Yes", "yes"),
+        ("yes, there is a dog.", "yes"),
+        ("There is not a dog in the image.", "no"),
+        ("Yes. There is no cat.", "yes"),  # only the first sentence counts
+        ("Nothing like that", "yes"),  # 'nothing' is not the word 'no'
+        ("", "yes"),
+    ],
+)
+def test_pope_parsing(answer, parsed):
+    assert parse_yes_no(answer) == parsed
+
+
+def test_pope_metrics():
+    preds = ["yes", "yes", "no", "no", "yes", "no"]
+    labels = ["yes", "no", "no", "yes", "yes", "no"]
+    m = pope_metrics(preds, labels)
+    # tp=2 fp=1 tn=2 fn=1
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["yes_ratio"] == pytest.approx(3 / 6)
+
+
+def test_pope_question_strategies():
+    vocab = ["a", "b", "c", "d", "e", "f"]
+    images = {1: {"a", "b"}, 2: {"a", "c"}, 3: {"a", "c"}, 4: {"d", "c"}, 5: {"e", "b"}}
+    for strategy in ("random", "popular", "adversarial"):
+        qs = build_pope_questions(images, vocab, strategy=strategy, n=2, seed=1)
+        for q in qs:
+            present = q["object"] in images[q["image_id"]]
+            assert (q["label"] == "yes") == present
+            assert q["question"] == f"Is there a {q['object']} in the image?"
+    pop = [q["object"] for q in build_pope_questions({1: {"a", "b"}}, vocab, "popular", n=1, statistics=images)
+           if q["label"] == "no"]
+    assert pop == ["c"]  # most frequent object absent from image 1
+    adv = [q["object"] for q in build_pope_questions({9: {"d"}}, vocab, "adversarial", n=1, statistics=images)
+           if q["label"] == "no"]
+    assert adv == ["c"]  # d co-occurs only with c
+    with pytest.raises(ValueError):
+        build_pope_questions(images, vocab, strategy="nope")
+
+
+class _CannedBackend:
+    """A backend whose answers are fixed per prompt (the model is not under test here)."""
+
+    model_id = "canned"
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+        self.calls = 0
+
+    def sample(self, images, prompts, n=1, params=None):
+        self.calls += 1
+        return [[Sequence(self.answers[p], [], [], "eos")] for p in prompts]
+
+
+def test_evaluate_backend_captions_and_pope(world):
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8))
+    items = [
+        {"item_id": 1, "image": img, "prompt": "describe1", "objects": ["red circle"]},
+        {"item_id": 2, "image": img, "prompt": "describe2", "objects": ["blue star"]},
+        {"item_id": 3, "image": img, "prompt": "Is there a red circle?", "meta": {"kind": "pope"}, "reference": "yes"},
+        {"item_id": 4, "image": img, "prompt": "Is there a blue star?", "label": "no"},
+    ]
+    backend = _CannedBackend(
+        {
+            "describe1": "A red circle. A green triangle.",
+            "describe2": "A blue star.",
+            "Is there a red circle?": "Yes, there is.",
+            "Is there a blue star?": "Yes.",
+        }
+    )
+    seen = []
+    metrics, rows = evaluate_backend(backend, items, world, GenerationParams(), batch_size=3,
+                                     progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(3, 4), (4, 4)] and backend.calls == 2
+    assert metrics["chair_i"] == pytest.approx(1 / 3) and metrics["chair_s"] == pytest.approx(0.5)
+    assert metrics["recall"] == 1.0
+    assert metrics["pope_accuracy"] == 0.5 and metrics["pope_yes_ratio"] == 1.0
+    assert [r["item_id"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["hallucinated"] == ["green triangle"]
+    spans = rows[0]["meta"]["spans"]
+    assert [(s["object"], s["hallucinated"]) for s in spans] == [("red circle", False), ("green triangle", True)]
+
+
+def test_evaluate_backend_stops(world):
+    from lvlm_studio.evaluation import EvaluationCancelled
+
+    items = [{"item_id": 1, "image": None, "image_path": "/nonexistent", "prompt": "p", "objects": []}]
+    with pytest.raises(EvaluationCancelled):
+        evaluate_backend(_CannedBackend({}), items, world, should_stop=lambda: True)

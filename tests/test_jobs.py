@@ -1,0 +1,185 @@
+"""Rounds as subprocesses on a tiny LLaVA in a temporary home: full round, SIGKILL, cancel, stale pids."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lvlm_studio import jobs
+from lvlm_studio.config import Settings
+from lvlm_studio.models.tiny import build_tiny_llava
+from lvlm_studio.store import Store
+from lvlm_studio.world import world_items
+
+FAST = {"learning_rate": 5e-3, "num_epochs": 2, "batch_size": 4, "include_auto": True,
+        "eval_max_new_tokens": 12, "eval_batch_size": 8}
+# Long enough to be interrupted mid-training (the job is killed or cancelled long before the end).
+LONG = {**FAST, "num_epochs": 400, "eval_parent": False}
+
+
+def _add(store: Store, home: Path, item: dict, dataset: str, split: str) -> int:
+    data = item["image"].tobytes()
+    image_id = hashlib.sha256(data).hexdigest()
+    path = home / "images" / f"{image_id}.png"
+    item["image"].save(path)
+    store.add_image(image_id, path, *item["image"].size, source="shapesworld", objects=item["objects"])
+    return store.add_item(image_id, item["prompt"], item["reference"], dataset, split, item["meta"])
+
+
+def _populate(settings: Settings) -> dict:
+    store = Store.open(settings)
+    try:
+        n_pairs = 0
+        for item in world_items("train", n=12, seed=3):
+            item_id = _add(store, settings.home, item, "shapesworld", "train")
+            good = store.add_candidate(item_id, item["reference"], "reference")
+            bad = store.add_candidate(item_id, item["reference"] + " There is a small green triangle at the top.",
+                                      "povid_inject")
+            store.add_pair(item_id, good, bad, "povid", margin=1.0)
+            n_pairs += 1
+        test = world_items("test", n=3, seed=3, kinds=("describe", "pope"))
+        for item in test:
+            _add(store, settings.home, item, "shapesworld", "test")
+        return {"n_pairs": n_pairs, "n_eval": len(test)}
+    finally:
+        store.close()
+
+
+def _wait_for_steps(settings: Settings, round_id: int, n: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = jobs.status(settings, round_id)
+        assert row["status"] in jobs.ACTIVE, row
+        store = Store.open(settings)
+        try:
+            if len(store.round_curve(round_id)) >= n:
+                return
+        finally:
+            store.close()
+        time.sleep(0.2)
+    raise AssertionError(f"round {round_id} logged fewer than {n} steps in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A home with a tiny model, 12 reviewed-by-default pairs, 9 test items and one finished round."""
+    os.environ["LVLM_STUDIO_THREADS"] = "1"
+    root = tmp_path_factory.mktemp("jobs")
+    model = build_tiny_llava(root / "tiny")
+    settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
+    info = _populate(settings)
+    t0 = time.monotonic()
+    round_id = jobs.start_round(settings, FAST)
+    # One job at a time: a second start is refused while the first is queued or running.
+    with pytest.raises(jobs.RoundBusyError, match="one training"):
+        jobs.start_round(settings, FAST)
+    row = jobs.wait(round_id, timeout=240, settings=settings)
+    return {"settings": settings, "round_id": round_id, "row": row, "seconds": time.monotonic() - t0, **info}
+
+
+def test_full_round_through_subprocess(trained):
+    settings, rid, row = trained["settings"], trained["round_id"], trained["row"]
+    log = Path(row["log_path"]).read_text()
+    assert row["status"] == "done", (row["error"], log[-3000:])
+    assert rid == 1 and row["parent_id"] == 0 and row["progress"] == pytest.approx(1.0)
+    adapter = Path(row["adapter_path"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "lineage.json").is_file()
+    store = Store.open(settings)
+    try:
+        assert store.current_round()["id"] == rid
+        curve = [c for c in store.round_curve(rid) if "loss" in c]  # the last record is the run summary
+        assert len(curve) == 6 and all("rewards/margins" in c for c in curve)
+        assert curve[-1]["rewards/margins"] > curve[0]["rewards/margins"]
+        metrics = row["metrics"]
+        assert metrics["n_pairs"] == trained["n_pairs"] and metrics["steps"] == 6
+        ev = metrics["eval"]
+        assert ev["extractor"] == "shapesworld" and ev["n_items"] == trained["n_eval"]
+        assert {"chair_i", "chair_s", "recall", "pope_accuracy", "pope_yes_ratio"} <= set(ev)
+        outputs = store.eval_outputs(rid)
+        assert len(outputs) == trained["n_eval"]
+        assert {o["meta"]["kind"] for o in outputs} == {"caption", "pope"}
+        # The parent (base model, round 0) had no outputs: it was evaluated too, for before/after.
+        assert len(store.eval_outputs(0)) == trained["n_eval"]
+        assert store.get_round(0)["metrics"]["eval"]["n_items"] == trained["n_eval"]
+    finally:
+        store.close()
+    assert "done" in log and jobs.reattach(settings) is None
+
+
+def test_sigkill_leaves_round_failed_and_store_consistent(trained):
+    settings = trained["settings"]
+    rid = jobs.start_round(settings, LONG)
+    _wait_for_steps(settings, rid, 2)
+    assert jobs.reattach(settings)["id"] == rid
+    pid = jobs.status(settings, rid)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while jobs.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = jobs.status(settings, rid)
+    assert row["status"] == "failed" and "SIGKILL" in row["error"], row
+    assert row["parent_id"] == trained["round_id"] and row["adapter_path"] is None
+    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    assert not list(settings.adapters_dir.glob(f".round_{rid}.*"))  # scratch dirs cleaned up
+    store = Store.open(settings)
+    try:
+        assert store.current_round()["id"] == trained["round_id"]  # the previous adapter stays current
+        integrity = store.integrity()
+        assert integrity["integrity_check"] == ["ok"] and integrity["foreign_key_violations"] == []
+    finally:
+        store.close()
+    assert jobs.reattach(settings) is None
+
+
+def test_cancel_stops_cleanly(trained):
+    settings = trained["settings"]
+    rid = jobs.start_round(settings, LONG)
+    _wait_for_steps(settings, rid, 1)
+    with pytest.raises(jobs.RoundBusyError):
+        jobs.start_round(settings, FAST)
+    row = jobs.cancel_round(settings, rid, timeout=60, force=False)
+    assert row["status"] == "cancelled", row
+    assert "during training" in row["error"]  # the job itself recorded a clean stop, not a kill
+    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    log = Path(row["log_path"]).read_text()
+    assert "SIGTERM" in log
+    store = Store.open(settings)
+    try:
+        assert store.current_round()["id"] == trained["round_id"]
+    finally:
+        store.close()
+
+
+def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
+    settings = Settings(home=tmp_path / "home", model="unused", device="cpu").ensure_dirs()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store = Store.open(settings)
+    try:
+        store.ensure_base_round("unused")
+        rid = store.create_round(0, "unused", {})
+        store.update_round(rid, status="running", pid=dead.pid)
+    finally:
+        store.close()
+    row = jobs.reattach(settings)
+    assert row is None
+    row = jobs.status(settings, rid)
+    assert row["status"] == "failed" and f"pid {dead.pid}" in row["error"]
+    # A pid that is alive but belongs to another program is not our job either.
+    assert jobs.pid_alive(os.getpid()) is False
+
+
+def test_job_without_pairs_fails_with_reason(tmp_path):
+    model = build_tiny_llava(tmp_path / "tiny")
+    settings = Settings(home=tmp_path / "home", model=str(model), device="cpu").ensure_dirs()
+    rid = jobs.start_round(settings, {"methods": ["csr"]})
+    row = jobs.wait(rid, timeout=120, settings=settings)
+    assert row["status"] == "failed" and "no training pairs" in row["error"]
+    with pytest.raises(ValueError, match="unknown DPO round option"):
+        jobs.start_round(settings, {"learning_rat": 1})
