@@ -1,0 +1,35 @@
+"""LVLM Studio: the Gradio app (also the Hugging Face Spaces ``app_file``).
+
+``python app.py`` starts in seconds on the embedded ShapesWorld default, seeding the store on the
+first start. Environment: ``LVLM_STUDIO_HOME`` (data root), ``PORT`` / ``GRADIO_SERVER_PORT``
+(default 7860), ``GRADIO_SERVER_NAME`` (default 127.0.0.1; 0.0.0.0 on a Space),
+``LVLM_STUDIO_USERS`` (accounts, see lvlm_studio/service.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from lvlm_studio.service import Studio
+from lvlm_studio.ui import build_app, launch_kwargs
+
+
+def main() -> None:
+    studio = Studio()
+    report = studio.seed_demo()
+    if report["items"] or report["pairs"]:
+        print(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
+    try:
+        studio.reattach()  # rounds whose subprocess died while the app was down are marked failed
+    except ImportError:
+        pass
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=None)
+    on_space = bool(os.environ.get("SPACE_ID"))
+    port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
+    demo.launch(server_name=host, server_port=port, **launch_kwargs(studio))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,892 @@
+"""What the UI and the CLI both call: import, generate, review, train, evaluate, compare, export.
+
+``Studio`` owns one ``Store`` (thread-safe: one SQLite connection per thread) and loads models
+lazily (torch is imported only when a method actually runs), so the app starts in seconds.
+No SQL here (store.py speaks SQL) and no Gradio (ui/ renders what this returns).
+
+Roles: accounts come from ``LVLM_STUDIO_USERS`` ("alice:pw:admin,bob:pw:reviewer", or a path to a
+JSON file) and optionally ``LVLM_STUDIO_ADMINS`` (user names, e.g. Hugging Face accounts signed in
+with OAuth on a Space). With no accounts configured the studio runs in *open mode*: everyone may do
+everything (a local single-user tool). With accounts, admin-only actions (start/cancel a training
+round, delete) raise ``PermissionError`` for anyone else; the check lives here, not in the UI, so
+the CLI and the HTTP API obey it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lvlm_studio.config import Settings
+from lvlm_studio.store import BASE_ROUND_ID, Store
+
+METHODS = ("csr", "povid", "stic")
+REVIEW_DECISIONS = ("accept", "swap", "reject_both", "edit")
+ROLES = ("admin", "reviewer")
+EXPORT_FORMATS = ("trl", "llava", "llamafactory")
+WORLD_DATASET = "shapesworld"
+# Decisions that overrule the automatic label (an edit rewrites the chosen answer: the automatic
+# chosen was not good enough as it stood).
+OVERRIDES = ("swap", "reject_both", "edit")
+
+ProgressFn = Callable[[int, int, str], None]
+
+# STIC's step-by-step prompt asks about mood, weather and people: words a ShapesWorld model has never
+# seen (its tokenizer is word-level over the world's words). For world items the studio uses prompts
+# in the world's own words: the chosen side is the plain describe prompt on the clean image, the
+# misleading side invites objects that are not drawn ("next to it"), the corrupted-image side is
+# STIC's branch (b) unchanged. Overridable through ``params``.
+WORLD_STIC_PROMPTS: dict[str, Any] = {
+    "good_prompt": "Describe the image.",
+    "plain_prompt": "Describe the image.",
+    "misleading_prompts": (
+        "Describe the image and the objects next to it.",
+        "Describe the image and what objects can be next to it.",
+    ),
+}
+
+
+# ---- users and roles ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str | None
+    role: str
+
+
+def parse_users(spec: str | None) -> dict[str, User]:
+    """Accounts from ``"alice:pw:admin,bob:pw:reviewer"``, a JSON string, or a path to a JSON file.
+
+    JSON: ``{"alice": {"password": "pw", "role": "admin"}}`` or
+    ``[{"name": "alice", "password": "pw", "role": "admin"}]``. The role defaults to reviewer.
+    """
+    if spec is None or not str(spec).strip():
+        return {}
+    spec = str(spec).strip()
+    data: Any = None
+    if spec[0] in "[{":
+        data = json.loads(spec)
+    elif spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"users file {spec!r} does not exist")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    users: dict[str, User] = {}
+    if data is None:
+        for entry in spec.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            parts = entry.split(":")
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+                raise ValueError(f"bad user entry {entry!r}: expected name:password[:role]")
+            role = parts[2] if len(parts) == 3 and parts[2] else "reviewer"
+            users[parts[0]] = User(parts[0], parts[1], role)
+    else:
+        if isinstance(data, dict):
+            data = [{"name": k, **(v if isinstance(v, dict) else {"password": v})} for k, v in data.items()]
+        for rec in data:
+            name = rec.get("name") or rec.get("username")
+            if not name:
+                raise ValueError(f"user entry without a name: {rec!r}")
+            users[name] = User(name, rec.get("password"), rec.get("role") or "reviewer")
+    for user in users.values():
+        if user.role not in ROLES:
+            raise ValueError(f"user {user.name!r}: unknown role {user.role!r}; expected one of {ROLES}")
+    return users
+
+
+def users_from_env() -> dict[str, User]:
+    return parse_users(os.environ.get("LVLM_STUDIO_USERS") or os.environ.get("LVLM_STUDIO_USERS_FILE"))
+
+
+def admins_from_env() -> set[str]:
+    return {a.strip() for a in os.environ.get("LVLM_STUDIO_ADMINS", "").split(",") if a.strip()}
+
+
+# ---- agreement statistics ----------------------------------------------------------------------
+
+
+def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
+    """Cohen's κ of two raters' labels on the same items. None without items; 1.0 when both
+    raters use one and the same category throughout (perfect, chance agreement undefined)."""
+    if len(a) != len(b):
+        raise ValueError("both raters need a label for every item")
+    n = len(a)
+    if n == 0:
+        return None
+    po = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    ca, cb = Counter(a), Counter(b)
+    pe = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
+    if pe >= 1.0:
+        return 1.0 if po >= 1.0 else 0.0
+    return (po - pe) / (1 - pe)
+
+
+def fleiss_kappa(ratings: Iterable[Sequence[str]]) -> float | None:
+    """Fleiss' κ over items each rated by ≥ 2 raters (the number of raters may vary per item:
+    P_i uses each item's own n_i; p_j pools all ratings). None when no item has 2 ratings."""
+    rows = [list(r) for r in ratings if len(r) >= 2]
+    if not rows:
+        return None
+    total = sum(len(r) for r in rows)
+    pooled = Counter(x for r in rows for x in r)
+    p_bar = 0.0
+    for r in rows:
+        n_i = len(r)
+        counts = Counter(r)
+        p_bar += (sum(c * c for c in counts.values()) - n_i) / (n_i * (n_i - 1))
+    p_bar /= len(rows)
+    pe = sum((c / total) ** 2 for c in pooled.values())
+    if pe >= 1.0:
+        return 1.0 if p_bar >= 1.0 else 0.0
+    return (p_bar - pe) / (1 - pe)
+
+
+def margin_buckets(margins: Sequence[float], k: int = 4) -> list[list[float]]:
+    """Split the finite margins, sorted, into up to ``k`` equal-count buckets (margin scales differ
+    per method and reward mode, so fixed edges would put everything in one bucket)."""
+    vals = sorted(m for m in margins if m is not None and math.isfinite(m))
+    n = len(vals)
+    k = max(1, min(k, n))
+    return [vals[i * n // k:(i + 1) * n // k] for i in range(k)] if n else []
+
+
+# ---- the studio --------------------------------------------------------------------------------
+
+
+class Studio:
+    """One data root: store, models, jobs. Safe to share between Gradio handler threads."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        users: dict[str, User] | None = None,
+        admins: Iterable[str] | None = None,
+    ):
+        self.settings = (settings or Settings()).ensure_dirs()
+        self.store = Store(self.settings.db_path)
+        self.store.ensure_base_round(self.settings.model)
+        self.users = users_from_env() if users is None else dict(users)
+        self.admins = admins_from_env() if admins is None else set(admins)
+
+    # ---------------------------------------------------------------- roles
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.users)
+
+    @property
+    def open_mode(self) -> bool:
+        """No accounts and no admin list: everyone may do everything."""
+        return not self.users and not self.admins
+
+    def check_password(self, username: str, password: str) -> bool:
+        import hmac
+
+        user = self.users.get(username)
+        if user is None or user.password is None:
+            return False
+        return hmac.compare_digest(user.password.encode(), (password or "").encode())
+
+    def role(self, user: str | None) -> str:
+        if self.open_mode:
+            return "admin"
+        if user and user in self.admins:
+            return "admin"
+        if user and user in self.users:
+            return self.users[user].role
+        return "reviewer" if user else "anonymous"
+
+    def require_admin(self, user: str | None, action: str) -> None:
+        role = self.role(user)
+        if role != "admin":
+            who = repr(user) if user else "an anonymous user"
+            raise PermissionError(f"{action} needs the admin role; {who} is {role}")
+
+    def auth_summary(self) -> str:
+        if self.open_mode:
+            return "open mode: no accounts configured"
+        names = ", ".join(f"{u.name} ({u.role})" for u in self.users.values())
+        extra = f"; admins by name: {', '.join(sorted(self.admins))}" if self.admins else ""
+        return f"accounts on: {names or 'none'}{extra}"
+
+    # ---------------------------------------------------------------- data in/out
+    def _ingest(self, source: Any, name: str | None, source_label: str, objects: list | None = None) -> str:
+        from lvlm_studio.media import ingest_image
+
+        rec = ingest_image(self.settings, source, name=name, source_label=source_label)
+        rid = _get(rec, "id")
+        self.store.add_image(rid, _get(rec, "path"), _get(rec, "width"), _get(rec, "height"),
+                             source_label, objects=objects)
+        return rid
+
+    def upload_images(
+        self, paths: Sequence[str | Path], prompt: str = "Describe this image in detail.",
+        dataset: str = "uploads", split: str = "train",
+    ) -> dict:
+        """Ingest image files (validated by media.py) and make one item per image."""
+        from lvlm_studio.media import ImageRejected
+
+        added, rejected = [], []
+        for path in paths:
+            try:
+                image_id = self._ingest(path, Path(path).name, "upload")
+            except ImageRejected as exc:
+                rejected.append({"file": Path(path).name, "reason": str(exc)})
+                continue
+            added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
+        return {"items": added, "rejected": rejected}
+
+    def import_path(self, path: str | Path, kind: str = "auto", dataset: str | None = None,
+                    split: str | None = None, **kw: Any) -> dict:
+        """Import an image folder, COCO JSON, JSONL, LLaVA / LLaMA-Factory JSON or a saved HF
+        dataset (io.py). Returns the ImportReport as a dict."""
+        from lvlm_studio import io
+
+        report = io.import_path(self.store, self.settings, path, kind or "auto", dataset=dataset or None,
+                                split=split or None, **kw)
+        return report.to_dict()
+
+    def export(self, fmt: str, out: str | Path | None = None, methods: Sequence[str] | None = None,
+               include_auto: bool = False, round: int | None = None, zip_: bool = False) -> dict:
+        """Export training pairs (effective labels applied) as TRL, LLaVA JSON or LLaMA-Factory.
+        ``zip_``: also pack the export folder into one .zip (for a browser download)."""
+        from lvlm_studio import io
+
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+        if out is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = self.settings.home / "exports" / f"{fmt}-{stamp}-{os.getpid()}-{threading.get_ident() % 10000}"
+        report = io.export_pairs(self.store, fmt, out, methods=list(methods) if methods else None,
+                                 include_auto=include_auto, round=round).to_dict()
+        if zip_:
+            import shutil
+
+            report["zip"] = shutil.make_archive(str(report["path"]), "zip", root_dir=report["path"])
+        return report
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    # ---------------------------------------------------------------- the demo world
+    @staticmethod
+    def demo_artifacts_present() -> bool:
+        root = Path(__file__).parent / "world" / "artifacts"
+        return (root / "vlm" / "config.json").is_file() and any((root / "clip").glob("*"))
+
+    def seed_demo(
+        self, n_train: int = 24, n_test: int = 24, pairs_per_method: int = 2, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> dict:
+        """First start: ShapesWorld items into the store (train/test, describe + POPE probes) and,
+        when no pairs exist yet and the demo models ship, a few pairs per method so a newcomer sees
+        real pairs at once. Idempotent; fast (a few items per method)."""
+        from lvlm_studio import world
+
+        report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
+        if self.store.count_items(dataset=WORLD_DATASET) == 0:
+            for split, n in (("train", n_train), ("test", n_test)):
+                images: dict[int, str] = {}
+                for rec in world.world_items(split, n, seed, kinds=("describe", "pope")):
+                    meta = dict(rec.get("meta") or {})
+                    key = meta.get("scene_index", id(rec["image"]))
+                    if key not in images:
+                        images[key] = self._ingest(_png(rec["image"]), f"{split}-{key}.png", WORLD_DATASET,
+                                                   objects=list(rec.get("objects") or []) or None)
+                    self.store.add_item(images[key], rec["prompt"], reference=rec.get("reference"),
+                                        dataset=WORLD_DATASET, split=split, meta=meta)
+                    report["items"] += 1
+        if self.store.count_pairs() > 0 or pairs_per_method <= 0:
+            report["message"] = "store already has pairs" if pairs_per_method > 0 else "seeded items only"
+            return report
+        describe = [it["id"] for it in self._describe_items(split="train")]
+        if not self.demo_artifacts_present():
+            # POVID's text side needs no model: a newcomer still sees real pairs to review.
+            res = self.generate("povid", item_ids=describe[:3 * pairs_per_method], seed=seed,
+                                params={"make_image_rejected": False}, progress=progress)
+            report["pairs"]["povid"] = res["pairs"]
+            report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
+                                 "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
+            return report
+        for k, method in enumerate(METHODS):
+            ids = describe[k * pairs_per_method:(k + 1) * pairs_per_method]
+            res = self.generate(method, model="demo", item_ids=ids, seed=seed,
+                                params=_DEMO_SEED_PARAMS.get(method), progress=progress)
+            report["pairs"][method] = res["pairs"]
+        report["message"] = "seeded demo items and pairs"
+        return report
+
+    def _describe_items(self, dataset: str | None = WORLD_DATASET, split: str | None = None) -> list[dict]:
+        return [it for it in self.store.list_items(dataset=dataset, split=split)
+                if ((it.get("meta") or {}).get("kind") or "describe") == "describe"]
+
+    # ---------------------------------------------------------------- models
+    def _round_adapter(self, round_id: int | None) -> str | None:
+        if not round_id:
+            return None
+        rnd = self.store.get_round(int(round_id))
+        if rnd is None:
+            raise ValueError(f"round {round_id} does not exist")
+        if rnd.get("status") != "done" or not rnd.get("adapter_path"):
+            raise ValueError(f"round {round_id} has no finished adapter (status {rnd.get('status')})")
+        return rnd["adapter_path"]
+
+    def backend(self, model: str = "demo", round_id: int | None = None) -> Any:
+        """A loaded backend (models/registry caches it per ref + adapter)."""
+        from lvlm_studio.models.registry import load_backend
+
+        return load_backend(model, device=self.settings.device, adapter=self._round_adapter(round_id))
+
+    def clip(self) -> Any:
+        from lvlm_studio.models.registry import load_clip
+
+        return load_clip(self.settings.clip, device=self.settings.device)
+
+    # ---------------------------------------------------------------- generation
+    def generate(
+        self,
+        method: str,
+        model: str = "demo",
+        round: int | None = None,
+        item_ids: Sequence[int] | None = None,
+        dataset: str | None = None,
+        split: str | None = None,
+        n: int | None = None,
+        params: dict | None = None,
+        seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> dict:
+        """Build pairs with ``method`` for the chosen items and store them with provenance.
+
+        Resumable: items that already have pairs for (method, round) are skipped. Each item's
+        candidates and pairs are written in one transaction (``store.write_generation``), so an
+        interrupted run leaves whole items only. ``round``: the trained round whose adapter
+        generates (None/0 = the base model); it is also the round the pairs belong to.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        round_id = int(round or 0)
+        if item_ids is not None:
+            items = [self.store.get_item(int(i)) for i in item_ids]
+            missing = [i for i, it in zip(item_ids, items, strict=True) if it is None]
+            if missing:
+                raise ValueError(f"unknown item id(s): {missing}")
+        else:
+            items = self._describe_items(dataset=dataset, split=split)
+        done = self.store.items_with_pairs(method, round_id)
+        todo = [it for it in items if it["id"] not in done]
+        if n is not None:
+            todo = todo[: int(n)]
+        skipped = len(items) - len(todo) if n is None else len([it for it in items if it["id"] in done])
+        report = {"method": method, "round": round_id, "items": len(todo), "skipped": skipped,
+                  "pairs": 0, "no_pair": 0, "seconds": 0.0}
+        if not todo:
+            return report
+        t0 = time.perf_counter()
+        runner = {"csr": self._gen_csr, "povid": self._gen_povid, "stic": self._gen_stic}[method]
+        runner(model, round_id, todo, dict(params or {}), int(seed), report, progress)
+        report["seconds"] = round_(time.perf_counter() - t0)
+        return report
+
+    def _prov(self, method: str, model: str, round_id: int, params: dict, seed: int) -> dict:
+        return {"model": model, "round": round_id, "params": {"method": method, **params}, "seed": seed}
+
+    def _open_image(self, item: dict) -> Any:
+        from PIL import Image
+
+        with Image.open(item["image_path"]) as im:
+            return im.convert("RGB")
+
+    def _is_world(self, item: dict) -> bool:
+        return item.get("dataset") == WORLD_DATASET or (item.get("image_source") == WORLD_DATASET)
+
+    def _write(self, item: dict, candidates: list[dict], pairs: list[dict], report: dict) -> None:
+        if not pairs:
+            report["no_pair"] += 1
+            return
+        self.store.write_generation(item["id"], candidates, pairs)
+        report["pairs"] += len(pairs)
+
+    def _gen_csr(self, model, round_id, items, params, seed, report, progress) -> None:
+        from lvlm_studio.methods.csr import CSRConfig, csr_generation_record, run_csr
+
+        config = CSRConfig(**{"seed": seed, **params})
+        backend, scorer = self.backend(model, round_id), self.clip()
+        prov = self._prov("csr", model, round_id, csr_generation_record(config), seed)
+        step = max(1, config.item_batch)
+        for lo in range(0, len(items), step):
+            chunk = items[lo:lo + step]
+            inputs = [(self._open_image(it), it["prompt"], it["image_id"]) for it in chunk]
+            results = run_csr(backend, scorer, inputs, config)
+            for it, res in zip(chunk, results, strict=True):
+                if not res.has_pair:
+                    report["no_pair"] += 1
+                    continue
+                cands = []
+                for idx in (res.chosen, res.rejected):
+                    c = res.candidates[idx]
+                    cands.append({"text": c.text, "source": "csr", "sentences": c.sentences,
+                                  "score": c.score, **prov,
+                                  "params": {**prov["params"], "finish_reason": c.finish_reason}})
+                pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin,
+                        "round": round_id,
+                        "meta": {"n_candidates": len(res.candidates), "model": model, "seed": seed,
+                                 "stats": _jsonable(res.stats)}}
+                self._write(it, cands, [pair], report)
+            if progress:
+                progress(min(lo + step, len(items)), len(items), f"CSR: {min(lo + step, len(items))}/{len(items)} items")
+
+    def _gen_povid(self, model, round_id, items, params, seed, report, progress) -> None:
+        from lvlm_studio.methods import povid
+
+        config = povid.POVIDConfig(**{"seed": seed, **params})
+        usable = [it for it in items if (it.get("reference") or "").strip()]
+        report["no_pair"] += len(items) - len(usable)
+        backend = self.backend(model, round_id) if config.make_image_rejected else None
+        world_vocab = self._world_vocabulary(povid) if any(self._is_world(it) for it in usable) else None
+        step = max(1, config.batch_size)
+        for lo in range(0, len(usable), step):
+            chunk = usable[lo:lo + step]
+            groups = [(world_vocab if self._is_world(it) else None) for it in chunk]
+            # one call per vocabulary (world items use the world's words and co-occurrence prior)
+            for vocab in {id(v): v for v in groups}.values():
+                sub = [it for it, v in zip(chunk, groups, strict=True) if v is vocab]
+                inputs = [povid.POVIDItem(self._open_image(it), it["prompt"], it["reference"], it["image_id"],
+                                          list(it.get("objects") or []) or None) for it in sub]
+                results = povid.build_povid_pairs(backend, inputs, config, vocabulary=vocab)
+                for it, res in zip(sub, results, strict=True):
+                    cands, pairs = _povid_rows(res, model, round_id, seed, config)
+                    self._write(it, cands, pairs, report)
+            if progress:
+                k = min(lo + step, len(usable))
+                progress(k, len(usable), f"POVID: {k}/{len(usable)} items")
+
+    @staticmethod
+    def _world_vocabulary(povid: Any) -> Any:
+        """ShapesWorld words for POVID's injector: its 12 object categories, colours, sizes,
+        positions (swapped for their opposites), and the train split's co-occurrence prior, so the
+        injected object is the prior partner first, as the paper's "co-occurring absent objects"."""
+        from lvlm_studio.world import vocab as wv
+
+        cooc: dict[str, dict[str, int]] = {}
+        for a, b in wv.PRIOR_PARTNERS.items():
+            cooc.setdefault(a, {})[b] = 10
+            cooc.setdefault(b, {})[a] = 10
+        opposites = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
+                     "small": "large", "large": "small"}
+        return povid.Vocabulary(objects=list(wv.CATEGORIES), colours=list(wv.COLOURS), sizes=list(wv.SIZES),
+                                counts=list(wv.COUNT_WORDS), relations=list(wv.POSITIONS),
+                                opposites=opposites, cooccurrence=cooc)
+
+    def _gen_stic(self, model, round_id, items, params, seed, report, progress) -> None:
+        from lvlm_studio.methods import stic
+
+        merged = dict(params)
+        if items and all(self._is_world(it) for it in items):
+            for key, value in WORLD_STIC_PROMPTS.items():
+                merged.setdefault(key, value)
+        config = stic.STICConfig(**{"seed": seed, **merged})
+        backend = self.backend(model, round_id)
+        step = max(1, config.batch_size)
+        for lo in range(0, len(items), step):
+            chunk = items[lo:lo + step]
+            results = stic.build_stic_pairs(backend, [(self._open_image(it), it["image_id"]) for it in chunk],
+                                            config)
+            for it, res in zip(chunk, results, strict=True):
+                if not res.has_pair:
+                    report["no_pair"] += 1
+                    continue
+                prov = {"model": model, "round": round_id, "score": None}
+                cands = [
+                    {"text": c.text, "source": c.source, "sentences": c.sentences, "seed": c.seed,
+                     "params": _jsonable({**c.params, "config": dataclasses.asdict(config)}), **prov}
+                    for c in (res.chosen, res.rejected)
+                ]
+                pair = {"chosen": 0, "rejected": 1, "method": "stic", "margin": None, "round": round_id,
+                        "meta": {"kind": res.draw.get("branch"), "draw": _jsonable(res.draw), "model": model,
+                                 "seed": seed, "pair_prompt": res.prompt}}
+                self._write(it, cands, [pair], report)
+            if progress:
+                k = min(lo + step, len(items))
+                progress(k, len(items), f"STIC: {k}/{len(items)} items")
+
+    # ---------------------------------------------------------------- review
+    def next_pair(self, reviewer: str, method: str | None = None, round: int | None = None,
+                  status: str = "pending", exclude: Iterable[int] = ()) -> dict | None:
+        """The next pair for ``reviewer`` (lowest automatic margin first), as a review view."""
+        pair = self.store.next_pair(_reviewer(reviewer), method=method or None,
+                                    round=None if round in (None, "") else int(round),
+                                    status=status, exclude=exclude)
+        return None if pair is None else self._view(pair, reviewer)
+
+    def get_pair(self, pair_id: int, reviewer: str | None = None) -> dict:
+        pair = self.store.get_pair(int(pair_id))
+        if pair is None:
+            raise LookupError(f"pair {pair_id} does not exist")
+        return self._view(pair, reviewer)
+
+    def _view(self, pair: dict, reviewer: str | None) -> dict:
+        """A pair ready for the Review tab: both candidates with their stored sentence/span
+        records, the automatic label and margin, this reviewer's live decision."""
+        mine = self.store.reviewer_decision(pair["id"], reviewer) if reviewer else None
+        return {
+            "pair_id": pair["id"], "item_id": pair["item_id"], "method": pair["method"],
+            "round": pair["round"], "margin": pair["margin"], "prompt": pair["prompt"],
+            "reference": pair.get("reference"), "image_path": pair["image_path"],
+            "objects": pair.get("objects"), "meta": pair.get("meta") or {},
+            "chosen": _cand_view(pair["chosen"]), "rejected": _cand_view(pair["rejected"]),
+            "label": pair["label"], "my_decision": mine["decision"] if mine else None,
+        }
+
+    def decide(self, pair_id: int, reviewer: str, decision: str, edited_text: str | None = None,
+               note: str | None = None, marked_spans: list[dict] | None = None) -> dict:
+        """Append one review decision (accept | swap | reject_both | edit)."""
+        if decision not in REVIEW_DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; expected one of {', '.join(REVIEW_DECISIONS)}")
+        if decision == "edit" and not (edited_text or "").strip():
+            raise ValueError("an edit needs the edited text")
+        review_id = self.store.add_review(int(pair_id), _reviewer(reviewer), decision,
+                                          edited_text=edited_text if decision == "edit" else None,
+                                          marked_spans=marked_spans, note=(note or None))
+        return {"review_id": review_id, "pair_id": int(pair_id), "decision": decision,
+                "label": self.store.effective_label(int(pair_id))}
+
+    def undo(self, reviewer: str, pair_id: int | None = None) -> dict | None:
+        """Cancel ``reviewer``'s latest live decision (on ``pair_id`` when given). None when there
+        is nothing to undo."""
+        reviewer = _reviewer(reviewer)
+        if pair_id is None:
+            latest = None
+            for pid, by in self.store.decisions_matrix().items():
+                if reviewer in by:
+                    rec = self.store.reviewer_decision(pid, reviewer)
+                    if rec and (latest is None or rec["id"] > latest["id"]):
+                        latest = rec
+            if latest is None:
+                return None
+            pair_id = latest["pair_id"]
+        elif self.store.reviewer_decision(int(pair_id), reviewer) is None:
+            return None
+        review_id = self.store.add_review(int(pair_id), reviewer, "undo")
+        return {"review_id": review_id, "pair_id": int(pair_id),
+                "label": self.store.effective_label(int(pair_id))}
+
+    def progress(self, reviewer: str | None = None, method: str | None = None) -> dict:
+        return self.store.progress(reviewer, method=method or None)
+
+    # ---------------------------------------------------------------- agreement
+    def agreement(self, buckets: int = 4) -> dict:
+        """Inter-reviewer agreement over live decisions and how often people overrule the
+        automatic label, by automatic-margin bucket (low margin should be overruled more)."""
+        matrix = self.store.decisions_matrix()
+        reviewers = sorted({r for by in matrix.values() for r in by})
+        pairwise = []
+        for i, a in enumerate(reviewers):
+            for b in reviewers[i + 1:]:
+                shared = [p for p, by in matrix.items() if a in by and b in by]
+                if shared:
+                    pairwise.append({"a": a, "b": b, "n": len(shared),
+                                     "kappa": cohen_kappa([matrix[p][a] for p in shared],
+                                                          [matrix[p][b] for p in shared])})
+        multi = [list(by.values()) for by in matrix.values() if len(by) >= 2]
+        # Override rate: the effective (latest live) decision of each reviewed pair vs its margin.
+        rows = []
+        for pid in matrix:
+            label = self.store.effective_label(pid)
+            pair = self.store.get_pair(pid)
+            if pair is None or pair.get("margin") is None:
+                continue
+            rows.append((pair["method"], float(pair["margin"]), label["status"] in OVERRIDES))
+        by_bucket = []
+        rows.sort(key=lambda r: r[1])
+        start = 0
+        for bucket in margin_buckets([m for _, m, _ in rows], buckets):
+            chunk = rows[start:start + len(bucket)]
+            start += len(bucket)
+            by_bucket.append({"bucket": f"{bucket[0]:.3g} – {bucket[-1]:.3g}", "lo": bucket[0], "hi": bucket[-1],
+                              "n": len(chunk), "override_rate": sum(o for _, _, o in chunk) / len(chunk)})
+        return {
+            "reviewers": reviewers,
+            "cohen": pairwise,
+            "cohen_kappa": pairwise[0]["kappa"] if len(reviewers) == 2 and pairwise else None,
+            "fleiss_kappa": fleiss_kappa(multi),
+            "items_multi_rated": len(multi),
+            "override_by_margin": by_bucket,
+            "override_rate": (sum(o for _, _, o in rows) / len(rows)) if rows else None,
+        }
+
+    # ---------------------------------------------------------------- training rounds
+    def reviewed_counts(self) -> dict[str, dict[str, int]]:
+        """Per method: pairs, human-labelled pairs usable for DPO, rejected-both."""
+        out: dict[str, dict[str, int]] = {m: {"pairs": 0, "reviewed": 0, "usable": 0} for m in METHODS}
+        for row in self.store.labelled_pairs():
+            rec = out.setdefault(row["method"], {"pairs": 0, "reviewed": 0, "usable": 0})
+            rec["pairs"] += 1
+            status = row["label"]["status"]
+            if status != "auto":
+                rec["reviewed"] += 1
+                if status != "reject_both":
+                    rec["usable"] += 1
+        return out
+
+    def start_round(self, config: dict | None, user: str | None, parent_id: int | None = None) -> int:
+        """Start a DPO round in a subprocess (jobs.py); admin only. ``config``: fields of
+        ``training.DPORoundConfig`` (unknown keys raise); ``parent_id`` (or ``config["parent_id"]``):
+        the round to continue from, default the current round. Returns the new round id."""
+        self.require_admin(user, "starting a training round")
+        from lvlm_studio import jobs
+
+        cfg = dict(config or {})
+        parent = cfg.pop("parent_id", parent_id)
+        return int(jobs.start_round(self.settings, cfg, parent_id=None if parent in (None, "") else int(parent)))
+
+    def cancel_round(self, round_id: int, user: str | None, timeout: float = 30.0) -> dict | None:
+        self.require_admin(user, "cancelling a training round")
+        from lvlm_studio import jobs
+
+        return jobs.cancel_round(self.settings, int(round_id), timeout=timeout)
+
+    def wait_round(self, round_id: int, timeout: float = 600.0) -> dict:
+        from lvlm_studio import jobs
+
+        return jobs.wait(int(round_id), timeout=timeout, settings=self.settings)
+
+    def reattach(self) -> Any:
+        """After an app restart: mark rounds whose process died as failed, keep watching live ones."""
+        from lvlm_studio import jobs
+
+        return jobs.reattach(self.settings)
+
+    def rounds(self) -> list[dict]:
+        return self.store.list_rounds()
+
+    def get_round(self, round_id: int) -> dict | None:
+        """The round row; an active round whose process is gone is marked failed on the way."""
+        row = self.store.get_round(int(round_id))
+        if row is not None and row["status"] in ("queued", "running"):
+            from lvlm_studio import jobs
+
+            row = jobs.status(self.settings, int(round_id))
+        return row
+
+    def round_curve(self, round_id: int) -> list[dict]:
+        return self.store.round_curve(int(round_id))
+
+    def delete_round(self, round_id: int, user: str | None) -> None:
+        """Admin only. Rounds are history (pairs and evaluations point at them): deleting marks a
+        queued/running round cancelled; finished rounds are kept."""
+        self.require_admin(user, "deleting a round")
+        rnd = self.store.get_round(int(round_id))
+        if rnd is None:
+            raise LookupError(f"round {round_id} does not exist")
+        if rnd["status"] in ("queued", "running"):
+            self.cancel_round(int(round_id), user)
+
+    # ---------------------------------------------------------------- evaluation and compare
+    def eval_items(self, n: int | None = None, kinds: Sequence[str] = ("describe", "pope"),
+                   dataset: str = WORLD_DATASET, split: str = "test") -> list[dict]:
+        items = [it for it in self.store.list_items(dataset=dataset, split=split)
+                 if ((it.get("meta") or {}).get("kind") or "describe") in kinds]
+        items = items[: int(n)] if n else items
+        return [{"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
+                 "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
+                for it in items]
+
+    def evaluate(self, round_id: int = BASE_ROUND_ID, n: int | None = None, model: str | None = None,
+                 progress: ProgressFn | None = None) -> dict:
+        """Answer the test split with a round's model; store answers (eval_outputs) and the
+        metrics (CHAIR_s/CHAIR_i/recall, POPE) under the round's ``metrics["eval"]``."""
+        from lvlm_studio import evaluation
+
+        round_id = int(round_id)
+        rnd = self.store.get_round(round_id)
+        if rnd is None:
+            raise LookupError(f"round {round_id} does not exist")
+        backend = self.backend(model or rnd.get("base_model") or self.settings.model, round_id or None)
+        metrics, rows = evaluation.evaluate_backend(
+            backend, self.eval_items(n), evaluation.get_extractor("shapesworld"),
+            progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None)
+        self.store.add_eval_outputs(round_id, rows)
+        self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
+        return metrics
+
+    def round_metrics(self) -> list[dict]:
+        """Evaluation metrics of every round that has them (long format for the plot)."""
+        rows = []
+        for rnd in self.store.list_rounds():
+            metrics = rnd.get("metrics") or {}
+            ev = metrics.get("eval", metrics)
+            for key in ("chair_s", "chair_i", "recall", "pope_f1"):
+                val = _metric(ev, key)
+                if val is not None:
+                    rows.append({"round": rnd["id"], "metric": key, "value": val})
+        return rows
+
+    def compare(self, a: int, b: int, only_diff: bool = False, include_probes: bool = False) -> dict:
+        """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
+        metrics table."""
+        a, b = int(a), int(b)
+        out_a = {r["item_id"]: r for r in self.store.eval_outputs(a)}
+        out_b = {r["item_id"]: r for r in self.store.eval_outputs(b)}
+        rows = []
+        for item_id in sorted(set(out_a) | set(out_b)):
+            ra, rb = out_a.get(item_id), out_b.get(item_id)
+            if not include_probes and any((r.get("meta") or {}).get("kind") == "pope" for r in (ra, rb) if r):
+                continue
+            if only_diff and ra and rb and (ra["answer"] or "").strip() == (rb["answer"] or "").strip():
+                continue
+            base = ra or rb
+            rows.append({
+                "item_id": item_id, "prompt": base.get("prompt"), "image_path": base.get("image_path"),
+                "objects": base.get("gt_objects"),
+                "a": _eval_view(ra), "b": _eval_view(rb),
+            })
+        metrics = []
+        for rid in (a, b):
+            rnd = self.store.get_round(rid) or {}
+            ev = (rnd.get("metrics") or {})
+            ev = ev.get("eval", ev)
+            computed = _metrics_from_outputs(self.store.eval_outputs(rid))
+            metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
+                                             for k in ("chair_s", "chair_i", "recall", "pope_f1")},
+                            "answers": len(out_a if rid == a else out_b)})
+        return {"a": a, "b": b, "rows": rows, "metrics": metrics}
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+_DEMO_SEED_PARAMS: dict[str, dict] = {
+    # A few sentences and candidates keep first-start seeding to seconds on 2 CPU cores.
+    "csr": {"num_candidates": 3, "max_sentences": 4},
+    "povid": {},
+    "stic": {},
+}
+
+
+def round_(x: float, nd: int = 3) -> float:
+    return float(round(x, nd))
+
+
+def _get(rec: Any, name: str) -> Any:
+    return rec[name] if isinstance(rec, dict) else getattr(rec, name)
+
+
+def _reviewer(name: str | None) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("a reviewer name is needed (sign in, or type a name in the Review tab)")
+    if len(name) > 64:
+        raise ValueError("a reviewer name is at most 64 characters")
+    return name
+
+
+def _cand_view(c: dict | None) -> dict:
+    c = c or {}
+    return {"id": c.get("id"), "text": c.get("text") or "", "source": c.get("source"),
+            "sentences": c.get("sentences") or [], "spans": c.get("spans") or [],
+            "score": c.get("score"), "model": c.get("model"), "round": c.get("round")}
+
+
+def _eval_view(r: dict | None) -> dict | None:
+    if r is None:
+        return None
+    return {"answer": r.get("answer") or "", "objects": r.get("objects") or [],
+            "hallucinated": r.get("hallucinated") or [], "spans": (r.get("meta") or {}).get("spans")}
+
+
+def _metric(d: dict, key: str) -> float | None:
+    aliases = {"chair_s": ("chair_s", "CHAIR_s", "chairs"), "chair_i": ("chair_i", "CHAIR_i", "chairi"),
+               "recall": ("recall", "object_recall"), "pope_f1": ("pope_f1", "POPE_f1", "f1")}
+    for k in aliases.get(key, (key,)):
+        if isinstance(d.get(k), int | float):
+            return float(d[k])
+    pope = d.get("pope")
+    if key == "pope_f1" and isinstance(pope, dict) and isinstance(pope.get("f1"), int | float):
+        return float(pope["f1"])
+    return None
+
+
+def _metrics_from_outputs(rows: list[dict]) -> dict:
+    """CHAIR_s / CHAIR_i / recall recomputed from stored answers (when a round has no metrics)."""
+    rows = [r for r in rows if (r.get("meta") or {}).get("kind", "describe") != "pope"]
+    if not rows:
+        return {}
+    mentions = sum(len(r.get("objects") or []) for r in rows)
+    hallu = sum(len(r.get("hallucinated") or []) for r in rows)
+    gt = sum(len(set(map(str, r.get("gt_objects") or []))) for r in rows)
+    hit = sum(len(set(map(str, r.get("gt_objects") or [])) & set(map(str, r.get("objects") or []))) for r in rows)
+    return {"chair_s": sum(bool(r.get("hallucinated")) for r in rows) / len(rows),
+            "chair_i": hallu / mentions if mentions else 0.0,
+            "recall": hit / gt if gt else None}
+
+
+def _jsonable(x: Any) -> Any:
+    try:
+        json.dumps(x)
+        return x
+    except TypeError:
+        return json.loads(json.dumps(x, default=str))
+
+
+def _png(image: Any) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _povid_rows(res: Any, model: str, round_id: int, seed: int, config: Any) -> tuple[list[dict], list[dict]]:
+    """chosen (the reference) vs the injected answer and vs the noisy-image answer: up to two pairs
+    sharing one chosen candidate. POVID has no automatic score, so the margin stays NULL."""
+    cands: list[dict] = []
+    pairs: list[dict] = []
+
+    def cand(c: Any) -> dict:
+        return {"text": c.text, "source": c.source, "sentences": c.sentences, "spans": c.spans or None,
+                "score": None, "model": model, "round": round_id,
+                "params": _jsonable({**c.params, "config": config.__dict__}), "seed": c.seed}
+
+    cands.append(cand(res.chosen))
+    for kind, rej in (("text", res.rejected_text), ("image", res.rejected_image)):
+        if rej is None or rej.text.strip() == res.chosen.text.strip():
+            continue
+        cands.append(cand(rej))
+        pairs.append({"chosen": 0, "rejected": len(cands) - 1, "method": "povid", "margin": None,
+                      "round": round_id, "meta": {"kind": kind, "model": model, "seed": seed}})
+    return cands, pairs
+
+
+def _opt(rec: Any, name: str) -> Any:
+    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name, None)
+
+
+def demo_rounds_summary(rounds: Sequence[dict]) -> list[dict]:
+    """Rows for the UI's round tables."""
+    out = []
+    for r in rounds:
+        cfg = r.get("config") or {}
+        out.append({"id": r["id"], "status": r["status"], "parent": r.get("parent_id"),
+                    "method": ",".join(cfg.get("methods") or []) if isinstance(cfg.get("methods"), list)
+                    else cfg.get("method", ""),
+                    "progress": r.get("progress"), "created": r.get("created"), "error": r.get("error")})
+    return out
+
+
+__all__ = [
+    "EXPORT_FORMATS", "METHODS", "REVIEW_DECISIONS", "Studio", "User", "cohen_kappa", "fleiss_kappa",
+    "margin_buckets", "parse_users",
+]

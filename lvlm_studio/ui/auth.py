@@ -1,0 +1,60 @@
+"""Who is using the app: password accounts (Gradio auth), HF OAuth on a Space, or a typed name.
+
+Roles are enforced in ``service.Studio``; this module only works out the user name of a request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lvlm_studio.service import Studio
+
+
+def on_space() -> bool:
+    """Running as a Hugging Face Space (Gradio's OAuth login works there)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def launch_auth(studio: Studio) -> Callable[[str, str], bool] | None:
+    """The ``auth=`` argument of ``demo.launch``: None in open mode."""
+    if not studio.auth_enabled:
+        return None
+    return studio.check_password
+
+
+def request_user(request: Any) -> str | None:
+    """The signed-in user of a Gradio request: password auth, else the HF OAuth session."""
+    if request is None:
+        return None
+    name = getattr(request, "username", None)
+    if name:
+        return str(name)
+    try:  # gr.LoginButton (HF OAuth) keeps the profile in the session
+        session = request.session
+        info = session.get("oauth_info") if session is not None else None
+        if info:
+            user = info.get("userinfo", {})
+            return user.get("preferred_username") or user.get("name")
+    except (AssertionError, AttributeError, KeyError, TypeError):
+        pass
+    return None
+
+
+def acting_user(studio: Studio, request: Any, typed: str | None) -> str:
+    """The name decisions are recorded under. With accounts on, only the signed-in name counts
+    (nobody can review as someone else); in open mode, the name typed in the Review tab."""
+    user = request_user(request)
+    if user:
+        return user
+    if studio.auth_enabled:
+        raise PermissionError("sign in first")
+    return (typed or "").strip()
+
+
+def header_text(studio: Studio, request: Any = None) -> str:
+    user = request_user(request)
+    mode = studio.auth_summary()
+    who = f"signed in as {user} ({studio.role(user)})" if user else ""
+    return " · ".join(x for x in (mode, who) if x)

@@ -1,0 +1,49 @@
+"""Compare tab: two rounds' evaluation answers side by side with hallucinated objects marked,
+their metrics, and CHAIR_s / CHAIR_i / recall / POPE F1 across all rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lvlm_studio.service import Studio
+from lvlm_studio.ui.common import round_choices, user_errors
+from lvlm_studio.ui.highlight import compare_html
+
+
+def metrics_plot_frame(studio: Studio) -> pd.DataFrame:
+    return pd.DataFrame(studio.round_metrics(), columns=["round", "metric", "value"])
+
+
+def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
+    choices = round_choices(studio)
+    with gr.Row():
+        a = gr.Dropdown(choices, value="0", label="Round A", allow_custom_value=True, elem_id="compare-a")
+        b = gr.Dropdown(choices, value=choices[-1][1] if choices else "0", label="Round B", allow_custom_value=True, elem_id="compare-b")
+        only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff")
+        go = gr.Button("Compare", variant="primary", elem_id="compare-run")
+    metrics = gr.Dataframe(interactive=False, elem_id="compare-metrics")
+    plot = gr.LinePlot(metrics_plot_frame(studio), x="round", y="value", color="metric", title="metrics per round",
+                       height=260, elem_id="compare-plot")
+    table = gr.HTML(elem_id="compare-table")
+
+    @user_errors
+    def run(a_v: str, b_v: str, diff: bool) -> tuple:
+        if a_v in (None, "") or b_v in (None, ""):
+            raise ValueError("pick two rounds")
+        res = studio.compare(int(a_v), int(b_v), bool(diff))
+        frame = pd.DataFrame(res["metrics"], columns=["round", "chair_s", "chair_i", "recall", "pope_f1", "answers"])
+        html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}")
+        return frame, html, metrics_plot_frame(studio)
+
+    go.click(run, [a, b, only_diff], [metrics, table, plot], api_name="compare_view")
+    only_diff.change(run, [a, b, only_diff], [metrics, table, plot], api_name=False)
+
+    def refresh() -> tuple:
+        ch = round_choices(studio)
+        return gr.Dropdown(choices=ch), gr.Dropdown(choices=ch), metrics_plot_frame(studio)
+
+    demo.load(refresh, None, [a, b, plot], api_name=False)
+    return {}

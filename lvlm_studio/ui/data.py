@@ -1,0 +1,99 @@
+"""Data tab: upload images, import a dataset path, export pairs (download), statistics with
+reviewer agreement (Cohen's / Fleiss' κ) and the human override rate by automatic-margin bucket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lvlm_studio.service import EXPORT_FORMATS, METHODS, Studio
+from lvlm_studio.ui.common import user_errors
+from lvlm_studio.ui.highlight import escape_text
+
+
+def agreement_html(ag: dict) -> str:
+    def k(v: float | None) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    lines = [f"<b>Reviewers</b>: {escape_text(', '.join(ag['reviewers']) or 'none yet')}",
+             f"<b>Fleiss' κ</b> (pairs rated by ≥ 2): {k(ag['fleiss_kappa'])} over {ag['items_multi_rated']} pairs",
+             f"<b>Override rate</b> (swap / reject both / edit): {k(ag['override_rate'])}"]
+    for rec in ag["cohen"]:
+        lines.append(f"<b>Cohen's κ</b> {escape_text(rec['a'])} vs {escape_text(rec['b'])}: {k(rec['kappa'])} "
+                     f"({rec['n']} shared pairs)")
+    return "<div>" + "<br>".join(lines) + "</div>"
+
+
+def override_frame(ag: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"margin bucket": b["bucket"], "override rate": b["override_rate"], "pairs": b["n"]}
+                         for b in ag["override_by_margin"]], columns=["margin bucket", "override rate", "pairs"])
+
+
+def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Upload images")
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="data-upload")
+            prompt = gr.Textbox("Describe the image.", label="Prompt for each image", elem_id="data-prompt")
+            up_dataset = gr.Textbox("uploads", label="Dataset name", elem_id="data-up-dataset")
+            upload = gr.Button("Add images", elem_id="data-upload-run")
+        with gr.Column():
+            gr.Markdown("### Import a dataset path")
+            path = gr.Textbox(label="Path on the server (folder, COCO JSON, JSONL, LLaVA JSON, HF dataset)",
+                              elem_id="data-path")
+            kind = gr.Dropdown(["auto", "folder", "coco", "jsonl", "llava", "llamafactory", "hf"], value="auto",
+                               label="Format", elem_id="data-kind")
+            imp_dataset = gr.Textbox(label="Dataset name (optional)", elem_id="data-imp-dataset")
+            do_import = gr.Button("Import", elem_id="data-import-run")
+        with gr.Column():
+            gr.Markdown("### Export pairs")
+            fmt = gr.Dropdown(list(EXPORT_FORMATS), value="trl", label="Format", elem_id="data-export-format")
+            ex_methods = gr.CheckboxGroup(list(METHODS), value=list(METHODS), label="Methods")
+            ex_auto = gr.Checkbox(False, label="Include unreviewed pairs (automatic label)")
+            export = gr.Button("Export", elem_id="data-export-run")
+            download = gr.File(label="Download", elem_id="data-download")
+    result = gr.JSON(label="Result", elem_id="data-result")
+    gr.Markdown("### Statistics")
+    refresh = gr.Button("Refresh statistics", elem_id="data-stats-refresh")
+    with gr.Row(equal_height=False):
+        stats = gr.JSON(label="Store", elem_id="data-stats")
+        with gr.Column():
+            agreement = gr.HTML(elem_id="data-agreement")
+            override = gr.BarPlot(x="margin bucket", y="override rate", title="human override rate by automatic margin",
+                                  height=260, y_lim=[0, 1], elem_id="data-override-plot", sort=None)
+
+    @user_errors
+    def on_upload(paths, prompt_v, dataset_v) -> dict:
+        if not paths:
+            raise ValueError("choose image files first")
+        return studio.upload_images(list(paths), prompt=prompt_v or "Describe the image.",
+                                    dataset=dataset_v or "uploads")
+
+    upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images")
+
+    @user_errors
+    def on_import(path_v, kind_v, dataset_v) -> dict:
+        if not (path_v or "").strip():
+            raise ValueError("type a path first")
+        return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None)
+
+    do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path")
+
+    @user_errors
+    def on_export(fmt_v, methods_v, auto_v) -> tuple:
+        rep = studio.export(fmt_v, methods=methods_v or None, include_auto=bool(auto_v), zip_=True)
+        # a dict with a "path" key reads as a file reference to gradio_client: name it "folder"
+        shown = {("folder" if k == "path" else k): v for k, v in rep.items()}
+        return shown, rep["zip"]
+
+    export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export")
+
+    def on_stats() -> tuple:
+        ag = studio.agreement()
+        return studio.stats(), agreement_html(ag), override_frame(ag)
+
+    refresh.click(on_stats, None, [stats, agreement, override], api_name="data_stats")
+    demo.load(on_stats, None, [stats, agreement, override], api_name=False)
+    return {}

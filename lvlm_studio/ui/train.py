@@ -1,0 +1,145 @@
+"""Train tab: reviewed pairs per method, one click starts a DPO round (a subprocess, jobs.py),
+live status and curves polled from the store (so they survive a browser refresh or app restart)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lvlm_studio.service import METHODS, Studio
+from lvlm_studio.ui.auth import request_user
+from lvlm_studio.ui.common import round_choices, user_errors
+from lvlm_studio.ui.highlight import escape_text
+
+POLL_SECONDS = 2.0
+# Curve keys as TRL's DPOTrainer logs them (plus "eval_*" ones when present).
+LOSS_KEYS = ("loss", "train_loss", "eval_loss")
+MARGIN_KEYS = ("rewards/margins", "rewards/chosen", "rewards/rejected")
+ACC_KEYS = ("rewards/accuracies",)
+
+
+def counts_frame(studio: Studio) -> pd.DataFrame:
+    counts = studio.reviewed_counts()
+    return pd.DataFrame(
+        [{"method": m.upper(), "pairs": c["pairs"], "reviewed": c["reviewed"], "usable for DPO": c["usable"]}
+         for m, c in counts.items()]
+    )
+
+
+def rounds_frame(studio: Studio) -> pd.DataFrame:
+    rows = []
+    for r in studio.rounds():
+        cfg = r.get("config") or {}
+        metrics = (r.get("metrics") or {}).get("eval") or {}
+        rows.append({
+            "round": r["id"], "parent": r.get("parent_id"), "status": r["status"],
+            "methods": ",".join(cfg.get("methods") or []) if isinstance(cfg.get("methods"), list) else "",
+            "progress": r.get("progress"), "CHAIR_s": metrics.get("chair_s"), "recall": metrics.get("recall"),
+            "created": r.get("created"),
+        })
+    return pd.DataFrame(rows, columns=["round", "parent", "status", "methods", "progress", "CHAIR_s", "recall",
+                                       "created"])
+
+
+def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    def long(keys: tuple[str, ...]) -> pd.DataFrame:
+        rows = [{"step": rec["step"], "series": k, "value": float(rec[k])}
+                for rec in curve for k in keys if isinstance(rec.get(k), int | float)]
+        return pd.DataFrame(rows, columns=["step", "series", "value"])
+
+    return long(LOSS_KEYS), long(MARGIN_KEYS), long(ACC_KEYS)
+
+
+def status_html(rnd: dict | None) -> str:
+    if rnd is None:
+        return '<div class="round-status">No round selected.</div>'
+    parts = [f"<b>Round {escape_text(rnd['id'])}</b> · status <b>{escape_text(rnd['status'])}</b>"]
+    if rnd.get("progress") is not None:
+        parts.append(f"progress {escape_text(rnd['progress'])}")
+    for key in ("started", "finished"):
+        if rnd.get(key):
+            parts.append(f"{key} {escape_text(rnd[key])}")
+    html = '<div class="round-status">' + " · ".join(parts)
+    if rnd.get("error"):
+        html += f'<div class="err">{escape_text(rnd["error"])}</div>'
+    ev = (rnd.get("metrics") or {}).get("eval")
+    if ev:
+        shown = {k: ev[k] for k in ("chair_s", "chair_i", "recall", "pope_f1") if isinstance(ev.get(k), int | float)}
+        html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + "</div>"
+    return html + "</div>"
+
+
+def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
+    gr.Markdown("Reviewed pairs per method. A round trains a LoRA adapter with DPO on the human-labelled "
+                "pairs (swap / edit applied, reject-both left out), then evaluates it on the test split.")
+    counts = gr.Dataframe(counts_frame(studio), interactive=False, elem_id="train-counts")
+    with gr.Row():
+        methods = gr.CheckboxGroup([m for m in METHODS], value=list(METHODS), label="Methods", elem_id="train-methods")
+        parent = gr.Dropdown(round_choices(studio, done_only=True), value="0", label="Start from round",
+                             allow_custom_value=True, elem_id="train-parent")
+        include_auto = gr.Checkbox(False, label="Also use unreviewed pairs (automatic label)",
+                                   elem_id="train-include-auto")
+    with gr.Accordion("Training parameters", open=False):
+        with gr.Row():
+            lr = gr.Number(5e-4, label="learning rate", elem_id="train-lr")
+            epochs = gr.Number(3, label="epochs", precision=0, elem_id="train-epochs")
+            beta = gr.Number(0.1, label="DPO β", elem_id="train-beta")
+            lora_r = gr.Number(16, label="LoRA r", precision=0, elem_id="train-lora-r")
+            sft_weight = gr.Number(0.0, label="SFT weight (0 = pure DPO; 1 = STIC-style DPO+SFT)", elem_id="train-sft")
+            eval_n = gr.Number(60, label="test items to evaluate", precision=0, elem_id="train-eval-n")
+    with gr.Row():
+        start = gr.Button("Start training round", variant="primary", elem_id="train-start")
+        selected = gr.Dropdown(round_choices(studio), label="Round", allow_custom_value=True, elem_id="train-round")
+        cancel = gr.Button("Cancel round", variant="stop", elem_id="train-cancel")
+    status = gr.HTML(elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", height=240, elem_id="plot-loss")
+        margin_plot = gr.LinePlot(x="step", y="value", color="series", title="reward margins", height=240,
+                                  elem_id="plot-margins")
+        acc_plot = gr.LinePlot(x="step", y="value", color="series", title="reward accuracy", height=240,
+                               elem_id="plot-accuracy")
+    rounds_table = gr.Dataframe(rounds_frame(studio), interactive=False, elem_id="train-rounds")
+    timer = gr.Timer(POLL_SECONDS)
+
+    def refresh(round_value: str | None) -> tuple:
+        rounds = studio.rounds()
+        trained = [r for r in rounds if r["id"] > 0]
+        rid = int(round_value) if round_value not in (None, "") else (trained[-1]["id"] if trained else None)
+        rnd = studio.get_round(rid) if rid is not None else None
+        curve = studio.round_curve(rid) if rid is not None else []
+        loss, margins, acc = curve_frames(curve)
+        return (counts_frame(studio), rounds_frame(studio), status_html(rnd), loss, margins, acc,
+                gr.Dropdown(choices=round_choices(studio), value=str(rid) if rid is not None else None),
+                gr.Dropdown(choices=round_choices(studio, done_only=True)))
+
+    outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
+
+    @user_errors
+    def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v,
+                 request: gr.Request) -> tuple:
+        if not methods_v:
+            raise ValueError("pick at least one method")
+        config = {"methods": list(methods_v), "parent_id": int(parent_v or 0), "include_auto": bool(include_v),
+                  "learning_rate": float(lr_v), "num_epochs": float(epochs_v), "beta": float(beta_v),
+                  "lora_r": int(r_v), "lora_alpha": 2 * int(r_v), "sft_weight": float(sft_v),
+                  "eval_limit": int(eval_v)}
+        rid = studio.start_round(config, request_user(request))
+        return refresh(str(rid))
+
+    start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n], outs,
+                api_name="train_start")
+
+    @user_errors
+    def on_cancel(round_v: str | None, request: gr.Request) -> tuple:
+        if round_v in (None, ""):
+            raise ValueError("pick a round to cancel")
+        studio.cancel_round(int(round_v), request_user(request))
+        return refresh(round_v)
+
+    cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
+    selected.input(refresh, [selected], outs, api_name=False)
+    timer.tick(refresh, [selected], outs, api_name=False, show_progress="hidden")
+    demo.load(refresh, [selected], outs, api_name="train_refresh")
+    return {}

@@ -1,0 +1,153 @@
+"""The Gradio app driven over HTTP with gradio_client: review decisions land in the store, a
+training round starts from the Train tab's API and finishes, Compare returns both rounds' answers,
+and 20 concurrent reviewers x 50 decisions store exactly 1000 decisions."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from conftest import image_bytes  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+from lvlm_studio.config import Settings  # noqa: E402
+from lvlm_studio.service import Studio  # noqa: E402
+from lvlm_studio.ui import launch  # noqa: E402
+
+
+@pytest.fixture
+def app(home):
+    """A seeded studio (open mode) served on 127.0.0.1; yields (studio, url)."""
+    studio = Studio(Settings(home=home), users={}, admins=())
+    studio.seed_demo(n_train=6, n_test=3, pairs_per_method=0)
+    ids = [it["id"] for it in studio._describe_items(split="train")]
+    studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield studio, url
+    demo.close()
+    studio.store.close()
+
+
+def test_review_decisions_from_the_api_and_the_ui_land_in_the_store(app):
+    studio, url = app
+    client = Client(url, verbose=False)
+    view = client.predict("ann", "povid", "", "pending", api_name="/next_pair")
+    assert view["method"] == "povid" and view["rejected"]["spans"]
+    out = client.predict(view["pair_id"], "ann", "swap", "", "hmm", api_name="/decide")
+    assert out["label"]["status"] == "swap"
+    assert studio.store.reviewer_decision(view["pair_id"], "ann")["note"] == "hmm"
+    # the Review tab's own handlers: load a pair, press Accept, the next pair comes up
+    loaded = client.predict("bob", "all", "all", "pending", api_name="/review_load")
+    shown_info = loaded[1]
+    first = studio.next_pair("bob")
+    assert f"pair #{first['pair_id']}" in shown_info
+    after = client.predict("bob", "all", "all", "pending", "", "", api_name="/review_accept")
+    assert studio.store.reviewer_decision(first["pair_id"], "bob")["decision"] == "accept"
+    assert f"pair #{first['pair_id']}" in after[-1]  # the message names the decided pair
+    assert client.predict("bob", api_name="/undo")["pair_id"] == first["pair_id"]
+    assert studio.store.reviewer_decision(first["pair_id"], "bob") is None
+    prog = client.predict("ann", api_name="/progress")
+    assert prog["reviewer_done"] == 1 and prog["total"] == studio.store.count_pairs()
+    with pytest.raises(Exception, match="unknown decision"):
+        client.predict(view["pair_id"], "ann", "maybe", "", "", api_name="/decide")
+
+
+def test_compare_returns_both_rounds_answers(app):
+    studio, url = app
+    items = [it["id"] for it in studio._describe_items(split="test")][:2]
+    r1 = studio.store.create_round(0, "demo", {}, status="done")
+    studio.store.add_eval_outputs(0, [{"item_id": items[0], "answer": "There is a red circle.",
+                                       "objects": ["red circle"], "hallucinated": ["red circle"]},
+                                      {"item_id": items[1], "answer": "Same.", "objects": [], "hallucinated": []}])
+    studio.store.add_eval_outputs(r1, [{"item_id": items[0], "answer": "There is a blue square.",
+                                        "objects": ["blue square"], "hallucinated": []},
+                                       {"item_id": items[1], "answer": "Same.", "objects": [], "hallucinated": []}])
+    client = Client(url, verbose=False)
+    res = client.predict(0, r1, False, api_name="/compare")
+    assert [r["a"]["answer"] for r in res["rows"]] == ["There is a red circle.", "Same."]
+    assert [r["b"]["answer"] for r in res["rows"]] == ["There is a blue square.", "Same."]
+    metrics, html, _plot = client.predict("0", str(r1), True, api_name="/compare_view")
+    assert "There is a blue square." in html and "Same." not in html  # only where they differ
+    assert '<mark class="hallu">red circle</mark>' in html
+    assert [row[0] for row in metrics["data"]] == [0, r1]
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_reviewers_store_every_decision_once(home):
+    studio = Studio(Settings(home=home), users={}, admins=())
+    from lvlm_studio.media import ingest_image
+
+    decisions = ("accept", "swap", "reject_both")
+    pair_ids = []
+    for k in range(50):
+        rec = ingest_image(studio.settings, image_bytes(k, "PNG"), name=f"{k}.png")
+        studio.store.add_image(rec.id, rec.path, rec.width, rec.height, "test")
+        item = studio.store.add_item(rec.id, "Describe the image.")
+        studio.store.write_generation(item, [{"text": f"good {k}", "source": "csr"}, {"text": f"bad {k}", "source": "csr"}],
+                                      [{"chosen": 0, "rejected": 1, "method": "csr", "margin": k / 10}])
+        pair_ids.append(studio.store.find_pair(item, f"good {k}", f"bad {k}", "csr"))
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    errors: list[BaseException] = []
+
+    def reviewer(r: int) -> None:
+        try:
+            client = Client(url, verbose=False)
+            for k, pid in enumerate(pair_ids):
+                client.predict(pid, f"rev{r}", decisions[(r + k) % 3], "", "", api_name="/decide")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=reviewer, args=(r,)) for r in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    elapsed = time.perf_counter() - t0
+    try:
+        assert not errors, errors[:3]
+        stats = studio.store.stats()
+        assert stats["tables"]["reviews"] == 1000, stats
+        matrix = studio.store.decisions_matrix()
+        assert sorted(matrix) == sorted(pair_ids)
+        for k, pid in enumerate(pair_ids):
+            assert matrix[pid] == {f"rev{r}": decisions[(r + k) % 3] for r in range(20)}
+        print(f"1000 decisions from 20 clients in {elapsed:.1f} s")
+    finally:
+        demo.close()
+        studio.store.close()
+
+
+@pytest.mark.slow
+def test_training_round_from_the_train_tab_api_finishes(home, tmp_path):
+    """A real round (TRL DPO + LoRA, subprocess) on a tiny random LLaVA, started through the API."""
+    from lvlm_studio.models.tiny import build_tiny_llava
+    from lvlm_studio.world import world_words
+
+    vlm = str(build_tiny_llava(tmp_path / "vlm", words=world_words()))
+    studio = Studio(Settings(home=home, model=vlm, device="cpu"), users={}, admins=())
+    studio.seed_demo(n_train=6, n_test=2, pairs_per_method=0)
+    ids = [it["id"] for it in studio._describe_items(split="train")]
+    studio.generate("povid", model=vlm, item_ids=ids, params={"make_image_rejected": False})
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        while (view := client.predict("ann", "", "", "pending", api_name="/next_pair")) is not None:
+            client.predict(view["pair_id"], "ann", "accept", "", "", api_name="/decide")
+        config = {"methods": ["povid"], "max_steps": 2, "batch_size": 4, "eval_limit": 4,
+                  "eval_max_new_tokens": 8, "device": "cpu"}
+        round_id = client.predict(config, "", api_name="/start_round")
+        row = studio.wait_round(round_id, timeout=300)
+        assert row["status"] == "done", row.get("error")
+        status = client.predict(round_id, api_name="/round_status")
+        assert status["round"]["status"] == "done" and status["curve"], "the curve is in the store"
+        res = client.predict(0, round_id, False, api_name="/compare")
+        assert res["rows"] and all(r["a"] is not None and r["b"] is not None for r in res["rows"])
+    finally:
+        demo.close()
+        studio.store.close()

@@ -1,0 +1,115 @@
+"""The app in headless Chromium (Debian's /usr/bin/chromium via the playwright package; never
+`playwright install`): the keyboard shortcut accepts a pair, hostile candidate text is shown as
+text and runs nothing (Review and Compare), and a screenshot of the Review tab is saved to
+test-artifacts/review.png."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from conftest import image_bytes  # noqa: E402
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from lvlm_studio.config import Settings  # noqa: E402
+from lvlm_studio.service import Studio  # noqa: E402
+from lvlm_studio.ui import launch  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--headless=new"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+IMG_XSS = "<img src=x onerror=alert(1)>"
+SCRIPT_XSS = "<script>alert('pwned')</script>"
+
+
+@pytest.fixture
+def served(home):
+    studio = Studio(Settings(home=home), users={}, admins=())
+    studio.seed_demo(n_train=4, n_test=2, pairs_per_method=0)
+    ids = [it["id"] for it in studio._describe_items(split="train")]
+    studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+    # a hostile pair with the lowest margin: first in the queue
+    from lvlm_studio.media import ingest_image
+
+    rec = ingest_image(studio.settings, image_bytes(7, "PNG", size=(64, 64)), name="x.png")
+    studio.store.add_image(rec.id, rec.path, rec.width, rec.height, "test", objects=["red circle"])
+    item = studio.store.add_item(rec.id, "Describe <b>this</b> image.", dataset="shapesworld", split="test")
+    studio.store.write_generation(
+        item,
+        [{"text": f"There is a red circle. {SCRIPT_XSS}", "source": "csr",
+          "sentences": [{"start": 0, "end": 22, "text": "There is a red circle.", "reward": 21.5}]},
+         {"text": f"There is a green triangle. {IMG_XSS}", "source": "csr",
+          "sentences": [{"start": 0, "end": 26, "text": "There is a green triangle.", "reward": 3.25}]}],
+        [{"chosen": 0, "rejected": 1, "method": "csr", "margin": -1.0}],
+    )
+    hostile = studio.store.find_pair(item, f"There is a red circle. {SCRIPT_XSS}",
+                                     f"There is a green triangle. {IMG_XSS}", "csr")
+    r1 = studio.store.create_round(0, "demo", {}, status="done")
+    studio.store.add_eval_outputs(0, [{"item_id": item, "answer": f"A red circle {SCRIPT_XSS}",
+                                       "objects": ["red circle"], "hallucinated": []}])
+    studio.store.add_eval_outputs(r1, [{"item_id": item, "answer": f"A blue square {IMG_XSS}",
+                                        "objects": ["blue square"], "hallucinated": ["blue square"]}])
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield studio, url, hostile, r1
+    demo.close()
+    studio.store.close()
+
+
+def test_review_keyboard_accept_escaping_and_screenshot(served):
+    studio, url, hostile, r1 = served
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(url, wait_until="domcontentloaded")
+        info = page.locator("#review-info")
+        expect(info).to_contain_text(f"pair #{hostile}", timeout=30_000)
+        # model text is shown literally, in both candidates
+        expect(page.locator("#review-chosen")).to_contain_text(SCRIPT_XSS)
+        expect(page.locator("#review-rejected")).to_contain_text(IMG_XSS)
+        expect(info).to_contain_text("Describe <b>this</b> image.")
+        expect(page.locator("#auth-mode")).to_contain_text("open mode: no accounts configured")
+        # typing "a" in a text field must not decide anything
+        page.locator("#review-note textarea, #review-note input").first.fill("a")
+        page.locator("#review-note textarea, #review-note input").first.press("a")
+        page.wait_for_timeout(300)
+        assert studio.store.reviewer_decision(hostile, "guest") is None
+        # the shortcut: focus the page body, press "a"
+        page.locator("#review-legend").click()
+        page.keyboard.press("a")
+        expect(page.locator("#review-message")).to_contain_text(f"pair #{hostile}", timeout=15_000)
+        decision = studio.store.reviewer_decision(hostile, "guest")
+        assert decision is not None and decision["decision"] == "accept"
+        assert decision["note"] == "aa"
+        # the next pair (a ShapesWorld POVID pair with injected hallucinations) is up: screenshot it
+        expect(page.locator("#review-rejected")).to_contain_text("⚠", timeout=15_000)
+        assert page.locator("#review-note textarea, #review-note input").first.input_value() == ""
+        page.wait_for_timeout(700)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
+        # "u" undoes it and brings the pair back
+        page.keyboard.press("u")
+        expect(page.locator("#review-message")).to_contain_text("Undid", timeout=15_000)
+        assert studio.store.reviewer_decision(hostile, "guest") is None
+
+        # Compare: both hostile answers shown as text, nothing runs
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-b input").fill(str(r1))
+        page.locator("#compare-b input").press("Enter")
+        page.locator("#compare-run").click()
+        table = page.locator("#compare-table")
+        expect(table).to_contain_text(SCRIPT_XSS, timeout=15_000)
+        expect(table).to_contain_text(IMG_XSS)
+        expect(table.locator("mark.hallu")).to_contain_text("blue square")
+        assert table.locator("img").count() == 0 and table.locator("script").count() == 0
+        page.wait_for_timeout(500)
+        browser.close()
+    assert dialogs == [], f"a page dialog fired: {dialogs}"

@@ -1,0 +1,195 @@
+"""service.Studio: seeding, generation with provenance and resume, review, compare, agreement, roles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvlm_studio.config import Settings
+from lvlm_studio.service import Studio, User, cohen_kappa, fleiss_kappa, margin_buckets, parse_users
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def studio(home):
+    s = Studio(Settings(home=home), users={}, admins=())
+    yield s
+    s.store.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A random tiny LLaVA over the world's words and a random small open_clip CLIP, saved the way
+    the demo ships them (loaded through models/registry like any model)."""
+    import open_clip
+
+    from lvlm_studio.models.tiny import build_tiny_llava
+    from lvlm_studio.world import world_words
+    from lvlm_studio.world.build import demo_clip_cfg, save_clip
+
+    root = tmp_path_factory.mktemp("models")
+    vlm = build_tiny_llava(root / "vlm", words=world_words())
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(**demo_clip_cfg())
+    save_clip(clip, root / "clip", dtype="float32")
+    return str(vlm), str(root / "clip")
+
+
+def _world_describe(studio: Studio, split: str = "train") -> list[dict]:
+    return studio._describe_items(split=split)
+
+
+def test_seed_demo_fills_splits_and_kinds_once(studio):
+    report = studio.seed_demo(n_train=4, n_test=3)
+    stats = studio.stats()
+    assert stats["datasets"]["shapesworld"]["train"] > 0 and stats["datasets"]["shapesworld"]["test"] > 0
+    kinds = {(it["meta"] or {}).get("kind") for it in studio.store.list_items(dataset="shapesworld")}
+    assert {"describe", "pope"} <= kinds
+    assert report["items"] == studio.store.count_items()
+    assert studio.store.count_pairs() > 0, report["message"]  # a newcomer sees pairs at once
+    again = studio.seed_demo(n_train=4, n_test=3)
+    assert again["items"] == 0 and studio.store.count_items() == report["items"]
+
+
+def test_povid_generation_is_resumable_and_records_provenance(studio):
+    studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in _world_describe(studio)][:3]
+    first = studio.generate("povid", item_ids=ids[:2], seed=5, params={"make_image_rejected": False})
+    assert first["pairs"] == 2 and first["skipped"] == 0
+    again = studio.generate("povid", item_ids=ids, seed=5, params={"make_image_rejected": False})
+    assert again["items"] == 1 and again["skipped"] == 2 and again["pairs"] == 1
+    view = studio.next_pair("ann", method="povid")
+    assert view["round"] == 0 and view["method"] == "povid"
+    rej = studio.store.get_candidate(view["rejected"]["id"])
+    assert rej["source"] == "povid_inject" and rej["spans"], "injected spans are stored for the UI"
+    assert rej["model"] == "demo" and rej["round"] == 0 and rej["params"]["method"] == "povid"
+    for span in rej["spans"]:
+        assert rej["text"][span["start"]:span["end"]] == span["injected"].strip() or span["end"] > span["start"]
+    with pytest.raises(ValueError, match="unknown method"):
+        studio.generate("dpo")
+
+
+def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
+    vlm, clip = tiny_models
+    studio = Studio(Settings(home=home, model=vlm, clip=clip, device="cpu"), users={}, admins=())
+    studio.seed_demo(n_train=2, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in _world_describe(studio)][:2]
+    csr = studio.generate("csr", model=vlm, item_ids=ids, seed=1,
+                          params={"num_candidates": 2, "max_sentences": 2, "max_new_tokens": 6, "item_batch": 2})
+    assert csr["items"] == 2 and csr["pairs"] >= 1 and csr["pairs"] + csr["no_pair"] == 2
+    view = studio.next_pair("ann", method="csr")
+    assert view["margin"] is not None and view["chosen"]["text"] != view["rejected"]["text"]
+    cand = studio.store.get_candidate(view["chosen"]["id"])
+    assert cand["source"] == "csr" and cand["model"] == vlm and cand["seed"] == 1 and cand["round"] == 0
+    assert cand["params"]["method"] == "csr" and cand["params"]["num_candidates"] == 2
+    assert cand["sentences"] and all(s["reward"] is not None for s in cand["sentences"])
+    stic = studio.generate("stic", model=vlm, item_ids=ids, params={"max_new_tokens": 6})
+    assert stic["items"] == 2 and stic["pairs"] >= 1
+    pair = studio.next_pair("ann", method="stic")
+    assert {pair["chosen"]["source"], pair["rejected"]["source"]} == {"stic_good", "stic_bad"}
+    assert "draw" in pair["meta"] and pair["meta"]["model"] == vlm
+    studio.store.close()
+
+
+def test_decide_undo_and_queue_order(studio, make_pairs):
+    p_hi, p_lo, p_mid = make_pairs([2.0, 0.1, 1.0])
+    assert studio.next_pair("ann")["pair_id"] == p_lo  # least confident first
+    out = studio.decide(p_lo, "ann", "swap", note="rejected is better")
+    assert out["label"]["status"] == "swap" and out["label"]["chosen_id"] != studio.get_pair(p_lo)["chosen"]["id"]
+    assert studio.next_pair("ann")["pair_id"] == p_mid
+    assert studio.next_pair("bob")["pair_id"] == p_lo  # queues are per reviewer
+    with pytest.raises(ValueError, match="edited text"):
+        studio.decide(p_mid, "ann", "edit", edited_text="  ")
+    with pytest.raises(ValueError, match="unknown decision"):
+        studio.decide(p_mid, "ann", "maybe")
+    with pytest.raises(ValueError, match="reviewer"):
+        studio.decide(p_mid, " ", "accept")
+    studio.decide(p_mid, "ann", "edit", edited_text="There is a red circle.")
+    assert studio.store.effective_label(p_mid)["chosen_text"] == "There is a red circle."
+    undone = studio.undo("ann")
+    assert undone["pair_id"] == p_mid and undone["label"]["status"] == "auto"
+    assert studio.undo("ann")["pair_id"] == p_lo
+    assert studio.undo("ann") is None
+    prog = studio.progress("ann")
+    assert prog["total"] == 3 and prog["done"] == 0
+    assert studio.next_pair("ann", status="decided") is None
+    studio.decide(p_hi, "ann", "accept")
+    assert studio.next_pair("ann", status="decided")["pair_id"] == p_hi
+
+
+def test_compare_rounds_side_by_side(studio, make_items):
+    items = make_items(3)
+    r1 = studio.store.create_round(0, "m", {"methods": ["csr"]}, status="done")
+    studio.store.add_eval_outputs(0, [
+        {"item_id": items[0], "answer": "A red circle and a green triangle.", "objects": ["red circle", "green triangle"],
+         "hallucinated": ["green triangle"]},
+        {"item_id": items[1], "answer": "Same answer.", "objects": [], "hallucinated": []},
+    ])
+    studio.store.add_eval_outputs(r1, [
+        {"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []},
+        {"item_id": items[1], "answer": "Same answer.", "objects": [], "hallucinated": []},
+        {"item_id": items[2], "answer": "Only in round 1.", "objects": [], "hallucinated": []},
+    ])
+    res = studio.compare(0, r1)
+    assert [r["item_id"] for r in res["rows"]] == items
+    assert res["rows"][0]["a"]["hallucinated"] == ["green triangle"] and res["rows"][0]["b"]["hallucinated"] == []
+    assert res["rows"][2]["a"] is None
+    diff = studio.compare(0, r1, only_diff=True)
+    assert [r["item_id"] for r in diff["rows"]] == [items[0], items[2]]
+    by_round = {m["round"]: m for m in res["metrics"]}
+    assert by_round[0]["chair_s"] == pytest.approx(0.5) and by_round[r1]["chair_s"] == 0.0
+
+
+def test_kappa_on_hand_built_cases():
+    assert cohen_kappa(list("yynn"), list("ynnn")) == pytest.approx(0.5)
+    assert cohen_kappa(list("abab"), list("abab")) == pytest.approx(1.0)
+    assert cohen_kappa(list("aaaa"), list("aaaa")) == 1.0
+    assert cohen_kappa([], []) is None
+    assert cohen_kappa(list("ab"), list("ba")) == pytest.approx(-1.0)
+    # P_i = 1, 1, 1/3 -> P = 7/9; p = (5/9, 4/9) -> Pe = 41/81; kappa = 22/40
+    assert fleiss_kappa([list("aaa"), list("bbb"), list("aab")]) == pytest.approx(0.55)
+    assert fleiss_kappa([["a"]]) is None
+    assert margin_buckets([0.5, 0.1, 0.4, 0.2, float("nan"), 0.3], 2) == [[0.1, 0.2], [0.3, 0.4, 0.5]]
+    assert margin_buckets([], 4) == [] and margin_buckets([1.0], 4) == [[1.0]]
+
+
+def test_agreement_and_override_rate_from_the_store(studio, make_pairs):
+    pairs = make_pairs([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    for p in pairs:
+        studio.decide(p, "ann", "accept")
+        studio.decide(p, "bob", "accept")
+    for p in pairs[:4]:  # the low-margin half: carol overrules, last word wins
+        studio.decide(p, "carol", "swap")
+    ag = studio.agreement(buckets=2)
+    assert ag["reviewers"] == ["ann", "bob", "carol"]
+    ann_bob = next(c for c in ag["cohen"] if (c["a"], c["b"]) == ("ann", "bob"))
+    assert ann_bob["kappa"] == 1.0 and ann_bob["n"] == 8
+    assert ag["fleiss_kappa"] < 1.0 and ag["items_multi_rated"] == 8
+    rates = [b["override_rate"] for b in ag["override_by_margin"]]
+    assert rates == [1.0, 0.0] and sum(b["n"] for b in ag["override_by_margin"]) == 8
+
+
+def test_roles_and_users(home, monkeypatch):
+    users = parse_users("alice:pw:admin,bob:secret:reviewer,carl:x")
+    assert users["alice"].role == "admin" and users["carl"].role == "reviewer"
+    assert parse_users('{"dana": {"password": "p", "role": "admin"}}')["dana"] == User("dana", "p", "admin")
+    with pytest.raises(ValueError, match="role"):
+        parse_users("eve:pw:root")
+    studio = Studio(Settings(home=home), users=users, admins={"hf-admin"})
+    assert studio.auth_enabled and not studio.open_mode
+    assert studio.check_password("bob", "secret") and not studio.check_password("bob", "nope")
+    assert studio.role("alice") == "admin" and studio.role("hf-admin") == "admin" and studio.role("bob") == "reviewer"
+    with pytest.raises(PermissionError, match="admin"):
+        studio.start_round({"methods": ["csr"]}, "bob")
+    with pytest.raises(PermissionError):
+        studio.start_round({"methods": ["csr"]}, None)
+    with pytest.raises(PermissionError):
+        studio.delete_round(0, "bob")
+    studio.store.close()
+    monkeypatch.delenv("LVLM_STUDIO_USERS", raising=False)
+    monkeypatch.delenv("LVLM_STUDIO_ADMINS", raising=False)
+    open_studio = Studio(Settings(home=home))
+    assert open_studio.open_mode and open_studio.role(None) == "admin"
+    assert open_studio.auth_summary() == "open mode: no accounts configured"
+    open_studio.store.close()

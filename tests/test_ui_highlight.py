@@ -1,0 +1,87 @@
+"""Highlight pieces from stored offsets, reward colouring and HTML escaping (ui/highlight.py)."""
+
+from __future__ import annotations
+
+from lvlm_studio.ui.highlight import (
+    HALLUCINATION_COLOR,
+    candidate_pieces,
+    compare_html,
+    mark_objects_html,
+    mark_spans_html,
+    normalise,
+    pair_highlights,
+    reward_color,
+)
+
+TEXT = "There is a red circle. There is a blue square at the top."
+
+
+def _sents(rewards):
+    first, second = TEXT.index("There is a red"), TEXT.index("There is a blue")
+    return [
+        {"start": first, "end": second - 1, "text": TEXT[first:second - 1], "reward": rewards[0]},
+        {"start": second, "end": len(TEXT), "text": TEXT[second:], "reward": rewards[1]},
+    ]
+
+
+def test_pieces_follow_stored_offsets_and_concatenate_back():
+    pieces = candidate_pieces(TEXT, _sents([0.25, -1.5]))
+    assert "".join(p for p, _ in pieces) == TEXT
+    assert pieces[0] == ("There is a red circle.", "+0.25")
+    assert pieces[1] == (" ", None)  # the gap between sentences is unlabelled
+    assert pieces[2] == ("There is a blue square at the top.", "-1.50")
+
+
+def test_hallucination_span_is_cut_out_of_its_sentence_with_its_category():
+    start = TEXT.index("blue")
+    spans = [{"start": start, "end": start + 4, "category": "attribute", "original": "red", "injected": "blue"}]
+    pieces = candidate_pieces(TEXT, _sents([None, None]), spans)
+    assert "".join(p for p, _ in pieces) == TEXT
+    assert ("blue", "⚠ attribute") in pieces
+    # unscored sentences carry no label; only the injected word is marked
+    assert [label for _, label in pieces if label] == ["⚠ attribute"]
+
+
+def test_bad_offsets_are_clipped_not_crashing():
+    pieces = candidate_pieces("short", [{"start": -3, "end": 99, "reward": 1.0}, {"start": 4, "end": 2}])
+    assert pieces == [("short", "+1.00")]
+    assert candidate_pieces("", None) == []
+
+
+def test_normalise_and_colours():
+    assert normalise([1.0, 3.0, None, 2.0]) == [-1.0, 1.0, None, 0.0]
+    assert normalise([5.0, 5.0]) == [0.0, 0.0]
+    assert reward_color(-1) == "#f87171" and reward_color(1) == "#4ade80" and reward_color(0) == "#e5e7eb"
+
+
+def test_pair_highlights_share_one_colour_map_normalised_over_both_candidates():
+    chosen = {"text": TEXT, "sentences": _sents([10.0, 30.0])}
+    rejected = {"text": TEXT, "sentences": _sents([20.0, 30.0]),
+                "spans": [{"start": 0, "end": 5, "category": "object"}]}
+    hc, hr = pair_highlights(chosen, rejected)
+    cmap = hc["color_map"]
+    assert cmap == hr["color_map"]
+    assert cmap["+10.00"] == reward_color(-1) and cmap["+30.00"] == reward_color(1)
+    assert cmap["+20.00"] == reward_color(0)
+    assert cmap["⚠ object"] == HALLUCINATION_COLOR
+    assert hr["value"][0] == ("There", "⚠ object")
+
+
+def test_html_helpers_escape_model_text():
+    evil = '<img src=x onerror=alert(1)> and a red circle <script>alert(2)</script>'
+    out = mark_objects_html(evil, ["red circle"])
+    assert "<img" not in out and "<script>" not in out
+    assert "&lt;img src=x onerror=alert(1)&gt;" in out
+    assert '<mark class="hallu">red circle</mark>' in out
+    start = evil.index("red circle")
+    spans_out = mark_spans_html(evil, [{"start": start, "end": start + 10, "hallucinated": True},
+                                       {"start": 0, "end": 4, "hallucinated": False}])
+    assert '<mark class="hallu">red circle</mark>' in spans_out and "<img" not in spans_out
+    table = compare_html(
+        [{"item_id": 3, "prompt": "<b>p</b>", "a": {"answer": evil, "hallucinated": ["red circle"]},
+          "b": {"answer": "fine", "hallucinated": []}}],
+        "round <0>", "round 1",
+    )
+    assert "<script>" not in table and "<img" not in table and "<b>p</b>" not in table
+    assert "round &lt;0&gt;" in table and "no hallucinated objects" in table
+    assert "No evaluation answers" in compare_html([], "a", "b")
