@@ -504,7 +504,13 @@ class HFBackend:
         params = params or GenerationParams()
         k = self._rows_per_input(n, params)
         gen = self._generator(params)
-        text = self.chat_text(prompt) + partial_text
+        text = self.chat_text(prompt)
+        # decode() drops the leading space of the first answer word ("ASSISTANT: There" decodes the
+        # answer as "There"); templates that end the assistant opening without whitespace need it back
+        # or word-start tokenizers read "ASSISTANT:There" as a different token.
+        if partial_text and not partial_text[0].isspace() and not text[-1:].isspace():
+            text += " "
+        text += partial_text
         if params.num_beam_groups > 1:
             return self._decode(self._prefill([image], [text]).repeat(k), k, params, gen)[0]
         return [self._decode(self._prefill([image], [text]), 1, params, gen)[0][0] for _ in range(k)]
