@@ -344,10 +344,32 @@ class Studio:
         return rnd["adapter_path"]
 
     def backend(self, model: str = "demo", round_id: int | None = None) -> Any:
-        """A loaded backend (models/registry caches it per ref + adapter)."""
+        """A loaded backend (models/registry caches it per ref + adapter). A round's model is the
+        base + every adapter of its lineage merged in order: from round 2 on, the parent chain is
+        merged once into ``merged/round_<parent>`` and the round's own adapter goes on top."""
         from lvlm_studio.models.registry import load_backend
 
-        return load_backend(model, device=self.settings.device, adapter=self._round_adapter(round_id))
+        adapter = self._round_adapter(round_id)
+        if adapter is not None:
+            model = self._merged_parent(model, int(round_id))
+        return load_backend(model, device=self.settings.device, adapter=adapter)
+
+    def _merged_parent(self, model: str, round_id: int) -> str:
+        """``model`` when the round's parent is the base model, else a saved directory holding the
+        base with the parent chain merged (written once, atomically, by training.py)."""
+        from lvlm_studio import jobs
+
+        rnd = self.store.get_round(round_id)
+        chain = jobs.adapter_lineage(self.store, rnd["parent_id"]) if rnd and rnd.get("parent_id") else []
+        if not chain:
+            return model
+        out = self.settings.home / "merged" / f"round_{rnd['parent_id']}"
+        if not (out / "config.json").is_file():
+            from lvlm_studio.training import materialize_round_model
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            materialize_round_model(jobs.resolve_model_path(model), chain, out_dir=out, device="cpu")
+        return str(out)
 
     def clip(self) -> Any:
         from lvlm_studio.models.registry import load_clip
@@ -705,22 +727,95 @@ class Studio:
                 for it in items]
 
     def evaluate(self, round_id: int = BASE_ROUND_ID, n: int | None = None, model: str | None = None,
-                 progress: ProgressFn | None = None) -> dict:
+                 progress: ProgressFn | None = None, item_ids: Sequence[int] | None = None,
+                 max_new_tokens: int | None = None, meta: dict | None = None) -> dict:
         """Answer the test split with a round's model; store answers (eval_outputs) and the
-        metrics (CHAIR_s/CHAIR_i/recall, POPE) under the round's ``metrics["eval"]``."""
+        metrics (CHAIR_s/CHAIR_i/recall, POPE) under the round's ``metrics["eval"]``.
+
+        ``item_ids``: evaluate exactly these items (else the first ``n`` of the world's test
+        split); ``max_new_tokens``: answer length (greedy either way); ``meta``: recorded beside
+        the metrics (with the model reference) so a reader knows what was evaluated."""
         from lvlm_studio import evaluation
 
         round_id = int(round_id)
         rnd = self.store.get_round(round_id)
         if rnd is None:
             raise LookupError(f"round {round_id} does not exist")
-        backend = self.backend(model or rnd.get("base_model") or self.settings.model, round_id or None)
+        ref = model or rnd.get("base_model") or self.settings.model
+        backend = self.backend(ref, round_id or None)
+        params = None
+        if max_new_tokens:
+            from lvlm_studio.models.base import GenerationParams
+
+            params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
+        items = self._eval_items_by_id(item_ids) if item_ids is not None else self.eval_items(n)
         metrics, rows = evaluation.evaluate_backend(
-            backend, self.eval_items(n), evaluation.get_extractor("shapesworld"),
+            backend, items, evaluation.get_extractor("shapesworld"), params,
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None)
+        if meta is not None:
+            metrics = {**metrics, "model": ref, **meta}
         self.store.add_eval_outputs(round_id, rows)
         self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
         return metrics
+
+    def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
+        items = [self.store.get_item(int(i)) for i in item_ids]
+        missing = [i for i, it in zip(item_ids, items, strict=True) if it is None]
+        if missing:
+            raise ValueError(f"unknown item id(s): {missing}")
+        return [{"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
+                 "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
+                for it in items]
+
+    def ensure_world_items(self, split: str = "test", n: int = 24, seed: int = 0,
+                           kinds: Sequence[str] = ("describe", "pope"),
+                           progress: ProgressFn | None = None) -> dict:
+        """Scenes ``0 .. n-1`` of the world's ``split`` (world seed ``seed``) as items: one describe
+        item per scene plus its POPE probes, made as ``seed_demo`` makes them (so the two agree).
+        Idempotent: scenes already stored are not rendered again. Returns ``{"item_ids": [...],
+        "added": k, "scenes": n}``, the ids in scene order."""
+        from lvlm_studio import world
+
+        kinds = tuple(kinds)
+        by_scene: dict[int, list[int]] = {}
+        kinds_of: dict[int, set[str]] = {}
+        for it in self.store.list_items(dataset=WORLD_DATASET, split=split):
+            meta = it.get("meta") or {}
+            index = meta.get("scene_index")
+            if (meta.get("scene") or {}).get("seed") != seed or index is None or meta.get("kind") not in kinds:
+                continue
+            by_scene.setdefault(int(index), []).append(it["id"])
+            kinds_of.setdefault(int(index), set()).add(meta["kind"])
+        added = 0
+        missing = [i for i in range(int(n)) if not set(kinds) <= kinds_of.get(i, set())]
+        for k, index in enumerate(missing):
+            image_id = None
+            ids: list[int] = []
+            for rec in world.world_items(split, 1, seed, kinds=kinds, start=index):
+                if image_id is None:
+                    image_id = self._ingest(_png(rec["image"]), f"{split}-{index}.png", WORLD_DATASET,
+                                            objects=list(rec.get("objects") or []) or None)
+                ids.append(self.store.add_item(image_id, rec["prompt"], reference=rec.get("reference"),
+                                               dataset=WORLD_DATASET, split=split, meta=rec.get("meta")))
+            added += len(set(ids) - set(by_scene.get(index, [])))
+            by_scene[index] = ids
+            if progress:
+                progress(k + 1, len(missing), f"world {split} scenes: {k + 1}/{len(missing)}")
+        return {"item_ids": [i for s in range(int(n)) for i in by_scene.get(s, [])], "added": added,
+                "scenes": int(n)}
+
+    def evaluate_world(self, round_id: int = BASE_ROUND_ID, split: str = "test", n: int = 500, seed: int = 0,
+                       model: str | None = None, max_new_tokens: int | None = None,
+                       progress: ProgressFn | None = None) -> dict:
+        """Make sure the world's ``split`` holds ``n`` scenes (describe + POPE probes), answer them
+        greedily with round ``round_id``'s model (0 = the base model), store answers and metrics.
+        Returns ``{"round", "metrics", "items", "added"}``."""
+        ensured = self.ensure_world_items(split, n, seed, progress=progress)
+        metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
+                                max_new_tokens=max_new_tokens,
+                                meta={"dataset": WORLD_DATASET, "split": split, "scenes": int(n), "seed": seed})
+        return {"round": int(round_id), "metrics": metrics, "items": len(ensured["item_ids"]),
+                "added": ensured["added"]}
 
     def round_metrics(self) -> list[dict]:
         """Evaluation metrics of every round that has them (long format for the plot)."""

@@ -1,0 +1,936 @@
+"""The ``lvlm-studio`` command line (typer).
+
+Every command reads the data root from ``LVLM_STUDIO_HOME`` (default ./storage) through
+``config.Settings`` and takes ``--json`` for a machine-readable result on stdout.
+
+Exit codes: 0 ok, 1 failure (a clear message on stderr, no stack trace for user errors), 3 a
+partial import (some records were refused), 2 a usage error (typer/click).
+
+Extending: write a function, decorate it with ``@cli_command`` (error handling + exit codes), and
+register it in ``_register`` at the bottom of this file (or add a sub-app with
+``app.add_typer``). Use ``settings()``, ``open_store()``, ``studio()`` and ``emit()`` for the
+common parts. Commands stay thin: they parse options and call io/store/service/jobs functions.
+
+Options given as ``key=value`` (``generate --param``, ``train --config``) are JSON-decoded and
+checked against the config dataclass's field names and types here, so a typo fails at once
+instead of minutes later in a background job. Progress bars (tqdm) go to stderr and show only on
+a terminal. Admin-only actions (train, cancel) act as ``--user`` / ``LVLM_STUDIO_USER`` when
+accounts are configured (LVLM_STUDIO_USERS / LVLM_STUDIO_ADMINS); with none, everyone is admin.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import functools
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from lvlm_studio.config import Settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_PARTIAL = 3
+
+app = typer.Typer(
+    name="lvlm-studio",
+    help="LVLM Studio: build, review and train on preference pairs against VLM hallucination.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed without a stack trace, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def settings() -> Settings:
+    """Settings from the environment (LVLM_STUDIO_HOME etc.)."""
+    return Settings()
+
+
+def open_store(s: Settings | None = None):
+    """Create the data root's folders and open (and migrate) its store."""
+    from lvlm_studio.store import Store
+
+    s = (s or settings()).ensure_dirs()
+    return Store(s.db_path)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: str | Callable[[], str] | None = None) -> None:
+    """Print ``result`` as JSON (``--json``) or the human text."""
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+    elif human is not None:
+        typer.echo(human() if callable(human) else human)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lvlm_studio.io import DataExportError, DataImportError, UnsafePathError
+    from lvlm_studio.jobs import JobError
+    from lvlm_studio.media import ImageRejected
+    from lvlm_studio.models.base import MissingDependencyError, ModelLoadError
+    from lvlm_studio.store import StoreError
+
+    return (
+        CLIError,
+        ModelLoadError,
+        MissingDependencyError,
+        JobError,
+        TimeoutError,
+        DataImportError,
+        DataExportError,
+        UnsafePathError,
+        ImageRejected,
+        StoreError,
+        FileNotFoundError,
+        PermissionError,
+        sqlite3.Error,
+        ValueError,
+    )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cli_command(func: F) -> F:
+    """Turn user errors into a one-line message and exit code (JSON on stdout with --json).
+    Set LVLM_STUDIO_DEBUG=1 to see the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _user_errors() as exc:
+            if os.environ.get("LVLM_STUDIO_DEBUG"):
+                raise
+            code = exc.code if isinstance(exc, CLIError) else EXIT_FAILURE
+            message = str(exc) or type(exc).__name__
+            if as_json:
+                emit({"ok": False, "error": message}, True)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ commands
+@cli_command
+def init_cmd(as_json: JsonOption = False) -> None:
+    """Create the data root (LVLM_STUDIO_HOME) and its database."""
+    s = settings()
+    store = open_store(s)
+    result = {
+        "ok": True,
+        "home": str(s.home.resolve()),
+        "db": str(s.db_path.resolve()),
+        "migrations": store.applied_migrations(),
+    }
+    store.close()
+    emit(result, as_json, f"initialised {result['home']} (database {result['db']})")
+
+
+@cli_command
+def import_cmd(
+    path: Annotated[Path, typer.Argument(help="Folder, JSON/JSONL file or saved HF dataset.")],
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="auto|folder|coco|jsonl|hf|trl|llava|llamafactory")
+    ] = "auto",
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset name (default: from the file, else 'default').")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: from the file, else 'train').")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt for images without one.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Root that image paths are relative to.")] = None,
+    method: Annotated[str | None, typer.Option(help="Method name for imported pairs without one.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Import at most this many records.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import images, items and pairs. Exit 3 when some records were refused (partial)."""
+    from lvlm_studio import io
+
+    s = settings()
+    store = open_store(s)
+    try:
+        report = io.import_path(
+            store,
+            s,
+            path,
+            format,
+            dataset=dataset,
+            split=split,
+            prompt=prompt or io.DEFAULT_PROMPT,
+            images_dir=images,
+            method=method,
+            limit=limit,
+        )
+    finally:
+        store.close()
+    result = {"ok": report.status == "ok", **report.to_dict()}
+
+    def human() -> str:
+        lines = [
+            f"import {report.status}: {report.imported} imported, {report.skipped} refused, "
+            f"{report.pairs} new pairs ({report.format}: {report.source})"
+        ]
+        lines += [f"  - {e}" for e in report.errors]
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+    if report.status == "partial":
+        raise typer.Exit(EXIT_PARTIAL)
+    if report.status == "failed":
+        if not as_json:
+            typer.echo("error: nothing was imported", err=True)
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@cli_command
+def export_cmd(
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist or be empty).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="trl|llava|llamafactory")] = "trl",
+    include_auto: Annotated[
+        bool, typer.Option("--include-auto", help="Also export pairs nobody reviewed.")
+    ] = False,
+    method: Annotated[list[str] | None, typer.Option(help="Only these methods (repeatable).")] = None,
+    round: Annotated[int | None, typer.Option(help="Only pairs generated in this round.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Export labelled pairs for training (TRL, LLaVA JSON, LLaMA-Factory)."""
+    from lvlm_studio import io
+
+    store = open_store()
+    try:
+        report = io.export_pairs(
+            store,
+            format,
+            out,
+            methods=method or None,
+            include_auto=include_auto,
+            round=round,
+            overwrite=overwrite,
+        )
+    finally:
+        store.close()
+    emit(
+        {"ok": True, **report.to_dict()},
+        as_json,
+        f"exported {report.pairs} pairs ({report.images} images) as {report.format} to {report.path}",
+    )
+
+
+@cli_command
+def stats_cmd(as_json: JsonOption = False) -> None:
+    """Counts per table, per method, per decision and per label."""
+    store = open_store()
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+
+    def human() -> str:
+        lines = ["tables: " + ", ".join(f"{k} {v}" for k, v in stats["tables"].items())]
+        if stats["pairs_by_method"]:
+            lines.append(
+                "pairs by method: " + ", ".join(f"{k} {v}" for k, v in stats["pairs_by_method"].items())
+            )
+        lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in stats["labels"].items()))
+        if stats["reviews_by_decision"]:
+            lines.append("reviews: " + ", ".join(f"{k} {v}" for k, v in stats["reviews_by_decision"].items()))
+        for name, splits in stats["datasets"].items():
+            lines.append(f"dataset {name}: " + ", ".join(f"{k} {v}" for k, v in splits.items()))
+        return "\n".join(lines)
+
+    emit({"ok": True, **stats}, as_json, human)
+
+
+# ------------------------------------------------------------------------------ studio helpers
+def studio(model: str | None = None, clip: str | None = None):
+    """A ``service.Studio`` on the data root, with ``--model`` / ``--clip`` overriding
+    LVLM_STUDIO_MODEL / LVLM_STUDIO_CLIP. Accounts and admins come from the environment."""
+    from lvlm_studio.service import Studio
+
+    overrides = {k: v for k, v in (("model", model), ("clip", clip)) if v}
+    return Studio(Settings(**overrides))
+
+
+class Progress:
+    """A ``service.ProgressFn`` drawn as a tqdm bar on stderr (hidden when stderr is not a
+    terminal, so pipes and logs stay clean). One bar per task; a new total starts a new task."""
+
+    def __init__(self, desc: str, unit: str = "item", disable: bool | None = None):
+        self.desc, self.unit, self.disable = desc, unit, disable
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, disable=self.disable,
+                            dynamic_ncols=True)
+        elif total != self.bar.total or done < self.bar.n:
+            self.bar.reset(total=total)
+        if message:
+            self.bar.set_description_str(f"{self.desc}: {message.split(':')[0]}", refresh=False)
+        self.bar.update(max(0, done - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_value(text: str) -> Any:
+    """A ``key=value`` value: JSON when it parses (numbers, true/false, null, lists), else text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_pairs(values: list[str] | None, option: str, allowed: set[str] | None = None,
+                owner: str = "") -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}``; a malformed entry or (with ``allowed``) an
+    unknown key is a CLIError naming the option and the valid keys."""
+    out: dict[str, Any] = {}
+    for raw in values or []:
+        key, sep, value = raw.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CLIError(f"{option} {raw!r}: expected key=value (e.g. {option} num_candidates=4)")
+        if allowed is not None and key not in allowed:
+            raise CLIError(f"{option} {key!r}: unknown {owner} option; valid: {', '.join(sorted(allowed))}")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does a JSON-decoded ``value`` fit the type ``hint`` (lenient where the hint is exotic)?"""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list) and (len(args) != 1 or all(_matches(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_types(cls: type, values: dict[str, Any], option: str) -> dict[str, Any]:
+    """Check ``key=value`` options against a config dataclass's field types (a string where a
+    number belongs must fail here, not minutes later in a background job); lists become tuples
+    where the field is a tuple."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key, Any)
+        if not _matches(value, hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise CLIError(f"{option} {key}={json.dumps(value)}: expected {shown}")
+        if isinstance(value, list) and (typing.get_origin(hint) is tuple or any(
+                typing.get_origin(a) is tuple for a in typing.get_args(hint))):
+            out[key] = tuple(value)
+    return out
+
+
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CLIError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not values:
+        raise CLIError(f"{option} is empty")
+    return values
+
+
+def parse_names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    return names or None
+
+
+def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
+    """``--param`` options checked against the method's config dataclass (names and types)."""
+    from dataclasses import fields
+
+    from lvlm_studio.methods.csr import CSRConfig
+    from lvlm_studio.methods.povid import POVIDConfig
+    from lvlm_studio.methods.stic import STICConfig
+
+    cls = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}[method]
+    params = parse_pairs(values, "--param", {f.name for f in fields(cls)}, method)
+    return check_types(cls, params, "--param")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain, left-aligned text table."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def eval_metrics(row: dict) -> dict:
+    """A round's evaluation metrics (``metrics["eval"]``), {} when it has none."""
+    metrics = row.get("metrics") or {}
+    ev = metrics.get("eval")
+    return ev if isinstance(ev, dict) else {}
+
+
+def round_summary(row: dict) -> dict:
+    """The numbers the rounds table shows, machine-readable."""
+    ev = eval_metrics(row)
+    metrics = row.get("metrics") or {}
+    config = row.get("config") or {}
+    return {
+        "id": row["id"],
+        "parent": row.get("parent_id"),
+        "status": row["status"],
+        "progress": row.get("progress"),
+        "chair_s": ev.get("chair_s"),
+        "chair_i": ev.get("chair_i"),
+        "recall": ev.get("recall"),
+        "pope_f1": ev.get("pope_f1"),
+        "pairs": metrics.get("n_pairs"),
+        "methods": config.get("methods"),
+        "base_model": row.get("base_model"),
+        "created": row.get("created"),
+        "started": row.get("started"),
+        "finished": row.get("finished"),
+        "seconds": _duration(row.get("started"), row.get("finished")),
+        "error": row.get("error"),
+    }
+
+
+def _duration(start: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    try:
+        return (datetime.fromisoformat(end.rstrip("Z")) - datetime.fromisoformat(start.rstrip("Z"))).total_seconds()
+    except ValueError:
+        return None
+
+
+def _short_time(stamp: str | None) -> str | None:
+    return stamp[:19].replace("T", " ") if stamp else None
+
+
+def eval_table(ev: dict) -> str:
+    """CHAIR, recall and POPE of one evaluation as a two-column table."""
+    keys = [("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
+            ("POPE accuracy", "pope_accuracy"), ("POPE precision", "pope_precision"),
+            ("POPE recall", "pope_recall"), ("POPE F1", "pope_f1"), ("POPE yes-ratio", "pope_yes_ratio"),
+            ("captions", "n_captions"), ("POPE probes", "pope_n"), ("items", "n_items")]
+    return table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
+
+
+def mark_hallucinations(view: dict | None) -> str:
+    """An evaluation answer with its hallucinated objects in [brackets] (from the stored spans)."""
+    if view is None:
+        return "(no answer stored)"
+    text = view.get("answer") or ""
+    spans = [s for s in (view.get("spans") or []) if s.get("hallucinated")]
+    if spans:
+        out, last = [], 0
+        for s in sorted(spans, key=lambda s: s["start"]):
+            if s["start"] < last:
+                continue
+            out += [text[last:s["start"]], "[", text[s["start"]:s["end"]], "]"]
+            last = s["end"]
+        return "".join(out) + text[last:]
+    if view.get("hallucinated"):
+        return f"{text}  (hallucinated: {', '.join(map(str, view['hallucinated']))})"
+    return text
+
+
+# ------------------------------------------------------------------------------ demo
+demo_app = typer.Typer(help="The embedded ShapesWorld demo: build its models, seed the store.",
+                       no_args_is_help=True)
+
+
+@cli_command
+def demo_build_cmd(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the package's world/artifacts).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of training.")] = 0,
+    vlm_steps: Annotated[int | None, typer.Option(help="SFT steps of the demo VLM (default 4000).")] = None,
+    clip_steps: Annotated[int | None, typer.Option(help="Contrastive steps of the demo CLIP (default 600).")] = None,
+    train_scenes: Annotated[int | None, typer.Option(help="Training scenes (default 6000; >= 64).")] = None,
+    eval_scenes: Annotated[int | None, typer.Option(help="Test scenes for the built-in check (default 500).")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the check after training.")] = False,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train the demo VLM (SFT) and CLIP (contrastive) and save them with their recipe."""
+    from lvlm_studio.world.build import DEMO_DIR, BuildConfig, build_demo
+
+    cfg = BuildConfig(threads=threads)
+    for name, value in (("--vlm-steps", vlm_steps), ("--clip-steps", clip_steps), ("--threads", threads),
+                        ("--eval-scenes", eval_scenes)):
+        if value is not None and value < 1:
+            raise CLIError(f"{name} must be at least 1, not {value}")
+    if train_scenes is not None:
+        if train_scenes < cfg.clip_batch:
+            raise CLIError(f"--train-scenes must be at least {cfg.clip_batch} (one CLIP batch), not {train_scenes}")
+        cfg.train_scenes = train_scenes
+    if eval_scenes is not None:
+        cfg.eval_scenes = eval_scenes
+    target = Path(out) if out is not None else DEMO_DIR
+    recipe = build_demo(target, seed, vlm_steps, clip_steps, progress=not quiet, evaluate=not no_eval, config=cfg)
+    result = {
+        "ok": True,
+        "out": str(target.resolve()),
+        "vlm": str((target / "vlm").resolve()),
+        "clip": str((target / "clip").resolve()),
+        "seed": seed,
+        "vlm_steps": recipe["build"]["vlm_steps"],
+        "clip_steps": recipe["build"]["clip_steps"],
+        "vlm_final_loss": recipe["vlm_final_loss"],
+        "clip_final_loss": recipe["clip_final_loss"],
+        "timings": recipe["timings"],
+        "artifact_bytes": recipe["artifact_bytes"],
+        "figures": {k: v for k, v in recipe["figures"].items() if k != "describe_examples"},
+    }
+
+    def human() -> str:
+        lines = [f"built the demo into {result['out']} in {recipe['timings'].get('total_s')} s "
+                 f"(VLM loss {recipe['vlm_final_loss']:.4f}, CLIP loss {recipe['clip_final_loss']:.4f})"]
+        desc = result["figures"].get("describe_test")
+        if desc:
+            lines.append(f"test describe: CHAIR_s {_fmt(desc.get('chair_s'))}, CHAIR_i {_fmt(desc.get('chair_i'))}, "
+                         f"recall {_fmt(desc.get('recall'))} on {desc.get('n')} scenes")
+        if out is not None:
+            lines.append(f"use it with: --model {result['vlm']} --clip {result['clip']}")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+@cli_command
+def demo_seed_cmd(
+    train: Annotated[int, typer.Option(help="Train-split scenes to add.")] = 24,
+    test: Annotated[int, typer.Option(help="Test-split scenes to add.")] = 24,
+    pairs: Annotated[int, typer.Option(help="Pairs per method to generate with the demo model (0: none).")] = 2,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Put ShapesWorld items (describe + POPE probes) and a few demo pairs into the store."""
+    s = studio()
+    try:
+        with Progress("seeding") as bar:
+            report = s.seed_demo(n_train=train, n_test=test, pairs_per_method=pairs, seed=seed, progress=bar)
+        stats = s.stats()
+    finally:
+        s.store.close()
+    result = {"ok": True, **report, "tables": stats["tables"]}
+    pairs_text = ", ".join(f"{k} {v}" for k, v in report["pairs"].items()) or "none"
+    emit(result, as_json, f"{report['message']}: {report['items']} new items, new pairs: {pairs_text} "
+                          f"(store: {stats['tables'].get('items', 0)} items, {stats['tables'].get('pairs', 0)} pairs)")
+
+
+# ------------------------------------------------------------------------------ generate
+@cli_command
+def generate_cmd(
+    method: Annotated[str, typer.Option("--method", "-m", help="csr | povid | stic")],
+    model: Annotated[str | None, typer.Option(help="demo | local directory | Hub id (default $LVLM_STUDIO_MODEL or demo).")] = None,
+    clip: Annotated[str | None, typer.Option(help="CLIP for CSR: demo | directory | open_clip ref (default $LVLM_STUDIO_CLIP).")] = None,
+    round: Annotated[int | None, typer.Option(help="Generate with this trained round's adapter (0/none: the base model).")] = None,
+    items: Annotated[str | None, typer.Option(help="Item ids, comma-separated (instead of --dataset/--split).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only items of this dataset (default: all).")] = None,
+    split: Annotated[str, typer.Option(help="Only items of this split; 'all' for every split.")] = "train",
+    n: Annotated[int | None, typer.Option("--n", help="At most this many new items.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Method option key=value (repeatable).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Build preference pairs with CSR, POVID or STIC. Resumable: items done are skipped."""
+    from lvlm_studio.service import METHODS
+
+    if method not in METHODS:
+        raise CLIError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    item_ids = parse_ints(items, "--items")
+    if item_ids is not None and dataset is not None:
+        raise CLIError("give either --items or --dataset/--split, not both")
+    if n is not None and n < 1:
+        raise CLIError(f"--n must be at least 1, not {n}")
+    params = method_params(method, param)
+    s = studio(model=model, clip=clip)
+    try:
+        with Progress(f"{method} pairs") as bar:
+            report = s.generate(
+                method, model=model or s.settings.model, round=round, item_ids=item_ids,
+                dataset=None if item_ids is not None else dataset,
+                split=None if item_ids is not None or split == "all" else split,
+                n=n, params=params, seed=seed, progress=bar,
+            )
+    finally:
+        s.store.close()
+    result = {"ok": True, "model": model or s.settings.model, **report}
+
+    def human() -> str:
+        if not report["items"]:
+            return (f"{method}: nothing to do ({report['skipped']} items already have {method} pairs for "
+                    f"round {report['round']}; 0 new pairs)")
+        return (f"{method}: {report['items']} items -> {report['pairs']} new pairs ({report['no_pair']} items gave "
+                f"no pair); {report['skipped']} items already done, skipped; {report['seconds']} s")
+
+    emit(result, as_json, human)
+
+
+# ------------------------------------------------------------------------------ training rounds
+UserOption = Annotated[
+    str | None,
+    typer.Option("--user", envvar="LVLM_STUDIO_USER",
+                 help="Who is acting (admin-only actions when accounts are configured)."),
+]
+
+
+@cli_command
+def train_cmd(
+    from_round: Annotated[int | None, typer.Option(help="Parent round (default: the current round).")] = None,
+    methods: Annotated[str | None, typer.Option(help="Only pairs of these methods, e.g. csr,povid.")] = None,
+    include_auto: Annotated[bool, typer.Option("--include-auto", help="Also train on pairs nobody reviewed.")] = False,
+    config: Annotated[list[str] | None, typer.Option("--config", "-c", help="DPO round option key=value (repeatable), e.g. learning_rate=5e-4.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default $LVLM_STUDIO_MODEL or demo).")] = None,
+    user: UserOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the round until it ends and print its metrics.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up following after this many seconds.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a DPO round as a background job (one at a time) and print its id."""
+    from dataclasses import fields
+
+    from lvlm_studio.training import DPORoundConfig
+
+    cfg = parse_pairs(config, "--config", {f.name for f in fields(DPORoundConfig)}, "DPO round")
+    cfg = check_types(DPORoundConfig, cfg, "--config")
+    names = parse_names(methods)
+    if names is not None:
+        cfg["methods"] = names
+    if include_auto:
+        cfg["include_auto"] = True
+    checked = DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
+    s = studio(model=model)
+    try:
+        if from_round is not None and s.store.get_round(from_round) is None:
+            raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
+        usable = s.store.training_pairs(methods=checked.methods, include_auto=checked.include_auto,
+                                        round=checked.pair_round)
+        if not usable:
+            raise CLIError("no training pairs: review some pairs first, or pass --include-auto to train on "
+                           "automatic labels" + (f" (methods {', '.join(checked.methods)})" if checked.methods else ""))
+        round_id = s.start_round(cfg, user, parent_id=from_round)
+        row = s.store.get_round(round_id)
+    finally:
+        s.store.close()
+    if not wait:
+        result = {"ok": True, "round": round_id, "parent": row.get("parent_id"), "status": row["status"],
+                  "pid": row.get("pid"), "pairs": len(usable), "log": row.get("log_path")}
+        emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {len(usable)} pairs) as a "
+                              f"background job, pid {row.get('pid')}; log {row.get('log_path')}\n"
+                              f"follow it: lvlm-studio rounds; stop it: lvlm-studio cancel {round_id}")
+        return
+    if not as_json:
+        typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {len(usable)} pairs); following it "
+                   f"(Ctrl-C stops following, not the round)")
+    row = follow_round(round_id, timeout)
+    summary = round_summary(row)
+    ok = row["status"] == "done"
+    result = {"ok": ok, "round": round_id, **summary, "metrics": row.get("metrics") or {}}
+    if not ok:
+        if as_json:
+            emit(result, True)
+        typer.echo(f"error: round {round_id} {row['status']}: {row.get('error') or 'no reason recorded'}", err=True)
+        raise typer.Exit(EXIT_FAILURE)
+
+    def human() -> str:
+        metrics = row.get("metrics") or {}
+        train = metrics.get("train") or {}
+        lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: {metrics.get('steps')} steps on "
+                 f"{metrics.get('n_pairs')} pairs, final loss {_fmt(train.get('loss'), 4)}"]
+        ev = eval_metrics(row)
+        lines.append(eval_table(ev) if ev else f"no evaluation: {metrics.get('eval_note', 'no evaluation items')}")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5) -> dict:
+    """Poll a round until it ends, drawing its progress; returns the final row."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from lvlm_studio import jobs
+
+    s = settings()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = tqdm(total=100, desc=f"round {round_id}", unit="%", file=sys.stderr, disable=None,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    try:
+        while True:
+            row = jobs.status(s, round_id)
+            bar.n = round(100 * float(row.get("progress") or 0.0), 1)
+            bar.set_postfix_str(row["status"])
+            if row["status"] in jobs.TERMINAL:
+                return row
+            if deadline is not None and time.monotonic() > deadline:
+                raise CLIError(f"round {round_id} is still {row['status']} after {timeout:g} s; it keeps running "
+                               f"in the background (lvlm-studio rounds / lvlm-studio cancel {round_id})")
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        bar.close()
+        typer.echo(f"stopped following; round {round_id} keeps running (lvlm-studio cancel {round_id} stops it)",
+                   err=True)
+        raise typer.Exit(130) from None
+    finally:
+        bar.close()
+
+
+@cli_command
+def cancel_cmd(
+    round_id: Annotated[int, typer.Argument(metavar="ROUND", help="The round to stop.")],
+    user: UserOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop before killing it.")] = 30.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a queued or running round (SIGTERM, then SIGKILL after --timeout)."""
+    from lvlm_studio.jobs import ACTIVE
+
+    s = studio()
+    try:
+        row = s.get_round(round_id)
+        if row is None:
+            raise CLIError(f"round {round_id} does not exist (see lvlm-studio rounds)")
+        was = row["status"]
+        if was in ACTIVE:
+            row = s.cancel_round(round_id, user, timeout=timeout)
+        else:
+            s.require_admin(user, "cancelling a training round")
+    finally:
+        s.store.close()
+    result = {"ok": True, "round": round_id, "was": was, "status": row["status"], "error": row.get("error")}
+    if was not in ACTIVE:
+        emit(result, as_json, f"round {round_id} is already {was}: nothing to cancel")
+    else:
+        emit(result, as_json, f"round {round_id}: {was} -> {row['status']}")
+
+
+@cli_command
+def rounds_cmd(as_json: JsonOption = False) -> None:
+    """Training rounds: lineage, status, progress, evaluation metrics, pairs, times."""
+    from lvlm_studio import jobs
+
+    s = settings()
+    rows = jobs.refresh(s)  # rounds whose process died are marked failed on the way
+    summaries = [round_summary(r) for r in rows]
+    if as_json:
+        emit({"ok": True, "rounds": [{**sm, "config": r.get("config"), "metrics": r.get("metrics"),
+                                      "log": r.get("log_path")} for sm, r in zip(summaries, rows, strict=True)]},
+             True)
+        return
+    if not summaries:
+        typer.echo("no rounds yet (lvlm-studio init, then lvlm-studio train)")
+        return
+    body = [[sm["id"], sm["parent"], sm["status"],
+             f"{100 * sm['progress']:.0f}%" if sm["progress"] is not None else None,
+             sm["chair_s"], sm["chair_i"], sm["recall"], sm["pope_f1"], sm["pairs"],
+             _short_time(sm["created"]), _fmt(sm["seconds"], 0) if sm["seconds"] is not None else None]
+            for sm in summaries]
+    lines = [table(["id", "parent", "status", "progress", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "pairs",
+                    "created", "seconds"], body)]
+    lines += [f"round {sm['id']}: {sm['error']}" for sm in summaries if sm["status"] == "failed" and sm["error"]]
+    typer.echo("\n".join(lines))
+
+
+@cli_command
+def compare_cmd(
+    a: Annotated[int, typer.Argument(help="Round A (0 = the base model).")],
+    b: Annotated[int, typer.Argument(help="Round B.")],
+    only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items whose answers differ.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many items.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Two rounds' evaluation metrics side by side, then their answers per item (hallucinated
+    objects marked in square brackets)."""
+    s = studio()
+    try:
+        for rid in (a, b):
+            if s.store.get_round(rid) is None:
+                raise CLIError(f"round {rid} does not exist (see lvlm-studio rounds)")
+        res = s.compare(a, b, only_diff=only_diff)
+    finally:
+        s.store.close()
+    total = len(res["rows"])
+    rows = res["rows"][:limit] if limit is not None else res["rows"]
+    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "items": total, "rows": rows}
+    if as_json:
+        emit(result, True)
+        return
+    ma, mb = res["metrics"]
+    lines = [table(["metric", f"round {a}", f"round {b}", "change"],
+                   [[name, ma.get(k), mb.get(k),
+                     f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float) else None]
+                    for name, k in (("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
+                                    ("POPE F1", "pope_f1"), ("answers", "answers"))])]
+    missing = [m["round"] for m in res["metrics"] if not m.get("answers")]
+    if missing:
+        lines.append("no evaluation answers stored for round(s) " + ", ".join(map(str, missing))
+                     + ": run lvlm-studio eval --round N")
+    lines.append(f"\n{total} item(s){' whose answers differ' if only_diff else ''}"
+                 + (f", showing {len(rows)}" if len(rows) < total else "") + "; [x] = hallucinated object")
+    for r in rows:
+        lines.append(f"#{r['item_id']} {r.get('prompt') or ''}  (truth: {', '.join(map(str, r.get('objects') or [])) or '-'})")
+        lines.append(f"  {a}: {mark_hallucinations(r['a'])}")
+        lines.append(f"  {b}: {mark_hallucinations(r['b'])}")
+    typer.echo("\n".join(lines))
+
+
+@cli_command
+def eval_cmd(
+    model: Annotated[str | None, typer.Option(help="Model (default: the round's base model, else $LVLM_STUDIO_MODEL).")] = None,
+    split: Annotated[str, typer.Option(help="World split: test (unbiased) or train.")] = "test",
+    n: Annotated[int, typer.Option("--n", help="Scenes: each gives a describe item and its POPE probes.")] = 500,
+    seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).")] = 0,
+    round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding).")] = 64,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a round on the world's split (greedy): CHAIR, recall, POPE; stores answers and metrics."""
+    from lvlm_studio.world.scenes import SPLITS
+
+    if split not in SPLITS:
+        raise CLIError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if n < 1 or max_new_tokens < 1:
+        raise CLIError("--n and --max-new-tokens must be at least 1")
+    s = studio(model=model)
+    try:
+        if s.store.get_round(round) is None:
+            raise CLIError(f"round {round} does not exist (see lvlm-studio rounds)")
+        with Progress(f"eval round {round}") as bar:
+            res = s.evaluate_world(round, split=split, n=n, seed=seed, model=model, max_new_tokens=max_new_tokens,
+                                   progress=bar)
+    finally:
+        s.store.close()
+    result = {"ok": True, **res}
+    emit(result, as_json, lambda: (f"round {round} on {res['items']} items of shapesworld/{split} ({n} scenes, seed "
+                                   f"{seed}; {res['added']} items added), model {res['metrics'].get('model')}\n"
+                                   + eval_table(res["metrics"])))
+
+
+# ------------------------------------------------------------------------------ serve
+@cli_command
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="Bind address (default $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 on a Space).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default $PORT / $GRADIO_SERVER_PORT, else 7860).")] = None,
+    share: Annotated[bool, typer.Option("--share", help="Also open a public gradio.live link.")] = False,
+    seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Seed the demo world on an empty store.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Launch the Gradio app (as app.py does) and serve until Ctrl-C."""
+    from lvlm_studio.ui import launch
+
+    on_space = bool(os.environ.get("SPACE_ID"))
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
+    port = port or int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    s = studio()
+    if seed:
+        report = s.seed_demo()
+        if (report["items"] or report["pairs"]) and not as_json:
+            typer.echo(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
+    s.reattach()  # rounds whose process died while nothing was watching are marked failed
+    demo, url = launch(s, server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                       quiet=as_json)
+    emit({"ok": True, "url": url, "share_url": getattr(demo, "share_url", None), "host": host, "port": port,
+          "auth": s.auth_summary()}, as_json, f"LVLM Studio on {url} ({s.auth_summary()}); Ctrl-C stops it")
+    sys.stdout.flush()
+    try:
+        demo.block_thread()
+    finally:
+        s.store.close()
+
+
+# ------------------------------------------------------------------------------ registration
+def _register() -> None:
+    """All commands and sub-apps, in one place. Add new ones here."""
+    app.command("init")(init_cmd)
+    app.command("import")(import_cmd)
+    app.command("export")(export_cmd)
+    app.command("stats")(stats_cmd)
+    demo_app.command("build")(demo_build_cmd)
+    demo_app.command("seed")(demo_seed_cmd)
+    app.add_typer(demo_app, name="demo")
+    app.command("generate")(generate_cmd)
+    app.command("train")(train_cmd)
+    app.command("cancel")(cancel_cmd)
+    app.command("rounds")(rounds_cmd)
+    app.command("compare")(compare_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("serve")(serve_cmd)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``lvlm-studio``) and ``python -m lvlm_studio``."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="lvlm-studio")

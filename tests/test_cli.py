@@ -1,0 +1,130 @@
+"""The lvlm-studio CLI: commands, --json, exit codes, LVLM_STUDIO_HOME, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT, write_image
+from test_io import assert_consistent, issue_folder
+from typer.testing import CliRunner
+
+from lvlm_studio.cli import EXIT_PARTIAL, app, main
+from lvlm_studio.store import Store
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _cli_process(args, home):
+    env = {**os.environ, "LVLM_STUDIO_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lvlm_studio", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_init_uses_lvlm_studio_home(home):
+    result = run("init", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and data["db"] == str((home / "studio.db").resolve())
+    assert (home / "studio.db").is_file() and (home / "images").is_dir()
+    assert "m001_initial_schema" in data["migrations"]
+
+
+def test_partial_import_exit_code_in_a_real_process(home, settings, tmp_path):
+    folder = issue_folder(tmp_path / "upload")
+    proc = _cli_process(["import", str(folder)], home)
+    assert proc.returncode == EXIT_PARTIAL == 3
+    assert "partial" in proc.stdout and "1 imported, 4 refused" in proc.stdout
+    for name in ("truncated.jpg", "notes.png", "empty.jpg", "huge.png"):
+        assert f"- {name}: " in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    proc = _cli_process(["import", str(folder), "--json"], home)  # idempotent, machine-readable
+    assert proc.returncode == 3
+    data = json.loads(proc.stdout)
+    assert data["status"] == "partial" and data["imported"] == 1 and len(data["errors"]) == 4
+
+    store = Store(settings.db_path)
+    assert store.stats()["tables"]["images"] == 1
+    assert_consistent(store, settings)
+    store.close()
+
+
+def test_import_export_stats_flow(home, tmp_path):
+    src = tmp_path / "src"
+    for k in range(3):
+        write_image(src / f"{k}.png", seed=60 + k)
+    rows = [
+        {"image": f"{k}.png", "prompt": "Describe.", "chosen": f"Good {k}.", "rejected": f"Bad {k}."}
+        for k in range(3)
+    ]
+    (src / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = run(
+        "import", str(src / "d.jsonl"), "--dataset", "demo", "--split", "val", "--method", "manual", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pairs"] == 3
+
+    result = run("stats", "--json")
+    stats = json.loads(result.stdout)
+    assert stats["tables"]["pairs"] == 3 and stats["pairs_by_method"] == {"manual": 3}
+    assert stats["datasets"] == {"demo": {"val": 3}} and stats["labels"]["auto"] == 3
+    assert "pairs by method: manual 3" in run("stats").stdout
+
+    result = run("export", str(tmp_path / "out"))  # nothing reviewed yet: a clear failure
+    assert result.exit_code == 1
+    assert "nothing to export" in result.stderr and "include_auto" in result.stderr
+    assert "Traceback" not in result.output
+
+    for fmt in ("trl", "llava", "llamafactory"):
+        result = run("export", "--format", fmt, str(tmp_path / fmt), "--include-auto", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["pairs"] == 3
+    assert (tmp_path / "trl" / "state.json").is_file()
+    assert (tmp_path / "llava" / "llava_dpo.json").is_file()
+    assert (tmp_path / "llamafactory" / "dataset_info.json").is_file()
+    result = run("export", "--format", "llava", str(tmp_path / "llava"), "--include-auto")
+    assert result.exit_code == 1 and "not empty" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["import", "/definitely/not/here"], "no such file or directory"),
+        (["import", ".", "--format", "xml"], "unknown import format"),
+        (["export", "--format", "csv", "OUT", "--include-auto"], "unknown export format"),
+    ],
+)
+def test_user_errors_exit_1_without_traceback(home, args, message):
+    result = run(*args)
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    result = run(*args, "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout) == {
+        "ok": False,
+        "error": result.stderr[7:].strip(),
+    }
+
+
+def test_failed_import_exit_1(home, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("nope")
+    result = run("import", str(tmp_path / "bad"))
+    assert result.exit_code == 1 and "failed" in result.stdout and "nothing was imported" in result.stderr
+
+
+def test_main_entry_point(home):
+    with pytest.raises(SystemExit) as info:
+        main(["stats", "--json"])
+    assert info.value.code == 0
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
