@@ -238,3 +238,126 @@ def test_bfloat16_and_lora_adapter(model_dir, be, images, tmp_path):
     # the unmerged PeftModel still decodes through the same loop
     g = unmerged.extend(unmerged.open_prefix(images[0], PROMPTS[0]), [cont[0][:2]], params=GP(max_new_tokens=4))[0][0]
     close(g.token_logprobs, unmerged.score(images[:1], PROMPTS[:1], [cont[0][:2] + g.token_ids])[0][2:])
+
+
+# --- extend_many: several prefixes in one decode loop --------------------------------------------
+
+
+def _ids(rows):
+    return [[s.token_ids for s in row] for row in rows]
+
+
+def _assert_many_equals_extend(backend, prefixes, partials, n, params, reference=None):
+    many = backend.extend_many(prefixes, partials, n=n, params=params)
+    ref = reference or backend
+    single = [ref.extend(p, ps, n=n, params=params) for p, ps in zip(prefixes, partials, strict=True)]
+    assert [len(r) for r in many] == [len(ps) for ps in partials]
+    for m_item, s_item in zip(many, single, strict=True):
+        assert _ids(m_item) == _ids(s_item)
+        for m_row, s_row in zip(m_item, s_item, strict=True):
+            for a, b in zip(m_row, s_row, strict=True):
+                assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+                close(a.token_logprobs, b.token_logprobs)
+    return many
+
+
+def _mixed_partials(be, images):
+    base = be.sample(images[:1], PROMPTS[:1], params=GP(max_new_tokens=8))[0][0].token_ids
+    return [
+        [base[:5], [], be.encode_text("there is a red")],
+        [[]],
+        [be.encode_text("a small blue square"), base[:1], [], be.encode_text("the")],
+    ]
+
+
+@pytest.mark.parametrize(
+    "n,params",
+    [
+        (1, GP(max_new_tokens=7)),
+        (3, GP(max_new_tokens=6, num_beam_groups=3, diversity_penalty=3.0)),
+    ],
+    ids=["greedy", "diverse_groups"],
+)
+def test_extend_many_equals_per_prefix_extend(be, images, n, params):
+    # three prompts of different lengths: the stacked caches are left-padded to the longest
+    prefixes = [be.open_prefix(im, pr) for im, pr in zip(images, PROMPTS, strict=True)]
+    assert len({p.state.mask.shape[1] for p in prefixes}) == 3
+    partials = _mixed_partials(be, images)
+    before = [(p.state.mask.clone(), p.state.last_logits.clone(), p.state.cache.layers[0].keys.clone()) for p in prefixes]
+    many = _assert_many_equals_extend(be, prefixes, partials, n, params)
+    assert all(len(row) == n for item in many for row in item)
+    # chunks that split an item's partials across decode loops (2 partials per chunk) agree too
+    small = HFBackend(be.model, be.processor, be.model_id, "cpu", max_rows=2 * n)
+    small.backend_id = be.backend_id
+    assert [_ids(r) for r in small.extend_many(prefixes, partials, n=n, params=params)] == [_ids(r) for r in many]
+    # the prefixes are untouched (they are reused for every depth of a CSR search)
+    for p, (m, lg, k0) in zip(prefixes, before, strict=True):
+        assert torch.equal(m, p.state.mask) and torch.equal(lg, p.state.last_logits)
+        assert torch.equal(k0, p.state.cache.layers[0].keys)
+
+
+def test_extend_many_with_stops_matches_full_recompute(be, images):
+    # rows stop at different steps (stop string), so the decode loop drops rows mid-way
+    prefixes = [be.open_prefix(images[i], PROMPTS[i]) for i in (2, 0)]
+    partials = [[[], be.encode_text("there is")], [[], be.encode_text("a red circle"), []]]
+    g = be.extend(prefixes[1], [[]], params=GP(max_new_tokens=8))[0][0].token_ids
+    stop = be.decode(g[2:3]).strip()
+    params = GP(max_new_tokens=8, stop=(stop,), num_beam_groups=2, diversity_penalty=3.0)
+    many = _assert_many_equals_extend(be, prefixes, partials, 2, params)
+    reasons = {s.finish_reason for item in many for row in item for s in row}
+    assert "stop" in reasons
+    for (im, pr), item, parts in zip([(images[2], PROMPTS[2]), (images[0], PROMPTS[0])], many, partials, strict=True):
+        for part, row in zip(parts, item, strict=True):
+            for s in row:
+                close(s.token_logprobs, be.score([im], [pr], [part + s.token_ids])[0][len(part):])
+
+
+def test_lazy_compaction_equals_eager(be, images):
+    # finished rows kept in the batch (fed masked pads) must not change the other rows
+    eos_bias = copy.deepcopy(be.model)
+    head = torch.nn.Linear(eos_bias.lm_head.in_features, eos_bias.lm_head.out_features, bias=True)
+    head.weight.data.copy_(eos_bias.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[be.eos_ids[0]] = 0.2  # the random model's logits are flat: rows end at many steps
+    eos_bias.lm_head = head
+    lazy = HFBackend(eos_bias, be.processor, "eos-biased", "cpu")
+    eager = HFBackend(eos_bias, be.processor, "eos-biased", "cpu")
+    eager.backend_id = lazy.backend_id
+    lazy.COMPACT_SHARE, eager.COMPACT_SHARE = 1.0, 0.0  # never compact / compact at every finish
+    prefixes = [lazy.open_prefix(im, pr) for im, pr in zip(images, PROMPTS, strict=True)]
+    partials = [[[], [5]], [[], [7, 8]], [[]]]
+    params = GP(max_new_tokens=10, num_beam_groups=4, diversity_penalty=1.0)
+    many = _assert_many_equals_extend(lazy, prefixes, partials, 4, params, reference=eager)
+    lengths = {len(s.token_ids) for item in many for row in item for s in row}
+    assert len(lengths) > 2 and any(s.finish_reason == "eos" for item in many for row in item for s in row)
+
+
+def test_extend_many_qwen2vl_mrope(tmp_path, images):
+    # M-RoPE: each row continues at its own max(prefill position)+1; stacking must keep that
+    from lvlm_studio.models.tiny import build_tiny
+
+    q = HFBackend.from_pretrained(str(build_tiny("qwen2_vl", tmp_path / "q")), device="cpu", dtype="float32")
+    with torch.no_grad():  # sharpen attention so that a position error shows above TOL
+        for name, param in q.model.named_parameters():
+            if "language_model" in name and (".q_proj." in name or ".k_proj." in name):
+                param.mul_(8)
+    ims = [images[0], images[1].resize((28, 40))]
+    prefixes = [q.open_prefix(im, pr) for im, pr in zip(ims, PROMPTS[:2], strict=True)]
+    assert prefixes[0].state.mask.shape[1] != prefixes[1].state.mask.shape[1]
+    partials = [[[], q.encode_text("there is a red")], [q.encode_text("a"), []]]
+    _assert_many_equals_extend(q, prefixes, partials, 1, GP(max_new_tokens=5))
+
+
+def test_extend_many_checks_and_row_budget(be, images):
+    prefixes = [be.open_prefix(images[0], PROMPTS[0]), be.open_prefix(images[1], PROMPTS[1])]
+    with pytest.raises(ValueError, match="partial lists"):
+        be.extend_many(prefixes, [[[]]])
+    other = HFBackend(be.model, be.processor, be.model_id, "cpu")
+    with pytest.raises(ValueError, match="another backend"):
+        other.extend_many(prefixes, [[[]], [[]]])
+    assert be.extend_many(prefixes, [[], [[]]])[0] == []
+    # the default row limit follows the KV budget: a budget for ~3 rows of 100 tokens gives 3
+    tight = HFBackend(be.model, be.processor, be.model_id, "cpu", kv_budget_bytes=be._kv_bytes_per_token * 300)
+    assert tight._rows_per_chunk(100) == 3 and tight._rows_per_chunk(10**6) == 1
+    assert be._rows_per_chunk(100) == HFBackend.MAX_ROWS_DEFAULT  # tiny model: the cap decides
+    assert HFBackend(be.model, be.processor, be.model_id, "cpu", max_rows=7)._rows_per_chunk(10**6) == 7

@@ -15,6 +15,12 @@ padding is harmless); models with multimodal RoPE (Qwen2-VL family: the inner mo
 ``get_rope_index``) get their 3-D prefill positions from the image grid and continue every later text
 token at ``max(prefill positions) + 1`` on all three axes, exactly as the model's own generation does
 with ``rope_deltas``.
+
+Continuations are batched as wide as memory allows: ``extend`` / ``extend_many`` decode up to
+``max_rows`` rows at once, where the default caps the rows so that their KV cache fits a byte budget
+(``kv_budget_bytes``; on a GPU a share of the memory free after loading, on CPU a fixed amount).
+``extend_many`` stacks several items' prefix caches (left-padded to the longest) into one decode
+loop, so a CSR depth over many items costs one step loop instead of one per item.
 """
 
 from __future__ import annotations
@@ -69,15 +75,24 @@ class _State:
 
     def repeat(self, k: int) -> _State:
         """Each row ``k`` times in a row (row r → rows r*k … r*k+k-1), on a copy of the cache."""
-        cache = copy.deepcopy(self.cache)
-        if k != 1:
-            cache.batch_repeat_interleave(k)
-        return _State(
-            cache,
-            self.mask.repeat_interleave(k, 0),
-            self.next_pos.repeat_interleave(k, 0),
-            self.last_logits.repeat_interleave(k, 0),
-        )
+        out = _State(copy.deepcopy(self.cache), self.mask, self.next_pos, self.last_logits)
+        out.repeat_(k)
+        return out
+
+    def repeat_(self, k: int) -> None:
+        """``repeat`` in place (no copy of the cache first): for a state nobody else holds."""
+        if k == 1:
+            return
+        idx = torch.arange(self.mask.shape[0], device=self.mask.device).repeat_interleave(k)
+        if _plain_cache(self):  # index_select: several times faster than repeat_interleave on CPU
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+        else:
+            self.cache.batch_repeat_interleave(k)
+        self.mask = self.mask.index_select(0, idx)
+        self.next_pos = self.next_pos.index_select(0, idx)
+        self.last_logits = self.last_logits.index_select(0, idx)
 
     def select(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
@@ -86,15 +101,92 @@ class _State:
         self.last_logits = self.last_logits[keep]
 
 
+def _plain_cache(state: _State) -> bool:
+    """True when every cache layer is a plain full-length `DynamicLayer` holding (B, H, L, D) tensors
+    (not sliding-window, quantized, offloaded or linear-attention layers), so rows can be stacked."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(state.cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4
+        for layer in layers
+    )
+
+
+def _stack_states(states: list[_State], config) -> _State:
+    """One batch from single-row prefix states (repeats allowed), each left-padded to the longest.
+
+    The pads sit before a row's first real position and are masked out (mask 0), so no real token
+    attends to them; positions are per row (``next_pos``) and were baked into the cached keys at
+    prefill, so this holds for 1-D and M-RoPE models alike.
+    """
+    from transformers import DynamicCache
+
+    width = max(s.mask.shape[1] for s in states)
+    n_layers = len(states[0].cache.layers)
+    if any(len(s.cache.layers) != n_layers for s in states):
+        raise ValueError("prefix caches have different numbers of layers")
+
+    def padded(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        pad = width - t.shape[seq_dim]
+        if not pad:
+            return t
+        shape = list(t.shape)
+        shape[seq_dim] = pad
+        return torch.cat([t.new_zeros(shape), t], dim=seq_dim)
+
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != n_layers:
+        raise ValueError(f"the model config gives {len(cache.layers)} cache layers, the prefix {n_layers}")
+    for j, layer in enumerate(cache.layers):
+        keys = torch.cat([padded(s.cache.layers[j].keys, -2) for s in states])
+        values = torch.cat([padded(s.cache.layers[j].values, -2) for s in states])
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return _State(
+        cache,
+        torch.cat([padded(s.mask, 1) for s in states]),
+        torch.cat([s.next_pos for s in states]),
+        torch.cat([s.last_logits for s in states]),
+    )
+
+
 class HFBackend:
     """`VLMBackend` over a transformers image-text-to-text model (LLaVA, Qwen2-VL, Idefics3, …)."""
 
-    def __init__(self, model, processor, model_id: str, device: str = "cpu", max_batch: int = 16):
+    # Upper bound on decode rows per extend chunk (rows x vocabulary float32 logits stay small).
+    MAX_ROWS_DEFAULT = 256
+    # KV-cache budget for extend chunks: on CPU a fixed 2 GiB; on CUDA this share of the memory free
+    # once the model is loaded (the rest: the prefixes held by the caller, the cache's growth by
+    # concatenation, which briefly holds two copies of a layer, and activations).
+    CPU_KV_BUDGET = 2 << 30
+    CUDA_KV_SHARE = 0.3
+    # _decode keeps finished rows in the batch (fed masked pads) until they are this share of it,
+    # then drops them in one copy, instead of copying the whole cache each time one row finishes.
+    COMPACT_SHARE = 0.25
+
+    def __init__(
+        self,
+        model,
+        processor,
+        model_id: str,
+        device: str = "cpu",
+        max_batch: int = 16,
+        max_rows: int | None = None,
+        kv_budget_bytes: int | None = None,
+    ):
+        """``max_batch``: images per prefill (``sample``, ``score``). ``max_rows``: decode rows
+        (partials x n) per ``extend``/``extend_many`` chunk; None = as many as fit
+        ``kv_budget_bytes`` (None = the device default above), at most ``MAX_ROWS_DEFAULT``."""
         self.model = model.eval()
         self.processor = processor
         self.model_id = model_id
         self.device = torch.device(device)
+        if max_batch < 1 or (max_rows is not None and max_rows < 1):
+            raise ValueError(f"max_batch and max_rows must be >= 1, not {max_batch} and {max_rows}")
         self.max_batch = max_batch
+        self.max_rows = max_rows
+        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else self._default_kv_budget()
         self.backend_id = f"hf:{model_id}:{next(_backend_counter)}"
         tok = getattr(processor, "tokenizer", processor)
         tok.padding_side = "left"  # batches are left-padded so every row's last token is real
@@ -115,6 +207,34 @@ class HFBackend:
         self.banned_ids = sorted(int(b) for b in banned if b is not None and b != tok.unk_token_id and b >= 0)
         self._core = self._inner_model()
         self._mrope = hasattr(self._core, "get_rope_index")
+        self._kv_bytes_per_token = self._kv_bytes()
+
+    def _default_kv_budget(self) -> int:
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free * self.CUDA_KV_SHARE)
+        return self.CPU_KV_BUDGET
+
+    def _kv_bytes(self) -> int:
+        """Bytes of K+V cache per token per row (all layers), from the text config; 0 if unknown."""
+        try:
+            cfg = self.model.config.get_text_config(decoder=True)
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            # quantized weights (int8/uint8) still keep the cache in the compute dtype, ~2 bytes
+            item = self.dtype.itemsize if self.dtype.is_floating_point else 2
+            return int(2 * cfg.num_hidden_layers * heads * head_dim * item)
+        except (AttributeError, TypeError, ZeroDivisionError):
+            return 0
+
+    def _rows_per_chunk(self, tokens_per_row: int) -> int:
+        """Decode rows that fit one chunk when each row ends up holding ``tokens_per_row`` tokens."""
+        if self.max_rows is not None:
+            return self.max_rows
+        if self._kv_bytes_per_token <= 0:
+            return self.max_batch
+        fit = self.kv_budget_bytes // (self._kv_bytes_per_token * max(tokens_per_row, 1))
+        return int(max(1, min(self.MAX_ROWS_DEFAULT, fit)))
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod
@@ -309,23 +429,17 @@ class HFBackend:
             scores[:, self.banned_ids] = float("-inf")
         if params.num_beam_groups > 1 and params.diversity_penalty > 0:
             chosen = torch.empty(len(logprobs), dtype=torch.long, device=logprobs.device)
-            counts: dict[int, torch.Tensor] = {}
+            # counts[r, t]: how many earlier groups of request r picked token t at this step
+            _, req = torch.unique(requests, return_inverse=True)
+            counts = torch.zeros((int(req.max()) + 1, scores.shape[-1]), device=scores.device)
             for g in range(params.num_beam_groups):
                 rows = (groups == g).nonzero().flatten()
                 if rows.numel() == 0:
                     continue
-                sc = scores[rows].clone()
-                for j, r in enumerate(rows.tolist()):
-                    c = counts.get(int(requests[r]))
-                    if c is not None:
-                        sc[j] -= params.diversity_penalty * c
-                picked = self._pick(sc, params, gen)
+                r = req[rows]
+                picked = self._pick(scores[rows] - params.diversity_penalty * counts[r], params, gen)
                 chosen[rows] = picked
-                for r, t in zip(rows.tolist(), picked.tolist(), strict=True):
-                    req = int(requests[r])
-                    if req not in counts:
-                        counts[req] = torch.zeros(scores.shape[-1], device=scores.device)
-                    counts[req][t] += 1
+                counts.index_put_((r, picked), torch.ones_like(picked, dtype=counts.dtype), accumulate=True)
             return chosen
         return self._pick(scores, params, gen)
 
@@ -354,23 +468,33 @@ class HFBackend:
 
     @torch.no_grad()
     def _decode(self, state: _State, k: int, params: GenerationParams, gen) -> list[list[Sequence]]:
-        """Run the step loop on ``state``'s rows (request-major, ``k`` rows per request)."""
+        """Run the step loop on ``state``'s rows (request-major, ``k`` rows per request).
+
+        A finished row stays in the batch (fed a masked pad; its logits are ignored and it takes no
+        part in the choice) until finished rows reach ``COMPACT_SHARE`` of the batch: dropping rows
+        copies the whole cache, so it is done once for many rows rather than once per row.
+        """
         n_rows = state.mask.shape[0]
         requests = torch.arange(n_rows, device=self.device) // k
         groups = torch.arange(n_rows, device=self.device) % k
-        active = list(range(n_rows))
+        present = list(range(n_rows))  # the original row held at each batch index of ``state``
+        live = list(range(n_rows))  # batch indices of unfinished rows, ascending
         toks: list[list[int]] = [[] for _ in range(n_rows)]
         lps: list[list[float]] = [[] for _ in range(n_rows)]
         done: dict[int, Sequence] = {}
         eos = torch.tensor(self.eos_ids, device=self.device)
         for _step in range(params.max_new_tokens):
-            logprobs = torch.log_softmax(state.last_logits, dim=-1)
-            idx = torch.tensor(active, device=self.device)
-            picked = self._choose(logprobs, groups[idx], requests[idx], params, gen)
+            all_live = len(live) == len(present)
+            live_idx = None if all_live else torch.tensor(live, device=self.device)
+            logits = state.last_logits if all_live else state.last_logits[live_idx]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            rows = torch.tensor([present[b] for b in live], device=self.device)
+            picked = self._choose(logprobs, groups[rows], requests[rows], params, gen)
             picked_lp = logprobs.gather(-1, picked[:, None]).flatten().tolist()
             is_eos = torch.isin(picked, eos).tolist()
             keep = []
-            for j, (row, t) in enumerate(zip(active, picked.tolist(), strict=True)):
+            for j, (b, t) in enumerate(zip(live, picked.tolist(), strict=True)):
+                row = present[b]
                 toks[row].append(t)
                 lps[row].append(picked_lp[j])
                 if is_eos[j]:
@@ -382,15 +506,29 @@ class HFBackend:
                         done[row] = Sequence(cut, toks[row], lps[row], "stop")
                         continue
                 keep.append(j)
-            if len(keep) < len(active):
-                active = [active[j] for j in keep]
-                if not active:
-                    break
-                state.select(torch.tensor(keep, device=self.device))
-                picked = picked[keep]
-            if _step + 1 < params.max_new_tokens:
+            if not keep:
+                live = []
+                break
+            if _step + 1 >= params.max_new_tokens:
+                live = [live[j] for j in keep]
+                break
+            live = [live[j] for j in keep]
+            picked = picked[keep] if len(keep) < len(picked) else picked
+            if len(present) - len(live) >= self.COMPACT_SHARE * len(present):
+                state.select(torch.tensor(live, device=self.device))
+                present = [present[b] for b in live]
+                live = list(range(len(present)))
+            if len(live) == len(present):
                 self._step(state, picked[:, None], torch.ones_like(picked)[:, None])
-        for row in active:
+            else:
+                idx = torch.tensor(live, device=self.device)
+                tokens = torch.full((len(present), 1), self.pad_id, dtype=torch.long, device=self.device)
+                tmask = torch.zeros((len(present), 1), dtype=torch.long, device=self.device)
+                tokens[idx, 0] = picked
+                tmask[idx, 0] = 1
+                self._step(state, tokens, tmask)
+        for b in live:
+            row = present[b]
             done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "length")
         return [[done[r * k + j] for j in range(k)] for r in range(n_rows // k)]
 
@@ -475,19 +613,72 @@ class HFBackend:
         k = self._rows_per_input(n, params)
         gen = self._generator(params)
         base: _State = prefix.state
+        chunks = self._chunks([list(p) for p in partials], base.mask.shape[1], k, params)
         results: list[list[Sequence]] = []
-        step = max(1, self.max_batch // k)
-        for start in range(0, len(partials), step):
-            chunk = [list(p) for p in partials[start : start + step]]
+        for chunk in chunks:
             state = base.repeat(len(chunk))
-            if max(len(p) for p in chunk) > 0:
-                ids, tmask = self._pad(chunk, left=True)
-                self._step(state, ids, tmask)
-                empty = torch.tensor([len(p) == 0 for p in chunk], device=self.device)
-                # A row with no partial tokens continues straight from the prefix's own logits.
-                state.last_logits = torch.where(empty[:, None], base.last_logits, state.last_logits)
-            results.extend(self._decode(state.repeat(k) if k > 1 else state, k, params, gen))
+            results.extend(self._continue(state, chunk, k, params, gen))
         return results
+
+    def extend_many(
+        self,
+        prefixes: list[Prefix],
+        partials_per_prefix: list[list[list[int]]],
+        n: int = 1,
+        params: GenerationParams | None = None,
+    ) -> list[list[list[Sequence]]]:
+        """``extend`` for several prefixes (e.g. different images/prompts) in shared decode loops.
+
+        Result ``[i][j]`` is what ``extend(prefixes[i], partials_per_prefix[i], n, params)[j]`` gives:
+        the prefix caches are stacked (left-padded to the longest, pads masked) and all partials of
+        all prefixes are decoded together, in chunks of at most the row limit. Greedy and diverse
+        group decoding give the same tokens (log-probs up to float rounding) as per-prefix calls;
+        seeded sampling draws from one stream over all rows, so its samples differ from per-prefix
+        calls. Caches that cannot be stacked (sliding-window, quantized, offloaded layers) fall back
+        to one ``extend`` per prefix.
+        """
+        params = params or GenerationParams()
+        if len(prefixes) != len(partials_per_prefix):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(partials_per_prefix)} partial lists")
+        for p in prefixes:
+            if p.backend_id != self.backend_id:
+                raise ValueError("this prefix was opened by another backend")
+        if len(prefixes) <= 1 or not all(_plain_cache(p.state) for p in prefixes):
+            return [self.extend(p, ps, n, params) for p, ps in zip(prefixes, partials_per_prefix, strict=True)]
+        k = self._rows_per_input(n, params)
+        gen = self._generator(params)
+        owners = [i for i, ps in enumerate(partials_per_prefix) for _ in ps]
+        flat = [list(p) for ps in partials_per_prefix for p in ps]
+        width = max(p.state.mask.shape[1] for p in prefixes)
+        flat_out: list[list[Sequence]] = []
+        pos = 0
+        for chunk in self._chunks(flat, width, k, params):
+            states = [prefixes[owners[pos + j]].state for j in range(len(chunk))]
+            pos += len(chunk)
+            flat_out.extend(self._continue(_stack_states(states, self.model.config), chunk, k, params, gen))
+        out, pos = [], 0
+        for ps in partials_per_prefix:
+            out.append(flat_out[pos : pos + len(ps)])
+            pos += len(ps)
+        return out
+
+    def _chunks(self, partials: list[list[int]], prefix_len: int, k: int, params) -> list[list[list[int]]]:
+        """Split partials so a chunk's rows (partials x k) fit the row limit at their final length."""
+        tokens = prefix_len + max((len(p) for p in partials), default=0) + params.max_new_tokens
+        step = max(1, self._rows_per_chunk(tokens) // k)
+        return [partials[i : i + step] for i in range(0, len(partials), step)]
+
+    def _continue(self, state: _State, chunk: list[list[int]], k: int, params, gen) -> list[list[Sequence]]:
+        """Prefill each row's partial after its prefix (``state`` has one row per partial), decode."""
+        if max(len(p) for p in chunk) > 0:
+            base_logits = state.last_logits
+            ids, tmask = self._pad(chunk, left=True)
+            self._step(state, ids, tmask)
+            empty = torch.tensor([len(p) == 0 for p in chunk], device=self.device)
+            # A row with no partial tokens continues straight from the prefix's own logits.
+            state.last_logits = torch.where(empty[:, None], base_logits, state.last_logits)
+        state.repeat_(k)
+        return self._decode(state, k, params, gen)
 
     def sample_from_text(
         self,
