@@ -19,5 +19,6 @@ RUN pip install --no-deps -e .
 
 EXPOSE 7860
 VOLUME ["/app/storage"]
-# LVLM_STUDIO_MODEL selects the model (demo, a local path, or a Hub id); LVLM_STUDIO_BACKEND=vllm uses vLLM.
+# LVLM_STUDIO_MODEL selects the model (demo, a local path, or a Hub id). vLLM is installed for
+# lvlm_studio.models.load_backend(ref, backend="vllm"); the app itself uses the HF backend.
 CMD ["python", "app.py"]
