@@ -33,6 +33,7 @@ Exports are written to a temporary sibling directory and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -772,6 +773,19 @@ def _commit_out(o: _Out) -> None:
     o.tmp.rename(o.final)
 
 
+@contextlib.contextmanager
+def _staged_out(out: Path, overwrite: bool):
+    """Write an export into a temporary sibling directory that replaces ``out`` only when the
+    body finishes, so a failed export never leaves a half-written folder."""
+    o = _begin_out(out, overwrite)
+    try:
+        yield o
+        _commit_out(o)
+    except BaseException:
+        shutil.rmtree(o.tmp, ignore_errors=True)
+        raise
+
+
 def _provenance(row: dict) -> dict:
     return {
         "pair_id": row["pair_id"],
@@ -857,10 +871,9 @@ def export_trl(
     from datasets.arrow_writer import ArrowWriter
 
     rows = _export_rows(store, methods, include_auto, round)
-    o = _begin_out(Path(out), overwrite)
     features = trl_features()
-    arrow = o.tmp / "_build.arrow"
-    try:
+    with _staged_out(Path(out), overwrite) as o:
+        arrow = o.tmp / "_build.arrow"
         # Stream to an Arrow file so 100k pairs never sit in memory at once.
         with ArrowWriter(features=features, path=str(arrow)) as writer:
             for row in rows:
@@ -875,10 +888,6 @@ def export_trl(
         for f in data.iterdir():
             f.rename(o.tmp / f.name)
         data.rmdir()
-        _commit_out(o)
-    except BaseException:
-        shutil.rmtree(o.tmp, ignore_errors=True)
-        raise
     return ExportReport("trl", str(o.final), len(rows), len({r["image_id"] for r in rows}))
 
 
@@ -892,8 +901,7 @@ def export_llava(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    o = _begin_out(Path(out), overwrite)
-    try:
+    with _staged_out(Path(out), overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = []
         for row in rows:
@@ -908,10 +916,6 @@ def export_llava(
                 }
             )
         (o.tmp / LLAVA_FILE).write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-        _commit_out(o)
-    except BaseException:
-        shutil.rmtree(o.tmp, ignore_errors=True)
-        raise
     return ExportReport("llava", str(o.final), len(rows), len(images))
 
 
@@ -925,8 +929,7 @@ def export_llamafactory(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    o = _begin_out(Path(out), overwrite)
-    try:
+    with _staged_out(Path(out), overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = [
             {
@@ -955,10 +958,6 @@ def export_llamafactory(
             }
         }
         (o.tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        _commit_out(o)
-    except BaseException:
-        shutil.rmtree(o.tmp, ignore_errors=True)
-        raise
     return ExportReport("llamafactory", str(o.final), len(rows), len(images))
 
 
