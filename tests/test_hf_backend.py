@@ -361,3 +361,25 @@ def test_extend_many_checks_and_row_budget(be, images):
     assert tight._rows_per_chunk(100) == 3 and tight._rows_per_chunk(10**6) == 1
     assert be._rows_per_chunk(100) == HFBackend.MAX_ROWS_DEFAULT  # tiny model: the cap decides
     assert HFBackend(be.model, be.processor, be.model_id, "cpu", max_rows=7)._rows_per_chunk(10**6) == 7
+
+
+def test_stop_prefilter_equals_decoding_every_step(be, images, monkeypatch):
+    # The token-level prefilter (_stop_candidates) must not change where any row stops: compare
+    # with a backend that decodes every row at every step. Stops: one token's text, a string that
+    # spans two tokens, and one that never occurs; rows stop at different steps.
+    greedy = [r[0] for r in be.sample(images, PROMPTS, params=GP(max_new_tokens=10))]
+    one = be.decode(greedy[0].token_ids[3:4]).strip()
+    span = be.decode(greedy[1].token_ids[:6])[-4:]
+    stops = (one, span, "@@never@@")
+    runs = [GP(max_new_tokens=10, stop=stops), GP(max_new_tokens=10, temperature=1.0, seed=3, stop=stops)]
+    fast = [be.sample(images, PROMPTS, n=1 if p.temperature == 0 else 3, params=p) for p in runs]
+    period = be._stop_candidates((".",))
+    monkeypatch.setattr(HFBackend, "_stop_candidates", lambda self, stops: [True] * 10**6)
+    slow = [be.sample(images, PROMPTS, n=1 if p.temperature == 0 else 3, params=p) for p in runs]
+
+    def rows(out):
+        return [[(s.text, s.token_ids, s.finish_reason) for s in row] for run in out for row in run]
+
+    assert rows(fast) == rows(slow)
+    assert sum(s.finish_reason == "stop" for run in fast for row in run for s in row) >= 2
+    assert 0 < sum(period) < len(period) / 4, "only tokens holding a '.' (or partial pieces) may stop at '.'"

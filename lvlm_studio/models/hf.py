@@ -63,6 +63,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _cache_kwarg() -> str:
+    """transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes
+    in 5.40); use whichever this install reads."""
+    from transformers.utils import generic
+
+    return "cache" if hasattr(getattr(generic, "ModelOutput", object), "_replace_old_cache_name") else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
+
+
+def _out_cache(out: Any) -> Any:
+    return out["cache"] if _CACHE_KWARG == "cache" else out.past_key_values
+
+
 @dataclass
 class _State:
     """A batch of rows in the middle of decoding: KV cache, 2-D attention mask over everything in
@@ -356,11 +371,11 @@ class HFBackend:
         inputs = self._inputs(images, texts)
         positions = self._prefill_positions(inputs)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(**inputs, position_ids=positions, **{_CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         mask = inputs["attention_mask"].long()
         pos = positions if positions.dim() == 2 else positions.amax(0)
         next_pos = (pos * mask).amax(-1) + 1
-        return _State(out.past_key_values, mask, next_pos, out.logits[:, -1].float())
+        return _State(_out_cache(out), mask, next_pos, out.logits[:, -1].float())
 
     @torch.no_grad()
     def _step(self, state: _State, tokens: torch.Tensor, tok_mask: torch.Tensor, all_logits: bool = False):
@@ -373,11 +388,11 @@ class HFBackend:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=state.cache,
+            **{_CACHE_KWARG: state.cache},
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
-        state.cache = out.past_key_values
+        state.cache = _out_cache(out)
         state.mask = mask
         state.next_pos = state.next_pos + tok_mask.sum(-1)
         state.last_logits = out.logits[:, -1].float()
@@ -456,6 +471,20 @@ class HFBackend:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=gen).flatten()
 
+    def _stop_candidates(self, stops: tuple[str, ...]) -> list[bool]:
+        """Per vocabulary id: can this token complete a stop string? A new occurrence of a stop
+        must end inside the newly decoded text, so the new token's own text holds the stop's last
+        character; tokens that decode alone to nothing or to a partial character (U+FFFD, a byte
+        piece) may complete one together with earlier bytes, so they count too. Only these tokens
+        pay for a full decode of the row (``_check_stop``); cached per stop tuple."""
+        cache = self.__dict__.setdefault("_stop_cache", {})
+        if stops not in cache:
+            size = max(len(self.tokenizer), int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0))
+            last = {st[-1] for st in stops if st}
+            texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
+            cache[stops] = [(not t) or ("\ufffd" in t) or any(c in t for c in last) for t in texts]
+        return cache[stops]
+
     def _check_stop(self, ids: list[int], stops: tuple[str, ...]) -> str | None:
         """The text cut right after the earliest stop string, or None."""
         text = self.decode(ids)
@@ -483,6 +512,7 @@ class HFBackend:
         lps: list[list[float]] = [[] for _ in range(n_rows)]
         done: dict[int, Sequence] = {}
         eos = torch.tensor(self.eos_ids, device=self.device)
+        may_stop = self._stop_candidates(tuple(params.stop)) if params.stop else None
         for _step in range(params.max_new_tokens):
             all_live = len(live) == len(present)
             live_idx = None if all_live else torch.tensor(live, device=self.device)
@@ -500,7 +530,7 @@ class HFBackend:
                 if is_eos[j]:
                     done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "eos")
                     continue
-                if params.stop:
+                if may_stop is not None and (t >= len(may_stop) or may_stop[t]):
                     cut = self._check_stop(toks[row], params.stop)
                     if cut is not None:
                         done[row] = Sequence(cut, toks[row], lps[row], "stop")
