@@ -15,7 +15,12 @@ through ``service.Studio`` and ``jobs`` exactly as the app runs them:
 
 ``--search-lr 2e-4,5e-4`` trains round 1 once per learning rate (same pairs) and keeps the best by
 CHAIR_s among those whose recall drops by at most 3 points (FACTS.md: search lr per round rather
-than trusting one); every try is reported.
+than trusting one); every try is reported. The choice is made on the evaluation split itself, so
+a searched row is a tuned figure, not a held-out one.
+
+``--csr-answer-score`` picks how CSR ranks complete answers (CSRConfig.answer_score; default the
+centred sum) and ``--csr-existence-pairs`` adds the yes/no pairs each CSR pair implies
+(CSRConfig.existence_pairs, a project extension, off by default).
 
 Per round it prints CHAIR_s, CHAIR_i, recall, POPE F1, pairs used, wall time (generation, training +
 evaluation), peak RSS of the job subprocess and of this process, the CHAIR_s change relative to
@@ -24,7 +29,8 @@ at most 3 points, POPE F1 not lower, each round at most 10 min and 4 GB. The las
 one JSON object; ``--out`` writes it to a file, ``--plot`` saves a PNG of the metrics per round.
 
 Usage: python benchmarks/demo_loop.py [--rounds 3] [--train-prompts 200] [--eval-n 500]
-       [--compare-methods povid,stic] [--lr 5e-4] [--epochs 3] [--sft-weight 0]
+       [--compare-methods povid,stic] [--lr 2e-4] [--epochs 3] [--sft-weight 1]
+       [--csr-answer-score centered_sum] [--csr-existence-pairs]
        [--search-lr 2e-4,5e-4] [--home DIR] [--model demo] [--clip demo] [--out results.json]
        [--plot loop.png]
 """
@@ -118,6 +124,11 @@ def eval_metrics(metrics: dict | None) -> dict[str, float | None]:
     for key in METRICS:
         val = ev.get(key)
         out[key] = float(val) if isinstance(val, int | float) else None
+    # POPE accuracy and yes-ratio beside F1: F1 on "yes" rewards a yes-biased model, so a round
+    # that removes the bias can lose F1 while answering more probes right
+    for key in ("pope_accuracy", "pope_yes_ratio"):
+        val = ev.get(key)
+        out[key] = float(val) if isinstance(val, int | float) else None
     out["n_items"] = ev.get("n_items")
     out["eval_seconds"] = ev.get("seconds")
     return out
@@ -192,6 +203,10 @@ class Loop:
                 params["max_sentences"] = a.csr_max_sentences
             if a.csr_max_new_tokens is not None:
                 params["max_new_tokens"] = a.csr_max_new_tokens
+            if a.csr_answer_score is not None:
+                params["answer_score"] = a.csr_answer_score
+            if a.csr_existence_pairs:
+                params["existence_pairs"] = True
             return params
         return {"max_new_tokens": a.gen_max_new_tokens}
 
@@ -233,7 +248,7 @@ class Loop:
             "pairs_generated": pairs_available, "gen_items": rep["items"] + rep["skipped"],
             "gen_no_pair": rep["no_pair"], "gen_seconds": float(rep["seconds"]), "pairs_used": 0,
             "train_eval_seconds": None, "train_seconds": None, "job_peak_rss_mb": None,
-            **{k: None for k in (*METRICS, "n_items", "eval_seconds")},
+            **{k: None for k in (*METRICS, "pope_accuracy", "pope_yes_ratio", "n_items", "eval_seconds")},
         }
         if pairs_available == 0:
             row.update(status="no_pairs", error=f"{method} produced no pairs from round {parent_id}")
@@ -345,12 +360,14 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    cols = ["row", "round", "status", "lr", "pairs", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "dCHAIR_s",
+    cols = ["row", "round", "status", "lr", "pairs", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "POPE acc",
+            "yes", "dCHAIR_s",
             "recall drop", "gen s", "train+eval s", "job MB", "parent MB"]
     print(title)
     print(table(cols, [[r["label"], r["round_id"] if r["round_id"] is not None else "-", r["status"],
                         "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}", r["pairs_used"], fmt_num(r["chair_s"]),
                         fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r["pope_f1"]),
+                        fmt_num(r.get("pope_accuracy")), fmt_num(r.get("pope_yes_ratio")),
                         fmt_num(r.get("chair_s_rel_change"), pct=True), fmt_num(r.get("recall_drop_points")),
                         r["gen_seconds"], fmt_num(r["train_eval_seconds"]), fmt_num(r["job_peak_rss_mb"]),
                         fmt_num(r["parent_peak_rss_mb"])] for r in rows]))
@@ -425,6 +442,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--csr-candidates", type=int, default=None, help="CSR children per node (default: CSRConfig's)")
     p.add_argument("--csr-max-sentences", type=int, default=None, help="CSR depth cap (default: CSRConfig's)")
     p.add_argument("--csr-max-new-tokens", type=int, default=None, help="CSR tokens per sentence (CSRConfig's)")
+    p.add_argument("--csr-answer-score", choices=("mean", "reference_mean", "centered_sum"), default=None,
+                   help="how complete answers are ranked into chosen/rejected (default: CSRConfig's)")
+    p.add_argument("--csr-existence-pairs", action="store_true",
+                   help="also train on the yes/no pairs each CSR pair implies (CSRConfig.existence_pairs)")
     p.add_argument("--gen-max-new-tokens", type=int, default=WORLD_MAX_NEW_TOKENS,
                    help="POVID noisy-image / STIC answer cap")
     p.add_argument("--home", default=None, help="a fresh data root (default: a new temporary directory)")

@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float)
     g.add_argument("--num-candidates", type=int)
     g.add_argument("--diversity-penalty", type=float)
-    g.add_argument("--answer-score", choices=("mean", "reference_mean"))
+    g.add_argument("--answer-score", choices=("mean", "reference_mean", "centered_sum"))
     g.add_argument("--keep-top", type=int)
     g.add_argument("--keep-bottom", type=int)
     g.add_argument("--max-sentences", type=int)

@@ -467,8 +467,40 @@ class Studio:
                         "meta": {"n_candidates": len(res.candidates), "model": model, "seed": seed,
                                  "stats": _jsonable(res.stats)}}
                 self._write(it, cands, [pair], report)
+                if config.existence_pairs:
+                    self._write_existence_pairs(it, res, config, prov, round_id, seed, report)
             if progress:
                 progress(min(lo + step, len(items)), len(items), f"CSR: {min(lo + step, len(items))}/{len(items)} items")
+
+    def _write_existence_pairs(self, item, res, config, prov, round_id, seed, report) -> None:
+        """Store the yes/no pairs a CSR pair implies (``CSRConfig.existence_pairs``), each on a
+        question item of the same image; resumable like the caption pairs (one item each)."""
+        from lvlm_studio.methods.csr import existence_pairs
+
+        extractor = self._extractor(item)
+        derived = existence_pairs(res.candidates[res.chosen].text, res.candidates[res.rejected].text,
+                                  extractor.extract, config, seed=seed + int(item["id"]))
+        for ep in derived:
+            qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",
+                                      split=item.get("split") or "train",
+                                      meta={"kind": "csr_existence", "object": ep.object, "from_item": item["id"]})
+            if qid in self.store.items_with_pairs("csr", round_id):
+                continue
+            cands = [{"text": text, "source": "csr_existence", **prov} for text in (ep.chosen, ep.rejected)]
+            pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin, "round": round_id,
+                    "meta": {"derived": "existence", "object": ep.object, "from_item": item["id"], "seed": seed}}
+            self.store.write_generation(qid, cands, [pair])
+            report["existence_pairs"] = report.get("existence_pairs", 0) + 1
+
+    def _extractor(self, item: dict) -> Any:
+        """The object extractor for an item's answers: ShapesWorld for world items, else COCO."""
+        from lvlm_studio.evaluation import get_extractor
+
+        name = "shapesworld" if self._is_world(item) else "coco"
+        cache = self.__dict__.setdefault("_extractors", {})
+        if name not in cache:
+            cache[name] = get_extractor(name)
+        return cache[name]
 
     def _gen_povid(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods import povid

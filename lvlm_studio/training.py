@@ -65,7 +65,9 @@ class DPORoundConfig:
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
     # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
-    learning_rate: float = 5e-4
+    # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 cut CHAIR_s as much but lost recall and
+    # POPE (yes/no answers drift: the CSR prompts are captions only); 2e-4 keeps both.
+    learning_rate: float = 2e-4
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0
     batch_size: int = 8
@@ -77,9 +79,11 @@ class DPORoundConfig:
     max_steps: int = -1  # > 0 overrides num_epochs
     logging_steps: int = 1
     seed: int = 0
-    # STIC: DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring).
-    # STIC's reference weight is 1 on sum/1024; FACTS.md: weight 1 keeps recall on the demo.
-    sft_weight: float = 0.0
+    # DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring), as STIC
+    # trains (reference weight 1 on sum/1024). Default 1 for every method: DPO alone lowers the
+    # chosen answer's likelihood too (single-token yes/no answers collapsed to empty ones on the
+    # demo); FACTS.md: weight 1 keeps recall. 0 = the CSR/POVID papers' pure DPO.
+    sft_weight: float = 1.0
     # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
     povid_two_term: bool = False
     # Hardware: None = auto (bf16 and gradient checkpointing on CUDA, fp32 and off on CPU).

@@ -7,6 +7,7 @@ from lvlm_studio.methods.csr import (
     CSRConfig,
     ImageTextScorer,
     answer_score,
+    existence_pairs,
     paper_reward,
     prune,
     reference_rewards,
@@ -135,6 +136,12 @@ def test_reference_rank_reward_hand_computed():
 def test_answer_score_modes():
     assert answer_score([3.0, 6.0], "mean") == pytest.approx(4.5)
     assert answer_score([3.0, 6.0], "reference_mean") == pytest.approx(3.0)  # 9 / (2 + 1)
+    # centred sum with the item's mean sentence reward 4: (3 - 4) + (6 - 4)
+    assert answer_score([3.0, 6.0], "centered_sum", baseline=4.0) == pytest.approx(1.0)
+    # the paper's mean prefers dropping a true but lower-reward sentence; the centred sum does not
+    short, full = [40.0], [40.0, 30.0]
+    assert answer_score(short, "mean") > answer_score(full, "mean")
+    assert answer_score(full, "centered_sum", baseline=20.0) > answer_score(short, "centered_sum", baseline=20.0)
     with pytest.raises(ValueError):
         answer_score([1.0], "median")
 
@@ -150,6 +157,7 @@ def test_config_defaults_follow_the_reference():
     p = cfg.generation_params()
     assert (p.num_beam_groups, p.diversity_penalty, p.temperature, p.max_new_tokens, p.stop) == (5, 3.0, 0.0, 70, (".",))
     assert (cfg.keep_top, cfg.keep_bottom, cfg.lam, cfg.clip_alpha) == (1, 2, 0.9, 0.9)
+    assert (cfg.answer_score, cfg.existence_pairs) == ("centered_sum", False)  # project choices
     s = CSRConfig(expansion="sample", temperature=0.8).generation_params(seed=7)
     assert (s.temperature, s.num_beam_groups, s.seed) == (0.8, 1, 7)
     with pytest.raises(ValueError):
@@ -159,7 +167,8 @@ def test_config_defaults_follow_the_reference():
 def test_search_tree_pruning_and_pair():
     backend, scorer = TableBackend(TABLE), TableScorer(CLIP)
     events = []
-    [res] = run_csr(backend, scorer, [(IMG, "Describe.", "img1")], CSRConfig(), progress=events.append)
+    [res] = run_csr(backend, scorer, [(IMG, "Describe.", "img1")], CSRConfig(answer_score="mean"),
+                    progress=events.append)
 
     # depth 1 expands the root once; depth 2 expands the top-1 ("A cat sits.", -0.1) and the
     # bottom-2 ("A red ball.", "Two birds fly.") of the four open children; "A dog runs." is pruned
@@ -198,6 +207,16 @@ def test_search_tree_pruning_and_pair():
     expected_margin = (paper_reward(30, -0.3) + paper_reward(28, -0.3)) / 2 - paper_reward(-5, -1.2)
     assert res.margin == pytest.approx(expected_margin)
     assert events[-1].done and events[-1].depth == 2 and events[0].depth == 1
+
+    # the default centred sum on the same tree: each answer's sum of (reward - the item's mean
+    # sentence reward over all complete answers)
+    [res_c] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "img1")], CSRConfig())
+    rewards = [s["reward"] for c in res_c.candidates for s in c.sentences]
+    base = sum(rewards) / len(rewards)
+    expected = [sum(s["reward"] - base for s in c.sentences) for c in res_c.candidates]
+    assert [c.score for c in res_c.candidates] == pytest.approx(expected)
+    assert res_c.chosen == max(range(len(expected)), key=expected.__getitem__)
+    assert res_c.rejected == min(range(len(expected)), key=expected.__getitem__)
 
 
 def test_reference_reward_mode_ranks_siblings():
@@ -253,3 +272,21 @@ def test_reference_path_agrees_with_fast_path(backend_cls, mode):
         assert slow_backend.from_text_calls == 4
     else:
         assert slow_backend.open_calls == 4
+
+
+def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
+    extract = lambda text: [w for w in text.replace(".", "").split() if w in {"cat", "dog", "cow", "hen"}]  # noqa: E731
+    cfg = CSRConfig(existence_pairs=True)
+    pairs = existence_pairs("A cat and a dog. A cat.", "A cat and a cow. A hen.", extract, cfg, seed=0)
+    yes = [p for p in pairs if p.chosen == "Yes."]
+    no = [p for p in pairs if p.chosen == "No."]
+    # named by the chosen answer -> present; named only by the rejected one -> absent; 2 + 2
+    assert len(yes) == len(no) == 2
+    assert {p.object for p in yes} == {"cat", "dog"} and {p.object for p in no} == {"cow", "hen"}
+    assert all(p.rejected == ("No." if p.chosen == "Yes." else "Yes.") for p in pairs)
+    assert pairs[0].question == f"Is there a {pairs[0].object} in the image?"
+    # unbalanced sides are cut to the smaller one; no absent object -> nothing to contrast
+    assert len(existence_pairs("A cat. A dog. A hen.", "A cow.", extract, cfg)) == 2
+    assert existence_pairs("A cat.", "A cat.", extract, cfg) == []
+    with pytest.raises(ValueError):
+        CSRConfig(existence_template="Is there one?")

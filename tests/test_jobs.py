@@ -17,7 +17,7 @@ from lvlm_studio.models.tiny import build_tiny_llava
 from lvlm_studio.store import Store
 from lvlm_studio.world import world_items
 
-FAST = {"learning_rate": 5e-3, "num_epochs": 2, "batch_size": 4, "include_auto": True,
+FAST = {"learning_rate": 5e-3, "num_epochs": 2, "batch_size": 4, "include_auto": True, "sft_weight": 0.0,
         "eval_max_new_tokens": 12, "eval_batch_size": 8}
 # Long enough to be interrupted mid-training (the job is killed or cancelled long before the end).
 LONG = {**FAST, "num_epochs": 400, "eval_parent": False}

@@ -204,3 +204,31 @@ def test_roles_and_users(home, monkeypatch):
     assert open_studio.open_mode and open_studio.role(None) == "admin"
     assert open_studio.auth_summary() == "open mode: no accounts configured"
     open_studio.store.close()
+
+
+def test_existence_pairs_are_stored_on_question_items_once(studio):
+    from lvlm_studio.methods.csr import CSRCandidate, CSRConfig, CSRResult
+
+    studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
+    item = _world_describe(studio)[0]
+    cand = lambda text, score: CSRCandidate(text, [], [], score, 0.0, "eos")  # noqa: E731
+    res = CSRResult(item["prompt"], item["image_id"],
+                    [cand("There is a small red circle at the top. There is a large blue square at the left.", 9.0),
+                     cand("There is a small red circle at the top. There is a small green triangle at the right.", 1.0)],
+                    0, 1, 8.0)
+    cfg = CSRConfig(existence_pairs=True)
+    prov = studio._prov("csr", "demo", 0, {}, 0)
+    report = {"pairs": 0, "no_pair": 0}
+    studio._write_existence_pairs(item, res, cfg, prov, 0, 0, report)
+    studio._write_existence_pairs(item, res, cfg, prov, 0, 0, report)  # resumed: nothing new
+    assert report["existence_pairs"] == 2
+    rows = studio.store.training_pairs(methods=["csr"], include_auto=True, round=0)
+    assert len(rows) == 2
+    by_answer = {r["meta"]["object"]: (r["chosen"], r["rejected"], r["prompt"], r["image_id"]) for r in rows}
+    # the rejected-only object is asked about with "No." chosen, one object the chosen names with "Yes."
+    assert by_answer["green triangle"][:2] == ("No.", "Yes.")
+    assert [v[:2] for k, v in by_answer.items() if k != "green triangle"] == [("Yes.", "No.")]
+    assert all(v[2].startswith("Is there a ") and v[3] == item["image_id"] for v in by_answer.values())
+    # question items are not describe items: CSR never searches them as captions
+    assert item["id"] in {it["id"] for it in _world_describe(studio)}
+    assert not any(it["prompt"].startswith("Is there") for it in _world_describe(studio))

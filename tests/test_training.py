@@ -60,7 +60,7 @@ def _mean_margin(model, processor, pairs) -> float:
 
 def test_round_trains_saves_and_lineage(tiny, tmp_path):
     pairs = _pairs()
-    cfg = DPORoundConfig(learning_rate=5e-3, num_epochs=3, batch_size=4, max_length=None)
+    cfg = DPORoundConfig(learning_rate=5e-3, num_epochs=3, batch_size=4, max_length=None, sft_weight=0.0)
     logged: list[dict] = []
     r1 = train_round(pairs, tiny, None, tmp_path / "round_1", cfg, on_log=logged.append)
 
@@ -147,7 +147,8 @@ def test_dataset_is_trl_conversational_format(tmp_path):
 
 
 def test_config_loss_types_and_validation():
-    assert DPORoundConfig().loss_types() == (["sigmoid"], [1.0])
+    assert DPORoundConfig(sft_weight=0).loss_types() == (["sigmoid"], [1.0])
+    assert DPORoundConfig().loss_types() == (["sigmoid", "sft"], [1.0, 1.0])  # default: DPO + SFT
     assert DPORoundConfig(sft_weight=0.5).loss_types() == (["sigmoid", "sft"], [1.0, 0.5])
     cfg = DPORoundConfig.from_dict({"beta": 0.2, "methods": ["csr"]})
     assert cfg.beta == 0.2 and DPORoundConfig.from_dict(cfg.to_dict()) == cfg
