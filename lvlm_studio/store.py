@@ -497,23 +497,15 @@ class Store:
         params: dict | None = None,
         seed: int | None = None,
     ) -> int:
+        return self._insert_for_item(self._insert_candidate, item_id, dict(
+            text=text, source=source, model=model, round=round, sentences=sentences, spans=spans,
+            score=score, params=params, seed=seed))
+
+    def _insert_for_item(self, insert, item_id: int, fields: dict) -> int:
+        """One row that belongs to an existing item (a candidate or a pair), in its own transaction."""
         with self.transaction() as db:
             self._require("items", item_id)
-            return self._insert_candidate(
-                db,
-                item_id,
-                dict(
-                    text=text,
-                    source=source,
-                    model=model,
-                    round=round,
-                    sentences=sentences,
-                    spans=spans,
-                    score=score,
-                    params=params,
-                    seed=seed,
-                ),
-            )
+            return insert(db, item_id, fields)
 
     def get_candidate(self, id: int) -> dict | None:
         return _decode(
@@ -576,20 +568,8 @@ class Store:
         round: int = 0,
         meta: dict | None = None,
     ) -> int:
-        with self.transaction() as db:
-            self._require("items", item_id)
-            return self._insert_pair(
-                db,
-                item_id,
-                dict(
-                    chosen_id=chosen_id,
-                    rejected_id=rejected_id,
-                    method=method,
-                    margin=margin,
-                    round=round,
-                    meta=meta,
-                ),
-            )
+        return self._insert_for_item(self._insert_pair, item_id, dict(
+            chosen_id=chosen_id, rejected_id=rejected_id, method=method, margin=margin, round=round, meta=meta))
 
     def write_generation(self, item_id: int, candidates: list[dict], pairs: list[dict]) -> list[int]:
         """Write a generation result in one transaction: the candidates (dicts with the keyword

@@ -67,6 +67,22 @@ def words_from_texts(texts: Iterable[str]) -> list[str]:
     return sorted(words)
 
 
+
+def _text_config(spec, tok) -> dict:
+    """The language-model fields every tiny builder shares (sizes from ``spec``, ids from ``tok``)."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=spec.text_width,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
 def build_word_tokenizer(words: Iterable[str]):
     """A word-level fast tokenizer: '▁word' pieces for words, bare pieces for punctuation."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -137,19 +153,7 @@ def build_llava(words: Iterable[str], spec: TinyLlavaSpec | None = None):
         patch_size=spec.patch_size,
         projection_dim=spec.vision_width,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_width,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**_text_config(spec, tokenizer), tie_word_embeddings=False)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -282,17 +286,8 @@ def build_qwen2vl(words: Iterable[str], spec: TinyLlavaSpec | None = None):
             temporal_patch_size=2,
         ),
         text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=spec.text_width,
-            intermediate_size=spec.text_intermediate,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            num_key_value_heads=spec.text_heads,
-            max_position_embeddings=spec.max_positions,
+            **_text_config(spec, tok),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -342,19 +337,7 @@ def build_idefics3(words: Iterable[str], spec: TinyLlavaSpec | None = None):
             image_size=spec.image_size,
             patch_size=spec.patch_size,
         ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tok),
-            hidden_size=spec.text_width,
-            intermediate_size=spec.text_intermediate,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            num_key_value_heads=spec.text_heads,
-            max_position_embeddings=spec.max_positions,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=dict(model_type="llama", **_text_config(spec, tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
         pad_token_id=tok.pad_token_id,
