@@ -113,3 +113,52 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         page.wait_for_timeout(500)
         browser.close()
     assert dialogs == [], f"a page dialog fired: {dialogs}"
+
+
+@pytest.fixture
+def fresh(home):
+    studio = Studio(Settings(home=home), users={}, admins=())
+    studio.seed_demo(n_train=3, n_test=1, pairs_per_method=0)
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield studio, url
+    demo.close()
+    studio.store.close()
+
+
+def test_generate_and_upload_from_the_browser(fresh, tmp_path):
+    studio, url = fresh
+    good = tmp_path / "photo.png"
+    good.write_bytes(image_bytes(3, "PNG", size=(48, 40)))
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    assert studio.store.count_pairs("povid") == 0
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(url, wait_until="domcontentloaded")
+
+        # Generate tab: POVID with the shipped demo model (the noisy-image branch runs the model)
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-run").click()
+        expect(page.locator("#gen-result")).to_contain_text('"pairs"', timeout=120_000)
+        made = studio.store.count_pairs("povid")
+        assert made >= 3  # 3 train items: text-injection and noisy-image pairs
+        expect(page.locator("#gen-result")).to_contain_text(f'"pairs": {made}')
+        view = studio.next_pair("guest", method="povid")  # what Review will show
+        assert studio.store.get_candidate(view["rejected"]["id"])["params"]["method"] == "povid"
+
+        # Data tab: one image is added, the text file named .png is refused by name, nothing else changes
+        items_before = studio.store.count_items()
+        page.get_by_role("tab", name="Data").click()
+        page.locator("#data-upload input[type=file]").set_input_files([str(good), str(bad)])
+        page.wait_for_timeout(1500)  # the upload finishes before the button reads the files
+        page.locator("#data-upload-run").click()
+        result = page.locator("#data-result")
+        expect(result).to_contain_text("notes.png", timeout=30_000)
+        assert studio.store.count_items() == items_before + 1
+        uploaded = studio.store.list_items(dataset="uploads")
+        assert len(uploaded) == 1 and uploaded[0]["prompt"] == "Describe the image."
+        browser.close()
+    assert dialogs == []
