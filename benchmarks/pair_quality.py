@@ -23,12 +23,14 @@ Methods, as run here:
     the branch cannot express "imagine extra objects" to this model, so the demo setting
     ("stic") uses the corruption branch only (p_misleading = 0: low resolution / colour jitter,
     plain prompt). "stic_paper_mix" runs the paper's 50/50 mix with the stock misleading prompts
-    to show, per branch, what that branch degenerates to here.
+    to show, per branch, what that branch degenerates to here. "stic_app" is what the app's
+    service runs on world items: the 50/50 mix with misleading prompts the demo vocabulary can
+    spell ("... and the objects next to it", service.WORLD_STIC_PROMPTS).
 
 Prints a table (method, pairs, differing, share, ...) with pair-generation seconds per item, and
 as the last line one JSON object.
 
-Usage: python benchmarks/pair_quality.py [--n 200] [--methods csr,povid,stic,stic_paper_mix]
+Usage: python benchmarks/pair_quality.py [--n 200] [--methods csr,povid,stic,stic_paper_mix,stic_app]
        [--reward-mode paper|reference] [--lam 0.9] [--prune-by text|reward]
        [--expansion diverse_beam|sample] [--temperature 0.7] ...
 """
@@ -56,7 +58,7 @@ from benchmarks._common import (  # noqa: E402
 )
 
 GOAL_SHARE = 0.8
-METHODS = ("csr", "povid", "stic", "stic_paper_mix")
+METHODS = ("csr", "povid", "stic", "stic_paper_mix", "stic_app")
 # World answers end at EOS after <= 4 sentences of ~12 tokens; the cap only bounds a runaway answer
 # on a corrupted image (the methods' defaults, 256-512 tokens, are sized for real VLMs).
 WORLD_MAX_NEW_TOKENS = 96
@@ -156,19 +158,22 @@ def run_povid_pairs(backend, world: list[dict], args) -> tuple[list[dict], dict[
     return rows, {"results": results}
 
 
-def run_stic_pairs(backend, world: list[dict], args, paper_mix: bool) -> tuple[list[dict], dict[str, Any]]:
+def run_stic_pairs(backend, world: list[dict], args, name: str) -> tuple[list[dict], dict[str, Any]]:
     from lvlm_studio.methods.stic import STICConfig, build_stic_pairs
+    from lvlm_studio.service import WORLD_STIC_PROMPTS
     from lvlm_studio.world import DESCRIBE_PROMPT
 
+    paper_mix = name != "stic"
+    prompts = {"good_prompt": DESCRIBE_PROMPT, "plain_prompt": DESCRIBE_PROMPT}
+    if name == "stic_app":  # what Studio.generate("stic") runs on world items: world-word misleading prompts
+        prompts = dict(WORLD_STIC_PROMPTS)
     cfg = STICConfig(
-        good_prompt=DESCRIBE_PROMPT,
-        plain_prompt=DESCRIBE_PROMPT,
+        **prompts,
         pair_prompt=DESCRIBE_PROMPT,
         p_misleading=0.5 if paper_mix else 0.0,
         max_new_tokens=args.gen_max_new_tokens,
         seed=args.seed,
     )
-    name = "stic_paper_mix" if paper_mix else "stic"
     items = [(it["image"], scene_key(it)) for it in world]
     with Timer() as t:
         results = build_stic_pairs(backend, items, cfg)
@@ -218,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=200, help="world TEST scenes (one describe item each)")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="world seed and method seeds")
-    p.add_argument("--methods", default="csr,povid,stic,stic_paper_mix",
+    p.add_argument("--methods", default="csr,povid,stic,stic_paper_mix,stic_app",
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--model", default="demo")
     p.add_argument("--clip", default="demo")
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif method == "povid":
             rows += run_povid_pairs(backend, world, args)[0]
         else:
-            rows += run_stic_pairs(backend, world, args, paper_mix=method == "stic_paper_mix")[0]
+            rows += run_stic_pairs(backend, world, args, method)[0]
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "povid" in args.method_list:
         print("povid: chosen = ground-truth caption (0 hallucinations), so its share is 100% by construction; "
               "'differing' says how often the rejected answer really holds a hallucinated object.")
-    main_rows = {r["method"]: r for r in rows if r["method"] in ("csr", "povid", "stic")}
+    main_rows = {r["method"]: r for r in rows if r["method"] in ("csr", "povid", "stic", "stic_app")}
     record = {
         "benchmark": "pair_quality",
         "n": args.n,

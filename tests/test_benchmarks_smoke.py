@@ -80,7 +80,8 @@ def test_pair_quality_benchmark(models, home, capsys):
     assert last_json(out)["rows"] == json.loads(json.dumps(record["rows"]))
     rows = {r["method"]: r for r in record["rows"]}
     expected = {"csr", "povid", "povid_inject", "povid_noise", "stic", "stic_paper_mix",
-                "stic_paper_mix:misleading", "stic_paper_mix:corrupted"}
+                "stic_paper_mix:misleading", "stic_paper_mix:corrupted",
+                "stic_app", "stic_app:misleading", "stic_app:corrupted"}
     assert set(rows) == expected
     for r in rows.values():
         assert r["items"] == n
@@ -94,9 +95,9 @@ def test_pair_quality_benchmark(models, home, capsys):
     assert rows["povid"]["pairs"] == rows["povid_inject"]["pairs"] + rows["povid_noise"]["pairs"]
     assert rows["povid_inject"]["pairs"] >= 1 and rows["povid_inject"]["differing"] >= 1
     # The demo STIC setting never uses the misleading branch; the paper mix splits into both.
-    mix = rows["stic_paper_mix"]
-    assert mix["pairs"] == rows["stic_paper_mix:misleading"]["pairs"] + rows["stic_paper_mix:corrupted"]["pairs"]
-    assert set(record["meets_goal"]) == {"csr", "povid", "stic"}
+    for mix in ("stic_paper_mix", "stic_app"):  # the app's setting is the 50/50 mix with world prompts
+        assert rows[mix]["pairs"] == rows[f"{mix}:misleading"]["pairs"] + rows[f"{mix}:corrupted"]["pairs"]
+    assert set(record["meets_goal"]) == {"csr", "povid", "stic", "stic_app"}
     base = record["greedy_baseline"]
     assert base["answers"] == n and base["hall_per_answer"] >= 0 and 0 <= base["recall"] <= 1
     assert "context: the model's own greedy answer" in out
