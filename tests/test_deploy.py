@@ -1,0 +1,54 @@
+"""Deployment files checked statically (no Docker engine or Hub access on the test machines): the
+README front matter makes the repo a Gradio Space whose app file and SDK match this checkout, and
+the Dockerfile only copies files that exist and starts the same app."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gradio
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def front_matter() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n"), "a Space needs YAML front matter at the top of README.md"
+    block = text[4 : text.index("\n---\n", 4)]
+    out = {}
+    for line in block.splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def test_space_front_matter_matches_the_checkout():
+    meta = front_matter()
+    assert meta["sdk"] == "gradio"
+    assert (ROOT / meta["app_file"]).is_file()
+    # the Space installs requirements.txt and this gradio version: keep it the tested one
+    assert meta["sdk_version"] == gradio.__version__
+    specs = [Requirement(ln) for ln in (ROOT / "requirements.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith(("#", "-"))]
+    [spec] = [r for r in specs if r.name == "gradio"]
+    assert spec.specifier.contains(meta["sdk_version"]), (spec, meta["sdk_version"])
+    assert meta["python_version"] == "3.11"
+
+
+def test_dockerfile_copies_existing_files_and_starts_the_app():
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
+    instructions = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert instructions[0].startswith("FROM nvidia/cuda:"), "the GPU image needs a CUDA base"
+    copies = [ln.split()[1:-1] for ln in instructions if ln.startswith("COPY ")]
+    assert copies, "the image must copy the project"
+    for sources in copies:
+        for src in sources:
+            assert (ROOT / src).exists(), f"Dockerfile copies {src!r}, which is not in the repo"
+    # the gpu extra it installs holds vLLM and pulls in the pinned runtime requirements
+    assert any("requirements-gpu.txt" in ln for ln in instructions if ln.startswith("RUN pip"))
+    gpu = (ROOT / "requirements-gpu.txt").read_text()
+    assert "-r requirements.txt" in gpu and re.search(r"^vllm", gpu, re.M)
+    assert instructions[-1] == 'CMD ["python", "app.py"]'
+    assert "EXPOSE 7860" in instructions
