@@ -81,8 +81,9 @@ class DPORoundConfig:
     seed: int = 0
     # DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring), as STIC
     # trains (reference weight 1 on sum/1024). Default 1 for every method: DPO alone lowers the
-    # chosen answer's likelihood too (single-token yes/no answers collapsed to empty ones on the
-    # demo); FACTS.md: weight 1 keeps recall. 0 = the CSR/POVID papers' pure DPO.
+    # chosen answer's likelihood too (demo, yes/no pairs: agreement with the training labels fell
+    # 0.60 -> 0.54 and some answers came out empty); FACTS.md: weight 1 keeps recall. 0 = the
+    # CSR/POVID papers' pure DPO.
     sft_weight: float = 1.0
     # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
     povid_two_term: bool = False
