@@ -328,3 +328,31 @@ def test_serve_in_a_real_process(env):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_generate_csr_with_existence_pairs_on_the_demo_model(env):
+    """`--param existence_pairs=true` on the shipped demo: caption pairs plus yes/no pairs on
+    question items of the same images; running again only does the items not done yet."""
+    home = env
+    ok_json("demo", "seed", "--train", "4", "--test", "1", "--pairs", "0")
+    first = ok_json("generate", "--method", "csr", "--n", "3", "--param", "existence_pairs=true")
+    assert first["pairs"] == 3 and first["existence_pairs"] >= 2 and first["existence_pairs"] % 2 == 0
+    store = Store(home / "studio.db")
+    try:
+        def derived() -> list[dict]:
+            pairs = store.training_pairs(methods=["csr"], include_auto=True, round=0)
+            return [p for p in pairs if (p["meta"] or {}).get("derived") == "existence"]
+
+        made = derived()
+        assert len(made) == first["existence_pairs"]
+        # balanced: as many "Yes." as "No." chosen, each against the other answer
+        assert sorted((p["chosen"], p["rejected"]) for p in made).count(("Yes.", "No.")) == len(made) // 2
+        assert sorted((p["chosen"], p["rejected"]) for p in made).count(("No.", "Yes.")) == len(made) // 2
+        assert all(p["prompt"] == f"Is there a {p['meta']['object']} in the image?" for p in made)
+        sources = {p["meta"]["from_item"] for p in made}
+        again = ok_json("generate", "--method", "csr", "--param", "existence_pairs=true")
+        assert again["skipped"] == 3  # the three caption items done above, not their question items
+        # nothing derived from the first three items was written twice
+        assert [p for p in derived() if p["meta"]["from_item"] in sources] == made
+    finally:
+        store.close()
