@@ -478,8 +478,8 @@ class Studio:
         from lvlm_studio.methods.csr import existence_pairs
 
         extractor = self._extractor(item)
-        derived = existence_pairs(res.candidates[res.chosen].text, res.candidates[res.rejected].text,
-                                  extractor.extract, config, seed=seed + int(item["id"]))
+        derived = existence_pairs(res.candidates[res.chosen], res.candidates[res.rejected], extractor.extract,
+                                  config, seed=seed + int(item["id"]), threshold=res.stats.get("reward_baseline"))
         for ep in derived:
             qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",
                                       split=item.get("split") or "train",

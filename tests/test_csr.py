@@ -275,18 +275,46 @@ def test_reference_path_agrees_with_fast_path(backend_cls, mode):
 
 
 def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
+    from lvlm_studio.methods.csr import CSRCandidate
+
     extract = lambda text: [w for w in text.replace(".", "").split() if w in {"cat", "dog", "cow", "hen"}]  # noqa: E731
+
+    def cand(*sentences: tuple[str, float]) -> CSRCandidate:
+        text, records = "", []
+        for sent, reward in sentences:
+            start = len(text) + (1 if text else 0)
+            text = f"{text} {sent}" if text else sent
+            records.append({"start": start, "end": len(text), "text": sent, "reward": reward})
+        return CSRCandidate(text, [], records, 0.0, 0.0, "eos")
+
     cfg = CSRConfig(existence_pairs=True)
-    pairs = existence_pairs("A cat and a dog. A cat.", "A cat and a cow. A hen.", extract, cfg, seed=0)
+    chosen = cand(("A cat and a dog.", 30.0), ("A cat.", 28.0))
+    rejected = cand(("A cat and a cow.", 25.0), ("A hen.", 2.0))
+    pairs = existence_pairs(chosen, rejected, extract, cfg, seed=0)
     yes = [p for p in pairs if p.chosen == "Yes."]
     no = [p for p in pairs if p.chosen == "No."]
-    # named by the chosen answer -> present; named only by the rejected one -> absent; 2 + 2
+    # no threshold: named by the chosen answer -> present; named only by the rejected one -> absent
     assert len(yes) == len(no) == 2
     assert {p.object for p in yes} == {"cat", "dog"} and {p.object for p in no} == {"cow", "hen"}
     assert all(p.rejected == ("No." if p.chosen == "Yes." else "Yes.") for p in pairs)
     assert pairs[0].question == f"Is there a {pairs[0].object} in the image?"
+    # threshold 20 (the item's mean sentence reward): "cow" sits in a well-rewarded sentence of the
+    # loser, so it is not taken as absent; only "hen" (reward 2) is: one yes, one no
+    calibrated = existence_pairs(chosen, rejected, extract, cfg, seed=0, threshold=20.0)
+    assert sorted((p.object, p.chosen) for p in calibrated)[-1] == ("hen", "No.")
+    assert len(calibrated) == 2 and {p.chosen for p in calibrated} == {"Yes.", "No."}
+    # "absent" needs a reward below existence_absent_share x threshold: at share 0.05 (bar 1.0)
+    # "hen" (reward 2) is not clearly absent, so nothing is left to contrast
+    strict = CSRConfig(existence_pairs=True, existence_absent_share=0.05)
+    assert existence_pairs(chosen, rejected, extract, strict, seed=0, threshold=20.0) == []
+    with pytest.raises(ValueError):
+        CSRConfig(existence_absent_share=0.0)
+    # a chosen sentence below the threshold does not vouch for its objects
+    weak = cand(("A dog.", 5.0), ("A cat.", 30.0))
+    assert {p.object for p in existence_pairs(weak, rejected, extract, cfg, threshold=20.0)
+            if p.chosen == "Yes."} == {"cat"}
     # unbalanced sides are cut to the smaller one; no absent object -> nothing to contrast
-    assert len(existence_pairs("A cat. A dog. A hen.", "A cow.", extract, cfg)) == 2
-    assert existence_pairs("A cat.", "A cat.", extract, cfg) == []
+    assert len(existence_pairs(cand(("A cat. A dog. A hen.", 9.0)), cand(("A cow.", 1.0)), extract, cfg)) == 2
+    assert existence_pairs(cand(("A cat.", 9.0)), cand(("A cat.", 1.0)), extract, cfg) == []
     with pytest.raises(ValueError):
         CSRConfig(existence_template="Is there one?")
