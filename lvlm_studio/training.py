@@ -65,8 +65,9 @@ class DPORoundConfig:
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
     # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
-    # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 cut CHAIR_s as much but lost recall and
-    # POPE (yes/no answers drift: the CSR prompts are captions only); 2e-4 keeps both.
+    # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 lost 5 recall points and 0.04 POPE F1 in
+    # round 1 (yes/no answers drift: the CSR prompts are captions only); 2e-4 kept both in round 1
+    # (later rounds still lose recall: README).
     learning_rate: float = 2e-4
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0
