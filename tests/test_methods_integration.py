@@ -131,6 +131,36 @@ def test_povid_pairs_on_a_real_model(backend):
     assert sum(r.rejected_image is not None for r in res) >= 1
 
 
+def test_povid_teacher_forced_argmax_variant_on_a_real_model(backend):
+    from lvlm_studio.methods.povid import add_diffusion_noise
+
+    ref = "There is a small red circle at the top left."
+    items = [POVIDItem(im, "Describe the image.", ref, f"k{i}", ["circle"]) for i, im in enumerate(IMAGES)]
+    cfg = POVIDConfig(noise_answer="teacher_forced_argmax", make_text_rejected=False)
+    res = build_povid_pairs(backend, items, cfg)
+    ids = backend.encode_text(ref)
+    noisy = [add_diffusion_noise(im, cfg.noise_step, cfg.seed + k, **cfg.noise_schedule()) for k, im in enumerate(IMAGES)]
+    argmax = backend.argmax_tokens(noisy, [it.prompt for it in items], [ids] * len(items))
+    # per position, the argmax token is the most likely one: its teacher-forced log-prob is the max
+    scores = backend.score(noisy, [it.prompt for it in items], argmax)
+    assert all(len(a) == len(ids) for a in argmax)
+    for k, r in enumerate(res):
+        expected = backend.decode(argmax[k]).strip()
+        if expected and expected != ref:
+            assert r.rejected_image is not None and r.rejected_image.text == expected
+            assert r.rejected_image.params["noise_answer"] == "teacher_forced_argmax"
+        else:  # the noise changed nothing: no pair
+            assert r.rejected_image is None
+        assert r.noisy_image is not None and np.array_equal(np.asarray(r.noisy_image), np.asarray(noisy[k]))
+    assert sum(r.rejected_image is not None for r in res) >= 1
+    # the log-prob of the argmax token under teacher forcing on the *chosen* prefix is the row maximum:
+    # check on position 0, where both prefixes are the prompt alone
+    first_lp = backend.score(noisy[:1], [items[0].prompt], [[argmax[0][0]]])[0][0]
+    for tok in ids[:1] + [ids[0] + 1]:
+        assert first_lp >= backend.score(noisy[:1], [items[0].prompt], [[tok]])[0][0] - 1e-6
+    assert all(len(s) == len(ids) for s in scores)
+
+
 def test_stic_pairs_on_a_real_model(backend):
     cfg = STICConfig(good_prompt="Describe the image.", plain_prompt="Describe the image.",
                      misleading_prompts=("Describe the image and what is next to it.",), max_new_tokens=10)

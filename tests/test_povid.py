@@ -182,9 +182,13 @@ def test_build_povid_pairs_provenance_and_noisy_side():
     assert [x.rejected_image.text for x in again] == [x.rejected_image.text for x in res]
 
 
-def test_noisy_rejected_and_the_unimplemented_reference_variant():
+def test_noisy_rejected_and_the_reference_variant_needs_argmax():
     backend = EchoBackend()
     text, noisy = noisy_rejected(backend, Image.new("RGB", (8, 8), "white"), "Describe.")
     assert text.startswith("mean ") and np.asarray(noisy).mean() < 255
-    with pytest.raises(NotImplementedError, match="argmax"):
+    with pytest.raises(ValueError, match="chosen answer"):
         noisy_rejected(backend, Image.new("RGB", (8, 8)), "x", config=POVIDConfig(noise_answer="teacher_forced_argmax"))
+    # a backend without per-position argmax gets a clear error, not a silent fallback
+    items = [POVIDItem(Image.new("RGB", (8, 8)), "Describe.", "A red circle.", "k", ["circle"])]
+    with pytest.raises(ValueError, match="argmax_tokens"):
+        build_povid_pairs(backend, items, POVIDConfig(noise_answer="teacher_forced_argmax", make_text_rejected=False))

@@ -444,10 +444,10 @@ class POVIDConfig:
     beta_start: float = 1e-5
     beta_end: float = 5e-3
     # "generate" (default): the model's full answer on the noisy image: simple and inspectable.
-    # "teacher_forced_argmax": the reference trainer's variant (per-position argmax under the noisy
-    # image of the teacher-forced chosen answer). Not implemented: the backend protocol's ``score``
-    # returns the log-probs of given tokens only, not the argmax token of each position's
-    # distribution; it needs a protocol method that returns per-position argmax ids.
+    # "teacher_forced_argmax": the reference trainer's variant: the chosen answer is teacher-forced
+    # under the noisy image and, at each position, the model's most likely token is taken; the
+    # decoded tokens are the rejected text (same length as the chosen answer, diverging wherever
+    # the noise changes the model's belief). Needs a backend with ``argmax_tokens`` (HFBackend).
     noise_answer: Literal["generate", "teacher_forced_argmax"] = "generate"
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -468,13 +468,22 @@ def noisy_rejected(backend: VLMBackend, image: Image.Image, prompt: str, params:
     """The model's answer on the diffusion-noised image (POVID's image-side rejected answer)."""
     cfg = config or POVIDConfig()
     if cfg.noise_answer != "generate":
-        raise NotImplementedError(
-            "noise_answer='teacher_forced_argmax' needs per-position argmax tokens, which the backend "
-            "protocol's score() does not return; use noise_answer='generate'"
-        )
+        raise ValueError("noisy_rejected generates an answer; teacher_forced_argmax needs the chosen answer: "
+                         "use build_povid_pairs")
     noisy = add_diffusion_noise(image, cfg.noise_step, cfg.seed if seed is None else seed, **cfg.noise_schedule())
     seqs = backend.sample([noisy], [prompt], n=1, params=params or cfg.generation_params(seed))
     return seqs[0][0].text.strip(), noisy
+
+
+def teacher_forced_rejected(backend: Any, noisy: list[Image.Image], prompts: list[str],
+                            chosen: list[str]) -> list[str]:
+    """POVID reference variant: per position of each teacher-forced chosen answer, the model's
+    argmax token under the noisy image, decoded."""
+    if not hasattr(backend, "argmax_tokens"):
+        raise ValueError(f"noise_answer='teacher_forced_argmax' needs a backend with argmax_tokens "
+                         f"(the HF backend); {type(backend).__name__} has none")
+    ids = [backend.encode_text(c) for c in chosen]
+    return [backend.decode(t).strip() for t in backend.argmax_tokens(noisy, prompts, ids)]
 
 
 @dataclass
@@ -557,23 +566,21 @@ def build_povid_pairs(backend: VLMBackend | None, items: SeqType[Any], config: P
     image_side: list[POVIDCandidate | None] = [None] * len(its)
     noisy_images: list[Image.Image | None] = [None] * len(its)
     if cfg.make_image_rejected:
-        if cfg.noise_answer != "generate":
-            raise NotImplementedError(
-                "noise_answer='teacher_forced_argmax' needs per-position argmax tokens, which the backend "
-                "protocol's score() does not return; use noise_answer='generate'"
-            )
         for lo in range(0, len(its), cfg.batch_size):
             chunk = its[lo: lo + cfg.batch_size]
             seeds_n = [cfg.seed + lo + j for j in range(len(chunk))]
             noisy = [add_diffusion_noise(i.image, cfg.noise_step, s, **cfg.noise_schedule())
                      for i, s in zip(chunk, seeds_n, strict=True)]
             gen = cfg.generation_params(cfg.seed + lo)
-            outs = backend.sample(noisy, [i.prompt for i in chunk], n=1, params=gen)
+            if cfg.noise_answer == "teacher_forced_argmax":
+                texts = teacher_forced_rejected(backend, noisy, [i.prompt for i in chunk], [i.reference for i in chunk])
+            else:
+                outs = backend.sample(noisy, [i.prompt for i in chunk], n=1, params=gen)
+                texts = [seqs[0].text.strip() if seqs else "" for seqs in outs]
             a, b = diffusion_coefficients(cfg.noise_step, **cfg.noise_schedule())
-            for j, seqs in enumerate(outs):
-                text = seqs[0].text.strip() if seqs else ""
+            for j, text in enumerate(texts):
                 noisy_images[lo + j] = noisy[j]
-                if not text:
+                if not text or text == chunk[j].reference.strip():  # no preference to learn
                     continue
                 params = {"method": "povid", "variant": "noisy_image", "model": model_id,
                           "noise_step": cfg.noise_step, "sqrt_alpha_bar": a, "sqrt_one_minus_alpha_bar": b,

@@ -595,9 +595,19 @@ class HFBackend:
 
         ``add_eos`` appends the model's EOS token and scores it too.
         """
+        return self._teacher_forced(images, prompts, continuations, add_eos, argmax=False)
+
+    def argmax_tokens(self, images: list[Image.Image], prompts: list[str],
+                      continuations: list[str] | list[list[int]]) -> list[list[int]]:
+        """Per position of each teacher-forced continuation, the model's most likely token there
+        (what it would have said at each step given the true prefix; POVID's reference variant)."""
+        return self._teacher_forced(images, prompts, continuations, False, argmax=True)
+
+    @torch.no_grad()
+    def _teacher_forced(self, images, prompts, continuations, add_eos: bool, argmax: bool) -> list[list]:
         if not (len(images) == len(prompts) == len(continuations)):
             raise ValueError("images, prompts and continuations must have the same length")
-        results: list[list[float]] = []
+        results: list[list] = []
         for start in range(0, len(prompts), self.max_batch):
             sl = slice(start, start + self.max_batch)
             conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations[sl]]
@@ -615,6 +625,11 @@ class HFBackend:
                     results.append([])
                     continue
                 rows = torch.cat([first[b : b + 1], logits[b, : len(c) - 1].float()], dim=0)
+                if argmax:
+                    if self.banned_ids:  # never an image placeholder, as in decoding
+                        rows[:, self.banned_ids] = float("-inf")
+                    results.append(rows.argmax(-1).tolist())
+                    continue
                 lp = torch.log_softmax(rows, dim=-1).gather(-1, ids[b, : len(c), None]).flatten()
                 results.append(lp.tolist())
         return results
