@@ -138,7 +138,7 @@ def world_vocabulary(train_scenes: int = 2000, seed: int = 0):
 def run_povid_pairs(backend, world: list[dict], args) -> tuple[list[dict], dict[str, Any]]:
     from lvlm_studio.methods.povid import POVIDConfig, POVIDItem, build_povid_pairs
 
-    cfg = POVIDConfig(max_new_tokens=args.gen_max_new_tokens, seed=args.seed)
+    cfg = POVIDConfig(max_new_tokens=args.gen_max_new_tokens, seed=args.seed, noise_answer=args.povid_noise_answer)
     items = [POVIDItem(it["image"], it["prompt"], it["reference"], scene_key(it), list(it["objects"]))
              for it in world]
     vocab = world_vocabulary()
@@ -231,6 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the model's greedy-answer context line")
     p.add_argument("--gen-max-new-tokens", type=int, default=WORLD_MAX_NEW_TOKENS,
                    help="answer cap of POVID's noisy-image and STIC's generations")
+    p.add_argument("--povid-noise-answer", choices=("generate", "teacher_forced_argmax"), default="generate",
+                   help="POVID's noisy-image rejected side: the generated answer or the teacher-forced argmax")
     g = p.add_argument_group("CSR options (default: CSRConfig's)")
     g.add_argument("--reward-mode", choices=("paper", "reference"))
     g.add_argument("--lam", type=float)
