@@ -6,6 +6,7 @@ test-artifacts/review.png."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,21 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 IMG_XSS = "<img src=x onerror=alert(1)>"
 SCRIPT_XSS = "<script>alert('pwned')</script>"
+
+
+@contextmanager
+def open_page(url: str):
+    """A headless Chromium page on ``url``; yields (page, dialogs fired so far)."""
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(url, wait_until="domcontentloaded")
+        try:
+            yield page, dialogs
+        finally:
+            browser.close()
 
 
 @pytest.fixture
@@ -64,12 +80,7 @@ def served(home):
 
 def test_review_keyboard_accept_escaping_and_screenshot(served):
     studio, url, hostile, r1 = served
-    dialogs: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 1000})
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(url, wait_until="domcontentloaded")
+    with open_page(url) as (page, dialogs):
         info = page.locator("#review-info")
         expect(info).to_contain_text(f"pair #{hostile}", timeout=30_000)
         # model text is shown literally, in both candidates
@@ -111,7 +122,6 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         expect(table.locator("mark.hallu")).to_contain_text("blue square")
         assert table.locator("img").count() == 0 and table.locator("script").count() == 0
         page.wait_for_timeout(500)
-        browser.close()
     assert dialogs == [], f"a page dialog fired: {dialogs}"
 
 
@@ -132,12 +142,7 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
     assert studio.store.count_pairs("povid") == 0
-    dialogs: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 1000})
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(url, wait_until="domcontentloaded")
+    with open_page(url) as (page, dialogs):
 
         # Generate tab: POVID with the shipped demo model (the noisy-image branch runs the model)
         page.get_by_role("tab", name="Generate").click()
@@ -160,5 +165,4 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         assert studio.store.count_items() == items_before + 1
         uploaded = studio.store.list_items(dataset="uploads")
         assert len(uploaded) == 1 and uploaded[0]["prompt"] == "Describe the image."
-        browser.close()
     assert dialogs == []
