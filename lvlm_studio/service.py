@@ -180,6 +180,7 @@ class Studio:
         self.store.ensure_base_round(self.settings.model)
         self.users = users_from_env() if users is None else dict(users)
         self.admins = admins_from_env() if admins is None else set(admins)
+        self._extractors: dict[str, Any] = {}  # object extractors by name, built on first use
 
     # ---------------------------------------------------------------- roles
     @property
@@ -480,11 +481,12 @@ class Studio:
         extractor = self._extractor(item)
         derived = existence_pairs(res.candidates[res.chosen], res.candidates[res.rejected], extractor.extract,
                                   config, seed=seed + int(item["id"]), threshold=res.stats.get("reward_baseline"))
+        done = self.store.items_with_pairs("csr", round_id) if derived else set()
         for ep in derived:
             qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",
                                       split=item.get("split") or "train",
                                       meta={"kind": "csr_existence", "object": ep.object, "from_item": item["id"]})
-            if qid in self.store.items_with_pairs("csr", round_id):
+            if qid in done:
                 continue
             cands = [{"text": text, "source": "csr_existence", **prov} for text in (ep.chosen, ep.rejected)]
             pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin, "round": round_id,
@@ -497,10 +499,9 @@ class Studio:
         from lvlm_studio.evaluation import get_extractor
 
         name = "shapesworld" if self._is_world(item) else "coco"
-        cache = self.__dict__.setdefault("_extractors", {})
-        if name not in cache:
-            cache[name] = get_extractor(name)
-        return cache[name]
+        if name not in self._extractors:
+            self._extractors[name] = get_extractor(name)
+        return self._extractors[name]
 
     def _gen_povid(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods import povid

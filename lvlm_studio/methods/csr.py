@@ -652,11 +652,11 @@ def existence_pairs(chosen: CSRCandidate, rejected: CSRCandidate, extract: Calla
 
     ``extract`` maps text to canonical object names (an evaluation ``ObjectExtractor.extract``).
     Present ("yes" chosen): objects the calibrated winner names in a sentence whose calibrated
-    reward is at least ``threshold``; absent ("no" chosen): objects the loser names only in
-    sentences below ``config.existence_absent_share`` × ``threshold`` and the winner never names. ``threshold`` is the item's mean
-    sentence reward (``CSRResult.stats["reward_baseline"]``); None, or answers without sentence
-    records, use every mention. No ground truth is used: the labels are the search's own verdict
-    (calibrated by CLIP), so they inherit its errors.
+    reward is at least ``threshold``; absent ("no" chosen): objects the winner never names and the
+    loser names only in sentences below ``config.existence_absent_share`` × ``threshold``.
+    ``threshold`` is the item's mean sentence reward (``CSRResult.stats["reward_baseline"]``);
+    None, or answers without sentence records, use every mention. No ground truth is used: the
+    labels are the search's own verdict (calibrated by CLIP), so they inherit its errors.
     """
     import random
 

@@ -223,6 +223,7 @@ class HFBackend:
         self._core = self._inner_model()
         self._mrope = hasattr(self._core, "get_rope_index")
         self._kv_bytes_per_token = self._kv_bytes()
+        self._stop_cache: dict[tuple[str, ...], list[bool]] = {}  # _stop_candidates, per stop tuple
 
     def _default_kv_budget(self) -> int:
         if self.device.type == "cuda" and torch.cuda.is_available():
@@ -477,13 +478,12 @@ class HFBackend:
         character; tokens that decode alone to nothing or to a partial character (U+FFFD, a byte
         piece) may complete one together with earlier bytes, so they count too. Only these tokens
         pay for a full decode of the row (``_check_stop``); cached per stop tuple."""
-        cache = self.__dict__.setdefault("_stop_cache", {})
-        if stops not in cache:
+        if stops not in self._stop_cache:
             size = max(len(self.tokenizer), int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0))
             last = {st[-1] for st in stops if st}
             texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
-            cache[stops] = [(not t) or ("\ufffd" in t) or any(c in t for c in last) for t in texts]
-        return cache[stops]
+            self._stop_cache[stops] = [(not t) or ("\ufffd" in t) or any(c in t for c in last) for t in texts]
+        return self._stop_cache[stops]
 
     def _check_stop(self, ids: list[int], stops: tuple[str, ...]) -> str | None:
         """The text cut right after the earliest stop string, or None."""

@@ -67,7 +67,6 @@ def words_from_texts(texts: Iterable[str]) -> list[str]:
     return sorted(words)
 
 
-
 def _text_config(spec, tok) -> dict:
     """The language-model fields every tiny builder shares (sizes from ``spec``, ids from ``tok``)."""
     return dict(
@@ -82,6 +81,7 @@ def _text_config(spec, tok) -> dict:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
 
 def build_word_tokenizer(words: Iterable[str]):
     """A word-level fast tokenizer: '▁word' pieces for words, bare pieces for punctuation."""
