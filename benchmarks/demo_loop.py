@@ -428,6 +428,8 @@ def floats(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from lvlm_studio.methods.csr import ANSWER_SCORES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="CSR rounds (each from the previous one)")
     p.add_argument("--train-prompts", type=int, default=200, help="TRAIN describe prompts for pairs")
@@ -442,7 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--csr-candidates", type=int, default=None, help="CSR children per node (default: CSRConfig's)")
     p.add_argument("--csr-max-sentences", type=int, default=None, help="CSR depth cap (default: CSRConfig's)")
     p.add_argument("--csr-max-new-tokens", type=int, default=None, help="CSR tokens per sentence (CSRConfig's)")
-    p.add_argument("--csr-answer-score", choices=("mean", "reference_mean", "centered_sum"), default=None,
+    p.add_argument("--csr-answer-score", choices=ANSWER_SCORES, default=None,
                    help="how complete answers are ranked into chosen/rejected (default: CSRConfig's)")
     p.add_argument("--csr-existence-pairs", action="store_true",
                    help="also train on the yes/no pairs each CSR pair implies (CSRConfig.existence_pairs)")

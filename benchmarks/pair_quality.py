@@ -219,6 +219,8 @@ def csr_overrides(args) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from lvlm_studio.methods.csr import ANSWER_SCORES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200, help="world TEST scenes (one describe item each)")
     p.add_argument("--start", type=int, default=0)
@@ -242,7 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float)
     g.add_argument("--num-candidates", type=int)
     g.add_argument("--diversity-penalty", type=float)
-    g.add_argument("--answer-score", choices=("mean", "reference_mean", "centered_sum"))
+    g.add_argument("--answer-score", choices=ANSWER_SCORES)
     g.add_argument("--keep-top", type=int)
     g.add_argument("--keep-bottom", type=int)
     g.add_argument("--max-sentences", type=int)
