@@ -235,8 +235,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             try:
                 with open(log_path, "ab") as log:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "lvlm_studio.jobs", "run", str(round_id),
-                         "--home", str(settings.home)],
+                        job_command(round_id, settings.home, cfg.num_processes),
                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                         env=env, start_new_session=True,
                     )
@@ -248,6 +247,28 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             return round_id
         finally:
             store.close()
+
+
+def job_command(round_id: int, home: str | Path, num_processes: int = 1) -> list[str]:
+    """The round process's command line: this module directly, or under torchrun (what
+    ``accelerate launch --multi_gpu`` runs underneath) with ``num_processes`` data-parallel workers.
+    Either way ``lvlm_studio.jobs`` is on the command line, which ``pid_alive`` checks."""
+    job = ["-m", "lvlm_studio.jobs", "run", str(round_id), "--home", str(home)]
+    if num_processes <= 1:
+        return [sys.executable, *job]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}", *job]
+
+
+def _signal_job(pid: int, sig: signal.Signals) -> None:
+    """Signal a round process and, when it leads its own process group (start_round starts it in a
+    new session), every process of that group: a launcher's workers stop with it."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    os.kill(pid, sig)
 
 
 def status(settings: Settings, round_id: int) -> dict:
@@ -294,14 +315,14 @@ def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force
         return row
     pid = row.get("pid")
     if pid and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
+        _signal_job(pid, signal.SIGTERM)
     if timeout <= 0:
         return row
     deadline = time.monotonic() + timeout
     while pid and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     if pid and pid_alive(pid) and force:
-        os.kill(pid, signal.SIGKILL)
+        _signal_job(pid, signal.SIGKILL)
         end = time.monotonic() + 10
         while pid_alive(pid) and time.monotonic() < end:
             time.sleep(0.1)
@@ -363,6 +384,34 @@ def _evaluate(model, processor, model_id: str, device: str, items, extractor, cf
     return evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop)
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM (a clean stop) when its launcher dies, e.g. SIGKILLed:
+    a worker must not train on, and write an adapter, for a round already marked failed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the status check before 'done' still guards
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` a process that has not exited (a zombie has)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True  # no /proc here: alive as far as we can tell
+    return state not in ("Z", "X")
+
+
 def run_round(round_id: int, home: str | Path) -> int:
     """Body of the round process. Returns the process exit code."""
     stop = threading.Event()
@@ -374,6 +423,10 @@ def run_round(round_id: int, home: str | Path) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from lvlm_studio.training import distributed_rank
+
+    rank, _, world_size = distributed_rank()
+    main = rank == 0  # under torchrun every worker runs this; rank 0 alone writes the store
     settings = Settings(home=Path(home))
     store = _store(settings)
     with store.transaction():
@@ -381,18 +434,35 @@ def run_round(round_id: int, home: str | Path) -> int:
         if row is None:
             print(f"round {round_id} does not exist", file=sys.stderr)
             return 2
-        if row["status"] != "queued":
+        if row["status"] not in (("queued",) if main else ACTIVE):
             print(f"round {round_id} is {row['status']}, not queued: nothing to do", flush=True)
             return 0
-        store.update_round(round_id, status="running", pid=os.getpid(), progress=0.0)
+        if main:
+            # Under a launcher the recorded pid stays the launcher's: cancel signals its group.
+            pid = os.getpid() if world_size == 1 else (row["pid"] or os.getppid())
+            store.update_round(round_id, status="running", pid=pid, progress=0.0)
 
     def log(msg: str) -> None:
-        print(f"[round {round_id}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+        if main:
+            print(f"[round {round_id}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    launcher = os.getppid()
 
     def cancelled(msg: str) -> int:
-        store.update_round(round_id, status="cancelled", error=msg)
+        # A cancel signals the launcher too, but it outlives its workers; a dead (or zombie)
+        # launcher means the stop came from _stop_with_parent.
+        orphaned = world_size > 1 and not _running(launcher)
+        if orphaned:  # the stop came from _stop_with_parent, not from a cancel
+            msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
+        if main:
+            with store.transaction():
+                if store.get_round(round_id)["status"] == "running":  # a failure already recorded stands
+                    store.update_round(round_id, status="failed" if orphaned else "cancelled", error=msg)
         log(msg)
-        return 0
+        return 1 if orphaned else 0
+
+    if world_size > 1:
+        _stop_with_parent()
 
     try:
         threads = os.environ.get("LVLM_STUDIO_THREADS")
@@ -415,7 +485,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         out_dir = settings.adapters_dir / f"round_{round_id}"
         last_progress = [0.0]
 
-        def on_log(rec: dict) -> None:
+        def on_log(rec: dict) -> None:  # called on rank 0 only
             store.log_round_step(round_id, rec["step"], rec)
             if rec.get("max_steps"):
                 p = TRAIN_SHARE * rec["step"] / rec["max_steps"]
@@ -426,7 +496,10 @@ def run_round(round_id: int, home: str | Path) -> int:
         result = train_round(pairs, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
         if result.stopped:
             return cancelled(f"cancelled during training after {result.steps} steps (no adapter saved)")
-        log(f"trained {result.steps} steps in {result.seconds:.1f} s; adapter {result.adapter_path}")
+        if not main:
+            return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
+        log(f"trained {result.steps} steps in {result.seconds:.1f} s on {world_size} process(es); "
+            f"adapter {result.adapter_path}")
         store.update_round(round_id, progress=TRAIN_SHARE)
 
         metrics: dict[str, Any] = {
@@ -477,6 +550,11 @@ def run_round(round_id: int, home: str | Path) -> int:
             return cancelled("cancelled after training; the adapter was not made current")
         # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
         with store.transaction():
+            current = store.get_round(round_id)["status"]
+            if current != "running":
+                # e.g. the launcher was killed and the round marked failed while this worker ran on
+                log(f"the round is {current} now, not running: its outcome stands, the adapter is not made current")
+                return 1
             if rows:
                 store.add_eval_outputs(round_id, rows)
             store.update_round(round_id, status="done", adapter_path=str(out_dir), metrics=metrics, progress=1.0)
@@ -485,7 +563,7 @@ def run_round(round_id: int, home: str | Path) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
         traceback.print_exc()
         sys.stdout.flush()
-        message = f"{type(exc).__name__}: {exc}"
+        message = f"{type(exc).__name__}: {exc}" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
         try:
             store.update_round(round_id, status="failed", error=message[:2000])
         except Exception:  # noqa: BLE001 - the store itself failed; the log has the traceback

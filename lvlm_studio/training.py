@@ -93,6 +93,10 @@ class DPORoundConfig:
     gradient_checkpointing: bool | None = None
     quantization: str | None = None  # "4bit" | "8bit" (QLoRA; CUDA + bitsandbytes; untested here)
     device: str = "auto"
+    # Data-parallel training: > 1 starts the round job under torchrun (the launcher `accelerate
+    # launch --multi_gpu` runs underneath) with one worker per device; each worker trains on its
+    # shard, rank 0 alone saves, writes the store and evaluates. Tested with 2 CPU workers (gloo).
+    num_processes: int = 1
     # Data selection (jobs.py): which pairs train this round.
     methods: list[str] | None = None
     include_auto: bool = False
@@ -114,6 +118,8 @@ class DPORoundConfig:
             raise ValueError("sft_weight must be >= 0")
         if self.batch_size < 1 or self.lora_r < 1:
             raise ValueError("batch_size and lora_r must be >= 1")
+        if self.num_processes < 1:
+            raise ValueError("num_processes must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +142,7 @@ class DPORoundConfig:
 
 @dataclass
 class TrainResult:
-    adapter_path: str | None  # None when stopped before the end (nothing saved)
+    adapter_path: str | None  # None when stopped before the end (nothing saved) and on ranks > 0
     stopped: bool
     steps: int
     n_pairs: int
@@ -156,6 +162,13 @@ class TrainResult:
 
 class TrainingStopped(RuntimeError):
     pass
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, local rank, world size) of this process as torchrun / accelerate launch set them
+    (0, 0, 1 when not launched by one)."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +333,8 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
         stopped = False
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return  # one curve per round, written by rank 0
             logs = logs or {}
             record = {"step": int(state.global_step), "max_steps": int(state.max_steps or 0)}
             for key in (*CURVE_KEYS, *_EXTRA_KEYS):
@@ -333,7 +348,17 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
                 on_log(record)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if args.world_size > 1:
+                # Every rank must leave the loop at the same step, or the others block in the next
+                # gradient all-reduce: a stop seen by any rank stops all of them.
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([1.0 if stop else 0.0], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
                 _Stream.stopped = True
                 control.should_training_stop = True
             return control
@@ -378,6 +403,7 @@ def train_round(
         "n_pairs": len(pairs),
         "n_rows": len(rows),
         "pair_ids": [p.get("pair_id") for p in pairs],
+        "world_size": distributed_rank()[2],
     }
     curve: list[dict] = []
 
@@ -389,6 +415,9 @@ def train_round(
 
     device = resolve_device(config.device)
     cuda = device.startswith("cuda")
+    _, local_rank, world_size = distributed_rank()
+    if cuda and world_size > 1:
+        device = f"cuda:{local_rank}"  # one device per worker
     bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
@@ -447,6 +476,9 @@ def train_round(
         steps = int(trainer.state.global_step)
         if type(stream).stopped:
             return stopped_result(steps)
+        if not trainer.is_world_process_zero():
+            # Data-parallel workers hold the same weights; rank 0 saves them.
+            return TrainResult(None, False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(str(tmp))

@@ -1,0 +1,133 @@
+"""A round with two data-parallel workers (torchrun, gloo on CPU): the same job code that serves
+several GPUs. Rank 0 alone writes the store, the curve and the adapter; a cancel stops every worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from lvlm_studio import jobs
+from lvlm_studio.config import Settings
+from lvlm_studio.models.tiny import build_tiny_llava
+from lvlm_studio.store import Store
+from test_jobs import FAST, LONG, _populate, _wait_for_steps
+
+TWO = {**FAST, "num_processes": 2}
+
+
+def _workers_of(launcher_pid: int) -> list[int]:
+    """Live processes whose parent is the launcher (the torchrun workers)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == launcher_pid and stat[0] not in ("Z", "X"):
+                out.append(int(proc.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    os.environ["LVLM_STUDIO_THREADS"] = "1"
+    root = tmp_path_factory.mktemp("ddp")
+    model = build_tiny_llava(root / "tiny")
+    settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
+    return {"settings": settings, **_populate(settings)}
+
+
+def test_job_command_uses_torchrun_for_several_processes():
+    assert jobs.job_command(3, "/h")[1:] == ["-m", "lvlm_studio.jobs", "run", "3", "--home", "/h"]
+    cmd = jobs.job_command(3, "/h", 4)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=4" in cmd
+    assert cmd[-6:] == ["-m", "lvlm_studio.jobs", "run", "3", "--home", "/h"]
+
+
+def test_two_process_round_shards_data_and_writes_once(home):
+    settings = home["settings"]
+    rid = jobs.start_round(settings, TWO)
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    log = Path(row["log_path"]).read_text()
+    assert row["status"] == "done", (row["error"], log[-3000:])
+    # 12 pairs, 4 per worker per step, 2 workers: 2 steps per epoch, 2 epochs (one worker: 6 steps).
+    assert row["metrics"]["steps"] == 4 and row["metrics"]["n_pairs"] == home["n_pairs"]
+    adapter = Path(row["adapter_path"])
+    lineage = json.loads((adapter / "lineage.json").read_text())
+    assert lineage["world_size"] == 2 and (adapter / "adapter_model.safetensors").is_file()
+    assert not list(settings.adapters_dir.glob(".round_*"))  # no worker left scratch behind
+    store = Store.open(settings)
+    try:
+        curve = store.round_curve(rid)
+        steps = [c["step"] for c in curve if "loss" in c]
+        assert steps == [1, 2, 3, 4]  # one record per step: rank 1 wrote nothing
+        assert len(store.eval_outputs(rid)) == home["n_eval"]
+        assert store.current_round()["id"] == rid
+    finally:
+        store.close()
+    # The adapter loads on top of its parent like any single-process one.
+    from lvlm_studio.training import materialize_round_model
+
+    model, _ = materialize_round_model(settings.model, [str(adapter)])
+    assert model is not None
+
+
+def test_cancel_stops_every_worker(home):
+    settings = home["settings"]
+    rid = jobs.start_round(settings, {**LONG, "num_processes": 2})
+    _wait_for_steps(settings, rid, 1, timeout=180)
+    launcher = jobs.status(settings, rid)["pid"]
+    workers = _workers_of(launcher)
+    assert len(workers) == 2, workers
+    row = jobs.cancel_round(settings, rid, timeout=90, force=False)
+    assert row["status"] == "cancelled", row
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() and _alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    store = Store.open(settings)
+    try:
+        assert (store.current_round() or {}).get("id") != rid
+        assert store.integrity()["integrity_check"] == ["ok"]
+    finally:
+        store.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_sigkilled_launcher_stops_its_workers_and_fails_the_round(home):
+    settings = home["settings"]
+    rid = jobs.start_round(settings, {**LONG, "num_processes": 2})
+    _wait_for_steps(settings, rid, 1, timeout=180)
+    launcher = jobs.status(settings, rid)["pid"]
+    workers = _workers_of(launcher)
+    assert len(workers) == 2, workers
+    os.kill(launcher, signal.SIGKILL)  # the launcher alone, as an OOM killer would
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)  # they did not train on as orphans
+    row = jobs.status(settings, rid)
+    assert row["status"] == "failed" and row["adapter_path"] is None, (row["error"], Path(row["log_path"]).read_text()[-3000:])
+    assert "launcher" in row["error"] and "died" in row["error"], row["error"]  # recorded by rank 0 itself
+    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    store = Store.open(settings)
+    try:
+        assert (store.current_round() or {}).get("id") != rid
+        integrity = store.integrity()
+        assert integrity["integrity_check"] == ["ok"] and integrity["foreign_key_violations"] == []
+    finally:
+        store.close()
