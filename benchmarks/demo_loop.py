@@ -126,7 +126,7 @@ def eval_metrics(metrics: dict | None) -> dict[str, float | None]:
         out[key] = float(val) if isinstance(val, int | float) else None
     # POPE accuracy and yes-ratio beside F1: F1 on "yes" rewards a yes-biased model, so a round
     # that removes the bias can lose F1 while answering more probes right
-    for key in ("pope_accuracy", "pope_yes_ratio"):
+    for key in ("pope_accuracy", "pope_yes_ratio", "silent"):
         val = ev.get(key)
         out[key] = float(val) if isinstance(val, int | float) else None
     out["n_items"] = ev.get("n_items")
@@ -207,7 +207,7 @@ class Loop:
                 params["answer_score"] = a.csr_answer_score
             if a.csr_existence_pairs:
                 params["existence_pairs"] = True
-            return params
+            return {**params, **a.csr}
         return {"max_new_tokens": a.gen_max_new_tokens}
 
     # -- 3./4. one round
@@ -234,7 +234,7 @@ class Loop:
         return {"methods": [method], "include_auto": True, "pair_round": parent_id,
                 "learning_rate": lr, "num_epochs": self.epochs, "sft_weight": self.sft_weight,
                 "seed": self.args.seed, "eval_dataset": "shapesworld", "eval_split": "test",
-                "eval_limit": None}
+                "eval_limit": None, **self.args.dpo}
 
     def run_round(self, method: str, parent_id: int, index: int, lr: float, label: str) -> dict[str, Any]:
         from lvlm_studio import jobs
@@ -248,7 +248,7 @@ class Loop:
             "pairs_generated": pairs_available, "gen_items": rep["items"] + rep["skipped"],
             "gen_no_pair": rep["no_pair"], "gen_seconds": float(rep["seconds"]), "pairs_used": 0,
             "train_eval_seconds": None, "train_seconds": None, "job_peak_rss_mb": None,
-            **{k: None for k in (*METRICS, "pope_accuracy", "pope_yes_ratio", "n_items", "eval_seconds")},
+            **{k: None for k in (*METRICS, "pope_accuracy", "pope_yes_ratio", "silent", "n_items", "eval_seconds")},
         }
         if pairs_available == 0:
             row.update(status="no_pairs", error=f"{method} produced no pairs from round {parent_id}")
@@ -360,13 +360,13 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    cols = ["row", "round", "status", "lr", "pairs", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "POPE acc",
-            "yes", "dCHAIR_s",
+    cols = ["row", "round", "status", "lr", "pairs", "CHAIR_s", "CHAIR_i", "recall", "silent", "POPE F1",
+            "POPE acc", "yes", "dCHAIR_s",
             "recall drop", "gen s", "train+eval s", "job MB", "parent MB"]
     print(title)
     print(table(cols, [[r["label"], r["round_id"] if r["round_id"] is not None else "-", r["status"],
                         "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}", r["pairs_used"], fmt_num(r["chair_s"]),
-                        fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r["pope_f1"]),
+                        fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r.get("silent")), fmt_num(r["pope_f1"]),
                         fmt_num(r.get("pope_accuracy")), fmt_num(r.get("pope_yes_ratio")),
                         fmt_num(r.get("chair_s_rel_change"), pct=True), fmt_num(r.get("recall_drop_points")),
                         r["gen_seconds"], fmt_num(r["train_eval_seconds"]), fmt_num(r["job_peak_rss_mb"]),
@@ -439,6 +439,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: DPORoundConfig's)")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default: DPORoundConfig's)")
     p.add_argument("--sft-weight", type=float, default=None, help="SFT term weight (default: DPORoundConfig's)")
+    p.add_argument("--csr", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other CSRConfig option for CSR pair generation (repeatable)")
+    p.add_argument("--dpo", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DPORoundConfig option for every round, e.g. beta=0.5 (repeatable)")
     p.add_argument("--search-lr", type=floats, default=None, metavar="LR,LR,...",
                    help="try each lr for round 1; keep the best CHAIR_s with recall drop <= 3 points")
     p.add_argument("--csr-candidates", type=int, default=None, help="CSR children per node (default: CSRConfig's)")
@@ -467,6 +471,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown compare method(s) {sorted(unknown)}; expected povid, stic or csr")
     if args.rounds < 1 or args.train_prompts < 1 or args.eval_n < 1:
         p.error("--rounds, --train-prompts and --eval-n must be >= 1")
+    from dataclasses import fields
+
+    from lvlm_studio.cli import CLIError, check_types, parse_pairs
+    from lvlm_studio.training import DPORoundConfig
+
+    try:  # the CLI's own key=value checks (names and types of DPORoundConfig's fields)
+        args.dpo = check_types(DPORoundConfig, parse_pairs(args.dpo, "--dpo", {f.name for f in fields(DPORoundConfig)},
+                                                           "DPO round"), "--dpo")
+        DPORoundConfig.from_dict(args.dpo)
+        from lvlm_studio.methods.csr import CSRConfig
+
+        args.csr = check_types(CSRConfig, parse_pairs(args.csr, "--csr", {f.name for f in fields(CSRConfig)},
+                                                       "CSR"), "--csr")
+        CSRConfig(**args.csr)
+    except (CLIError, ValueError) as exc:
+        p.error(str(exc))
     return args
 
 

@@ -459,10 +459,15 @@ def chair(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
     n_gt = sum(len(s.gt) for s in scores)
     n_recalled = sum(len(s.recalled) for s in scores)
     n_bad = sum(1 for s in scores if s.hallucinated)
+    # Captions that name no object at all though their image has some: CHAIR counts them as clean,
+    # so a model that learns to stop early (or to answer nothing) shows up here first.
+    n_silent = sum(1 for s in scores if s.gt and not s.objects)
     return {
         "chair_i": n_hall / n_mentions if n_mentions else 0.0,
         "chair_s": n_bad / len(scores) if scores else 0.0,
         "recall": n_recalled / n_gt if n_gt else 0.0,
+        "silent": n_silent / len(scores) if scores else 0.0,
+        "n_silent": n_silent,
         "n_captions": len(scores),
         "n_mentions": n_mentions,
         "n_hallucinated": n_hall,

@@ -54,6 +54,12 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
     ),
 }
 
+# CSR on world items scored by the demo CLIP: a ceiling on the answer score's centring point in that
+# CLIP's scale (CSRConfig.baseline_cap: without it the chosen side names fewer objects each round;
+# benchmarks/demo_loop.py, 3 seeds: recall drop by round 3 at most 1.0 point instead of 3.3-13.1).
+# Overridable through ``params``; other CLIPs get the general default (the item mean).
+WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5}
+
 
 # ---- users and roles ---------------------------------------------------------------------------
 
@@ -445,7 +451,11 @@ class Studio:
     def _gen_csr(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods.csr import CSRConfig, csr_generation_record, run_csr
 
-        config = CSRConfig(**{"seed": seed, **params})
+        merged = dict(params)
+        if self.settings.clip == "demo" and items and all(self._is_world(it) for it in items):
+            for key, value in WORLD_CSR_PARAMS.items():
+                merged.setdefault(key, value)
+        config = CSRConfig(**{"seed": seed, **merged})
         backend, scorer = self.backend(model, round_id), self.clip()
         prov = self._prov("csr", model, round_id, csr_generation_record(config), seed)
         step = max(1, config.item_batch)

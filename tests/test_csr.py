@@ -219,6 +219,34 @@ def test_search_tree_pruning_and_pair():
     assert res_c.rejected == min(range(len(expected)), key=expected.__getitem__)
 
 
+def test_baseline_cap_centres_on_the_lower_of_mean_and_cap():
+    [free] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "img1")], CSRConfig())
+    mean = free.stats["reward_baseline"]
+    # a ceiling above the item mean changes nothing
+    [high] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "img1")],
+                     CSRConfig(baseline_cap=mean + 1.0))
+    assert [c.score for c in high.candidates] == pytest.approx([c.score for c in free.candidates])
+    # below it, every answer is centred on the ceiling: a sentence between the ceiling and the mean
+    # now adds to its answer instead of subtracting, so longer true answers can win
+    cap = mean - 10.0
+    [low] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "img1")], CSRConfig(baseline_cap=cap))
+    assert low.stats["reward_baseline"] == pytest.approx(cap)
+    expected = [sum(s["reward"] - cap for s in c.sentences) for c in low.candidates]
+    assert [c.score for c in low.candidates] == pytest.approx(expected)
+    assert low.chosen == max(range(len(expected)), key=expected.__getitem__)
+
+    # "A cat sits." alone, or followed by a true sentence with a lower CLIP score ("It purrs.", 15):
+    # rewards 27.07 and 13.58, item mean 22.57. Centred on the mean the second sentence subtracts,
+    # so the shorter answer is chosen; centred on a ceiling of 10 it adds, so the longer one is.
+    table = {"": [("A cat sits.", -0.1, False)], "A cat sits.": [("", -0.1, True), ("It purrs.", -0.1, True)]}
+    texts = {}
+    for cap in (None, 10.0):
+        [res] = run_csr(TableBackend(table), TableScorer(CLIP), [(IMG, "p", "k")], CSRConfig(baseline_cap=cap))
+        texts[cap] = (res.candidates[res.chosen].text, res.candidates[res.rejected].text)
+    assert texts[None] == ("A cat sits.", "A cat sits. It purrs.")
+    assert texts[10.0] == ("A cat sits. It purrs.", "A cat sits.")
+
+
 def test_reference_reward_mode_ranks_siblings():
     [res] = run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "Describe.", "k")],
                     CSRConfig(reward_mode="reference", answer_score="reference_mean"))

@@ -105,11 +105,14 @@ def test_chair_counts_every_occurrence_and_recall(world):
     assert m["chair_i"] == pytest.approx(2 / 4)
     assert m["chair_s"] == pytest.approx(1 / 3)
     assert m["recall"] == pytest.approx(2 / 4)  # red circle, blue star of 4 GT objects
+    # the empty caption is clean for CHAIR but silent: it names nothing of an image that has an object
+    assert m["n_silent"] == 1 and m["silent"] == pytest.approx(1 / 3)
 
 
 def test_chair_empty_inputs_are_zero_not_nan(world):
     m = chair_from_texts([""], [[]], world)
     assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["recall"] == 0.0 and m["n_mentions"] == 0
+    assert m["n_silent"] == 0  # nothing to name: not silent
 
 
 def test_score_caption_coco(coco):

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_jobs import FAST, LONG, _populate, _wait_for_steps
 
 from lvlm_studio import jobs
 from lvlm_studio.config import Settings
 from lvlm_studio.models.tiny import build_tiny_llava
 from lvlm_studio.store import Store
-from test_jobs import FAST, LONG, _populate, _wait_for_steps
 
 TWO = {**FAST, "num_processes": 2}
 

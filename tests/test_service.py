@@ -93,6 +93,7 @@ def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
     cand = studio.store.get_candidate(view["chosen"]["id"])
     assert cand["source"] == "csr" and cand["model"] == vlm and cand["seed"] == 1 and cand["round"] == 0
     assert cand["params"]["method"] == "csr" and cand["params"]["num_candidates"] == 2
+    assert cand["params"]["baseline_cap"] is None  # the demo CLIP's ceiling is not for other CLIPs
     assert cand["sentences"] and all(s["reward"] is not None for s in cand["sentences"])
     # Greedy good and bad answers of a random model coincide on some items (no pair): use four.
     stic = studio.generate("stic", model=vlm, item_ids=all_ids, params={"max_new_tokens": 6})
@@ -101,6 +102,23 @@ def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
     assert {pair["chosen"]["source"], pair["rejected"]["source"]} == {"stic_good", "stic_bad"}
     assert "draw" in pair["meta"] and pair["meta"]["model"] == vlm
     studio.store.close()
+
+
+def test_csr_on_world_items_with_the_demo_clip_uses_its_centring_ceiling(studio):
+    from lvlm_studio.service import WORLD_CSR_PARAMS
+
+    studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in _world_describe(studio)][:3]
+    small = {"item_batch": 2}
+    studio.generate("csr", item_ids=ids[:2], params=small)
+    studio.generate("csr", item_ids=ids[2:], params={**small, "baseline_cap": None})  # explicit: item mean
+    caps = {}
+    for row in studio.store.training_pairs(methods=["csr"], include_auto=True, round=0):
+        pair = studio.get_pair(row["pair_id"])
+        caps[pair["item_id"]] = studio.store.get_candidate(pair["chosen"]["id"])["params"]["baseline_cap"]
+    assert caps, "the demo model made no CSR pair"
+    assert all(caps[i] == WORLD_CSR_PARAMS["baseline_cap"] for i in ids[:2] if i in caps)
+    assert all(caps[i] is None for i in ids[2:] if i in caps)
 
 
 def test_decide_undo_and_queue_order(studio, make_pairs):

@@ -100,6 +100,15 @@ class CSRConfig:
     #   test scenes): chosen recall 77.9% (mean) / 93.0% (reference_mean) / 92.4% (centered_sum),
     #   chosen-wins share 99.3% / 87.4% / 97.3%.
     answer_score: Literal["mean", "reference_mean", "centered_sum"] = "centered_sum"
+    # "centered_sum" only: a ceiling on the centring point, in reward units (None = the item mean,
+    # the general default). As the model improves, most sentences of its own search tree are right,
+    # the item mean rises, and right sentences that score below it (a small object's lower CLIP
+    # score) start to subtract: the chosen side names fewer objects round after round and DPO
+    # teaches the model to say less. A ceiling is a property of the CLIP's score scale, so it is
+    # set per CLIP: the studio uses 27.5 with the demo CLIP (service.WORLD_CSR_PARAMS; measured
+    # on TRAIN trees of the demo loop's rounds 0/1/2, chosen recall 92.5/92.9/85.8% -> 93.7/94.9/
+    # 92.8%, chosen hallucinations per answer 0.23/0.15/0.05 -> 0.28/0.19/0.09).
+    baseline_cap: float | None = None
     # Existence pairs (a project extension, off by default): from each CSR pair derive yes/no
     # questions "Is there a {object} in the image?": objects the chosen answer names → chosen
     # "Yes", objects only the rejected answer names → chosen "No"; balanced per item. The CSR
@@ -437,6 +446,8 @@ class _ItemSearch:
         # the item's mean sentence reward over its distinct complete answers ("centered_sum")
         all_rewards = [s["reward"] for node in unique.values() for s in node.sentences]
         baseline = sum(all_rewards) / len(all_rewards) if all_rewards else 0.0
+        if cfg.baseline_cap is not None:
+            baseline = min(baseline, cfg.baseline_cap)
         self.stats["reward_baseline"] = baseline
         for node in unique.values():
             rewards = [s["reward"] for s in node.sentences]
