@@ -397,7 +397,7 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Is ``pid`` a process that has not exited (a zombie has)?"""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -451,7 +451,7 @@ def run_round(round_id: int, home: str | Path) -> int:
     def cancelled(msg: str) -> int:
         # A cancel signals the launcher too, but it outlives its workers; a dead (or zombie)
         # launcher means the stop came from _stop_with_parent.
-        orphaned = world_size > 1 and not _running(launcher)
+        orphaned = world_size > 1 and not process_running(launcher)
         if orphaned:  # the stop came from _stop_with_parent, not from a cancel
             msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
         if main:

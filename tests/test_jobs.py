@@ -66,21 +66,37 @@ def _wait_for_steps(settings: Settings, round_id: int, n: int, timeout: float = 
     raise AssertionError(f"round {round_id} logged fewer than {n} steps in {timeout} s")
 
 
+def make_home(root: Path) -> dict:
+    """A data root under ``root`` with a tiny model, 12 pairs (automatic labels) and 9 test items."""
+    os.environ["LVLM_STUDIO_THREADS"] = "1"
+    model = build_tiny_llava(root / "tiny")
+    settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
+    return {"settings": settings, **_populate(settings)}
+
+
+def assert_store_intact(settings: Settings, previous_round: int | None) -> None:
+    """The store passes its integrity checks and ``previous_round`` is still the current one."""
+    store = Store.open(settings)
+    try:
+        assert (store.current_round() or {}).get("id") == previous_round
+        integrity = store.integrity()
+        assert integrity["integrity_check"] == ["ok"] and integrity["foreign_key_violations"] == []
+    finally:
+        store.close()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A home with a tiny model, 12 reviewed-by-default pairs, 9 test items and one finished round."""
-    os.environ["LVLM_STUDIO_THREADS"] = "1"
-    root = tmp_path_factory.mktemp("jobs")
-    model = build_tiny_llava(root / "tiny")
-    settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
-    info = _populate(settings)
+    home = make_home(tmp_path_factory.mktemp("jobs"))
+    settings = home["settings"]
     t0 = time.monotonic()
     round_id = jobs.start_round(settings, FAST)
     # One job at a time: a second start is refused while the first is queued or running.
     with pytest.raises(jobs.RoundBusyError, match="one training"):
         jobs.start_round(settings, FAST)
     row = jobs.wait(round_id, timeout=240, settings=settings)
-    return {"settings": settings, "round_id": round_id, "row": row, "seconds": time.monotonic() - t0, **info}
+    return {**home, "round_id": round_id, "row": row, "seconds": time.monotonic() - t0}
 
 
 def test_full_round_through_subprocess(trained):
@@ -127,13 +143,7 @@ def test_sigkill_leaves_round_failed_and_store_consistent(trained):
     assert row["parent_id"] == trained["round_id"] and row["adapter_path"] is None
     assert not (settings.adapters_dir / f"round_{rid}").exists()
     assert not list(settings.adapters_dir.glob(f".round_{rid}.*"))  # scratch dirs cleaned up
-    store = Store.open(settings)
-    try:
-        assert store.current_round()["id"] == trained["round_id"]  # the previous adapter stays current
-        integrity = store.integrity()
-        assert integrity["integrity_check"] == ["ok"] and integrity["foreign_key_violations"] == []
-    finally:
-        store.close()
+    assert_store_intact(settings, trained["round_id"])  # the previous adapter stays current
     assert jobs.reattach(settings) is None
 
 

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_jobs import FAST, LONG, _populate, _wait_for_steps
+from test_jobs import FAST, LONG, _wait_for_steps, assert_store_intact, make_home
 
 from lvlm_studio import jobs
 from lvlm_studio.config import Settings
-from lvlm_studio.models.tiny import build_tiny_llava
 from lvlm_studio.store import Store
 
 TWO = {**FAST, "num_processes": 2}
@@ -34,13 +33,26 @@ def _workers_of(launcher_pid: int) -> list[int]:
     return out
 
 
+def _start_two_workers(settings: Settings) -> tuple[int, int, list[int]]:
+    """A long two-worker round, once it has logged a step: (round id, launcher pid, worker pids)."""
+    rid = jobs.start_round(settings, {**LONG, "num_processes": 2})
+    _wait_for_steps(settings, rid, 1, timeout=180)
+    launcher = jobs.status(settings, rid)["pid"]
+    workers = _workers_of(launcher)
+    assert len(workers) == 2, workers
+    return rid, launcher, workers
+
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(jobs.process_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(jobs.process_running(p) for p in pids)
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    os.environ["LVLM_STUDIO_THREADS"] = "1"
-    root = tmp_path_factory.mktemp("ddp")
-    model = build_tiny_llava(root / "tiny")
-    settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
-    return {"settings": settings, **_populate(settings)}
+    return make_home(tmp_path_factory.mktemp("ddp"))
 
 
 def test_job_command_uses_torchrun_for_several_processes():
@@ -80,54 +92,24 @@ def test_two_process_round_shards_data_and_writes_once(home):
 
 def test_cancel_stops_every_worker(home):
     settings = home["settings"]
-    rid = jobs.start_round(settings, {**LONG, "num_processes": 2})
-    _wait_for_steps(settings, rid, 1, timeout=180)
-    launcher = jobs.status(settings, rid)["pid"]
-    workers = _workers_of(launcher)
-    assert len(workers) == 2, workers
+    before = jobs.refresh(settings)
+    current = max((r["id"] for r in before if r["status"] == "done"), default=None)
+    rid, _, workers = _start_two_workers(settings)
     row = jobs.cancel_round(settings, rid, timeout=90, force=False)
     assert row["status"] == "cancelled", row
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{w}").exists() and _alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(w) for w in workers)
+    assert _wait_gone(workers, 30)
     assert not (settings.adapters_dir / f"round_{rid}").exists()
-    store = Store.open(settings)
-    try:
-        assert (store.current_round() or {}).get("id") != rid
-        assert store.integrity()["integrity_check"] == ["ok"]
-    finally:
-        store.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    assert_store_intact(settings, current)
 
 
 def test_sigkilled_launcher_stops_its_workers_and_fails_the_round(home):
     settings = home["settings"]
-    rid = jobs.start_round(settings, {**LONG, "num_processes": 2})
-    _wait_for_steps(settings, rid, 1, timeout=180)
-    launcher = jobs.status(settings, rid)["pid"]
-    workers = _workers_of(launcher)
-    assert len(workers) == 2, workers
+    current = max((r["id"] for r in jobs.refresh(settings) if r["status"] == "done"), default=None)
+    rid, launcher, workers = _start_two_workers(settings)
     os.kill(launcher, signal.SIGKILL)  # the launcher alone, as an OOM killer would
-    deadline = time.monotonic() + 60
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(w) for w in workers)  # they did not train on as orphans
+    assert _wait_gone(workers, 60)  # they did not train on as orphans
     row = jobs.status(settings, rid)
     assert row["status"] == "failed" and row["adapter_path"] is None, (row["error"], Path(row["log_path"]).read_text()[-3000:])
     assert "launcher" in row["error"] and "died" in row["error"], row["error"]  # recorded by rank 0 itself
     assert not (settings.adapters_dir / f"round_{rid}").exists()
-    store = Store.open(settings)
-    try:
-        assert (store.current_round() or {}).get("id") != rid
-        integrity = store.integrity()
-        assert integrity["integrity_check"] == ["ok"] and integrity["foreign_key_violations"] == []
-    finally:
-        store.close()
+    assert_store_intact(settings, current)
