@@ -471,19 +471,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown compare method(s) {sorted(unknown)}; expected povid, stic or csr")
     if args.rounds < 1 or args.train_prompts < 1 or args.eval_n < 1:
         p.error("--rounds, --train-prompts and --eval-n must be >= 1")
-    from dataclasses import fields
-
-    from lvlm_studio.cli import CLIError, check_types, parse_pairs
+    from lvlm_studio.cli import CLIError, config_options
+    from lvlm_studio.methods.csr import CSRConfig
     from lvlm_studio.training import DPORoundConfig
 
-    try:  # the CLI's own key=value checks (names and types of DPORoundConfig's fields)
-        args.dpo = check_types(DPORoundConfig, parse_pairs(args.dpo, "--dpo", {f.name for f in fields(DPORoundConfig)},
-                                                           "DPO round"), "--dpo")
+    try:  # the CLI's own key=value checks (names and types of the config fields), then the values
+        args.dpo = config_options(DPORoundConfig, args.dpo, "--dpo", "DPO round")
         DPORoundConfig.from_dict(args.dpo)
-        from lvlm_studio.methods.csr import CSRConfig
-
-        args.csr = check_types(CSRConfig, parse_pairs(args.csr, "--csr", {f.name for f in fields(CSRConfig)},
-                                                       "CSR"), "--csr")
+        args.csr = config_options(CSRConfig, args.csr, "--csr", "CSR")
         CSRConfig(**args.csr)
     except (CLIError, ValueError) as exc:
         p.error(str(exc))

@@ -396,17 +396,22 @@ def parse_names(text: str | None) -> list[str] | None:
     return names or None
 
 
-def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
-    """``--param`` options checked against the method's config dataclass (names and types)."""
+def config_options(cls: type, values: list[str] | None, option: str, owner: str) -> dict[str, Any]:
+    """``key=value`` options checked against the config dataclass ``cls``: known field names and
+    their types (a CLIError names the option otherwise)."""
     from dataclasses import fields
 
+    return check_types(cls, parse_pairs(values, option, {f.name for f in fields(cls)}, owner), option)
+
+
+def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
+    """``--param`` options checked against the method's config dataclass (names and types)."""
     from lvlm_studio.methods.csr import CSRConfig
     from lvlm_studio.methods.povid import POVIDConfig
     from lvlm_studio.methods.stic import STICConfig
 
     cls = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}[method]
-    params = parse_pairs(values, "--param", {f.name for f in fields(cls)}, method)
-    return check_types(cls, params, "--param")
+    return config_options(cls, values, "--param", method)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -657,12 +662,9 @@ def train_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Start a DPO round as a background job (one at a time) and print its id."""
-    from dataclasses import fields
-
     from lvlm_studio.training import DPORoundConfig
 
-    cfg = parse_pairs(config, "--config", {f.name for f in fields(DPORoundConfig)}, "DPO round")
-    cfg = check_types(DPORoundConfig, cfg, "--config")
+    cfg = config_options(DPORoundConfig, config, "--config", "DPO round")
     names = parse_names(methods)
     if names is not None:
         cfg["methods"] = names

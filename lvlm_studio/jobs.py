@@ -82,6 +82,21 @@ def _start_lock(settings: Settings) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def process_running(pid: int) -> bool:
+    """Is ``pid`` a process that has not exited (a zombie has)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True  # no /proc here: alive as far as we can tell
+    return state not in ("Z", "X")
+
+
 def pid_alive(pid: int | None) -> bool:
     """Is ``pid`` a live round process (not a zombie, not a reused pid of another program)?"""
     if not pid:
@@ -95,17 +110,15 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by someone else
-    proc_dir = Path(f"/proc/{pid}")
-    if proc_dir.is_dir():
-        try:
-            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X"):
-                return False
-            if b"lvlm_studio.jobs" not in (proc_dir / "cmdline").read_bytes():
-                return False  # the pid was reused by another program
-        except (OSError, IndexError):
-            return False
-    return True
+    if not process_running(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.is_dir():
+        return True  # no /proc here: alive as far as we can tell
+    try:
+        return b"lvlm_studio.jobs" in cmdline.read_bytes()  # else the pid was reused by another program
+    except OSError:
+        return False
 
 
 def _exit_reason(pid: int | None) -> str:
@@ -397,21 +410,6 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def process_running(pid: int) -> bool:
-    """Is ``pid`` a process that has not exited (a zombie has)?"""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True  # no /proc here: alive as far as we can tell
-    return state not in ("Z", "X")
-
-
 def run_round(round_id: int, home: str | Path) -> int:
     """Body of the round process. Returns the process exit code."""
     stop = threading.Event()
@@ -452,7 +450,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         # A cancel signals the launcher too, but it outlives its workers; a dead (or zombie)
         # launcher means the stop came from _stop_with_parent.
         orphaned = world_size > 1 and not process_running(launcher)
-        if orphaned:  # the stop came from _stop_with_parent, not from a cancel
+        if orphaned:
             msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
         if main:
             with store.transaction():

@@ -438,6 +438,12 @@ class Studio:
         with Image.open(item["image_path"]) as im:
             return im.convert("RGB")
 
+    def _world_defaults(self, items: list[dict], params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        """``params`` plus the ``defaults`` it does not set, when every item is a world item."""
+        if items and all(self._is_world(it) for it in items):
+            return {**defaults, **params}
+        return dict(params)
+
     def _is_world(self, item: dict) -> bool:
         return item.get("dataset") == WORLD_DATASET or (item.get("image_source") == WORLD_DATASET)
 
@@ -451,11 +457,8 @@ class Studio:
     def _gen_csr(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods.csr import CSRConfig, csr_generation_record, run_csr
 
-        merged = dict(params)
-        if self.settings.clip == "demo" and items and all(self._is_world(it) for it in items):
-            for key, value in WORLD_CSR_PARAMS.items():
-                merged.setdefault(key, value)
-        config = CSRConfig(**{"seed": seed, **merged})
+        world = WORLD_CSR_PARAMS if self.settings.clip == "demo" else {}
+        config = CSRConfig(**{"seed": seed, **self._world_defaults(items, params, world)})
         backend, scorer = self.backend(model, round_id), self.clip()
         prov = self._prov("csr", model, round_id, csr_generation_record(config), seed)
         step = max(1, config.item_batch)
@@ -558,11 +561,7 @@ class Studio:
     def _gen_stic(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods import stic
 
-        merged = dict(params)
-        if items and all(self._is_world(it) for it in items):
-            for key, value in WORLD_STIC_PROMPTS.items():
-                merged.setdefault(key, value)
-        config = stic.STICConfig(**{"seed": seed, **merged})
+        config = stic.STICConfig(**{"seed": seed, **self._world_defaults(items, params, WORLD_STIC_PROMPTS)})
         backend = self.backend(model, round_id)
         step = max(1, config.batch_size)
         for lo in range(0, len(items), step):

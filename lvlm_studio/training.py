@@ -67,7 +67,7 @@ class DPORoundConfig:
     # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
     # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 lost 5 recall points and 0.04 POPE F1 in
     # round 1 (yes/no answers drift: the CSR prompts are captions only); 2e-4 kept both in round 1
-    # (later rounds still lose recall: README).
+    # (later rounds: README).
     learning_rate: float = 2e-4
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0
@@ -396,6 +396,7 @@ def train_round(
     chain = _as_chain(parent_adapter)
     rows = balance_povid(pairs) if config.povid_two_term else list(pairs)
     dataset = build_dpo_dataset(rows)
+    _, local_rank, world_size = distributed_rank()
     lineage = {
         "base_model": str(base_model_path),
         "parents": chain,
@@ -403,7 +404,7 @@ def train_round(
         "n_pairs": len(pairs),
         "n_rows": len(rows),
         "pair_ids": [p.get("pair_id") for p in pairs],
-        "world_size": distributed_rank()[2],
+        "world_size": world_size,
     }
     curve: list[dict] = []
 
@@ -415,7 +416,6 @@ def train_round(
 
     device = resolve_device(config.device)
     cuda = device.startswith("cuda")
-    _, local_rank, world_size = distributed_rank()
     if cuda and world_size > 1:
         device = f"cuda:{local_rank}"  # one device per worker
     bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
