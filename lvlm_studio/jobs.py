@@ -496,14 +496,16 @@ def run_round(round_id: int, home: str | Path) -> int:
             return cancelled(f"cancelled during training after {result.steps} steps (no adapter saved)")
         if not main:
             return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
-        log(f"trained {result.steps} steps in {result.seconds:.1f} s on {world_size} process(es); "
-            f"adapter {result.adapter_path}")
+        dropped = result.lineage.get("n_dropped_by_balance", 0)
+        log(f"trained {result.steps} steps in {result.seconds:.1f} s on {world_size} process(es) on "
+            f"{result.n_pairs} pairs ({dropped} left out by balance_answers); adapter {result.adapter_path}")
         store.update_round(round_id, progress=TRAIN_SHARE)
 
         metrics: dict[str, Any] = {
             "train": {k: v for k, v in result.final.items() if k != "max_steps"},
             "n_pairs": result.n_pairs,
             "n_rows": result.n_rows,
+            "n_dropped_by_balance": dropped,
             "steps": result.steps,
             "train_seconds": result.seconds,
             "eval": None,

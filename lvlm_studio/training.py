@@ -88,6 +88,13 @@ class DPORoundConfig:
     sft_weight: float = 1.0
     # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
     povid_two_term: bool = False
+    # Pairs that ask the same question with the same two answers and prefer each answer at least
+    # once (yes/no probes, CSR's existence pairs) are cut to as many of one orientation as of the
+    # other (balance_answer_prior). Otherwise the label is partly predictable from the text alone
+    # and DPO learns that prior instead of looking: CSR's self-derived "No" questions are mostly the
+    # prior partners it hallucinates (demo, seed 1: "Is there a green triangle" No 119 / Yes 19),
+    # and training on them unbalanced lowered POPE F1 0.783 -> 0.729 in round 1 (balanced: 0.771).
+    balance_answers: bool = True
     # Hardware: None = auto (bf16 and gradient checkpointing on CUDA, fp32 and off on CPU).
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
@@ -196,6 +203,33 @@ def balance_povid(pairs: Sequence[dict]) -> list[dict]:
     small, large = (text, noise) if len(text) < len(noise) else (noise, text)
     extra = [small[i % len(small)] for i in range(len(large) - len(small))]
     return [*rest, *text, *noise, *extra]
+
+
+def balance_answer_prior(pairs: Sequence[dict], seed: int = 0) -> tuple[list[dict], int]:
+    """Pairs grouped by (prompt, {chosen, rejected}): where a group prefers each answer at least
+    once, it keeps as many pairs of one orientation as of the other (a seeded sample, original order
+    kept), so within the group the preferred answer cannot be told from the text. Groups that always
+    prefer the same answer (the same caption pair on two images) are left alone. Returns (pairs,
+    number dropped)."""
+    import random
+
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pairs):
+        key = (str(p.get("prompt")), frozenset((str(p.get("chosen")), str(p.get("rejected")))))
+        groups.setdefault(key, []).append(i)
+    drop: set[int] = set()
+    rng = random.Random(seed)
+    for (_, answers), idx in groups.items():
+        first = min(answers)
+        sides = ([i for i in idx if str(pairs[i].get("chosen")) == first],
+                 [i for i in idx if str(pairs[i].get("chosen")) != first])
+        k = min(len(side) for side in sides)
+        if k == 0:
+            continue
+        for side in sides:
+            keep = set(rng.sample(side, k))
+            drop.update(i for i in side if i not in keep)
+    return [p for i, p in enumerate(pairs) if i not in drop], len(drop)
 
 
 def build_dpo_dataset(pairs: Sequence[dict]):
@@ -394,6 +428,9 @@ def train_round(
     if not pairs:
         raise ValueError("no training pairs: review some pairs (or allow automatic labels) first")
     chain = _as_chain(parent_adapter)
+    dropped = 0
+    if config.balance_answers:
+        pairs, dropped = balance_answer_prior(pairs, config.seed)
     rows = balance_povid(pairs) if config.povid_two_term else list(pairs)
     dataset = build_dpo_dataset(rows)
     _, local_rank, world_size = distributed_rank()
@@ -403,6 +440,7 @@ def train_round(
         "config": config.to_dict(),
         "n_pairs": len(pairs),
         "n_rows": len(rows),
+        "n_dropped_by_balance": dropped,
         "pair_ids": [p.get("pair_id") for p in pairs],
         "world_size": world_size,
     }

@@ -13,6 +13,7 @@ from lvlm_studio.training import (
     CURVE_KEYS,
     DPORoundConfig,
     adapter_chain,
+    balance_answer_prior,
     balance_povid,
     build_dpo_dataset,
     load_base_model,
@@ -156,6 +157,49 @@ def test_config_loss_types_and_validation():
         DPORoundConfig.from_dict({"betta": 0.2})
     with pytest.raises(ValueError):
         DPORoundConfig(quantization="2bit")
+
+
+def test_answer_prior_balancing_cuts_each_question_to_equal_yes_and_no():
+    def pair(pid, prompt, chosen, rejected):
+        return {"pair_id": pid, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    tri = "Is there a green triangle in the image?"
+    sq = "Is there a red square in the image?"
+    pairs = ([pair(i, tri, "No.", "Yes.") for i in range(5)] + [pair(10 + i, tri, "Yes.", "No.") for i in range(2)]
+             + [pair(20 + i, sq, "No.", "Yes.") for i in range(3)]
+             + [pair(30, "Describe.", "A cat.", "A dog."), pair(31, "Describe.", "A cat.", "A dog."),
+                pair(32, "Describe.", "A hen.", "A dog."), pair(33, "Describe.", "A dog.", "A hen."),
+                pair(40, "Is there a cat?", "Yes.", "No.")])
+    kept, dropped = balance_answer_prior(pairs, seed=0)
+    by_q: dict[tuple, list[int]] = {}
+    for p in kept:
+        by_q.setdefault((p["prompt"], p["chosen"]), []).append(p["pair_id"])
+    # 5 "No" / 2 "Yes" on the triangle -> 2 of each, a seeded sample of the five
+    assert len(by_q[(tri, "No.")]) == 2 and set(by_q[(tri, "No.")]) <= set(range(5)) and by_q[(tri, "Yes.")] == [10, 11]
+    # one orientation only (a question never answered otherwise, or the same caption pair on two
+    # images): nothing to balance against, left alone; captions preferred both ways: one of each
+    assert by_q[(sq, "No.")] == [20, 21, 22] and by_q[("Describe.", "A cat.")] == [30, 31]
+    assert by_q[("Describe.", "A hen.")] == [32] and by_q[("Describe.", "A dog.")] == [33]
+    assert by_q[("Is there a cat?", "Yes.")] == [40]
+    assert dropped == 3 and len(kept) == len(pairs) - 3
+    assert [p["pair_id"] for p in kept] == sorted(p["pair_id"] for p in kept)  # original order
+    assert balance_answer_prior(pairs, seed=0) == (kept, dropped)  # seeded: the same cut each time
+    cuts = {tuple(p["pair_id"] for p in balance_answer_prior(pairs, seed=s)[0]) for s in range(6)}
+    assert len(cuts) > 1  # another seed, another sample
+
+
+def test_a_round_trains_on_the_balanced_questions_and_records_the_cut(tiny, tmp_path):
+    images = [Image.new("RGB", (32, 32), (30 * i, 90, 120)) for i in range(6)]
+    q = "Is there a green triangle in the image?"
+    pairs = [{"pair_id": i, "image": images[i], "prompt": q, "method": "csr",
+              "chosen": "No." if i < 4 else "Yes.", "rejected": "Yes." if i < 4 else "No."} for i in range(6)]
+    cfg = DPORoundConfig(max_steps=1, batch_size=2, max_length=None)
+    balanced = train_round(pairs, tiny, None, tmp_path / "balanced", cfg)
+    assert (balanced.n_pairs, balanced.lineage["n_dropped_by_balance"]) == (4, 2)
+    assert sorted(balanced.lineage["pair_ids"])[-2:] == [4, 5]  # both "Yes" pairs kept
+    off = train_round(pairs, tiny, None, tmp_path / "off", DPORoundConfig(max_steps=1, batch_size=2, max_length=None,
+                                                                          balance_answers=False))
+    assert (off.n_pairs, off.lineage["n_dropped_by_balance"]) == (6, 0)
 
 
 def test_povid_two_term_balancing():
