@@ -346,3 +346,20 @@ def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
     assert existence_pairs(cand(("A cat.", 9.0)), cand(("A cat.", 1.0)), extract, cfg) == []
     with pytest.raises(ValueError):
         CSRConfig(existence_template="Is there one?")
+    # existence_unnamed: the "no" side is filled up to the "yes" side with objects neither answer
+    # names (from the vocabulary), after the loser's low-reward objects
+    vocab = ["cat", "dog", "cow", "hen", "pig", "owl"]
+    fill = CSRConfig(existence_pairs=True, existence_unnamed=True)
+    three = cand(("A cat. A dog. A hen.", 30.0))
+    filled = existence_pairs(three, cand(("A cow.", 1.0)), extract, fill, seed=0, vocabulary=vocab)
+    no_side = {p.object for p in filled if p.chosen == "No."}
+    assert {p.object for p in filled if p.chosen == "Yes."} == {"cat", "dog", "hen"}
+    assert len(no_side) == 3 and "cow" in no_side and no_side - {"cow"} <= {"pig", "owl"}
+    # the loser named nothing absent: the whole "no" side comes from unnamed objects
+    only_unnamed = existence_pairs(cand(("A cat.", 9.0)), cand(("A cat.", 1.0)), extract, fill, vocabulary=vocab)
+    assert [(p.object, p.chosen) for p in only_unnamed if p.chosen == "No."][0][0] in {"dog", "cow", "hen", "pig", "owl"}
+    assert len(only_unnamed) == 2
+    # off, or no vocabulary: as before
+    assert existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg, vocabulary=vocab) == \
+        existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg)
+    assert len(existence_pairs(three, cand(("A cow.", 1.0)), extract, fill)) == 2

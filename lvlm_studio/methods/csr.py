@@ -109,7 +109,8 @@ class CSRConfig:
     # on TRAIN trees of the demo loop's rounds 0/1/2, chosen recall 92.5/92.9/85.8% -> 93.7/94.9/
     # 92.8%, chosen hallucinations per answer 0.23/0.15/0.05 -> 0.28/0.19/0.09).
     baseline_cap: float | None = None
-    # Existence pairs (a project extension, off by default): from each CSR pair derive yes/no
+    # Existence pairs (a project extension, off by default; on for world items with the demo CLIP,
+    # service.WORLD_CSR_PARAMS): from each CSR pair derive yes/no
     # questions "Is there a {object} in the image?": objects the chosen answer names → chosen
     # "Yes", objects only the rejected answer names → chosen "No"; balanced per item. The CSR
     # paper's prompts are mixed instruction data; a captions-only prompt set otherwise leaves
@@ -123,6 +124,10 @@ class CSRConfig:
     # TRAIN scenes' derived labels (not the test split), rounds 0/1/2 of the demo loop: share 1.0 ->
     # 93.9/94.9/84.0% right, 0.5 -> 99.3/99.1/98.0% (fewer pairs: 286/226/100 instead of 394/334/244).
     existence_absent_share: float = 0.5
+    # Also ask about objects the winner never names (from the extractor's vocabulary), to fill the
+    # "no" side up to as many questions as "yes" ones. Sound only where the prompt asks for every
+    # object (the world's describe prompt): a COCO caption leaves most present objects unnamed.
+    existence_unnamed: bool = False
     clean: bool = True  # reference cleaning filter on each new sentence
     min_sentence_chars: int = 4
     max_repeated_words: int = 6
@@ -658,7 +663,8 @@ class ExistencePair:
 
 
 def existence_pairs(chosen: CSRCandidate, rejected: CSRCandidate, extract: Callable[[str], list[str]],
-                    config: CSRConfig, seed: int = 0, threshold: float | None = None) -> list[ExistencePair]:
+                    config: CSRConfig, seed: int = 0, threshold: float | None = None,
+                    vocabulary: SeqType[str] | None = None) -> list[ExistencePair]:
     """Yes/no pairs implied by a CSR pair, balanced: as many "yes" as "no" questions.
 
     ``extract`` maps text to canonical object names (an evaluation ``ObjectExtractor.extract``).
@@ -666,7 +672,9 @@ def existence_pairs(chosen: CSRCandidate, rejected: CSRCandidate, extract: Calla
     reward is at least ``threshold``; absent ("no" chosen): objects the winner never names and the
     loser names only in sentences below ``config.existence_absent_share`` × ``threshold``.
     ``threshold`` is the item's mean sentence reward (``CSRResult.stats["reward_baseline"]``);
-    None, or answers without sentence records, use every mention. No ground truth is used: the
+    None, or answers without sentence records, use every mention. With
+    ``config.existence_unnamed`` and a ``vocabulary``, objects neither answer names fill the
+    absent side up to the present side (a seeded sample). No ground truth is used: the
     labels are the search's own verdict (calibrated by CLIP), so they inherit its errors.
     """
     import random
@@ -690,13 +698,19 @@ def existence_pairs(chosen: CSRCandidate, rejected: CSRCandidate, extract: Calla
         # an object the loser also names in a sentence at or above the bar is not clearly absent
         trusted = set(objects(rejected, lambda r: r >= bar))
         only_rejected = [o for o in only_rejected if o not in trusted]
+    rng = random.Random(seed)
     k = min(len(named), len(only_rejected))
+    absent = sorted(rng.sample(only_rejected, k))
+    if config.existence_unnamed and vocabulary and len(named) > k:
+        mentioned = in_chosen | set(extract(rejected.text))
+        unnamed = sorted(o for o in vocabulary if o not in mentioned)
+        fill = rng.sample(unnamed, min(len(named) - k, len(unnamed)))
+        absent = sorted(absent + fill)
+        k += len(fill)
     if k == 0:
         return []
-    rng = random.Random(seed)
     yes, no = config.existence_answers
     present = sorted(rng.sample(named, k))
-    absent = sorted(rng.sample(only_rejected, k))
     q = config.existence_template.format
     return ([ExistencePair(o, q(object=o), yes, no) for o in present]
             + [ExistencePair(o, q(object=o), no, yes) for o in absent])
