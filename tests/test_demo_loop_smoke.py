@@ -84,6 +84,11 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert r1["goals"]["pope_f1_not_lower"] == (r1["pope_f1"] >= base["pope_f1"])
     assert r1["goals"]["round_le_10min"] is True and r1["goals"]["round_le_4gb"] is True
     assert record["goals"]["round1_chair_s_45pct_lower"] == r1["goals"]["chair_s_45pct_lower"]
+    assert record["goals"]["chair_s_falls_every_round"] is None  # one trained round: nothing to compare
+    falls = demo_loop.falls_every_round
+    assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.05}]) is True
+    assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.1}]) is False  # flat is not falling
+    assert falls([{"chair_s": 0.2}, {"chair_s": None}]) is None
     assert math.isfinite(record["seconds"])
     for text in ("CHAIR_s", "POPE F1", "recall drop <= 3 pts", "goals:"):
         assert text in stdout
