@@ -54,11 +54,16 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
     ),
 }
 
-# CSR on world items scored by the demo CLIP: a ceiling on the answer score's centring point in that
-# CLIP's scale (CSRConfig.baseline_cap: without it the chosen side names fewer objects each round;
-# benchmarks/demo_loop.py, 3 seeds: recall drop by round 3 at most 1.0 point instead of 3.3-13.1).
-# Overridable through ``params``; other CLIPs get the general default (the item mean).
-WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5}
+# CSR on world items scored by the demo CLIP (the setting benchmarks/demo_loop.py measures; every
+# key is overridable through ``params``; other CLIPs and non-world items get CSRConfig's defaults):
+# - a ceiling on the answer score's centring point, in that CLIP's scale (CSRConfig.baseline_cap:
+#   without it the chosen side names fewer objects each round; 3 seeds: recall drop by round 3 at
+#   most 1.0 point instead of 3.3-13.1);
+# - the yes/no questions each CSR pair implies, the "no" side filled with objects the winner never
+#   names (existence_pairs, existence_unnamed: the world's describe prompt asks for every object, so
+#   an unnamed object is absent; the captions-only prompt set otherwise lets yes/no answers drift:
+#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; README).
+WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": True, "existence_unnamed": True}
 
 
 # ---- users and roles ---------------------------------------------------------------------------
@@ -493,7 +498,8 @@ class Studio:
 
         extractor = self._extractor(item)
         derived = existence_pairs(res.candidates[res.chosen], res.candidates[res.rejected], extractor.extract,
-                                  config, seed=seed + int(item["id"]), threshold=res.stats.get("reward_baseline"))
+                                  config, seed=seed + int(item["id"]), threshold=res.stats.get("reward_baseline"),
+                                  vocabulary=extractor.vocabulary if config.existence_unnamed else None)
         done = self.store.items_with_pairs("csr", round_id) if derived else set()
         for ep in derived:
             qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",

@@ -55,10 +55,12 @@ def test_seed_demo_fills_splits_and_kinds_once(studio):
     assert stats["datasets"]["shapesworld"]["train"] > 0 and stats["datasets"]["shapesworld"]["test"] > 0
     kinds = {(it["meta"] or {}).get("kind") for it in studio.store.list_items(dataset="shapesworld")}
     assert {"describe", "pope"} <= kinds
-    assert report["items"] == studio.store.count_items()
+    # seeded items, plus the yes/no question items CSR's demo pairs derive (world defaults)
+    derived = [it for it in studio.store.list_items() if (it["meta"] or {}).get("kind") == "csr_existence"]
+    assert report["items"] == studio.store.count_items() - len(derived)
     assert studio.store.count_pairs() > 0, report["message"]  # a newcomer sees pairs at once
     again = studio.seed_demo(n_train=4, n_test=3)
-    assert again["items"] == 0 and studio.store.count_items() == report["items"]
+    assert again["items"] == 0 and studio.store.count_items() == report["items"] + len(derived)
 
 
 def test_povid_generation_is_resumable_and_records_provenance(studio):
@@ -104,21 +106,33 @@ def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
     studio.store.close()
 
 
-def test_csr_on_world_items_with_the_demo_clip_uses_its_centring_ceiling(studio):
+def test_csr_on_world_items_with_the_demo_clip_uses_its_world_defaults(studio):
+    """The centring ceiling and the yes/no existence pairs (filled with unnamed objects) apply to
+    world items scored by the demo CLIP; explicit params override them."""
     from lvlm_studio.service import WORLD_CSR_PARAMS
 
     studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
     ids = [it["id"] for it in _world_describe(studio)][:3]
     small = {"item_batch": 2}
-    studio.generate("csr", item_ids=ids[:2], params=small)
-    studio.generate("csr", item_ids=ids[2:], params={**small, "baseline_cap": None})  # explicit: item mean
-    caps = {}
+    first = studio.generate("csr", item_ids=ids[:2], params=small)
+    off = {**small, "baseline_cap": None, "existence_pairs": False}  # explicit: item mean, no yes/no
+    second = studio.generate("csr", item_ids=ids[2:], params=off)
+    caps, derived = {}, {}
     for row in studio.store.training_pairs(methods=["csr"], include_auto=True, round=0):
         pair = studio.get_pair(row["pair_id"])
-        caps[pair["item_id"]] = studio.store.get_candidate(pair["chosen"]["id"])["params"]["baseline_cap"]
+        chosen = studio.store.get_candidate(pair["chosen"]["id"])
+        if (pair["meta"] or {}).get("derived") == "existence":
+            derived.setdefault(pair["meta"]["from_item"], []).append(chosen["text"])
+        else:
+            caps[pair["item_id"]] = chosen["params"]["baseline_cap"]
     assert caps, "the demo model made no CSR pair"
     assert all(caps[i] == WORLD_CSR_PARAMS["baseline_cap"] for i in ids[:2] if i in caps)
     assert all(caps[i] is None for i in ids[2:] if i in caps)
+    # every caption pair of the defaults run names an object, so the unnamed fill gives each one
+    # as many "No." questions as "Yes." ones; the explicit run made none
+    assert set(derived) == {i for i in ids[:2] if i in caps} and first["existence_pairs"] == sum(map(len, derived.values()))
+    assert all(answers.count("Yes.") == answers.count("No.") >= 1 for answers in derived.values())
+    assert "existence_pairs" not in second
 
 
 def test_decide_undo_and_queue_order(studio, make_pairs):

@@ -11,7 +11,7 @@ from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 
 DEFAULT_PARAMS = {
-    "csr": {"num_candidates": 3, "max_sentences": 4, "existence_pairs": False},
+    "csr": {"num_candidates": 3, "max_sentences": 4},
     "povid": {"make_image_rejected": True},
     "stic": {},
 }
