@@ -50,7 +50,7 @@ LINEAGE_FILE = "lineage.json"
 class DPORoundConfig:
     """One DPO round. Defaults are the published recipes *scaled for the demo model* (a ~1 M
     parameter LLaVA trained on ~100 pairs on 2 CPU cores); the paper values are cited beside each.
-    For a 7B model use the paper values (r=128, α=256, lr 1e-7 (CSR/STIC stage 1), 1 epoch)."""
+    For a 7B model use the paper values (r=128, α=256, β=0.1, lr 1e-7 (CSR/STIC stage 1), 1 epoch)."""
 
     # LoRA. CSR and STIC reference: r=128, α=256, dropout 0.05 on all LM linear layers. Demo: r=16,
     # α=32 (same α/r = 2), as in the FACTS.md experiments.
@@ -60,8 +60,11 @@ class DPORoundConfig:
     # "all-linear" = every linear layer of the *language model* (not the vision tower, projector or
     # lm_head), as the CSR reference's find_all_linear_names. A list is passed to PEFT verbatim.
     target_modules: str | list[str] = "all-linear"
-    # DPO. β = 0.1 in CSR, POVID and STIC; sigmoid loss on summed log-probs.
-    beta: float = 0.1
+    # DPO. β = 0.1 in CSR, POVID and STIC; sigmoid loss on summed log-probs. Demo: 0.3 keeps each
+    # round closer to its parent (benchmarks/demo_loop.py with CSR's yes/no pairs, seed 0: CHAIR_s
+    # over 3 rounds -58 / -90 / -85% at 0.3 vs -90 / -83 / -69% at 0.1: at 0.1 rounds 2-3 undo part
+    # of round 1; README).
+    beta: float = 0.3
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
     # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).

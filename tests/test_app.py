@@ -151,3 +151,21 @@ def test_training_round_from_the_train_tab_api_finishes(home, tmp_path):
     finally:
         demo.close()
         studio.store.close()
+
+
+def test_train_tab_starts_from_the_measured_round_defaults(home):
+    """The Train tab's parameter fields show DPORoundConfig's defaults (the ones the README's demo
+    loop measured), not a second hand-written set."""
+    from lvlm_studio.training import DPORoundConfig
+    from lvlm_studio.ui.app import build_app
+
+    studio = Studio(Settings(home=home), users={}, admins=())
+    try:
+        demo = build_app(studio)
+        fields = {b.elem_id: b.value for b in demo.blocks.values() if str(getattr(b, "elem_id", "")).startswith("train-")}
+        d = DPORoundConfig()
+        assert fields["train-lr"] == d.learning_rate and fields["train-epochs"] == d.num_epochs
+        assert fields["train-beta"] == d.beta and fields["train-sft"] == d.sft_weight
+        assert fields["train-lora-r"] == d.lora_r
+    finally:
+        studio.store.close()

@@ -61,7 +61,7 @@ def _mean_margin(model, processor, pairs) -> float:
 
 def test_round_trains_saves_and_lineage(tiny, tmp_path):
     pairs = _pairs()
-    cfg = DPORoundConfig(learning_rate=5e-3, num_epochs=3, batch_size=4, max_length=None, sft_weight=0.0)
+    cfg = DPORoundConfig(learning_rate=5e-3, num_epochs=3, batch_size=4, max_length=None, sft_weight=0.0, beta=0.1)
     logged: list[dict] = []
     r1 = train_round(pairs, tiny, None, tmp_path / "round_1", cfg, on_log=logged.append)
 
@@ -71,7 +71,7 @@ def test_round_trains_saves_and_lineage(tiny, tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]
     lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage["parents"] == [] and lineage["n_pairs"] == 16 and lineage["config"]["beta"] == 0.1
+    assert lineage["parents"] == [] and lineage["n_pairs"] == 16 and lineage["config"]["beta"] == cfg.beta
 
     # The curve streamed through on_log has every key at every training step, and the reward
     # margin grew: a real effect, not a constant.

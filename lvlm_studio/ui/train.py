@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.service import METHODS, Studio
+from lvlm_studio.training import DPORoundConfig
 from lvlm_studio.ui.auth import request_user
 from lvlm_studio.ui.common import round_choices, user_errors
 from lvlm_studio.ui.highlight import escape_text
@@ -83,11 +84,13 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                    elem_id="train-include-auto")
     with gr.Accordion("Training parameters", open=False):
         with gr.Row():
-            lr = gr.Number(5e-4, label="learning rate", elem_id="train-lr")
-            epochs = gr.Number(3, label="epochs", precision=0, elem_id="train-epochs")
-            beta = gr.Number(0.1, label="DPO β", elem_id="train-beta")
-            lora_r = gr.Number(16, label="LoRA r", precision=0, elem_id="train-lora-r")
-            sft_weight = gr.Number(0.0, label="SFT weight (0 = pure DPO; 1 = STIC-style DPO+SFT)", elem_id="train-sft")
+            d = DPORoundConfig()  # the measured defaults (README), not a second set
+            lr = gr.Number(d.learning_rate, label="learning rate", elem_id="train-lr")
+            epochs = gr.Number(d.num_epochs, label="epochs", elem_id="train-epochs")
+            beta = gr.Number(d.beta, label="DPO β", elem_id="train-beta")
+            lora_r = gr.Number(d.lora_r, label="LoRA r", precision=0, elem_id="train-lora-r")
+            sft_weight = gr.Number(d.sft_weight, label="SFT weight (0 = pure DPO; 1 = STIC-style DPO+SFT)",
+                                   elem_id="train-sft")
             eval_n = gr.Number(60, label="test items to evaluate", precision=0, elem_id="train-eval-n")
     with gr.Row():
         start = gr.Button("Start training round", variant="primary", elem_id="train-start")
