@@ -55,6 +55,9 @@ from benchmarks._common import SHARED_CORES_NOTE, emit_json, setup_torch, table 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("chair_s", "chair_i", "recall", "pope_f1")
+# Printed beside them: POPE accuracy and yes-ratio (F1 on "yes" rewards a yes-biased model, so a
+# round that removes the bias can lose F1 while answering more probes right) and silent answers.
+EXTRA_METRICS = ("pope_accuracy", "pope_yes_ratio", "silent")
 # Goals (issue 5): round 1 CHAIR_s >= 45% lower than round 0, recall drop <= 3 points, POPE F1 not
 # lower, each round <= 10 min wall time and <= 4 GB peak memory.
 GOAL_CHAIR_S_REL = -0.45
@@ -123,12 +126,7 @@ class Bar:
 def eval_metrics(metrics: dict | None) -> dict[str, float | None]:
     ev = (metrics or {}).get("eval", metrics) or {}
     out: dict[str, float | None] = {}
-    for key in METRICS:
-        val = ev.get(key)
-        out[key] = float(val) if isinstance(val, int | float) else None
-    # POPE accuracy and yes-ratio beside F1: F1 on "yes" rewards a yes-biased model, so a round
-    # that removes the bias can lose F1 while answering more probes right
-    for key in ("pope_accuracy", "pope_yes_ratio", "silent"):
+    for key in (*METRICS, *EXTRA_METRICS):
         val = ev.get(key)
         out[key] = float(val) if isinstance(val, int | float) else None
     out["n_items"] = ev.get("n_items")
@@ -248,7 +246,7 @@ class Loop:
             "pairs_generated": pairs_available, "gen_items": rep["items"] + rep["skipped"],
             "gen_no_pair": rep["no_pair"], "gen_seconds": float(rep["seconds"]), "pairs_used": 0,
             "train_eval_seconds": None, "train_seconds": None, "job_peak_rss_mb": None,
-            **{k: None for k in (*METRICS, "pope_accuracy", "pope_yes_ratio", "silent", "n_items", "eval_seconds")},
+            **{k: None for k in (*METRICS, *EXTRA_METRICS, "n_items", "eval_seconds")},
         }
         if pairs_available == 0:
             row.update(status="no_pairs", error=f"{method} produced no pairs from round {parent_id}")

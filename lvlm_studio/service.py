@@ -499,7 +499,7 @@ class Studio:
         extractor = self._extractor(item)
         derived = existence_pairs(res.candidates[res.chosen], res.candidates[res.rejected], extractor.extract,
                                   config, seed=seed + int(item["id"]), threshold=res.stats.get("reward_baseline"),
-                                  vocabulary=extractor.vocabulary if config.existence_unnamed else None)
+                                  vocabulary=extractor.vocabulary)
         done = self.store.items_with_pairs("csr", round_id) if derived else set()
         for ep in derived:
             qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",
