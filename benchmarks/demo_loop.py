@@ -283,7 +283,7 @@ class Loop:
         row["job_peak_rss_mb"] = max(sampled, children_after if children_after > children_before else 0.0) or None
         metrics = rnd.get("metrics") or {}
         row.update(status=rnd["status"], error=rnd.get("error"), pairs_used=metrics.get("n_pairs", 0),
-                   steps=metrics.get("steps"), train_seconds=metrics.get("train_seconds"),
+                   sft_rows=metrics.get("n_sft_rows"), steps=metrics.get("steps"), train_seconds=metrics.get("train_seconds"),
                    **eval_metrics(metrics))
         if rnd["status"] != "done":
             row["log_path"] = rnd.get("log_path")
@@ -365,12 +365,13 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    cols = ["row", "round", "status", "lr", "pairs", "CHAIR_s", "CHAIR_i", "recall", "silent", "POPE F1",
+    cols = ["row", "round", "status", "lr", "pairs", "SFT rows", "CHAIR_s", "CHAIR_i", "recall", "silent", "POPE F1",
             "POPE acc", "yes", "dCHAIR_s",
             "recall drop", "gen s", "train+eval s", "job MB", "parent MB"]
     print(title)
     print(table(cols, [[r["label"], r["round_id"] if r["round_id"] is not None else "-", r["status"],
-                        "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}", r["pairs_used"], fmt_num(r["chair_s"]),
+                        "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}", r["pairs_used"], fmt_num(r.get("sft_rows")),
+                        fmt_num(r["chair_s"]),
                         fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r.get("silent")), fmt_num(r["pope_f1"]),
                         fmt_num(r.get("pope_accuracy")), fmt_num(r.get("pope_yes_ratio")),
                         fmt_num(r.get("chair_s_rel_change"), pct=True), fmt_num(r.get("recall_drop_points")),

@@ -62,8 +62,12 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
 # - the yes/no questions each CSR pair implies, the "no" side filled with objects the winner never
 #   names (existence_pairs, existence_unnamed: the world's describe prompt asks for every object, so
 #   an unnamed object is absent; the captions-only prompt set otherwise lets yes/no answers drift:
-#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; README).
-WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": True, "existence_unnamed": True}
+#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; README);
+# - no SFT term on chosen answers with a sentence rewarded below 33 (sft_min_reward, in that CLIP's
+#   scale: later rounds' chosen captions hallucinate more than the model's greedy ones, and
+#   imitating them made round 3 rise on seeds 0 and 2; README).
+WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": True, "existence_unnamed": True,
+                                    "sft_min_reward": 33.0}
 
 
 # ---- users and roles ---------------------------------------------------------------------------
@@ -460,7 +464,13 @@ class Studio:
         report["pairs"] += len(pairs)
 
     def _gen_csr(self, model, round_id, items, params, seed, report, progress) -> None:
-        from lvlm_studio.methods.csr import CSRConfig, csr_generation_record, run_csr
+        from lvlm_studio.methods.csr import (
+            CSRConfig,
+            csr_generation_record,
+            fit_for_sft,
+            min_sentence_reward,
+            run_csr,
+        )
 
         world = WORLD_CSR_PARAMS if self.settings.clip == "demo" else {}
         config = CSRConfig(**{"seed": seed, **self._world_defaults(items, params, world)})
@@ -481,10 +491,13 @@ class Studio:
                     cands.append({"text": c.text, "source": "csr", "sentences": c.sentences,
                                   "score": c.score, **prov,
                                   "params": {**prov["params"], "finish_reason": c.finish_reason}})
+                best = res.candidates[res.chosen]
+                meta = {"n_candidates": len(res.candidates), "model": model, "seed": seed,
+                        "stats": _jsonable(res.stats), "chosen_min_reward": min_sentence_reward(best)}
+                if fit_for_sft(best, config) is not None:
+                    meta["sft"] = fit_for_sft(best, config)
                 pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin,
-                        "round": round_id,
-                        "meta": {"n_candidates": len(res.candidates), "model": model, "seed": seed,
-                                 "stats": _jsonable(res.stats)}}
+                        "round": round_id, "meta": meta}
                 self._write(it, cands, [pair], report)
                 if config.existence_pairs:
                     self._write_existence_pairs(it, res, config, prov, round_id, seed, report)

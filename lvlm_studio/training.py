@@ -87,7 +87,9 @@ class DPORoundConfig:
     # trains (reference weight 1 on sum/1024). Default 1 for every method: DPO alone lowers the
     # chosen answer's likelihood too (demo, yes/no pairs: agreement with the training labels fell
     # 0.60 -> 0.54 and some answers came out empty); FACTS.md: weight 1 keeps recall. 0 = the
-    # CSR/POVID papers' pure DPO.
+    # CSR/POVID papers' pure DPO. A pair whose method marked its chosen answer unfit to imitate
+    # (meta "sft": false; CSR does so below CSRConfig.sft_min_reward) gets DPO only, unless a
+    # person accepted, swapped or edited it (pair_sft_weight, pair_sft_trainer_class).
     sft_weight: float = 1.0
     # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
     povid_two_term: bool = False
@@ -145,6 +147,8 @@ class DPORoundConfig:
         return cls(**data)
 
     def loss_types(self) -> tuple[list[str], list[float]]:
+        """TRL's loss_type / loss_weights when every pair gets the same SFT weight (otherwise
+        ``train_round`` adds a per-pair term with ``pair_sft_trainer_class``)."""
         if self.sft_weight > 0:
             return [self.loss_type, "sft"], [1.0, float(self.sft_weight)]
         return [self.loss_type], [1.0]
@@ -235,15 +239,30 @@ def balance_answer_prior(pairs: Sequence[dict], seed: int = 0) -> tuple[list[dic
     return [p for i, p in enumerate(pairs) if i not in drop], len(drop)
 
 
-def build_dpo_dataset(pairs: Sequence[dict]):
+def pair_sft_weight(pair: dict, config: DPORoundConfig) -> float:
+    """The SFT weight of ``pair``'s chosen answer: ``config.sft_weight``, or 0 when the method
+    marked that answer unfit to imitate (meta ``"sft": false``, CSRConfig.sft_min_reward) and no
+    person has accepted, swapped or edited the pair since."""
+    if (pair.get("meta") or {}).get("sft") is False and (pair.get("status") or "auto") == "auto":
+        return 0.0
+    return float(config.sft_weight)
+
+
+def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None = None):
     """TRL's conversational vision preference format (the same as the TRL export):
-    ``images`` [image], ``prompt`` [user turn], ``chosen`` / ``rejected`` [assistant turn].
+    ``images`` [image], ``prompt`` [user turn], ``chosen`` / ``rejected`` [assistant turn], plus
+    ``sft_weight`` per row when ``sft_weights`` is given (``PairSFTDPOTrainer``).
     A pair gives its image as ``image`` (PIL) or ``image_path``."""
     from datasets import Dataset, Features, Image, List, Value
 
     turn = List({"role": Value("string"), "content": Value("string")})
     features = Features({"images": List(Image()), "prompt": turn, "chosen": turn, "rejected": turn})
     rows: dict[str, list] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
+    if sft_weights is not None:
+        if len(sft_weights) != len(pairs):
+            raise ValueError("sft_weights needs one weight per pair")
+        features["sft_weight"] = Value("float32")
+        rows["sft_weight"] = [float(w) for w in sft_weights]
     for p in pairs:
         image = p.get("image")
         if image is None:
@@ -403,6 +422,75 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
     return _Stream()
 
 
+_PAIR_SFT_TRAINER = None
+
+
+def pair_sft_trainer_class():
+    """``DPOTrainer`` with an SFT term weighted per pair (the dataset's ``sft_weight`` column):
+    loss = DPO + Σ_i w_i·NLL_i / (chosen tokens of the rows with w_i > 0), where NLL_i is the
+    summed token NLL of row i's chosen answer. With every w_i = w this is TRL's own
+    ``loss_type=[..., "sft"], loss_weights=[1, w]`` (its token mean over the batch's chosen
+    answers); rows with w_i = 0 get DPO only. The NLL comes from the policy forward that TRL runs
+    for DPO anyway (a forward hook keeps its output): no second forward pass."""
+    global _PAIR_SFT_TRAINER
+    if _PAIR_SFT_TRAINER is not None:
+        return _PAIR_SFT_TRAINER
+    import torch
+    from trl import DPOTrainer
+
+    class PairSFTDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inner = self.data_collator
+
+            def collate(examples):
+                weights = torch.tensor([float(ex.pop("sft_weight")) for ex in examples])
+                batch = inner(examples)
+                batch["sft_weight"] = weights
+                return batch
+
+            self.data_collator = collate
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "sft_weight" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "sft_weight"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = inputs.pop("sft_weight")
+            captured: list = []
+
+            def keep_policy_output(module, args, output):
+                # TRL's reference pass runs under no_grad; the policy pass is the one with grad.
+                if torch.is_grad_enabled() and not captured:
+                    captured.append(output)
+
+            handle = model.register_forward_hook(keep_policy_output)
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                handle.remove()
+            if not captured or not bool((weights > 0).any()):
+                return result
+            shift_mask = inputs["completion_mask"][..., 1:]
+            per_token_logps = captured[0].log_probs[:, -shift_mask.size(1):]
+            chosen_logps, _ = per_token_logps.chunk(2, dim=0)
+            chosen_mask, _ = shift_mask.chunk(2, dim=0)
+            chosen_mask = chosen_mask.to(chosen_logps.dtype)
+            w = weights.to(chosen_logps.device, chosen_logps.dtype)
+            nll = -(chosen_logps * chosen_mask).sum(dim=1)
+            tokens = (chosen_mask.sum(dim=1) * (w > 0)).sum().clamp_min(1)
+            sft = (w * nll).sum() / tokens
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["sft_loss"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
+            if return_outputs:
+                return result[0] + sft, result[1]
+            return result + sft
+
+    _PAIR_SFT_TRAINER = PairSFTDPOTrainer
+    return PairSFTDPOTrainer
+
+
 def train_round(
     pairs: Sequence[dict],
     base_model_path: str | os.PathLike,
@@ -435,7 +523,9 @@ def train_round(
     if config.balance_answers:
         pairs, dropped = balance_answer_prior(pairs, config.seed)
     rows = balance_povid(pairs) if config.povid_two_term else list(pairs)
-    dataset = build_dpo_dataset(rows)
+    row_sft = [pair_sft_weight(p, config) for p in rows]
+    per_pair_sft = len(set(row_sft)) > 1  # uniform weights: TRL's own term (or none)
+    dataset = build_dpo_dataset(rows, row_sft if per_pair_sft else None)
     _, local_rank, world_size = distributed_rank()
     lineage = {
         "base_model": str(base_model_path),
@@ -444,6 +534,7 @@ def train_round(
         "n_pairs": len(pairs),
         "n_rows": len(rows),
         "n_dropped_by_balance": dropped,
+        "n_sft_rows": sum(1 for w in row_sft if w > 0),
         "pair_ids": [p.get("pair_id") for p in pairs],
         "world_size": world_size,
     }
@@ -470,7 +561,7 @@ def train_round(
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
-    types, weights = config.loss_types()
+    types, weights = config.loss_types() if row_sft[0] > 0 and not per_pair_sft else ([config.loss_type], [1.0])
     work = out.parent / f".{out.name}.run-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     args = DPOConfig(
@@ -504,7 +595,8 @@ def train_round(
         task_type="CAUSAL_LM",
     )
     stream = _callback(on_log, should_stop, curve)
-    trainer = DPOTrainer(
+    trainer_class = pair_sft_trainer_class() if per_pair_sft else DPOTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,

@@ -4,10 +4,13 @@ import pytest
 from PIL import Image
 
 from lvlm_studio.methods.csr import (
+    CSRCandidate,
     CSRConfig,
     ImageTextScorer,
     answer_score,
     existence_pairs,
+    fit_for_sft,
+    min_sentence_reward,
     paper_reward,
     prune,
     reference_rewards,
@@ -363,3 +366,15 @@ def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
     assert existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg, vocabulary=vocab) == \
         existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg)
     assert len(existence_pairs(three, cand(("A cow.", 1.0)), extract, fill)) == 2
+
+
+def test_a_chosen_answer_is_fit_to_imitate_only_when_every_sentence_clears_the_bar():
+    def answer(*rewards):
+        return CSRCandidate("x", [], [{"text": "s.", "reward": r} for r in rewards], 0.0, 0.0, "eos")
+
+    good, one_low = answer(35.0, 40.0), answer(41.0, 32.9, 38.0)
+    assert min_sentence_reward(one_low) == 32.9 and min_sentence_reward(answer()) is None
+    bar = CSRConfig(sft_min_reward=33.0)
+    assert fit_for_sft(good, bar) is True and fit_for_sft(one_low, bar) is False
+    assert fit_for_sft(answer(33.0), bar) is True  # at the bar counts
+    assert fit_for_sft(good, CSRConfig()) is None and fit_for_sft(answer(), bar) is None  # no bar / no rewards

@@ -115,7 +115,8 @@ def test_csr_on_world_items_with_the_demo_clip_uses_its_world_defaults(studio):
     ids = [it["id"] for it in _world_describe(studio)][:3]
     small = {"item_batch": 2}
     first = studio.generate("csr", item_ids=ids[:2], params=small)
-    off = {**small, "baseline_cap": None, "existence_pairs": False}  # explicit: item mean, no yes/no
+    # explicit: item mean, no yes/no pairs, no SFT mark
+    off = {**small, "baseline_cap": None, "existence_pairs": False, "sft_min_reward": None}
     second = studio.generate("csr", item_ids=ids[2:], params=off)
     caps, derived = {}, {}
     for row in studio.store.training_pairs(methods=["csr"], include_auto=True, round=0):
@@ -125,6 +126,11 @@ def test_csr_on_world_items_with_the_demo_clip_uses_its_world_defaults(studio):
             derived.setdefault(pair["meta"]["from_item"], []).append(chosen["text"])
         else:
             caps[pair["item_id"]] = chosen["params"]["baseline_cap"]
+            # the chosen answer's lowest sentence reward, and whether it clears the SFT bar
+            low = min(s["reward"] for s in chosen["sentences"])
+            assert row["meta"]["chosen_min_reward"] == low
+            bar = WORLD_CSR_PARAMS["sft_min_reward"] if pair["item_id"] in ids[:2] else None
+            assert row["meta"].get("sft") == (None if bar is None else low >= bar)
     assert caps, "the demo model made no CSR pair"
     assert all(caps[i] == WORLD_CSR_PARAMS["baseline_cap"] for i in ids[:2] if i in caps)
     assert all(caps[i] is None for i in ids[2:] if i in caps)

@@ -19,6 +19,7 @@ from lvlm_studio.training import (
     load_base_model,
     materialize_round_model,
     merge_chain,
+    pair_sft_weight,
     povid_term,
     sequence_logprobs,
     train_round,
@@ -216,3 +217,46 @@ def test_povid_two_term_balancing():
     assert terms.count("text") == terms.count("noise") == 5 and terms.count(None) == 1
     assert {r["pair_id"] for r in rows if povid_term(r) == "noise"} == {10, 11}
     assert balance_povid(text) == text  # one term only: unchanged
+
+
+
+def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path):
+    """At step 1 the policy is its reference (LoRA B = 0), so every row's DPO loss is log 2 and
+    the logged loss is log 2 + the SFT term: the per-pair term must equal TRL's own term over the
+    rows it keeps, and be absent for the rest."""
+    import math
+
+    pairs = _pairs(6)
+    for i, p in enumerate(pairs):
+        p["meta"] = {"sft": i < 2}  # as CSR marks its pairs (CSRConfig.sft_min_reward)
+    pairs[2]["status"] = "accept"  # a person vouched for it: kept although marked
+    pairs[3]["meta"] = {"derived": "existence"}  # no mark: kept
+
+    def first_loss(rows, name, **kw):
+        cfg = DPORoundConfig(max_steps=1, batch_size=len(rows), max_length=None, balance_answers=False, **kw)
+        result = train_round(rows, tiny, None, tmp_path / name, cfg)
+        return result, next(rec["loss"] for rec in result.curve if "loss" in rec)
+
+    assert [pair_sft_weight(p, DPORoundConfig(sft_weight=0.7)) for p in pairs] == [0.7, 0.7, 0.7, 0.7, 0.0, 0.0]
+    assert {pair_sft_weight(p, DPORoundConfig(sft_weight=0.0)) for p in pairs} == {0.0}
+
+    _, native_kept = first_loss(pairs[:4], "native_kept", sft_weight=0.7)
+    mixed, per_pair = first_loss(pairs, "per_pair", sft_weight=0.7)
+    assert per_pair == pytest.approx(native_kept, abs=1e-5)
+    assert per_pair > math.log(2) + 0.1  # the term is there, not DPO alone
+    assert mixed.lineage["n_sft_rows"] == 4
+
+    # Every row marked: DPO alone, through TRL's plain loss.
+    none, dpo_only = first_loss(pairs[4:], "none", sft_weight=0.7)
+    assert dpo_only == pytest.approx(math.log(2), abs=1e-5) and none.lineage["n_sft_rows"] == 0
+
+    # The per-pair term trains: after a few steps the kept rows' chosen answers are likelier
+    # than after the same steps with DPO alone.
+    def kept_logp(name, **kw):
+        cfg = DPORoundConfig(max_steps=4, batch_size=6, max_length=None, learning_rate=5e-3, balance_answers=False,
+                             **kw)
+        adapter = train_round(pairs, tiny, None, tmp_path / name, cfg).adapter_path
+        model, processor = load_base_model(tiny)
+        return sum(sequence_logprobs(merge_chain(model, [adapter]), processor, pairs[:4], "chosen"))
+
+    assert kept_logp("with", sft_weight=1.0) > kept_logp("without", sft_weight=0.0) + 0.5

@@ -128,6 +128,15 @@ class CSRConfig:
     # "no" side up to as many questions as "yes" ones. Sound only where the prompt asks for every
     # object (the world's describe prompt): a COCO caption leaves most present objects unnamed.
     existence_unnamed: bool = False
+    # Mark a pair's chosen answer unfit for the SFT term of a DPO round (pair meta "sft": false;
+    # the round then trains that pair with DPO alone, training.pair_sft_weight) when one of its
+    # sentences has a calibrated reward below this. A project extension (the paper trains pure
+    # DPO): as the model improves, the chosen answer of its own search tree can hallucinate more
+    # than its greedy answer (demo loop, seed 0: chosen captions of round-2 TRAIN trees 15-16%,
+    # the round-2 model's greedy captions ~3%), and imitating it undid part of round 2; with every
+    # sentence >= 33, 4%. In reward units, per CLIP like baseline_cap: the studio uses 33 with the
+    # demo CLIP (service.WORLD_CSR_PARAMS); None = no mark.
+    sft_min_reward: float | None = None
     clean: bool = True  # reference cleaning filter on each new sentence
     min_sentence_chars: int = 4
     max_repeated_words: int = 6
@@ -645,6 +654,21 @@ def run_csr_reference(
         search.stats["seconds_chunk"] = time.perf_counter() - t0
         results.append(search.result())
     return results
+
+
+def min_sentence_reward(candidate: CSRCandidate) -> float | None:
+    """The lowest calibrated sentence reward of an answer (None without sentence rewards)."""
+    rewards = [float(s["reward"]) for s in candidate.sentences or [] if s.get("reward") is not None]
+    return min(rewards) if rewards else None
+
+
+def fit_for_sft(candidate: CSRCandidate, config: CSRConfig) -> bool | None:
+    """Whether a chosen answer may be imitated by a DPO round's SFT term: every sentence's reward
+    at least ``config.sft_min_reward`` (None when that is unset or there are no rewards)."""
+    low = min_sentence_reward(candidate)
+    if config.sft_min_reward is None or low is None:
+        return None
+    return low >= config.sft_min_reward
 
 
 def csr_generation_record(config: CSRConfig) -> dict[str, Any]:
