@@ -14,6 +14,9 @@ Losses (``DPORoundConfig``):
     ``loss_weights=[1, sft_weight]``. TRL's SFT term is the *mean* token NLL of the chosen answers
     in the batch; STIC's reference uses the *summed* NLL / 1024. We use TRL's mean (length-
     independent, so one weight fits short demo answers and long COCO descriptions alike).
+    Where a method marked some chosen answers unfit to imitate (pair meta ``"sft": false``, CSR
+    below ``CSRConfig.sft_min_reward``), those rows get DPO only: ``pair_sft_trainer_class`` adds
+    the same token-mean term over the other rows, from the policy forward TRL runs anyway.
   * POVID's two-term loss 0.5·DPO(chosen vs text-hallucinated) + 0.5·DPO(chosen vs noisy-image
     answer): TRL 1.16 has no per-row loss weights, and subclassing its 400-line ``_compute_loss``
     for it would be brittle, so ``povid_two_term`` balances the data instead: POVID pairs are split

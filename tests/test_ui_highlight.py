@@ -85,3 +85,16 @@ def test_html_helpers_escape_model_text():
     assert "<script>" not in table and "<img" not in table and "<b>p</b>" not in table
     assert "round &lt;0&gt;" in table and "no hallucinated objects" in table
     assert "No evaluation answers" in compare_html([], "a", "b")
+
+
+def test_review_info_says_when_an_automatic_label_trains_without_the_sft_term():
+    from lvlm_studio.ui.review import _info_html
+
+    view = {"pair_id": 7, "method": "csr", "round": 2, "margin": 1.5, "prompt": "Describe <b>it</b>.",
+            "label": {"status": "auto"}, "meta": {"sft": False, "chosen_min_reward": 29.04}}
+    html = _info_html(view)
+    assert "no SFT term" in html and "29" in html
+    assert "<b>it</b>" not in html and "&lt;b&gt;it&lt;/b&gt;" in html  # the prompt is escaped
+    reviewed = {**view, "label": {"status": "accept", "reviewer": "ann"}}
+    assert "no SFT term" not in _info_html(reviewed)  # a person's label trains with the term
+    assert "no SFT term" not in _info_html({**view, "meta": {"sft": True}})

@@ -50,7 +50,15 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
         + (f'<span class="chip mine">your decision: {escape_text(mine)}</span>' if mine else "")
         + "</div>",
     ]
-    kind = (view.get("meta") or {}).get("kind")
+    meta = view.get("meta") or {}
+    if meta.get("sft") is False and status == "auto":
+        low = meta.get("chosen_min_reward")
+        parts.append(
+            '<div class="review-kind">training: DPO only, no SFT term: a sentence of the chosen answer has '
+            f'reward {"—" if low is None else f"{float(low):.3g}"}, below the bar for imitating it; a reviewed '
+            "label (accept, swap, edit) trains with the term</div>"
+        )
+    kind = meta.get("kind")
     if kind:
         text = _KINDS.get(kind, kind)
         parts.append(f'<div class="review-kind">rejected side: {escape_text(text)}</div>')
