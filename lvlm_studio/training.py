@@ -45,7 +45,7 @@ from typing import Any
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-_EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch")
+_EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch", "sft_loss")
 LINEAGE_FILE = "lineage.json"
 
 

@@ -36,12 +36,13 @@ def _populate(settings: Settings) -> dict:
     store = Store.open(settings)
     try:
         n_pairs = 0
-        for item in world_items("train", n=12, seed=3):
+        for i, item in enumerate(world_items("train", n=12, seed=3)):
             item_id = _add(store, settings.home, item, "shapesworld", "train")
             good = store.add_candidate(item_id, item["reference"], "reference")
             bad = store.add_candidate(item_id, item["reference"] + " There is a small green triangle at the top.",
                                       "povid_inject")
-            store.add_pair(item_id, good, bad, "povid", margin=1.0)
+            # every third chosen side marked unfit to imitate (as CSR marks poorly rewarded answers)
+            store.add_pair(item_id, good, bad, "povid", margin=1.0, meta={"sft": False} if i % 3 == 0 else None)
             n_pairs += 1
         test = world_items("test", n=3, seed=3, kinds=("describe", "pope"))
         for item in test:

@@ -90,6 +90,18 @@ def test_two_process_round_shards_data_and_writes_once(home):
     assert model is not None
 
 
+def test_two_process_round_with_the_sft_term_on_some_pairs_only(home):
+    """The per-pair SFT trainer under data parallelism: 4 of the 12 pairs are marked unfit to
+    imitate, so the term trains on 8 rows, spread over both workers' shards."""
+    settings = home["settings"]
+    rid = jobs.start_round(settings, {**TWO, "sft_weight": 1.0, "num_epochs": 1})
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    log = Path(row["log_path"]).read_text()
+    assert row["status"] == "done", (row["error"], log[-3000:])
+    assert row["metrics"]["n_sft_rows"] == 8 and row["metrics"]["steps"] == 2
+    assert "SFT term on 8 of 12 rows" in log
+
+
 def test_cancel_stops_every_worker(home):
     settings = home["settings"]
     before = jobs.refresh(settings)

@@ -245,6 +245,8 @@ def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path
     assert per_pair == pytest.approx(native_kept, abs=1e-5)
     assert per_pair > math.log(2) + 0.1  # the term is there, not DPO alone
     assert mixed.lineage["n_sft_rows"] == 4
+    first = next(rec for rec in mixed.curve if "loss" in rec)
+    assert first["sft_loss"] == pytest.approx(per_pair - math.log(2), abs=1e-5)  # the term, logged
 
     # Every row marked: DPO alone, through TRL's plain loss.
     none, dpo_only = first_loss(pairs[4:], "none", sft_weight=0.7)
