@@ -473,8 +473,12 @@ def pair_sft_trainer_class():
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 handle.remove()
-            if not captured or not bool((weights > 0).any()):
+            if not bool((weights > 0).any()):
                 return result
+            if not captured:
+                if torch.is_grad_enabled():  # training: a silently missing term would be a wrong loss
+                    raise RuntimeError("per-pair SFT term: no policy forward output was seen (TRL internals changed?)")
+                return result  # a no-grad evaluation pass: DPO metrics only
             shift_mask = inputs["completion_mask"][..., 1:]
             per_token_logps = captured[0].log_probs[:, -shift_mask.size(1):]
             chosen_logps, _ = per_token_logps.chunk(2, dim=0)
