@@ -494,8 +494,9 @@ class Studio:
                 best = res.candidates[res.chosen]
                 meta = {"n_candidates": len(res.candidates), "model": model, "seed": seed,
                         "stats": _jsonable(res.stats), "chosen_min_reward": min_sentence_reward(best)}
-                if fit_for_sft(best, config) is not None:
-                    meta["sft"] = fit_for_sft(best, config)
+                fit = fit_for_sft(best, config)
+                if fit is not None:
+                    meta["sft"] = fit
                 pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin,
                         "round": round_id, "meta": meta}
                 self._write(it, cands, [pair], report)

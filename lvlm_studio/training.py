@@ -33,6 +33,7 @@ untested here (the development machines have no GPU). On CPU: fp32, ``use_cpu=Tr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -425,9 +426,7 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
     return _Stream()
 
 
-_PAIR_SFT_TRAINER = None
-
-
+@functools.cache
 def pair_sft_trainer_class():
     """``DPOTrainer`` with an SFT term weighted per pair (the dataset's ``sft_weight`` column):
     loss = DPO + Σ_i w_i·NLL_i / (chosen tokens of the rows with w_i > 0), where NLL_i is the
@@ -435,9 +434,6 @@ def pair_sft_trainer_class():
     ``loss_type=[..., "sft"], loss_weights=[1, w]`` (its token mean over the batch's chosen
     answers); rows with w_i = 0 get DPO only. The NLL comes from the policy forward that TRL runs
     for DPO anyway (a forward hook keeps its output): no second forward pass."""
-    global _PAIR_SFT_TRAINER
-    if _PAIR_SFT_TRAINER is not None:
-        return _PAIR_SFT_TRAINER
     import torch
     from trl import DPOTrainer
 
@@ -494,7 +490,6 @@ def pair_sft_trainer_class():
                 return result[0] + sft, result[1]
             return result + sft
 
-    _PAIR_SFT_TRAINER = PairSFTDPOTrainer
     return PairSFTDPOTrainer
 
 
@@ -568,7 +563,8 @@ def train_round(
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
-    types, weights = config.loss_types() if row_sft[0] > 0 and not per_pair_sft else ([config.loss_type], [1.0])
+    trl_sft = row_sft[0] > 0 and not per_pair_sft  # TRL's own term on every row
+    types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
     work = out.parent / f".{out.name}.run-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     args = DPOConfig(
