@@ -498,9 +498,12 @@ def run_round(round_id: int, home: str | Path) -> int:
             return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
         dropped = result.lineage.get("n_dropped_by_balance", 0)
         sft_rows = result.lineage.get("n_sft_rows", 0)
+        hardware = result.lineage.get("hardware") or {}
         log(f"trained {result.steps} steps in {result.seconds:.1f} s on {world_size} process(es) on "
             f"{result.n_pairs} pairs ({dropped} left out by balance_answers; SFT term on {sft_rows} of "
-            f"{result.n_rows} rows); adapter {result.adapter_path}")
+            f"{result.n_rows} rows; {hardware.get('dtype')} on {hardware.get('device')}, gradient "
+            f"checkpointing {'on' if hardware.get('gradient_checkpointing') else 'off'}); "
+            f"adapter {result.adapter_path}")
         store.update_round(round_id, progress=TRAIN_SHARE)
 
         metrics: dict[str, Any] = {
@@ -509,6 +512,7 @@ def run_round(round_id: int, home: str | Path) -> int:
             "n_rows": result.n_rows,
             "n_dropped_by_balance": dropped,
             "n_sft_rows": sft_rows,
+            "hardware": hardware,
             "steps": result.steps,
             "train_seconds": result.seconds,
             "eval": None,

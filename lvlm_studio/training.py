@@ -27,8 +27,10 @@ Losses (``DPORoundConfig``):
     stage 2 (both terms, 1 epoch, after merging) are two rounds: the second starts from the first
     merged, as every round does.
 
-On CUDA: bf16, gradient checkpointing and optional 4/8-bit loading (bitsandbytes) are wired in but
-untested here (the development machines have no GPU). On CPU: fp32, ``use_cpu=True``.
+Hardware: on CUDA the config's None picks bf16 and gradient checkpointing, on CPU fp32 and neither;
+what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16 and
+gradient checkpointing are tested on CPU (tests/test_gpu_recipe.py); the CUDA device itself and
+4/8-bit loading (bitsandbytes) are untested here (the development machines have no GPU).
 """
 
 from __future__ import annotations
@@ -556,6 +558,7 @@ def train_round(
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
     model = merge_chain(model, chain)
+    base_dtype = model.dtype
     if config.quantization is not None:
         from peft import prepare_model_for_kbit_training  # untested here (no GPU)
 
@@ -618,7 +621,8 @@ def train_round(
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(str(tmp))
-        lineage.update(steps=steps, seconds=time.perf_counter() - t0)
+        lineage.update(steps=steps, seconds=time.perf_counter() - t0,
+                       hardware=_hardware_record(trainer.model, base_dtype, device, config.quantization))
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
         (tmp / "curve.json").write_text(json.dumps(curve))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -626,6 +630,17 @@ def train_round(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return TrainResult(str(out), False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+
+
+def _hardware_record(model, base_dtype, device: str, quantization: str | None) -> dict[str, Any]:
+    """What the round actually ran with (read off the trained model, not the config's request):
+    on CUDA the config's None picks bf16 and gradient checkpointing, and a lineage should say so."""
+    return {
+        "device": device,
+        "dtype": str(base_dtype).removeprefix("torch."),
+        "quantization": quantization,
+        "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
+    }
 
 
 def sequence_logprobs(model, processor, pairs: Sequence[dict], which: str) -> list[float]:

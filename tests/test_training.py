@@ -73,6 +73,10 @@ def test_round_trains_saves_and_lineage(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["parents"] == [] and lineage["n_pairs"] == 16 and lineage["config"]["beta"] == cfg.beta
+    # On CPU the config's None picks fp32 without gradient checkpointing (tests/test_gpu_recipe.py
+    # forces the CUDA choice, bf16 + checkpointing, and finds it recorded).
+    assert lineage["hardware"] == {"device": "cpu", "dtype": "float32", "quantization": None,
+                                   "gradient_checkpointing": False}
 
     # The curve streamed through on_log has every key at every training step, and the reward
     # margin grew: a real effect, not a constant.
