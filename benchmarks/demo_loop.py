@@ -27,7 +27,9 @@ Per round it prints CHAIR_s, CHAIR_i, recall, POPE F1, pairs used, wall time (ge
 evaluation), peak RSS of the job subprocess and of this process, the CHAIR_s change relative to
 round 0, and the goals with PASS/MISS: round 1 CHAIR_s at least 45% lower than round 0, each later
 round's CHAIR_s below the round before, recall drop
-at most 3 points, POPE F1 not lower, each round at most 10 min and 4 GB. The last stdout line is
+at most 3 points, POPE F1 not lower, each round at most 10 min and 4 GB. Beside them, each round's
+change from its parent caption by caption (``evaluation.paired_chair_s``: captions only one of the
+two hallucinates in, McNemar's exact p), since a change of a few captions in 500 is noise. The last stdout line is
 one JSON object; ``--out`` writes it to a file, ``--plot`` saves a PNG of the metrics per round.
 
 Usage: python benchmarks/demo_loop.py [--rounds 3] [--train-prompts 200] [--eval-n 500]
@@ -287,6 +289,8 @@ class Loop:
                    **eval_metrics(metrics))
         if rnd["status"] != "done":
             row["log_path"] = rnd.get("log_path")
+        else:  # the change from the parent, caption by caption (McNemar): is it beyond noise?
+            row["paired_vs_parent"] = self.studio.compare(parent_id, rid)["paired"]
         return self._finish(row)
 
     def _finish(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +369,8 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    from lvlm_studio.evaluation import paired_chair_s_summary
+
     cols = ["row", "round", "status", "lr", "pairs", "SFT rows", "CHAIR_s", "CHAIR_i", "recall", "silent", "POPE F1",
             "POPE acc", "yes", "dCHAIR_s",
             "recall drop", "gen s", "train+eval s", "job MB", "parent MB"]
@@ -377,6 +383,10 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
                         fmt_num(r.get("chair_s_rel_change"), pct=True), fmt_num(r.get("recall_drop_points")),
                         r["gen_seconds"], fmt_num(r["train_eval_seconds"]), fmt_num(r["job_peak_rss_mb"]),
                         fmt_num(r["parent_peak_rss_mb"])] for r in rows]))
+    for r in rows:
+        if r.get("paired_vs_parent"):
+            parent = "base" if not r["parent_id"] else f"round {r['parent_id']}"
+            print(f"  {r['label']}: {paired_chair_s_summary(r['paired_vs_parent'], parent, r['label'])}")
     for r in rows:
         if r.get("goals"):
             g = r["goals"]

@@ -814,6 +814,8 @@ def compare_cmd(
 ) -> None:
     """Two rounds' evaluation metrics side by side, then their answers per item (hallucinated
     objects marked in square brackets)."""
+    from lvlm_studio.evaluation import paired_chair_s_summary
+
     s = studio()
     try:
         for rid in (a, b):
@@ -824,7 +826,8 @@ def compare_cmd(
         s.store.close()
     total = len(res["rows"])
     rows = res["rows"][:limit] if limit is not None else res["rows"]
-    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "items": total, "rows": rows}
+    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "paired": res["paired"], "items": total,
+              "rows": rows}
     if as_json:
         emit(result, True)
         return
@@ -834,6 +837,8 @@ def compare_cmd(
                      f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float) else None]
                     for name, k in (("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
                                     ("POPE F1", "pope_f1"), ("answers", "answers"))])]
+    if res["paired"]:
+        lines.append(paired_chair_s_summary(res["paired"], f"round {a}", f"round {b}"))
     missing = [m["round"] for m in res["metrics"] if not m.get("answers")]
     if missing:
         lines.append("no evaluation answers stored for round(s) " + ", ".join(map(str, missing))

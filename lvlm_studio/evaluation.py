@@ -22,6 +22,7 @@ POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -473,6 +474,42 @@ def chair(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
         "n_hallucinated": n_hall,
         "n_gt_objects": n_gt,
     }
+
+
+def paired_chair_s(hallucinated_a: Sequence[bool], hallucinated_b: Sequence[bool]) -> dict[str, Any]:
+    """CHAIR_s of two models on the same captions, compared caption by caption: how many only A
+    hallucinates in, only B, both, and McNemar's exact two-sided p-value (a binomial test on the
+    captions where they disagree). At a few percent CHAIR_s on a few hundred captions, a change of a
+    few captions is noise; this says which changes are not."""
+    if len(hallucinated_a) != len(hallucinated_b):
+        raise ValueError(f"{len(hallucinated_a)} captions for A but {len(hallucinated_b)} for B")
+    pairs = list(zip(map(bool, hallucinated_a), map(bool, hallucinated_b), strict=True))
+    only_a = sum(1 for x, y in pairs if x and not y)
+    only_b = sum(1 for x, y in pairs if y and not x)
+    both = sum(1 for x, y in pairs if x and y)
+    n = len(pairs)
+    discordant = only_a + only_b
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2**discordant
+    return {
+        "n": n,
+        "chair_s_a": (only_a + both) / n if n else None,
+        "chair_s_b": (only_b + both) / n if n else None,
+        "only_a": only_a,
+        "only_b": only_b,
+        "both": both,
+        "p_value": min(1.0, 2 * tail),
+    }
+
+
+def paired_chair_s_summary(paired: dict[str, Any] | None, label_a: str, label_b: str, alpha: float = 0.05) -> str:
+    """One line for people: the paired CHAIR_s change and whether it is beyond noise at ``alpha``."""
+    if not paired or not paired["n"]:
+        return "no captions answered by both: nothing to compare pair by pair"
+    verdict = ("a real change" if paired["p_value"] < alpha else "within noise") + f" at p < {alpha:g}"
+    return (f"CHAIR_s on the same {paired['n']} captions: {paired['chair_s_a']:.3f} ({label_a}) -> "
+            f"{paired['chair_s_b']:.3f} ({label_b}); only {label_a} hallucinates in {paired['only_a']}, "
+            f"only {label_b} in {paired['only_b']}, both in {paired['both']}; McNemar exact "
+            f"p = {paired['p_value']:.3g}: {verdict}")
 
 
 def chair_from_texts(

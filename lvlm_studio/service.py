@@ -919,7 +919,7 @@ class Studio:
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
                             "answers": len(out_a if rid == a else out_b)})
-        return {"a": a, "b": b, "rows": rows, "metrics": metrics}
+        return {"a": a, "b": b, "rows": rows, "metrics": metrics, "paired": _paired_chair_s(out_a, out_b)}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -974,6 +974,18 @@ def _metric(d: dict, key: str) -> float | None:
     if key == "pope_f1" and isinstance(pope, dict) and isinstance(pope.get("f1"), int | float):
         return float(pope["f1"])
     return None
+
+
+def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:
+    """evaluation.paired_chair_s over the captions (describe items) both rounds answered."""
+    from lvlm_studio.evaluation import paired_chair_s
+
+    common = [i for i in sorted(set(out_a) & set(out_b))
+              if all((r.get("meta") or {}).get("kind", "describe") != "pope" for r in (out_a[i], out_b[i]))]
+    if not common:
+        return None
+    return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],
+                          [bool(out_b[i].get("hallucinated")) for i in common])
 
 
 def _metrics_from_outputs(rows: list[dict]) -> dict:

@@ -71,7 +71,8 @@ def test_compare_returns_both_rounds_answers(app):
     res = client.predict(0, r1, False, api_name="/compare")
     assert [r["a"]["answer"] for r in res["rows"]] == ["There is a red circle.", "Same."]
     assert [r["b"]["answer"] for r in res["rows"]] == ["There is a blue square.", "Same."]
-    metrics, html, _plot = client.predict("0", str(r1), True, api_name="/compare_view")
+    metrics, paired, html, _plot = client.predict("0", str(r1), True, api_name="/compare_view")
+    assert f"CHAIR_s on the same 2 captions: 0.500 (round 0) -> 0.000 (round {r1})" in paired
     assert "There is a blue square." in html and "Same." not in html  # only where they differ
     assert '<mark class="hallu">red circle</mark>' in html
     assert [row[0] for row in metrics["data"]] == [0, r1]

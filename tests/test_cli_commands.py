@@ -265,7 +265,10 @@ def test_compare_marks_hallucinated_objects(env):
     assert f"  0: There is a {truth}. There is a [{wrong}]." in text
     assert f"  {r1}: There is a {truth}." in text and "2 item(s)" in text
     assert "CHAIR_s  0.500    0.000    -0.500" in text
+    assert (f"CHAIR_s on the same 2 captions: 0.500 (round 0) -> 0.000 (round {r1}); only round 0 hallucinates "
+            f"in 1, only round {r1} in 0, both in 0; McNemar exact p = 1: within noise") in text
     diff = ok_json("compare", "0", str(r1), "--only-diff")
+    assert diff["paired"]["n"] == 2 and diff["paired"]["only_a"] == 1  # over every caption, not only the shown
     assert [r["item_id"] for r in diff["rows"]] == [items[0]["item_id"]]
     assert diff["rows"][0]["a"]["hallucinated"] == [wrong] and diff["rows"][0]["b"]["hallucinated"] == []
     assert mark_hallucinations(None) == "(no answer stored)"

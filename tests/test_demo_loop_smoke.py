@@ -91,6 +91,11 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.1}]) is False  # flat is not falling
     assert falls([{"chair_s": 0.2}, {"chair_s": None}]) is None
     assert math.isfinite(record["seconds"])
+    # Round 1 against its parent, caption by caption, on the 4 test captions both answered.
+    paired = r1["paired_vs_parent"]
+    assert paired["n"] == 4 and paired["chair_s_a"] == pytest.approx(base["chair_s"])
+    assert paired["chair_s_b"] == pytest.approx(r1["chair_s"]) and 0.0 < paired["p_value"] <= 1.0
+    assert f"csr-1: CHAIR_s on the same 4 captions: {base['chair_s']:.3f} (base) -> {r1['chair_s']:.3f} (csr-1)" in stdout
     for text in ("CHAIR_s", "POPE F1", "recall drop <= 3 pts", "goals:"):
         assert text in stdout
     assert ("PASS" in stdout) or ("MISS" in stdout)

@@ -12,6 +12,8 @@ from lvlm_studio.evaluation import (
     build_pope_questions,
     chair_from_texts,
     evaluate_backend,
+    paired_chair_s,
+    paired_chair_s_summary,
     parse_yes_no,
     pope_metrics,
     score_caption,
@@ -220,3 +222,29 @@ def test_evaluate_backend_stops(world):
     items = [{"item_id": 1, "image": None, "image_path": "/nonexistent", "prompt": "p", "objects": []}]
     with pytest.raises(EvaluationCancelled):
         evaluate_backend(_CannedBackend({}), items, world, should_stop=lambda: True)
+
+
+def test_paired_chair_s_counts_disagreements_and_gives_mcnemars_exact_p():
+    # 9 captions only A hallucinates in, 1 only B, 2 both, 8 neither: P(X <= 1 | n=10) = 11/1024.
+    a = [True] * 9 + [False] + [True] * 2 + [False] * 8
+    b = [False] * 9 + [True] + [True] * 2 + [False] * 8
+    res = paired_chair_s(a, b)
+    assert (res["n"], res["only_a"], res["only_b"], res["both"]) == (20, 9, 1, 2)
+    assert res["chair_s_a"] == pytest.approx(11 / 20) and res["chair_s_b"] == pytest.approx(3 / 20)
+    assert res["p_value"] == pytest.approx(22 / 1024)
+    # Symmetric in A and B; 6-0 is significant at 0.05, 5-0 is not (2/64 vs 2/32).
+    assert paired_chair_s(b, a)["p_value"] == pytest.approx(22 / 1024)
+    assert paired_chair_s([True] * 6, [False] * 6)["p_value"] == pytest.approx(2 / 64)
+    assert paired_chair_s([True] * 5, [False] * 5)["p_value"] == pytest.approx(2 / 32)
+    # Equal disagreement, or none, is p = 1; a 7-7 split with different captions is no change.
+    assert paired_chair_s([True] * 7 + [False] * 7, [False] * 7 + [True] * 7)["p_value"] == 1.0
+    assert paired_chair_s([True, False], [True, False])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="3 captions for A but 2"):
+        paired_chair_s([True] * 3, [True] * 2)
+
+    line = paired_chair_s_summary(res, "round 0", "round 1")
+    assert "0.550 (round 0) -> 0.150 (round 1)" in line and "only round 0 hallucinates in 9" in line
+    assert "p = 0.0215: a real change at p < 0.05" in line
+    same = paired_chair_s_summary(paired_chair_s([True] * 5, [False] * 5), "A", "B")
+    assert "p = 0.0625: within noise at p < 0.05" in same
+    assert "nothing to compare" in paired_chair_s_summary(None, "A", "B")

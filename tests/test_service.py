@@ -188,6 +188,10 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert [r["item_id"] for r in diff["rows"]] == [items[0], items[2]]
     by_round = {m["round"]: m for m in res["metrics"]}
     assert by_round[0]["chair_s"] == pytest.approx(0.5) and by_round[r1]["chair_s"] == 0.0
+    # Paired over the 2 captions both rounds answered (item 2 is round 1's only).
+    assert res["paired"] == {"n": 2, "chair_s_a": 0.5, "chair_s_b": 0.0, "only_a": 1, "only_b": 0, "both": 0,
+                             "p_value": 1.0}
+    assert studio.compare(r1, r1)["paired"]["n"] == 3
 
 
 def test_kappa_on_hand_built_cases():

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lvlm_studio.evaluation import paired_chair_s_summary
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.common import round_choices, user_errors
 from lvlm_studio.ui.highlight import compare_html
@@ -25,6 +26,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff")
         go = gr.Button("Compare", variant="primary", elem_id="compare-run")
     metrics = gr.Dataframe(interactive=False, elem_id="compare-metrics")
+    paired = gr.Markdown(elem_id="compare-paired")
     plot = gr.LinePlot(metrics_plot_frame(studio), x="round", y="value", color="metric", title="metrics per round",
                        height=260, elem_id="compare-plot")
     table = gr.HTML(elem_id="compare-table")
@@ -36,10 +38,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         res = studio.compare(int(a_v), int(b_v), bool(diff))
         frame = pd.DataFrame(res["metrics"], columns=["round", "chair_s", "chair_i", "recall", "pope_f1", "answers"])
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}")
-        return frame, html, metrics_plot_frame(studio)
+        line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
+        return frame, line, html, metrics_plot_frame(studio)
 
-    go.click(run, [a, b, only_diff], [metrics, table, plot], api_name="compare_view")
-    only_diff.change(run, [a, b, only_diff], [metrics, table, plot], api_name=False)
+    outputs = [metrics, paired, table, plot]
+    go.click(run, [a, b, only_diff], outputs, api_name="compare_view")
+    only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
 
     def refresh() -> tuple:
         ch = round_choices(studio)
