@@ -15,7 +15,10 @@ from lvlm_studio.ui import build_app, launch_kwargs
 
 
 def main() -> None:
-    studio = Studio()
+    try:
+        studio = Studio()
+    except ValueError as exc:  # a bad setting in the environment: one line, not a traceback
+        raise SystemExit(f"LVLM Studio cannot start: {exc}") from None
     report = studio.seed_demo()
     if report["items"] or report["pairs"]:
         print(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")

@@ -15,6 +15,7 @@ DEFAULT_HOME = Path("storage")
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 16_384
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Settings:
     model: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_MODEL", "demo"))
     clip: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_CLIP", "demo"))
     device: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_DEVICE", "auto"))
+    # Which library generates for the app, the CLI and the service: "hf" (transformers, default) or
+    # "vllm" (CUDA only, an optional extra). Round jobs train and evaluate with transformers.
+    backend: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_BACKEND", "hf"))
     max_pixels: int = field(
         default_factory=lambda: int(os.environ.get("LVLM_STUDIO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
     )
@@ -31,6 +35,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"LVLM_STUDIO_BACKEND must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
 
     @property
     def db_path(self) -> Path:

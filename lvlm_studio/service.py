@@ -368,7 +368,7 @@ class Studio:
         adapter = self._round_adapter(round_id)
         if adapter is not None:
             model = self._merged_parent(model, int(round_id))
-        return load_backend(model, device=self.settings.device, adapter=adapter)
+        return load_backend(model, backend=self.settings.backend, device=self.settings.device, adapter=adapter)
 
     def _merged_parent(self, model: str, round_id: int) -> str:
         """``model`` when the round's parent is the base model, else a saved directory holding the

@@ -159,6 +159,23 @@ def test_generate_user_errors(env, tiny):
     assert open_store(env).count_pairs() == 0
 
 
+def test_backend_setting_errors(env, tiny, monkeypatch):
+    seed(train=2, test=1)
+    monkeypatch.setenv("LVLM_STUDIO_BACKEND", "vllm")
+    fails("generate", "--method", "stic", "--model", tiny[0], message="needs the 'vllm' package (CUDA only)")
+    monkeypatch.setenv("LVLM_STUDIO_BACKEND", "VLLM")
+    fails("stats", message="LVLM_STUDIO_BACKEND must be one of hf, vllm, not 'VLLM'")
+    # python app.py with a bad setting: one line on stderr and exit 1, no traceback.
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "app.py")], capture_output=True, text=True,
+                          env=env_vars, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "LVLM Studio cannot start: LVLM_STUDIO_BACKEND must be one of hf, vllm, not 'VLLM'")
+    monkeypatch.delenv("LVLM_STUDIO_BACKEND")
+    assert open_store(env).count_pairs() == 0
+
+
 def test_train_wait_rounds_eval_and_compare(env, tiny):
     vlm, _ = tiny
     seed(train=4, test=2)

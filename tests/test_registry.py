@@ -81,6 +81,37 @@ def test_vllm_missing_names_package_and_command(model_dir):
         registry.load_backend(str(model_dir), backend="tgi")
 
 
+def test_the_backend_setting_reaches_generation_and_fails_clearly(model_dir, monkeypatch, tmp_path):
+    """LVLM_STUDIO_BACKEND picks the library the service generates with: 'vllm' reaches the vLLM
+    loader (here: its missing-package error, before anything is written); a typo is refused."""
+    from gradio import Error as GradioError
+
+    from lvlm_studio.config import Settings
+    from lvlm_studio.service import Studio
+    from lvlm_studio.ui.common import user_errors
+
+    monkeypatch.setenv("LVLM_STUDIO_BACKEND", "tgi")
+    with pytest.raises(ValueError, match="LVLM_STUDIO_BACKEND must be one of hf, vllm, not 'tgi'"):
+        Settings()
+    monkeypatch.setenv("LVLM_STUDIO_BACKEND", "vllm")
+    studio = Studio(Settings(home=tmp_path / "h", model=str(model_dir), device="cpu"), users={}, admins=())
+    try:
+        assert studio.settings.backend == "vllm"
+        studio.seed_demo(n_train=2, n_test=0, pairs_per_method=0)
+        with pytest.raises(MissingDependencyError, match="needs the 'vllm' package"):
+            studio.generate("stic", model=str(model_dir), split="train", params={"max_new_tokens": 4})
+        assert studio.store.count_pairs() == 0 and "vllm" not in sys.modules
+        # The app's handlers show it as a message, not a generic failure.
+        with pytest.raises(GradioError, match="needs the 'vllm' package"):
+            user_errors(lambda: studio.generate("stic", model=str(model_dir), split="train"))()
+        # The default backend generates with transformers.
+        studio.settings.backend = "hf"
+        report = studio.generate("stic", model=str(model_dir), split="train", params={"max_new_tokens": 4})
+        assert report["items"] == 2 and studio.store.count_pairs() == report["pairs"]
+    finally:
+        studio.store.close()
+
+
 def test_imports_are_lazy():
     code = (
         "import sys, lvlm_studio.models as m, lvlm_studio.models.vllm_backend as v;"

@@ -14,7 +14,7 @@ import re
 import threading
 from pathlib import Path
 
-from ..config import resolve_device
+from ..config import BACKENDS, resolve_device
 from .base import MissingDependencyError, ModelLoadError, VLMBackend
 from .clip import ClipScorer, _one_line
 from .hf import resolve_dtype
@@ -63,8 +63,8 @@ def load_backend(
     quantization: str | None = None,
 ) -> VLMBackend:
     """A loaded backend, cached per (ref, backend, adapter, device, dtype, quantization)."""
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     device = resolve_device(device)
     resolve_dtype(dtype, device)  # a bad dtype is a caller error (ValueError), checked before loading
     if quantization not in (None, "4bit", "8bit"):

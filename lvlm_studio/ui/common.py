@@ -27,7 +27,8 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(str(exc)) from exc
         except Exception as exc:  # store errors and the like: say what failed
             if type(exc).__name__ in ("StoreError", "NotFoundError", "ImageRejected", "DataImportError",
-                                       "DataExportError", "UnsafePathError", "ModelLoadError"):
+                                       "DataExportError", "UnsafePathError", "ModelLoadError",
+                                       "MissingDependencyError"):
                 raise gr.Error(str(exc)) from exc
             raise
 
