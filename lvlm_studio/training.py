@@ -28,9 +28,11 @@ Losses (``DPORoundConfig``):
     merged, as every round does.
 
 Hardware: on CUDA the config's None picks bf16 and gradient checkpointing, on CPU fp32 and neither;
-what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16 and
-gradient checkpointing are tested on CPU (tests/test_gpu_recipe.py); the CUDA device itself and
-4/8-bit loading (bitsandbytes) are untested here (the development machines have no GPU).
+what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16,
+gradient checkpointing (tests/test_gpu_recipe.py) and 4/8-bit QLoRA (tests/test_quantized.py) are
+tested on CPU; the CUDA device itself is not (the development machines have no GPU). With
+quantization, round t's parent chain is merged into the quantized base (PEFT re-quantizes the merged
+weights, so the reference carries that rounding).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class DPORoundConfig:
     # Hardware: None = auto (bf16 and gradient checkpointing on CUDA, fp32 and off on CPU).
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
-    quantization: str | None = None  # "4bit" | "8bit" (QLoRA; CUDA + bitsandbytes; untested here)
+    quantization: str | None = None  # "4bit" | "8bit" (QLoRA; bitsandbytes; tested on CPU, not on CUDA)
     device: str = "auto"
     # Data-parallel training: > 1 starts the round job under torchrun (the launcher `accelerate
     # launch --multi_gpu` runs underneath) with one worker per device; each worker trains on its
@@ -320,13 +322,9 @@ def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = Fals
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if quantization is not None:
-        from transformers import BitsAndBytesConfig  # untested here: needs CUDA + bitsandbytes
+        from lvlm_studio.models.hf import quantization_config
 
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_type="nf4")
-            if quantization == "4bit"
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
+        kwargs["quantization_config"] = quantization_config(quantization, kwargs["dtype"])
         kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(str(base_model_path), **kwargs)
     processor = AutoProcessor.from_pretrained(str(base_model_path))
@@ -560,7 +558,7 @@ def train_round(
     model = merge_chain(model, chain)
     base_dtype = model.dtype
     if config.quantization is not None:
-        from peft import prepare_model_for_kbit_training  # untested here (no GPU)
+        from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
     if should_stop is not None and should_stop():
@@ -622,7 +620,7 @@ def train_round(
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(str(tmp))
         lineage.update(steps=steps, seconds=time.perf_counter() - t0,
-                       hardware=_hardware_record(trainer.model, base_dtype, device, config.quantization))
+                       hardware=_hardware_record(trainer.model, base_dtype, device))
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
         (tmp / "curve.json").write_text(json.dumps(curve))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -632,13 +630,14 @@ def train_round(
     return TrainResult(str(out), False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
 
 
-def _hardware_record(model, base_dtype, device: str, quantization: str | None) -> dict[str, Any]:
+def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
     """What the round actually ran with (read off the trained model, not the config's request):
     on CUDA the config's None picks bf16 and gradient checkpointing, and a lineage should say so."""
+    kinds = {type(m).__name__ for m in model.modules()}
     return {
         "device": device,
         "dtype": str(base_dtype).removeprefix("torch."),
-        "quantization": quantization,
+        "quantization": "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None,
         "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
     }
 

@@ -63,6 +63,29 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for "4bit" (QLoRA's NF4, computing in ``compute_dtype``)
+    or "8bit". bitsandbytes >= 0.50 runs both on CPU too (tests/test_quantized.py); its CPU
+    inference kernels need layer widths that are multiples of 64."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "quantization needs the 'bitsandbytes' package: pip install -r requirements-gpu.txt"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def _cache_kwarg() -> str:
     """transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes
     in 5.40); use whichever this install reads."""
@@ -266,7 +289,7 @@ class HFBackend:
     ) -> HFBackend:
         """Load model + processor (+ an optional PEFT LoRA adapter, merged by default).
 
-        ``quantization`` "4bit"/"8bit" needs bitsandbytes and a CUDA GPU.
+        ``quantization`` "4bit"/"8bit" needs bitsandbytes (``quantization_config``).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -280,22 +303,7 @@ class HFBackend:
             "adapter_kwargs": {"local_files_only": local_files_only},
         }
         if quantization is not None:
-            if quantization not in ("4bit", "8bit"):
-                raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    "quantization needs the 'bitsandbytes' package and a CUDA GPU: "
-                    "pip install -r requirements-gpu.txt"
-                ) from exc
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype)
-                if quantization == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True)
-            )
+            kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
             kwargs["device_map"] = {"": device}
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
