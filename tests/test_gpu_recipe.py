@@ -115,3 +115,19 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         assert metrics["eval"]["n_captions"] == 2 and metrics["eval"]["chair_s"] is not None
     finally:
         store.close()
+
+    # The next CSR iteration, as the README words it: round 1's model writes the pairs, round 2
+    # trains on those only, from round 1.
+    again = ok_json(*argvs[1][1:], "--round", "1")
+    assert again["round"] == 1 and again["items"] == 4 and again["pairs"] >= 1
+    second = ok_json(*argvs[2][1:], "--config", "pair_round=1", "--config", "bf16=true",
+                     "--config", "gradient_checkpointing=true")
+    assert second["status"] == "done" and second["parent"] == done["round"], second
+    store = Store(Settings(home=home).db_path)
+    try:
+        rnd2 = store.get_round(second["round"])
+        assert rnd2["metrics"]["n_pairs"] == again["pairs"] == store.count_pairs(round=1)
+        lineage2 = json.loads((Path(rnd2["adapter_path"]) / "lineage.json").read_text())
+        assert lineage2["parents"] == [rnd["adapter_path"]]
+    finally:
+        store.close()
