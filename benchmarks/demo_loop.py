@@ -29,7 +29,8 @@ round 0, and the goals with PASS/MISS: round 1 CHAIR_s at least 45% lower than r
 round's CHAIR_s below the round before, recall drop
 at most 3 points, POPE F1 not lower, each round at most 10 min and 4 GB. Beside them, each round's
 change from its parent caption by caption (``evaluation.paired_chair_s``: captions only one of the
-two hallucinates in, McNemar's exact p), since a change of a few captions in 500 is noise. The last stdout line is
+two hallucinates in, McNemar's exact p), since a change of a few captions in 500 is noise, and the
+stricter goal that rounds 2.. fall beyond that noise (p < 0.05). The last stdout line is
 one JSON object; ``--out`` writes it to a file, ``--plot`` saves a PNG of the metrics per round.
 
 Usage: python benchmarks/demo_loop.py [--rounds 3] [--train-prompts 200] [--eval-n 500]
@@ -350,6 +351,17 @@ def falls_every_round(rounds: list[dict]) -> bool | None:
                      for a, b in zip(rounds, rounds[1:], strict=False))
 
 
+def falls_beyond_noise(rounds: list[dict], alpha: float = 0.05) -> bool | None:
+    """The stricter reading of "keep it falling": each of ``rounds`` hallucinates in fewer captions
+    than its parent, caption by caption, at McNemar p < ``alpha`` (n/a without the paired counts)."""
+    def beyond(paired: dict | None) -> bool | None:
+        if not paired:
+            return None
+        return paired["only_b"] < paired["only_a"] and paired["p_value"] < alpha
+
+    return all_goals(beyond(r.get("paired_vs_parent")) for r in rounds)
+
+
 def all_goals(values) -> bool | None:
     """MISS if any round misses; n/a if none measured or some could not be measured."""
     values = list(values)
@@ -576,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "round1_chair_s_45pct_lower": r1["goals"]["chair_s_45pct_lower"] if r1 else None,
         "chair_s_falls_every_round": falls_every_round(rounds[1:]),
+        "chair_s_falls_beyond_noise_every_round": falls_beyond_noise(rounds[2:]),
         "recall_drop_le_3": all_goals(r["goals"]["recall_drop_le_3"] for r in rounds[1:]),
         "pope_f1_not_lower": all_goals(r["goals"]["pope_f1_not_lower"] for r in rounds[1:]),
         "each_round_le_10min": all_goals(r["goals"]["round_le_10min"] for r in trained),

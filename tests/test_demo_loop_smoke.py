@@ -90,6 +90,13 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.05}]) is True
     assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.1}]) is False  # flat is not falling
     assert falls([{"chair_s": 0.2}, {"chair_s": None}]) is None
+    assert record["goals"]["chair_s_falls_beyond_noise_every_round"] is None  # no round 2
+    beyond = demo_loop.falls_beyond_noise
+    fell = {"paired_vs_parent": {"only_a": 17, "only_b": 1, "p_value": 1.5e-4}}
+    flat = {"paired_vs_parent": {"only_a": 5, "only_b": 3, "p_value": 0.73}}
+    rose = {"paired_vs_parent": {"only_a": 1, "only_b": 17, "p_value": 1.5e-4}}
+    assert beyond([fell]) is True and beyond([fell, flat]) is False and beyond([rose]) is False
+    assert beyond([fell, {"paired_vs_parent": None}]) is None
     assert math.isfinite(record["seconds"])
     # Round 1 against its parent, caption by caption, on the 4 test captions both answered.
     paired = r1["paired_vs_parent"]
