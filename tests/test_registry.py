@@ -112,6 +112,15 @@ def test_the_backend_setting_reaches_generation_and_fails_clearly(model_dir, mon
         studio.store.close()
 
 
+def test_a_bad_quantization_fails_before_loading(model_dir, monkeypatch):
+    with pytest.raises(ValueError, match="not '2bit'"):
+        registry.load_backend(str(model_dir), device="cpu", quantization="2bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match="needs the 'bitsandbytes' package"):
+        registry.load_backend(str(model_dir), device="cpu", quantization="4bit")
+    assert registry._backends == {}
+
+
 def test_imports_are_lazy():
     code = (
         "import sys, lvlm_studio.models as m, lvlm_studio.models.vllm_backend as v;"

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import BACKENDS, resolve_device
 from .base import MissingDependencyError, ModelLoadError, VLMBackend
 from .clip import ClipScorer, _one_line
-from .hf import resolve_dtype
+from .hf import quantization_config, resolve_dtype
 
 DEMO_VLM_DIR = Path(__file__).resolve().parent.parent / "world" / "artifacts" / "vlm"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -67,8 +67,8 @@ def load_backend(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     device = resolve_device(device)
     resolve_dtype(dtype, device)  # a bad dtype is a caller error (ValueError), checked before loading
-    if quantization not in (None, "4bit", "8bit"):
-        raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
+    if quantization is not None:
+        quantization_config(quantization, resolve_dtype(dtype, device))  # bad value or no bitsandbytes: now
     key = (ref, backend, str(adapter) if adapter else None, device, dtype, quantization)
     with _lock:
         if key in _backends:
