@@ -15,17 +15,16 @@ Losses (``DPORoundConfig``):
     in the batch; STIC's reference uses the *summed* NLL / 1024. We use TRL's mean (length-
     independent, so one weight fits short demo answers and long COCO descriptions alike).
     Where a method marked some chosen answers unfit to imitate (pair meta ``"sft": false``, CSR
-    below ``CSRConfig.sft_min_reward``), those rows get DPO only: ``pair_sft_trainer_class`` adds
-    the same token-mean term over the other rows, from the policy forward TRL runs anyway.
+    below ``CSRConfig.sft_min_reward``), those rows get DPO only: ``weighted_dpo_trainer_class``
+    adds the same token-mean term over the other rows, from the policy forward TRL runs anyway.
   * POVID's two-term loss 0.5·DPO(chosen vs text-hallucinated) + 0.5·DPO(chosen vs noisy-image
-    answer): TRL 1.16 has no per-row loss weights, and subclassing its 400-line ``_compute_loss``
-    for it would be brittle, so ``povid_two_term`` balances the data instead: POVID pairs are split
-    by term (``povid_term``) and the smaller term's rows are repeated (cycled) until both terms
-    have the same number of rows. The trainer's mean over rows then gives each term exactly half
-    of the POVID loss mass per epoch (the reference sums both terms per item in one batch; here
-    that holds in expectation over batches). POVID's stage 1 (text pairs only, 3 epochs) and
-    stage 2 (both terms, 1 epoch, after merging) are two rounds: the second starts from the first
-    merged, as every round does.
+    answer) (``povid_two_term``): ``weighted_dpo_trainer_class``, a small ``DPOTrainer`` subclass,
+    weights each row's sigmoid DPO loss; POVID rows of each term get 0.5·N_povid / N_term
+    (``povid_row_weights``), so over an epoch each term carries exactly half of the POVID loss mass
+    without repeating rows (the reference sums both terms per item in one batch; here that holds
+    in expectation over batches). POVID's stage 1 (text pairs only, 3 epochs) and stage 2 (both
+    terms, 1 epoch, after merging) are two rounds: the second starts from the first merged, as
+    every round does.
 
 Hardware: on CUDA the config's None picks bf16 and gradient checkpointing, on CPU fp32 and neither;
 what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16,
@@ -97,9 +96,10 @@ class DPORoundConfig:
     # 0.60 -> 0.54 and some answers came out empty); FACTS.md: weight 1 keeps recall. 0 = the
     # CSR/POVID papers' pure DPO. A pair whose method marked its chosen answer unfit to imitate
     # (meta "sft": false; CSR does so below CSRConfig.sft_min_reward) gets DPO only, unless a
-    # person accepted, swapped or edited it (pair_sft_weight, pair_sft_trainer_class).
+    # person accepted, swapped or edited it (pair_sft_weight, weighted_dpo_trainer_class).
     sft_weight: float = 1.0
-    # POVID: balance text-hallucinated and noisy-image pairs to 0.5/0.5 (module docstring).
+    # POVID's two-term loss: text-hallucinated and noisy-image pairs weighted to 0.5/0.5 of the
+    # POVID loss (povid_row_weights; module docstring). Needs loss_type "sigmoid".
     povid_two_term: bool = False
     # Pairs that ask the same question with the same two answers and prefer each answer at least
     # once (yes/no probes, CSR's existence pairs) are cut to as many of one orientation as of the
@@ -140,6 +140,8 @@ class DPORoundConfig:
             raise ValueError("batch_size and lora_r must be >= 1")
         if self.num_processes < 1:
             raise ValueError("num_processes must be >= 1")
+        if self.povid_two_term and self.loss_type != "sigmoid":
+            raise ValueError(f"povid_two_term weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,8 +157,8 @@ class DPORoundConfig:
         return cls(**data)
 
     def loss_types(self) -> tuple[list[str], list[float]]:
-        """TRL's loss_type / loss_weights when every pair gets the same SFT weight (otherwise
-        ``train_round`` adds a per-pair term with ``pair_sft_trainer_class``)."""
+        """TRL's loss_type / loss_weights when every row has the same weights (otherwise
+        ``train_round`` weights rows with ``weighted_dpo_trainer_class``)."""
         if self.sft_weight > 0:
             return [self.loss_type, "sft"], [1.0, float(self.sft_weight)]
         return [self.loss_type], [1.0]
@@ -208,16 +210,16 @@ def povid_term(pair: dict) -> str | None:
     return "noise" if any("noise" in t or "noisy" in t or t == "image" for t in tags) else "text"
 
 
-def balance_povid(pairs: Sequence[dict]) -> list[dict]:
-    """Repeat the smaller POVID term's pairs (cycled) until both terms have as many rows."""
-    text = [p for p in pairs if povid_term(p) == "text"]
-    noise = [p for p in pairs if povid_term(p) == "noise"]
-    rest = [p for p in pairs if povid_term(p) is None]
-    if not text or not noise:
-        return list(pairs)
-    small, large = (text, noise) if len(text) < len(noise) else (noise, text)
-    extra = [small[i % len(small)] for i in range(len(large) - len(small))]
-    return [*rest, *text, *noise, *extra]
+def povid_row_weights(pairs: Sequence[dict]) -> list[float]:
+    """Per-row DPO weights for POVID's two-term loss: where both terms are present, each term's
+    rows share half of the POVID rows' total weight (0.5·N_povid / N_term each); every other row,
+    and every row when only one term is present, weighs 1. The mean weight stays 1."""
+    terms = [povid_term(p) for p in pairs]
+    n_text, n_noise = terms.count("text"), terms.count("noise")
+    if not n_text or not n_noise:
+        return [1.0] * len(pairs)
+    per_term = {"text": 0.5 * (n_text + n_noise) / n_text, "noise": 0.5 * (n_text + n_noise) / n_noise}
+    return [per_term.get(t, 1.0) if t else 1.0 for t in terms]
 
 
 def balance_answer_prior(pairs: Sequence[dict], seed: int = 0) -> tuple[list[dict], int]:
@@ -256,21 +258,23 @@ def pair_sft_weight(pair: dict, config: DPORoundConfig) -> float:
     return float(config.sft_weight)
 
 
-def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None = None):
+def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None = None,
+                      dpo_weights: Sequence[float] | None = None):
     """TRL's conversational vision preference format (the same as the TRL export):
     ``images`` [image], ``prompt`` [user turn], ``chosen`` / ``rejected`` [assistant turn], plus
-    ``sft_weight`` per row when ``sft_weights`` is given (``PairSFTDPOTrainer``).
+    ``sft_weight`` / ``dpo_weight`` per row when given (``weighted_dpo_trainer_class``).
     A pair gives its image as ``image`` (PIL) or ``image_path``."""
     from datasets import Dataset, Features, Image, List, Value
 
     turn = List({"role": Value("string"), "content": Value("string")})
     features = Features({"images": List(Image()), "prompt": turn, "chosen": turn, "rejected": turn})
     rows: dict[str, list] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
-    if sft_weights is not None:
-        if len(sft_weights) != len(pairs):
-            raise ValueError("sft_weights needs one weight per pair")
-        features["sft_weight"] = Value("float32")
-        rows["sft_weight"] = [float(w) for w in sft_weights]
+    for column, weights in (("sft_weight", sft_weights), ("dpo_weight", dpo_weights)):
+        if weights is not None:
+            if len(weights) != len(pairs):
+                raise ValueError(f"{column} needs one weight per pair")
+            features[column] = Value("float32")
+            rows[column] = [float(w) for w in weights]
     for p in pairs:
         image = p.get("image")
         if image is None:
@@ -426,71 +430,98 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
     return _Stream()
 
 
+WEIGHT_COLUMNS = ("dpo_weight", "sft_weight")
+
+
 @functools.cache
-def pair_sft_trainer_class():
-    """``DPOTrainer`` with an SFT term weighted per pair (the dataset's ``sft_weight`` column):
-    loss = DPO + Σ_i w_i·NLL_i / (chosen tokens of the rows with w_i > 0), where NLL_i is the
-    summed token NLL of row i's chosen answer. With every w_i = w this is TRL's own
-    ``loss_type=[..., "sft"], loss_weights=[1, w]`` (its token mean over the batch's chosen
-    answers); rows with w_i = 0 get DPO only. The NLL comes from the policy forward that TRL runs
-    for DPO anyway (a forward hook keeps its output): no second forward pass."""
+def weighted_dpo_trainer_class():
+    """``DPOTrainer`` with per-row weights from the dataset's ``dpo_weight`` and ``sft_weight``
+    columns (a missing column = 1 and 0 per row):
+
+        loss = mean_i(d_i·l_i) + Σ_i d_i·s_i·NLL_i / Σ_{i: s_i > 0} d_i·T_i
+
+    l_i is row i's sigmoid DPO loss, NLL_i / T_i the summed token NLL / token count of its chosen
+    answer. With every d_i = 1 and s_i = s this is TRL's own ``loss_type=["sigmoid", "sft"]``,
+    ``loss_weights=[1, s]``; a weight d_i counts a row d_i times (POVID's two terms,
+    ``povid_row_weights``), s_i = 0 gives a row DPO only (answers unfit to imitate). TRL computes
+    the unweighted loss; the policy and reference outputs of its own forwards (forward hooks, no
+    extra pass) give the per-row terms, and the difference is added."""
     import torch
+    import torch.nn.functional as F
     from trl import DPOTrainer
 
-    class PairSFTDPOTrainer(DPOTrainer):
+    class WeightedDPOTrainer(DPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            if self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None \
+                    or self.use_weighting or self.label_smoothing:
+                raise ValueError("per-row weights need TRL's plain sigmoid DPO loss alone (the SFT term is added here)")
             inner = self.data_collator
 
             def collate(examples):
-                weights = torch.tensor([float(ex.pop("sft_weight")) for ex in examples])
+                weights = {c: torch.tensor([float(ex.pop(c)) for ex in examples]) for c in WEIGHT_COLUMNS
+                           if c in examples[0]}
                 batch = inner(examples)
-                batch["sft_weight"] = weights
+                batch.update(weights)
                 return batch
 
             self.data_collator = collate
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            if "sft_weight" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "sft_weight"]
+            self._signature_columns = [*self._signature_columns,
+                                       *(c for c in WEIGHT_COLUMNS if c not in self._signature_columns)]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            weights = inputs.pop("sft_weight")
-            captured: list = []
+            dpo_w = inputs.pop("dpo_weight", None)
+            sft_w = inputs.pop("sft_weight", None)
+            outputs: dict[str, Any] = {}
 
-            def keep_policy_output(module, args, output):
-                # TRL's reference pass runs under no_grad; the policy pass is the one with grad.
-                if torch.is_grad_enabled() and not captured:
-                    captured.append(output)
+            def keep_outputs(module, args, output):
+                # TRL runs the policy with grad, then the reference (adapter off) under no_grad.
+                outputs.setdefault("policy" if torch.is_grad_enabled() else "reference", output)
 
-            handle = model.register_forward_hook(keep_policy_output)
+            handle = model.register_forward_hook(keep_outputs)
             try:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 handle.remove()
-            if not bool((weights > 0).any()):
+            loss = result[0] if return_outputs else result
+            need_dpo = dpo_w is not None and bool((dpo_w != 1).any())
+            need_sft = sft_w is not None and bool((sft_w > 0).any())
+            if not (need_dpo or need_sft):
                 return result
-            if not captured:
+            if "policy" not in outputs or (need_dpo and "reference" not in outputs and not self.precompute_ref_logps):
                 if torch.is_grad_enabled():  # training: a silently missing term would be a wrong loss
-                    raise RuntimeError("per-pair SFT term: no policy forward output was seen (TRL internals changed?)")
-                return result  # a no-grad evaluation pass: DPO metrics only
-            shift_mask = inputs["completion_mask"][..., 1:]
-            per_token_logps = captured[0].log_probs[:, -shift_mask.size(1):]
-            chosen_logps, _ = per_token_logps.chunk(2, dim=0)
-            chosen_mask, _ = shift_mask.chunk(2, dim=0)
-            chosen_mask = chosen_mask.to(chosen_logps.dtype)
-            w = weights.to(chosen_logps.device, chosen_logps.dtype)
-            nll = -(chosen_logps * chosen_mask).sum(dim=1)
-            tokens = (chosen_mask.sum(dim=1) * (w > 0)).sum().clamp_min(1)
-            sft = (w * nll).sum() / tokens
+                    raise RuntimeError("weighted DPO: TRL's forward outputs were not seen (TRL internals changed?)")
+                return result  # a no-grad evaluation pass: TRL's unweighted loss and metrics
+            mask = inputs["completion_mask"][..., 1:]
+            policy = outputs["policy"].log_probs[:, -mask.size(1):]
+            chosen_tok, _ = policy.chunk(2, dim=0)
+            d = torch.ones(chosen_tok.size(0), device=policy.device, dtype=policy.dtype) if dpo_w is None \
+                else dpo_w.to(policy.device, policy.dtype)
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["sft_loss"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
-            if return_outputs:
-                return result[0] + sft, result[1]
-            return result + sft
+            if need_dpo:  # TRL's per-row sigmoid loss again, from the same outputs, weighted
+                chosen, rejected = policy.sum(dim=1).chunk(2, dim=0)
+                if self.precompute_ref_logps:
+                    ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+                else:
+                    ref = outputs["reference"].log_probs[:, -mask.size(1):]
+                    ref_chosen, ref_rejected = ref.sum(dim=1).chunk(2, dim=0)
+                per_row = -F.logsigmoid(self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+                loss = loss + (d * per_row).mean() - per_row.mean()
+            if need_sft:
+                chosen_mask, _ = mask.chunk(2, dim=0)
+                chosen_mask = chosen_mask.to(policy.dtype)
+                s_ = sft_w.to(policy.device, policy.dtype)
+                nll = -(chosen_tok * chosen_mask).sum(dim=1)
+                tokens = (d * chosen_mask.sum(dim=1) * (s_ > 0)).sum().clamp_min(1)
+                sft = (d * s_ * nll).sum() / tokens
+                self._metrics[mode]["sft_loss"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
+                loss = loss + sft
+            return (loss, result[1]) if return_outputs else loss
 
-    return PairSFTDPOTrainer
+    return WeightedDPOTrainer
 
 
 def train_round(
@@ -524,10 +555,11 @@ def train_round(
     dropped = 0
     if config.balance_answers:
         pairs, dropped = balance_answer_prior(pairs, config.seed)
-    rows = balance_povid(pairs) if config.povid_two_term else list(pairs)
+    rows = list(pairs)
     row_sft = [pair_sft_weight(p, config) for p in rows]
-    per_pair_sft = len(set(row_sft)) > 1  # uniform weights: TRL's own term (or none)
-    dataset = build_dpo_dataset(rows, row_sft if per_pair_sft else None)
+    row_dpo = povid_row_weights(rows) if config.povid_two_term else [1.0] * len(rows)
+    weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1  # uniform weights: TRL's own losses
+    dataset = build_dpo_dataset(rows, row_sft if weighted else None, row_dpo if weighted else None)
     _, local_rank, world_size = distributed_rank()
     lineage = {
         "base_model": str(base_model_path),
@@ -537,6 +569,7 @@ def train_round(
         "n_rows": len(rows),
         "n_dropped_by_balance": dropped,
         "n_sft_rows": sum(1 for w in row_sft if w > 0),
+        "dpo_row_weights": sorted(set(row_dpo)),
         "pair_ids": [p.get("pair_id") for p in pairs],
         "world_size": world_size,
     }
@@ -564,7 +597,7 @@ def train_round(
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
-    trl_sft = row_sft[0] > 0 and not per_pair_sft  # TRL's own term on every row
+    trl_sft = row_sft[0] > 0 and not weighted  # TRL's own term on every row
     types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
     work = out.parent / f".{out.name}.run-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -599,7 +632,7 @@ def train_round(
         task_type="CAUSAL_LM",
     )
     stream = _callback(on_log, should_stop, curve)
-    trainer_class = pair_sft_trainer_class() if per_pair_sft else DPOTrainer
+    trainer_class = weighted_dpo_trainer_class() if weighted else DPOTrainer
     trainer = trainer_class(
         model=model,
         args=args,

@@ -14,12 +14,12 @@ from lvlm_studio.training import (
     DPORoundConfig,
     adapter_chain,
     balance_answer_prior,
-    balance_povid,
     build_dpo_dataset,
     load_base_model,
     materialize_round_model,
     merge_chain,
     pair_sft_weight,
+    povid_row_weights,
     povid_term,
     sequence_logprobs,
     train_round,
@@ -207,7 +207,7 @@ def test_a_round_trains_on_the_balanced_questions_and_records_the_cut(tiny, tmp_
     assert (off.n_pairs, off.lineage["n_dropped_by_balance"]) == (6, 0)
 
 
-def test_povid_two_term_balancing():
+def test_povid_two_term_row_weights():
     text = [{"pair_id": i, "method": "povid", "meta": {"rejected_source": "povid_inject"}} for i in range(5)]
     noise = [{"pair_id": 10 + i, "method": "povid", "meta": {"rejected_source": "povid_noise"}} for i in range(2)]
     other = [{"pair_id": 99, "method": "csr", "meta": None}]
@@ -216,12 +216,41 @@ def test_povid_two_term_balancing():
     # As service.py writes POVID pairs: meta kind "text" / "image".
     assert povid_term({"method": "povid", "meta": {"kind": "image"}}) == "noise"
     assert povid_term({"method": "povid", "meta": {"kind": "text"}}) == "text"
-    rows = balance_povid([*other, *text, *noise])
-    terms = [povid_term(r) for r in rows]
-    assert terms.count("text") == terms.count("noise") == 5 and terms.count(None) == 1
-    assert {r["pair_id"] for r in rows if povid_term(r) == "noise"} == {10, 11}
-    assert balance_povid(text) == text  # one term only: unchanged
+    # 5 text + 2 noise POVID rows: each term carries half of the 7 rows' weight; others weigh 1.
+    weights = povid_row_weights([*other, *text, *noise])
+    assert weights == pytest.approx([1.0] + [0.7] * 5 + [1.75] * 2)
+    assert sum(weights[1:6]) == pytest.approx(sum(weights[6:])) == pytest.approx(3.5)
+    assert povid_row_weights(text) == [1.0] * 5  # one term only: unchanged
+    with pytest.raises(ValueError, match="sigmoid"):
+        DPORoundConfig(povid_two_term=True, loss_type="hinge")
 
+
+
+def test_povid_two_term_loss_counts_a_row_weighted_k_as_k_copies(tiny, tmp_path):
+    """POVID's 0.5/0.5 loss by row weights: with the whole set in one batch per step, the weighted
+    round (4 text-term + 2 noise-term pairs, weights 0.75 / 1.5) takes the same steps as an
+    unweighted round on the 4 text pairs + the 2 noise pairs twice (both terms half of the loss),
+    with DPO alone and with the SFT term; unweighted on the 6 pairs it does not. (Without the
+    weighted DPO term the losses differ by 1.6e-4 to 4.4e-4 from step 2 on.)"""
+    pairs = _pairs(6)
+    for i, p in enumerate(pairs):
+        p["method"], p["meta"] = "povid", {"kind": "image" if i >= 4 else "text"}
+
+    def losses(result):
+        return [rec["loss"] for rec in result.curve if "loss" in rec and "rewards/margins" in rec]
+
+    for sft in (0.0, 1.0):
+        same = dict(learning_rate=5e-3, max_steps=3, max_length=None, sft_weight=sft, beta=0.1, lora_dropout=0.0,
+                    warmup_ratio=0.0, lr_scheduler_type="constant", balance_answers=False)
+        weighted = train_round(pairs, tiny, None, tmp_path / f"w{sft}",
+                               DPORoundConfig(batch_size=6, povid_two_term=True, **same))
+        repeated = train_round(pairs + pairs[4:], tiny, None, tmp_path / f"r{sft}", DPORoundConfig(batch_size=8, **same))
+        plain = train_round(pairs, tiny, None, tmp_path / f"p{sft}", DPORoundConfig(batch_size=6, **same))
+        assert weighted.lineage["dpo_row_weights"] == [0.75, 1.5] and weighted.n_rows == 6
+        assert plain.lineage["dpo_row_weights"] == [1.0]
+        assert len(losses(weighted)) == len(losses(repeated)) == 3
+        assert losses(weighted) == pytest.approx(losses(repeated), rel=None, abs=2e-5)
+        assert abs(losses(weighted)[1] - losses(plain)[1]) > 1e-4
 
 
 def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path):
