@@ -60,6 +60,11 @@ class Settings:
         return self
 
 
+def round_dirname(round_id: int) -> str:
+    """A round's folder under adapters/, runs/ and merged/: round-N."""
+    return f"round-{int(round_id)}"
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' picks cuda when present, else cpu."""
     if device != "auto":

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import Settings
+from lvlm_studio.config import Settings, round_dirname
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
@@ -156,8 +156,8 @@ def _mark_if_stale(store, row: dict) -> dict:
             reason = _exit_reason(pid)
         log = f"; see the log {row['log_path']}" if row.get("log_path") else ""
         store.update_round(row["id"], status="failed", error=f"{reason}{log}")
-    # A killed trainer leaves its scratch dirs (.round_N.run-PID / .tmp-PID) beside the adapters.
-    for scratch in (store.root / "adapters").glob(f".round_{row['id']}.*"):
+    # A killed trainer leaves its scratch dirs (.round-N.run-PID / .tmp-PID) beside the adapters.
+    for scratch in (store.root / "adapters").glob(f".{round_dirname(row['id'])}.*"):
         shutil.rmtree(scratch, ignore_errors=True)
     return store.get_round(row["id"])
 
@@ -230,7 +230,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
-            run_dir = settings.runs_dir / f"round_{round_id}"
+            run_dir = settings.runs_dir / round_dirname(round_id)
             run_dir.mkdir(parents=True, exist_ok=True)
             log_path = run_dir / "train.log"
             store.update_round(round_id, log_path=str(log_path))
@@ -480,7 +480,7 @@ def run_round(round_id: int, home: str | Path) -> int:
                 + (f" for methods {cfg.methods}" if cfg.methods else "")
             )
         log(f"training on {len(pairs)} pairs; base {base_path}; parent chain {chain or '(base model)'}")
-        out_dir = settings.adapters_dir / f"round_{round_id}"
+        out_dir = settings.adapters_dir / round_dirname(round_id)
         last_progress = [0.0]
 
         def on_log(rec: dict) -> None:  # called on rank 0 only

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import Settings
+from lvlm_studio.config import Settings, round_dirname
 from lvlm_studio.store import BASE_ROUND_ID, Store
 
 METHODS = ("csr", "povid", "stic")
@@ -379,7 +379,7 @@ class Studio:
         chain = jobs.adapter_lineage(self.store, rnd["parent_id"]) if rnd and rnd.get("parent_id") else []
         if not chain:
             return model
-        out = self.settings.home / "merged" / f"round_{rnd['parent_id']}"
+        out = self.settings.home / "merged" / round_dirname(rnd["parent_id"])
         if not (out / "config.json").is_file():
             from lvlm_studio.training import materialize_round_model
 

@@ -201,7 +201,7 @@ def test_studio_backend_of_a_later_round_merges_the_whole_lineage(tiny_models, t
 
         assert max_diff(expected) < 1e-5
         assert max_diff(only_own) > 1e-3  # the check can fail: the first adapter matters
-        assert (tmp_path / "home" / "merged" / "round_1" / "config.json").is_file()
+        assert (tmp_path / "home" / "merged" / "round-1" / "config.json").is_file()
     finally:
         studio.store.close()
         clear_cache()

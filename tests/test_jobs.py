@@ -106,7 +106,9 @@ def test_full_round_through_subprocess(trained):
     assert row["status"] == "done", (row["error"], log[-3000:])
     assert rid == 1 and row["parent_id"] == 0 and row["progress"] == pytest.approx(1.0)
     adapter = Path(row["adapter_path"])
+    assert adapter == settings.adapters_dir / f"round-{rid}"  # storage/adapters/round-N/
     assert (adapter / "adapter_config.json").is_file() and (adapter / "lineage.json").is_file()
+    assert Path(row["log_path"]) == settings.runs_dir / f"round-{rid}" / "train.log"
     store = Store.open(settings)
     try:
         assert store.current_round()["id"] == rid
@@ -148,8 +150,8 @@ def test_sigkill_leaves_round_failed_and_store_consistent(trained):
     row = jobs.status(settings, rid)
     assert row["status"] == "failed" and "SIGKILL" in row["error"], row
     assert row["parent_id"] == trained["round_id"] and row["adapter_path"] is None
-    assert not (settings.adapters_dir / f"round_{rid}").exists()
-    assert not list(settings.adapters_dir.glob(f".round_{rid}.*"))  # scratch dirs cleaned up
+    assert not (settings.adapters_dir / f"round-{rid}").exists()
+    assert not list(settings.adapters_dir.glob(f".round-{rid}.*"))  # scratch dirs cleaned up
     assert_store_intact(settings, trained["round_id"])  # the previous adapter stays current
     assert jobs.reattach(settings) is None
 
@@ -163,7 +165,7 @@ def test_cancel_stops_cleanly(trained):
     row = jobs.cancel_round(settings, rid, timeout=60, force=False)
     assert row["status"] == "cancelled", row
     assert "during training" in row["error"]  # the job itself recorded a clean stop, not a kill
-    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    assert not (settings.adapters_dir / f"round-{rid}").exists()
     log = Path(row["log_path"]).read_text()
     assert "SIGTERM" in log
     store = Store.open(settings)

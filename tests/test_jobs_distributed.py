@@ -73,7 +73,7 @@ def test_two_process_round_shards_data_and_writes_once(home):
     adapter = Path(row["adapter_path"])
     lineage = json.loads((adapter / "lineage.json").read_text())
     assert lineage["world_size"] == 2 and (adapter / "adapter_model.safetensors").is_file()
-    assert not list(settings.adapters_dir.glob(".round_*"))  # no worker left scratch behind
+    assert not list(settings.adapters_dir.glob(".round-*"))  # no worker left scratch behind
     store = Store.open(settings)
     try:
         curve = store.round_curve(rid)
@@ -110,7 +110,7 @@ def test_cancel_stops_every_worker(home):
     row = jobs.cancel_round(settings, rid, timeout=90, force=False)
     assert row["status"] == "cancelled", row
     assert _wait_gone(workers, 30)
-    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    assert not (settings.adapters_dir / f"round-{rid}").exists()
     assert_store_intact(settings, current)
 
 
@@ -123,5 +123,5 @@ def test_sigkilled_launcher_stops_its_workers_and_fails_the_round(home):
     row = jobs.status(settings, rid)
     assert row["status"] == "failed" and row["adapter_path"] is None, (row["error"], Path(row["log_path"]).read_text()[-3000:])
     assert "launcher" in row["error"] and "died" in row["error"], row["error"]  # recorded by rank 0 itself
-    assert not (settings.adapters_dir / f"round_{rid}").exists()
+    assert not (settings.adapters_dir / f"round-{rid}").exists()
     assert_store_intact(settings, current)
