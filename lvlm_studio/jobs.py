@@ -156,9 +156,11 @@ def _mark_if_stale(store, row: dict) -> dict:
             reason = _exit_reason(pid)
         log = f"; see the log {row['log_path']}" if row.get("log_path") else ""
         store.update_round(row["id"], status="failed", error=f"{reason}{log}")
-    # A killed trainer leaves its scratch dirs (.round-N.run-PID / .tmp-PID) beside the adapters.
-    for scratch in (store.root / "adapters").glob(f".{round_dirname(row['id'])}.*"):
-        shutil.rmtree(scratch, ignore_errors=True)
+    # A killed trainer leaves its scratch dirs (.round-N.run-PID / .tmp-PID) beside the adapters
+    # (.round_N.* before folders were named round-N).
+    for name in (round_dirname(row["id"]), f"round_{row['id']}"):
+        for scratch in (store.root / "adapters").glob(f".{name}.*"):
+            shutil.rmtree(scratch, ignore_errors=True)
     return store.get_round(row["id"])
 
 

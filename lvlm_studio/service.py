@@ -980,8 +980,9 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
     """evaluation.paired_chair_s over the captions (describe items) both rounds answered."""
     from lvlm_studio.evaluation import paired_chair_s
 
+    scored = (None, "describe", "caption")  # what evaluate_backend scores with CHAIR
     common = [i for i in sorted(set(out_a) & set(out_b))
-              if all((r.get("meta") or {}).get("kind", "describe") != "pope" for r in (out_a[i], out_b[i]))]
+              if all((r.get("meta") or {}).get("kind") in scored for r in (out_a[i], out_b[i]))]
     if not common:
         return None
     return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],

@@ -453,9 +453,6 @@ def weighted_dpo_trainer_class():
     class WeightedDPOTrainer(DPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None \
-                    or self.use_weighting or self.label_smoothing:
-                raise ValueError("per-row weights need TRL's plain sigmoid DPO loss alone (the SFT term is added here)")
             inner = self.data_collator
 
             def collate(examples):
@@ -481,7 +478,9 @@ def weighted_dpo_trainer_class():
                 # TRL runs the policy with grad, then the reference (adapter off) under no_grad.
                 outputs.setdefault("policy" if torch.is_grad_enabled() else "reference", output)
 
-            handle = model.register_forward_hook(keep_outputs)
+            # On the unwrapped model: under DDP ``model`` is the wrapper, but TRL runs the reference
+            # pass through ``self.model``; both passes go through the wrapped module.
+            handle = self.accelerator.unwrap_model(model).register_forward_hook(keep_outputs)
             try:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
@@ -502,6 +501,9 @@ def weighted_dpo_trainer_class():
                 else dpo_w.to(policy.device, policy.dtype)
             mode = "train" if self.model.training else "eval"
             if need_dpo:  # TRL's per-row sigmoid loss again, from the same outputs, weighted
+                if self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" \
+                        or self.ld_alpha is not None or self.use_weighting or self.label_smoothing:
+                    raise ValueError("per-row DPO weights (povid_two_term) need TRL's plain sigmoid DPO loss")
                 chosen, rejected = policy.sum(dim=1).chunk(2, dim=0)
                 if self.precompute_ref_logps:
                     ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -517,7 +519,9 @@ def weighted_dpo_trainer_class():
                 nll = -(chosen_tok * chosen_mask).sum(dim=1)
                 tokens = (d * chosen_mask.sum(dim=1) * (s_ > 0)).sum().clamp_min(1)
                 sft = (d * s_ * nll).sum() / tokens
-                self._metrics[mode]["sft_loss"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
+                # This rank's value, not gathered: a collective here would be reached only by the
+                # ranks whose batch has a weighted row and would desynchronise DDP.
+                self._metrics[mode]["sft_loss"].append(sft.detach().item())
                 loss = loss + sft
             return (loss, result[1]) if return_outputs else loss
 
@@ -664,8 +668,10 @@ def train_round(
 
 
 def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
-    """What the round actually ran with (read off the trained model, not the config's request):
-    on CUDA the config's None picks bf16 and gradient checkpointing, and a lineage should say so."""
+    """What the round ran with, read off the model rather than the config's request (on CUDA the
+    config's None picks bf16 and gradient checkpointing): the dtype the base was loaded in (with
+    quantization, its compute dtype; PEFT keeps the trainable and norm layers in fp32), the
+    quantized layer kind, and whether checkpointing was on."""
     kinds = {type(m).__name__ for m in model.modules()}
     return {
         "device": device,

@@ -102,6 +102,29 @@ def test_two_process_round_with_the_sft_term_on_some_pairs_only(home):
     assert "SFT term on 8 of 12 rows" in log
 
 
+def test_two_process_round_with_povid_two_term_weights(tmp_path):
+    """POVID's per-row DPO weights under data parallelism: each worker's reference pass goes
+    through the unwrapped model, not the DDP wrapper; both passes must reach the weighted loss."""
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    try:  # 4 noise-term pairs beside the 12 text-term ones
+        for pair in store.training_pairs(include_auto=True)[:4]:
+            item = store.get_item(pair["item_id"])
+            good = store.add_candidate(item["id"], item["reference"] + " That is all.", "reference")
+            bad = store.add_candidate(item["id"], "There is a large blue square in the middle.", "povid_noise")
+            store.add_pair(item["id"], good, bad, "povid", margin=1.0, meta={"kind": "image"})
+    finally:
+        store.close()
+    rid = jobs.start_round(settings, {**TWO, "sft_weight": 1.0, "num_epochs": 1, "povid_two_term": True})
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    log = Path(row["log_path"]).read_text()
+    assert row["status"] == "done", (row["error"], log[-3000:])
+    lineage = json.loads((Path(row["adapter_path"]) / "lineage.json").read_text())
+    assert lineage["n_pairs"] == 16 and lineage["dpo_row_weights"] == pytest.approx([2 / 3, 2.0])
+    assert row["metrics"]["n_sft_rows"] == 12  # 4 of the 12 text pairs are marked unfit to imitate
+
+
 def test_cancel_stops_every_worker(home):
     settings = home["settings"]
     before = jobs.refresh(settings)

@@ -118,6 +118,8 @@ def test_a_bad_quantization_fails_before_loading(model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(MissingDependencyError, match="needs the 'bitsandbytes' package"):
         registry.load_backend(str(model_dir), device="cpu", quantization="4bit")
+    with pytest.raises(ValueError, match="applies to the hf backend"):
+        registry.load_backend(str(model_dir), backend="vllm", quantization="4bit")
     assert registry._backends == {}
 
 

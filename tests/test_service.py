@@ -192,6 +192,13 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert res["paired"] == {"n": 2, "chair_s_a": 0.5, "chair_s_b": 0.0, "only_a": 1, "only_b": 0, "both": 0,
                              "p_value": 1.0}
     assert studio.compare(r1, r1)["paired"]["n"] == 3
+    # Answers CHAIR does not score (a count question) are not captions.
+    r2 = studio.store.create_round(r1, "m", {}, status="done")
+    studio.store.add_eval_outputs(r2, [
+        {"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []},
+        {"item_id": items[1], "answer": "Two.", "objects": None, "hallucinated": None, "meta": {"kind": "count"}},
+    ])
+    assert studio.compare(0, r2)["paired"]["n"] == 1
 
 
 def test_kappa_on_hand_built_cases():

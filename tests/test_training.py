@@ -253,6 +253,18 @@ def test_povid_two_term_loss_counts_a_row_weighted_k_as_k_copies(tiny, tmp_path)
         assert abs(losses(weighted)[1] - losses(plain)[1]) > 1e-4
 
 
+def test_per_pair_sft_weights_work_with_any_dpo_loss_type(tiny, tmp_path):
+    """Only per-row DPO weights need the sigmoid loss; an SFT term on some rows adds to any loss."""
+    pairs = _pairs(4)
+    pairs[0]["meta"] = {"sft": False}
+    cfg = DPORoundConfig(max_steps=2, batch_size=4, max_length=None, loss_type="hinge", learning_rate=5e-3)
+    result = train_round(pairs, tiny, None, tmp_path / "hinge", cfg)
+    steps = [rec for rec in result.curve if "loss" in rec and "rewards/margins" in rec]
+    assert result.steps == 2 and result.lineage["n_sft_rows"] == 3
+    # Step 1 (policy = reference): hinge loss 1 + the SFT term over the 3 kept rows.
+    assert steps[0]["loss"] == pytest.approx(1.0 + steps[0]["sft_loss"], abs=1e-5) and steps[0]["sft_loss"] > 0
+
+
 def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path):
     """At step 1 the policy is its reference (LoRA B = 0), so every row's DPO loss is log 2 and
     the logged loss is log 2 + the SFT term: the per-pair term must equal TRL's own term over the

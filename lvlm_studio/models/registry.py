@@ -68,6 +68,8 @@ def load_backend(
     device = resolve_device(device)
     resolve_dtype(dtype, device)  # a bad dtype is a caller error (ValueError), checked before loading
     if quantization is not None:
+        if backend == "vllm":
+            raise ValueError("quantization applies to the hf backend; vLLM takes a pre-quantized checkpoint instead")
         quantization_config(quantization, resolve_dtype(dtype, device))  # bad value or no bitsandbytes: now
     key = (ref, backend, str(adapter) if adapter else None, device, dtype, quantization)
     with _lock:
