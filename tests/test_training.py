@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -263,6 +264,23 @@ def test_per_pair_sft_weights_work_with_any_dpo_loss_type(tiny, tmp_path):
     assert result.steps == 2 and result.lineage["n_sft_rows"] == 3
     # Step 1 (policy = reference): hinge loss 1 + the SFT term over the 3 kept rows.
     assert steps[0]["loss"] == pytest.approx(1.0 + steps[0]["sft_loss"], abs=1e-5) and steps[0]["sft_loss"] > 0
+
+
+def test_weighted_rows_train_in_bf16_with_gradient_checkpointing(tiny, tmp_path):
+    """What CUDA picks by itself (bf16, checkpointing) with both kinds of row weights: the hooks
+    still see TRL's policy and reference passes (checkpointing re-runs the policy layers)."""
+    pairs = _pairs(6)
+    for i, p in enumerate(pairs):
+        p["method"], p["meta"] = "povid", {"kind": "image" if i >= 4 else "text", "sft": i != 0}
+    cfg = DPORoundConfig(max_steps=3, batch_size=6, max_length=None, learning_rate=5e-3, povid_two_term=True,
+                         bf16=True, gradient_checkpointing=True)
+    result = train_round(pairs, tiny, None, tmp_path / "bf16", cfg)
+    steps = [rec for rec in result.curve if "loss" in rec and "rewards/margins" in rec]
+    assert result.lineage["hardware"] == {"device": "cpu", "dtype": "bfloat16", "quantization": None,
+                                          "gradient_checkpointing": True}
+    assert result.lineage["dpo_row_weights"] == [0.75, 1.5] and result.lineage["n_sft_rows"] == 5
+    assert len(steps) == 3 and all(rec["sft_loss"] > 0 for rec in steps)
+    assert steps[0]["loss"] == pytest.approx(math.log(2) + steps[0]["sft_loss"], abs=2e-2)  # bf16 rounding
 
 
 def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path):
