@@ -92,6 +92,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             sft_weight = gr.Number(d.sft_weight, label="SFT weight (0 = pure DPO; 1 = STIC-style DPO+SFT)",
                                    elem_id="train-sft")
             eval_n = gr.Number(60, label="test items to evaluate", precision=0, elem_id="train-eval-n")
+            povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss (text-hallucinated and "
+                                         "noisy-image pairs half each)", elem_id="train-povid-two-term")
     with gr.Row():
         start = gr.Button("Start training round", variant="primary", elem_id="train-start")
         selected = gr.Dropdown(round_choices(studio), label="Round", allow_custom_value=True, elem_id="train-round")
@@ -120,18 +122,19 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
 
     @user_errors
-    def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v,
+    def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v, two_term_v,
                  request: gr.Request) -> tuple:
         if not methods_v:
             raise ValueError("pick at least one method")
         config = {"methods": list(methods_v), "parent_id": int(parent_v or 0), "include_auto": bool(include_v),
                   "learning_rate": float(lr_v), "num_epochs": float(epochs_v), "beta": float(beta_v),
                   "lora_r": int(r_v), "lora_alpha": 2 * int(r_v), "sft_weight": float(sft_v),
-                  "eval_limit": int(eval_v)}
+                  "eval_limit": int(eval_v), "povid_two_term": bool(two_term_v)}
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
-    start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n], outs,
+    start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n, povid_two_term],
+                outs,
                 api_name="train_start")
 
     @user_errors
