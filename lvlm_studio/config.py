@@ -16,6 +16,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 16_384
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 BACKENDS = ("hf", "vllm")
+QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes loading (models.hf.quantization_config)
 
 
 @dataclass

@@ -476,6 +476,10 @@ def chair(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
     }
 
 
+# Item kinds whose answers are captions CHAIR scores (None = an item without a kind).
+CAPTION_KINDS = (None, "describe", "caption")
+
+
 def paired_chair_s(hallucinated_a: Sequence[bool], hallucinated_b: Sequence[bool]) -> dict[str, Any]:
     """CHAIR_s of two models on the same captions, compared caption by caption: how many only A
     hallucinates in, only B, both, and McNemar's exact two-sided p-value (a binomial test on the
@@ -697,7 +701,7 @@ def evaluate_backend(
                 )
                 continue
             kind = (item.get("meta") or {}).get("kind")
-            if kind not in (None, "describe", "caption"):
+            if kind not in CAPTION_KINDS:
                 # Not an object-listing answer (e.g. a count question): stored, not scored.
                 rows.append({"item_id": item["item_id"], "answer": answer, "objects": None,
                              "hallucinated": None, "meta": {"kind": kind}})

@@ -978,11 +978,10 @@ def _metric(d: dict, key: str) -> float | None:
 
 def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:
     """evaluation.paired_chair_s over the captions (describe items) both rounds answered."""
-    from lvlm_studio.evaluation import paired_chair_s
+    from lvlm_studio.evaluation import CAPTION_KINDS, paired_chair_s
 
-    scored = (None, "describe", "caption")  # what evaluate_backend scores with CHAIR
     common = [i for i in sorted(set(out_a) & set(out_b))
-              if all((r.get("meta") or {}).get("kind") in scored for r in (out_a[i], out_b[i]))]
+              if all((r.get("meta") or {}).get("kind") in CAPTION_KINDS for r in (out_a[i], out_b[i]))]
     if not common:
         return None
     return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],

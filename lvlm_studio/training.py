@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lvlm_studio.config import QUANTIZATIONS
+
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 _EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch", "sft_loss")
@@ -132,7 +134,7 @@ class DPORoundConfig:
     extractor: str = "auto"  # "shapesworld" | "coco" | "auto" (world if its vocabulary parses the GT)
 
     def __post_init__(self) -> None:
-        if self.quantization not in (None, "4bit", "8bit"):
+        if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be None, '4bit' or '8bit', not {self.quantization!r}")
         if self.sft_weight < 0:
             raise ValueError("sft_weight must be >= 0")
@@ -559,18 +561,18 @@ def train_round(
     dropped = 0
     if config.balance_answers:
         pairs, dropped = balance_answer_prior(pairs, config.seed)
-    rows = list(pairs)
-    row_sft = [pair_sft_weight(p, config) for p in rows]
-    row_dpo = povid_row_weights(rows) if config.povid_two_term else [1.0] * len(rows)
+    # One training row per pair (POVID's terms are weighted, not repeated): n_rows == n_pairs.
+    row_sft = [pair_sft_weight(p, config) for p in pairs]
+    row_dpo = povid_row_weights(pairs) if config.povid_two_term else [1.0] * len(pairs)
     weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1  # uniform weights: TRL's own losses
-    dataset = build_dpo_dataset(rows, row_sft if weighted else None, row_dpo if weighted else None)
+    dataset = build_dpo_dataset(pairs, row_sft if weighted else None, row_dpo if weighted else None)
     _, local_rank, world_size = distributed_rank()
     lineage = {
         "base_model": str(base_model_path),
         "parents": chain,
         "config": config.to_dict(),
         "n_pairs": len(pairs),
-        "n_rows": len(rows),
+        "n_rows": len(pairs),
         "n_dropped_by_balance": dropped,
         "n_sft_rows": sum(1 for w in row_sft if w > 0),
         "dpo_row_weights": sorted(set(row_dpo)),
@@ -580,7 +582,7 @@ def train_round(
     curve: list[dict] = []
 
     def stopped_result(steps: int) -> TrainResult:
-        return TrainResult(None, True, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+        return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
 
     if should_stop is not None and should_stop():
         return stopped_result(0)
@@ -652,7 +654,7 @@ def train_round(
             return stopped_result(steps)
         if not trainer.is_world_process_zero():
             # Data-parallel workers hold the same weights; rank 0 saves them.
-            return TrainResult(None, False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+            return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(str(tmp))
@@ -664,7 +666,7 @@ def train_round(
         os.replace(tmp, out)  # atomic on one filesystem: a reader sees no adapter or a whole one
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(str(out), False, steps, len(pairs), len(rows), curve, time.perf_counter() - t0, lineage)
+    return TrainResult(str(out), False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
 
 
 def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:

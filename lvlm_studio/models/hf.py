@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..config import resolve_device
+from ..config import QUANTIZATIONS, resolve_device
 from .base import GenerationParams, MissingDependencyError, ModelLoadError, Prefix, Sequence
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,9 +61,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
     return _DTYPES[dtype]
-
-
-QUANTIZATIONS = ("4bit", "8bit")
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
