@@ -989,8 +989,11 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
 
 
 def _metrics_from_outputs(rows: list[dict]) -> dict:
-    """CHAIR_s / CHAIR_i / recall recomputed from stored answers (when a round has no metrics)."""
-    rows = [r for r in rows if (r.get("meta") or {}).get("kind", "describe") != "pope"]
+    """CHAIR_s / CHAIR_i / recall recomputed from stored answers (when a round has no metrics), over
+    the captions CHAIR scores: not POPE probes, nor answers like a count that list no objects."""
+    from lvlm_studio.evaluation import CAPTION_KINDS
+
+    rows = [r for r in rows if (r.get("meta") or {}).get("kind") in CAPTION_KINDS]
     if not rows:
         return {}
     mentions = sum(len(r.get("objects") or []) for r in rows)

@@ -195,10 +195,13 @@ def test_compare_rounds_side_by_side(studio, make_items):
     # Answers CHAIR does not score (a count question) are not captions.
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     studio.store.add_eval_outputs(r2, [
-        {"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []},
+        {"item_id": items[0], "answer": "A blue star.", "objects": ["blue star"], "hallucinated": ["blue star"]},
         {"item_id": items[1], "answer": "Two.", "objects": None, "hallucinated": None, "meta": {"kind": "count"}},
     ])
-    assert studio.compare(0, r2)["paired"]["n"] == 1
+    res2 = studio.compare(0, r2)
+    assert res2["paired"]["n"] == 1
+    # Round r2 has no stored metrics: they are recomputed from its answers, over captions only.
+    assert {m["round"]: m["chair_s"] for m in res2["metrics"]}[r2] == 1.0
 
 
 def test_kappa_on_hand_built_cases():
