@@ -62,10 +62,10 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
 # - the yes/no questions each CSR pair implies, the "no" side filled with objects the winner never
 #   names (existence_pairs, existence_unnamed: the world's describe prompt asks for every object, so
 #   an unnamed object is absent; the captions-only prompt set otherwise lets yes/no answers drift:
-#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; README);
+#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; docs/EXPERIMENTS.md);
 # - no SFT term on chosen answers with a sentence rewarded below 33 (sft_min_reward, in that CLIP's
 #   scale: later rounds' chosen captions hallucinate more than the model's greedy ones, and
-#   imitating them made round 3 rise on seeds 0 and 2; README).
+#   imitating them made round 3 rise on seeds 0 and 2; docs/EXPERIMENTS.md).
 WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": True, "existence_unnamed": True,
                                     "sft_min_reward": 33.0}
 

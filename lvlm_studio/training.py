@@ -72,14 +72,14 @@ class DPORoundConfig:
     # DPO. β = 0.1 in CSR, POVID and STIC; sigmoid loss on summed log-probs. Demo: 0.3 keeps each
     # round closer to its parent (benchmarks/demo_loop.py with CSR's yes/no pairs, seed 0: CHAIR_s
     # over 3 rounds -58 / -90 / -85% at 0.3 vs -90 / -83 / -69% at 0.1: at 0.1 rounds 2-3 undo part
-    # of round 1; README).
+    # of round 1; docs/EXPERIMENTS.md).
     beta: float = 0.3
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
     # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
     # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 lost 5 recall points and 0.04 POPE F1 in
     # round 1 (yes/no answers drift: the CSR prompts are captions only); 2e-4 kept both in round 1
-    # (later rounds: README).
+    # (later rounds: docs/EXPERIMENTS.md).
     learning_rate: float = 2e-4
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0

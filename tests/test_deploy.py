@@ -52,3 +52,18 @@ def test_dockerfile_copies_existing_files_and_starts_the_app():
     assert "-r requirements.txt" in gpu and re.search(r"^vllm", gpu, re.M)
     assert instructions[-1] == 'CMD ["python", "app.py"]'
     assert "EXPOSE 7860" in instructions
+
+
+def test_relative_links_in_readme_and_docs_point_to_files_in_the_repo():
+    """The README (also the Space's page) and docs/ link to each other and to plots: a moved or
+    renamed file must not leave a dead link."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor on the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_file(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            checked += 1
+    assert checked >= 2  # the README's experiments page and its plot at least
