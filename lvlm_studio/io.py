@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -128,6 +129,38 @@ class _Record:
     split: str = "train"
     meta: dict | None = None
     pairs: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Every reader builds a _Record inside its per-record try: a wrong type here refuses this
+        # record with a message instead of failing in SQLite half-way through the import.
+        for name in ("prompt", "dataset", "split"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"'{name}' must be text, not {type(getattr(self, name)).__name__}")
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise ValueError(f"'reference' must be text, not {type(self.reference).__name__}")
+        _check_meta(self.meta, "item meta")
+
+
+# Keys the studio itself reads back from item / pair meta, and the types it expects of them.
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "sft": (bool,), "chosen_min_reward": (int, float), "scene_index": (int,),
+}
+
+
+def _check_meta(meta: dict | None, what: str) -> None:
+    """Refuse meta the studio could not store or read back: not JSON (NaN / infinity included) or
+    a reserved key of the wrong type."""
+    if meta is None:
+        return
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or (bool in types) != isinstance(value, bool)):
+            raise ValueError(f"{what} {key!r} must be {' or '.join(t.__name__ for t in types)}, "
+                             f"not {type(value).__name__}")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not storable as JSON ({exc})") from exc
 
 
 @dataclass
@@ -231,16 +264,51 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
         raise ValueError("chosen and rejected answers must not be empty")
     if chosen_text == rejected_text:
         raise ValueError("chosen and rejected answers are identical")
-    round_ = info.get("round")
-    margin = info.get("margin")
+    meta = _meta_json(info.get("meta"))
+    _check_meta(meta, "pair meta")
+    pair_method = info.get("method") or method or DEFAULT_METHOD
+    if not isinstance(pair_method, str):
+        raise ValueError(f"'method' must be text, not {type(pair_method).__name__}")
     return {
         "chosen": chosen_text,
         "rejected": rejected_text,
-        "method": info.get("method") or method or DEFAULT_METHOD,
-        "round": int(round_) if round_ is not None else 0,
-        "margin": float(margin) if margin is not None else None,
-        "meta": _meta_json(info.get("meta")),
+        "method": pair_method,
+        "round": _round_number(info.get("round")),
+        "margin": _finite_number(info.get("margin"), "margin"),
+        "meta": meta,
     }
+
+
+MAX_ROUND = 2**31 - 1  # round ids are SQLite integers; anything near 2**63 cannot be one
+
+
+def _round_number(value: Any) -> int:
+    if value is None:
+        return 0
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int | float) or number != int(number):
+            raise ValueError
+        number = int(number)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"'round' must be a whole number, not {str(value)[:40]!r}") from exc
+    if not 0 <= number <= MAX_ROUND:
+        raise ValueError(f"'round' must be between 0 and {MAX_ROUND}, not {str(value)[:40]}")
+    return number
+
+
+def _finite_number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{name!r} must be a number, not {str(value)[:40]!r}") from exc
+    if not math.isfinite(number):
+        raise ValueError(f"{name!r} must be a finite number, not {str(value)[:40]}")
+    return number
 
 
 # ============================================================================================
@@ -275,7 +343,7 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
                     meta=p["meta"],
                 )
                 new_pairs += 1
-    except (StoreError, sqlite3.Error, ValueError, TypeError) as exc:
+    except (StoreError, sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
         if store.get_image(image.id) is None:
             discard(image)
         report.fail(f"{rec.label}: not stored ({exc})")
@@ -359,21 +427,29 @@ def _read_coco(
     images: dict[int, dict] = {}
     refs: dict[int, list[str]] = {}
     objects: dict[int, set[str]] = {}
+    refused: dict[int, str] = {}  # image id -> why that image alone is refused
     for path, kind in ((captions, "captions"), (instances, "instances")):
         if path is None:
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             for im in data.get("images", []):
-                images.setdefault(int(im["id"]), im)
+                known = images.setdefault(int(im["id"]), im)
+                if known.get("file_name") != im.get("file_name"):
+                    refused[int(im["id"])] = (f"image id {im['id']} is listed twice, as {known.get('file_name')!r} "
+                                              f"and {im.get('file_name')!r}")
             if kind == "captions":
                 for ann in data.get("annotations", []):
                     refs.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
             else:
                 names = {int(c["id"]): c["name"] for c in data.get("categories", [])}
                 for ann in data.get("annotations", []):
-                    objects.setdefault(int(ann["image_id"]), set()).add(names[int(ann["category_id"])])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                    name = names.get(int(ann["category_id"]))
+                    if name is None:  # its ground truth would be incomplete: refuse that image alone
+                        refused.setdefault(int(ann["image_id"]), f"annotation with unknown category_id {ann['category_id']}")
+                    else:
+                        objects.setdefault(int(ann["image_id"]), set()).add(name)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             yield _Bad(path.name, f"not a readable COCO {kind} file ({exc})")
             return
     anchor = captions or instances
@@ -384,24 +460,25 @@ def _read_coco(
     for image_id in sorted(images):
         im = images[image_id]
         label = f"{anchor.name} image {image_id}"
-        try:
-            path = safe_join(images_dir, im.get("file_name"))
-        except UnsafePathError as exc:
-            yield _Bad(label, str(exc))
+        if image_id in refused:
+            yield _Bad(label, refused[image_id])
             continue
         captions_here = refs.get(image_id, [])
-        yield _Record(
-            label,
-            path,
-            str(im.get("file_name")),
-            prompt,
-            reference=captions_here[0] if captions_here else None,
-            # an image listed in instances without annotations has a known, empty ground truth
-            objects=sorted(objects.get(image_id, ())) if instances is not None else None,
-            dataset=dataset,
-            split=split or split_name or "train",
-            meta={"coco_id": image_id, "captions": captions_here} if captions_here else {"coco_id": image_id},
-        )
+        try:
+            yield _Record(
+                label,
+                safe_join(images_dir, im.get("file_name")),
+                str(im.get("file_name")),
+                prompt,
+                reference=captions_here[0] if captions_here else None,
+                # an image listed in instances without annotations has a known, empty ground truth
+                objects=sorted(objects.get(image_id, ())) if instances is not None else None,
+                dataset=dataset,
+                split=split or split_name or "train",
+                meta={"coco_id": image_id, "captions": captions_here} if captions_here else {"coco_id": image_id},
+            )
+        except (UnsafePathError, ValueError) as exc:
+            yield _Bad(label, str(exc))
 
 
 def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
@@ -415,7 +492,12 @@ def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
         if stem.startswith("instances_"):
             other = path.with_name("captions_" + stem[len("instances_") :] + path.suffix)
             return [(other if other.is_file() else None, path)]
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataImportError(f"{path.name}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise DataImportError(f"{path.name}: a COCO annotation file is a JSON object, not {type(data).__name__}")
         is_instances = bool(data.get("categories"))
         return [(None, path)] if is_instances else [(path, None)]
     found: dict[str, list[Path | None]] = {}
@@ -429,9 +511,14 @@ def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
 def _read_jsonl(
     path: Path, images_root: Path, dataset: str | None, split: str, prompt: str, method: str | None
 ):
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
             label = f"{path.name} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield _Bad(label, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -442,7 +529,7 @@ def _read_jsonl(
                 if not isinstance(row, dict):
                     raise ValueError("each line must be a JSON object")
                 yield _record_from_mapping(row, label, images_root, dataset, split, prompt, method)
-            except (ValueError, UnsafePathError, TypeError) as exc:
+            except (ValueError, UnsafePathError, TypeError, AttributeError) as exc:
                 yield _Bad(label, str(exc))
 
 
@@ -490,9 +577,9 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, 
         try:
             if not isinstance(row, dict):
                 raise ValueError("record is not an object")
-            info = row.get(META_KEY) or {}
-            if "conversations" not in row:
-                raise ValueError("missing 'conversations'")
+            info = _info_block(row)
+            if not isinstance(row.get("conversations"), list):
+                raise ValueError("'conversations' must be a list of turns")
             prompt = _prompt_text(row["conversations"])
             chosen = _answer_text(row["conversations"])
             image = row.get("image")
@@ -511,8 +598,18 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, 
                 meta=_meta_json(info.get("item_meta")),
                 pairs=pairs,
             )
-        except (ValueError, UnsafePathError, TypeError, KeyError) as exc:
+        except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
             yield _Bad(label, str(exc))
+
+
+def _info_block(row: dict) -> dict:
+    """The record's ``lvlm_studio`` provenance block (exports write one), {} when absent."""
+    info = row.get(META_KEY)
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise ValueError(f"'{META_KEY}' must be an object, not {type(info).__name__}")
+    return info
 
 
 def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str, method: str | None):
@@ -527,10 +624,16 @@ def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split
     for index, row in enumerate(data):
         label = f"{path.name} record {index}"
         try:
-            info = row.get(META_KEY) or {}
+            if not isinstance(row, dict):
+                raise ValueError("record is not an object")
+            info = _info_block(row)
             images = row.get("images") or []
-            if len(images) != 1:
-                raise ValueError(f"expected exactly one image, found {len(images)}")
+            if isinstance(images, str):
+                images = [images]
+            if not isinstance(images, list) or len(images) != 1:
+                raise ValueError(f"expected exactly one image, found {len(images) if isinstance(images, list) else images!r}")
+            if not isinstance(row.get("conversations"), list):
+                raise ValueError("'conversations' must be a list of turns")
             yield _Record(
                 label,
                 safe_join(images_root, images[0]),
@@ -614,7 +717,7 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
                     meta=_meta_json(row.get("item_meta")),
                     pairs=pairs,
                 )
-            except (ValueError, UnsafePathError, TypeError, KeyError) as exc:
+            except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
                 yield _Bad(label, str(exc))
 
 
@@ -758,9 +861,12 @@ def _begin_out(out: Path, overwrite: bool) -> _Out:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DataExportError(f"{out} exists and is not empty; choose another path or overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except (FileExistsError, NotADirectoryError) as exc:  # a part of the path is a file
+        raise DataExportError(f"cannot write an export at {out}: {exc.filename} is not a directory") from exc
     return _Out(out, tmp)
 
 

@@ -121,8 +121,8 @@ def _open_checked(data: bytes, name: str, settings: Settings) -> Image.Image:
             raise ImageRejected(
                 name, f"not a recognised image (accepted formats: {', '.join(ACCEPTED_FORMATS)})"
             ) from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageRejected(name, f"truncated or corrupt image header ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many kinds on corrupt headers
+            raise ImageRejected(name, f"truncated or corrupt image header ({type(exc).__name__}: {exc})") from exc
     width, height = im.size
     if width <= 0 or height <= 0:
         raise ImageRejected(name, f"invalid dimensions {width}x{height}")
@@ -142,12 +142,31 @@ def _open_checked(data: bytes, name: str, settings: Settings) -> Image.Image:
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
+    if im.mode.startswith("I") or im.mode == "F":
+        return _high_depth_to_rgb(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale to 8-bit RGB by scaling, not clipping (Pillow's own
+    convert clips: a 0..65535 gradient would become 0 then 255 everywhere)."""
+    import numpy as np
+
+    a = np.asarray(im).astype(np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0  # the full 16-bit range onto 0..255
+    elif im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        a = a * 255.0  # a float image in [0, 1]
+    elif lo < 0.0 or hi > 255.0:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # any other range: stretch
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def pixel_id(im: Image.Image) -> str:
@@ -194,21 +213,22 @@ def ingest_image(
     original_format, original_mode = im.format, im.mode
     try:
         im.load()  # the full decode: truncated or corrupt data fails here
-        if getattr(im, "n_frames", 1) > 1:
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
             im.seek(0)
         # EXIF orientation is applied so that models see the picture upright.
         rotated = _orientation(im) not in (None, 1)
         oriented = ImageOps.exif_transpose(im) if rotated else im
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected(name, f"truncated or corrupt image data ({exc})") from exc
-    rgb = _to_rgb(oriented)
+        rgb = _to_rgb(oriented)
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, TypeError, OverflowError, ... on corrupt data
+        raise ImageRejected(name, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
     image_id = pixel_id(rgb)
 
     keep = (
         original_format in _KEEP_AS_IS
         and original_mode == "RGB"
         and not rotated
-        and getattr(im, "n_frames", 1) == 1
+        and n_frames == 1
     )
     directory = settings.images_dir / image_id[:2]
     directory.mkdir(parents=True, exist_ok=True)

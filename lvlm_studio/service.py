@@ -254,6 +254,8 @@ class Studio:
         """Ingest image files (validated by media.py) and make one item per image."""
         from lvlm_studio.media import ImageRejected
 
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("a prompt is needed for the uploaded images' items")  # before any image is stored
         added, rejected = [], []
         for path in paths:
             try:

@@ -417,3 +417,96 @@ def test_trl_export_trains_with_dpo_trainer(store, make_pairs, tmp_path):
     assert trainer.state.global_step == 1 and math.isfinite(result.training_loss)
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed  # one optimisation step really happened
+
+
+def test_jsonl_refuses_values_sqlite_or_the_studio_cannot_hold_line_by_line(store, settings, tmp_path):
+    """Numbers too large for SQLite, non-finite margins, a line that is not UTF-8 and reserved meta
+    keys of the wrong type each refuse their own line; the lines around them still import and no
+    image file is left behind for a refused line."""
+    root = tmp_path / "j"
+    for k in range(9):
+        write_image(root / f"i{k}.png", seed=300 + k)
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    lines = [
+        json.dumps({"image": "i0.png", **good}),
+        json.dumps({"image": "i1.png", **good, "round": 10**30}),
+        json.dumps({"image": "i2.png", **good, "margin": 10**400}),
+        '{"image": "i3.png", "prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e999}',
+        json.dumps({"image": "i4.png", "prompt": "p", "reference": 10**30}),
+        json.dumps({"image": "i5.png", **good, "meta": {"kind": ["text"]}}),
+        json.dumps({"image": "i6.png", **good, "meta": {"sft": False, "chosen_min_reward": "low"}}),
+        json.dumps({"image": "i7.png", **good, "round": "2"}),
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"image": "i8.png", "prompt": "caf\xe9"}\n'
+    data += (json.dumps({"image": "i8.png", **good, "round": 1.0}) + "\n").encode()
+    (root / "data.jsonl").write_bytes(data)
+    report = io.import_path(store, settings, root / "data.jsonl")
+    errors = "\n".join(report.errors)
+    assert report.status == "partial" and report.imported == 3 and report.skipped == 7, errors
+    assert "line 2: 'round' must be between 0 and" in errors
+    assert "line 3: 'margin' must be a number" in errors and "line 4: 'margin' must be a finite number" in errors
+    assert "line 5: 'reference' must be text, not int" in errors
+    assert "line 6: pair meta 'kind' must be str, not list" in errors
+    assert "line 7: pair meta 'chosen_min_reward' must be int or float, not str" in errors
+    assert "line 9: not UTF-8 text" in errors
+    assert sorted(p["round"] for p in store.training_pairs(include_auto=True)) == [0, 1, 2]
+    assert_consistent(store, settings)  # no file of a refused line is left on disk
+
+
+def test_llava_and_llamafactory_records_of_the_wrong_shape_are_refused_alone(store, settings, tmp_path):
+    root = tmp_path / "l"
+    write_image(root / "a.png", seed=41)
+    write_image(root / "b.png", seed=42)
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]
+    rejected = [turns[0], {"from": "gpt", "value": "A circle."}]
+    llava = [
+        {"image": "a.png", "conversations": turns, "rejected_conversations": rejected, "lvlm_studio": "oops"},
+        {"image": "a.png", "conversations": "Describe.", "rejected_conversations": rejected},
+        "not a record",
+        {"image": "b.png", "conversations": turns, "rejected_conversations": rejected},
+    ]
+    (root / "llava_dpo.json").write_text(json.dumps(llava))
+    report = io.import_path(store, settings, root / "llava_dpo.json", "llava")
+    errors = "\n".join(report.errors)
+    assert report.imported == 1 and report.skipped == 3, errors
+    assert "record 0: 'lvlm_studio' must be an object, not str" in errors
+    assert "record 1: 'conversations' must be a list of turns" in errors
+    assert "record 2: record is not an object" in errors
+    # LLaMA-Factory: one image given as a string is one image; a non-object record is refused.
+    lf = [{"images": "a.png", "conversations": [{"from": "human", "value": "<image>Describe."}],
+           "chosen": {"from": "gpt", "value": "A square."}, "rejected": {"from": "gpt", "value": "A star."}},
+          ["not", "a", "record"]]
+    (root / "lf.json").write_text(json.dumps(lf))
+    report = io.import_path(store, settings, root / "lf.json", "llamafactory")
+    assert report.imported == 1 and report.skipped == 1 and "record 1: record is not an object" in report.errors[0]
+    assert_consistent(store, settings)
+
+
+def test_coco_duplicate_ids_unknown_categories_and_unreadable_files(store, settings, tmp_path):
+    root = _coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_val2017.json"
+    instances = json.loads(path.read_text())
+    instances["images"].append({"id": 2, "file_name": "000001.jpg"})  # id 2 again, another file
+    instances["annotations"].append({"id": 9, "image_id": 1, "category_id": 99})  # no such category
+    path.write_text(json.dumps(instances))
+    report = io.import_path(store, settings, root)
+    errors = "\n".join(report.errors)
+    assert report.imported == 0 and report.status == "failed", errors
+    assert "image 1: annotation with unknown category_id 99" in errors
+    assert "image 2: image id 2 is listed twice, as '000002.jpg' and '000001.jpg'" in errors
+    # A file passed as COCO that is not a COCO object: one clear error naming it, nothing written.
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{nope")
+    with pytest.raises(io.DataImportError, match="list.json: a COCO annotation file is a JSON object"):
+        io.import_path(store, settings, tmp_path / "list.json", "coco")
+    with pytest.raises(io.DataImportError, match="broken.json: not valid JSON"):
+        io.import_path(store, settings, tmp_path / "broken.json", "coco")
+    assert store.count_items() == 0
+    assert_consistent(store, settings)
+
+
+def test_export_below_a_file_is_a_clear_error(store, make_pairs, tmp_path):
+    make_pairs([0.5, 1.0])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(io.DataExportError, match="is not a directory"):
+        io.export_pairs(store, "llava", tmp_path / "afile" / "sub", include_auto=True)

@@ -140,3 +140,44 @@ def test_load_image(settings):
     im = load_image(rec.path)
     assert im.mode == "RGB" and im.size == (12, 8)
     assert pixel_id(im) == rec.id
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["corrupt_missing_dimensions.tif", "corrupt_overflow.tif"])
+def test_corrupt_tiffs_found_by_fuzzing_are_refused(settings, name):
+    """Two byte-flipped TIFFs from a fuzzing run: Pillow opens their headers, then raises TypeError
+    ("Missing dimensions", from n_frames) and OverflowError (from load). Both must be a refusal
+    that names the file, with nothing stored."""
+    with pytest.raises(ImageRejected, match=f"^{name}: truncated or corrupt image data"):
+        ingest_image(settings, DATA / name)
+    assert stored_files(settings) == set()
+
+
+def _gradient(mode: str, values) -> bytes:
+    import numpy as np
+
+    arr = np.asarray(values).reshape(16, 16)
+    buffer = io.BytesIO()
+    im = Image.fromarray(arr.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    im.save(buffer, "PNG" if mode == "I;16" else "TIFF")
+    return buffer.getvalue()
+
+
+def test_high_bit_depth_greyscale_is_scaled_not_clipped(settings):
+    """Pillow's convert("RGB") clips 16-bit and float greyscale: a 0..65535 gradient becomes 0 then
+    255 everywhere, a [0, 1] float image all black. Intake scales them instead."""
+    import numpy as np
+
+    cases = {
+        "sixteen.png": (_gradient("I;16", np.linspace(0, 65535, 256)), (0, 255)),
+        "float.tif": (_gradient("F", np.linspace(0.0, 1.0, 256)), (0, 255)),
+        "signed.tif": (_gradient("I", np.linspace(-1000, 3000, 256)), (0, 255)),
+    }
+    for name, (data, (lo, hi)) in cases.items():
+        rec = ingest_image(settings, data, name=name)
+        grey = np.asarray(load_image(rec.path))[..., 0].ravel()
+        assert (int(grey.min()), int(grey.max())) == (lo, hi), name
+        assert len(np.unique(grey)) > 200, f"{name}: {len(np.unique(grey))} levels left"
+        assert np.all(np.diff(grey.astype(int)) >= 0), f"{name}: the gradient is not monotone"

@@ -284,3 +284,15 @@ def test_existence_pairs_are_stored_on_question_items_once(studio):
     # question items are not describe items: CSR never searches them as captions
     assert item["id"] in {it["id"] for it in _world_describe(studio)}
     assert not any(it["prompt"].startswith("Is there") for it in _world_describe(studio))
+
+
+def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path):
+    from conftest import write_image
+
+    write_image(tmp_path / "a.png", seed=5)
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="a prompt is needed"):
+        studio.upload_images([tmp_path / "a.png"], prompt="   ")
+    assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
+    res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?")
+    assert len(res["items"]) == 1 and res["rejected"][0]["file"] == "bad.png"

@@ -98,3 +98,17 @@ def test_review_info_says_when_an_automatic_label_trains_without_the_sft_term():
     reviewed = {**view, "label": {"status": "accept", "reviewer": "ann"}}
     assert "no SFT term" not in _info_html(reviewed)  # a person's label trains with the term
     assert "no SFT term" not in _info_html({**view, "meta": {"sft": True}})
+
+
+def test_review_info_renders_malformed_meta_as_text():
+    """Pair meta can come from an import written by anyone: a list where a kind belongs or a word
+    where a reward belongs is shown as text, never an error that would block the review queue."""
+    from lvlm_studio.ui.review import _info_html
+
+    view = {"pair_id": 1, "method": "imported", "round": 0, "margin": 0.1, "prompt": "p",
+            "label": {"status": "auto"}, "meta": {"kind": ["<b>text</b>"], "sft": False, "chosen_min_reward": "low"}}
+    html = _info_html(view)
+    assert "rejected side: [&#x27;&lt;b&gt;text&lt;/b&gt;&#x27;]" in html or "&lt;b&gt;text&lt;/b&gt;" in html
+    assert "<b>text</b>" not in html
+    assert "no SFT term" in html and "reward —" in html
+    assert "pair #1" in _info_html({**view, "meta": "not a dict"})

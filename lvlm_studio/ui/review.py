@@ -50,17 +50,18 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
         + (f'<span class="chip mine">your decision: {escape_text(mine)}</span>' if mine else "")
         + "</div>",
     ]
-    meta = view.get("meta") or {}
+    meta = view.get("meta") if isinstance(view.get("meta"), dict) else {}
     if meta.get("sft") is False and status == "auto":
         low = meta.get("chosen_min_reward")
+        low_text = f"{low:.3g}" if isinstance(low, int | float) and not isinstance(low, bool) else "—"
         parts.append(
             '<div class="review-kind">training: DPO only, no SFT term: a sentence of the chosen answer has '
-            f'reward {"—" if low is None else f"{float(low):.3g}"}, below the bar for imitating it; a reviewed '
+            f'reward {low_text}, below the bar for imitating it; a reviewed '
             "label (accept, swap, edit) trains with the term</div>"
         )
     kind = meta.get("kind")
-    if kind:
-        text = _KINDS.get(kind, kind)
+    if kind:  # meta may come from an import: render whatever it holds as text, never fail on it
+        text = _KINDS.get(kind, kind) if isinstance(kind, str) else str(kind)
         parts.append(f'<div class="review-kind">rejected side: {escape_text(text)}</div>')
     return '<div class="review-info">' + "".join(parts) + "</div>"
 
