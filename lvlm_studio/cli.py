@@ -20,7 +20,6 @@ accounts are configured (LVLM_STUDIO_USERS / LVLM_STUDIO_ADMINS); with none, eve
 
 from __future__ import annotations
 
-import collections.abc
 import functools
 import json
 import os
@@ -328,53 +327,14 @@ def parse_pairs(values: list[str] | None, option: str, allowed: set[str] | None 
     return out
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Does a JSON-decoded ``value`` fit the type ``hint`` (lenient where the hint is exotic)?"""
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, list) and (len(args) != 1 or all(_matches(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True
-
-
 def check_types(cls: type, values: dict[str, Any], option: str) -> dict[str, Any]:
-    """Check ``key=value`` options against a config dataclass's field types (a string where a
-    number belongs must fail here, not minutes later in a background job); lists become tuples
-    where the field is a tuple."""
-    import typing
+    """``config.check_option_types`` with a CLIError naming the option."""
+    from lvlm_studio.config import check_option_types
 
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for key, value in values.items():
-        hint = hints.get(key, Any)
-        if not _matches(value, hint):
-            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            raise CLIError(f"{option} {key}={json.dumps(value)}: expected {shown}")
-        if isinstance(value, list) and (typing.get_origin(hint) is tuple or any(
-                typing.get_origin(a) is tuple for a in typing.get_args(hint))):
-            out[key] = tuple(value)
-    return out
+    try:
+        return check_option_types(cls, values, option)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -675,11 +635,9 @@ def train_cmd(
     try:
         if from_round is not None and s.store.get_round(from_round) is None:
             raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
+        # jobs.start_round refuses a round with no pairs (JobError); the count is for the message.
         usable = s.store.training_pairs(methods=checked.methods, include_auto=checked.include_auto,
                                         round=checked.pair_round)
-        if not usable:
-            raise CLIError("no training pairs: review some pairs first, or pass --include-auto to train on "
-                           "automatic labels" + (f" (methods {', '.join(checked.methods)})" if checked.methods else ""))
         round_id = s.start_round(cfg, user, parent_id=from_round)
         row = s.store.get_round(round_id)
     finally:

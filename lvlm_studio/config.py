@@ -6,9 +6,12 @@ variable (tests always point it at a temporary directory).
 
 from __future__ import annotations
 
+import collections.abc
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_HOME = Path("storage")
 # A decompression-bomb guard: 40 megapixels covers any real photo (a 24 MP camera is 6000x4000).
@@ -73,3 +76,54 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- options checked against config dataclasses (CLI key=value, app JSON) -----------------------
+def matches_type(value: Any, hint: Any) -> bool:
+    """Does a JSON-decoded ``value`` fit the type ``hint`` (lenient where the hint is exotic)?"""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list) and (len(args) != 1 or all(matches_type(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_option_types(cls: type, values: dict[str, Any], option: str) -> dict[str, Any]:
+    """Check options (JSON-decoded values) against a config dataclass's field types: a string where
+    a number belongs must fail here with its name, not minutes later in a background job or as a
+    comparison error deep in a method. Lists become tuples where the field is a tuple. The CLI's
+    ``key=value`` options and the app's JSON parameters both go through it."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key, Any)
+        if not matches_type(value, hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ValueError(f"{option} {key}={json.dumps(value, default=str)}: expected {shown}")
+        if isinstance(value, list) and (typing.get_origin(hint) is tuple or any(
+                typing.get_origin(a) is tuple for a in typing.get_args(hint))):
+            out[key] = tuple(value)
+    return out

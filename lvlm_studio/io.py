@@ -754,7 +754,7 @@ def detect_format(path: Path) -> str:
         raise DataImportError(
             f"{path.name}: JSON layout not recognised (expected COCO, LLaVA or LLaMA-Factory)"
         )
-    raise DataImportError(f"{path.name}: cannot guess the format; pass --format")
+    raise DataImportError(f"{path.name}: cannot guess the format; choose one (CLI: --format)")
 
 
 def _json_in_dir(path: Path, name: str) -> Path:
@@ -845,7 +845,7 @@ def _export_rows(store: Store, methods, include_auto: bool, round: int | None) -
         hint = (
             ""
             if include_auto or total == 0
-            else " (no reviewed pairs; pass include_auto to export automatic labels)"
+            else " (no reviewed pairs; include unreviewed pairs to export automatic labels: CLI --include-auto)"
         )
         raise DataExportError(f"nothing to export: 0 of {total} pairs qualify{hint}")
     return rows

@@ -205,6 +205,18 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Public API (UI / CLI / service)
 # ----------------------------------------------------------------------------------------------
+def _require_pairs(store: Any, cfg: Any) -> list[dict]:
+    """The round's training pairs; JobError when there are none."""
+    pairs = store.training_pairs(methods=cfg.methods, include_auto=cfg.include_auto, round=cfg.pair_round)
+    if not pairs:
+        raise JobError(
+            "no training pairs: review some pairs first, or allow automatic labels (include_auto)"
+            + (f" for methods {', '.join(cfg.methods)}" if cfg.methods else "")
+            + (f" from round {cfg.pair_round}" if cfg.pair_round is not None else "")
+        )
+    return pairs
+
+
 def start_round(settings: Settings, config: Any = None, parent_id: int | None = None) -> int:
     """Queue a round (parent: ``parent_id`` or the current round, else the base model) and start
     its process. Refuses with ``RoundBusyError`` while another round is queued or running."""
@@ -231,6 +243,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 current = store.current_round()
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
+            _require_pairs(store, cfg)  # a round with nothing to train on is refused, not created to fail
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
             run_dir = settings.runs_dir / round_dirname(round_id)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -475,12 +488,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         cfg = DPORoundConfig.from_dict(row["config"])
         chain = adapter_lineage(store, row["parent_id"])
         base_path = resolve_model_path(row["base_model"] or settings.model)
-        pairs = store.training_pairs(methods=cfg.methods, include_auto=cfg.include_auto, round=cfg.pair_round)
-        if not pairs:
-            raise JobError(
-                "no training pairs: review some pairs first, or allow automatic labels (include_auto)"
-                + (f" for methods {cfg.methods}" if cfg.methods else "")
-            )
+        pairs = _require_pairs(store, cfg)  # again: pairs may have changed since the round was queued
         log(f"training on {len(pairs)} pairs; base {base_path}; parent chain {chain or '(base model)'}")
         out_dir = settings.adapters_dir / round_dirname(round_id)
         last_progress = [0.0]

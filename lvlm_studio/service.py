@@ -18,8 +18,8 @@ import dataclasses
 import json
 import math
 import os
-import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -171,11 +171,21 @@ def fleiss_kappa(ratings: Iterable[Sequence[str]]) -> float | None:
 
 def margin_buckets(margins: Sequence[float], k: int = 4) -> list[list[float]]:
     """Split the finite margins, sorted, into up to ``k`` equal-count buckets (margin scales differ
-    per method and reward mode, so fixed edges would put everything in one bucket)."""
+    per method and reward mode, so fixed edges would put everything in one bucket). Equal margins
+    stay in one bucket (CSR's yes/no pairs share their caption pair's margin): a cut that would
+    split them moves past them, so there can be fewer than ``k`` buckets."""
     vals = sorted(m for m in margins if m is not None and math.isfinite(m))
     n = len(vals)
     k = max(1, min(k, n))
-    return [vals[i * n // k:(i + 1) * n // k] for i in range(k)] if n else []
+    cuts: list[int] = []
+    for i in range(1, k):
+        c = i * n // k
+        while 0 < c < n and vals[c - 1] == vals[c]:
+            c += 1
+        if 0 < c < n and (not cuts or c > cuts[-1]):
+            cuts.append(c)
+    bounds = [0, *cuts, n]
+    return [vals[lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)] if n else []
 
 
 # ---- the studio --------------------------------------------------------------------------------
@@ -286,7 +296,8 @@ class Studio:
             raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = self.settings.home / "exports" / f"{fmt}-{stamp}-{os.getpid()}-{threading.get_ident() % 10000}"
+            # Two exports in one second from one worker thread must not collide: a random suffix.
+            out = self.settings.home / "exports" / f"{fmt}-{stamp}-{uuid.uuid4().hex[:8]}"
         report = io.export_pairs(self.store, fmt, out, methods=list(methods) if methods else None,
                                  include_auto=include_auto, round=round).to_dict()
         if zip_:
@@ -417,6 +428,7 @@ class Studio:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        params = _checked_params(method, params)
         round_id = int(round or 0)
         if item_ids is not None:
             items = [self.store.get_item(int(i)) for i in item_ids]
@@ -425,6 +437,11 @@ class Studio:
                 raise ValueError(f"unknown item id(s): {missing}")
         else:
             items = self._describe_items(dataset=dataset, split=split)
+            if not items:
+                raise ValueError(f"no items to generate for: dataset {dataset or 'any'!r}, split {split or 'any'!r} "
+                                 "holds no describe items (import or seed some first)")
+        if n is not None and int(n) < 1:
+            raise ValueError(f"n must be at least 1 (or unset for every item), not {n}")
         done = self.store.items_with_pairs(method, round_id)
         todo = [it for it in items if it["id"] not in done]
         if n is not None:
@@ -438,6 +455,9 @@ class Studio:
         runner = {"csr": self._gen_csr, "povid": self._gen_povid, "stic": self._gen_stic}[method]
         runner(model, round_id, todo, dict(params or {}), int(seed), report, progress)
         report["seconds"] = round_(time.perf_counter() - t0)
+        if report["no_pair"]:
+            report["note"] = (f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
+                              "done, so the next run tries them again: another seed or other parameters may pair them")
         return report
 
     def _prov(self, method: str, model: str, round_id: int, params: dict, seed: int) -> dict:
@@ -897,6 +917,9 @@ class Studio:
         """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
         metrics table."""
         a, b = int(a), int(b)
+        for rid in (a, b):
+            if rid != BASE_ROUND_ID and self.store.get_round(rid) is None:
+                raise LookupError(f"round {rid} does not exist")
         out_a = {r["item_id"]: r for r in self.store.eval_outputs(a)}
         out_b = {r["item_id"]: r for r in self.store.eval_outputs(b)}
         rows = []
@@ -921,17 +944,20 @@ class Studio:
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
                             "answers": len(out_a if rid == a else out_b)})
-        return {"a": a, "b": b, "rows": rows, "metrics": metrics, "paired": _paired_chair_s(out_a, out_b)}
+        return {"a": a, "b": b, "rows": rows, "metrics": metrics, "paired": _paired_chair_s(out_a, out_b),
+                "answered": (len(out_a), len(out_b))}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-_DEMO_SEED_PARAMS: dict[str, dict] = {
-    # A few sentences and candidates keep first-start seeding to seconds on 2 CPU cores.
-    "csr": {"num_candidates": 3, "max_sentences": 4},
-    "povid": {},
-    "stic": {},
+# CSR's own defaults (5 candidates per node) pair nearly every world item in well under a second
+# each; with 3 candidates most searches end in one distinct answer and make no pair.
+_DEMO_SEED_PARAMS: dict[str, dict] = {"csr": {}, "povid": {}, "stic": {}}
+_NO_PAIR_WHY = {
+    "csr": "fewer than two distinct complete answers in the search",
+    "povid": "no reference answer to inject hallucinations into, or no rejected answer",
+    "stic": "the preferred and dispreferred descriptions came out the same",
 }
 
 
@@ -1005,6 +1031,26 @@ def _metrics_from_outputs(rows: list[dict]) -> dict:
     return {"chair_s": sum(bool(r.get("hallucinated")) for r in rows) / len(rows),
             "chair_i": hallu / mentions if mentions else 0.0,
             "recall": hit / gt if gt else None}
+
+
+def _checked_params(method: str, params: dict | None) -> dict:
+    """A method's parameters checked against its config dataclass: known names (unknown ones would
+    fail later as a TypeError on the dataclass) and JSON types."""
+    from dataclasses import fields
+
+    from lvlm_studio.config import check_option_types
+    from lvlm_studio.methods.csr import CSRConfig
+    from lvlm_studio.methods.povid import POVIDConfig
+    from lvlm_studio.methods.stic import STICConfig
+
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"{method} parameters must be an object of option names and values")
+    cls = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}[method]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown {method} parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return check_option_types(cls, dict(params or {}), f"{method} parameter")
 
 
 def _jsonable(x: Any) -> Any:

@@ -85,6 +85,9 @@ def test_train_tab_start_passes_its_fields_to_the_round(app):
     client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, api_name="/train_start")
     rid = max(r["id"] for r in studio.rounds())
     try:
+        # A second start while this one runs: the reason, not a generic error.
+        with pytest.raises(Exception, match=f"round {rid} is already .*one training job runs at a time"):
+            client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, api_name="/train_start")
         config = studio.get_round(rid)["config"]
         assert config["methods"] == ["povid"] and config["include_auto"] is True
         assert (config["learning_rate"], config["beta"], config["lora_r"], config["lora_alpha"]) == (1e-4, 0.2, 8, 16)
@@ -92,6 +95,66 @@ def test_train_tab_start_passes_its_fields_to_the_round(app):
     finally:
         studio.cancel_round(rid, None)
         assert studio.wait_round(rid, timeout=120)["status"] in ("cancelled", "failed", "done")
+
+
+def test_handlers_say_what_is_wrong_and_create_nothing(app):
+    """What a user can get wrong in the tabs is a message naming it, never the browser's generic
+    "Error", and nothing is created on the way."""
+    studio, url = app
+    client = Client(url, verbose=False)
+    train = ["povid", "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, False]
+
+    def fails(match: str, *args, api_name: str) -> None:
+        with pytest.raises(Exception, match=match):
+            client.predict(*args, api_name=api_name)
+
+    fails("round 42 does not exist", ["povid"], "42", *train[2:], api_name="/train_start")
+    fails("no round 'abc'", ["povid"], "abc", *train[2:], api_name="/train_start")
+    fails("learning rate: enter a number", ["povid"], "0", True, None, *train[4:], api_name="/train_start")
+    fails("no training pairs.*for methods stic", ["stic"], "0", False, *train[3:], api_name="/train_start")
+    fails("round 99 does not exist", "99", api_name="/train_cancel")
+    assert [r["id"] for r in studio.rounds()] == [0]  # no round was created to fail
+    # The Train tab's timer polls whatever the Round box holds: a typed name is said, not raised.
+    status = client.predict("abc", api_name="/train_refresh")[2]
+    assert "No round abc" in status
+    gen = ["csr", "demo", "0", "shapesworld", "train", 2, 0, "{}"]
+    fails("n must be at least 1", *gen[:5], -1, *gen[6:], api_name="/generate_run")
+    fails('num_candidates="three": expected int', *gen[:7], '{"num_candidates": "three"}', api_name="/generate_run")
+    fails("no items to generate for: dataset 'nope'", *gen[:3], "nope", *gen[4:], api_name="/generate_run")
+    fails("round 99 does not exist", "0", "99", False, api_name="/compare_view")
+    # Two exports in the same second both land (the folder name no longer collides).
+    first, second = (client.predict("trl", ["povid"], True, api_name="/export")[0] for _ in range(2))
+    assert first["pairs"] == second["pairs"] > 0 and first["folder"] != second["folder"]
+
+
+def test_generate_tab_csr_defaults_pair_the_world_items(app):
+    """The Generate tab's CSR parameters (once 3 candidates, with which most searches ended in one
+    distinct answer and no pair, and every click retried the same items) pair nearly every item."""
+    import json
+
+    from lvlm_studio.ui.generate import DEFAULT_PARAMS
+
+    studio, url = app
+    client = Client(url, verbose=False)
+    res = client.predict("csr", "demo", "0", "shapesworld", "train", 6, 0, json.dumps(DEFAULT_PARAMS["csr"]),
+                         api_name="/generate_run")
+    assert res["items"] == 6 and res["pairs"] >= 5, res
+    assert ("note" in res) == (res["no_pair"] > 0)
+
+
+def test_review_shows_a_saved_edit_and_re_edits_from_it(app):
+    studio, url = app
+    client = Client(url, verbose=False)
+    client.predict("bob", "all", "all", "pending", api_name="/review_load")
+    pair_id = studio.next_pair("bob")["pair_id"]
+    client.predict("bob", "all", "all", "pending", "There is a <b>red</b> circle.", "", api_name="/review_edit")
+    assert studio.store.effective_label(pair_id)["chosen_text"] == "There is a <b>red</b> circle."
+    loaded = client.predict("bob", "all", "all", "decided", api_name="/review_load")
+    assert f"pair #{pair_id}" in loaded[1]
+    assert "Edited chosen answer (trains as chosen)" in loaded[1]
+    assert "There is a &lt;b&gt;red&lt;/b&gt; circle." in loaded[1]  # shown, escaped
+    opened = client.predict(api_name="/review_open_edit")  # the edit box (the button is not an API output)
+    assert opened["value"] == "There is a <b>red</b> circle." and opened["visible"] is True
 
 
 @pytest.mark.slow

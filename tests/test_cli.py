@@ -81,7 +81,7 @@ def test_import_export_stats_flow(home, tmp_path):
 
     result = run("export", str(tmp_path / "out"))  # nothing reviewed yet: a clear failure
     assert result.exit_code == 1
-    assert "nothing to export" in result.stderr and "include_auto" in result.stderr
+    assert "nothing to export" in result.stderr and "--include-auto" in result.stderr
     assert "Traceback" not in result.output
 
     for fmt in ("trl", "llava", "llamafactory"):

@@ -313,7 +313,7 @@ def test_export_llava_and_llamafactory_content(store, make_pairs, tmp_path):
 
 def test_export_nothing_is_a_clear_error(store, make_pairs, tmp_path):
     make_pairs([0.1])
-    with pytest.raises(io.DataExportError, match="0 of 1 pairs qualify.*include_auto"):
+    with pytest.raises(io.DataExportError, match="0 of 1 pairs qualify.*include unreviewed pairs"):
         io.export_pairs(store, "trl", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -197,8 +197,19 @@ def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
 def test_job_without_pairs_fails_with_reason(tmp_path):
     model = build_tiny_llava(tmp_path / "tiny")
     settings = Settings(home=tmp_path / "home", model=str(model), device="cpu").ensure_dirs()
-    rid = jobs.start_round(settings, {"methods": ["csr"]})
-    row = jobs.wait(rid, timeout=120, settings=settings)
+    # Refused at the start: no round is created only to fail.
+    with pytest.raises(jobs.JobError, match="no training pairs.*for methods csr"):
+        jobs.start_round(settings, {"methods": ["csr"]})
+    store = Store(settings.db_path)
+    assert [r["id"] for r in store.list_rounds()] == [0]
+    # The job checks again when it runs (pairs can change while a round is queued): a queued round
+    # with nothing to train on fails with the reason.
+    rid = store.create_round(0, str(model), {"methods": ["csr"]})
+    store.close()
+    done = subprocess.run(jobs.job_command(rid, settings.home), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LVLM_STUDIO_MODEL": str(model), "LVLM_STUDIO_DEVICE": "cpu"})
+    assert done.returncode != 0
+    row = jobs.status(settings, rid)
     assert row["status"] == "failed" and "no training pairs" in row["error"]
     with pytest.raises(ValueError, match="unknown DPO round option"):
         jobs.start_round(settings, {"learning_rat": 1})

@@ -215,6 +215,9 @@ def test_kappa_on_hand_built_cases():
     assert fleiss_kappa([["a"]]) is None
     assert margin_buckets([0.5, 0.1, 0.4, 0.2, float("nan"), 0.3], 2) == [[0.1, 0.2], [0.3, 0.4, 0.5]]
     assert margin_buckets([], 4) == [] and margin_buckets([1.0], 4) == [[1.0]]
+    # Equal margins are never split across buckets (each bucket's label is its lowest-highest).
+    assert margin_buckets([1.07] * 6 + [2.0, 3.0], 4) == [[1.07] * 6, [2.0, 3.0]]
+    assert margin_buckets([0.5] * 5, 4) == [[0.5] * 5]
 
 
 def test_agreement_and_override_rate_from_the_store(studio, make_pairs):

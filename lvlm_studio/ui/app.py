@@ -35,6 +35,7 @@ CSS = """
 .review-info { font-size: .92rem; line-height: 1.5; }
 .review-info .k { font-weight: 600; margin-right: 6px; }
 .review-prompt { margin: 4px 0 8px; }
+.review-edited { margin: 6px 0; padding: 4px 8px; border-left: 3px solid #6366f1; }
 .review-meta { display:flex; flex-wrap:wrap; gap:6px; }
 .chip { display:inline-block; padding:1px 9px; border-radius:999px; font-size:.8rem;
   background: var(--background-fill-secondary); border:1px solid var(--border-color-primary); }

@@ -10,6 +10,13 @@ import gradio as gr
 
 from lvlm_studio.service import Studio
 
+# The project's own error classes a user's input can raise (by name: importing them all here would
+# load torch-side modules at UI import time). Subclasses count (RoundBusyError is a JobError).
+_USER_ERROR_NAMES = frozenset({
+    "StoreError", "NotFoundError", "ImageRejected", "DataImportError", "DataExportError", "UnsafePathError",
+    "ModelLoadError", "MissingDependencyError", "JobError",
+})
+
 
 def user_errors(fn: Callable) -> Callable:
     """Turn the errors a user can cause (bad input, missing role, unknown id) into gr.Error so the
@@ -25,10 +32,8 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(f"Not allowed: {exc}") from exc
         except (ValueError, LookupError, TypeError) as exc:
             raise gr.Error(str(exc)) from exc
-        except Exception as exc:  # store errors and the like: say what failed
-            if type(exc).__name__ in ("StoreError", "NotFoundError", "ImageRejected", "DataImportError",
-                                       "DataExportError", "UnsafePathError", "ModelLoadError",
-                                       "MissingDependencyError"):
+        except Exception as exc:  # store, job and model errors: say what failed
+            if any(cls.__name__ in _USER_ERROR_NAMES for cls in type(exc).__mro__):
                 raise gr.Error(str(exc)) from exc
             raise
 
@@ -48,4 +53,7 @@ def round_choices(studio: Studio, with_all: bool = False, done_only: bool = Fals
 def parse_round(value: Any) -> int | None:
     if value in (None, "", "all"):
         return None
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # the dropdowns accept typed values
+        raise ValueError(f"no round {str(value)[:40]!r}: pick a round from the list (a round number)") from None

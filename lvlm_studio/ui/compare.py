@@ -10,7 +10,7 @@ import pandas as pd
 
 from lvlm_studio.evaluation import paired_chair_s_summary
 from lvlm_studio.service import Studio
-from lvlm_studio.ui.common import round_choices, user_errors
+from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 from lvlm_studio.ui.highlight import compare_html
 
 
@@ -35,9 +35,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     def run(a_v: str, b_v: str, diff: bool) -> tuple:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
-        res = studio.compare(int(a_v), int(b_v), bool(diff))
+        res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
         frame = pd.DataFrame(res["metrics"], columns=["round", "chair_s", "chair_i", "recall", "pope_f1", "answers"])
-        html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}")
+        empty = ("The two rounds answer every item the same." if diff and all(res["answered"])
+                 else "No evaluation answers to compare yet.")
+        html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
         return frame, line, html, metrics_plot_frame(studio)
 

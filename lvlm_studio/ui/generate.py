@@ -11,7 +11,7 @@ from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 
 DEFAULT_PARAMS = {
-    "csr": {"num_candidates": 3, "max_sentences": 4},
+    "csr": {},  # CSRConfig's defaults; fewer candidates leave most world items without a pair
     "povid": {"make_image_rejected": True},
     "stic": {},
 }
@@ -54,7 +54,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
         return studio.generate(method_v, model=model_v or studio.settings.model, round=parse_round(round_v),
                                dataset=dataset_v or None, split=None if split_v == "all" else split_v,
-                               n=int(n_v) if n_v else None, params=p, seed=int(seed_v or 0), progress=report)
+                               n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
 
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
               concurrency_limit=1)

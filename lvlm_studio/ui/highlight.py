@@ -205,14 +205,15 @@ def mark_spans_html(answer: str, spans: Sequence[dict]) -> str:
     return "".join(out)
 
 
-def compare_html(rows: Sequence[dict], label_a: str, label_b: str) -> str:
+def compare_html(rows: Sequence[dict], label_a: str, label_b: str,
+                 empty: str = "No evaluation answers to compare yet.") -> str:
     """A side-by-side table: one row per item with both answers and their hallucinated objects.
 
     ``rows``: ``{item_id, prompt, a: {answer, hallucinated, spans?}|None, b: {...}|None}``; stored
     mention offsets (``spans``) are used when present, else the hallucinated names are searched.
     """
     if not rows:
-        return '<p class="empty">No evaluation answers to compare yet.</p>'
+        return f'<p class="empty">{escape_text(empty)}</p>'
     head = (
         '<table class="compare"><thead><tr><th>item</th>'
         f"<th>{escape_text(label_a)}</th><th>{escape_text(label_b)}</th></tr></thead><tbody>"

@@ -50,6 +50,9 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
         + (f'<span class="chip mine">your decision: {escape_text(mine)}</span>' if mine else "")
         + "</div>",
     ]
+    if status == "edit" and label.get("chosen_text"):  # what training will use as the chosen side
+        parts.append('<div class="review-edited"><span class="k">Edited chosen answer (trains as chosen)</span> '
+                     f'{escape_text(label["chosen_text"])}</div>')
     meta = view.get("meta") if isinstance(view.get("meta"), dict) else {}
     if meta.get("sft") is False and status == "auto":
         low = meta.get("chosen_min_reward")
@@ -194,7 +197,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if pair_id is None:
             return gr.Textbox(visible=False), gr.Button(visible=False)
         view = studio.get_pair(int(pair_id))
-        return gr.Textbox(value=view["chosen"]["text"], visible=True), gr.Button(visible=True)
+        label = view["label"]  # re-editing starts from the saved edit, not from the automatic text
+        text = label["chosen_text"] if label["status"] == "edit" and label.get("chosen_text") else view["chosen"]["text"]
+        return gr.Textbox(value=text, visible=True), gr.Button(visible=True)
 
     focus_js = ("() => { setTimeout(() => { const t = document.querySelector('#review-edit-text textarea');"
                 " if (t) t.focus(); }, 100); }")

@@ -11,7 +11,7 @@ import pandas as pd
 from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.training import DPORoundConfig
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import round_choices, user_errors
+from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
@@ -72,6 +72,19 @@ def status_html(rnd: dict | None) -> str:
     return html + "</div>"
 
 
+def _number(value: Any, label: str, cast: type = float) -> Any:
+    """A number field's value, or a message naming the field (an emptied gr.Number sends None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: enter a number") from None
+    if cast is int:
+        if number != int(number):
+            raise ValueError(f"{label}: enter a whole number, not {value}")
+        return int(number)
+    return number
+
+
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     gr.Markdown("Reviewed pairs per method. A round trains a LoRA adapter with DPO on the human-labelled "
                 "pairs (swap / edit applied, reject-both left out), then evaluates it on the test split.")
@@ -109,14 +122,23 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     timer = gr.Timer(POLL_SECONDS)
 
     def refresh(round_value: str | None) -> tuple:
+        # The timer calls this every few seconds with whatever the Round box holds (it accepts typed
+        # values): an unknown round is said in the status, never raised, or it would repeat forever.
         rounds = studio.rounds()
         trained = [r for r in rounds if r["id"] > 0]
-        rid = int(round_value) if round_value not in (None, "") else (trained[-1]["id"] if trained else None)
-        rnd = studio.get_round(rid) if rid is not None else None
-        curve = studio.round_curve(rid) if rid is not None else []
+        try:
+            rid = parse_round(round_value)
+        except ValueError:
+            rid = -1
+        if rid is None:
+            rid = trained[-1]["id"] if trained else None
+        rnd = studio.get_round(rid) if rid is not None and rid >= 0 else None
+        status = status_html(rnd) if rnd is not None or rid is None else (
+            f'<div class="round-status">No round {escape_text(round_value)}: pick one from the list.</div>')
+        curve = studio.round_curve(rid) if rnd is not None else []
         loss, margins, acc = curve_frames(curve)
-        return (counts_frame(studio), rounds_frame(studio), status_html(rnd), loss, margins, acc,
-                gr.Dropdown(choices=round_choices(studio), value=str(rid) if rid is not None else None),
+        return (counts_frame(studio), rounds_frame(studio), status, loss, margins, acc,
+                gr.Dropdown(choices=round_choices(studio), value=str(rid) if rnd is not None else round_value),
                 gr.Dropdown(choices=round_choices(studio, done_only=True)))
 
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
@@ -126,10 +148,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                  request: gr.Request) -> tuple:
         if not methods_v:
             raise ValueError("pick at least one method")
-        config = {"methods": list(methods_v), "parent_id": int(parent_v or 0), "include_auto": bool(include_v),
-                  "learning_rate": float(lr_v), "num_epochs": float(epochs_v), "beta": float(beta_v),
-                  "lora_r": int(r_v), "lora_alpha": 2 * int(r_v), "sft_weight": float(sft_v),
-                  "eval_limit": int(eval_v), "povid_two_term": bool(two_term_v)}
+        lora_r = _number(r_v, "LoRA r", int)
+        config = {"methods": list(methods_v), "parent_id": parse_round(parent_v) or 0, "include_auto": bool(include_v),
+                  "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
+                  "beta": _number(beta_v, "DPO β"), "lora_r": lora_r, "lora_alpha": 2 * lora_r,
+                  "sft_weight": _number(sft_v, "SFT weight"), "eval_limit": _number(eval_v, "test items", int),
+                  "povid_two_term": bool(two_term_v)}
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
@@ -139,9 +163,10 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_cancel(round_v: str | None, request: gr.Request) -> tuple:
-        if round_v in (None, ""):
+        rid = parse_round(round_v)
+        if rid is None:
             raise ValueError("pick a round to cancel")
-        studio.cancel_round(int(round_v), request_user(request))
+        studio.cancel_round(rid, request_user(request))
         return refresh(round_v)
 
     cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
