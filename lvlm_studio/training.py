@@ -85,8 +85,12 @@ class DPORoundConfig:
     num_epochs: float = 3.0
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    # Tokens per prompt + answer; must cover the image tokens (the demo: 16–64).
-    max_length: int | None = 512
+    # Tokens per prompt + answer. The prompt holds the image's tokens: 16-64 for the demo, 576 for
+    # LLaVA-1.5 (336 px / 14 px patches), up to 2880 for LLaVA-1.6's any-res; TRL cuts longer rows
+    # and refuses rows whose image tokens were cut. train_round checks the prompt fits before it
+    # trains (check_sequence_lengths) and records how many answers were cut. None: no cut. 2048 is
+    # LLaVA-1.5's own training length (model_max_length): 576 image tokens + CSR's 512-token answers fit.
+    max_length: int | None = 2048
     lr_scheduler_type: str = "cosine"  # CSR reference: cosine with warmup 0.03
     warmup_ratio: float = 0.03
     max_steps: int = -1  # > 0 overrides num_epochs
@@ -594,6 +598,7 @@ def train_round(
     bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
+    lineage["lengths"] = check_sequence_lengths(processor, pairs, config.max_length)  # fails fast, clearly
     model = merge_chain(model, chain)
     base_dtype = model.dtype
     if config.quantization is not None:
@@ -683,29 +688,63 @@ def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
     }
 
 
+def _encode_turns(processor, image, prompt_text: str, answer: str | None = None):
+    """The chat prompt with its image, encoded by the processor (image tokens expanded), and the
+    answer's completion ids, the way TRL tokenises them: prompt and completion separately, the
+    completion being what the chat template puts after the prompt."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
+    if answer is None:
+        return enc, None
+    full = processor.apply_chat_template([*msgs, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+    completion = full[len(prompt) :] if full.startswith(prompt) else answer
+    comp = processor.tokenizer([completion], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return enc, comp
+
+
+def _pair_image(pair: dict):
+    from PIL import Image
+
+    if pair.get("image") is not None:
+        return pair["image"]
+    with Image.open(pair["image_path"]) as im:
+        return im.convert("RGB")
+
+
+def check_sequence_lengths(processor, pairs: Sequence[dict], max_length: int | None) -> dict[str, Any]:
+    """Before training: does the prompt, image tokens included, fit in ``max_length``? A prompt that
+    does not fit is a ValueError that says what to set (TRL would fail at the first step, or
+    train on rows whose image was cut). Measured on the first pair and the one with the longest
+    prompt text; every answer's length is counted. Returns the figures for the lineage, with how
+    many pairs will have an answer cut."""
+    if not pairs:
+        return {}
+    longest_prompt = max(range(len(pairs)), key=lambda i: len(str(pairs[i]["prompt"])))
+    prompt_tokens = max(int(_encode_turns(processor, _pair_image(pairs[i]), pairs[i]["prompt"])[0]["input_ids"].shape[1])
+                        for i in {0, longest_prompt})
+    tok = processor.tokenizer
+    answers = [max(len(tok(str(p["chosen"]), add_special_tokens=False)["input_ids"]),
+                   len(tok(str(p["rejected"]), add_special_tokens=False)["input_ids"])) for p in pairs]
+    out = {"prompt_tokens": prompt_tokens, "longest_answer_tokens": max(answers), "max_length": max_length,
+           "answers_cut": 0 if max_length is None else sum(prompt_tokens + a + 2 > max_length for a in answers)}
+    if max_length is not None and prompt_tokens >= max_length:
+        raise ValueError(
+            f"max_length {max_length} is too short for this model: a prompt with its image is {prompt_tokens} "
+            f"tokens, and the longest answer {max(answers)} more; set max_length to at least "
+            f"{prompt_tokens + max(answers) + 2} (--config max_length=N, or None for no limit)")
+    return out
+
+
 def sequence_logprobs(model, processor, pairs: Sequence[dict], which: str) -> list[float]:
     """Summed log-prob of each pair's ``which`` ("chosen"/"rejected") answer under ``model``
     (teacher-forced, same chat format as training). For checks and the UI's margin display."""
     import torch
-    from PIL import Image
 
-    tok = processor.tokenizer
     out = []
     model.eval()
     for p in pairs:
-        image = p.get("image")
-        if image is None:
-            with Image.open(p["image_path"]) as im:
-                image = im.convert("RGB")
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p["prompt"]}]}]
-        prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        full = processor.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": [{"type": "text", "text": p[which]}]}]
-        )
-        # TRL tokenises prompt and completion separately: the completion is what follows the prompt.
-        completion = full[len(prompt) :] if full.startswith(prompt) else p[which]
-        enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
-        comp = tok([completion], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        enc, comp = _encode_turns(processor, _pair_image(p), p["prompt"], p[which])
         ids = torch.cat([enc["input_ids"], comp], dim=1)
         with torch.no_grad():
             logits = model(

@@ -60,11 +60,14 @@ def coco_folder(root: Path) -> Path:
 
 @pytest.fixture
 def stand_ins(tmp_path_factory):
-    from lvlm_studio.models.tiny import build_tiny_llava
+    from lvlm_studio.models.tiny import TinyLlavaSpec, build_tiny_llava
 
     root = tmp_path_factory.mktemp("recipe")
     words = {w.strip(".").lower() for caption, _ in sum(SCENES.values(), []) for w in caption.split()}
-    vlm = build_tiny_llava(root / "llava", words=sorted(words))
+    # llava-1.5-7b's image geometry (336 px, 14 px patches: 576 image tokens per prompt), so the
+    # recipe's sequence lengths are the real model's; only the widths are tiny.
+    spec = TinyLlavaSpec(image_size=336, patch_size=14, max_positions=2048)
+    vlm = build_tiny_llava(root / "llava", words=sorted(words), spec=spec)
     return {"LVLM_STUDIO_MODEL": str(vlm), "LVLM_STUDIO_CLIP": str(save_tiny_clip(root / "clip")),
             "/data/coco": str(coco_folder(root / "coco"))}
 
@@ -103,6 +106,8 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 128
         lineage = json.loads((adapter / "lineage.json").read_text())
         assert lineage["base_model"] == stand_ins["LVLM_STUDIO_MODEL"]
+        # ... with room for the 576 image tokens and every answer (none cut),
+        assert lineage["lengths"]["prompt_tokens"] > 576 and lineage["lengths"]["answers_cut"] == 0
         # ... trained in bf16 with gradient checkpointing, as read off the trained model,
         hardware = {"device": "cpu", "dtype": "bfloat16", "quantization": None, "gradient_checkpointing": True}
         assert metrics["hardware"] == lineage["hardware"] == hardware

@@ -16,6 +16,7 @@ from lvlm_studio.training import (
     adapter_chain,
     balance_answer_prior,
     build_dpo_dataset,
+    check_sequence_lengths,
     load_base_model,
     materialize_round_model,
     merge_chain,
@@ -325,3 +326,25 @@ def test_sft_term_skips_automatic_answers_marked_unfit_to_imitate(tiny, tmp_path
         return sum(sequence_logprobs(merge_chain(model, [adapter]), processor, pairs[:4], "chosen"))
 
     assert kept_logp("with", sft_weight=1.0) > kept_logp("without", sft_weight=0.0) + 0.5
+
+
+def test_sequence_lengths_are_checked_before_training(tiny, tmp_path):
+    """A max_length that cannot hold the prompt with its image tokens fails before any step with
+    what to set (TRL would fail at the first step, or train on rows whose image was cut); one that
+    cuts answers is counted in the lineage."""
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny)
+    pairs = _pairs(4)
+    pairs[3] = {**pairs[3], "chosen": "There is a red circle. " * 6}  # the longest answer
+    full = check_sequence_lengths(processor, pairs, None)
+    image_tokens = AutoConfig.from_pretrained(tiny).image_seq_length  # 16 for the test model
+    assert full["prompt_tokens"] > image_tokens and full["answers_cut"] == 0
+    assert full["longest_answer_tokens"] > 6 * 5
+    cut = check_sequence_lengths(processor, pairs, full["prompt_tokens"] + 20)
+    assert cut["answers_cut"] == 1  # only the long one
+    with pytest.raises(ValueError, match=rf"max_length {image_tokens} is too short .* at least \d+"):
+        check_sequence_lengths(processor, pairs, image_tokens)
+    with pytest.raises(ValueError, match="too short"):
+        train_round(pairs, tiny, None, tmp_path / "a", DPORoundConfig(max_length=image_tokens, max_steps=1))
+    assert not (tmp_path / "a").exists()
