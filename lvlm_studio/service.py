@@ -721,7 +721,8 @@ class Studio:
         for bucket in margin_buckets([m for _, m, _ in rows], buckets):
             chunk = rows[start:start + len(bucket)]
             start += len(bucket)
-            by_bucket.append({"bucket": f"{bucket[0]:.3g} – {bucket[-1]:.3g}", "lo": bucket[0], "hi": bucket[-1],
+            name = f"{bucket[0]:.3g}" if bucket[0] == bucket[-1] else f"{bucket[0]:.3g} – {bucket[-1]:.3g}"
+            by_bucket.append({"bucket": name, "lo": bucket[0], "hi": bucket[-1],
                               "n": len(chunk), "override_rate": sum(o for _, _, o in chunk) / len(chunk)})
         return {
             "reviewers": reviewers,

@@ -249,3 +249,24 @@ def test_train_tab_starts_from_the_measured_round_defaults(home):
         assert fields["train-lora-r"] == d.lora_r and fields["train-povid-two-term"] is d.povid_two_term
     finally:
         studio.store.close()
+
+
+def test_tabs_open_on_the_newest_round(home):
+    """The Train tab's Round box starts on the newest round (Gradio's default, the first choice,
+    is round 0, which has no curve); Compare's metrics plot has one labelled tick per round."""
+    from lvlm_studio.ui.app import build_app
+    from lvlm_studio.ui.compare import metrics_plot_frame
+
+    studio = Studio(Settings(home=home), users={}, admins=())
+    try:
+        r1 = studio.store.create_round(0, "demo", {}, status="done")
+        studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.1, "recall": 0.9}})
+        studio.store.update_round(0, metrics={"eval": {"chair_s": 0.25, "recall": 0.95}})
+        demo = build_app(studio)
+        values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        assert values["train-round"] == str(r1)
+        frame = metrics_plot_frame(studio)
+        assert sorted(set(frame["round"])) == ["round 0", f"round {r1}"]
+        assert set(frame["metric"]) == {"CHAIR_s ↓", "recall ↑"} and frame["value"].dtype == float
+    finally:
+        studio.store.close()

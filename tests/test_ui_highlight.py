@@ -61,8 +61,8 @@ def test_pair_highlights_share_one_colour_map_normalised_over_both_candidates():
     hc, hr = pair_highlights(chosen, rejected)
     cmap = hc["color_map"]
     assert cmap == hr["color_map"]
-    assert cmap["+10.00"] == reward_color(-1) and cmap["+30.00"] == reward_color(1)
-    assert cmap["+20.00"] == reward_color(0)
+    assert cmap["+10.0"] == reward_color(-1) and cmap["+30.0"] == reward_color(1)
+    assert cmap["+20.0"] == reward_color(0)
     assert cmap["⚠ object"] == HALLUCINATION_COLOR
     assert hr["value"][0] == ("There", "⚠ object")
 
@@ -112,3 +112,29 @@ def test_review_info_renders_malformed_meta_as_text():
     assert "<b>text</b>" not in html
     assert "no SFT term" in html and "reward —" in html
     assert "pair #1" in _info_html({**view, "meta": "not a dict"})
+
+
+def test_plot_frames_are_typed_even_when_empty():
+    """Gradio picks category axes for an object-typed frame and keeps them when data arrives: the
+    Train curves then drew no lines and the override plot drew a rate of 0 as a full bar."""
+    import pandas as pd
+
+    from lvlm_studio.ui.data import override_frame
+    from lvlm_studio.ui.train import curve_frames
+
+    for frame in (*curve_frames([]), *curve_frames([{"step": 1, "loss": 0.69, "rewards/margins": 0.0}])):
+        assert pd.api.types.is_integer_dtype(frame["step"]) and pd.api.types.is_float_dtype(frame["value"])
+    loss = curve_frames([{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5}])[0]
+    assert loss["value"].tolist() == [0.69, 0.5]
+    empty = override_frame({"override_by_margin": []})
+    assert pd.api.types.is_float_dtype(empty["override rate"]) and pd.api.types.is_integer_dtype(empty["pairs"])
+
+
+def test_answer_panels_say_what_each_answer_trains_as():
+    from lvlm_studio.ui.review import panel_labels
+
+    assert panel_labels(None) == ("Chosen (automatic label)", "Rejected (automatic label)")
+    chosen, rejected = panel_labels({"status": "swap", "reviewer": "<b>ann</b>"})
+    assert "trains as REJECTED" in chosen and "trains as CHOSEN" in rejected
+    assert "not trained" in panel_labels({"status": "reject_both", "reviewer": "bob"})[0]
+    assert "accepted by bob" in panel_labels({"status": "accept", "reviewer": "bob"})[1]

@@ -41,8 +41,8 @@ CSS = """
   background: var(--background-fill-secondary); border:1px solid var(--border-color-primary); }
 .chip.mine { border-color: #16a34a; }
 .review-kind { margin-top:6px; font-size:.82rem; color: var(--body-text-color-subdued); }
-.review-progress { display:flex; align-items:center; gap:12px; font-size:.88rem; }
-.review-progress .bar { flex: 0 0 220px; height: 8px; border-radius: 4px; background: var(--background-fill-secondary);
+.review-progress { display:flex; flex-wrap:wrap; align-items:center; gap:4px 12px; font-size:.88rem; }
+.review-progress .bar { flex: 0 1 220px; min-width: 80px; height: 8px; border-radius: 4px; background: var(--background-fill-secondary);
   overflow:hidden; border:1px solid var(--border-color-primary); }
 .review-progress .bar > div { height:100%; background:#22c55e; }
 .review-legend { display:flex; flex-wrap:wrap; gap:16px; font-size:.8rem; color: var(--body-text-color-subdued); }
@@ -58,14 +58,17 @@ kbd { font-family: ui-monospace, monospace; font-size:.78rem; padding:0 5px; bor
   word-break: normal !important; overflow-wrap: anywhere; }
 #review-chosen .token-container, #review-rejected .token-container,
 #review-chosen .token, #review-rejected .token, #review-chosen .text, #review-rejected .text {
-  display: inline !important; word-break: normal !important; white-space: pre-wrap; }
+  display: inline !important; word-break: normal !important; white-space: normal; }
+/* Only the candidate's own text keeps its spaces; pre-wrap on the token wrappers also showed the
+   whitespace of Gradio's markup as ~40 px gaps between sentences. */
+#review-chosen .text, #review-rejected .text { white-space: pre-wrap; }
 #review-chosen .token.highlighted, #review-rejected .token.highlighted { padding: 3px 4px; border-radius: 5px; }
 #review-chosen .label, #review-rejected .label { display: inline-block; margin-left: 5px; font-size: .68rem;
   padding: 0 5px; border-radius: 4px; vertical-align: middle; line-height: 1.4; color: #1f2937 !important; }
 .msg { color: #15803d; font-size: .88rem; }
 table.compare { width:100%; border-collapse: collapse; font-size:.9rem; }
-table.compare th, table.compare td { border-bottom:1px solid var(--border-color-primary); padding:6px 8px;
-  vertical-align: top; text-align:left; }
+table.compare th, table.compare td { border: none; border-bottom:1px solid var(--border-color-primary);
+  padding:6px 8px; vertical-align: top; text-align:left; }
 table.compare td.item { white-space: nowrap; color: var(--body-text-color-subdued); }
 table.compare .prompt { font-size:.78rem; white-space: normal; max-width: 180px; }
 mark.hallu { background:#c084fc; color:#1f1f1f; border-radius:3px; padding:0 2px; }

@@ -27,8 +27,11 @@ def agreement_html(ag: dict) -> str:
 
 
 def override_frame(ag: dict) -> pd.DataFrame:
-    return pd.DataFrame([{"margin bucket": b["bucket"], "override rate": b["override_rate"], "pairs": b["n"]}
-                         for b in ag["override_by_margin"]], columns=["margin bucket", "override rate", "pairs"])
+    frame = pd.DataFrame([{"margin bucket": b["bucket"], "override rate": b["override_rate"], "pairs": b["n"]}
+                          for b in ag["override_by_margin"]], columns=["margin bucket", "override rate", "pairs"])
+    # Typed even when empty (no reviews yet): else Gradio draws a category y axis and keeps it, and a
+    # rate of 0 shows as a full-height bar.
+    return frame.astype({"margin bucket": str, "override rate": float, "pairs": int})
 
 
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:

@@ -68,7 +68,12 @@ def reward_color(norm: float) -> str:
 
 
 def reward_label(reward: float) -> str:
-    return f"{reward:+.2f}" if abs(reward) < 1000 else f"{reward:+.3g}"
+    """A sentence's calibrated reward as its badge: 2 decimals below 10, 1 up to 1000 (CSR's paper
+    rewards are CLIP-scale, tens), 3 significant digits beyond; never scientific notation below."""
+    size = abs(reward)
+    if size >= 1000:
+        return f"{reward:+.3g}"
+    return f"{reward:+.1f}" if size >= 10 else f"{reward:+.2f}"
 
 
 def _clip_spans(text: str, records: Sequence[dict] | None) -> list[dict]:

@@ -10,7 +10,13 @@ import gradio as gr
 from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import parse_round, round_choices, user_errors
-from lvlm_studio.ui.highlight import HALLUCINATION_COLOR, escape_text, pair_highlights, reward_color
+from lvlm_studio.ui.highlight import (
+    HALLUCINATION_COLOR,
+    escape_text,
+    pair_highlights,
+    reward_color,
+    reward_label,
+)
 
 # key -> (button elem_id, label). The page script (ui/app.py) clicks the button of a key.
 SHORTCUTS = {
@@ -56,7 +62,7 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
     meta = view.get("meta") if isinstance(view.get("meta"), dict) else {}
     if meta.get("sft") is False and status == "auto":
         low = meta.get("chosen_min_reward")
-        low_text = f"{low:.3g}" if isinstance(low, int | float) and not isinstance(low, bool) else "—"
+        low_text = reward_label(low) if isinstance(low, int | float) and not isinstance(low, bool) else "—"
         parts.append(
             '<div class="review-kind">training: DPO only, no SFT term: a sentence of the chosen answer has '
             f'reward {low_text}, below the bar for imitating it; a reviewed '
@@ -67,6 +73,23 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
         text = _KINDS.get(kind, kind) if isinstance(kind, str) else str(kind)
         parts.append(f'<div class="review-kind">rejected side: {escape_text(text)}</div>')
     return '<div class="review-info">' + "".join(parts) + "</div>"
+
+
+def panel_labels(label: dict | None) -> tuple[str, str]:
+    """Titles of the two answer panels: they always show the automatic chosen / rejected, so after
+    a decision the titles say what each answer now trains as."""
+    status = (label or {}).get("status", "auto")
+    who = (label or {}).get("reviewer") or "a reviewer"
+    if status == "swap":
+        return (f"Automatic chosen: swapped by {who}, trains as REJECTED",
+                f"Automatic rejected: swapped by {who}, trains as CHOSEN")
+    if status == "reject_both":
+        return (f"Automatic chosen: {who} rejected both, not trained", f"Automatic rejected: {who} rejected both, not trained")
+    if status == "edit":
+        return (f"Automatic chosen: replaced by {who}'s edit (see above)", "Rejected")
+    if status == "accept":
+        return f"Chosen (accepted by {who})", f"Rejected (accepted by {who})"
+    return "Chosen (automatic label)", "Rejected (automatic label)"
 
 
 def _progress_html(p: dict, reviewer: str) -> str:
@@ -89,7 +112,7 @@ def legend_html() -> str:
     keys = " ".join(f'<kbd>{k}</kbd> {escape_text(lbl)}' for k, (_, lbl) in SHORTCUTS.items())
     return (
         '<div class="review-legend">'
-        f"<span>sentence reward, pair-normalised: low {swatches} high</span>"
+        f"<span>badge: the sentence's calibrated reward; colour: low {swatches} high within this pair</span>"
         f'<span><span class="sw" style="background:{HALLUCINATION_COLOR}"></span> ⚠ injected hallucination</span>'
         f'<span class="keys">Keys: {keys}</span></div>'
     )
@@ -138,12 +161,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         prog = _progress_html(studio.progress(reviewer), reviewer)
         hidden = gr.Textbox(value="", visible=False)
         if view is None:
-            return (None, seen, None, _info_html(None, empty), gr.HighlightedText(value=None),
-                    gr.HighlightedText(value=None), prog, hidden, gr.Button(visible=False), "", msg)
+            title_c, title_r = panel_labels(None)
+            return (None, seen, None, _info_html(None, empty), gr.HighlightedText(value=None, label=title_c),
+                    gr.HighlightedText(value=None, label=title_r), prog, hidden, gr.Button(visible=False), "", msg)
         hc, hr = pair_highlights(view["chosen"], view["rejected"])
+        title_c, title_r = panel_labels(view.get("label"))
         return (view["pair_id"], seen, view["image_path"], _info_html(view),
-                gr.HighlightedText(value=hc["value"], color_map=hc["color_map"]),
-                gr.HighlightedText(value=hr["value"], color_map=hr["color_map"]),
+                gr.HighlightedText(value=hc["value"], color_map=hc["color_map"], label=title_c),
+                gr.HighlightedText(value=hr["value"], color_map=hr["color_map"], label=title_r),
                 prog, hidden, gr.Button(visible=False), "", msg)
 
     def load_next(reviewer: str, method_v: str, round_v: str, status_v: str, seen: list, msg: str = "") -> tuple:

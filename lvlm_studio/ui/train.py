@@ -46,9 +46,12 @@ def rounds_frame(studio: Studio) -> pd.DataFrame:
 
 def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     def long(keys: tuple[str, ...]) -> pd.DataFrame:
-        rows = [{"step": rec["step"], "series": k, "value": float(rec[k])}
+        rows = [{"step": int(rec["step"]), "series": k, "value": float(rec[k])}
                 for rec in curve for k in keys if isinstance(rec.get(k), int | float)]
-        return pd.DataFrame(rows, columns=["step", "series", "value"])
+        # Typed even when empty: an empty object-typed frame makes Gradio draw category axes, and
+        # it keeps them when the real curve arrives (a stack of value labels, no lines).
+        return pd.DataFrame(rows, columns=["step", "series", "value"]).astype({"step": int, "series": str,
+                                                                              "value": float})
 
     return long(LOSS_KEYS), long(MARGIN_KEYS), long(ACC_KEYS)
 
@@ -57,8 +60,8 @@ def status_html(rnd: dict | None) -> str:
     if rnd is None:
         return '<div class="round-status">No round selected.</div>'
     parts = [f"<b>Round {escape_text(rnd['id'])}</b> · status <b>{escape_text(rnd['status'])}</b>"]
-    if rnd.get("progress") is not None:
-        parts.append(f"progress {escape_text(rnd['progress'])}")
+    if isinstance(rnd.get("progress"), int | float):
+        parts.append(f"progress {100 * float(rnd['progress']):.0f}%")
     for key in ("started", "finished"):
         if rnd.get(key):
             parts.append(f"{key} {escape_text(rnd[key])}")
@@ -67,7 +70,8 @@ def status_html(rnd: dict | None) -> str:
         html += f'<div class="err">{escape_text(rnd["error"])}</div>'
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
-        shown = {k: ev[k] for k in ("chair_s", "chair_i", "recall", "pope_f1") if isinstance(ev.get(k), int | float)}
+        names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "recall": "recall", "pope_f1": "POPE F1"}
+        shown = {names[k]: ev[k] for k in names if isinstance(ev.get(k), int | float)}
         html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + "</div>"
     return html + "</div>"
 
@@ -94,7 +98,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         parent = gr.Dropdown(round_choices(studio, done_only=True), value="0", label="Start from round",
                              allow_custom_value=True, elem_id="train-parent")
         include_auto = gr.Checkbox(False, label="Also use unreviewed pairs (automatic label)",
-                                   elem_id="train-include-auto")
+                                   elem_id="train-include-auto", min_width=200)
     with gr.Accordion("Training parameters", open=False):
         with gr.Row():
             d = DPORoundConfig()  # the measured defaults (README), not a second set
@@ -102,14 +106,18 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             epochs = gr.Number(d.num_epochs, label="epochs", elem_id="train-epochs")
             beta = gr.Number(d.beta, label="DPO β", elem_id="train-beta")
             lora_r = gr.Number(d.lora_r, label="LoRA r", precision=0, elem_id="train-lora-r")
-            sft_weight = gr.Number(d.sft_weight, label="SFT weight (0 = pure DPO; 1 = STIC-style DPO+SFT)",
+            sft_weight = gr.Number(d.sft_weight, label="SFT weight", info="0 = pure DPO; 1 = STIC-style DPO + SFT",
                                    elem_id="train-sft")
             eval_n = gr.Number(60, label="test items to evaluate", precision=0, elem_id="train-eval-n")
-            povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss (text-hallucinated and "
-                                         "noisy-image pairs half each)", elem_id="train-povid-two-term")
+            povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
+                                         info="text-hallucinated and noisy-image pairs weigh half each",
+                                         elem_id="train-povid-two-term")
     with gr.Row():
         start = gr.Button("Start training round", variant="primary", elem_id="train-start")
-        selected = gr.Dropdown(round_choices(studio), label="Round", allow_custom_value=True, elem_id="train-round")
+        latest = [value for _, value in round_choices(studio) if value != "0"]
+        # The newest round, not Gradio's default first choice (round 0, which has no curve).
+        selected = gr.Dropdown(round_choices(studio), value=latest[-1] if latest else None, label="Round",
+                               allow_custom_value=True, elem_id="train-round")
         cancel = gr.Button("Cancel round", variant="stop", elem_id="train-cancel")
     status = gr.HTML(elem_id="train-status")
     with gr.Row():
