@@ -441,8 +441,14 @@ class CaptionScore:
     recalled: set[str]  # ground-truth objects mentioned at least once
 
 
-def score_caption(text: str, gt_objects: Iterable[Any], extractor: ObjectExtractor) -> CaptionScore:
-    gt = extractor.ground_truth(gt_objects)
+def score_caption(text: str, gt_objects: Iterable[Any], extractor: ObjectExtractor,
+                  captions: Iterable[str] = ()) -> CaptionScore:
+    """One caption against an image's ground truth: its annotated objects, plus the objects its
+    human ``captions`` name where the extractor defines that union (COCO: CHAIR's ground truth is
+    the instance categories ∪ the categories the reference captions mention)."""
+    captions = [c for c in captions or () if isinstance(c, str)]
+    union = getattr(extractor, "image_ground_truth", None)
+    gt = union(gt_objects, captions) if captions and union is not None else extractor.ground_truth(gt_objects)
     objects = extractor.extract(text)
     return CaptionScore(
         objects=objects,
@@ -706,7 +712,8 @@ def evaluate_backend(
                 rows.append({"item_id": item["item_id"], "answer": answer, "objects": None,
                              "hallucinated": None, "meta": {"kind": kind}})
                 continue
-            s = score_caption(answer, item.get("objects") or [], extractor)
+            s = score_caption(answer, item.get("objects") or [], extractor,
+                              captions=(item.get("meta") or {}).get("captions") or ())
             scores.append(s)
             n_words += len(answer.split())
             rows.append(

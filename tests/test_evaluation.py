@@ -248,3 +248,21 @@ def test_paired_chair_s_counts_disagreements_and_gives_mcnemars_exact_p():
     same = paired_chair_s_summary(paired_chair_s([True] * 5, [False] * 5), "A", "B")
     assert "p = 0.0625: within noise at p < 0.05" in same
     assert "nothing to compare" in paired_chair_s_summary(None, "A", "B")
+
+
+def test_coco_chair_counts_objects_the_human_captions_name(coco):
+    """CHAIR's ground truth on COCO is the instance categories ∪ the categories the reference
+    captions name (an import keeps the captions in the item's meta): a table the captions mention
+    is no hallucination although no instance annotates it."""
+    from PIL import Image
+
+    answer = "A man sits at a table with a cup of coffee."
+    item = {"item_id": 1, "image": Image.new("RGB", (8, 8)), "prompt": "describe", "objects": ["person", "cup"]}
+    backend = _CannedBackend({"describe": answer})
+    _, [bare] = evaluate_backend(backend, [item], coco, GenerationParams())
+    assert bare["hallucinated"] == ["dining table"]
+    with_captions = {**item, "meta": {"coco_id": 1, "captions": ["A man at a dining table drinks coffee."]}}
+    metrics, [row] = evaluate_backend(backend, [with_captions], coco, GenerationParams())
+    assert row["hallucinated"] == [] and metrics["chair_s"] == 0.0
+    assert sorted(row["meta"]["gt"]) == ["cup", "dining table", "person"]
+    assert score_caption(answer, ["person", "cup"], coco, captions=["A table."]).hallucinated == []
