@@ -1086,13 +1086,17 @@ class Store:
             label = row["label"]
             if label["status"] == "reject_both" or (label["status"] == "auto" and not include_auto):
                 continue
+            meta = row["meta"] if isinstance(row["meta"], dict) else {}
+            pair_prompt = meta.get("pair_prompt")
             out.append(
                 {
                     "pair_id": row["id"],
                     "item_id": row["item_id"],
                     "image_id": row["image_id"],
                     "image_path": row["image_path"],
-                    "prompt": row["prompt"],
+                    # A pair made for another prompt than its item's (STIC: the chosen side answers
+                    # the step-by-step prompt) trains and exports with that prompt.
+                    "prompt": pair_prompt if isinstance(pair_prompt, str) and pair_prompt.strip() else row["prompt"],
                     "chosen": label["chosen_text"],
                     "rejected": label["rejected_text"],
                     "method": row["method"],

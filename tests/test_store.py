@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 
@@ -452,3 +453,23 @@ def test_queue_cursor_matches_brute_force_under_random_operations(store, make_pa
             if got is not None and rng.random() < 0.8:
                 s.add_review(got, reviewer, "accept")
     other.close()
+
+
+def test_a_pair_made_for_another_prompt_trains_and_exports_with_it(store, make_items, tmp_path):
+    """STIC's chosen side answers its step-by-step prompt, not the item's ("Describe the image."):
+    the pair's meta pair_prompt is the prompt training and exports use; other pairs keep the item's."""
+    from lvlm_studio import io
+
+    stic_item, plain_item = make_items(2, seed0=7000)
+    step_by_step = "Describe the image step by step: the subjects, the setting, the colours."
+    store.write_generation(stic_item, [{"text": "A red circle.", "source": "stic"},
+                                       {"text": "A red circle and a dragon.", "source": "stic"}],
+                           [{"chosen": 0, "rejected": 1, "method": "stic", "meta": {"pair_prompt": step_by_step}}])
+    store.write_generation(plain_item, [{"text": "A blue star.", "source": "csr"}, {"text": "A cat.", "source": "csr"}],
+                           [{"chosen": 0, "rejected": 1, "method": "csr", "meta": {"pair_prompt": "  "}}])
+    prompts = {p["method"]: p["prompt"] for p in store.training_pairs(include_auto=True)}
+    assert prompts["stic"] == step_by_step
+    assert prompts["csr"] == store.get_item(plain_item)["prompt"]  # a blank pair_prompt is no prompt
+    io.export_pairs(store, "llava", tmp_path / "out", include_auto=True, methods=["stic"])
+    [record] = json.loads((tmp_path / "out" / "llava_dpo.json").read_text())
+    assert step_by_step in record["conversations"][0]["value"]

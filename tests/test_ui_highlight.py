@@ -138,3 +138,14 @@ def test_answer_panels_say_what_each_answer_trains_as():
     assert "trains as REJECTED" in chosen and "trains as CHOSEN" in rejected
     assert "not trained" in panel_labels({"status": "reject_both", "reviewer": "bob"})[0]
     assert "accepted by bob" in panel_labels({"status": "accept", "reviewer": "bob"})[1]
+
+
+def test_review_info_shows_the_prompt_a_pair_trains_with():
+    from lvlm_studio.ui.review import _info_html
+
+    view = {"pair_id": 2, "method": "stic", "round": 0, "margin": None, "prompt": "Describe the image.",
+            "label": {"status": "auto"}, "meta": {"pair_prompt": "Step by step: <the subjects>."}}
+    html = _info_html(view)
+    assert "Answers written for (and trained with)" in html and "Step by step: &lt;the subjects&gt;." in html
+    same = {**view, "meta": {"pair_prompt": "Describe the image."}}
+    assert "trained with" not in _info_html(same)

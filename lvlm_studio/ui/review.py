@@ -56,6 +56,10 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
         + (f'<span class="chip mine">your decision: {escape_text(mine)}</span>' if mine else "")
         + "</div>",
     ]
+    meta_prompt = (view.get("meta") or {}).get("pair_prompt") if isinstance(view.get("meta"), dict) else None
+    if isinstance(meta_prompt, str) and meta_prompt.strip() and meta_prompt != view["prompt"]:
+        parts.append('<div class="review-prompt"><span class="k">Answers written for (and trained with)</span> '
+                     f'{escape_text(meta_prompt)}</div>')
     if status == "edit" and label.get("chosen_text"):  # what training will use as the chosen side
         parts.append('<div class="review-edited"><span class="k">Edited chosen answer (trains as chosen)</span> '
                      f'{escape_text(label["chosen_text"])}</div>')
