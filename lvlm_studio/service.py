@@ -566,10 +566,16 @@ class Studio:
         report["no_pair"] += len(items) - len(usable)
         backend = self.backend(model, round_id) if config.make_image_rejected else None
         world_vocab = self._world_vocabulary(povid) if any(self._is_world(it) for it in usable) else None
+        dataset_vocab: dict[str, Any] = {}
+        for it in usable:
+            name = it.get("dataset") or "default"
+            if not self._is_world(it) and name not in dataset_vocab:
+                dataset_vocab[name] = self._dataset_vocabulary(povid, name)
         step = max(1, config.batch_size)
         for lo in range(0, len(usable), step):
             chunk = usable[lo:lo + step]
-            groups = [(world_vocab if self._is_world(it) else None) for it in chunk]
+            groups = [(world_vocab if self._is_world(it) else dataset_vocab[it.get("dataset") or "default"])
+                      for it in chunk]
             # one call per vocabulary (world items use the world's words and co-occurrence prior)
             for vocab in {id(v): v for v in groups}.values():
                 sub = [it for it, v in zip(chunk, groups, strict=True) if v is vocab]
@@ -582,6 +588,16 @@ class Studio:
             if progress:
                 k = min(lo + step, len(usable))
                 progress(k, len(usable), f"POVID: {k}/{len(usable)} items")
+
+    def _dataset_vocabulary(self, povid: Any, dataset: str) -> Any:
+        """POVID's vocabulary for an imported dataset: the default (COCO) words plus the dataset's
+        own objects, with co-occurrence counted over its annotated images, so an injected object is
+        one that co-occurs with the answer's objects (the paper's "co-occurring absent objects")
+        rather than a uniform draw. None when no image of the dataset is annotated."""
+        sets = [set(map(str, it["objects"])) for it in self.store.list_items(dataset=dataset) if it.get("objects")]
+        if not sets:
+            return None
+        return povid.Vocabulary.from_object_sets(sets, objects=sorted(set(povid.COCO_OBJECTS).union(*sets)))
 
     @staticmethod
     def _world_vocabulary(povid: Any) -> Any:

@@ -299,3 +299,27 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
     res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?")
     assert len(res["items"]) == 1 and res["rejected"][0]["file"] == "bad.png"
+
+
+def test_povid_on_an_imported_dataset_injects_objects_that_co_occur_there(studio, tmp_path):
+    """On non-world items POVID's injector learns co-occurrence from the dataset's annotated images
+    (the paper's "co-occurring absent objects"); before, it drew uniformly from 80 COCO names."""
+    import json
+
+    from conftest import write_image
+
+    rows = []
+    for k in range(6):  # dogs are seen with frisbees, never with anything else
+        write_image(tmp_path / f"d{k}.png", seed=50 + k)
+        rows.append({"image": f"d{k}.png", "prompt": "Describe.", "objects": ["dog", "frisbee"]})
+    write_image(tmp_path / "q.png", seed=70)
+    rows.append({"image": "q.png", "prompt": "Describe the image.", "objects": ["dog"],
+                 "reference": "A dog sits on the grass."})
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    studio.import_path(tmp_path / "set.jsonl", dataset="pets")
+    [item] = [it for it in studio.store.list_items(dataset="pets") if it.get("reference")]
+    rep = studio.generate("povid", item_ids=[item["id"]], seed=3,
+                          params={"make_image_rejected": False, "categories": ["object"], "n_injections": 1})
+    assert rep["pairs"] == 1
+    [pair] = studio.store.training_pairs(include_auto=True, methods=["povid"])
+    assert "frisbee" in pair["rejected"] and pair["chosen"] == "A dog sits on the grass."
