@@ -579,11 +579,20 @@ def build_pope_questions(
             negatives = rng.sample(absent, min(n, len(absent)))
         elif strategy == "popular":
             negatives = sorted(absent, key=lambda o: (-frequency[o], vocab_order.get(o, 0)))[:n]
-        else:  # adversarial: most co-occurring with what is present
-            score = Counter()
+        else:  # adversarial, as POPE's reference: each positive brings its own top co-occurring absent object
+            negatives = []
+            for p in positives:
+                partners = co.get(p, Counter())
+                ranked = sorted(absent, key=lambda o: (-partners[o], -frequency[o], vocab_order.get(o, 0)))
+                pick = next((o for o in ranked if o not in negatives), None)
+                if pick is not None:
+                    negatives.append(pick)
+            score = Counter()  # fewer positives than n: top up by co-occurrence with all that is present
             for p in present:
                 score.update(co.get(p, Counter()))
-            negatives = sorted(absent, key=lambda o: (-score[o], -frequency[o], vocab_order.get(o, 0)))[:n]
+            rest = sorted((o for o in absent if o not in negatives), key=lambda o: (-score[o], -frequency[o],
+                                                                                     vocab_order.get(o, 0)))
+            negatives += rest[: max(0, n - len(negatives))]
         for label, chosen in (("yes", positives), ("no", negatives)):
             for obj in chosen:
                 out.append(

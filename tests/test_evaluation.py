@@ -266,3 +266,18 @@ def test_coco_chair_counts_objects_the_human_captions_name(coco):
     assert row["hallucinated"] == [] and metrics["chair_s"] == 0.0
     assert sorted(row["meta"]["gt"]) == ["cup", "dining table", "person"]
     assert score_caption(answer, ["person", "cup"], coco, captions=["A table."]).hallucinated == []
+
+
+def test_pope_adversarial_negatives_follow_each_positive():
+    """POPE's reference takes, for each sampled ground-truth object, its own most co-occurring absent
+    object. Summing co-occurrence over all present objects instead lets an object that goes with
+    everything a little (z) push out c's partner (y)."""
+    pool: dict[int, set[str]] = {}
+    counts = [({"a", "x"}, 10), ({"a", "w"}, 9), ({"b", "w"}, 8), ({"b", "x"}, 7), ({"c", "y"}, 5),
+              ({"a", "z"}, 4), ({"b", "z"}, 4), ({"c", "z"}, 4)]
+    for objs, k in counts:
+        for _ in range(k):
+            pool[len(pool)] = objs
+    vocab = ["a", "b", "c", "w", "x", "y", "z"]
+    qs = build_pope_questions({"img": {"a", "b", "c"}}, vocab, "adversarial", n=3, statistics=pool)
+    assert sorted(q["object"] for q in qs if q["label"] == "no") == ["w", "x", "y"]
