@@ -370,8 +370,19 @@ class CocoExtractor:
     def vocabulary(self) -> list[str]:
         return list(self.synonyms)
 
+    def _singular(self, word: str) -> str:
+        """The singular of a plural, preferring a form the vocabulary knows: the rules cannot tell
+        "taxis" (taxi) from "axis", "collies" (collie) from "lilies", so the known word decides
+        (policemen, grandchildren, minibuses, corgis, tvs, ...)."""
+        guesses = [word[:-3] + "man" if word.endswith("men") else None,
+                   word[:-3] if word.endswith("children") else None,
+                   word[:-1] if word.endswith("s") else None,
+                   word[:-2] if word.endswith("es") else None]
+        known = next((g for g in guesses if g and g in self._keep), None)
+        return known or singularize(word)
+
     def _norm(self, word: str) -> str:
-        return word if word in self._keep else singularize(word)
+        return word if word in self._keep else self._singular(word)
 
     def mentions(self, text: str) -> list[Mention]:
         toks = [(self._norm(w), s, e) for w, s, e in _tokens(text or "")]
@@ -380,6 +391,11 @@ class CocoExtractor:
         while i < len(toks):
             three = " ".join(t[0] for t in toks[i : i + 3])
             two = " ".join(t[0] for t in toks[i : i + 2])
+            if i + 1 < len(toks) and two not in self.double:
+                # A kept plural ("bikes" is a bicycle synonym) may still end a two-word name
+                # ("motor bikes" is a motorcycle).
+                alt = f"{toks[i][0]} {self._singular(toks[i + 1][0])}"
+                two = alt if alt in self.double else two
             if i + 2 < len(toks) and three in self.triple:
                 merged.append((three, toks[i][1], toks[i + 2][2]))
                 i += 3
