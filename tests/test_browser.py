@@ -147,10 +147,10 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         # Generate tab: POVID with the shipped demo model (the noisy-image branch runs the model)
         page.get_by_role("tab", name="Generate").click()
         page.locator("#gen-run").click()
-        expect(page.locator("#gen-result")).to_contain_text('"pairs"', timeout=120_000)
+        expect(page.locator("#gen-summary")).to_contain_text("pairs from", timeout=120_000)
         made = studio.store.count_pairs("povid")
         assert made >= 3  # 3 train items: text-injection and noisy-image pairs
-        expect(page.locator("#gen-result")).to_contain_text(f'"pairs": {made}')
+        expect(page.locator("#gen-summary")).to_contain_text(f"POVID from round 0: {made} pairs from")
         view = studio.next_pair("guest", method="povid")  # what Review will show
         assert studio.store.get_candidate(view["rejected"]["id"])["params"]["method"] == "povid"
 
@@ -160,8 +160,9 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         page.locator("#data-upload input[type=file]").set_input_files([str(good), str(bad)])
         page.wait_for_timeout(1500)  # the upload finishes before the button reads the files
         page.locator("#data-upload-run").click()
-        result = page.locator("#data-result")
-        expect(result).to_contain_text("notes.png", timeout=30_000)
+        result = page.locator("#data-summary")  # the readable report (the JSON is folded away)
+        expect(result).to_contain_text("1 images added, 1 refused", timeout=30_000)
+        expect(result).to_contain_text("notes.png")
         assert studio.store.count_items() == items_before + 1
         uploaded = studio.store.list_items(dataset="uploads")
         assert len(uploaded) == 1 and uploaded[0]["prompt"] == "Describe the image."

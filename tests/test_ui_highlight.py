@@ -149,3 +149,18 @@ def test_review_info_shows_the_prompt_a_pair_trains_with():
     assert "Answers written for (and trained with)" in html and "Step by step: &lt;the subjects&gt;." in html
     same = {**view, "meta": {"pair_prompt": "Describe the image."}}
     assert "trained with" not in _info_html(same)
+
+
+def test_reports_read_as_a_few_escaped_lines():
+    from lvlm_studio.ui.common import report_markdown
+
+    gen = report_markdown({"method": "csr", "round": 0, "items": 6, "skipped": 0, "pairs": 5, "no_pair": 1,
+                           "seconds": 1.2, "note": "1 item(s) gave no pair (<why>)"})
+    assert "**CSR** from round 0: **5 pairs** from 6 items" in gen and "&lt;why&gt;" in gen
+    imp = report_markdown({"source": "x", "format": "jsonl", "imported": 2, "pairs": 1, "skipped": 12,
+                           "ignored": 0, "status": "partial", "errors": [f"line {k}: <bad>" for k in range(12)]})
+    assert "Import **partial**" in imp and imp.count("\n- ") == 11 and "and 2 more" in imp
+    assert "&lt;bad&gt;" in imp and "<bad>" not in imp
+    assert "Exported **3 pairs**" in report_markdown({"format": "trl", "folder": "/x", "pairs": 3, "images": 2})
+    assert "**1 images added**, 1 refused" in report_markdown({"items": [4], "rejected": [{"file": "a", "reason": "b"}]})
+    assert report_markdown(None) == ""

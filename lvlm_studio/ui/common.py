@@ -57,3 +57,40 @@ def parse_round(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):  # the dropdowns accept typed values
         raise ValueError(f"no round {str(value)[:40]!r}: pick a round from the list (a round number)") from None
+
+
+def report_markdown(report: dict | None) -> str:
+    """A few readable lines for the reports the Generate and Data tabs get back (generate, import,
+    upload, export); the JSON stays one click away. Every value from the report is escaped."""
+    from lvlm_studio.ui.highlight import escape_text as esc
+
+    if not isinstance(report, dict) or not report:
+        return ""
+    lines: list[str] = []
+    if "method" in report and "no_pair" in report:  # generate
+        lines.append(f"**{esc(str(report['method']).upper())}** from round {esc(report.get('round'))}: "
+                     f"**{esc(report.get('pairs'))} pairs** from {esc(report.get('items'))} items "
+                     f"in {esc(report.get('seconds'))} s; {esc(report.get('skipped'))} skipped (already done), "
+                     f"{esc(report['no_pair'])} without a pair")
+        if report.get("existence_pairs"):
+            lines.append(f"plus {esc(report['existence_pairs'])} yes/no pairs")
+        if report.get("note"):
+            lines.append(esc(report["note"]))
+    elif "imported" in report:  # import
+        lines.append(f"Import **{esc(report.get('status'))}** ({esc(report.get('format'))}): "
+                     f"{esc(report['imported'])} records, {esc(report.get('pairs'))} new pairs, "
+                     f"{esc(report.get('skipped'))} refused, {esc(report.get('ignored'))} files ignored")
+        errors = report.get("errors") or []
+        lines += [f"- {esc(e)}" for e in errors[:10]]
+        if len(errors) > 10:
+            lines.append(f"- … and {len(errors) - 10} more (see the JSON)")
+    elif "rejected" in report and "items" in report:  # upload
+        lines.append(f"**{len(report['items'])} images added**, {len(report['rejected'])} refused")
+        lines += [f"- {esc(r.get('file'))}: {esc(r.get('reason'))}" for r in report["rejected"][:10]]
+    elif "pairs" in report and "format" in report:  # export
+        lines.append(f"Exported **{esc(report['pairs'])} pairs** ({esc(report.get('images'))} images) as "
+                     f"{esc(report['format'])}: download the zip beside")
+    out = ""
+    for prev, line in zip(["", *lines], lines, strict=False):  # a bullet list stays one list
+        out += ("\n" if prev.startswith("- ") and line.startswith("- ") else "\n\n" if out else "") + line
+    return out

@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.service import EXPORT_FORMATS, METHODS, Studio
-from lvlm_studio.ui.common import user_errors
+from lvlm_studio.ui.common import report_markdown, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 
@@ -57,7 +57,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             ex_auto = gr.Checkbox(False, label="Include unreviewed pairs (automatic label)")
             export = gr.Button("Export", elem_id="data-export-run")
             download = gr.File(label="Download", elem_id="data-download")
-    result = gr.JSON(label="Result", elem_id="data-result")
+    summary = gr.Markdown(elem_id="data-summary")
+    with gr.Accordion("Report (JSON)", open=False):
+        result = gr.JSON(label="Result", elem_id="data-result")
     gr.Markdown("### Statistics")
     refresh = gr.Button("Refresh statistics", elem_id="data-stats-refresh")
     with gr.Row(equal_height=False):
@@ -74,7 +76,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return studio.upload_images(list(paths), prompt=prompt_v or "Describe the image.",
                                     dataset=dataset_v or "uploads")
 
-    upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images")
+    upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images").then(
+        report_markdown, [result], [summary], api_name=False)
 
     @user_errors
     def on_import(path_v, kind_v, dataset_v) -> dict:
@@ -82,7 +85,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             raise ValueError("type a path first")
         return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None)
 
-    do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path")
+    do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path").then(
+        report_markdown, [result], [summary], api_name=False)
 
     @user_errors
     def on_export(fmt_v, methods_v, auto_v) -> tuple:
@@ -91,7 +95,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         shown = {("folder" if k == "path" else k): v for k, v in rep.items()}
         return shown, rep["zip"]
 
-    export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export")
+    export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export").then(
+        report_markdown, [result], [summary], api_name=False)
 
     def on_stats() -> tuple:
         ag = studio.agreement()

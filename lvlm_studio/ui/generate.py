@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from lvlm_studio.service import METHODS, Studio
-from lvlm_studio.ui.common import parse_round, round_choices, user_errors
+from lvlm_studio.ui.common import parse_round, report_markdown, round_choices, user_errors
 
 DEFAULT_PARAMS = {
     "csr": {},  # CSRConfig's defaults; fewer candidates leave most world items without a pair
@@ -34,7 +34,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     params = gr.Code(json.dumps(DEFAULT_PARAMS["povid"], indent=1), language="json",
                      label="Method parameters (JSON, fields of the method's config)", elem_id="gen-params")
     run = gr.Button("Generate pairs", variant="primary", elem_id="gen-run")
-    result = gr.JSON(label="Result", elem_id="gen-result")
+    summary = gr.Markdown(elem_id="gen-summary")
+    with gr.Accordion("Report (JSON)", open=False):
+        result = gr.JSON(label="Result", elem_id="gen-result")
 
     method.change(lambda m: json.dumps(DEFAULT_PARAMS.get(m, {}), indent=1), [method], [params], api_name=False)
 
@@ -57,6 +59,6 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
 
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
-              concurrency_limit=1)
+              concurrency_limit=1).then(report_markdown, [result], [summary], api_name=False)
     demo.load(lambda: gr.Dropdown(choices=round_choices(studio, done_only=True)), None, [round_], api_name=False)
     return {}
