@@ -35,6 +35,7 @@ from lvlm_studio.config import Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2  # typer's own usage errors use 2 as well
 EXIT_PARTIAL = 3
 
 app = typer.Typer(
@@ -165,6 +166,8 @@ def import_cmd(
     """Import images, items and pairs. Exit 3 when some records were refused (partial)."""
     from lvlm_studio import io
 
+    if format not in io.IMPORT_FORMATS:
+        raise CLIError(f"unknown import format {format!r}; expected one of {', '.join(io.IMPORT_FORMATS)}", EXIT_USAGE)
     s = settings()
     store = open_store(s)
     try:
@@ -196,8 +199,8 @@ def import_cmd(
     if report.status == "partial":
         raise typer.Exit(EXIT_PARTIAL)
     if report.status == "failed":
-        if not as_json:
-            typer.echo("error: nothing was imported", err=True)
+        # stderr says so in --json mode too, as every other failing command does
+        typer.echo("error: nothing was imported" + (f" ({report.errors[0]})" if report.errors else ""), err=True)
         raise typer.Exit(EXIT_FAILURE)
 
 
@@ -216,6 +219,8 @@ def export_cmd(
     """Export labelled pairs for training (TRL, LLaVA JSON, LLaMA-Factory)."""
     from lvlm_studio import io
 
+    if format not in io.EXPORT_FORMATS:
+        raise CLIError(f"unknown export format {format!r}; expected one of {', '.join(io.EXPORT_FORMATS)}", EXIT_USAGE)
     store = open_store()
     try:
         report = io.export_pairs(
@@ -320,9 +325,10 @@ def parse_pairs(values: list[str] | None, option: str, allowed: set[str] | None 
         key, sep, value = raw.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CLIError(f"{option} {raw!r}: expected key=value (e.g. {option} num_candidates=4)")
+            raise CLIError(f"{option} {raw!r}: expected key=value (e.g. {option} num_candidates=4)", EXIT_USAGE)
         if allowed is not None and key not in allowed:
-            raise CLIError(f"{option} {key!r}: unknown {owner} option; valid: {', '.join(sorted(allowed))}")
+            raise CLIError(f"{option} {key!r}: unknown {owner} option; valid: {', '.join(sorted(allowed))}",
+                           EXIT_USAGE)
         out[key] = parse_value(value.strip())
     return out
 
@@ -334,7 +340,7 @@ def check_types(cls: type, values: dict[str, Any], option: str) -> dict[str, Any
     try:
         return check_option_types(cls, values, option)
     except ValueError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(str(exc), EXIT_USAGE) from None
 
 
 def parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -343,9 +349,9 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise CLIError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+        raise CLIError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,3", EXIT_USAGE) from None
     if not values:
-        raise CLIError(f"{option} is empty")
+        raise CLIError(f"{option} is empty", EXIT_USAGE)
     return values
 
 
@@ -408,6 +414,7 @@ def round_summary(row: dict) -> dict:
         "id": row["id"],
         "parent": row.get("parent_id"),
         "status": row["status"],
+        "pid": row.get("pid"),
         "progress": row.get("progress"),
         "chair_s": ev.get("chair_s"),
         "chair_i": ev.get("chair_i"),
@@ -548,6 +555,8 @@ def demo_seed_cmd(
         s.store.close()
     result = {"ok": True, **report, "tables": stats["tables"]}
     pairs_text = ", ".join(f"{k} {v}" for k, v in report["pairs"].items()) or "none"
+    if report.get("existence_pairs"):
+        pairs_text += f" (+ {report['existence_pairs']} CSR yes/no pairs)"
     emit(result, as_json, f"{report['message']}: {report['items']} new items, new pairs: {pairs_text} "
                           f"(store: {stats['tables'].get('items', 0)} items, {stats['tables'].get('pairs', 0)} pairs)")
 
@@ -571,12 +580,12 @@ def generate_cmd(
     from lvlm_studio.service import METHODS
 
     if method not in METHODS:
-        raise CLIError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise CLIError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}", EXIT_USAGE)
     item_ids = parse_ints(items, "--items")
     if item_ids is not None and dataset is not None:
-        raise CLIError("give either --items or --dataset/--split, not both")
+        raise CLIError("give either --items or --dataset/--split, not both", EXIT_USAGE)
     if n is not None and n < 1:
-        raise CLIError(f"--n must be at least 1, not {n}")
+        raise CLIError(f"--n must be at least 1, not {n}", EXIT_USAGE)
     params = method_params(method, param)
     s = studio(model=model, clip=clip)
     try:
@@ -595,8 +604,10 @@ def generate_cmd(
         if not report["items"]:
             return (f"{method}: nothing to do ({report['skipped']} items already have {method} pairs for "
                     f"round {report['round']}; 0 new pairs)")
-        return (f"{method}: {report['items']} items -> {report['pairs']} new pairs ({report['no_pair']} items gave "
-                f"no pair); {report['skipped']} items already done, skipped; {report['seconds']} s")
+        extra = f" + {report['existence_pairs']} yes/no pairs" if report.get("existence_pairs") else ""
+        return (f"{method}: {report['items']} items -> {report['pairs']} new pairs{extra} ({report['no_pair']} items "
+                f"gave no pair); {report['skipped']} items already done, skipped; {report['seconds']} s"
+                + (f"\n{report['note']}" if report.get("note") else ""))
 
     emit(result, as_json, human)
 
@@ -685,12 +696,12 @@ def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5)
     s = settings()
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = tqdm(total=100, desc=f"round {round_id}", unit="%", file=sys.stderr, disable=None,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}|")
     try:
         while True:
             row = jobs.status(s, round_id)
             bar.n = round(100 * float(row.get("progress") or 0.0), 1)
-            bar.set_postfix_str(row["status"])
+            bar.set_description_str(f"round {round_id} {row['status']}")  # a postfix came out as ", running"
             if row["status"] in jobs.TERMINAL:
                 return row
             if deadline is not None and time.monotonic() > deadline:
@@ -774,6 +785,8 @@ def compare_cmd(
     objects marked in square brackets)."""
     from lvlm_studio.evaluation import paired_chair_s_summary
 
+    if limit is not None and limit < 0:
+        raise CLIError(f"--limit must be 0 or more, not {limit}", EXIT_USAGE)
     s = studio()
     try:
         for rid in (a, b):
@@ -795,6 +808,9 @@ def compare_cmd(
                      f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float) else None]
                     for name, k in (("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
                                     ("POPE F1", "pope_f1"), ("answers", "answers"))])]
+    if ma.get("answers") and mb.get("answers") and ma["answers"] != mb["answers"]:
+        lines.append(f"the metrics above are over different answer sets ({ma['answers']} vs {mb['answers']}); "
+                     "the caption-by-caption line below compares the same captions")
     if res["paired"]:
         lines.append(paired_chair_s_summary(res["paired"], f"round {a}", f"round {b}"))
     missing = [m["round"] for m in res["metrics"] if not m.get("answers")]
@@ -824,9 +840,9 @@ def eval_cmd(
     from lvlm_studio.world.scenes import SPLITS
 
     if split not in SPLITS:
-        raise CLIError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise CLIError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}", EXIT_USAGE)
     if n < 1 or max_new_tokens < 1:
-        raise CLIError("--n and --max-new-tokens must be at least 1")
+        raise CLIError("--n and --max-new-tokens must be at least 1", EXIT_USAGE)
     s = studio(model=model)
     try:
         if s.store.get_round(round) is None:

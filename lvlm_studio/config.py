@@ -59,6 +59,8 @@ class Settings:
         return self.home / "runs"
 
     def ensure_dirs(self) -> Settings:
+        if self.home.exists() and not self.home.is_dir():
+            raise ValueError(f"the data root {self.home} is a file, not a folder (LVLM_STUDIO_HOME)")
         for path in (self.home, self.images_dir, self.adapters_dir, self.runs_dir):
             path.mkdir(parents=True, exist_ok=True)
         return self

@@ -194,9 +194,11 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
         row = store.get_round(round_id)
         if row is None:
             raise JobError(f"round {round_id} does not exist")
+        # Every round of the chain must have finished: a failed or cancelled round has no adapter,
+        # and skipping it would silently train from its own parent.
+        if row["status"] != "done":
+            raise JobError(f"round {round_id} is {row['status']}, not done: it cannot be a parent")
         if row["adapter_path"]:
-            if row["status"] != "done":
-                raise JobError(f"round {round_id} is {row['status']}, not done: it cannot be a parent")
             chain.insert(0, row["adapter_path"])
         round_id = row["parent_id"]
     return chain

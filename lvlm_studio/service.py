@@ -354,6 +354,8 @@ class Studio:
             res = self.generate(method, model="demo", item_ids=ids, seed=seed,
                                 params=_DEMO_SEED_PARAMS.get(method), progress=progress)
             report["pairs"][method] = res["pairs"]
+            if res.get("existence_pairs"):  # CSR's yes/no pairs, on their own question items
+                report["existence_pairs"] = res["existence_pairs"]
         report["message"] = "seeded demo items and pairs"
         return report
 

@@ -96,19 +96,19 @@ def test_import_export_stats_flow(home, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["import", "/definitely/not/here"], "no such file or directory"),
-        (["import", ".", "--format", "xml"], "unknown import format"),
-        (["export", "--format", "csv", "OUT", "--include-auto"], "unknown export format"),
+        (["import", "/definitely/not/here"], "no such file or directory", 1),
+        (["import", ".", "--format", "xml"], "unknown import format", 2),  # a bad option value: usage
+        (["export", "--format", "csv", "OUT", "--include-auto"], "unknown export format", 2),
     ],
 )
-def test_user_errors_exit_1_without_traceback(home, args, message):
+def test_user_errors_exit_1_without_traceback(home, args, message, code):
     result = run(*args)
-    assert result.exit_code == 1
+    assert result.exit_code == code
     assert message in result.stderr and "Traceback" not in result.output
     result = run(*args, "--json")
-    assert result.exit_code == 1 and json.loads(result.stdout) == {
+    assert result.exit_code == code and json.loads(result.stdout) == {
         "ok": False,
         "error": result.stderr[7:].strip(),
     }
@@ -128,3 +128,25 @@ def test_main_entry_point(home):
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monkeypatch):
+    """Bad option values are usage errors (exit 2, as the README says); a failed import says so on
+    stderr under --json too; a data root that is a file is one error line, not a traceback."""
+    for args, message in ((["compare", "0", "0", "--limit", "-1"], "--limit must be 0 or more"),
+                          (["train", "--config", "learning_rate=fast"], "expected float"),
+                          (["train", "--config", "nonsense"], "expected key=value"),
+                          (["generate", "--method", "dpo"], "unknown method")):
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, args
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("nope")
+    result = run("import", str(tmp_path / "bad"), "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["status"] == "failed"
+    assert result.stderr.startswith("error: nothing was imported")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("LVLM_STUDIO_HOME", str(afile))
+    result = run("rounds", "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert json.loads(result.stdout)["error"].startswith(f"the data root {afile} is a file")

@@ -42,16 +42,18 @@ def ok_json(*args: str) -> dict:
     return data
 
 
-def fails(*args: str, message: str, json_too: bool = True) -> str:
-    """The command exits 1 with one clear 'error:' line on stderr and no traceback."""
+def fails(*args: str, message: str, json_too: bool = True, code: int | None = None) -> str:
+    """The command exits 1 (a failure) or 2 (a bad option value: a usage error, as the README
+    says) with one clear 'error:' line on stderr and no traceback; ``code`` pins which."""
     result = run(*args)
-    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.exit_code in ((code,) if code else (1, 2)), (result.stdout, result.stderr)
+    expected = result.exit_code
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     if json_too:
         result = run(*args, "--json")
-        assert result.exit_code == 1
+        assert result.exit_code == expected
         data = json.loads(result.stdout)
         assert data["ok"] is False and message in data["error"]
     return lines[0]
@@ -242,7 +244,9 @@ def test_start_busy_and_cancel_a_running_round(env, tiny):
     started = ok_json("train", "--model", vlm, "--include-auto", "-c", "num_epochs=400", "-c", "eval_parent=false")
     rid = started["round"]
     assert started["status"] == "queued" and started["pid"] and started["pairs"] == 2
-    fails("train", "--model", vlm, "--include-auto", message=f"round {rid} is already", json_too=False)
+    # The pid is in `rounds --json` too (a round started elsewhere, or before a restart).
+    assert ok_json("rounds")["rounds"][1]["pid"] == started["pid"]
+    fails("train", "--model", vlm, "--include-auto", message=f"round {rid} is already", json_too=False, code=1)
     cancelled = ok_json("cancel", str(rid), "--timeout", "30")
     assert cancelled["was"] in ("queued", "running") and cancelled["status"] == "cancelled"
     store = open_store(env)

@@ -213,3 +213,20 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
     assert row["status"] == "failed" and "no training pairs" in row["error"]
     with pytest.raises(ValueError, match="unknown DPO round option"):
         jobs.start_round(settings, {"learning_rat": 1})
+
+
+def test_a_failed_or_cancelled_round_cannot_be_a_parent(tmp_path):
+    """A killed round has no adapter; skipping it in the chain would train from its parent under
+    its name. Starting from it (or from a round above it) is refused, and nothing is created."""
+    settings = Settings(home=tmp_path / "home", device="cpu").ensure_dirs()
+    store = Store(settings.db_path)
+    base = store.ensure_base_round(settings.model)
+    failed = store.create_round(base, "m", {}, status="failed")
+    cancelled = store.create_round(base, "m", {}, status="cancelled")
+    store.close()
+    for parent in (failed, cancelled):
+        with pytest.raises(jobs.JobError, match=f"round {parent} is (failed|cancelled), not done: it cannot be a parent"):
+            jobs.start_round(settings, {"include_auto": True}, parent_id=parent)
+    store = Store(settings.db_path)
+    assert len(store.list_rounds()) == 3
+    store.close()
