@@ -243,9 +243,11 @@ class Studio:
     def auth_summary(self) -> str:
         if self.open_mode:
             return "open mode: no accounts configured"
-        names = ", ".join(f"{u.name} ({u.role})" for u in self.users.values())
-        extra = f"; admins by name: {', '.join(sorted(self.admins))}" if self.admins else ""
-        return f"accounts on: {names or 'none'}{extra}"
+        # Counts, not names: the header is shown before anyone signs in.
+        admins = sum(u.role == "admin" for u in self.users.values()) + len(self.admins - set(self.users))
+        if not self.users:
+            return f"sign-in required (Hugging Face); {admins} admin(s) by name"
+        return f"accounts on: {len(self.users)} ({admins} admin)"
 
     # ---------------------------------------------------------------- data in/out
     def _ingest(self, source: Any, name: str | None, source_label: str, objects: list | None = None) -> str:

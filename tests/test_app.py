@@ -270,3 +270,49 @@ def test_tabs_open_on_the_newest_round(home):
         assert set(frame["metric"]) == {"CHAIR_s ↓", "recall ↑"} and frame["value"].dtype == float
     finally:
         studio.store.close()
+
+
+def test_a_typed_name_grants_nothing_once_admins_are_named(home, tmp_path):
+    """With an admin list but no accounts (a Space whose admins sign in with Hugging Face), an
+    anonymous caller who types an admin's name must not train, cancel, decide or undo as them; the
+    header names no one. With accounts on, a reviewer cannot import from a server path."""
+    from lvlm_studio.service import parse_users
+
+    studio = Studio(Settings(home=home), users={}, admins={"alice"})
+    studio.seed_demo(n_train=2, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in studio._describe_items(split="train")]
+    studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        pair_id = studio.next_pair("someone")["pair_id"]
+        with pytest.raises(Exception, match="needs the admin role; an anonymous user is anonymous"):
+            client.predict({"methods": ["povid"], "include_auto": True}, "alice", api_name="/start_round")
+        with pytest.raises(Exception, match="needs the admin role"):
+            client.predict(0, "alice", api_name="/cancel_round")
+        with pytest.raises(Exception, match="sign in first"):
+            client.predict(pair_id, "alice", "reject_both", "", "", api_name="/decide")
+        with pytest.raises(Exception, match="sign in first"):
+            client.predict("alice", api_name="/undo")
+        assert [r["id"] for r in studio.rounds()] == [0] and studio.store.reviewer_decision(pair_id, "alice") is None
+        assert "alice" not in studio.auth_summary() and "sign-in required" in studio.auth_summary()
+    finally:
+        demo.close()
+        studio.store.close()
+
+    studio = Studio(Settings(home=home), users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=())
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("SECRET")
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        items = studio.store.count_items()
+        bob = Client(url, auth=("bob", "pw"), verbose=False)
+        with pytest.raises(Exception, match="importing from a path on the server needs the admin role; 'bob'"):
+            bob.predict(str(tmp_path / "outside"), "folder", "", api_name="/import_path")
+        alice = Client(url, auth=("alice", "pw"), verbose=False)
+        report = alice.predict(str(tmp_path / "outside"), "folder", "", api_name="/import_path")
+        assert report["status"] == "failed" and studio.store.count_items() == items  # no image there
+        assert studio.auth_summary() == "accounts on: 2 (1 admin)"
+    finally:
+        demo.close()
+        studio.store.close()

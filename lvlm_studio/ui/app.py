@@ -20,7 +20,7 @@ from lvlm_studio.ui import data as data_tab
 from lvlm_studio.ui import generate as generate_tab
 from lvlm_studio.ui import review as review_tab
 from lvlm_studio.ui import train as train_tab
-from lvlm_studio.ui.auth import acting_user, header_text, launch_auth, on_space, request_user
+from lvlm_studio.ui.auth import acting_user, claimed_user, header_text, launch_auth, on_space
 from lvlm_studio.ui.common import user_errors
 from lvlm_studio.ui.highlight import escape_text
 
@@ -177,12 +177,11 @@ def _json_api(studio: Studio) -> None:
 
     @user_errors
     def start_round(config: dict, user: str = "", request: gr.Request = None) -> int:
-        return studio.start_round(config, request_user(request) or (None if studio.auth_enabled else user or None))
+        return studio.start_round(config, claimed_user(studio, request, user))
 
     @user_errors
     def cancel_round(round_id: int, user: str = "", request: gr.Request = None) -> dict | None:
-        return studio.cancel_round(int(round_id),
-                                   request_user(request) or (None if studio.auth_enabled else user or None))
+        return studio.cancel_round(int(round_id), claimed_user(studio, request, user))
 
     def rounds() -> list[dict]:
         return studio.rounds()

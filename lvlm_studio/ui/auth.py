@@ -42,15 +42,25 @@ def request_user(request: Any) -> str | None:
     return None
 
 
-def acting_user(studio: Studio, request: Any, typed: str | None) -> str:
-    """The name decisions are recorded under. With accounts on, only the signed-in name counts
-    (nobody can review as someone else); in open mode, the name typed in the Review tab."""
+def claimed_user(studio: Studio, request: Any, typed: str | None) -> str | None:
+    """Who a request acts as: the signed-in user (password account or HF OAuth). A typed name counts
+    only in open mode, where nobody signs in and everyone has every role. With an admin list but
+    no accounts (a Space whose admins sign in with Hugging Face), a typed name is ignored: anyone
+    could otherwise type an admin's name and train, cancel, or decide and undo as that admin."""
     user = request_user(request)
     if user:
         return user
-    if studio.auth_enabled:
-        raise PermissionError("sign in first")
-    return (typed or "").strip()
+    typed = (typed or "").strip()
+    return typed or None if studio.open_mode else None
+
+
+def acting_user(studio: Studio, request: Any, typed: str | None) -> str:
+    """The name decisions are recorded under (``claimed_user``); signing in is required unless the
+    studio runs in open mode."""
+    user = claimed_user(studio, request, typed)
+    if user is None and not studio.open_mode:
+        raise PermissionError("sign in first" + (" (Sign in with Hugging Face)" if on_space() else ""))
+    return user or ""
 
 
 def header_text(studio: Studio, request: Any = None) -> str:

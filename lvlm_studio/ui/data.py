@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.service import EXPORT_FORMATS, METHODS, Studio
+from lvlm_studio.ui.auth import request_user
 from lvlm_studio.ui.common import report_markdown, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
@@ -43,7 +44,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             up_dataset = gr.Textbox("uploads", label="Dataset name", elem_id="data-up-dataset")
             upload = gr.Button("Add images", elem_id="data-upload-run")
         with gr.Column():
-            gr.Markdown("### Import a dataset path")
+            gr.Markdown("### Import a dataset path (admins)")
             path = gr.Textbox(label="Path on the server (folder, COCO JSON, JSONL, LLaVA JSON, HF dataset)",
                               elem_id="data-path")
             kind = gr.Dropdown(["auto", "folder", "coco", "jsonl", "llava", "llamafactory", "hf"], value="auto",
@@ -80,7 +81,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
-    def on_import(path_v, kind_v, dataset_v) -> dict:
+    def on_import(path_v, kind_v, dataset_v, request: gr.Request) -> dict:
+        # Reading a path on the server is an admin's act: a reviewer could otherwise pull any
+        # readable file into the store (and probe which paths exist). Uploads stay open to reviewers.
+        studio.require_admin(request_user(request) or (None if not studio.open_mode else "guest"),
+                             "importing from a path on the server")
         if not (path_v or "").strip():
             raise ValueError("type a path first")
         return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None)

@@ -133,8 +133,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                              elem_id="review-round", scale=1)
         status = gr.Radio(["pending", "decided", "all"], value="pending", label="Queue",
                           elem_id="review-status", scale=1, min_width=330)
-        name = gr.Textbox(value="" if studio.auth_enabled else "guest", label="Reviewer",
-                          visible=not studio.auth_enabled, elem_id="reviewer-name", scale=1, max_lines=1)
+        name = gr.Textbox(value="guest" if studio.open_mode else "", label="Reviewer",
+                          visible=studio.open_mode, elem_id="reviewer-name", scale=1, max_lines=1)
     progress = gr.HTML(elem_id="review-progress")
     with gr.Row(equal_height=False, elem_id="review-main"):
         with gr.Column(scale=2, min_width=280):
