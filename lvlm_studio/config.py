@@ -105,7 +105,7 @@ def matches_type(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, list) and (len(args) != 1 or all(matches_type(v, args[0]) for v in value))
+        return isinstance(value, list | tuple) and (len(args) != 1 or all(matches_type(v, args[0]) for v in value))
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     return True

@@ -377,7 +377,7 @@ class CocoExtractor:
         guesses = [word[:-3] + "man" if word.endswith("men") else None,
                    word[:-3] if word.endswith("children") else None,
                    word[:-1] if word.endswith("s") else None,
-                   word[:-2] if word.endswith("es") else None]
+                   word[:-2] if word.endswith(("ses", "xes", "zes", "ches", "shes")) else None]
         known = next((g for g in guesses if g and g in self._keep), None)
         return known or singularize(word)
 

@@ -590,7 +590,7 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, 
                 label,
                 safe_join(images_root, image),
                 str(image),
-                prompt,
+                _item_prompt(info, prompt),
                 reference=info.get("reference"),
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
@@ -600,6 +600,13 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, 
             )
         except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
             yield _Bad(label, str(exc))
+
+
+def _item_prompt(info: dict, record_prompt: str) -> str:
+    """The item's prompt: a record exported by the studio names it (``item_prompt``) when the pair
+    trained with another one; else the record's own prompt."""
+    item_prompt = info.get("item_prompt")
+    return item_prompt if isinstance(item_prompt, str) and item_prompt.strip() else record_prompt
 
 
 def _info_block(row: dict) -> dict:
@@ -638,7 +645,7 @@ def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split
                 label,
                 safe_join(images_root, images[0]),
                 str(images[0]),
-                _prompt_text(row["conversations"]),
+                _item_prompt(info, _prompt_text(row["conversations"])),
                 reference=info.get("reference"),
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
@@ -709,7 +716,7 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
                     label,
                     image,
                     image_name if isinstance(image, Path) else label,
-                    prompt_text,
+                    _item_prompt(row, prompt_text),
                     reference=row.get("reference"),
                     objects=_objects(row.get("objects")),
                     dataset=dataset or row.get("dataset") or "default",
@@ -904,6 +911,9 @@ def _provenance(row: dict) -> dict:
         "reference": row["reference"],
         "objects": row["objects"],
         "meta": row["meta"],
+        # The record's prompt is the one the pair trains with (STIC's step-by-step prompt); the
+        # item's own prompt travels here so a re-import lands on the same item.
+        "item_prompt": row.get("item_prompt", row["prompt"]),
     }
 
 
@@ -943,6 +953,7 @@ def trl_features():
             "reference": string,
             "objects": datasets.List(string),
             "meta": string,
+            "item_prompt": string,
         }
     )
 

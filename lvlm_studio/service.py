@@ -279,11 +279,13 @@ class Studio:
         return {"items": added, "rejected": rejected}
 
     def import_path(self, path: str | Path, kind: str = "auto", dataset: str | None = None,
-                    split: str | None = None, **kw: Any) -> dict:
+                    split: str | None = None, user: str | None = None, **kw: Any) -> dict:
         """Import an image folder, COCO JSON, JSONL, LLaVA / LLaMA-Factory JSON or a saved HF
-        dataset (io.py). Returns the ImportReport as a dict."""
+        dataset (io.py) from a path on the server; admin only (``user``), since it reads any file
+        the server can (in open mode everyone is an admin). Returns the ImportReport as a dict."""
         from lvlm_studio import io
 
+        self.require_admin(user, "importing from a path on the server")
         report = io.import_path(self.store, self.settings, path, kind or "auto", dataset=dataset or None,
                                 split=split or None, **kw)
         return report.to_dict()
@@ -598,7 +600,9 @@ class Studio:
         own objects, with co-occurrence counted over its annotated images, so an injected object is
         one that co-occurs with the answer's objects (the paper's "co-occurring absent objects")
         rather than a uniform draw. None when no image of the dataset is annotated."""
-        sets = [set(map(str, it["objects"])) for it in self.store.list_items(dataset=dataset) if it.get("objects")]
+        per_image = {it["image_id"]: set(map(str, it["objects"]))  # once per image, not per prompt
+                     for it in self.store.list_items(dataset=dataset) if it.get("objects")}
+        sets = list(per_image.values())
         if not sets:
             return None
         return povid.Vocabulary.from_object_sets(sets, objects=sorted(set(povid.COCO_OBJECTS).union(*sets)))

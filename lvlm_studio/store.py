@@ -1097,6 +1097,7 @@ class Store:
                     # A pair made for another prompt than its item's (STIC: the chosen side answers
                     # the step-by-step prompt) trains and exports with that prompt.
                     "prompt": pair_prompt if isinstance(pair_prompt, str) and pair_prompt.strip() else row["prompt"],
+                    "item_prompt": row["prompt"],  # so an export re-imports to the same item
                     "chosen": label["chosen_text"],
                     "rejected": label["rejected_text"],
                     "method": row["method"],

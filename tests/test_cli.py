@@ -139,6 +139,10 @@ def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monke
                           (["generate", "--method", "dpo"], "unknown method")):
         result = run(*args)
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, args
+    # A list option of a method is accepted (the CLI makes it a tuple, the service checks it again):
+    # the run gets as far as finding no items.
+    result = run("generate", "--method", "povid", "--param", 'categories=["object"]')
+    assert result.exit_code == 1 and "no items to generate" in result.stderr
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_text("nope")
     result = run("import", str(tmp_path / "bad"), "--json")

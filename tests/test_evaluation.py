@@ -55,6 +55,7 @@ def test_extractors_follow_protocol(coco, world):
         # Plurals the rules alone got wrong; the known singular decides.
         ("Policemen and grandchildren near taxis.", ["person", "person", "car"]),
         ("Two motor bikes and two bikes.", ["motorcycle", "bicycle"]),  # not a bicycle
+        ("A skier under cloudy skies.", ["person"]),  # skies are not skis
         ("Minibuses, magpies, collies, corgis and tvs.", ["bus", "bird", "dog", "dog", "tv"]),
         ("", []),
         ("A beautiful sunny day.", []),

@@ -351,20 +351,26 @@ def test_round_trip_import_export_import(fmt, settings, tmp_path):
         for k in range(4)
     ]
     lines.append({**lines[0], "chosen": "Another good one.", "rejected": "Another bad one.", "margin": None})
+    # A STIC pair trains with its own prompt; the export writes that one, and re-import must still
+    # land it on the same item (the item's prompt travels in the provenance block).
+    lines.append({**lines[1], "chosen": "Stic good.", "rejected": "Stic bad.", "method": "stic",
+                  "meta": {"pair_prompt": "Step by step, describe picture 1."}})
     (src / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     a = Store(tmp_path / "a" / "studio.db")
     report = io.import_path(a, settings, src / "d.jsonl", dataset="rt")
-    assert report.status == "ok" and report.pairs == 5
+    assert report.status == "ok" and report.pairs == 6
 
     out = tmp_path / f"export-{fmt}"
-    assert io.export_pairs(a, fmt, out, include_auto=True).pairs == 5
+    assert io.export_pairs(a, fmt, out, include_auto=True).pairs == 6
     b = Store(tmp_path / "b" / "studio.db")
     report = io.import_path(b, settings, out)  # format detected
-    assert report.format in (fmt, "hf") and report.status == "ok" and report.pairs == 5
+    assert report.format in (fmt, "hf") and report.status == "ok" and report.pairs == 6
     assert _items_and_pairs(b) == _items_and_pairs(a)
-    assert len(_items_and_pairs(b)[1]) == 5 and len(_items_and_pairs(b)[0]) == 4
+    assert len(_items_and_pairs(b)[1]) == 6 and len(_items_and_pairs(b)[0]) == 4
+    [stic] = [p for p in b.training_pairs(include_auto=True) if p["method"] == "stic"]
+    assert stic["prompt"] == "Step by step, describe picture 1." and stic["item_prompt"] == "Describe picture 1."
     again = io.import_path(b, settings, out)
-    assert again.pairs == 0 and b.count_pairs() == 5 and b.count_items() == 4
+    assert again.pairs == 0 and b.count_pairs() == 6 and b.count_items() == 4
     a.close()
     b.close()
 

@@ -319,7 +319,7 @@ def test_povid_on_an_imported_dataset_injects_objects_that_co_occur_there(studio
     studio.import_path(tmp_path / "set.jsonl", dataset="pets")
     [item] = [it for it in studio.store.list_items(dataset="pets") if it.get("reference")]
     rep = studio.generate("povid", item_ids=[item["id"]], seed=3,
-                          params={"make_image_rejected": False, "categories": ["object"], "n_injections": 1})
+                          params={"make_image_rejected": False, "categories": ("object",), "n_injections": 1})
     assert rep["pairs"] == 1
     [pair] = studio.store.training_pairs(include_auto=True, methods=["povid"])
     assert "frisbee" in pair["rejected"] and pair["chosen"] == "A dog sits on the grass."

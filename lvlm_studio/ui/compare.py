@@ -44,7 +44,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                            elem_id="compare-metrics")
     paired = gr.Markdown(elem_id="compare-paired")
     plot = gr.LinePlot(metrics_plot_frame(studio), x="round", y="value", color="metric", title="metrics per round",
-                       y_title="value (↓ lower is better)", height=260, elem_id="compare-plot")
+                       y_title="value", height=260, elem_id="compare-plot")
     table = gr.HTML(elem_id="compare-table")
 
     @user_errors

@@ -82,13 +82,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_import(path_v, kind_v, dataset_v, request: gr.Request) -> dict:
-        # Reading a path on the server is an admin's act: a reviewer could otherwise pull any
-        # readable file into the store (and probe which paths exist). Uploads stay open to reviewers.
-        studio.require_admin(request_user(request) or (None if not studio.open_mode else "guest"),
-                             "importing from a path on the server")
+        # Admin only (checked by the service): a reviewer could otherwise pull any readable file on
+        # the server into the store and probe which paths exist. Uploads stay open to reviewers.
         if not (path_v or "").strip():
             raise ValueError("type a path first")
-        return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None)
+        return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None,
+                                  user=request_user(request))
 
     do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path").then(
         report_markdown, [result], [summary], api_name=False)
