@@ -161,6 +161,11 @@ def _mark_if_stale(store, row: dict) -> dict:
     for name in (round_dirname(row["id"]), f"round_{row['id']}"):
         for scratch in (store.root / "adapters").glob(f".{name}.*"):
             shutil.rmtree(scratch, ignore_errors=True)
+    # Killed after its adapter was saved but before it was evaluated: that adapter never becomes
+    # current (no round points at it) and would only hold disk (hundreds of MB for a 7B LoRA).
+    orphan = store.root / "adapters" / round_dirname(row["id"])
+    if orphan.is_dir() and not store.get_round(row["id"]).get("adapter_path"):
+        shutil.rmtree(orphan, ignore_errors=True)
     return store.get_round(row["id"])
 
 

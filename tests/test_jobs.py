@@ -186,10 +186,15 @@ def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
         store.update_round(rid, status="running", pid=dead.pid)
     finally:
         store.close()
+    # Killed after saving its adapter, before evaluating: the adapter no round points at is removed.
+    orphan = settings.adapters_dir / f"round-{rid}"
+    orphan.mkdir(parents=True)
+    (orphan / "adapter_model.safetensors").write_bytes(b"x" * 16)
     row = jobs.reattach(settings)
     assert row is None
     row = jobs.status(settings, rid)
     assert row["status"] == "failed" and f"pid {dead.pid}" in row["error"]
+    assert not orphan.exists()
     # A pid that is alive but belongs to another program is not our job either.
     assert jobs.pid_alive(os.getpid()) is False
 
