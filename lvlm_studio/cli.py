@@ -646,9 +646,12 @@ def train_cmd(
     try:
         if from_round is not None and s.store.get_round(from_round) is None:
             raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
-        # jobs.start_round refuses a round with no pairs (JobError); the count is for the message.
-        usable = s.store.training_pairs(methods=checked.methods, include_auto=checked.include_auto,
-                                        round=checked.pair_round)
+        # jobs.start_round refuses a round with nothing to train on (JobError); the count is for the message.
+        from lvlm_studio import jobs
+
+        usable = (jobs.infusion_items(s.store, checked) if checked.objective == "stic_infusion" else
+                  s.store.training_pairs(methods=checked.methods, include_auto=checked.include_auto,
+                                         round=checked.pair_round))
         round_id = s.start_round(cfg, user, parent_id=from_round)
         row = s.store.get_round(round_id)
     finally:

@@ -690,8 +690,13 @@ def evaluate_backend(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    describe_prompt: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Answer every item with ``backend.sample(..., n=1)`` and score it.
+
+    ``describe_prompt``: STIC's "describe then respond". Before each question item (not a caption
+    item) the model describes the image with this prompt, and is then asked the question with its
+    description prepended in STIC's stage-2 format; the description is kept in the row's meta.
 
     ``eval_items``: dicts with ``item_id``, ``prompt``, ``image`` (PIL) or ``image_path``, and
     ``objects`` (ground truth) for caption items; POPE probes are recognised by ``pope_label``;
@@ -716,20 +721,32 @@ def evaluate_backend(
             raise EvaluationCancelled(f"evaluation stopped after {start} of {total} items")
         batch = eval_items[start : start + batch_size]
         images = [_load_image(it) for it in batch]
-        outs = backend.sample(images, [it["prompt"] for it in batch], n=1, params=params)
-        for item, seqs in zip(batch, outs, strict=True):
+        prompts = [it["prompt"] for it in batch]
+        descriptions: dict[int, str] = {}
+        if describe_prompt:
+            from lvlm_studio.methods.stic import infuse_description
+
+            asks = [i for i, it in enumerate(batch) if (it.get("meta") or {}).get("kind") not in CAPTION_KINDS
+                    or pope_label(it) is not None]
+            if asks:
+                described = backend.sample([images[i] for i in asks], [describe_prompt] * len(asks), n=1,
+                                           params=params)
+                for i, seqs in zip(asks, described, strict=True):
+                    descriptions[i] = seqs[0].text.strip()
+                    prompts[i] = infuse_description(descriptions[i], prompts[i])
+        outs = backend.sample(images, prompts, n=1, params=params)
+        for index, (item, seqs) in enumerate(zip(batch, outs, strict=True)):
             answer = seqs[0].text.strip()
             label = pope_label(item)
             if label is not None:
                 pred = parse_yes_no(answer)
                 preds.append(pred)
                 labels.append(label)
-                rows.append(
-                    {
-                        "item_id": item["item_id"], "answer": answer, "objects": None, "hallucinated": None,
-                        "meta": {"kind": "pope", "label": label, "prediction": pred, "correct": pred == label},
-                    }
-                )
+                meta = {"kind": "pope", "label": label, "prediction": pred, "correct": pred == label}
+                if index in descriptions:
+                    meta["description"] = descriptions[index]
+                rows.append({"item_id": item["item_id"], "answer": answer, "objects": None, "hallucinated": None,
+                             "meta": meta})
                 continue
             kind = (item.get("meta") or {}).get("kind")
             if kind not in CAPTION_KINDS:

@@ -212,8 +212,26 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Public API (UI / CLI / service)
 # ----------------------------------------------------------------------------------------------
+def infusion_items(store: Any, cfg: Any) -> list[dict]:
+    """STIC stage 2's instruction data: items of ``cfg.infusion_dataset`` (default the evaluation
+    dataset) and ``cfg.infusion_split`` with a reference answer, at most ``cfg.infusion_limit``
+    (CSR's derived yes/no questions excluded: they are pairs' material, not instructions)."""
+    dataset = cfg.infusion_dataset or cfg.eval_dataset
+    items = [it for it in store.list_items(dataset=dataset, split=cfg.infusion_split)
+             if (it.get("reference") or "").strip() and (it.get("meta") or {}).get("kind") != "csr_existence"]
+    return items[: cfg.infusion_limit] if cfg.infusion_limit is not None else items
+
+
 def _require_pairs(store: Any, cfg: Any) -> list[dict]:
-    """The round's training pairs; JobError when there are none."""
+    """The round's training material (pairs, or for a STIC infusion round its instruction items);
+    JobError when there is none."""
+    if cfg.objective == "stic_infusion":
+        items = infusion_items(store, cfg)
+        if not items:
+            raise JobError(f"no instruction items for STIC's stage 2: items of dataset "
+                           f"{cfg.infusion_dataset or cfg.eval_dataset or 'any'!r}, split {cfg.infusion_split!r} "
+                           "with a reference answer")
+        return items
     pairs = store.training_pairs(methods=cfg.methods, include_auto=cfg.include_auto, round=cfg.pair_round)
     if not pairs:
         raise JobError(
@@ -416,7 +434,37 @@ def _evaluate(model, processor, model_id: str, device: str, items, extractor, cf
 
     backend = HFBackend(model, processor, model_id, device)
     params = GenerationParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
-    return evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop)
+    metrics, rows = evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop,
+                                     describe_prompt=cfg.describe_prompt if cfg.describes_first else None)
+    metrics["describe_first"] = cfg.describes_first
+    return metrics, rows
+
+
+def _describe_for_infusion(items: list[dict], base_path: str, chain: list[str], cfg: Any, log) -> list[dict]:
+    """STIC stage 2's rows: the parent model (base + chain) describes each instruction image with
+    ``cfg.describe_prompt`` (greedy), and the description is prepended to the item's question; the
+    target is the item's reference answer (``methods.stic.build_description_sft_data``)."""
+    from PIL import Image
+
+    from lvlm_studio.methods.stic import STICConfig, build_description_sft_data
+    from lvlm_studio.models.hf import HFBackend
+    from lvlm_studio.training import materialize_round_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    model, processor = materialize_round_model(base_path, chain, device=device)
+    backend = HFBackend(model, processor, "parent", device)
+    inputs = []
+    for it in items:
+        with Image.open(it["image_path"]) as im:
+            inputs.append((im.convert("RGB"), it["prompt"], it["reference"], it["id"]))
+    stic_cfg = STICConfig(description_prompt=cfg.describe_prompt, max_new_tokens=cfg.eval_max_new_tokens,
+                          temperature=0.0, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    rows = build_description_sft_data(backend, inputs, stic_cfg)
+    for row in rows:
+        row["item_id"] = row["image_key"]
+    log(f"described {len(rows)} instruction images; e.g. {rows[0]['prompt'][:160]!r} -> {rows[0]['answer'][:60]!r}")
+    del model, backend
+    return rows
 
 
 def _stop_with_parent() -> None:
@@ -490,13 +538,20 @@ def run_round(round_id: int, home: str | Path) -> int:
 
         if threads:
             torch.set_num_threads(int(threads))
-        from lvlm_studio.training import DPORoundConfig, materialize_round_model, resolve_device, train_round
+        from lvlm_studio.training import (
+            DPORoundConfig,
+            materialize_round_model,
+            resolve_device,
+            train_round,
+            train_sft_round,
+        )
 
         cfg = DPORoundConfig.from_dict(row["config"])
         chain = adapter_lineage(store, row["parent_id"])
         base_path = resolve_model_path(row["base_model"] or settings.model)
         pairs = _require_pairs(store, cfg)  # again: pairs may have changed since the round was queued
-        log(f"training on {len(pairs)} pairs; base {base_path}; parent chain {chain or '(base model)'}")
+        what = "instruction items (STIC stage 2)" if cfg.objective == "stic_infusion" else "pairs"
+        log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}")
         out_dir = settings.adapters_dir / round_dirname(round_id)
         last_progress = [0.0]
 
@@ -508,7 +563,13 @@ def run_round(round_id: int, home: str | Path) -> int:
                     last_progress[0] = p
                     store.update_round(round_id, progress=p)
 
-        result = train_round(pairs, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
+        if cfg.objective == "stic_infusion":
+            rows = _describe_for_infusion(pairs, base_path, chain, cfg, log)
+            if stop.is_set():
+                return cancelled("cancelled while describing the instruction images (no adapter saved)")
+            result = train_sft_round(rows, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
+        else:
+            result = train_round(pairs, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
         if result.stopped:
             return cancelled(f"cancelled during training after {result.steps} steps (no adapter saved)")
         if not main:

@@ -123,6 +123,17 @@ class DPORoundConfig:
     # launch --multi_gpu` runs underneath) with one worker per device; each worker trains on its
     # shard, rank 0 alone saves, writes the store and evaluates. Tested with 2 CPU workers (gloo).
     num_processes: int = 1
+    # What the round trains. "dpo": preference pairs (the fields below). "stic_infusion": STIC's
+    # stage 2, description-infused fine-tuning (arXiv 2405.19716): the parent model describes each
+    # image of a slice of instruction data (items with a reference answer; STIC: 5k), the
+    # description is prepended to the question ("Image description:\n{d}\n\n{q}") and the round
+    # fine-tunes (SFT, LoRA) on the original answers; it is evaluated describing then responding.
+    objective: str = "dpo"
+    infusion_dataset: str | None = None  # None = eval_dataset's dataset
+    infusion_split: str = "train"
+    infusion_limit: int | None = 500
+    describe_prompt: str = "Describe the image."  # the description step, in training and at inference
+    eval_describe_first: bool | None = None  # None: for stic_infusion rounds
     # Data selection (jobs.py): which pairs train this round.
     methods: list[str] | None = None
     include_auto: bool = False
@@ -146,6 +157,8 @@ class DPORoundConfig:
             raise ValueError("batch_size and lora_r must be >= 1")
         if self.num_processes < 1:
             raise ValueError("num_processes must be >= 1")
+        if self.objective not in ("dpo", "stic_infusion"):
+            raise ValueError(f"objective must be 'dpo' or 'stic_infusion', not {self.objective!r}")
         if self.povid_two_term and self.loss_type != "sigmoid":
             raise ValueError(f"povid_two_term weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
 
@@ -161,6 +174,11 @@ class DPORoundConfig:
         if unknown:
             raise ValueError(f"unknown DPO round option(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+    @property
+    def describes_first(self) -> bool:
+        """Whether evaluation describes the image before answering a question (STIC's inference)."""
+        return self.objective == "stic_infusion" if self.eval_describe_first is None else self.eval_describe_first
 
     def loss_types(self) -> tuple[list[str], list[float]]:
         """TRL's loss_type / loss_weights when every row has the same weights (otherwise
@@ -550,7 +568,6 @@ def train_round(
     ``lineage.json``; a stop request (``should_stop()`` true, checked after every step and before
     the model loads) ends training cleanly and saves nothing (``adapter_path`` None).
     """
-    import torch
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
@@ -570,7 +587,7 @@ def train_round(
     row_dpo = povid_row_weights(pairs) if config.povid_two_term else [1.0] * len(pairs)
     weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1  # uniform weights: TRL's own losses
     dataset = build_dpo_dataset(pairs, row_sft if weighted else None, row_dpo if weighted else None)
-    _, local_rank, world_size = distributed_rank()
+    _, _, world_size = distributed_rank()
     lineage = {
         "base_model": str(base_model_path),
         "parents": chain,
@@ -591,20 +608,8 @@ def train_round(
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
-    device = resolve_device(config.device)
-    cuda = device.startswith("cuda")
-    if cuda and world_size > 1:
-        device = f"cuda:{local_rank}"  # one device per worker
-    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
-    grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
-    model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
-    lineage["lengths"] = check_sequence_lengths(processor, pairs, config.max_length)  # fails fast, clearly
-    model = merge_chain(model, chain)
-    base_dtype = model.dtype
-    if config.quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    model, processor, setup = _training_model(base_model_path, chain, config, pairs, lineage)
+    cuda, bf16, grad_ckpt = setup["cuda"], setup["bf16"], setup["grad_ckpt"]
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
@@ -660,18 +665,134 @@ def train_round(
         if not trainer.is_world_process_zero():
             # Data-parallel workers hold the same weights; rank 0 saves them.
             return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(str(tmp))
-        lineage.update(steps=steps, seconds=time.perf_counter() - t0,
-                       hardware=_hardware_record(trainer.model, base_dtype, device))
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
-        (tmp / "curve.json").write_text(json.dumps(curve))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)  # atomic on one filesystem: a reader sees no adapter or a whole one
+        _save_adapter(trainer.model, out, lineage, curve, steps, t0, setup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return TrainResult(str(out), False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
+
+
+def build_sft_dataset(rows: Sequence[dict]):
+    """TRL's conversational prompt-completion format with images, so the SFT loss covers the answer
+    only: ``images`` [image], ``prompt`` [user turn], ``completion`` [assistant turn]. A row gives
+    ``image`` (PIL) or ``image_path``, ``prompt`` and ``answer``."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    turn = List({"role": Value("string"), "content": Value("string")})
+    data: dict[str, list] = {"images": [], "prompt": [], "completion": []}
+    for r in rows:
+        if not str(r.get("answer") or "").strip():
+            raise ValueError(f"SFT row {r.get('item_id')}: empty answer")
+        data["images"].append([r.get("image") if r.get("image") is not None else str(r["image_path"])])
+        data["prompt"].append([{"role": "user", "content": r["prompt"]}])
+        data["completion"].append([{"role": "assistant", "content": r["answer"]}])
+    return Dataset.from_dict(data, features=Features({"images": List(Image()), "prompt": turn, "completion": turn}))
+
+
+def train_sft_round(
+    rows: Sequence[dict],
+    base_model_path: str | os.PathLike,
+    parent_adapter: str | Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    config: DPORoundConfig | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """STIC's stage 2: supervised fine-tuning (TRL ``SFTTrainer`` + a fresh LoRA on the parent chain
+    merged) on description-infused rows (``methods.stic.build_description_sft_data``: the prompt is
+    "Image description: ... + question", the target the original answer; loss on the answer only).
+    Same adapter layout, lineage, curve, stop and atomic save as ``train_round``."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    config = config or DPORoundConfig(objective="stic_infusion")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"adapter directory {out} already exists; a round never overwrites one")
+    if not rows:
+        raise ValueError("no instruction items to fine-tune on (items with a reference answer)")
+    chain = _as_chain(parent_adapter)
+    dataset = build_sft_dataset(rows)
+    lineage = {"base_model": str(base_model_path), "parents": chain, "config": config.to_dict(),
+               "objective": "stic_infusion", "n_pairs": len(rows), "n_rows": len(rows), "n_sft_rows": len(rows),
+               "item_ids": [r.get("item_id") for r in rows], "world_size": distributed_rank()[2]}
+    curve: list[dict] = []
+
+    def stopped(steps: int) -> TrainResult:
+        return TrainResult(None, True, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
+
+    if should_stop is not None and should_stop():
+        return stopped(0)
+    as_pairs = [{**r, "chosen": r["answer"], "rejected": r["answer"]} for r in rows]  # for the length check
+    model, processor, setup = _training_model(base_model_path, chain, config, as_pairs, lineage)
+    if should_stop is not None and should_stop():
+        return stopped(0)
+    work = out.parent / f".{out.name}.run-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    args = SFTConfig(
+        output_dir=str(work), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs, max_steps=config.max_steps, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio, logging_steps=config.logging_steps, save_strategy="no", report_to=[],
+        use_cpu=not setup["cuda"], bf16=setup["bf16"], gradient_checkpointing=setup["grad_ckpt"],
+        max_length=config.max_length, seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=lora_target_modules(model, config.target_modules), task_type="CAUSAL_LM")
+    stream = _callback(on_log, should_stop, curve)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                         peft_config=peft_config, callbacks=[stream])
+    try:
+        trainer.train()
+        steps = int(trainer.state.global_step)
+        if type(stream).stopped:
+            return stopped(steps)
+        if not trainer.is_world_process_zero():
+            return TrainResult(None, False, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
+        _save_adapter(trainer.model, out, lineage, curve, steps, t0, setup)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(str(out), False, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
+
+
+def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, rows: Sequence[dict],
+                    lineage: dict) -> tuple[Any, Any, dict[str, Any]]:
+    """The model a round trains (base + parent chain merged, quantized and prepared when asked) on
+    this worker's device, its processor, and the hardware it resolved. The rows' sequence lengths
+    are checked first (``check_sequence_lengths``, into ``lineage["lengths"]``)."""
+    import torch
+
+    _, local_rank, world_size = distributed_rank()
+    device = resolve_device(config.device)
+    cuda = device.startswith("cuda")
+    if cuda and world_size > 1:
+        device = f"cuda:{local_rank}"  # one device per worker
+    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
+    grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
+    lineage["lengths"] = check_sequence_lengths(processor, rows, config.max_length)  # fails fast, clearly
+    model = merge_chain(model, chain)
+    base_dtype = model.dtype
+    if config.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    return model, processor, {"device": device, "cuda": cuda, "bf16": bf16, "grad_ckpt": grad_ckpt,
+                              "base_dtype": base_dtype}
+
+
+def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: float, setup: dict) -> None:
+    """Write the trained adapter with its lineage and curve to ``out`` atomically (a reader sees no
+    adapter or a whole one)."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    lineage.update(steps=steps, seconds=time.perf_counter() - t0,
+                   hardware=_hardware_record(model, setup["base_dtype"], setup["device"]))
+    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+    (tmp / "curve.json").write_text(json.dumps(curve))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
 
 
 def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:

@@ -286,3 +286,24 @@ def test_pope_adversarial_negatives_follow_each_positive():
     vocab = ["a", "b", "c", "w", "x", "y", "z"]
     qs = build_pope_questions({"img": {"a", "b", "c"}}, vocab, "adversarial", n=3, statistics=pool)
     assert sorted(q["object"] for q in qs if q["label"] == "no") == ["w", "x", "y"]
+
+
+def test_describe_then_respond_infuses_the_description_into_questions_only(world):
+    """STIC's inference: a question is asked with the model's own description prepended, in the
+    stage-2 format; a caption item is answered as it is."""
+    from PIL import Image
+
+    from lvlm_studio.methods.stic import infuse_description
+
+    img = Image.new("RGB", (8, 8))
+    question = "Is there a red circle in the image?"
+    items = [{"item_id": 1, "image": img, "prompt": "describe1", "objects": ["red circle"]},
+             {"item_id": 2, "image": img, "prompt": question, "meta": {"kind": "pope"}, "reference": "yes"}]
+    backend = _CannedBackend({"Describe the image.": "There is a red circle.", "describe1": "A red circle.",
+                              infuse_description("There is a red circle.", question): "Yes."})
+    metrics, rows = evaluate_backend(backend, items, world, GenerationParams(), describe_prompt="Describe the image.")
+    assert rows[1]["answer"] == "Yes." and rows[1]["meta"]["description"] == "There is a red circle."
+    assert "description" not in rows[0]["meta"] and metrics["pope_accuracy"] == 1.0
+    _, plain = evaluate_backend(_CannedBackend({"describe1": "A red circle.", question: "No."}), items, world,
+                                GenerationParams())
+    assert plain[1]["answer"] == "No." and "description" not in plain[1]["meta"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -235,3 +236,39 @@ def test_a_failed_or_cancelled_round_cannot_be_a_parent(tmp_path):
     store = Store(settings.db_path)
     assert len(store.list_rounds()) == 3
     store.close()
+
+
+def test_stic_stage_two_round_describes_then_fine_tunes_then_describes_first(tmp_path):
+    """STIC's stage 2 as a round: the parent model describes each instruction image, the round
+    fine-tunes (SFT + LoRA, loss on the answer) on "Image description: ... + question" -> the
+    reference answer, and it is evaluated describing before answering each question."""
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    try:
+        for item in world_items("train", n=2, seed=5, kinds=("pope",)):
+            _add(store, settings.home, item, "shapesworld", "train")
+    finally:
+        store.close()
+    cfg = {**FAST, "objective": "stic_infusion", "infusion_dataset": "shapesworld", "infusion_limit": 10,
+           "max_steps": 2, "learning_rate": 1e-3}
+    rid = jobs.start_round(settings, cfg)
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    assert row["status"] == "done", row.get("error")
+    lineage = json.loads((Path(row["adapter_path"]) / "lineage.json").read_text())
+    assert lineage["objective"] == "stic_infusion" and lineage["n_rows"] == 10 and lineage["steps"] == 2
+    assert row["metrics"]["eval"]["describe_first"] is True
+    store = Store.open(settings)
+    try:
+        assert store.current_round()["id"] == rid and {r["step"] for r in store.round_curve(rid)} == {1, 2}
+        probes = [o for o in store.eval_outputs(rid) if (o.get("meta") or {}).get("kind") == "pope"]
+        captions = [o for o in store.eval_outputs(rid) if (o.get("meta") or {}).get("kind") == "caption"]
+        assert probes and all("description" in o["meta"] for o in probes)
+        assert captions and not any("description" in o["meta"] for o in captions)  # a caption is not a question
+    finally:
+        store.close()
+    log = Path(row["log_path"]).read_text()
+    assert "instruction items (STIC stage 2)" in log and "Image description:" in log
+    # Nothing to fine-tune on: refused before a round is created.
+    with pytest.raises(jobs.JobError, match="no instruction items"):
+        jobs.start_round(settings, {**cfg, "infusion_split": "nope"})
