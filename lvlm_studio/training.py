@@ -568,7 +568,6 @@ def train_round(
     ``lineage.json``; a stop request (``should_stop()`` true, checked after every step and before
     the model loads) ends training cleanly and saves nothing (``adapter_path`` None).
     """
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     config = config or DPORoundConfig()
@@ -609,66 +608,16 @@ def train_round(
         return stopped_result(0)
 
     model, processor, setup = _training_model(base_model_path, chain, config, pairs, lineage)
-    cuda, bf16, grad_ckpt = setup["cuda"], setup["bf16"], setup["grad_ckpt"]
     if should_stop is not None and should_stop():
         return stopped_result(0)
 
     trl_sft = row_sft[0] > 0 and not weighted  # TRL's own term on every row
     types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
     work = out.parent / f".{out.name}.run-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    args = DPOConfig(
-        output_dir=str(work),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio in transformers 5
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not cuda,
-        bf16=bf16,
-        gradient_checkpointing=grad_ckpt,
-        beta=config.beta,
-        loss_type=types,
-        loss_weights=weights,
-        max_length=config.max_length,
-        seed=config.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    peft_config = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=lora_target_modules(model, config.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    stream = _callback(on_log, should_stop, curve)
+    args = DPOConfig(**_trainer_args(config, setup, work), beta=config.beta, loss_type=types, loss_weights=weights)
     trainer_class = weighted_dpo_trainer_class() if weighted else DPOTrainer
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=peft_config,
-        callbacks=[stream],
-    )
-    try:
-        trainer.train()
-        steps = int(trainer.state.global_step)
-        if type(stream).stopped:
-            return stopped_result(steps)
-        if not trainer.is_world_process_zero():
-            # Data-parallel workers hold the same weights; rank 0 saves them.
-            return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
-        _save_adapter(trainer.model, out, lineage, curve, steps, t0, setup)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(str(out), False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
+    return _train_and_save(trainer_class, model, processor, args, dataset, config, setup, out, work, lineage,
+                           len(pairs), curve, t0, on_log, should_stop)
 
 
 def build_sft_dataset(rows: Sequence[dict]):
@@ -701,7 +650,6 @@ def train_sft_round(
     merged) on description-infused rows (``methods.stic.build_description_sft_data``: the prompt is
     "Image description: ... + question", the target the original answer; loss on the answer only).
     Same adapter layout, lineage, curve, stop and atomic save as ``train_round``."""
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     config = config or DPORoundConfig(objective="stic_infusion")
@@ -728,31 +676,59 @@ def train_sft_round(
     if should_stop is not None and should_stop():
         return stopped(0)
     work = out.parent / f".{out.name}.run-{os.getpid()}"
+    args = SFTConfig(**_trainer_args(config, setup, work))
+    return _train_and_save(SFTTrainer, model, processor, args, dataset, config, setup, out, work, lineage,
+                           len(rows), curve, t0, on_log, should_stop)
+
+
+def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, Any]:
+    """The TrainingArguments a DPO and an SFT round share."""
     shutil.rmtree(work, ignore_errors=True)
-    args = SFTConfig(
-        output_dir=str(work), per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
-        num_train_epochs=config.num_epochs, max_steps=config.max_steps, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio, logging_steps=config.logging_steps, save_strategy="no", report_to=[],
-        use_cpu=not setup["cuda"], bf16=setup["bf16"], gradient_checkpointing=setup["grad_ckpt"],
-        max_length=config.max_length, seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
+    return dict(
+        output_dir=str(work),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio in transformers 5
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not setup["cuda"],
+        bf16=setup["bf16"],
+        gradient_checkpointing=setup["grad_ckpt"],
+        max_length=config.max_length,
+        seed=config.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
+
+
+def _train_and_save(trainer_class, model, processor, args, dataset, config: DPORoundConfig, setup: dict, out: Path,
+                    work: Path, lineage: dict, n: int, curve: list, t0: float, on_log, should_stop) -> TrainResult:
+    """Train a fresh LoRA with ``trainer_class`` (TRL's DPO or SFT trainer), streaming the curve,
+    and save it atomically on rank 0; a stop request ends it cleanly with nothing saved."""
+    from peft import LoraConfig
+
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_modules(model, config.target_modules), task_type="CAUSAL_LM")
     stream = _callback(on_log, should_stop, curve)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config, callbacks=[stream])
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                            peft_config=peft_config, callbacks=[stream])
     try:
         trainer.train()
         steps = int(trainer.state.global_step)
         if type(stream).stopped:
-            return stopped(steps)
+            return TrainResult(None, True, steps, n, n, curve, time.perf_counter() - t0, lineage)
         if not trainer.is_world_process_zero():
-            return TrainResult(None, False, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
+            # Data-parallel workers hold the same weights; rank 0 saves them.
+            return TrainResult(None, False, steps, n, n, curve, time.perf_counter() - t0, lineage)
         _save_adapter(trainer.model, out, lineage, curve, steps, t0, setup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(str(out), False, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
+    return TrainResult(str(out), False, steps, n, n, curve, time.perf_counter() - t0, lineage)
 
 
 def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, rows: Sequence[dict],
