@@ -316,3 +316,20 @@ def test_a_typed_name_grants_nothing_once_admins_are_named(home, tmp_path):
     finally:
         demo.close()
         studio.store.close()
+
+
+def test_train_tab_starts_a_stic_stage_two_round(app):
+    """The Train tab's objective picks STIC's stage 2 (no pair methods needed): the round's config
+    says so, and the job is the real one (cancelled here; tests/test_jobs.py runs one to the end)."""
+    studio, url = app
+    client = Client(url, verbose=False)
+    client.predict([], "0", False, 2e-5, 1, 0.3, 8, 1.0, 2, False, "stic_infusion", api_name="/train_start")
+    rid = max(r["id"] for r in studio.rounds())
+    try:
+        config = studio.get_round(rid)["config"]
+        assert config["objective"] == "stic_infusion" and config["learning_rate"] == 2e-5
+    finally:
+        studio.cancel_round(rid, None)
+        assert studio.wait_round(rid, timeout=120)["status"] in ("cancelled", "failed", "done")
+    with pytest.raises(Exception, match="pick at least one method"):
+        client.predict([], "0", False, 2e-5, 1, 0.3, 8, 1.0, 2, False, "dpo", api_name="/train_start")

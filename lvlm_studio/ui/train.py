@@ -112,6 +112,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
                                          info="text-hallucinated and noisy-image pairs weigh half each",
                                          elem_id="train-povid-two-term")
+            objective = gr.Dropdown([("DPO on the reviewed pairs", "dpo"),
+                                     ("STIC stage 2: description-infused SFT", "stic_infusion")],
+                                    value=d.objective, label="Round objective",
+                                    info="stage 2 fine-tunes on items with a reference answer; it is evaluated "
+                                         "describing first", elem_id="train-objective")
     with gr.Row():
         start = gr.Button("Start training round", variant="primary", elem_id="train-start")
         latest = [value for _, value in round_choices(studio) if value != "0"]
@@ -153,19 +158,21 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v, two_term_v,
-                 request: gr.Request) -> tuple:
-        if not methods_v:
+                 objective_v="dpo", request: gr.Request = None) -> tuple:
+        if not methods_v and objective_v == "dpo":
             raise ValueError("pick at least one method")
         lora_r = _number(r_v, "LoRA r", int)
-        config = {"methods": list(methods_v), "parent_id": parse_round(parent_v) or 0, "include_auto": bool(include_v),
+        config = {"methods": list(methods_v) if methods_v else None, "parent_id": parse_round(parent_v) or 0,
+                  "include_auto": bool(include_v),
                   "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
                   "beta": _number(beta_v, "DPO β"), "lora_r": lora_r, "lora_alpha": 2 * lora_r,
                   "sft_weight": _number(sft_v, "SFT weight"), "eval_limit": _number(eval_v, "test items", int),
-                  "povid_two_term": bool(two_term_v)}
+                  "povid_two_term": bool(two_term_v), "objective": objective_v or "dpo"}
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
-    start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n, povid_two_term],
+    start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n, povid_two_term,
+                           objective],
                 outs,
                 api_name="train_start")
 
