@@ -222,7 +222,7 @@ def infusion_items(store: Any, cfg: Any) -> list[dict]:
     return items[: cfg.infusion_limit] if cfg.infusion_limit is not None else items
 
 
-def _require_pairs(store: Any, cfg: Any) -> list[dict]:
+def _training_material(store: Any, cfg: Any) -> list[dict]:
     """The round's training material (pairs, or for a STIC infusion round its instruction items);
     JobError when there is none."""
     if cfg.objective == "stic_infusion":
@@ -268,7 +268,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 current = store.current_round()
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
-            _require_pairs(store, cfg)  # a round with nothing to train on is refused, not created to fail
+            _training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
             run_dir = settings.runs_dir / round_dirname(round_id)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -444,8 +444,7 @@ def _describe_for_infusion(items: list[dict], base_path: str, chain: list[str], 
     """STIC stage 2's rows: the parent model (base + chain) describes each instruction image with
     ``cfg.describe_prompt`` (greedy), and the description is prepended to the item's question; the
     target is the item's reference answer (``methods.stic.build_description_sft_data``)."""
-    from PIL import Image
-
+    from lvlm_studio.media import load_image
     from lvlm_studio.methods.stic import STICConfig, build_description_sft_data
     from lvlm_studio.models.hf import HFBackend
     from lvlm_studio.training import materialize_round_model, resolve_device
@@ -453,10 +452,7 @@ def _describe_for_infusion(items: list[dict], base_path: str, chain: list[str], 
     device = resolve_device(cfg.device)
     model, processor = materialize_round_model(base_path, chain, device=device)
     backend = HFBackend(model, processor, "parent", device)
-    inputs = []
-    for it in items:
-        with Image.open(it["image_path"]) as im:
-            inputs.append((im.convert("RGB"), it["prompt"], it["reference"], it["id"]))
+    inputs = [(load_image(it["image_path"]), it["prompt"], it["reference"], it["id"]) for it in items]
     stic_cfg = STICConfig(description_prompt=cfg.describe_prompt, max_new_tokens=cfg.eval_max_new_tokens,
                           temperature=0.0, batch_size=cfg.eval_batch_size, seed=cfg.seed)
     rows = build_description_sft_data(backend, inputs, stic_cfg)
@@ -549,7 +545,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         cfg = DPORoundConfig.from_dict(row["config"])
         chain = adapter_lineage(store, row["parent_id"])
         base_path = resolve_model_path(row["base_model"] or settings.model)
-        pairs = _require_pairs(store, cfg)  # again: pairs may have changed since the round was queued
+        pairs = _training_material(store, cfg)  # again: pairs may have changed since the round was queued
         what = "instruction items (STIC stage 2)" if cfg.objective == "stic_infusion" else "pairs"
         log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}")
         out_dir = settings.adapters_dir / round_dirname(round_id)

@@ -572,9 +572,7 @@ def train_round(
 
     config = config or DPORoundConfig()
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"adapter directory {out} already exists; a round never overwrites one")
+    out = _new_adapter_dir(out_dir)
     if not pairs:
         raise ValueError("no training pairs: review some pairs (or allow automatic labels) first")
     chain = _as_chain(parent_adapter)
@@ -599,25 +597,12 @@ def train_round(
         "pair_ids": [p.get("pair_id") for p in pairs],
         "world_size": world_size,
     }
-    curve: list[dict] = []
-
-    def stopped_result(steps: int) -> TrainResult:
-        return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
-
-    if should_stop is not None and should_stop():
-        return stopped_result(0)
-
-    model, processor, setup = _training_model(base_model_path, chain, config, pairs, lineage)
-    if should_stop is not None and should_stop():
-        return stopped_result(0)
-
     trl_sft = row_sft[0] > 0 and not weighted  # TRL's own term on every row
     types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
-    work = out.parent / f".{out.name}.run-{os.getpid()}"
-    args = DPOConfig(**_trainer_args(config, setup, work), beta=config.beta, loss_type=types, loss_weights=weights)
     trainer_class = weighted_dpo_trainer_class() if weighted else DPOTrainer
-    return _train_and_save(trainer_class, model, processor, args, dataset, config, setup, out, work, lineage,
-                           len(pairs), curve, t0, on_log, should_stop)
+    return _run_round(trainer_class, lambda common: DPOConfig(**common, beta=config.beta, loss_type=types,
+                                                              loss_weights=weights),
+                      dataset, pairs, base_model_path, chain, out, config, lineage, t0, on_log, should_stop)
 
 
 def build_sft_dataset(rows: Sequence[dict]):
@@ -654,9 +639,7 @@ def train_sft_round(
 
     config = config or DPORoundConfig(objective="stic_infusion")
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"adapter directory {out} already exists; a round never overwrites one")
+    out = _new_adapter_dir(out_dir)
     if not rows:
         raise ValueError("no instruction items to fine-tune on (items with a reference answer)")
     chain = _as_chain(parent_adapter)
@@ -664,26 +647,19 @@ def train_sft_round(
     lineage = {"base_model": str(base_model_path), "parents": chain, "config": config.to_dict(),
                "objective": "stic_infusion", "n_pairs": len(rows), "n_rows": len(rows), "n_sft_rows": len(rows),
                "item_ids": [r.get("item_id") for r in rows], "world_size": distributed_rank()[2]}
-    curve: list[dict] = []
+    return _run_round(SFTTrainer, lambda common: SFTConfig(**common), dataset, rows, base_model_path, chain, out,
+                      config, lineage, t0, on_log, should_stop)
 
-    def stopped(steps: int) -> TrainResult:
-        return TrainResult(None, True, steps, len(rows), len(rows), curve, time.perf_counter() - t0, lineage)
 
-    if should_stop is not None and should_stop():
-        return stopped(0)
-    as_pairs = [{**r, "chosen": r["answer"], "rejected": r["answer"]} for r in rows]  # for the length check
-    model, processor, setup = _training_model(base_model_path, chain, config, as_pairs, lineage)
-    if should_stop is not None and should_stop():
-        return stopped(0)
-    work = out.parent / f".{out.name}.run-{os.getpid()}"
-    args = SFTConfig(**_trainer_args(config, setup, work))
-    return _train_and_save(SFTTrainer, model, processor, args, dataset, config, setup, out, work, lineage,
-                           len(rows), curve, t0, on_log, should_stop)
+def _new_adapter_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"adapter directory {out} already exists; a round never overwrites one")
+    return out
 
 
 def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, Any]:
     """The TrainingArguments a DPO and an SFT round share."""
-    shutil.rmtree(work, ignore_errors=True)
     return dict(
         output_dir=str(work),
         per_device_train_batch_size=config.batch_size,
@@ -706,12 +682,28 @@ def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, 
     )
 
 
-def _train_and_save(trainer_class, model, processor, args, dataset, config: DPORoundConfig, setup: dict, out: Path,
-                    work: Path, lineage: dict, n: int, curve: list, t0: float, on_log, should_stop) -> TrainResult:
-    """Train a fresh LoRA with ``trainer_class`` (TRL's DPO or SFT trainer), streaming the curve,
-    and save it atomically on rank 0; a stop request ends it cleanly with nothing saved."""
+def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: Sequence[dict], base_model_path,
+               chain: list[str], out: Path, config: DPORoundConfig, lineage: dict, t0: float,
+               on_log, should_stop) -> TrainResult:
+    """What a DPO and an SFT round share once their data is built: load the model (a stop request is
+    honoured before and after), make ``trainer_class``'s arguments (``make_args`` gets the common
+    ones), train a fresh LoRA streaming the curve, and save it atomically on rank 0; a stop ends it
+    cleanly with nothing saved. ``rows`` (pairs or SFT rows) are what the length check measures."""
     from peft import LoraConfig
 
+    n, curve = len(rows), []
+
+    def result(adapter: str | None, stopped: bool, steps: int) -> TrainResult:
+        return TrainResult(adapter, stopped, steps, n, n, curve, time.perf_counter() - t0, lineage)
+
+    if should_stop is not None and should_stop():
+        return result(None, True, 0)
+    model, processor, setup = _training_model(base_model_path, chain, config, rows, lineage)
+    if should_stop is not None and should_stop():
+        return result(None, True, 0)
+    work = out.parent / f".{out.name}.run-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    args = make_args(_trainer_args(config, setup, work))
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_modules(model, config.target_modules), task_type="CAUSAL_LM")
     stream = _callback(on_log, should_stop, curve)
@@ -721,14 +713,13 @@ def _train_and_save(trainer_class, model, processor, args, dataset, config: DPOR
         trainer.train()
         steps = int(trainer.state.global_step)
         if type(stream).stopped:
-            return TrainResult(None, True, steps, n, n, curve, time.perf_counter() - t0, lineage)
+            return result(None, True, steps)
         if not trainer.is_world_process_zero():
-            # Data-parallel workers hold the same weights; rank 0 saves them.
-            return TrainResult(None, False, steps, n, n, curve, time.perf_counter() - t0, lineage)
+            return result(None, False, steps)  # data-parallel workers hold the same weights; rank 0 saves them
         _save_adapter(trainer.model, out, lineage, curve, steps, t0, setup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(str(out), False, steps, n, n, curve, time.perf_counter() - t0, lineage)
+    return result(str(out), False, steps)
 
 
 def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, rows: Sequence[dict],
@@ -801,12 +792,9 @@ def _encode_turns(processor, image, prompt_text: str, answer: str | None = None)
 
 
 def _pair_image(pair: dict):
-    from PIL import Image
+    from lvlm_studio.media import load_image
 
-    if pair.get("image") is not None:
-        return pair["image"]
-    with Image.open(pair["image_path"]) as im:
-        return im.convert("RGB")
+    return pair["image"] if pair.get("image") is not None else load_image(pair["image_path"])
 
 
 def check_sequence_lengths(processor, pairs: Sequence[dict], max_length: int | None) -> dict[str, Any]:
@@ -821,8 +809,8 @@ def check_sequence_lengths(processor, pairs: Sequence[dict], max_length: int | N
     prompt_tokens = max(int(_encode_turns(processor, _pair_image(pairs[i]), pairs[i]["prompt"])[0]["input_ids"].shape[1])
                         for i in {0, longest_prompt})
     tok = processor.tokenizer
-    answers = [max(len(tok(str(p["chosen"]), add_special_tokens=False)["input_ids"]),
-                   len(tok(str(p["rejected"]), add_special_tokens=False)["input_ids"])) for p in pairs]
+    answers = [max(len(tok(str(p[k]), add_special_tokens=False)["input_ids"])  # pairs, or SFT rows' "answer"
+                   for k in ("chosen", "rejected", "answer") if p.get(k) is not None) for p in pairs]
     out = {"prompt_tokens": prompt_tokens, "longest_answer_tokens": max(answers), "max_length": max_length,
            "answers_cut": 0 if max_length is None else sum(prompt_tokens + a + 2 > max_length for a in answers)}
     if max_length is not None and prompt_tokens >= max_length:
