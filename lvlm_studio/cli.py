@@ -786,7 +786,7 @@ def compare_cmd(
 ) -> None:
     """Two rounds' evaluation metrics side by side, then their answers per item (hallucinated
     objects marked in square brackets)."""
-    from lvlm_studio.evaluation import paired_chair_s_summary
+    from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 
     if limit is not None and limit < 0:
         raise CLIError(f"--limit must be 0 or more, not {limit}", EXIT_USAGE)
@@ -809,8 +809,7 @@ def compare_cmd(
     lines = [table(["metric", f"round {a}", f"round {b}", "change"],
                    [[name, ma.get(k), mb.get(k),
                      f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float) else None]
-                    for name, k in (("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
-                                    ("POPE F1", "pope_f1"), ("answers", "answers"))])]
+                    for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])]
     if ma.get("answers") and mb.get("answers") and ma["answers"] != mb["answers"]:
         lines.append(f"the metrics above are over different answer sets ({ma['answers']} vs {mb['answers']}); "
                      "the caption-by-caption line below compares the same captions")

@@ -500,6 +500,8 @@ def chair(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
 
 # Item kinds whose answers are captions CHAIR scores (None = an item without a kind).
 CAPTION_KINDS = (None, "describe", "caption")
+# The headline metrics of a round, as tables and plots name them.
+METRIC_LABELS = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "recall": "recall", "pope_f1": "POPE F1"}
 
 
 def paired_chair_s(hallucinated_a: Sequence[bool], hallucinated_b: Sequence[bool]) -> dict[str, Any]:

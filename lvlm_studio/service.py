@@ -571,17 +571,19 @@ class Studio:
         usable = [it for it in items if (it.get("reference") or "").strip()]
         report["no_pair"] += len(items) - len(usable)
         backend = self.backend(model, round_id) if config.make_image_rejected else None
-        world_vocab = self._world_vocabulary(povid) if any(self._is_world(it) for it in usable) else None
-        dataset_vocab: dict[str, Any] = {}
-        for it in usable:
-            name = it.get("dataset") or "default"
-            if not self._is_world(it) and name not in dataset_vocab:
-                dataset_vocab[name] = self._dataset_vocabulary(povid, name)
+        vocabularies: dict[str | None, Any] = {}  # None: the world's; else a dataset's, built once
+
+        def vocabulary(it: dict) -> Any:
+            key = None if self._is_world(it) else (it.get("dataset") or "default")
+            if key not in vocabularies:
+                vocabularies[key] = (self._world_vocabulary(povid) if key is None
+                                     else self._dataset_vocabulary(povid, key))
+            return vocabularies[key]
+
         step = max(1, config.batch_size)
         for lo in range(0, len(usable), step):
             chunk = usable[lo:lo + step]
-            groups = [(world_vocab if self._is_world(it) else dataset_vocab[it.get("dataset") or "default"])
-                      for it in chunk]
+            groups = [vocabulary(it) for it in chunk]
             # one call per vocabulary (world items use the world's words and co-occurrence prior)
             for vocab in {id(v): v for v in groups}.values():
                 sub = [it for it, v in zip(chunk, groups, strict=True) if v is vocab]

@@ -8,13 +8,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lvlm_studio.evaluation import paired_chair_s_summary
+from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 from lvlm_studio.ui.highlight import compare_html
 
-METRIC_NAMES = {"chair_s": "CHAIR_s ↓", "chair_i": "CHAIR_i ↓", "recall": "recall ↑", "pope_f1": "POPE F1 ↑"}
-METRIC_COLUMNS = ["round", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "answers"]
+# The plot's series say which way is better: hallucination rates down, recall and F1 up.
+METRIC_NAMES = {k: f"{label} {'↓' if k.startswith('chair') else '↑'}" for k, label in METRIC_LABELS.items()}
+METRIC_COLUMNS = ["round", *METRIC_LABELS.values(), "answers"]
 
 
 def metrics_plot_frame(studio: Studio) -> pd.DataFrame:
@@ -52,7 +53,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
-        frame = pd.DataFrame(res["metrics"], columns=["round", "chair_s", "chair_i", "recall", "pope_f1", "answers"])
+        frame = pd.DataFrame(res["metrics"], columns=["round", *METRIC_LABELS, "answers"])
         frame.columns = METRIC_COLUMNS
         empty = ("The two rounds answer every item the same." if diff and all(res["answered"])
                  else "No evaluation answers to compare yet.")

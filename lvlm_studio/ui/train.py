@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lvlm_studio.evaluation import METRIC_LABELS
 from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.training import DPORoundConfig
 from lvlm_studio.ui.auth import request_user
@@ -70,8 +71,7 @@ def status_html(rnd: dict | None) -> str:
         html += f'<div class="err">{escape_text(rnd["error"])}</div>'
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
-        names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "recall": "recall", "pope_f1": "POPE F1"}
-        shown = {names[k]: ev[k] for k in names if isinstance(ev.get(k), int | float)}
+        shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
         html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + "</div>"
     return html + "</div>"
 
