@@ -11,7 +11,9 @@ through ``service.Studio`` and ``jobs`` exactly as the app runs them:
      labels (``include_auto``) in a DPO round started by ``Studio.start_round``: the real subprocess
      job, which trains, evaluates itself on the same test items and marks the round done;
   4. ``--compare-methods`` (default povid,stic): the same budget (same train prompts, same DPO
-     settings), one round each from the base.
+     settings), one round each from the base. ``povid_stages`` is POVID's pairs on the paper's
+     schedule in one round: stage 1 on the text-hallucinated pairs for ``--epochs``, merged, then
+     1 epoch on every pair with the two-term loss (DPORoundConfig.povid_stage1_epochs).
 
 ``--search-lr 2e-4,5e-4`` trains round 1 once per learning rate (same pairs) and keeps the best by
 CHAIR_s among those whose recall drops by at most 3 points (FACTS.md: search lr per round rather
@@ -75,6 +77,15 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 # ---- memory -------------------------------------------------------------------------------------
+
+
+# Compare entries that train a method's pairs on its paper's schedule (round_config).
+SCHEDULED = {"povid_stages": "povid"}
+
+
+def pair_method(entry: str) -> str:
+    """The method whose pairs a compare entry trains on."""
+    return SCHEDULED.get(entry, entry)
 
 
 def self_peak_mb() -> float:
@@ -232,16 +243,17 @@ class Loop:
         return self.generated[key]
 
     def round_config(self, method: str, parent_id: int, lr: float) -> dict[str, Any]:
-        return {"methods": [method], "include_auto": True, "pair_round": parent_id,
+        schedule = {"povid_stage1_epochs": self.epochs, "num_epochs": 1.0} if method in SCHEDULED else {}
+        return {"methods": [pair_method(method)], "include_auto": True, "pair_round": parent_id,
                 "learning_rate": lr, "num_epochs": self.epochs, "sft_weight": self.sft_weight,
                 "seed": self.args.seed, "eval_dataset": "shapesworld", "eval_split": "test",
-                "eval_limit": None, **self.args.dpo}
+                "eval_limit": None, **schedule, **self.args.dpo}
 
     def run_round(self, method: str, parent_id: int, index: int, lr: float, label: str) -> dict[str, Any]:
         from lvlm_studio import jobs
 
-        rep = self.generate(method, parent_id)
-        pairs_available = len(self.studio.store.training_pairs(methods=[method], include_auto=True,
+        rep = self.generate(pair_method(method), parent_id)
+        pairs_available = len(self.studio.store.training_pairs(methods=[pair_method(method)], include_auto=True,
                                                                round=parent_id))
         row: dict[str, Any] = {
             "label": label, "method": method, "round": index, "round_id": None, "parent_id": parent_id,
@@ -463,7 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-prompts", type=int, default=200, help="TRAIN describe prompts for pairs")
     p.add_argument("--eval-n", type=int, default=500, help="unbiased TEST scenes (describe + POPE probes)")
     p.add_argument("--compare-methods", default="povid,stic",
-                   help="comma list; one round each from the base with the same budget ('' = none)")
+                   help="comma list of csr, povid, povid_stages (POVID's two-stage schedule), stic; "
+                        "one round each from the base with the same budget ('' = none)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: DPORoundConfig's)")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default: DPORoundConfig's)")
     p.add_argument("--sft-weight", type=float, default=None, help="SFT term weight (default: DPORoundConfig's)")
@@ -492,9 +505,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     args.compare_list = [m.strip() for m in (args.compare_methods or "").split(",") if m.strip()]
-    unknown = set(args.compare_list) - {"csr", "povid", "stic"}
+    unknown = set(args.compare_list) - {"csr", "povid", "stic", *SCHEDULED}
     if unknown:
-        p.error(f"unknown compare method(s) {sorted(unknown)}; expected povid, stic or csr")
+        p.error(f"unknown compare method(s) {sorted(unknown)}; expected povid, povid_stages, stic or csr")
     if args.rounds < 1 or args.train_prompts < 1 or args.eval_n < 1:
         p.error("--rounds, --train-prompts and --eval-n must be >= 1")
     from lvlm_studio.cli import CLIError, config_options

@@ -239,6 +239,12 @@ def _training_material(store: Any, cfg: Any) -> list[dict]:
             + (f" for methods {', '.join(cfg.methods)}" if cfg.methods else "")
             + (f" from round {cfg.pair_round}" if cfg.pair_round is not None else "")
         )
+    if cfg.povid_stage1_epochs > 0:
+        from lvlm_studio.training import povid_term
+
+        if not any(povid_term(p) == "text" for p in pairs):
+            raise JobError("POVID's stage 1 trains on text-hallucinated POVID pairs, and none of this round's "
+                           f"{len(pairs)} pairs is one: generate with POVID, or set povid_stage1_epochs to 0")
     return pairs
 
 
@@ -591,6 +597,8 @@ def run_round(round_id: int, home: str | Path) -> int:
             "train_seconds": result.seconds,
             "eval": None,
         }
+        if result.lineage.get("povid_stages"):
+            metrics["povid_stages"] = result.lineage["povid_stages"]
         items = eval_items_for(store, cfg)
         rows: list[dict] = []
         if not items:

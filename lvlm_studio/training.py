@@ -22,9 +22,12 @@ Losses (``DPORoundConfig``):
     weights each row's sigmoid DPO loss; POVID rows of each term get 0.5·N_povid / N_term
     (``povid_row_weights``), so over an epoch each term carries exactly half of the POVID loss mass
     without repeating rows (the reference sums both terms per item in one batch; here that holds
-    in expectation over batches). POVID's stage 1 (text pairs only, 3 epochs) and stage 2 (both
-    terms, 1 epoch, after merging) are two rounds: the second starts from the first merged, as
-    every round does.
+    in expectation over batches).
+  * POVID's two stages (``povid_stage1_epochs`` > 0): stage 1 trains a LoRA on the text-hallucinated
+    pairs alone; it is merged and stage 2 trains a new LoRA on every pair with the two-term loss,
+    the stage-1 model as its reference. The round saves the two LoRAs concatenated into one
+    (``concatenate_loras``: rank r1 + r2, exactly the sum of both updates), so a round is still
+    one adapter on its parent chain.
 
 Hardware: on CUDA the config's None picks bf16 and gradient checkpointing, on CPU fp32 and neither;
 what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16,
@@ -107,6 +110,11 @@ class DPORoundConfig:
     # POVID's two-term loss: text-hallucinated and noisy-image pairs weighted to 0.5/0.5 of the
     # POVID loss (povid_row_weights; module docstring). Needs loss_type "sigmoid".
     povid_two_term: bool = False
+    # POVID's schedule (arXiv 2402.11411): stage 1 trains on the text-hallucinated POVID pairs
+    # alone for this many epochs (paper: 3), is merged, and stage 2 trains a new LoRA on every pair
+    # for num_epochs (paper: 1) with the two-term loss above, the stage-1 model as its reference.
+    # 0 = one stage (every pair, num_epochs). One process only (num_processes 1).
+    povid_stage1_epochs: float = 0.0
     # Pairs that ask the same question with the same two answers and prefer each answer at least
     # once (yes/no probes, CSR's existence pairs) are cut to as many of one orientation as of the
     # other (balance_answer_prior). Otherwise the label is partly predictable from the text alone
@@ -159,8 +167,13 @@ class DPORoundConfig:
             raise ValueError("num_processes must be >= 1")
         if self.objective not in ("dpo", "stic_infusion"):
             raise ValueError(f"objective must be 'dpo' or 'stic_infusion', not {self.objective!r}")
-        if self.povid_two_term and self.loss_type != "sigmoid":
-            raise ValueError(f"povid_two_term weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
+        if (self.povid_two_term or self.povid_stage1_epochs) and self.loss_type != "sigmoid":
+            raise ValueError(f"POVID's two-term loss weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
+        if self.povid_stage1_epochs < 0:
+            raise ValueError("povid_stage1_epochs must be >= 0 (0 = one stage)")
+        if self.povid_stage1_epochs and (self.objective != "dpo" or self.num_processes > 1):
+            raise ValueError("POVID's two-stage schedule is a DPO round in one process "
+                             "(objective 'dpo', num_processes 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -575,6 +588,8 @@ def train_round(
     out = _new_adapter_dir(out_dir)
     if not pairs:
         raise ValueError("no training pairs: review some pairs (or allow automatic labels) first")
+    if config.povid_stage1_epochs > 0:
+        return _train_povid_stages(pairs, base_model_path, parent_adapter, out, config, on_log, should_stop)
     chain = _as_chain(parent_adapter)
     dropped = 0
     if config.balance_answers:
@@ -603,6 +618,104 @@ def train_round(
     return _run_round(trainer_class, lambda common: DPOConfig(**common, beta=config.beta, loss_type=types,
                                                               loss_weights=weights),
                       dataset, pairs, base_model_path, chain, out, config, lineage, t0, on_log, should_stop)
+
+
+def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, out: Path, config: DPORoundConfig,
+                        on_log, should_stop) -> TrainResult:
+    """POVID's two stages as one round (``DPORoundConfig.povid_stage1_epochs``): stage 1 on the
+    text-hallucinated pairs, stage 2 on every pair with the two-term loss on top of stage 1 merged;
+    the saved adapter is both LoRAs concatenated. The curve's steps run on across the stages and
+    each record names its ``stage``; a stop in either stage saves nothing."""
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+    text_pairs = [p for p in pairs if povid_term(p) == "text"]
+    if not text_pairs:
+        raise ValueError("POVID's stage 1 trains on text-hallucinated POVID pairs, and this round has none "
+                         "(generate with POVID, or set povid_stage1_epochs=0)")
+    chain = _as_chain(parent_adapter)
+    one_stage = replace(config, povid_stage1_epochs=0.0)
+    stages = [(text_pairs, replace(one_stage, num_epochs=config.povid_stage1_epochs)),
+              (pairs, replace(one_stage, povid_two_term=True))]
+    # Progress needs the whole round's steps before stage 2 starts: stage 2's is estimated the way
+    # the Trainer counts it (one process, no dropped last batch).
+    per_epoch = [max(math.ceil(len(rows) / cfg.batch_size) // cfg.gradient_accumulation_steps, 1)
+                 for rows, cfg in stages]
+    planned = [cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n)
+               for (_, cfg), n in zip(stages, per_epoch, strict=True)]
+    scratch = out.parent / f".{out.name}.stages-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    results: list[TrainResult] = []
+    curve: list[dict] = []
+    try:
+        for stage, (rows, cfg) in enumerate(stages, start=1):
+            done = sum(r.steps for r in results)
+            total = done + sum(planned[stage - 1:])
+
+            def relay(rec: dict, stage: int = stage, done: int = done, total: int = total) -> None:
+                rec = {**rec, "stage": stage, "step": done + rec["step"], "max_steps": total}
+                curve.append(rec)
+                if on_log is not None:
+                    on_log(rec)
+
+            result = train_round(rows, base_model_path, [*chain, *(r.adapter_path for r in results)],
+                                 scratch / f"stage{stage}", cfg, relay, should_stop)
+            results.append(result)
+            steps = sum(r.steps for r in results)
+            if result.stopped:
+                return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, {})
+        first, second = results
+        lineage = {**second.lineage, "parents": chain, "config": config.to_dict(), "steps": steps,
+                   "seconds": time.perf_counter() - t0,
+                   "povid_stages": [{"stage": i, "n_pairs": r.n_pairs, "steps": r.steps,
+                                     "epochs": stages[i - 1][1].num_epochs, "lora_r": stages[i - 1][1].lora_r}
+                                    for i, r in enumerate(results, start=1)]}
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        concatenate_loras([first.adapter_path, second.adapter_path], tmp)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+        (tmp / "curve.json").write_text(json.dumps(curve))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(str(out), False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
+
+
+def concatenate_loras(adapter_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """One LoRA adapter whose update is the sum of the given adapters' updates, each scaled as
+    PEFT scales it: A = [s1·A1; s2·A2; …], B = [B1, B2, …], rank Σr, α = rank (scaling 1). Loading
+    it on a base gives exactly what merging the adapters one after the other gives (merging adds
+    each update to the same weights), so "merge stage 1, train a new LoRA" stays one adapter.
+    The adapters must target the same modules with plain LoRA (no DoRA, rank or alpha patterns,
+    modules_to_save)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    configs = [json.loads((Path(d) / "adapter_config.json").read_text()) for d in adapter_dirs]
+    weights = [load_file(str(Path(d) / "adapter_model.safetensors")) for d in adapter_dirs]
+    for d, cfg, w in zip(adapter_dirs, configs, weights, strict=True):
+        unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)]
+        if unsupported or set(w) != set(weights[0]):
+            raise ValueError(f"cannot concatenate LoRA adapter {d}: "
+                             f"{', '.join(unsupported) or 'it adapts other modules than the first'}")
+    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
+    merged: dict[str, torch.Tensor] = {}
+    for key in weights[0]:
+        if ".lora_A." in key:
+            merged[key] = torch.cat([s * w[key].float() for s, w in zip(scales, weights, strict=True)], dim=0)
+        elif ".lora_B." in key:
+            merged[key] = torch.cat([w[key].float() for w in weights], dim=1)
+        else:
+            raise ValueError(f"cannot concatenate LoRA adapters: unexpected tensor {key!r}")
+        merged[key] = merged[key].to(weights[0][key].dtype).contiguous()
+    rank = sum(int(c["r"]) for c in configs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=False)
+    save_file(merged, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {**configs[0], "r": rank, "lora_alpha": rank, "use_rslora": False}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def build_sft_dataset(rows: Sequence[dict]):

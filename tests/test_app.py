@@ -79,10 +79,11 @@ def test_compare_returns_both_rounds_answers(app):
 
 
 def test_train_tab_start_passes_its_fields_to_the_round(app):
-    """The Train tab's button: its fields, the POVID two-term box included, become the round's config."""
+    """The Train tab's button: its fields, POVID's two-term box and stage-1 epochs included, become the
+    round's config."""
     studio, url = app
     client = Client(url, verbose=False)
-    client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, api_name="/train_start")
+    client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, "dpo", 3, api_name="/train_start")
     rid = max(r["id"] for r in studio.rounds())
     try:
         # A second start while this one runs: the reason, not a generic error.
@@ -92,6 +93,7 @@ def test_train_tab_start_passes_its_fields_to_the_round(app):
         assert config["methods"] == ["povid"] and config["include_auto"] is True
         assert (config["learning_rate"], config["beta"], config["lora_r"], config["lora_alpha"]) == (1e-4, 0.2, 8, 16)
         assert config["sft_weight"] == 0.5 and config["eval_limit"] == 2 and config["povid_two_term"] is True
+        assert config["povid_stage1_epochs"] == 3
     finally:
         studio.cancel_round(rid, None)
         assert studio.wait_round(rid, timeout=120)["status"] in ("cancelled", "failed", "done")
@@ -247,6 +249,7 @@ def test_train_tab_starts_from_the_measured_round_defaults(home):
         assert fields["train-lr"] == d.learning_rate and fields["train-epochs"] == d.num_epochs
         assert fields["train-beta"] == d.beta and fields["train-sft"] == d.sft_weight
         assert fields["train-lora-r"] == d.lora_r and fields["train-povid-two-term"] is d.povid_two_term
+        assert fields["train-povid-stage1"] == d.povid_stage1_epochs
     finally:
         studio.store.close()
 

@@ -121,11 +121,12 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_loop_lr_search_and_method_comparison(tiny_models, tmp_path, capsys):
-    """--search-lr trains round 1 once per lr on the same pairs and keeps one; the comparison round
-    trains POVID pairs from the base with the kept lr. Three round jobs (~45 s)."""
+    """--search-lr trains round 1 once per lr on the same pairs and keeps one; the comparison rounds
+    train POVID pairs from the base with the kept lr, in one stage and on the paper's two stages.
+    Four round jobs (~60 s)."""
     vlm, clip = tiny_models
     record = demo_loop.main([
-        "--rounds", "1", "--train-prompts", "3", "--eval-n", "2", "--compare-methods", "povid",
+        "--rounds", "1", "--train-prompts", "3", "--eval-n", "2", "--compare-methods", "povid,povid_stages",
         "--model", vlm, "--clip", clip, "--home", str(tmp_path / "home"), "--threads", "1",
         "--csr-candidates", "3", "--csr-max-sentences", "2", "--csr-max-new-tokens", "6",
         "--gen-max-new-tokens", "6", "--epochs", "2", "--search-lr", "2e-4,5e-3", "--no-progress",
@@ -141,12 +142,27 @@ def test_demo_loop_lr_search_and_method_comparison(tiny_models, tmp_path, capsys
     assert r1["round_id"] == kept["round_id"] and r1["label"] == "csr-1"
     assert record["learning_rate"] == pytest.approx(kept["learning_rate"])
     assert record["search_note"]
-    (povid,) = record["compare"]
+    povid, staged = record["compare"]
     assert povid["method"] == "povid" and povid["status"] == "done" and povid["parent_id"] == 0
     assert povid["learning_rate"] == pytest.approx(kept["learning_rate"])
     assert 1 <= povid["pairs_used"] <= 2 * 3  # up to two POVID pairs (text, noisy image) per prompt
     assert 0.0 <= povid["chair_s"] <= 1.0 and 0.0 <= povid["pope_f1"] <= 1.0
     assert povid["round_id"] not in {s["round_id"] for s in search}
+    # The same POVID pairs (generated once) on the paper's schedule: stage 1 on the text pairs for
+    # --epochs, then 1 epoch on every pair.
+    assert staged["method"] == "povid_stages" and staged["status"] == "done"
+    assert staged["pairs_used"] == povid["pairs_used"] and staged["gen_seconds"] == povid["gen_seconds"]
+    store = Store(tmp_path / "home" / "studio.db")
+    try:
+        config = store.get_round(staged["round_id"])["config"]
+        metrics = store.get_round(staged["round_id"])["metrics"]
+    finally:
+        store.close()
+    assert config["methods"] == ["povid"] and config["povid_stage1_epochs"] == 2 and config["num_epochs"] == 1
+    assert [(s["stage"], s["n_pairs"] <= staged["pairs_used"], s["epochs"]) for s in metrics["povid_stages"]] == [
+        (1, True, 2), (2, True, 1)]
+    assert metrics["povid_stages"][1]["n_pairs"] == staged["pairs_used"]
+    assert staged["steps"] == sum(s["steps"] for s in metrics["povid_stages"])
 
 
 def test_fresh_home_refuses_the_repo_storage_and_a_used_root(tmp_path):

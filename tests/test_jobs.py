@@ -219,6 +219,19 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
     assert row["status"] == "failed" and "no training pairs" in row["error"]
     with pytest.raises(ValueError, match="unknown DPO round option"):
         jobs.start_round(settings, {"learning_rat": 1})
+    # POVID's two-stage schedule needs text-hallucinated POVID pairs for stage 1: refused at the
+    # start when the round's pairs (here one CSR pair) have none.
+    store = Store(settings.db_path)
+    item = next(iter(world_items("train", n=1, seed=3)))
+    item_id = _add(store, settings.home, item, "shapesworld", "train")
+    store.add_pair(item_id, store.add_candidate(item_id, item["reference"], "csr"),
+                   store.add_candidate(item_id, item["reference"] + " There is a red star.", "csr"), "csr")
+    store.close()
+    with pytest.raises(jobs.JobError, match="none of this round's 1 pairs is one"):
+        jobs.start_round(settings, {"include_auto": True, "povid_stage1_epochs": 3})
+    store = Store(settings.db_path)
+    assert [r["id"] for r in store.list_rounds()] == [0, rid]
+    store.close()
 
 
 def test_a_failed_or_cancelled_round_cannot_be_a_parent(tmp_path):

@@ -17,6 +17,7 @@ from lvlm_studio.training import (
     balance_answer_prior,
     build_dpo_dataset,
     check_sequence_lengths,
+    concatenate_loras,
     load_base_model,
     materialize_round_model,
     merge_chain,
@@ -348,3 +349,96 @@ def test_sequence_lengths_are_checked_before_training(tiny, tmp_path):
     with pytest.raises(ValueError, match="too short"):
         train_round(pairs, tiny, None, tmp_path / "a", DPORoundConfig(max_length=image_tokens, max_steps=1))
     assert not (tmp_path / "a").exists()
+
+
+def _random_lora(tiny: str, out, r: int, alpha: int, seed: int, target=r".*\blanguage_model\b.*\.(q_proj|v_proj)") -> str:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model, _ = load_base_model(tiny)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, init_lora_weights=False))
+    peft.save_pretrained(str(out))
+    return str(out)
+
+
+def test_concatenated_loras_equal_the_adapters_merged_one_after_the_other(tiny, tmp_path):
+    """The two-stage POVID round's saved adapter: loading it is merging both stages in order."""
+    first = _random_lora(tiny, tmp_path / "a", r=4, alpha=16, seed=1)
+    second = _random_lora(tiny, tmp_path / "b", r=8, alpha=8, seed=2)
+    both = concatenate_loras([first, second], tmp_path / "ab")
+    config = json.loads((both / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 12
+
+    base = dict(load_base_model(tiny)[0].state_dict())
+    sequential = merge_chain(load_base_model(tiny)[0], [first, second]).state_dict()
+    concatenated = merge_chain(load_base_model(tiny)[0], [str(both)]).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], sequential[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)  # the adapters did something
+    assert max((sequential[k] - concatenated[k]).abs().max().item() for k in base) < 1e-5
+    with pytest.raises(FileExistsError):
+        concatenate_loras([first, second], tmp_path / "ab")
+    other = _random_lora(tiny, tmp_path / "c", r=4, alpha=8, seed=3, target=r".*\blanguage_model\b.*\.k_proj")
+    with pytest.raises(ValueError, match="other modules"):
+        concatenate_loras([first, other], tmp_path / "ac")
+
+
+def _povid_pairs(n_text: int, n_noise: int) -> list[dict]:
+    pairs = _pairs(n_text + n_noise)
+    for i, p in enumerate(pairs):
+        p["method"], p["meta"] = "povid", {"kind": "image" if i >= n_text else "text"}
+    return pairs
+
+
+def test_povid_two_stage_round_trains_text_pairs_then_every_pair_on_stage_one_merged(tiny, tmp_path):
+    pairs = _povid_pairs(4, 2)
+    cfg = DPORoundConfig(learning_rate=2e-2, num_epochs=2, povid_stage1_epochs=3, batch_size=6, max_length=None,
+                         beta=0.1, sft_weight=0.0, balance_answers=False)
+    logged: list[dict] = []
+    result = train_round(pairs, tiny, None, tmp_path / "round_1", cfg, on_log=logged.append)
+
+    # Stage 1: the 4 text pairs, 3 epochs of one step; stage 2: all 6 pairs, 2 epochs of one step.
+    steps = [rec for rec in logged if "loss" in rec]
+    assert result.steps == 5 and [rec["step"] for rec in steps] == [1, 2, 3, 4, 5]
+    assert [rec["stage"] for rec in steps] == [1, 1, 1, 2, 2]
+    assert {rec["max_steps"] for rec in logged} == {5} and logged == result.curve
+    # Stage 2 starts from stage 1 merged, which is also its reference: at its first step (one batch
+    # = all 6 pairs) the rewards are 0 again and the policy's log-probs are no longer the base's.
+    base, processor = load_base_model(tiny)
+    base_logp = sum(sequence_logprobs(base, processor, pairs, "chosen")) / len(pairs)
+    assert steps[3]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[3]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(steps[3]["logps/chosen"] - base_logp) > 1e-2
+
+    out = tmp_path / "round_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]  # stages' scratch removed
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [(s["stage"], s["n_pairs"], s["steps"], s["epochs"]) for s in lineage["povid_stages"]] == [
+        (1, 4, 3, 3), (2, 6, 2, 2)]
+    assert lineage["dpo_row_weights"] == [0.75, 1.5]  # stage 2: the two-term loss
+    assert lineage["parents"] == [] and lineage["config"]["povid_stage1_epochs"] == 3
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2 * cfg.lora_r
+    assert json.loads((out / "curve.json").read_text()) == result.curve
+
+    # The round's one adapter moves the model like both stages did: chosen gains on rejected.
+    before = _mean_margin(base, processor, pairs)
+    after = _mean_margin(merge_chain(load_base_model(tiny)[0], adapter_chain(out)), processor, pairs)
+    assert after > before + 0.2, (before, after)  # a no-op adapter gives exactly `before`
+
+
+def test_povid_two_stage_round_refuses_without_text_pairs_and_stops_cleanly(tiny, tmp_path):
+    cfg = DPORoundConfig(learning_rate=1e-3, num_epochs=1, povid_stage1_epochs=1, batch_size=2, max_length=None)
+    with pytest.raises(ValueError, match="text-hallucinated"):
+        train_round(_pairs(4), tiny, None, tmp_path / "csr_only", cfg)
+    calls = {"n": 0}
+
+    def should_stop() -> bool:  # stage 1: 2 load checks + 2 steps; stage 2: 2 load checks, stop after step 2
+        calls["n"] += 1
+        return calls["n"] > 7
+
+    result = train_round(_povid_pairs(4, 2), tiny, None, tmp_path / "r", cfg, should_stop=should_stop)
+    assert result.stopped and result.adapter_path is None and result.steps == 4
+    assert list(tmp_path.iterdir()) == []
+    for bad in (dict(povid_stage1_epochs=-1), dict(povid_stage1_epochs=3, num_processes=2),
+                dict(povid_stage1_epochs=3, objective="stic_infusion"), dict(povid_stage1_epochs=3, loss_type="ipo")):
+        with pytest.raises(ValueError):
+            DPORoundConfig(**bad)

@@ -112,6 +112,10 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
                                          info="text-hallucinated and noisy-image pairs weigh half each",
                                          elem_id="train-povid-two-term")
+            povid_stage1 = gr.Number(d.povid_stage1_epochs, label="POVID stage-1 epochs",
+                                     info="0 = one stage; the paper: 3 on text-hallucinated pairs, merged, then "
+                                          "'epochs' (1) on every pair with the two-term loss",
+                                     elem_id="train-povid-stage1")
             objective = gr.Dropdown([("DPO on the reviewed pairs", "dpo"),
                                      ("STIC stage 2: description-infused SFT", "stic_infusion")],
                                     value=d.objective, label="Round objective",
@@ -158,7 +162,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v, two_term_v,
-                 objective_v="dpo", request: gr.Request = None) -> tuple:
+                 objective_v="dpo", stage1_v=0, request: gr.Request = None) -> tuple:
         if not methods_v and objective_v == "dpo":
             raise ValueError("pick at least one method")
         lora_r = _number(r_v, "LoRA r", int)
@@ -167,12 +171,13 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                   "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
                   "beta": _number(beta_v, "DPO β"), "lora_r": lora_r, "lora_alpha": 2 * lora_r,
                   "sft_weight": _number(sft_v, "SFT weight"), "eval_limit": _number(eval_v, "test items", int),
-                  "povid_two_term": bool(two_term_v), "objective": objective_v or "dpo"}
+                  "povid_two_term": bool(two_term_v), "objective": objective_v or "dpo",
+                  "povid_stage1_epochs": _number(stage1_v or 0, "POVID stage-1 epochs")}
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
     start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n, povid_two_term,
-                           objective],
+                           objective, povid_stage1],
                 outs,
                 api_name="train_start")
 
