@@ -624,7 +624,7 @@ class Studio:
                      "small": "large", "large": "small"}
         return povid.Vocabulary(objects=list(wv.CATEGORIES), colours=list(wv.COLOURS), sizes=list(wv.SIZES),
                                 counts=list(wv.COUNT_WORDS), relations=list(wv.POSITIONS),
-                                opposites=opposites, cooccurrence=cooc)
+                                opposites=opposites, cooccurrence=cooc, synonyms={})
 
     def _gen_stic(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods import stic

@@ -63,7 +63,12 @@ def test_relative_links_in_readme_and_docs_point_to_files_in_the_repo():
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue  # a URL or an anchor on the same page
-            path = (page.parent / target.split("#")[0]).resolve()
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve()
             assert path.is_file(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            if anchor:  # GitHub's heading ids: lowercase, punctuation dropped, spaces to hyphens
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE)
+                slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+                assert anchor in slugs, f"{page.relative_to(ROOT)} links to {target}: no such heading"
             checked += 1
     assert checked >= 2  # the README's experiments page and its plot at least

@@ -131,6 +131,48 @@ def test_many_injections_keep_consistent_offsets_and_never_use_present_objects()
         assert inj.inject(text, present_objects={"dog", "frisbee", "person", "cup"}, seed=seed).text == r.text
 
 
+def test_injector_finds_objects_by_their_coco_synonyms():
+    """On COCO-style answers an object is often named by a synonym ("man", "motorbike", "sofa"):
+    the default vocabulary reads CHAIR's synonym table, so those are objects to replace."""
+    inj = HallucinationInjector(categories=["object"])
+    text = "A man rides a motorbike past two kids. Bikes lean on a sofa."
+    assert [(text[s:e], obj, pl) for s, e, obj, pl in inj.mentioned_objects(text)] == [
+        ("man", "person", False), ("motorbike", "motorcycle", False), ("kids", "person", True),
+        ("Bikes", "bicycle", True), ("sofa", "couch", False)]
+    # "orange" before a noun is the colour; on its own it is the fruit.
+    assert [obj for *_, obj, _ in inj.mentioned_objects("An orange umbrella and an orange.")] == ["umbrella", "orange"]
+    # Replacing a synonym mention: the horse (the one absent object) takes the man's or the motorbike's place.
+    vocab = Vocabulary(objects=["person", "motorcycle", "horse"])
+    inj = HallucinationInjector(vocab, n_injections=1, categories=["object"])
+    outs = {inj.inject("A man rides a motorbike.", present_objects={"person", "motorcycle"}, seed=s).text
+            for s in range(20)}
+    assert outs == {"A horse rides a motorbike.", "A man rides a horse.",
+                    "A man rides a motorbike. There is also a horse next to the man."}
+    # A vocabulary without synonyms (the world's) does not read "man" as anything.
+    bare = HallucinationInjector(Vocabulary(objects=["person"], synonyms={}), categories=["object"])
+    assert bare.mentioned_objects("A man and a person.") == [(12, 18, "person", False)]
+
+
+def test_reasoning_answers_get_a_wrong_step_or_a_wrong_final_answer():
+    """POVID's reasoning category: a leading yes/no flipped, the last sentence's number changed, a
+    step after a reasoning cue negated (or a negated one made positive); answers that do not
+    reason never offer it, so they draw exactly as without it."""
+    inj = HallucinationInjector(categories=["reasoning"], n_injections=3)
+    r = inj.inject("Yes, he is likely a chef because he is wearing a white hat.", seed=0)
+    assert r.text == "No, he is likely a chef because he is not wearing a white hat."
+    assert [(x["original"], x["injected"], x["category"]) for x in r.spans] == [
+        ("Yes", "No", "reasoning"), ("is", "is not", "reasoning")]
+    r = inj.inject("The road is wet, so it isn't safe. In total there are 12 cars.", seed=0)
+    assert r.text.startswith("The road is wet, so it is safe. In total there are ")
+    assert int(r.text.split()[-2]) in {10, 11, 13, 14}
+    assert all(r.text[x["start"]:x["end"]] == x["injected"] for x in r.spans)
+    assert not inj.reasons("A dog sits on a couch.") and inj.inject("A dog sits on a couch.").spans == []
+    text = "Two dogs play with a red frisbee to the left of a large tree."
+    with_it, without = HallucinationInjector(n_injections=2), HallucinationInjector(
+        n_injections=2, categories=("object", "attribute", "count", "relation"))
+    assert all(with_it.inject(text, seed=s).text == without.inject(text, seed=s).text for s in range(20))
+
+
 def test_diff_spans_recover_inserted_and_replaced_words():
     orig = "A dog sits on a mat."
     new = "A black dog sits on a red mat near a cat."

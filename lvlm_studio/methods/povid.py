@@ -6,8 +6,9 @@ Per item (an image, a prompt and its ground-truth answer):
   * rejected (text) = that answer with plausible hallucinations injected. The paper prompts GPT-4V;
     offline we offer a rule-based ``HallucinationInjector`` driven by a vocabulary and object
     co-occurrence statistics (absent co-occurring objects, wrong colour/size, wrong count, wrong
-    relation/position), and a ``PromptedInjector`` that asks a local model through the backend
-    protocol and recovers the injected spans with a word diff. Spans are kept for the UI;
+    relation/position; on reasoning answers a wrong step or a wrong final answer), and a
+    ``PromptedInjector`` that asks a local model through the backend protocol and recovers the
+    injected spans with a word diff. Spans are kept for the UI;
   * rejected (image) = the model's own answer on the image distorted by diffusion forward noise
     (t = 500 of the sigmoid schedule: about 0.863·x0 + 0.505·ε).
 """
@@ -26,24 +27,23 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from lvlm_studio.evaluation import COCO_CATEGORIES, COCO_SYNONYMS
 from lvlm_studio.methods.sentences import sentence_records
 from lvlm_studio.models.base import GenerationParams, VLMBackend
 
-CATEGORIES = ("object", "attribute", "count", "relation")
+CATEGORIES = ("object", "attribute", "count", "relation", "reasoning")
+# "reasoning" (POVID's wrong steps and wrong final answers) applies to answers that reason: a step
+# is a clause after one of these cues, the final answer a leading yes/no or the last sentence's number.
+REASONING_CUES = ("because", "since", "so", "therefore", "thus", "hence", "which means", "this means",
+                  "as a result", "suggests", "indicates")
+# A step is made wrong by flipping its first verb of being or modal (either way); do/have are left
+# out, since as main verbs ("does the dishes") they cannot simply take a "not".
+NEGATIONS = {"is": "is not", "are": "are not", "was": "was not", "were": "were not", "can": "cannot",
+             "will": "will not", "could": "could not", "would": "would not", "should": "should not"}
 
-# The 80 COCO categories: the default object vocabulary (POVID's data is COCO / LLaVA-Instruct).
-COCO_OBJECTS = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-]
+# The 80 COCO categories and CHAIR's synonyms for them: the default object vocabulary (POVID's
+# data is COCO / LLaVA-Instruct), so "a man on a motorbike" has a person and a motorcycle to swap.
+COCO_OBJECTS = list(COCO_CATEGORIES)
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "orange", "pink", "purple", "gray"]
 SIZES = ["small", "large", "big", "tiny", "huge", "tall", "short"]
 COUNTS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -87,6 +87,9 @@ class Vocabulary:
     relations: list[str] = field(default_factory=lambda: list(RELATIONS))
     opposites: dict[str, str] = field(default_factory=lambda: dict(OPPOSITES))
     cooccurrence: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Other names an answer may use for an object (object -> names): a mention of any of them is
+    # that object, for the injector to replace. Default: CHAIR's COCO synonym table.
+    synonyms: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in COCO_SYNONYMS.items()})
 
     @classmethod
     def from_object_sets(cls, object_sets: Iterable[Iterable[str]], **kwargs: Any) -> Vocabulary:
@@ -161,10 +164,18 @@ class HallucinationInjector:
             raise ValueError(f"unknown injection categories {sorted(unknown)}; choose from {CATEGORIES}")
         self.categories = tuple(categories)
         self.cooccur_top_k = cooccur_top_k
-        forms: dict[str, str] = {}
+        # surface form -> (object, is plural): the objects' own names first, so a synonym shared
+        # with another object's name never takes that name over.
+        forms: dict[str, tuple[str, bool]] = {}
         for obj in self.vocab.objects:
-            forms[obj.lower()] = obj
-            forms[plural(obj).lower()] = obj
+            forms.setdefault(obj.lower(), (obj, False))
+            forms.setdefault(plural(obj).lower(), (obj, True))
+        for obj in self.vocab.objects:
+            names = {n.lower() for n in self.vocab.synonyms.get(obj, ())} - {obj.lower()}
+            for name in sorted(names):
+                # the table lists some plurals ("bikes") beside their singular
+                forms.setdefault(name, (obj, any(plural(other) == name for other in names)))
+                forms.setdefault(plural(name), (obj, True))
         self._object_forms = forms
         self._object_re = _phrase_regex(forms)
         self._colour_re = _phrase_regex(self.vocab.colours)
@@ -172,16 +183,24 @@ class HallucinationInjector:
         numbers = list(self.vocab.counts) + [str(i) for i in range(2, 11)]
         self._count_re = _phrase_regex(numbers)
         self._relation_re = _phrase_regex(self.vocab.relations)
+        self._cue_re = _phrase_regex(REASONING_CUES)
+        flips = {**NEGATIONS, **{neg: pos for pos, neg in NEGATIONS.items()}, "can't": "can", "won't": "will",
+                 **{f"{pos}n't": pos for pos in ("is", "are", "was", "were", "could", "would", "should")}}
+        self._flips = flips
+        self._flip_re = _phrase_regex(flips)
 
     def mentioned_objects(self, text: str) -> list[tuple[int, int, str, bool]]:
         """(start, end, canonical object, is_plural) for each object mention."""
         if not self._object_re:
             return []
         out = []
+        colours = {c.lower() for c in self.vocab.colours}
         for m in self._object_re.finditer(text):
             form = m.group(0).lower()
-            canon = self._object_forms[form]
-            out.append((m.start(), m.end(), canon, form != canon.lower()))
+            if form in colours and re.match(r"\s+[A-Za-z]", text[m.end():]):
+                continue  # "an orange umbrella": the colour, not the fruit
+            canon, is_plural = self._object_forms[form]
+            out.append((m.start(), m.end(), canon, is_plural))
         return out
 
     def absent_candidates(self, mentioned: set[str], present: set[str]) -> list[str]:
@@ -219,7 +238,7 @@ class HallucinationInjector:
             if mentions or self.vocab.objects:
                 new = self._pick_absent(rng, mentioned, present, used)
                 if new:
-                    anchor = f" next to the {mentions[0][2]}" if mentions else ""
+                    anchor = f" next to the {self._anchor_name(text, mentions[0])}" if mentions else ""
                     sentence = f"There is also {_article(new)} {new}{anchor}."
                     pos = len(text.rstrip())
                     sep = "" if pos == 0 else " "
@@ -256,7 +275,50 @@ class HallucinationInjector:
                     new = rng.choice(others) if others else None
                 if new:
                     edits.append(_Edit(m.start(), m.end(), _match_case(m.group(0), new), "relation"))
+        elif category == "reasoning":
+            edits.extend(self._reasoning_edits(text, rng))
         return edits
+
+    def reasons(self, text: str) -> bool:
+        """Whether ``text`` is a reasoning answer: a leading yes/no, or a reasoning cue."""
+        return bool(re.match(r"\s*(yes|no)\b", text, re.IGNORECASE) or (self._cue_re and self._cue_re.search(text)))
+
+    def _reasoning_edits(self, text: str, rng: random.Random) -> list[_Edit]:
+        """A wrong final answer (a leading yes/no flipped, or the last sentence's number changed) and
+        wrong steps (in each sentence with a reasoning cue, the first is/are/can/will/... after the
+        cue negated, or a negated one made positive)."""
+        edits = []
+        lead = re.match(r"\s*(yes|no)\b", text, re.IGNORECASE)
+        if lead:
+            new = "no" if lead.group(1).lower() == "yes" else "yes"
+            edits.append(_Edit(lead.start(1), lead.end(1), _match_case(lead.group(1), new), "reasoning"))
+        sentences = list(re.finditer(r"[^.!?]+[.!?]*", text))
+        if sentences:
+            last = sentences[-1]
+            numbers = list(re.finditer(r"\b\d+\b", last.group(0)))
+            if numbers:
+                m, value = numbers[-1], int(numbers[-1].group(0))
+                wrong = [v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]
+                start = last.start() + m.start()
+                edits.append(_Edit(start, start + len(m.group(0)), str(rng.choice(wrong)), "reasoning"))
+        if self._cue_re and self._flip_re:
+            for sentence in sentences:
+                cue = self._cue_re.search(sentence.group(0))
+                flip = cue and self._flip_re.search(sentence.group(0), cue.end())
+                if flip:
+                    word = flip.group(0)
+                    start = sentence.start() + flip.start()
+                    edits.append(_Edit(start, start + len(word), _match_case(word, self._flips[word.lower()]),
+                                       "reasoning"))
+        return edits
+
+    @staticmethod
+    def _anchor_name(text: str, mention: tuple[int, int, str, bool]) -> str:
+        """The object's name, or the answer's own word when it used a synonym ("the man", not
+        "the person")."""
+        start, end, canon, _ = mention
+        said = text[start:end].lower()
+        return canon if said in (canon.lower(), plural(canon).lower()) else said
 
     def _opposite_phrase(self, phrase: str) -> str | None:
         if phrase in self.vocab.opposites:
@@ -285,7 +347,8 @@ class HallucinationInjector:
         want = self.n_injections if n is None else n
         chosen: list[_Edit] = []
         used: set[str] = set()
-        categories = list(self.categories)
+        # Only a reasoning answer offers the reasoning category (and others draw as without it).
+        categories = [c for c in self.categories if c != "reasoning" or self.reasons(text)]
         rng.shuffle(categories)
         attempts = 0
         while len(chosen) < want and categories and attempts < 4 * max(want, 1) + 8:
