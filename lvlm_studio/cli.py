@@ -308,8 +308,15 @@ class Progress:
         self.close()
 
 
+# Python's spellings of JSON's null/true/false, which users type as often (eval_limit=None).
+_PYTHON_LITERALS = {"None": None, "True": True, "False": False}
+
+
 def parse_value(text: str) -> Any:
-    """A ``key=value`` value: JSON when it parses (numbers, true/false, null, lists), else text."""
+    """A ``key=value`` value: JSON when it parses (numbers, true/false, null, lists), Python's
+    None/True/False, else text."""
+    if text in _PYTHON_LITERALS:
+        return _PYTHON_LITERALS[text]
     try:
         return json.loads(text)
     except ValueError:

@@ -139,6 +139,13 @@ def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monke
                           (["generate", "--method", "dpo"], "unknown method")):
         result = run(*args)
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, args
+    # Python's None/True/False are read as JSON's null/true/false (eval_limit=None means no limit).
+    from lvlm_studio.cli import config_options
+    from lvlm_studio.training import DPORoundConfig
+
+    assert config_options(DPORoundConfig, ["eval_limit=None", "include_auto=True", "bf16=False", "eval_split=val"],
+                          "--config", "DPO round") == {"eval_limit": None, "include_auto": True, "bf16": False,
+                                                       "eval_split": "val"}
     # A list option of a method is accepted (the CLI makes it a tuple, the service checks it again):
     # the run gets as far as finding no items.
     result = run("generate", "--method", "povid", "--param", 'categories=["object"]')
