@@ -113,7 +113,7 @@ class DPORoundConfig:
     # POVID's schedule (arXiv 2402.11411): stage 1 trains on the text-hallucinated POVID pairs
     # alone for this many epochs (paper: 3), is merged, and stage 2 trains a new LoRA on every pair
     # for num_epochs (paper: 1) with the two-term loss above, the stage-1 model as its reference.
-    # 0 = one stage (every pair, num_epochs). One process only (num_processes 1).
+    # 0 = one stage (every pair, num_epochs).
     povid_stage1_epochs: float = 0.0
     # Pairs that ask the same question with the same two answers and prefer each answer at least
     # once (yes/no probes, CSR's existence pairs) are cut to as many of one orientation as of the
@@ -171,9 +171,8 @@ class DPORoundConfig:
             raise ValueError(f"POVID's two-term loss weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
         if self.povid_stage1_epochs < 0:
             raise ValueError("povid_stage1_epochs must be >= 0 (0 = one stage)")
-        if self.povid_stage1_epochs and (self.objective != "dpo" or self.num_processes > 1):
-            raise ValueError("POVID's two-stage schedule is a DPO round in one process "
-                             "(objective 'dpo', num_processes 1)")
+        if self.povid_stage1_epochs and self.objective != "dpo":
+            raise ValueError("POVID's two-stage schedule is a DPO round (objective 'dpo')")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -637,15 +636,20 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
     one_stage = replace(config, povid_stage1_epochs=0.0)
     stages = [(text_pairs, replace(one_stage, num_epochs=config.povid_stage1_epochs)),
               (pairs, replace(one_stage, povid_two_term=True))]
+    rank, _, world_size = distributed_rank()
     # Progress needs the whole round's steps before stage 2 starts: stage 2's is estimated the way
-    # the Trainer counts it (one process, no dropped last batch).
-    per_epoch = [max(math.ceil(len(rows) / cfg.batch_size) // cfg.gradient_accumulation_steps, 1)
+    # the Trainer counts it (each worker a 1/world_size shard, no dropped last batch).
+    per_epoch = [max(math.ceil(len(rows) / (cfg.batch_size * world_size)) // cfg.gradient_accumulation_steps, 1)
                  for rows, cfg in stages]
     planned = [cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n)
                for (_, cfg), n in zip(stages, per_epoch, strict=True)]
-    scratch = out.parent / f".{out.name}.stages-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    # One scratch folder for every worker: rank 0 saves each stage there, and all load stage 1 from it.
+    scratch = out.parent / f".{out.name}.stages"
+    stage_dirs = [scratch / "stage1", scratch / "stage2"]
+    if rank == 0:
+        for d in stage_dirs:
+            shutil.rmtree(d, ignore_errors=True)  # left by a killed attempt
+    scratch.mkdir(parents=True, exist_ok=True)
     results: list[TrainResult] = []
     curve: list[dict] = []
     try:
@@ -659,27 +663,38 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
                 if on_log is not None:
                     on_log(rec)
 
-            result = train_round(rows, base_model_path, [*chain, *(r.adapter_path for r in results)],
-                                 scratch / f"stage{stage}", cfg, relay, should_stop)
+            result = train_round(rows, base_model_path, [*chain, *map(str, stage_dirs[:stage - 1])],
+                                 stage_dirs[stage - 1], cfg, relay, should_stop)
             results.append(result)
             steps = sum(r.steps for r in results)
-            if result.stopped:
+            if result.stopped:  # every worker stops at the same step (_callback)
                 return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, {})
-        first, second = results
-        lineage = {**second.lineage, "parents": chain, "config": config.to_dict(), "steps": steps,
+            _all_workers_here()  # rank 0 has saved the stage before anyone loads it
+        lineage = {**results[1].lineage, "parents": chain, "config": config.to_dict(), "steps": steps,
                    "seconds": time.perf_counter() - t0,
                    "povid_stages": [{"stage": i, "n_pairs": r.n_pairs, "steps": r.steps,
                                      "epochs": stages[i - 1][1].num_epochs, "lora_r": stages[i - 1][1].lora_r}
                                     for i, r in enumerate(results, start=1)]}
+        if rank != 0:
+            return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        concatenate_loras([first.adapter_path, second.adapter_path], tmp)
+        concatenate_loras([str(d) for d in stage_dirs], tmp)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
         (tmp / "curve.json").write_text(json.dumps(curve))
         os.replace(tmp, out)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(str(out), False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
+
+
+def _all_workers_here() -> None:
+    """A barrier across data-parallel workers (nothing in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def concatenate_loras(adapter_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:

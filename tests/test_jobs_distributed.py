@@ -124,6 +124,22 @@ def test_two_process_round_with_povid_two_term_weights(tmp_path):
     assert lineage["n_pairs"] == 16 and lineage["dpo_row_weights"] == pytest.approx([2 / 3, 2.0])
     assert row["metrics"]["n_sft_rows"] == 12  # 4 of the 12 text pairs are marked unfit to imitate
 
+    # POVID's two stages on two workers: every worker loads stage 1 (saved by rank 0) for stage 2.
+    rid = jobs.start_round(settings, {**TWO, "num_epochs": 1, "povid_stage1_epochs": 1})
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    log = Path(row["log_path"]).read_text()
+    assert row["status"] == "done", (row["error"], log[-3000:])
+    # stage 1: the 12 text pairs, 4 per worker per step: 2 steps; stage 2: all 16 pairs, 2 steps
+    assert [(s["n_pairs"], s["steps"]) for s in row["metrics"]["povid_stages"]] == [(12, 2), (16, 2)]
+    store = Store.open(settings)
+    try:
+        curve = [c for c in store.round_curve(rid) if "loss" in c]
+    finally:
+        store.close()
+    assert [(c["step"], c["stage"], c["max_steps"]) for c in curve] == [(1, 1, 4), (2, 1, 4), (3, 2, 4), (4, 2, 4)]
+    assert json.loads((Path(row["adapter_path"]) / "adapter_config.json").read_text())["r"] == 2 * 16
+    assert not list(settings.adapters_dir.glob(".round-*"))  # no stage or worker scratch left
+
 
 def test_cancel_stops_every_worker(home):
     settings = home["settings"]

@@ -438,7 +438,7 @@ def test_povid_two_stage_round_refuses_without_text_pairs_and_stops_cleanly(tiny
     result = train_round(_povid_pairs(4, 2), tiny, None, tmp_path / "r", cfg, should_stop=should_stop)
     assert result.stopped and result.adapter_path is None and result.steps == 4
     assert list(tmp_path.iterdir()) == []
-    for bad in (dict(povid_stage1_epochs=-1), dict(povid_stage1_epochs=3, num_processes=2),
+    for bad in (dict(povid_stage1_epochs=-1),
                 dict(povid_stage1_epochs=3, objective="stic_infusion"), dict(povid_stage1_epochs=3, loss_type="ipo")):
         with pytest.raises(ValueError):
             DPORoundConfig(**bad)
