@@ -336,3 +336,15 @@ def test_train_tab_starts_a_stic_stage_two_round(app):
         assert studio.wait_round(rid, timeout=120)["status"] in ("cancelled", "failed", "done")
     with pytest.raises(Exception, match="pick at least one method"):
         client.predict([], "0", False, 2e-5, 1, 0.3, 8, 1.0, 2, False, "dpo", api_name="/train_start")
+
+
+def test_round_status_shows_povid_stages_and_escapes_what_it_shows():
+    from lvlm_studio.ui.train import status_html
+
+    html = status_html({"id": 3, "status": "done", "progress": 1.0, "error": "<script>alert(1)</script>",
+                        "metrics": {"povid_stages": [{"stage": 1, "n_pairs": 200, "steps": 75},
+                                                     {"stage": 2, "n_pairs": 400, "steps": 50}],
+                                    "eval": {"chair_s": 0.25}}})
+    assert "POVID stages: 1: 200 pairs, 75 steps; 2: 400 pairs, 50 steps" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "POVID stages" not in status_html({"id": 2, "status": "done", "metrics": {"eval": {"chair_s": 0.1}}})

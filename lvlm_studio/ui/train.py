@@ -69,6 +69,11 @@ def status_html(rnd: dict | None) -> str:
     html = '<div class="round-status">' + " · ".join(parts)
     if rnd.get("error"):
         html += f'<div class="err">{escape_text(rnd["error"])}</div>'
+    stages = (rnd.get("metrics") or {}).get("povid_stages") or []
+    if stages:
+        html += "<div>POVID stages: " + "; ".join(
+            f"{escape_text(s.get('stage'))}: {escape_text(s.get('n_pairs'))} pairs, {escape_text(s.get('steps'))} steps"
+            for s in stages if isinstance(s, dict)) + "</div>"
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
