@@ -219,6 +219,11 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     fails("eval", "--split", "val", message="unknown split 'val'")
     fails("compare", "0", "9", message="round 9 does not exist")
     store.close()
+    # POVID's two stages (max_steps caps each stage): --wait names them.
+    staged = run("train", "--model", vlm, "--include-auto", "--methods", "povid", *FAST_ROUND,
+                 "-c", "povid_stage1_epochs=1", "--wait")
+    assert staged.exit_code == 0, staged.output
+    assert "4 steps on 4 pairs" in staged.stdout and "POVID stages: 1: 4 pairs, 2 steps; 2: 4 pairs, 2 steps" in staged.stdout
 
 
 def test_train_refusals_and_roles(env, tiny, monkeypatch):
