@@ -113,7 +113,7 @@ class DPORoundConfig:
     # POVID's schedule (arXiv 2402.11411): stage 1 trains on the text-hallucinated POVID pairs
     # alone for this many epochs (paper: 3), is merged, and stage 2 trains a new LoRA on every pair
     # for num_epochs (paper: 1) with the two-term loss above, the stage-1 model as its reference.
-    # 0 = one stage (every pair, num_epochs).
+    # 0 = one stage (every pair, num_epochs). max_steps > 0 caps each stage.
     povid_stage1_epochs: float = 0.0
     # Pairs that ask the same question with the same two answers and prefer each answer at least
     # once (yes/no probes, CSR's existence pairs) are cut to as many of one orientation as of the
@@ -628,19 +628,24 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
     from dataclasses import replace
 
     t0 = time.perf_counter()
+    dropped = 0
+    if config.balance_answers:  # once for both stages, so they see the same pairs
+        pairs, dropped = balance_answer_prior(pairs, config.seed)
     text_pairs = [p for p in pairs if povid_term(p) == "text"]
     if not text_pairs:
         raise ValueError("POVID's stage 1 trains on text-hallucinated POVID pairs, and this round has none "
                          "(generate with POVID, or set povid_stage1_epochs=0)")
     chain = _as_chain(parent_adapter)
-    one_stage = replace(config, povid_stage1_epochs=0.0)
+    one_stage = replace(config, povid_stage1_epochs=0.0, balance_answers=False)
     stages = [(text_pairs, replace(one_stage, num_epochs=config.povid_stage1_epochs)),
               (pairs, replace(one_stage, povid_two_term=True))]
     rank, _, world_size = distributed_rank()
-    # Progress needs the whole round's steps before stage 2 starts: stage 2's is estimated the way
-    # the Trainer counts it (each worker a 1/world_size shard, no dropped last batch).
-    per_epoch = [max(math.ceil(len(rows) / (cfg.batch_size * world_size)) // cfg.gradient_accumulation_steps, 1)
-                 for rows, cfg in stages]
+    # Stage 1's progress needs the whole round's steps before stage 2 starts: stage 2's is
+    # estimated as the Trainer counts it (each worker a 1/world_size shard of batches, an update
+    # every gradient_accumulation_steps of them, a partial last one included); stage 2 then reports
+    # its own exact count. max_steps > 0 caps each stage.
+    batches = [math.ceil(len(rows) / (cfg.batch_size * world_size)) for rows, cfg in stages]
+    per_epoch = [max(math.ceil(b / cfg.gradient_accumulation_steps), 1) for b, (_, cfg) in zip(batches, stages, strict=True)]
     planned = [cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n)
                for (_, cfg), n in zip(stages, per_epoch, strict=True)]
     # One scratch folder for every worker: rank 0 saves each stage there, and all load stage 1 from it.
@@ -658,7 +663,8 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
             total = done + sum(planned[stage - 1:])
 
             def relay(rec: dict, stage: int = stage, done: int = done, total: int = total) -> None:
-                rec = {**rec, "stage": stage, "step": done + rec["step"], "max_steps": total}
+                exact = done + rec["max_steps"] if stage == len(stages) and rec.get("max_steps") else total
+                rec = {**rec, "stage": stage, "step": done + rec["step"], "max_steps": exact}
                 curve.append(rec)
                 if on_log is not None:
                     on_log(rec)
@@ -668,13 +674,15 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
             results.append(result)
             steps = sum(r.steps for r in results)
             if result.stopped:  # every worker stops at the same step (_callback)
-                return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, {})
+                return TrainResult(None, True, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0,
+                                   {"n_dropped_by_balance": dropped})
             _all_workers_here()  # rank 0 has saved the stage before anyone loads it
         lineage = {**results[1].lineage, "parents": chain, "config": config.to_dict(), "steps": steps,
-                   "seconds": time.perf_counter() - t0,
+                   "seconds": time.perf_counter() - t0, "n_dropped_by_balance": dropped,
                    "povid_stages": [{"stage": i, "n_pairs": r.n_pairs, "steps": r.steps,
-                                     "epochs": stages[i - 1][1].num_epochs, "lora_r": stages[i - 1][1].lora_r}
-                                    for i, r in enumerate(results, start=1)]}
+                                     "epochs": cfg.num_epochs if cfg.max_steps <= 0 else None,
+                                     "max_steps": cfg.max_steps if cfg.max_steps > 0 else None, "lora_r": cfg.lora_r}
+                                    for i, (r, (_, cfg)) in enumerate(zip(results, stages, strict=True), start=1)]}
         if rank != 0:
             return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -58,17 +58,27 @@ def test_relative_links_in_readme_and_docs_point_to_files_in_the_repo():
     """The README (also the Space's page) and docs/ link to each other and to plots: a moved or
     renamed file must not leave a dead link."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+    def heading_ids(path: Path) -> set[str]:
+        """GitHub's heading ids: lowercase, punctuation dropped, spaces to hyphens, a repeated
+        heading suffixed -1, -2, ...; lines inside fenced code blocks are no headings."""
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+        ids, seen = set(), {}
+        for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE):
+            slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            ids.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+        return ids
+
     checked = 0
     for page in pages:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a URL or an anchor on the same page
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
             file, _, anchor = target.partition("#")
-            path = (page.parent / file).resolve()
+            path = (page.parent / file).resolve() if file else page
             assert path.is_file(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
-            if anchor:  # GitHub's heading ids: lowercase, punctuation dropped, spaces to hyphens
-                headings = re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE)
-                slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
-                assert anchor in slugs, f"{page.relative_to(ROOT)} links to {target}: no such heading"
+            if anchor:
+                assert anchor in heading_ids(path), f"{page.relative_to(ROOT)} links to {target}: no such heading"
             checked += 1
     assert checked >= 2  # the README's experiments page and its plot at least

@@ -139,8 +139,11 @@ def test_injector_finds_objects_by_their_coco_synonyms():
     assert [(text[s:e], obj, pl) for s, e, obj, pl in inj.mentioned_objects(text)] == [
         ("man", "person", False), ("motorbike", "motorcycle", False), ("kids", "person", True),
         ("Bikes", "bicycle", True), ("sofa", "couch", False)]
-    # "orange" before a noun is the colour; on its own it is the fruit.
+    # "orange" before a noun is the colour; on its own or before a function word it is the fruit.
     assert [obj for *_, obj, _ in inj.mentioned_objects("An orange umbrella and an orange.")] == ["umbrella", "orange"]
+    assert [obj for *_, obj, _ in inj.mentioned_objects("An orange on the table.")] == ["orange", "dining table"]
+    # Plural-only and irregular synonyms are plural: the replacement agrees ("Horses graze").
+    assert [(obj, pl) for _, _, obj, pl in inj.mentioned_objects("Oxen and cattle graze.")] == [("cow", True)] * 2
     # Replacing a synonym mention: the horse (the one absent object) takes the man's or the motorbike's place.
     vocab = Vocabulary(objects=["person", "motorcycle", "horse"])
     inj = HallucinationInjector(vocab, n_injections=1, categories=["object"])
@@ -167,6 +170,15 @@ def test_reasoning_answers_get_a_wrong_step_or_a_wrong_final_answer():
     assert int(r.text.split()[-2]) in {10, 11, 13, 14}
     assert all(r.text[x["start"]:x["end"]] == x["injected"] for x in r.spans)
     assert not inj.reasons("A dog sits on a couch.") and inj.inject("A dog sits on a couch.").spans == []
+    # "No one ..." is no answer; contractions with either apostrophe and "can not" flip whole; a
+    # number with separators is left alone (1,200 is not "1,198"), a decimal point ends no sentence.
+    assert not inj.reasons("No one is here.")
+    assert inj.inject("No, because he can\u2019t reach it.", seed=0).text == "Yes, because he can reach it."
+    assert inj.inject("It sinks, so it can not swim.", seed=0).text == "It sinks, so it can swim."
+    r = inj.inject("Yes. So there are 1,200 birds at 10:45, each 2.5 cm.", seed=0)
+    assert r.text == "No. So there are not 1,200 birds at 10:45, each 2.5 cm."
+    r = inj.inject("Yes. It is 2.5 m tall, so about 14.", seed=0)
+    assert r.text.startswith("No. It is 2.5 m tall, so about ") and r.text.split()[-1].rstrip(".") in {"12", "13", "15", "16"}
     text = "Two dogs play with a red frisbee to the left of a large tree."
     with_it, without = HallucinationInjector(n_injections=2), HallucinationInjector(
         n_injections=2, categories=("object", "attribute", "count", "relation"))

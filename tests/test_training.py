@@ -425,6 +425,24 @@ def test_povid_two_stage_round_trains_text_pairs_then_every_pair_on_stage_one_me
     assert after > before + 0.2, (before, after)  # a no-op adapter gives exactly `before`
 
 
+def test_povid_two_stage_round_counts_balanced_pairs_and_accumulated_steps(tiny, tmp_path):
+    """Both stages see the pairs balance_answers kept (counted once), and the progress total is
+    right with gradient accumulation (a partial last update counts) from the first step on."""
+    probes = _pairs(6)
+    for i, p in enumerate(probes):  # 5 x "Yes" preferred, 1 x "No": balancing keeps one of each
+        p.update(pair_id=100 + i, prompt="Is there a red circle?", chosen="Yes." if i else "No.",
+                 rejected="No." if i else "Yes.", method="csr")
+    cfg = DPORoundConfig(learning_rate=1e-3, num_epochs=1, povid_stage1_epochs=1, batch_size=1,
+                         gradient_accumulation_steps=2, max_length=None)
+    result = train_round(_povid_pairs(5, 0) + probes, tiny, None, tmp_path / "r", cfg)
+    steps = [rec for rec in result.curve if "loss" in rec]
+    # stage 1: 5 text pairs = 5 batches = 3 updates; stage 2: 5 + 2 kept probes = 7 batches = 4 updates
+    assert [(rec["step"], rec["stage"]) for rec in steps] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 2)]
+    assert {rec["max_steps"] for rec in result.curve} == {7}
+    assert result.n_pairs == result.n_rows == 7 and result.lineage["n_dropped_by_balance"] == 4
+    assert [s["n_pairs"] for s in result.lineage["povid_stages"]] == [5, 7]
+
+
 def test_povid_two_stage_round_refuses_without_text_pairs_and_stops_cleanly(tiny, tmp_path):
     cfg = DPORoundConfig(learning_rate=1e-3, num_epochs=1, povid_stage1_epochs=1, batch_size=2, max_length=None)
     with pytest.raises(ValueError, match="text-hallucinated"):

@@ -36,6 +36,8 @@ CATEGORIES = ("object", "attribute", "count", "relation", "reasoning")
 # is a clause after one of these cues, the final answer a leading yes/no or the last sentence's number.
 REASONING_CUES = ("because", "since", "so", "therefore", "thus", "hence", "which means", "this means",
                   "as a result", "suggests", "indicates")
+# A final answer: a leading yes/no that is the answer ("Yes, ...", "No." - not "No one ...").
+_LEADING_ANSWER = re.compile(r"\s*(yes|no)\b(?=\s*(?:[,.!;:]|$))", re.IGNORECASE)
 # A step is made wrong by flipping its first verb of being or modal (either way); do/have are left
 # out, since as main verbs ("does the dishes") they cannot simply take a "not".
 NEGATIONS = {"is": "is not", "are": "are not", "was": "was not", "were": "were not", "can": "cannot",
@@ -60,7 +62,14 @@ OPPOSITES = {
 _IRREGULAR_PLURALS = {
     "person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
     "scissors": "scissors", "man": "men", "woman": "women", "child": "children", "tv": "tvs",
+    "ox": "oxen", "goose": "geese", "foot": "feet",
 }
+# Names that are plural without a singular beside them in the synonym table.
+_PLURAL_ONLY = {"cattle", "people", "police"}
+# Words after which "orange" is still the fruit ("an orange on the table", "an orange and a pear");
+# before any other word it is read as the colour ("an orange umbrella") and not edited as an object.
+_FUNCTION_WORDS = {"and", "or", "but", "on", "in", "at", "of", "with", "to", "from", "near", "by", "under",
+                   "next", "beside", "behind", "is", "are", "was", "were", "that", "which", "for", "as"}
 
 
 def plural(word: str) -> str:
@@ -174,7 +183,7 @@ class HallucinationInjector:
             names = {n.lower() for n in self.vocab.synonyms.get(obj, ())} - {obj.lower()}
             for name in sorted(names):
                 # the table lists some plurals ("bikes") beside their singular
-                forms.setdefault(name, (obj, any(plural(other) == name for other in names)))
+                forms.setdefault(name, (obj, name in _PLURAL_ONLY or any(plural(other) == name for other in names)))
                 forms.setdefault(plural(name), (obj, True))
         self._object_forms = forms
         self._object_re = _phrase_regex(forms)
@@ -184,8 +193,11 @@ class HallucinationInjector:
         self._count_re = _phrase_regex(numbers)
         self._relation_re = _phrase_regex(self.vocab.relations)
         self._cue_re = _phrase_regex(REASONING_CUES)
-        flips = {**NEGATIONS, **{neg: pos for pos, neg in NEGATIONS.items()}, "can't": "can", "won't": "will",
-                 **{f"{pos}n't": pos for pos in ("is", "are", "was", "were", "could", "would", "should")}}
+        # Contractions with either apostrophe; the longer forms win over "can" at the same place.
+        contracted = {"can't": "can", "won't": "will", "can not": "can",
+                      **{f"{pos}n't": pos for pos in ("is", "are", "was", "were", "could", "would", "should")}}
+        flips = {**NEGATIONS, **{neg: pos for pos, neg in NEGATIONS.items()}, **contracted,
+                 **{k.replace("'", "’"): v for k, v in contracted.items()}}
         self._flips = flips
         self._flip_re = _phrase_regex(flips)
 
@@ -197,7 +209,8 @@ class HallucinationInjector:
         colours = {c.lower() for c in self.vocab.colours}
         for m in self._object_re.finditer(text):
             form = m.group(0).lower()
-            if form in colours and re.match(r"\s+[A-Za-z]", text[m.end():]):
+            after = re.match(r"\s+([A-Za-z]+)", text[m.end():])
+            if form in colours and after and after.group(1).lower() not in _FUNCTION_WORDS:
                 continue  # "an orange umbrella": the colour, not the fruit
             canon, is_plural = self._object_forms[form]
             out.append((m.start(), m.end(), canon, is_plural))
@@ -281,22 +294,24 @@ class HallucinationInjector:
 
     def reasons(self, text: str) -> bool:
         """Whether ``text`` is a reasoning answer: a leading yes/no, or a reasoning cue."""
-        return bool(re.match(r"\s*(yes|no)\b", text, re.IGNORECASE) or (self._cue_re and self._cue_re.search(text)))
+        return bool(_LEADING_ANSWER.match(text) or (self._cue_re and self._cue_re.search(text)))
 
     def _reasoning_edits(self, text: str, rng: random.Random) -> list[_Edit]:
         """A wrong final answer (a leading yes/no flipped, or the last sentence's number changed) and
         wrong steps (in each sentence with a reasoning cue, the first is/are/can/will/... after the
         cue negated, or a negated one made positive)."""
         edits = []
-        lead = re.match(r"\s*(yes|no)\b", text, re.IGNORECASE)
+        lead = _LEADING_ANSWER.match(text)
         if lead:
             new = "no" if lead.group(1).lower() == "yes" else "yes"
             edits.append(_Edit(lead.start(1), lead.end(1), _match_case(lead.group(1), new), "reasoning"))
-        sentences = list(re.finditer(r"[^.!?]+[.!?]*", text))
+        # Sentences end at . ! ? but not at a decimal point ("1.5 m").
+        sentences = list(re.finditer(r"(?:[^.!?]|[.!?](?=\d))+[.!?]*", text))
         if sentences:
             last = sentences[-1]
-            numbers = list(re.finditer(r"\b\d+\b", last.group(0)))
-            if numbers:
+            # A number with separators (1,200, 10:45, 2.5) is one token and left alone.
+            numbers = list(re.finditer(r"(?<![\d.,:])\d+(?:[.,:]\d+)*(?![\d.,:]\d)", last.group(0)))
+            if numbers and numbers[-1].group(0).isdigit():
                 m, value = numbers[-1], int(numbers[-1].group(0))
                 wrong = [v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]
                 start = last.start() + m.start()
