@@ -19,6 +19,7 @@ RUN pip install --no-deps -e .
 
 EXPOSE 7860
 VOLUME ["/app/storage"]
-# LVLM_STUDIO_MODEL selects the model (demo, a local path, or a Hub id). vLLM is installed for
-# lvlm_studio.models.load_backend(ref, backend="vllm"); the app itself uses the HF backend.
+# LVLM_STUDIO_MODEL selects the model (demo, a local path, or a Hub id). vLLM is installed:
+# LVLM_STUDIO_BACKEND=vllm makes the app generate with it; round jobs train and evaluate with
+# transformers.
 CMD ["python", "app.py"]

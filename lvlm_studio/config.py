@@ -38,7 +38,9 @@ class Settings:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
-        self.home = Path(self.home)
+        # Absolute, so the paths the store keeps (adapters, logs) stay valid from any working
+        # directory (the round job, the app and the CLI may start in different ones).
+        self.home = Path(os.path.abspath(Path(self.home).expanduser()))
         if self.backend not in BACKENDS:
             raise ValueError(f"LVLM_STUDIO_BACKEND must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
 

@@ -230,6 +230,14 @@ def test_training_round_from_the_train_tab_api_finishes(home, tmp_path):
         assert status["round"]["status"] == "done" and status["curve"], "the curve is in the store"
         res = client.predict(0, round_id, False, api_name="/compare")
         assert res["rows"] and all(r["a"] is not None and r["b"] is not None for r in res["rows"])
+        # The Train tab's button with its default parent continues from the round that finished.
+        client.predict(["povid"], "current", False, 1e-4, 1, 0.3, 8, 1.0, 2, False, "dpo", 0, api_name="/train_start")
+        second = max(r["id"] for r in studio.rounds())
+        try:
+            assert second != round_id and studio.get_round(second)["parent_id"] == round_id
+        finally:
+            studio.cancel_round(second, None)
+            studio.wait_round(second, timeout=120)
     finally:
         demo.close()
         studio.store.close()
@@ -250,6 +258,8 @@ def test_train_tab_starts_from_the_measured_round_defaults(home):
         assert fields["train-beta"] == d.beta and fields["train-sft"] == d.sft_weight
         assert fields["train-lora-r"] == d.lora_r and fields["train-povid-two-term"] is d.povid_two_term
         assert fields["train-povid-stage1"] == d.povid_stage1_epochs
+        assert fields["train-eval-n"] == d.eval_limit
+        assert fields["train-parent"] == "current"  # one click continues from the current round
     finally:
         studio.store.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -473,3 +474,14 @@ def test_a_pair_made_for_another_prompt_trains_and_exports_with_it(store, make_i
     io.export_pairs(store, "llava", tmp_path / "out", include_auto=True, methods=["stic"])
     [record] = json.loads((tmp_path / "out" / "llava_dpo.json").read_text())
     assert step_by_step in record["conversations"][0]["value"]
+
+
+def test_a_relative_data_root_becomes_absolute(tmp_path, monkeypatch):
+    """The store keeps adapter and log paths under the data root: they must not depend on the
+    working directory of whoever wrote them (round job, app, CLI)."""
+    from lvlm_studio.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(home="storage")
+    assert settings.home == tmp_path / "storage" and settings.adapters_dir.is_absolute()
+    assert Settings(home="~/x").home == Path.home() / "x"

@@ -57,6 +57,15 @@ def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
     return long(LOSS_KEYS), long(MARGIN_KEYS), long(ACC_KEYS)
 
 
+# The parent a round starts from by default: the current round (the newest that finished and was
+# evaluated), as CSR's iterations do; the base model or any finished round can be picked instead.
+CURRENT = "current"
+
+
+def parent_choices(studio: Studio) -> list[tuple[str, str]]:
+    return [("the current round", CURRENT), *round_choices(studio, done_only=True)]
+
+
 def status_html(rnd: dict | None) -> str:
     if rnd is None:
         return '<div class="round-status">No round selected.</div>'
@@ -100,7 +109,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     counts = gr.Dataframe(counts_frame(studio), interactive=False, elem_id="train-counts")
     with gr.Row():
         methods = gr.CheckboxGroup([m for m in METHODS], value=list(METHODS), label="Methods", elem_id="train-methods")
-        parent = gr.Dropdown(round_choices(studio, done_only=True), value="0", label="Start from round",
+        parent = gr.Dropdown(parent_choices(studio), value=CURRENT, label="Start from round",
                              allow_custom_value=True, elem_id="train-parent")
         include_auto = gr.Checkbox(False, label="Also use unreviewed pairs (automatic label)",
                                    elem_id="train-include-auto", min_width=200)
@@ -113,7 +122,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             lora_r = gr.Number(d.lora_r, label="LoRA r", precision=0, elem_id="train-lora-r")
             sft_weight = gr.Number(d.sft_weight, label="SFT weight", info="0 = pure DPO; 1 = STIC-style DPO + SFT",
                                    elem_id="train-sft")
-            eval_n = gr.Number(60, label="test items to evaluate", precision=0, elem_id="train-eval-n")
+            eval_n = gr.Number(d.eval_limit, label="test items to evaluate", precision=0, elem_id="train-eval-n")
             povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
                                          info="text-hallucinated and noisy-image pairs weigh half each",
                                          elem_id="train-povid-two-term")
@@ -161,7 +170,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         loss, margins, acc = curve_frames(curve)
         return (counts_frame(studio), rounds_frame(studio), status, loss, margins, acc,
                 gr.Dropdown(choices=round_choices(studio), value=str(rid) if rnd is not None else round_value),
-                gr.Dropdown(choices=round_choices(studio, done_only=True)))
+                gr.Dropdown(choices=parent_choices(studio)))
 
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
 
@@ -171,7 +180,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if not methods_v and objective_v == "dpo":
             raise ValueError("pick at least one method")
         lora_r = _number(r_v, "LoRA r", int)
-        config = {"methods": list(methods_v) if methods_v else None, "parent_id": parse_round(parent_v) or 0,
+        parent_id = None if parent_v in (None, "", CURRENT) else parse_round(parent_v)  # None: the current round
+        config = {"methods": list(methods_v) if methods_v else None, "parent_id": parent_id,
                   "include_auto": bool(include_v),
                   "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
                   "beta": _number(beta_v, "DPO β"), "lora_r": lora_r, "lora_alpha": 2 * lora_r,
