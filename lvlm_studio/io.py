@@ -23,7 +23,9 @@ are refused.
 Exports (only pairs with a human effective label, unless ``include_auto``; 'reject_both' never):
   * ``trl``: ``Dataset.save_to_disk`` with ``images`` (list of one image), conversational
     ``prompt`` / ``chosen`` / ``rejected``, plus provenance columns (pair_id, method, round, margin,
-    status, dataset, split, reference, objects, meta) that TRL ignores.
+    status, reviewer, dataset, split, reference, objects, meta, item_meta, item_prompt) that TRL
+    ignores. Importing an export back restores the items (meta included) and the pairs with their
+    human decisions (an "accept" of the effective texts), and adds nothing already there.
   * ``llava``: ``llava_dpo.json`` + ``images/`` (the JSON's ``image`` paths are relative to the
     export directory: pass it as the reference code's ``--image_folder``).
   * ``llamafactory``: ``lvlm_studio_dpo.json`` (sharegpt ranking) + ``images/`` +
@@ -54,6 +56,8 @@ IMPORT_FORMATS = ("auto", "folder", "coco", "jsonl", "hf", "trl", "llava", "llam
 EXPORT_FORMATS = ("trl", "llava", "llamafactory")
 IMPORTED_SOURCE = "imported"  # candidates.source of answers that came from a file
 DEFAULT_METHOD = "imported"  # pairs.method when the file does not say
+REVIEWED_STATUSES = ("accept", "swap", "edit")  # an exported pair's status that a person decided
+IMPORT_REVIEWER = "import"  # the reviewer of an imported decision whose file names none
 LLAVA_FILE = "llava_dpo.json"
 LLAMAFACTORY_FILE = "lvlm_studio_dpo.json"
 LLAMAFACTORY_NAME = "lvlm_studio_dpo"
@@ -269,6 +273,12 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
     pair_method = info.get("method") or method or DEFAULT_METHOD
     if not isinstance(pair_method, str):
         raise ValueError(f"'method' must be text, not {type(pair_method).__name__}")
+    # An export's pair that a person accepted, swapped or edited carries its effective texts and
+    # its status: it lands reviewed (an "accept" of those texts), not as an automatic label again.
+    status, reviewer = info.get("status"), info.get("reviewer")
+    reviewed_by = None
+    if status in REVIEWED_STATUSES:
+        reviewed_by = reviewer.strip() if isinstance(reviewer, str) and reviewer.strip() else IMPORT_REVIEWER
     return {
         "chosen": chosen_text,
         "rejected": rejected_text,
@@ -276,6 +286,8 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
         "round": _round_number(info.get("round")),
         "margin": _finite_number(info.get("margin"), "margin"),
         "meta": meta,
+        "reviewed_by": reviewed_by,
+        "status": status if reviewed_by else None,
     }
 
 
@@ -331,9 +343,10 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
             store.add_image(image.id, image.path, image.width, image.height, source_label, rec.objects)
             item_id = store.add_item(image.id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
-                if store.find_pair(item_id, p["chosen"], p["rejected"], p["method"]) is not None:
-                    continue
-                store.add_pair(
+                if (store.find_pair(item_id, p["chosen"], p["rejected"], p["method"]) is not None
+                        or store.find_pair_by_label(item_id, p["chosen"], p["rejected"], p["method"]) is not None):
+                    continue  # already here, as stored or as its swapped / edited label
+                pair_id = store.add_pair(
                     item_id,
                     _find_or_add_candidate(store, item_id, p["chosen"]),
                     _find_or_add_candidate(store, item_id, p["rejected"]),
@@ -342,6 +355,8 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
                     round=p["round"],
                     meta=p["meta"],
                 )
+                if p["reviewed_by"]:
+                    store.add_review(pair_id, p["reviewed_by"], "accept", note=f"imported ({p['status']})")
                 new_pairs += 1
     except (StoreError, sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
         if store.get_image(image.id) is None:
@@ -509,7 +524,7 @@ def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
 
 
 def _read_jsonl(
-    path: Path, images_root: Path, dataset: str | None, split: str, prompt: str, method: str | None
+    path: Path, images_root: Path, dataset: str | None, split: str | None, prompt: str, method: str | None
 ):
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
@@ -534,7 +549,7 @@ def _read_jsonl(
 
 
 def _record_from_mapping(
-    row: dict, label: str, images_root: Path, dataset: str | None, split: str, prompt: str, method: str | None
+    row: dict, label: str, images_root: Path, dataset: str | None, split: str | None, prompt: str, method: str | None
 ) -> _Record:
     image = row.get("image")
     if image is None:
@@ -557,13 +572,13 @@ def _record_from_mapping(
         reference=row.get("reference"),
         objects=_objects(row.get("objects")),
         dataset=dataset or row.get("dataset") or "default",
-        split=row.get("split") or split,
+        split=split or row.get("split") or "train",
         meta=_meta_json(row.get("item_meta")),
         pairs=pairs,
     )
 
 
-def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, method: str | None):
+def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -594,7 +609,7 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str, 
                 reference=info.get("reference"),
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
-                split=info.get("split") or split,
+                split=split or info.get("split") or "train",
                 meta=_meta_json(info.get("item_meta")),
                 pairs=pairs,
             )
@@ -619,7 +634,7 @@ def _info_block(row: dict) -> dict:
     return info
 
 
-def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str, method: str | None):
+def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -649,7 +664,7 @@ def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split
                 reference=info.get("reference"),
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
-                split=info.get("split") or split,
+                split=split or info.get("split") or "train",
                 meta=_meta_json(info.get("item_meta")),
                 pairs=[_pair_from(row["chosen"], row["rejected"], info, method)],
             )
@@ -819,13 +834,16 @@ def import_path(
                 split,
                 prompt,
             )
-            _land_all(store, settings, records, part, "coco", limit)
+            left = None if limit is None else limit - report.imported  # the limit counts the whole import
+            if left is not None and left <= 0:
+                break
+            _land_all(store, settings, records, part, "coco", left)
             report.merge(part)
         return report
     if fmt == "jsonl":
         if not path.is_file():
             raise DataImportError(f"{path}: a JSONL import needs a file")
-        records = _read_jsonl(path, root, dataset, split or "train", prompt, method)
+        records = _read_jsonl(path, root, dataset, split, prompt, method)
         return _land_all(store, settings, records, report, "jsonl", limit)
     if fmt in ("hf", "trl"):
         if not path.is_dir():
@@ -834,11 +852,11 @@ def import_path(
     if fmt == "llava":
         file = _json_in_dir(path, LLAVA_FILE)
         root = Path(images_dir) if images_dir is not None else file.parent
-        records = _read_llava(file, root, dataset, split or "train", method)
+        records = _read_llava(file, root, dataset, split, method)
         return _land_all(store, settings, records, report, "llava", limit)
     file = _json_in_dir(path, LLAMAFACTORY_FILE)
     root = Path(images_dir) if images_dir is not None else file.parent
-    records = _read_llamafactory(file, root, dataset, split or "train", method)
+    records = _read_llamafactory(file, root, dataset, split, method)
     return _land_all(store, settings, records, report, "llamafactory", limit)
 
 
@@ -886,10 +904,26 @@ def _commit_out(o: _Out) -> None:
     o.tmp.rename(o.final)
 
 
+# What a data root holds that an export must never replace (an export folder inside it is fine).
+_DATA_ROOT_ENTRIES = ("studio.db", "studio.db-wal", "studio.db-shm", "images", "adapters", "runs", "merged")
+
+
+def _refuse_data_root(store: Store, out: Path) -> None:
+    """An export replaces its folder when it finishes: refuse a folder that is the data root, holds
+    it, or is one of its parts (``--overwrite`` there would delete the store)."""
+    home = Path(store.path).resolve().parent
+    target = Path(out).resolve()
+    inside = target.relative_to(home).parts if target.is_relative_to(home) else None
+    if target == home or home.is_relative_to(target) or (inside and inside[0] in _DATA_ROOT_ENTRIES):
+        what = f"is part of the data root {home}" if inside else f"is or holds the data root {home}"
+        raise DataExportError(f"{out} {what}; an export there would replace it: choose another folder")
+
+
 @contextlib.contextmanager
-def _staged_out(out: Path, overwrite: bool):
+def _staged_out(store: Store, out: Path, overwrite: bool):
     """Write an export into a temporary sibling directory that replaces ``out`` only when the
     body finishes, so a failed export never leaves a half-written folder."""
+    _refuse_data_root(store, out)
     o = _begin_out(out, overwrite)
     try:
         yield o
@@ -906,11 +940,13 @@ def _provenance(row: dict) -> dict:
         "round": row["round"],
         "margin": row["margin"],
         "status": row["status"],
+        "reviewer": row.get("reviewer"),
         "dataset": row["dataset"],
         "split": row["split"],
         "reference": row["reference"],
         "objects": row["objects"],
         "meta": row["meta"],
+        "item_meta": row.get("item_meta"),
         # The record's prompt is the one the pair trains with (STIC's step-by-step prompt); the
         # item's own prompt travels here so a re-import lands on the same item.
         "item_prompt": row.get("item_prompt", row["prompt"]),
@@ -948,11 +984,13 @@ def trl_features():
             "round": datasets.Value("int64"),
             "margin": datasets.Value("float64"),
             "status": string,
+            "reviewer": string,
             "dataset": string,
             "split": string,
             "reference": string,
             "objects": datasets.List(string),
             "meta": string,
+            "item_meta": string,
             "item_prompt": string,
         }
     )
@@ -970,8 +1008,10 @@ def trl_example(row: dict, image: dict | Any) -> dict:
         ],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
-        **{k: v for k, v in _provenance(row).items() if k != "meta"},
+        **{k: v for k, v in _provenance(row).items() if k not in ("meta", "item_meta")},
+        # JSON text: an Arrow column needs one type, and meta dicts differ per method
         "meta": json.dumps(row["meta"]) if row["meta"] is not None else None,
+        "item_meta": json.dumps(row["item_meta"]) if row.get("item_meta") is not None else None,
     }
 
 
@@ -989,7 +1029,7 @@ def export_trl(
 
     rows = _export_rows(store, methods, include_auto, round)
     features = trl_features()
-    with _staged_out(Path(out), overwrite) as o:
+    with _staged_out(store, Path(out), overwrite) as o:
         arrow = o.tmp / "_build.arrow"
         # Stream to an Arrow file so 100k pairs never sit in memory at once.
         with ArrowWriter(features=features, path=str(arrow)) as writer:
@@ -1018,7 +1058,7 @@ def export_llava(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    with _staged_out(Path(out), overwrite) as o:
+    with _staged_out(store, Path(out), overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = []
         for row in rows:
@@ -1046,7 +1086,7 @@ def export_llamafactory(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    with _staged_out(Path(out), overwrite) as o:
+    with _staged_out(store, Path(out), overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = [
             {

@@ -596,6 +596,17 @@ class Store:
             (item_id, method, chosen_text, rejected_text),
         )
 
+    def find_pair_by_label(self, item_id: int, chosen_text: str, rejected_text: str, method: str) -> int | None:
+        """A pair on the item whose *effective* label (a swap or an edit applied) has these texts:
+        what an export of it says, so importing that export back adds nothing."""
+        ids = [r[0] for r in self.db.execute(
+            "SELECT id FROM pairs WHERE item_id = ? AND method = ? ORDER BY id", (item_id, method))]
+        for pair_id in ids:
+            label = self.effective_label(pair_id)
+            if (label["chosen_text"], label["rejected_text"]) == (chosen_text, rejected_text):
+                return pair_id
+        return None
+
     def items_with_pairs(self, method: str, round: int) -> set[int]:
         return {
             r[0]
@@ -1048,7 +1059,8 @@ class Store:
             params.append(int(round))
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         sql = (
-            "SELECT p.*, i.prompt, i.reference, i.dataset, i.split, i.image_id, im.path AS image_path, "
+            "SELECT p.*, i.prompt, i.reference, i.dataset, i.split, i.image_id, i.meta AS item_meta, "
+            "im.path AS image_path, "
             "im.objects, c.text AS chosen_text, rj.text AS rejected_text, "
             "rv.id AS review_id, rv.reviewer AS review_reviewer, rv.decision AS review_decision, "
             "rv.edited_text AS review_edited_text, rv.created AS review_created, "
@@ -1071,7 +1083,7 @@ class Store:
                     "marked_spans": _loads(row["review_marked_spans"]),
                     "note": row["review_note"],
                 }
-            row = _decode(row, "meta", "objects")
+            row = _decode(row, "meta", "objects", "item_meta")
             row["image_path"] = self._abs(row["image_path"])
             row["label"] = self._label_from(row, review)
             yield row
@@ -1106,6 +1118,7 @@ class Store:
                     "status": label["status"],
                     "reviewer": label["reviewer"],
                     "meta": row["meta"],
+                    "item_meta": row["item_meta"],
                     "reference": row["reference"],
                     "objects": row["objects"],
                     "dataset": row["dataset"],

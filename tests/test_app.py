@@ -115,6 +115,7 @@ def test_handlers_say_what_is_wrong_and_create_nothing(app):
     fails("learning rate: enter a number", ["povid"], "0", True, None, *train[4:], api_name="/train_start")
     fails("no training pairs.*for methods stic", ["stic"], "0", False, *train[3:], api_name="/train_start")
     fails("round 99 does not exist", "99", api_name="/train_cancel")
+    fails("tick at least one method", "trl", [], True, api_name="/export")  # [] is not "every method"
     assert [r["id"] for r in studio.rounds()] == [0]  # no round was created to fail
     # The Train tab's timer polls whatever the Round box holds: a typed name is said, not raised.
     status = client.predict("abc", api_name="/train_refresh")[2]
@@ -358,3 +359,20 @@ def test_round_status_shows_povid_stages_and_escapes_what_it_shows():
     assert "POVID stages: 1: 200 pairs, 75 steps; 2: 400 pairs, 50 steps" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "POVID stages" not in status_html({"id": 2, "status": "done", "metrics": {"eval": {"chair_s": 0.1}}})
+
+
+def test_export_offers_the_methods_the_store_holds(tmp_path):
+    """An imported file names its own method ("imported" when it does not): the Data tab's export
+    offers it beside the three generators, ticked, instead of leaving those pairs out."""
+    from lvlm_studio.ui.data import method_choices
+
+    studio = Studio(Settings(home=tmp_path / "home"), users={}, admins=())
+    try:
+        assert method_choices(studio) == ["csr", "povid", "stic"]
+        studio.seed_demo(n_train=2, n_test=0, pairs_per_method=0)
+        item = studio.store.list_items()[0]["id"]
+        good, bad = (studio.store.add_candidate(item, t, "imported") for t in ("A red circle.", "A blue star."))
+        studio.store.add_pair(item, good, bad, "imported")
+        assert method_choices(studio) == ["csr", "povid", "stic", "imported"]
+    finally:
+        studio.store.close()

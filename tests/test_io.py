@@ -516,3 +516,62 @@ def test_export_below_a_file_is_a_clear_error(store, make_pairs, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(io.DataExportError, match="is not a directory"):
         io.export_pairs(store, "llava", tmp_path / "afile" / "sub", include_auto=True)
+
+
+# ============================================================================ round trips (review)
+@pytest.mark.parametrize("fmt", ["llava", "trl", "llamafactory"])
+def test_an_export_carries_human_decisions_and_item_meta_back(fmt, store, make_pairs, settings, tmp_path):
+    """Accepted, swapped and edited pairs land reviewed (an accept of their effective texts by the
+    same reviewer), item meta comes back, and importing into the store it came from adds nothing."""
+    a, b, c, d, e, f = _labelled_store(store, make_pairs)
+    with store.transaction() as db:  # item meta the studio reads (e.g. a world scene's kind)
+        db.execute("UPDATE items SET meta = ? WHERE id = ?", (json.dumps({"kind": "describe", "note": "x"}),
+                                                               store.get_pair(a)["item_id"]))
+    out = tmp_path / f"export-{fmt}"
+    io.export_pairs(store, fmt, out)
+    fresh = Store(tmp_path / "fresh" / "studio.db")
+    try:
+        report = io.import_path(fresh, settings, out)
+        assert report.pairs == 3
+        mine = {(p["chosen"], p["rejected"]): p for p in store.training_pairs()}
+        theirs = {(p["chosen"], p["rejected"]): p for p in fresh.training_pairs()}  # reviewed only
+        assert set(theirs) == set(mine)  # the swap and the edit applied, as effective texts
+        assert {p["status"] for p in theirs.values()} == {"accept"} and {p["reviewer"] for p in theirs.values()} == {"ann"}
+        metas = [i["meta"] for i in fresh.list_items() if i["meta"]]
+        assert {"kind": "describe", "note": "x"} in metas
+        assert io.export_pairs(fresh, fmt, tmp_path / "again").pairs == 3  # no --include-auto needed
+    finally:
+        fresh.close()
+    before = store.count_pairs()
+    assert io.import_path(store, settings, out).pairs == 0 and store.count_pairs() == before
+
+
+def test_split_option_wins_over_the_file(store, settings, tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "0.jpg", seed=7)
+    (src / "d.jsonl").write_text(json.dumps({"image": "0.jpg", "prompt": "Q?", "split": "val"}))
+    io.import_path(store, settings, src / "d.jsonl", split="test")
+    assert [i["split"] for i in store.list_items()] == ["test"]
+    io.import_path(store, settings, src / "d.jsonl", dataset="other")  # no option: the file's split
+    assert sorted(i["split"] for i in store.list_items()) == ["test", "val"]
+
+
+def test_coco_limit_counts_the_whole_import(store, settings, tmp_path):
+    root = _coco(tmp_path / "coco")
+    train = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    (root / "train2017").mkdir()
+    for image in train["images"][:2]:
+        write_image(root / "train2017" / image["file_name"], seed=30 + image["id"])
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(train))
+    report = io.import_path(store, settings, root, limit=1)
+    assert report.imported == 1 and store.count_items() == 1
+
+
+def test_an_export_never_replaces_the_data_root(store, make_pairs, settings, tmp_path):
+    _labelled_store(store, make_pairs)
+    home = settings.home
+    for target in (home, home.parent, home / "images", home / "adapters" / "round-1", home / "studio.db"):
+        with pytest.raises(io.DataExportError, match="data root"):
+            io.export_pairs(store, "llava", target, overwrite=True)
+    assert store.count_pairs() == 6 and (home / "studio.db").is_file() and any((home / "images").iterdir())
+    assert io.export_pairs(store, "llava", home / "exports" / "x", overwrite=True).pairs == 3  # inside is fine

@@ -35,6 +35,13 @@ def override_frame(ag: dict) -> pd.DataFrame:
     return frame.astype({"margin bucket": str, "override rate": float, "pairs": int})
 
 
+def method_choices(studio: Studio) -> list[str]:
+    """The pair methods an export can pick: the three generators and whatever the store holds
+    (an imported file names its own, "imported" when it does not)."""
+    present = sorted(studio.stats().get("pairs_by_method") or {})
+    return list(dict.fromkeys([*METHODS, *present]))
+
+
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -54,7 +61,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         with gr.Column():
             gr.Markdown("### Export pairs")
             fmt = gr.Dropdown(list(EXPORT_FORMATS), value="trl", label="Format", elem_id="data-export-format")
-            ex_methods = gr.CheckboxGroup(list(METHODS), value=list(METHODS), label="Methods")
+            choices = method_choices(studio)
+            ex_methods = gr.CheckboxGroup(choices, value=choices, label="Methods", elem_id="data-export-methods")
+            known_methods = gr.State(choices)
             ex_auto = gr.Checkbox(False, label="Include unreviewed pairs (automatic label)")
             export = gr.Button("Export", elem_id="data-export-run")
             download = gr.File(label="Download", elem_id="data-download")
@@ -89,12 +98,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None,
                                   user=request_user(request))
 
-    do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path").then(
+    imported = do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path").then(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
     def on_export(fmt_v, methods_v, auto_v) -> tuple:
-        rep = studio.export(fmt_v, methods=methods_v or None, include_auto=bool(auto_v), zip_=True)
+        if not methods_v:
+            raise ValueError("tick at least one method to export")
+        rep = studio.export(fmt_v, methods=list(methods_v), include_auto=bool(auto_v), zip_=True)
         # a dict with a "path" key reads as a file reference to gradio_client: name it "folder"
         shown = {("folder" if k == "path" else k): v for k, v in rep.items()}
         return shown, rep["zip"]
@@ -102,10 +113,16 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export").then(
         report_markdown, [result], [summary], api_name=False)
 
-    def on_stats() -> tuple:
+    def on_stats(current: list[str] | None = None, known: list[str] | None = None) -> tuple:
         ag = studio.agreement()
-        return studio.stats(), agreement_html(ag), override_frame(ag)
+        # Methods that appeared since (an import names its own): offered and ticked; the rest as set.
+        now = method_choices(studio)
+        ticked = [m for m in (current or []) if m in now] + [m for m in now if m not in (known or [])]
+        return (studio.stats(), agreement_html(ag), override_frame(ag),
+                gr.CheckboxGroup(choices=now, value=list(dict.fromkeys(ticked))), now)
 
-    refresh.click(on_stats, None, [stats, agreement, override], api_name="data_stats")
-    demo.load(on_stats, None, [stats, agreement, override], api_name=False)
+    stats_outs = [stats, agreement, override, ex_methods, known_methods]
+    refresh.click(on_stats, [ex_methods, known_methods], stats_outs, api_name="data_stats")
+    imported.then(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)
+    demo.load(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)
     return {}
