@@ -16,8 +16,11 @@ POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language 
   "Is there a {object} in the image?" with ``n`` present objects ("yes") and ``n`` absent ones
   ("no") per image; negatives sampled at random, by popularity (the dataset's most frequent objects
   absent from the image) or adversarially (the objects that co-occur most with the image's objects,
-  absent from it). Answers are parsed as the reference does: the first sentence; the words "no" or
-  "not" mean no, anything else yes. "yes" is the positive class of precision / recall / F1.
+  absent from it). Answers are parsed as the reference does (the first sentence; the words "no" or
+  "not" mean no, anything else yes), except that case and punctuation are ignored: POPE's own
+  script matches "No" / "no" / "not" after stripping commas only, so it reads "NO", "No!" or
+  "Not really" as yes. "yes" is the positive class of precision / recall / F1; with no "yes"
+  answer at all precision, recall and F1 are 0.0 (the reference divides by zero).
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 _IRREGULAR_PLURALS = {
     "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
-    "geese": "goose", "teeth": "tooth", "feet": "foot", "oxen": "ox", "knives": "knife",
+    "geese": "goose", "teeth": "tooth", "feet": "foot", "oxen": "ox", "knives": "knife", "pocketknives": "pocketknife",
     "wolves": "wolf", "leaves": "leaf", "shelves": "shelf", "calves": "calf", "halves": "half",
     "loaves": "loaf", "scarves": "scarf", "wives": "wife", "lives": "life", "dice": "die",
     "cacti": "cactus", "fungi": "fungus", "buses": "bus", "gases": "gas", "skis": "ski",
@@ -101,7 +104,8 @@ def singularize(word: str) -> str:
         return w[:-3] + "y"
     if w.endswith(("ches", "shes", "xes", "zzes", "sses")):
         return w[:-2]
-    if w.endswith("oes") and w[:-2] in {"potato", "tomato", "hero", "volcano", "mango", "echo"}:
+    if w.endswith("oes") and w[:-2] in {"potato", "tomato", "hero", "volcano", "mango", "echo", "buffalo",
+                                        "flamingo"}:
         return w[:-2]
     if w.endswith("s"):
         return w[:-1]
@@ -110,6 +114,12 @@ def singularize(word: str) -> str:
 
 def _tokens(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def _joined(text: str, *tokens: tuple[str, int, int]) -> bool:
+    """Whether consecutive tokens form one phrase: only spaces or one hyphen between them, as
+    chair.py's tokeniser sees it ("hot-dog" joins; "a baby, dog" and "... baby. Dog" do not)."""
+    return all(re.fullmatch(r"\s+|-", text[a[2]:b[1]]) for a, b in zip(tokens, tokens[1:], strict=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +192,7 @@ class ShapesWorldExtractor:
                 j = i + 1
                 if j < len(toks) and toks[j][0] in self._size_set:
                     j += 1
-                if j < len(toks):
+                if j < len(toks) and _joined(text, *toks[i:j + 1]):
                     shape = self._shape(toks[j][0])
                     if shape is not None:
                         end = toks[j][2]
@@ -396,10 +406,10 @@ class CocoExtractor:
                 # ("motor bikes" is a motorcycle).
                 alt = f"{toks[i][0]} {self._singular(toks[i + 1][0])}"
                 two = alt if alt in self.double else two
-            if i + 2 < len(toks) and three in self.triple:
+            if i + 2 < len(toks) and three in self.triple and _joined(text, *toks[i:i + 3]):
                 merged.append((three, toks[i][1], toks[i + 2][2]))
                 i += 3
-            elif i + 1 < len(toks) and two in self.double:
+            elif i + 1 < len(toks) and two in self.double and _joined(text, *toks[i:i + 2]):
                 merged.append((self.double[two], toks[i][1], toks[i + 1][2]))
                 i += 2
             else:
@@ -626,7 +636,8 @@ def build_pope_questions(
 
 
 def parse_yes_no(answer: str) -> str:
-    """POPE's parser: keep the first sentence; "no" or "not" as a word means "no", else "yes"."""
+    """POPE's parser: keep the first sentence; "no" or "not" as a word, in any case and with any
+    punctuation around it, means "no", else "yes" (POPE's script: exact "No"/"no"/"not")."""
     first = (answer or "").strip().split(".")[0]
     words = set(re.findall(r"[a-z]+", first.lower()))
     return "no" if words & {"no", "not"} else "yes"

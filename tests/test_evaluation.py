@@ -59,6 +59,12 @@ def test_extractors_follow_protocol(coco, world):
         ("Minibuses, magpies, collies, corgis and tvs.", ["bus", "bird", "dog", "dog", "tv"]),
         ("", []),
         ("A beautiful sunny day.", []),
+        # Two-word names join across spaces or a hyphen only, never across punctuation (chair.py's
+        # tokens): a baby, then a dog; a baby, then elephants.
+        ("A woman holds a baby, dog at her feet.", ["person", "person", "dog"]),
+        ("The mother has a baby. Elephants walk by.", ["person", "person", "elephant"]),
+        ("A hot-dog stand.", ["hot dog"]),
+        ("Water buffaloes, flamingoes and pocketknives.", ["cow", "bird", "knife"]),  # -oes, -ives
     ],
 )
 def test_coco_extraction(coco, text, expected):
@@ -90,6 +96,8 @@ def test_world_extraction_sizes_plurals_repeats(world):
     assert world.extract(text) == ["red circle", "blue square", "red circle", "red circle"]
     # Colour without a shape, shape without a colour: no mention.
     assert world.extract("Something red. A circle. A green thing.") == []
+    # Colour and shape bind across spaces only, not across punctuation or a sentence end.
+    assert world.extract("The square is red. Circles fill the rest.") == [] == world.extract("red, circle")
     assert world.extract("") == []
 
 
