@@ -117,9 +117,11 @@ def _tokens(text: str) -> list[tuple[str, int, int]]:
 
 
 def _joined(text: str, *tokens: tuple[str, int, int]) -> bool:
-    """Whether consecutive tokens form one phrase: only spaces or one hyphen between them, as
-    chair.py's tokeniser sees it ("hot-dog" joins; "a baby, dog" and "... baby. Dog" do not)."""
-    return all(re.fullmatch(r"\s+|-", text[a[2]:b[1]]) for a, b in zip(tokens, tokens[1:], strict=False))
+    """Whether consecutive tokens form one phrase: only spaces, underscores or one hyphen or dash
+    between them ("hot-dog", "hot_dog", "red – circle" join; "a baby, dog" and "... baby. Dog" do
+    not, as in chair.py's tokens)."""
+    return all(re.fullmatch(r"[\s_]+|\s*[-\u2010\u2011\u2013]\s*", text[a[2]:b[1]])
+               for a, b in zip(tokens, tokens[1:], strict=False))
 
 
 # ----------------------------------------------------------------------------------------------

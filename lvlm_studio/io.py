@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sqlite3
@@ -278,7 +279,13 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
     status, reviewer = info.get("status"), info.get("reviewer")
     reviewed_by = None
     if status in REVIEWED_STATUSES:
-        reviewed_by = reviewer.strip() if isinstance(reviewer, str) and reviewer.strip() else IMPORT_REVIEWER
+        reviewed_by = IMPORT_REVIEWER
+        if reviewer is not None and str(reviewer).strip():
+            reviewed_by = str(reviewer).strip()
+            # the names the app accepts (service._reviewer): short, printable
+            if len(reviewed_by) > 64 or any(not ch.isprintable() for ch in reviewed_by):
+                raise ValueError(f"'reviewer' must be a name of at most 64 printable characters, "
+                                 f"not {reviewed_by[:40]!r}")
     return {
         "chosen": chosen_text,
         "rejected": rejected_text,
@@ -331,6 +338,35 @@ def _find_or_add_candidate(store: Store, item_id: int, text: str) -> int:
     return existing if existing is not None else store.add_candidate(item_id, text, IMPORTED_SOURCE)
 
 
+def _merge_into_existing(store: Store, item_id: int, p: dict) -> bool:
+    """Whether the incoming pair ``p`` is a version of one already on the item; if so, its human
+    decision (if any) is recorded on that pair instead of adding a pair. The same texts are the
+    same pair (an accept), the texts swapped are that pair swapped, the same rejected side with
+    status "edit" is that pair edited; a pair whose effective label already says ``p`` (an export of
+    this store coming back) takes nothing new. A reviewer's live decision is never overwritten."""
+    chosen, rejected = p["chosen"], p["rejected"]
+    rows = store.related_pairs(item_id, p["method"], chosen, rejected)
+    # the same texts first, then the swap, then an edit
+    rows.sort(key=lambda r: (r["chosen_text"], r["rejected_text"]) != (chosen, rejected))
+    for row in rows:
+        stored = (row["chosen_text"], row["rejected_text"])
+        label = store.effective_label(row["id"])
+        already = (label["chosen_text"], label["rejected_text"]) == (chosen, rejected)
+        if stored == (chosen, rejected):
+            decision = {"decision": "accept"}
+        elif stored == (rejected, chosen) and (p["reviewed_by"] or already):
+            decision = {"decision": "swap"}
+        elif stored[1] == rejected and (p["status"] == "edit" or already):
+            decision = {"decision": "edit", "edited_text": chosen}
+        else:
+            continue  # an unreviewed reversed pair, or another pair that shares the rejected side
+        reviewer = p["reviewed_by"]
+        if reviewer and store.live_decision(row["id"], reviewer) is None and not (already and label["status"] != "auto"):
+            store.add_review(row["id"], reviewer, note=f"imported ({p['status']})", **decision)
+        return True
+    return False
+
+
 def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, source_label: str) -> None:
     try:
         image = ingest_image(settings, rec.image, name=rec.image_name, source_label=source_label)
@@ -343,9 +379,8 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
             store.add_image(image.id, image.path, image.width, image.height, source_label, rec.objects)
             item_id = store.add_item(image.id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
-                if (store.find_pair(item_id, p["chosen"], p["rejected"], p["method"]) is not None
-                        or store.find_pair_by_label(item_id, p["chosen"], p["rejected"], p["method"]) is not None):
-                    continue  # already here, as stored or as its swapped / edited label
+                if _merge_into_existing(store, item_id, p):
+                    continue
                 pair_id = store.add_pair(
                     item_id,
                     _find_or_add_candidate(store, item_id, p["chosen"]),
@@ -904,19 +939,25 @@ def _commit_out(o: _Out) -> None:
     o.tmp.rename(o.final)
 
 
-# What a data root holds that an export must never replace (an export folder inside it is fine).
-_DATA_ROOT_ENTRIES = ("studio.db", "studio.db-wal", "studio.db-shm", "images", "adapters", "runs", "merged")
+# What a data root holds besides its database that an export must never replace (an export folder
+# elsewhere inside it is fine).
+_DATA_ROOT_PARTS = ("images", "adapters", "runs", "merged", ".jobs.lock")
 
 
 def _refuse_data_root(store: Store, out: Path) -> None:
     """An export replaces its folder when it finishes: refuse a folder that is the data root, holds
-    it, or is one of its parts (``--overwrite`` there would delete the store)."""
-    home = Path(store.path).resolve().parent
-    target = Path(out).resolve()
-    inside = target.relative_to(home).parts if target.is_relative_to(home) else None
-    if target == home or home.is_relative_to(target) or (inside and inside[0] in _DATA_ROOT_ENTRIES):
-        what = f"is part of the data root {home}" if inside else f"is or holds the data root {home}"
-        raise DataExportError(f"{out} {what}; an export there would replace it: choose another folder")
+    it, or is one of its parts (``--overwrite`` there would delete the store), comparing paths
+    as given and with links resolved (a part may be a link to elsewhere)."""
+    db = Path(os.path.abspath(store.path))
+    home = db.parent
+    parts = {home / name for name in (db.name, f"{db.name}-wal", f"{db.name}-shm", *_DATA_ROOT_PARTS)}
+    parts |= {p.resolve() for p in parts}
+    roots = {home, home.resolve()}
+    target = Path(os.path.abspath(out))
+    for t in {target, target.resolve()}:
+        if any(r.is_relative_to(t) for r in roots) or any(p.is_relative_to(t) or t.is_relative_to(p) for p in parts):
+            raise DataExportError(f"{out} is, holds or lies in a part of the data root {home}; an export "
+                                  "there would replace it: choose another folder")
 
 
 @contextlib.contextmanager

@@ -596,16 +596,21 @@ class Store:
             (item_id, method, chosen_text, rejected_text),
         )
 
-    def find_pair_by_label(self, item_id: int, chosen_text: str, rejected_text: str, method: str) -> int | None:
-        """A pair on the item whose *effective* label (a swap or an edit applied) has these texts:
-        what an export of it says, so importing that export back adds nothing."""
-        ids = [r[0] for r in self.db.execute(
-            "SELECT id FROM pairs WHERE item_id = ? AND method = ? ORDER BY id", (item_id, method))]
-        for pair_id in ids:
-            label = self.effective_label(pair_id)
-            if (label["chosen_text"], label["rejected_text"]) == (chosen_text, rejected_text):
-                return pair_id
-        return None
+    def related_pairs(self, item_id: int, method: str, chosen_text: str, rejected_text: str) -> list[dict]:
+        """Pairs of the item and method that an incoming (chosen, rejected) may be a version of:
+        the same texts, the two swapped, or the same rejected text (an edit of the chosen side).
+        Each as ``{"id", "chosen_text", "rejected_text"}`` (the stored texts), in id order."""
+        return self._all(
+            "SELECT p.id, c.text AS chosen_text, r.text AS rejected_text FROM pairs p "
+            "JOIN candidates c ON c.id = p.chosen_id JOIN candidates r ON r.id = p.rejected_id "
+            "WHERE p.item_id = ? AND p.method = ? AND (r.text = ? OR (c.text = ? AND r.text = ?)) ORDER BY p.id",
+            (item_id, method, rejected_text, rejected_text, chosen_text),
+        )
+
+    def live_decision(self, pair_id: int, reviewer: str) -> str | None:
+        """``reviewer``'s live decision on the pair (None: none, or undone)."""
+        return self._scalar("SELECT decision FROM review_state WHERE pair_id = ? AND reviewer = ?",
+                            (pair_id, reviewer))
 
     def items_with_pairs(self, method: str, round: int) -> set[int]:
         return {

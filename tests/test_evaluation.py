@@ -63,7 +63,7 @@ def test_extractors_follow_protocol(coco, world):
         # tokens): a baby, then a dog; a baby, then elephants.
         ("A woman holds a baby, dog at her feet.", ["person", "person", "dog"]),
         ("The mother has a baby. Elephants walk by.", ["person", "person", "elephant"]),
-        ("A hot-dog stand.", ["hot dog"]),
+        ("A hot-dog stand, a hot_dog and a hot \u2013 dog.", ["hot dog", "hot dog", "hot dog"]),
         ("Water buffaloes, flamingoes and pocketknives.", ["cow", "bird", "knife"]),  # -oes, -ives
     ],
 )
@@ -76,6 +76,11 @@ def test_coco_mentions_have_offsets(coco):
     mentions = coco.mentions(text)
     assert [(m.text, m.object) for m in mentions] == [("Hot Dogs", "hot dog"), ("dog", "dog")]
     assert all(text[m.start : m.end] == m.text for m in mentions)
+
+
+def test_ground_truth_names_with_underscores(coco, world):
+    assert coco.ground_truth(["hot_dog", "teddy_bear"]) == {"hot dog", "teddy bear"}
+    assert world.ground_truth(["red_circle"]) == {"red circle"}
 
 
 def test_coco_ground_truth_from_instances_and_captions(coco):

@@ -570,8 +570,61 @@ def test_coco_limit_counts_the_whole_import(store, settings, tmp_path):
 def test_an_export_never_replaces_the_data_root(store, make_pairs, settings, tmp_path):
     _labelled_store(store, make_pairs)
     home = settings.home
-    for target in (home, home.parent, home / "images", home / "adapters" / "round-1", home / "studio.db"):
+    for target in (home, home.parent, home / "images", home / "adapters" / "round-1", home / "studio.db",
+                   home / ".jobs.lock"):
         with pytest.raises(io.DataExportError, match="data root"):
             io.export_pairs(store, "llava", target, overwrite=True)
+    # A part that is a link to elsewhere is protected where it points too.
+    elsewhere = tmp_path / "big-disk" / "runs"
+    elsewhere.mkdir(parents=True)
+    (home / "runs").rmdir()
+    (home / "runs").symlink_to(elsewhere)
+    with pytest.raises(io.DataExportError, match="data root"):
+        io.export_pairs(store, "llava", elsewhere, overwrite=True)
     assert store.count_pairs() == 6 and (home / "studio.db").is_file() and any((home / "images").iterdir())
     assert io.export_pairs(store, "llava", home / "exports" / "x", overwrite=True).pairs == 3  # inside is fine
+
+
+def test_imported_decisions_land_on_the_pairs_they_are_about(store, make_pairs, settings, tmp_path):
+    """Another store's export of the same automatic pairs: its accept and its swap become reviews
+    on the pairs here (no reversed duplicate, nothing dropped); an undone swap comes back; a
+    reviewer's live decision is never overwritten."""
+    a, b = make_pairs([0.1, 0.2])
+    out = tmp_path / "theirs"
+    other = Store(tmp_path / "other" / "studio.db")
+    try:
+        io.export_pairs(store, "llava", tmp_path / "auto", include_auto=True)
+        io.import_path(other, settings, tmp_path / "auto")  # the same automatic pairs
+        theirs = {(p["chosen"], p["rejected"]): p["pair_id"] for p in other.training_pairs(include_auto=True)}
+        pa, pb = theirs[_texts(store, a)], theirs[_texts(store, b)]
+        other.add_review(pa, "ann", "accept")
+        other.add_review(pb, "ann", "swap")
+        io.export_pairs(other, "llava", out)
+    finally:
+        other.close()
+    before = store.count_pairs()
+    assert io.import_path(store, settings, out).pairs == 0 and store.count_pairs() == before
+    assert (store.live_decision(a, "ann"), store.live_decision(b, "ann")) == ("accept", "swap")
+    store.add_review(b, "ann", "undo")
+    io.import_path(store, settings, out)
+    assert store.live_decision(b, "ann") == "swap" and store.count_pairs() == before  # the swap is back
+    store.add_review(a, "ann", "reject_both")
+    io.import_path(store, settings, out)
+    assert store.live_decision(a, "ann") == "reject_both"  # her own later decision stands
+
+
+def _texts(store, pair_id):
+    label = store.effective_label(pair_id)
+    return label["chosen_text"], label["rejected_text"]
+
+
+def test_imported_reviewer_names_are_checked(store, settings, tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "0.jpg", seed=8)
+    write_image(src / "1.jpg", seed=9)
+    row = {"image": "0.jpg", "prompt": "Q?", "chosen": "A.", "rejected": "B.", "status": "accept"}
+    lines = [{**row, "reviewer": "x" * 100}, {**row, "image": "1.jpg", "reviewer": "bo\nb"}]
+    (src / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, src / "d.jsonl")
+    assert report.status == "failed" and len(report.errors) == 2
+    assert all("64 printable characters" in e for e in report.errors) and store.count_pairs() == 0
