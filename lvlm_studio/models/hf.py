@@ -186,6 +186,26 @@ def _stack_states(states: list[_State], config) -> _State:
     )
 
 
+
+def eos_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the generation config's EOS ids (Qwen lists several) and
+    the tokenizer's, sorted (the first is the one ``score(add_eos=True)`` appends)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None:
+        eos_list = [*eos_list, tokenizer.eos_token_id]
+    return sorted({int(e) for e in eos_list if e is not None})
+
+
+def banned_token_ids(config: Any, processor: Any, tokenizer: Any) -> list[int]:
+    """Tokens a backend never *picks*: the image / video placeholders. A stray one in an answer
+    breaks every later processor call on that text (token / feature count mismatch). Log-probs
+    stay raw."""
+    banned = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
+    banned.add(tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"))
+    return sorted(int(b) for b in banned if b is not None and b != tokenizer.unk_token_id and b >= 0)
+
 class HFBackend:
     """`VLMBackend` over a transformers image-text-to-text model (LLaVA, Qwen2-VL, Idefics3, …)."""
 
@@ -227,19 +247,9 @@ class HFBackend:
         tok.padding_side = "left"  # batches are left-padded so every row's last token is real
         self.tokenizer = tok
         self.dtype = next(model.parameters()).dtype
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if eos is not None else tok.eos_token_id
-        eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
-        if tok.eos_token_id is not None:
-            eos_list = [*eos_list, tok.eos_token_id]
-        self.eos_ids = sorted({int(e) for e in eos_list if e is not None})
+        self.eos_ids = eos_token_ids(getattr(model, "generation_config", None), tok)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self.eos_ids or [0])[0]
-        # Never *pick* an image/video placeholder: a stray one in an answer breaks every later
-        # processor call on that text (token/feature count mismatch). Log-probs stay raw.
-        cfg = model.config
-        banned = {getattr(cfg, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
-        banned.add(tok.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"))
-        self.banned_ids = sorted(int(b) for b in banned if b is not None and b != tok.unk_token_id and b >= 0)
+        self.banned_ids = banned_token_ids(model.config, processor, tok)
         self._core = self._inner_model()
         self._mrope = hasattr(self._core, "get_rope_index")
         self._kv_bytes_per_token = self._kv_bytes()

@@ -11,14 +11,19 @@ Diverse group search has no vLLM sampler; it runs as a greedy step loop (one tok
 log-probs, prefix caching keeps it cheap): with G groups at most G−1 tokens are penalised, so the
 penalised argmax always lies among the G most likely tokens.
 
-Not tested here (no GPU, no vllm); written against vLLM's documented ``LLM`` / ``SamplingParams`` /
-``TokensPrompt`` API.
+The engine has not run here (no GPU, no vllm); the code is written against vLLM's documented
+``LLM`` / ``SamplingParams`` / ``TokensPrompt`` / ``LoRARequest`` API, and what it asks of them is
+tested against a recording stand-in (tests/test_vllm_backend.py): the adapter's rank as
+``max_lora_rank``, greedy decoding asked once and repeated (vLLM refuses n > 1 at temperature 0),
+a seed per request, image placeholders never picked (``logit_bias``), HFBackend's end-of-answer ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -27,6 +32,18 @@ from .base import GenerationParams, MissingDependencyError, Prefix, Sequence
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
 _counter = itertools.count()
+# The LoRA ranks vLLM's engine accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks; default 16).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(adapter_dir: str | Path) -> int:
+    """The smallest rank vLLM accepts that holds the adapter's: a rank-128 adapter (the GPU recipe)
+    fails to load under vLLM's default 16."""
+    rank = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"the adapter's LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+    return fits[0]
 
 
 def _import_vllm():
@@ -71,6 +88,7 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             kwargs["enable_lora"] = True
+            kwargs["max_lora_rank"] = max_lora_rank(adapter)
             self._lora = LoRARequest("adapter", 1, str(adapter))
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
@@ -78,8 +96,17 @@ class VLLMBackend:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.model_id = model if adapter is None else f"{model}+{adapter}"
         self.backend_id = f"vllm:{self.model_id}:{next(_counter)}"
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
+        # The same end and never-picked tokens as HFBackend (one definition for both).
+        from transformers import AutoConfig, GenerationConfig
+
+        from .hf import banned_token_ids, eos_token_ids
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model)
+        except OSError:  # a model without generation_config.json
+            generation_config = None
+        self.eos_ids = eos_token_ids(generation_config, self.tokenizer)
+        self.banned_ids = banned_token_ids(AutoConfig.from_pretrained(model), self.processor, self.tokenizer)
 
     # --- text -------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -100,17 +127,20 @@ class VLLMBackend:
     def _request(self, ids: list[int], image: Image.Image) -> dict:
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": image.convert("RGB")}}
 
-    def _sampling(self, params: GenerationParams, n: int, **extra):
+    def _sampling(self, params: GenerationParams, n: int, seed: int | None = None):
+        """One request's SamplingParams. Greedy decoding is asked for once (vLLM refuses n > 1
+        at temperature 0; ``_run`` repeats the answer n times, as HFBackend returns it)."""
         return self._vllm.SamplingParams(
-            n=n,
+            n=1 if params.temperature <= 0 else n,
             temperature=params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
-            seed=params.seed,
+            seed=seed,
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's own log-prob
-            **extra,
+            # never pick an image placeholder (HFBackend masks them); log-probs stay raw
+            logit_bias={t: -100.0 for t in self.banned_ids} or None,
         )
 
     def _generate(self, requests: list[dict], sampling) -> list:
@@ -131,8 +161,13 @@ class VLLMBackend:
     def _run(self, prompt_ids: list[list[int]], images: list[Image.Image], n: int, params) -> list[list[Sequence]]:
         if params.num_beam_groups > 1:
             return [self._group_search(ids, im, params) for ids, im in zip(prompt_ids, images, strict=True)]
-        outs = self._generate([self._request(i, im) for i, im in zip(prompt_ids, images, strict=True)], self._sampling(params, n))
-        return [[self._to_sequence(c) for c in o.outputs] for o in outs]
+        requests = [self._request(i, im) for i, im in zip(prompt_ids, images, strict=True)]
+        # A seed per request (seed + k): the same prompt twice in one batch still gets its own draws.
+        sampling = [self._sampling(params, n, None if params.seed is None else params.seed + k)
+                    for k in range(len(requests))]
+        outs = self._generate(requests, sampling)
+        repeat = n if params.temperature <= 0 else 1
+        return [[self._to_sequence(c) for c in o.outputs] * repeat for o in outs]
 
     def sample(self, images, prompts, n: int = 1, params: GenerationParams | None = None):
         params = params or GenerationParams()
@@ -141,7 +176,7 @@ class VLLMBackend:
     def score(self, images, prompts, continuations, add_eos: bool = False) -> list[list[float]]:
         conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations]
         if add_eos:
-            conts = [[*c, min(self.eos_ids)] for c in conts]
+            conts = [[*c, self.eos_ids[0]] for c in conts]
         reqs = [self._request(self._prompt_ids(p) + c, im) for im, p, c in zip(images, prompts, conts, strict=True)]
         sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         results = []
@@ -171,7 +206,8 @@ class VLLMBackend:
         toks: list[list[int]] = [[] for _ in range(g_count)]
         lps: list[list[float]] = [[] for _ in range(g_count)]
         reason: list[str | None] = [None] * g_count
-        one = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=g_count)
+        # G + len(banned) candidates, so G remain after dropping image placeholders
+        one = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=g_count + len(self.banned_ids))
         for _ in range(params.max_new_tokens):
             live = [g for g in range(g_count) if reason[g] is None]
             if not live:
@@ -180,7 +216,8 @@ class VLLMBackend:
             picked: dict[int, int] = {}
             for g, out in zip(live, outs, strict=True):
                 cands = out.outputs[0].logprobs[0]  # token id -> Logprob, top-G plus the greedy one
-                penal = {t: lp.logprob - params.diversity_penalty * sum(p == t for p in picked.values()) for t, lp in cands.items()}
+                penal = {t: lp.logprob - params.diversity_penalty * sum(p == t for p in picked.values())
+                         for t, lp in cands.items() if t not in self.banned_ids}
                 t = max(penal, key=penal.get)
                 picked[g] = t
                 toks[g].append(t)

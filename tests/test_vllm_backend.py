@@ -1,0 +1,153 @@
+"""VLLMBackend's glue to vLLM's API, against a recording stand-in for the ``vllm`` package.
+
+vLLM needs CUDA and is not installed on these machines, so its engine cannot run here. What these
+tests check is what the backend *asks* vLLM for (the arguments of ``LLM``, ``SamplingParams``,
+``LoRARequest`` and ``LLM.generate``) and what it makes of vLLM's documented output objects. The
+stand-in enforces the one vLLM rule the backend used to break: ``SamplingParams`` refuses n > 1
+at temperature 0 (``_verify_greedy_sampling``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+from PIL import Image
+
+from lvlm_studio.models.base import GenerationParams
+from lvlm_studio.models.tiny import build_tiny_llava
+from lvlm_studio.models.vllm_backend import VLLMBackend, max_lora_rank
+
+
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]]
+    finish_reason: str = "stop"
+    stop_reason: object = None
+
+
+@dataclass
+class RequestOutput:
+    outputs: list[Completion]
+    prompt_logprobs: list | None = None
+
+
+class SamplingParams:
+    def __init__(self, n: int = 1, temperature: float = 1.0, **kwargs):
+        if n > 1 and temperature < 1e-5:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {n}.")
+        self.n, self.temperature, self.kwargs = n, temperature, kwargs
+
+
+@dataclass
+class FakeLLM:
+    """Records every call; answers each request with ``reply(request, sampling)``."""
+
+    kwargs: dict
+    calls: list = field(default_factory=list)
+    reply: object = None
+
+    def generate(self, requests, sampling, lora_request=None, use_tqdm=True):
+        per_request = sampling if isinstance(sampling, list) else [sampling] * len(requests)
+        self.calls.append((requests, per_request, lora_request))
+        return [self.reply(r, s) for r, s in zip(requests, per_request, strict=True)]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    made: list[FakeLLM] = []
+
+    def make_llm(**kwargs):
+        llm = FakeLLM(kwargs)
+        llm.reply = lambda r, s: RequestOutput([Completion("A red circle.", [5, 6], [{5: Logprob(-0.1)},
+                                                                                    {6: Logprob(-0.2)}])] * s.n)
+        made.append(llm)
+        return llm
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = make_llm, SamplingParams
+    lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: ("lora", name, int_id, path)
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return made
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = build_tiny_llava(tmp_path_factory.mktemp("vllm") / "tiny")
+    # A second end-of-answer id in the generation config, as Qwen's lists <|im_end|> and <|endoftext|>.
+    config = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() else {}
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [7, 3]}))
+    return str(path)
+
+
+def _adapter(tmp_path, rank: int):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank}))
+    return str(tmp_path)
+
+
+def test_lora_rank_and_request(fake_vllm, model_dir, tmp_path):
+    """vLLM loads LoRA ranks up to max_lora_rank (default 16): the GPU recipe's rank 128 needs it."""
+    assert [max_lora_rank(_adapter(tmp_path / str(r), r)) for r in (8, 16, 20, 128, 500)] == [8, 16, 32, 128, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        max_lora_rank(_adapter(tmp_path / "big", 600))
+    backend = VLLMBackend(model_dir, adapter=_adapter(tmp_path / "a", 128))
+    kwargs = fake_vllm[-1].kwargs
+    assert kwargs["enable_lora"] is True and kwargs["max_lora_rank"] == 128
+    assert kwargs["limit_mm_per_prompt"] == {"image": 1} and kwargs["enable_prefix_caching"] is True
+    backend.sample([Image.new("RGB", (32, 32))], ["Describe."])
+    assert fake_vllm[-1].calls[-1][2] == ("lora", "adapter", 1, str(tmp_path / "a"))
+
+
+def test_greedy_n_seeds_banned_tokens_and_end_ids(fake_vllm, model_dir):
+    backend = VLLMBackend(model_dir)
+    llm = fake_vllm[-1]
+    image = Image.new("RGB", (32, 32))
+    # Greedy with n = 3: asked once (vLLM refuses n > 1 at temperature 0), answered three times.
+    out = backend.sample([image, image], ["Describe.", "Describe."], n=3, params=GenerationParams(temperature=0.0, seed=5))
+    assert [len(o) for o in out] == [3, 3] and out[0][0].text == out[0][2].text == "A red circle."
+    _, sampling, _ = llm.calls[-1]
+    assert [s.n for s in sampling] == [1, 1]
+    # A seed per request: the same prompt twice in a batch draws its own samples.
+    assert [s.kwargs["seed"] for s in sampling] == [5, 6]
+    # The image placeholder is never picked (logit bias), as HFBackend masks it.
+    assert backend.banned_ids and all(sampling[0].kwargs["logit_bias"][t] == -100.0 for t in backend.banned_ids)
+    sampled = backend.sample([image], ["Describe."], n=2, params=GenerationParams(temperature=0.7, seed=None))
+    assert len(sampled[0]) == 2 and llm.calls[-1][1][0].n == 2 and llm.calls[-1][1][0].kwargs["seed"] is None
+    # The end-of-answer ids are HFBackend's: the generation config's and the tokenizer's.
+    assert {7, 3} <= set(backend.eos_ids) and backend.eos_ids == sorted(backend.eos_ids)
+
+
+def test_group_search_never_picks_an_image_placeholder(fake_vllm, model_dir):
+    backend = VLLMBackend(model_dir)
+    llm = fake_vllm[-1]
+    placeholder = backend.banned_ids[0]
+    end = backend.eos_ids[0]
+
+    def reply(request, sampling):  # the placeholder is always the most likely next token
+        step = len(request["prompt_token_ids"]) - len(prompt)
+        top = {placeholder: Logprob(-0.01), 11 + step: Logprob(-0.5), 20 + step: Logprob(-0.9)}
+        if step == 2:
+            top = {placeholder: Logprob(-0.01), end: Logprob(-0.3), 30: Logprob(-0.9)}
+        return RequestOutput([Completion("", [next(iter(top))], [top])])
+
+    prompt = backend._prompt_ids("Describe.")
+    llm.reply = reply
+    groups = backend.sample([Image.new("RGB", (32, 32))], ["Describe."],
+                            params=GenerationParams(temperature=0.0, num_beam_groups=2, max_new_tokens=5))[0]
+    assert len(groups) == 2
+    assert all(placeholder not in g.token_ids for g in groups)
+    assert groups[0].token_ids == [11, 12, end] and groups[0].finish_reason == "eos"
+    assert llm.calls[0][1][0].kwargs["logprobs"] == 2 + len(backend.banned_ids)
