@@ -688,10 +688,10 @@ def train_cmd(
         train = metrics.get("train") or {}
         lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: {metrics.get('steps')} steps on "
                  f"{metrics.get('n_pairs')} pairs, final loss {_fmt(train.get('loss'), 4)}"]
-        stages = [s for s in metrics.get("povid_stages") or [] if isinstance(s, dict)]
-        if stages:
-            lines.append("POVID stages: " + "; ".join(
-                f"{s.get('stage')}: {s.get('n_pairs')} pairs, {s.get('steps')} steps" for s in stages))
+        from lvlm_studio.training import describe_povid_stages
+
+        if stages := describe_povid_stages(metrics.get("povid_stages")):
+            lines.append(stages)
         ev = eval_metrics(row)
         lines.append(eval_table(ev) if ev else f"no evaluation: {metrics.get('eval_note', 'no evaluation items')}")
         return "\n".join(lines)

@@ -240,11 +240,12 @@ def _training_material(store: Any, cfg: Any) -> list[dict]:
             + (f" from round {cfg.pair_round}" if cfg.pair_round is not None else "")
         )
     if cfg.povid_stage1_epochs > 0:
-        from lvlm_studio.training import povid_term
+        from lvlm_studio.training import povid_stage1_pairs
 
-        if not any(povid_term(p) == "text" for p in pairs):
-            raise JobError("POVID's stage 1 trains on text-hallucinated POVID pairs, and none of this round's "
-                           f"{len(pairs)} pairs is one: generate with POVID, or set povid_stage1_epochs to 0")
+        try:
+            povid_stage1_pairs(pairs)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
     return pairs
 
 

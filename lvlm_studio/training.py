@@ -246,6 +246,23 @@ def povid_term(pair: dict) -> str | None:
     return "noise" if any("noise" in t or "noisy" in t or t == "image" for t in tags) else "text"
 
 
+def povid_stage1_pairs(pairs: Sequence[dict]) -> list[dict]:
+    """The pairs POVID's stage 1 trains on, the text-hallucinated ones; ValueError when there are
+    none (the round job checks this before it starts a process)."""
+    text_pairs = [p for p in pairs if povid_term(p) == "text"]
+    if not text_pairs:
+        raise ValueError("POVID's stage 1 trains on text-hallucinated POVID pairs, and none of this round's "
+                         f"{len(pairs)} pairs is one: generate with POVID, or set povid_stage1_epochs to 0")
+    return text_pairs
+
+
+def describe_povid_stages(stages: Sequence[Any]) -> str:
+    """One line on a two-stage POVID round's stages (``metrics["povid_stages"]``), "" for others."""
+    parts = [f"{s.get('stage')}: {s.get('n_pairs')} pairs, {s.get('steps')} steps" for s in stages or []
+             if isinstance(s, dict)]
+    return "POVID stages: " + "; ".join(parts) if parts else ""
+
+
 def povid_row_weights(pairs: Sequence[dict]) -> list[float]:
     """Per-row DPO weights for POVID's two-term loss: where both terms are present, each term's
     rows share half of the POVID rows' total weight (0.5·N_povid / N_term each); every other row,
@@ -631,10 +648,7 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
     dropped = 0
     if config.balance_answers:  # once for both stages, so they see the same pairs
         pairs, dropped = balance_answer_prior(pairs, config.seed)
-    text_pairs = [p for p in pairs if povid_term(p) == "text"]
-    if not text_pairs:
-        raise ValueError("POVID's stage 1 trains on text-hallucinated POVID pairs, and this round has none "
-                         "(generate with POVID, or set povid_stage1_epochs=0)")
+    text_pairs = povid_stage1_pairs(pairs)
     chain = _as_chain(parent_adapter)
     one_stage = replace(config, povid_stage1_epochs=0.0, balance_answers=False)
     stages = [(text_pairs, replace(one_stage, num_epochs=config.povid_stage1_epochs)),
@@ -685,12 +699,7 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
                                     for i, (r, (_, cfg)) in enumerate(zip(results, stages, strict=True), start=1)]}
         if rank != 0:
             return TrainResult(None, False, steps, len(pairs), len(pairs), curve, time.perf_counter() - t0, lineage)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        concatenate_loras([str(d) for d in stage_dirs], tmp)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
-        (tmp / "curve.json").write_text(json.dumps(curve))
-        os.replace(tmp, out)
+        _write_adapter(out, lambda folder: concatenate_loras([str(d) for d in stage_dirs], folder), lineage, curve)
     finally:
         if rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -885,13 +894,18 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
 
 
 def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: float, setup: dict) -> None:
-    """Write the trained adapter with its lineage and curve to ``out`` atomically (a reader sees no
-    adapter or a whole one)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    """Write the trained adapter with its lineage (steps, time, hardware added) and curve."""
     lineage.update(steps=steps, seconds=time.perf_counter() - t0,
                    hardware=_hardware_record(model, setup["base_dtype"], setup["device"]))
+    _write_adapter(out, lambda folder: model.save_pretrained(str(folder)), lineage, curve)
+
+
+def _write_adapter(out: Path, write_weights: Callable[[Path], Any], lineage: dict, curve: list) -> None:
+    """Write an adapter (``write_weights(folder)``) with its lineage and curve to ``out`` atomically:
+    into a temporary sibling renamed when complete, so a reader sees no adapter or a whole one."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_weights(tmp)
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
     (tmp / "curve.json").write_text(json.dumps(curve))
     out.parent.mkdir(parents=True, exist_ok=True)

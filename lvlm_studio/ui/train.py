@@ -10,7 +10,7 @@ import pandas as pd
 
 from lvlm_studio.evaluation import METRIC_LABELS
 from lvlm_studio.service import METHODS, Studio
-from lvlm_studio.training import DPORoundConfig
+from lvlm_studio.training import DPORoundConfig, describe_povid_stages
 from lvlm_studio.ui.auth import request_user
 from lvlm_studio.ui.common import parse_round, round_choices, user_errors
 from lvlm_studio.ui.highlight import escape_text
@@ -78,11 +78,8 @@ def status_html(rnd: dict | None) -> str:
     html = '<div class="round-status">' + " · ".join(parts)
     if rnd.get("error"):
         html += f'<div class="err">{escape_text(rnd["error"])}</div>'
-    stages = (rnd.get("metrics") or {}).get("povid_stages") or []
-    if stages:
-        html += "<div>POVID stages: " + "; ".join(
-            f"{escape_text(s.get('stage'))}: {escape_text(s.get('n_pairs'))} pairs, {escape_text(s.get('steps'))} steps"
-            for s in stages if isinstance(s, dict)) + "</div>"
+    if stages := describe_povid_stages((rnd.get("metrics") or {}).get("povid_stages")):
+        html += f"<div>{escape_text(stages)}</div>"
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
