@@ -188,6 +188,7 @@ class HallucinationInjector:
         self._object_forms = forms
         self._object_re = _phrase_regex(forms)
         self._colour_re = _phrase_regex(self.vocab.colours)
+        self._colour_words = {c.lower() for c in self.vocab.colours}
         self._size_re = _phrase_regex(self.vocab.sizes)
         numbers = list(self.vocab.counts) + [str(i) for i in range(2, 11)]
         self._count_re = _phrase_regex(numbers)
@@ -206,11 +207,10 @@ class HallucinationInjector:
         if not self._object_re:
             return []
         out = []
-        colours = {c.lower() for c in self.vocab.colours}
         for m in self._object_re.finditer(text):
             form = m.group(0).lower()
             after = re.match(r"\s+([A-Za-z]+)", text[m.end():])
-            if form in colours and after and after.group(1).lower() not in _FUNCTION_WORDS:
+            if form in self._colour_words and after and after.group(1).lower() not in _FUNCTION_WORDS:
                 continue  # "an orange umbrella": the colour, not the fruit
             canon, is_plural = self._object_forms[form]
             out.append((m.start(), m.end(), canon, is_plural))

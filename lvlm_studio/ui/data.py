@@ -35,10 +35,10 @@ def override_frame(ag: dict) -> pd.DataFrame:
     return frame.astype({"margin bucket": str, "override rate": float, "pairs": int})
 
 
-def method_choices(studio: Studio) -> list[str]:
-    """The pair methods an export can pick: the three generators and whatever the store holds
-    (an imported file names its own, "imported" when it does not)."""
-    present = sorted(studio.stats().get("pairs_by_method") or {})
+def method_choices(stats: dict) -> list[str]:
+    """The pair methods an export can pick (``stats``: ``Studio.stats()``): the three generators and
+    whatever the store holds (an imported file names its own, "imported" when it does not)."""
+    present = sorted(stats.get("pairs_by_method") or {})
     return list(dict.fromkeys([*METHODS, *present]))
 
 
@@ -61,7 +61,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         with gr.Column():
             gr.Markdown("### Export pairs")
             fmt = gr.Dropdown(list(EXPORT_FORMATS), value="trl", label="Format", elem_id="data-export-format")
-            choices = method_choices(studio)
+            choices = method_choices(studio.stats())
             ex_methods = gr.CheckboxGroup(choices, value=choices, label="Methods", elem_id="data-export-methods")
             known_methods = gr.State(choices)
             ex_auto = gr.Checkbox(False, label="Include unreviewed pairs (automatic label)")
@@ -114,11 +114,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         report_markdown, [result], [summary], api_name=False)
 
     def on_stats(current: list[str] | None = None, known: list[str] | None = None) -> tuple:
-        ag = studio.agreement()
+        ag, stats_v = studio.agreement(), studio.stats()
         # Methods that appeared since (an import names its own): offered and ticked; the rest as set.
-        now = method_choices(studio)
+        now = method_choices(stats_v)
         ticked = [m for m in (current or []) if m in now] + [m for m in now if m not in (known or [])]
-        return (studio.stats(), agreement_html(ag), override_frame(ag),
+        return (stats_v, agreement_html(ag), override_frame(ag),
                 gr.CheckboxGroup(choices=now, value=list(dict.fromkeys(ticked))), now)
 
     stats_outs = [stats, agreement, override, ex_methods, known_methods]
