@@ -50,7 +50,7 @@ from typing import Any
 
 from lvlm_studio.config import Settings
 from lvlm_studio.media import IMAGE_SUFFIXES, ImageRejected, discard, ingest_image
-from lvlm_studio.store import Store, StoreError
+from lvlm_studio.store import REVIEWER_MAX_CHARS, Store, StoreError
 
 DEFAULT_PROMPT = "Describe the image."
 IMPORT_FORMATS = ("auto", "folder", "coco", "jsonl", "hf", "trl", "llava", "llamafactory")
@@ -282,10 +282,10 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
         reviewed_by = IMPORT_REVIEWER
         if reviewer is not None and str(reviewer).strip():
             reviewed_by = str(reviewer).strip()
-            # the names the app accepts (service._reviewer): short, printable
-            if len(reviewed_by) > 64 or any(not ch.isprintable() for ch in reviewed_by):
-                raise ValueError(f"'reviewer' must be a name of at most 64 printable characters, "
-                                 f"not {reviewed_by[:40]!r}")
+            # a name the app would accept (service._reviewer), and printable
+            if len(reviewed_by) > REVIEWER_MAX_CHARS or any(not ch.isprintable() for ch in reviewed_by):
+                raise ValueError(f"'reviewer' must be a name of at most {REVIEWER_MAX_CHARS} printable "
+                                 f"characters, not {reviewed_by[:40]!r}")
     return {
         "chosen": chosen_text,
         "rejected": rejected_text,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import Settings, round_dirname
-from lvlm_studio.store import BASE_ROUND_ID, Store
+from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store
 
 METHODS = ("csr", "povid", "stic")
 REVIEW_DECISIONS = ("accept", "swap", "reject_both", "edit")
@@ -1000,8 +1000,8 @@ def _reviewer(name: str | None) -> str:
     name = (name or "").strip()
     if not name:
         raise ValueError("a reviewer name is needed (sign in, or type a name in the Review tab)")
-    if len(name) > 64:
-        raise ValueError("a reviewer name is at most 64 characters")
+    if len(name) > REVIEWER_MAX_CHARS:
+        raise ValueError(f"a reviewer name is at most {REVIEWER_MAX_CHARS} characters")
     return name
 
 

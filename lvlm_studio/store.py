@@ -38,6 +38,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 DECISIONS = ("accept", "swap", "reject_both", "edit", "undo")
+REVIEWER_MAX_CHARS = 64  # the longest reviewer name the app and imports accept
 LABEL_STATUSES = ("auto", "accept", "swap", "reject_both", "edit")
 ROUND_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 BUSY_TIMEOUT_MS = 30_000

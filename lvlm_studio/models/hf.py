@@ -186,7 +186,6 @@ def _stack_states(states: list[_State], config) -> _State:
     )
 
 
-
 def eos_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     """Every token that ends an answer: the generation config's EOS ids (Qwen lists several) and
     the tokenizer's, sorted (the first is the one ``score(add_eos=True)`` appends)."""
@@ -205,6 +204,7 @@ def banned_token_ids(config: Any, processor: Any, tokenizer: Any) -> list[int]:
     banned = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
     banned.add(tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"))
     return sorted(int(b) for b in banned if b is not None and b != tokenizer.unk_token_id and b >= 0)
+
 
 class HFBackend:
     """`VLMBackend` over a transformers image-text-to-text model (LLaVA, Qwen2-VL, Idefics3, …)."""
