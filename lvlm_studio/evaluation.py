@@ -73,7 +73,8 @@ class ObjectExtractor(Protocol):
 # ----------------------------------------------------------------------------------------------
 _WORD = re.compile(r"[A-Za-z]+")
 
-_IRREGULAR_PLURALS = {
+# Plural -> singular for nouns the suffix rules get wrong; methods.povid reads it backwards.
+IRREGULAR_PLURALS = {
     "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
     "geese": "goose", "teeth": "tooth", "feet": "foot", "oxen": "ox", "knives": "knife", "pocketknives": "pocketknife",
     "wolves": "wolf", "leaves": "leaf", "shelves": "shelf", "calves": "calf", "halves": "half",
@@ -96,8 +97,8 @@ def singularize(word: str) -> str:
     """Plural English noun → singular (lower-case in, lower-case out). Covers the plural forms of
     the COCO synonyms and ShapesWorld's shapes; unknown words are returned unchanged."""
     w = word.lower()
-    if w in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[w]
+    if w in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[w]
     if len(w) <= 3 or w in _SINGULAR_S or w.endswith(("ss", "us", "is")):
         return w
     if w.endswith("ies") and len(w) > 4:

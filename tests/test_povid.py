@@ -16,6 +16,7 @@ from lvlm_studio.methods.povid import (
     diff_spans,
     diffusion_coefficients,
     noisy_rejected,
+    plural,
 )
 from lvlm_studio.models.base import Sequence
 
@@ -154,6 +155,19 @@ def test_injector_finds_objects_by_their_coco_synonyms():
     # A vocabulary without synonyms (the world's) does not read "man" as anything.
     bare = HallucinationInjector(Vocabulary(objects=["person"], synonyms={}), categories=["object"])
     assert bare.mentioned_objects("A man and a person.") == [(12, 18, "person", False)]
+
+
+def test_injected_plurals_are_read_back_by_chair_as_the_same_object():
+    """A count injection writes "two <plural>": CHAIR must count it as that object, or the injected
+    hallucination is invisible to the metric. Irregular plurals come from CHAIR's own table read
+    backwards, so a custom vocabulary's "leaf" becomes "leaves", not "leafs"."""
+    from lvlm_studio.evaluation import COCO_CATEGORIES, IRREGULAR_PLURALS, get_extractor, singularize
+
+    coco = get_extractor("coco")
+    assert [o for o in COCO_CATEGORIES if coco.extract(f"There are two {plural(o)} here.") != [o]] == []
+    assert [plural(w) for w in ("leaf", "cactus", "fish", "wolf", "person", "box", "baby", "hot dog")] == [
+        "leaves", "cacti", "fish", "wolves", "people", "boxes", "babies", "hot dogs"]
+    assert all(singularize(plural(s)) == s for s in IRREGULAR_PLURALS.values())
 
 
 def test_reasoning_answers_get_a_wrong_step_or_a_wrong_final_answer():

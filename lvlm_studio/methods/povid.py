@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from lvlm_studio.evaluation import COCO_CATEGORIES, COCO_SYNONYMS
+from lvlm_studio.evaluation import COCO_CATEGORIES, COCO_SYNONYMS, IRREGULAR_PLURALS
 from lvlm_studio.methods.sentences import sentence_records
 from lvlm_studio.models.base import GenerationParams, VLMBackend
 
@@ -59,11 +59,10 @@ OPPOSITES = {
     "under": "on top of", "small": "large", "large": "small", "big": "small", "tiny": "huge",
     "huge": "tiny", "tall": "short", "short": "tall",
 }
-_IRREGULAR_PLURALS = {
-    "person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
-    "scissors": "scissors", "man": "men", "woman": "women", "child": "children", "tv": "tvs",
-    "ox": "oxen", "goose": "geese", "foot": "feet",
-}
+# Singular -> plural: evaluation's table read backwards (one table for the injector and CHAIR's
+# matching), plus COCO names that are plural already.
+_IRREGULAR_PLURALS = {singular: plural for plural, singular in IRREGULAR_PLURALS.items()} | {
+    "skis": "skis", "scissors": "scissors"}
 # Names that are plural without a singular beside them in the synonym table.
 _PLURAL_ONLY = {"cattle", "people", "police"}
 # Words after which "orange" is still the fruit ("an orange on the table", "an orange and a pear");
