@@ -648,30 +648,26 @@ def train_cmd(
         cfg["methods"] = names
     if include_auto:
         cfg["include_auto"] = True
-    checked = DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
+    DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
     s = studio(model=model)
     try:
         if from_round is not None and s.store.get_round(from_round) is None:
             raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
-        # jobs.start_round refuses a round with nothing to train on (JobError); the count is for the message.
-        from lvlm_studio import jobs
-
-        usable = (jobs.infusion_items(s.store, checked) if checked.objective == "stic_infusion" else
-                  s.store.training_pairs(methods=checked.methods, include_auto=checked.include_auto,
-                                         round=checked.pair_round))
+        # A round with nothing to train on is refused (JobError) here, before it is created.
+        n_material = s.training_material_count(cfg)
         round_id = s.start_round(cfg, user, parent_id=from_round)
         row = s.store.get_round(round_id)
     finally:
         s.store.close()
     if not wait:
         result = {"ok": True, "round": round_id, "parent": row.get("parent_id"), "status": row["status"],
-                  "pid": row.get("pid"), "pairs": len(usable), "log": row.get("log_path")}
-        emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {len(usable)} pairs) as a "
+                  "pid": row.get("pid"), "pairs": n_material, "log": row.get("log_path")}
+        emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {n_material} pairs) as a "
                               f"background job, pid {row.get('pid')}; log {row.get('log_path')}\n"
                               f"follow it: lvlm-studio rounds; stop it: lvlm-studio cancel {round_id}")
         return
     if not as_json:
-        typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {len(usable)} pairs); following it "
+        typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {n_material} pairs); following it "
                    f"(Ctrl-C stops following, not the round)")
     row = follow_round(round_id, timeout)
     summary = round_summary(row)

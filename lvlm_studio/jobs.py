@@ -222,7 +222,7 @@ def infusion_items(store: Any, cfg: Any) -> list[dict]:
     return items[: cfg.infusion_limit] if cfg.infusion_limit is not None else items
 
 
-def _training_material(store: Any, cfg: Any) -> list[dict]:
+def training_material(store: Any, cfg: Any) -> list[dict]:
     """The round's training material (pairs, or for a STIC infusion round its instruction items);
     JobError when there is none."""
     if cfg.objective == "stic_infusion":
@@ -275,7 +275,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 current = store.current_round()
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
-            _training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
+            training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
             run_dir = settings.runs_dir / round_dirname(round_id)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -552,7 +552,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         cfg = DPORoundConfig.from_dict(row["config"])
         chain = adapter_lineage(store, row["parent_id"])
         base_path = resolve_model_path(row["base_model"] or settings.model)
-        pairs = _training_material(store, cfg)  # again: pairs may have changed since the round was queued
+        pairs = training_material(store, cfg)  # again: pairs may have changed since the round was queued
         what = "instruction items (STIC stage 2)" if cfg.objective == "stic_infusion" else "pairs"
         log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}")
         out_dir = settings.adapters_dir / round_dirname(round_id)

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import Settings, round_dirname
+from lvlm_studio.config import Settings, check_option_types, round_dirname
+from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store
 
 METHODS = ("csr", "povid", "stic")
 REVIEW_DECISIONS = ("accept", "swap", "reject_both", "edit")
 ROLES = ("admin", "reviewer")
-EXPORT_FORMATS = ("trl", "llava", "llamafactory")
 WORLD_DATASET = "shapesworld"
 # Decisions that overrule the automatic label (an edit rewrites the chosen answer: the automatic
 # chosen was not good enough as it stood).
@@ -260,7 +260,7 @@ class Studio:
         return rid
 
     def upload_images(
-        self, paths: Sequence[str | Path], prompt: str = "Describe this image in detail.",
+        self, paths: Sequence[str | Path], prompt: str = DEFAULT_PROMPT,
         dataset: str = "uploads", split: str = "train",
     ) -> dict:
         """Ingest image files (validated by media.py) and make one item per image."""
@@ -781,9 +781,31 @@ class Studio:
         self.require_admin(user, "starting a training round")
         from lvlm_studio import jobs
 
-        cfg = dict(config or {})
+        cfg = self._round_options(config)
         parent = cfg.pop("parent_id", parent_id)
         return int(jobs.start_round(self.settings, cfg, parent_id=None if parent in (None, "") else int(parent)))
+
+    def training_material_count(self, config: dict | None) -> int:
+        """How many pairs (for a STIC stage-2 round: instruction items) a round with this config
+        would train on, before balancing; ``jobs.JobError`` when there are none."""
+        from lvlm_studio import jobs
+        from lvlm_studio.training import DPORoundConfig
+
+        cfg = self._round_options(config)
+        cfg.pop("parent_id", None)
+        return len(jobs.training_material(self.store, DPORoundConfig.from_dict(cfg)))
+
+    @staticmethod
+    def _round_options(config: dict | None) -> dict:
+        """A round's options checked against DPORoundConfig's field types, as the CLI's ``--config``
+        is: a JSON client's ``"num_epochs": "3"`` or ``"include_auto": "false"`` fails here with its
+        name instead of training on what a truthy string happens to mean."""
+        from lvlm_studio.training import DPORoundConfig
+
+        cfg = dict(config or {})
+        parent = cfg.pop("parent_id", None)
+        cfg = check_option_types(DPORoundConfig, cfg, "round option")
+        return {**cfg, "parent_id": parent} if parent is not None else cfg
 
     def cancel_round(self, round_id: int, user: str | None, timeout: float = 30.0) -> dict | None:
         self.require_admin(user, "cancelling a training round")
@@ -803,7 +825,14 @@ class Studio:
         return jobs.reattach(self.settings)
 
     def rounds(self) -> list[dict]:
-        return self.store.list_rounds()
+        """Every round; an active round whose process is gone is marked failed on the way (as
+        ``get_round`` does), so the app's tables and the CLI's ``rounds`` agree."""
+        rows = self.store.list_rounds()
+        if any(r["status"] in ("queued", "running") for r in rows):
+            from lvlm_studio import jobs
+
+            rows = jobs.refresh(self.settings)
+        return rows
 
     def get_round(self, round_id: int) -> dict | None:
         """The round row; an active round whose process is gone is marked failed on the way."""
@@ -816,16 +845,6 @@ class Studio:
 
     def round_curve(self, round_id: int) -> list[dict]:
         return self.store.round_curve(int(round_id))
-
-    def delete_round(self, round_id: int, user: str | None) -> None:
-        """Admin only. Rounds are history (pairs and evaluations point at them): deleting marks a
-        queued/running round cancelled; finished rounds are kept."""
-        self.require_admin(user, "deleting a round")
-        rnd = self.store.get_round(int(round_id))
-        if rnd is None:
-            raise LookupError(f"round {round_id} does not exist")
-        if rnd["status"] in ("queued", "running"):
-            self.cancel_round(int(round_id), user)
 
     # ---------------------------------------------------------------- evaluation and compare
     def eval_items(self, n: int | None = None, kinds: Sequence[str] = ("describe", "pope"),
@@ -865,8 +884,9 @@ class Studio:
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None)
         if meta is not None:
             metrics = {**metrics, "model": ref, **meta}
-        self.store.add_eval_outputs(round_id, rows)
-        self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
+        with self.store.transaction():  # the answers and their metrics land together or not at all
+            self.store.add_eval_outputs(round_id, rows)
+            self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
         return metrics
 
     def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
@@ -1134,6 +1154,6 @@ def demo_rounds_summary(rounds: Sequence[dict]) -> list[dict]:
 
 
 __all__ = [
-    "EXPORT_FORMATS", "METHODS", "REVIEW_DECISIONS", "Studio", "User", "cohen_kappa", "fleiss_kappa",
+    "DEFAULT_PROMPT", "EXPORT_FORMATS", "IMPORT_FORMATS", "METHODS", "REVIEW_DECISIONS", "Studio", "User", "cohen_kappa", "fleiss_kappa",
     "margin_buckets", "parse_users",
 ]

@@ -1288,10 +1288,14 @@ class Store:
 
     # ---------------------------------------------------------------- evaluation outputs
     def add_eval_outputs(self, round_id: int, rows: list[dict]) -> int:
-        """Append evaluation answers of a round (round 0 = base model) in one transaction.
-        Each row: item_id, answer, optional objects, hallucinated, meta."""
+        """Store evaluation answers of a round (round 0 = base model) in one transaction. Each row:
+        item_id, answer, optional objects, hallucinated, meta. One answer per round and item: a
+        later evaluation's answer replaces the round's earlier one for that item (items it did not
+        answer keep theirs), so a comparison never pairs an item twice."""
         with self.transaction() as db:
             self._require("rounds", round_id)
+            db.conn.executemany("DELETE FROM eval_outputs WHERE round_id = ? AND item_id = ?",
+                                [(round_id, r["item_id"]) for r in rows])
             db.conn.executemany(
                 "INSERT INTO eval_outputs (round_id, item_id, answer, objects, hallucinated, meta) "
                 "VALUES (?, ?, ?, ?, ?, ?)",

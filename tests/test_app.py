@@ -83,7 +83,7 @@ def test_train_tab_start_passes_its_fields_to_the_round(app):
     round's config."""
     studio, url = app
     client = Client(url, verbose=False)
-    client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, "dpo", 3, api_name="/train_start")
+    client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, "dpo", 3, 24, api_name="/train_start")
     rid = max(r["id"] for r in studio.rounds())
     try:
         # A second start while this one runs: the reason, not a generic error.
@@ -91,7 +91,7 @@ def test_train_tab_start_passes_its_fields_to_the_round(app):
             client.predict(["povid"], "0", True, 1e-4, 1, 0.2, 8, 0.5, 2, True, api_name="/train_start")
         config = studio.get_round(rid)["config"]
         assert config["methods"] == ["povid"] and config["include_auto"] is True
-        assert (config["learning_rate"], config["beta"], config["lora_r"], config["lora_alpha"]) == (1e-4, 0.2, 8, 16)
+        assert (config["learning_rate"], config["beta"], config["lora_r"], config["lora_alpha"]) == (1e-4, 0.2, 8, 24)
         assert config["sft_weight"] == 0.5 and config["eval_limit"] == 2 and config["povid_two_term"] is True
         assert config["povid_stage1_epochs"] == 3
     finally:
@@ -114,6 +114,11 @@ def test_handlers_say_what_is_wrong_and_create_nothing(app):
     fails("no round 'abc'", ["povid"], "abc", *train[2:], api_name="/train_start")
     fails("learning rate: enter a number", ["povid"], "0", True, None, *train[4:], api_name="/train_start")
     fails("no training pairs.*for methods stic", ["stic"], "0", False, *train[3:], api_name="/train_start")
+    # The JSON API checks a round's option types as the CLI's --config does: "false" is not False.
+    fails('include_auto="false": expected bool', {"methods": ["povid"], "include_auto": "false"}, "",
+          api_name="/start_round")
+    fails('num_epochs="3": expected float', {"methods": ["povid"], "num_epochs": "3"}, "", api_name="/start_round")
+    fails("unknown DPO round option.*epochs", {"epochs": 3}, "", api_name="/start_round")
     fails("round 99 does not exist", "99", api_name="/train_cancel")
     fails("tick at least one method", "trl", [], True, api_name="/export")  # [] is not "every method"
     assert [r["id"] for r in studio.rounds()] == [0]  # no round was created to fail
@@ -236,6 +241,10 @@ def test_training_round_from_the_train_tab_api_finishes(home, tmp_path):
         second = max(r["id"] for r in studio.rounds())
         try:
             assert second != round_id and studio.get_round(second)["parent_id"] == round_id
+            # No α sent (an older client): DPORoundConfig's, as the CLI's `-c lora_r=8` keeps it.
+            from lvlm_studio.training import DPORoundConfig
+
+            assert studio.get_round(second)["config"]["lora_alpha"] == DPORoundConfig().lora_alpha
         finally:
             studio.cancel_round(second, None)
             studio.wait_round(second, timeout=120)
@@ -258,6 +267,7 @@ def test_train_tab_starts_from_the_measured_round_defaults(home):
         assert fields["train-lr"] == d.learning_rate and fields["train-epochs"] == d.num_epochs
         assert fields["train-beta"] == d.beta and fields["train-sft"] == d.sft_weight
         assert fields["train-lora-r"] == d.lora_r and fields["train-povid-two-term"] is d.povid_two_term
+        assert fields["train-lora-alpha"] == d.lora_alpha
         assert fields["train-povid-stage1"] == d.povid_stage1_epochs
         assert fields["train-eval-n"] == d.eval_limit
         assert fields["train-parent"] == "current"  # one click continues from the current round
@@ -376,3 +386,24 @@ def test_export_offers_the_methods_the_store_holds(tmp_path):
         assert method_choices(studio.stats()) == ["csr", "povid", "stic", "imported"]
     finally:
         studio.store.close()
+
+
+def test_train_tab_offers_and_ticks_imported_methods(tmp_path):
+    """The Train tab's methods are the generators and whatever the store holds, all ticked (the
+    CLI's `train` without --methods trains on every method), and a method imported after the page
+    opened is offered and ticked while the user's other ticks stay as they were."""
+    from lvlm_studio.ui.app import build_app
+    from lvlm_studio.ui.common import ticked_methods
+
+    studio = Studio(Settings(home=tmp_path / "home"), users={}, admins=())
+    try:
+        studio.seed_demo(n_train=2, n_test=0, pairs_per_method=0)
+        item = studio.store.list_items()[0]["id"]
+        good, bad = (studio.store.add_candidate(item, t, "imported") for t in ("A red circle.", "A blue star."))
+        studio.store.add_pair(item, good, bad, "my-file")
+        box = next(b for b in build_app(studio).blocks.values() if getattr(b, "elem_id", None) == "train-methods")
+        assert [c[1] for c in box.choices] == box.value == ["csr", "povid", "stic", "my-file"]
+    finally:
+        studio.store.close()
+    assert ticked_methods(["csr", "povid", "stic", "new"], ["csr"], ["csr", "povid", "stic"]) == ["csr", "new"]
+    assert ticked_methods(["csr", "povid"], ["csr", "gone"], ["csr", "gone"]) == ["csr", "povid"]

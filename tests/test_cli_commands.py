@@ -197,12 +197,14 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     assert "CHAIR_s" in table and "POPE F1" in table and "\n1   0       done    100%" in table
 
     store = open_store(env)
-    before = len(store.eval_outputs(round_id))
+    before = {r["item_id"]: r["answer"] for r in store.eval_outputs(round_id)}
     ev = ok_json("eval", "--round", round_id, "--n", "3", "--max-new-tokens", "6")
     # 3 scenes: 2 were seeded, the third is added (a describe item and its POPE probes).
     assert ev["added"] > 0 and ev["items"] == ev["metrics"]["n_items"] == 3 * 3
     assert ev["metrics"]["n_captions"] == 3 and ev["metrics"]["pope_n"] == 6
-    assert len(store.eval_outputs(round_id)) == before + ev["items"]
+    # One answer per item: the 4 the round job answered are answered again (replaced), 5 are new.
+    after = [r["item_id"] for r in store.eval_outputs(round_id)]
+    assert len(after) == len(set(after)) == 9 and set(before) < set(after)
     stored = store.get_round(round_id)["metrics"]["eval"]
     assert stored["scenes"] == 3 and stored["split"] == "test" and stored["model"] == vlm
     assert store.get_round(round_id)["metrics"]["n_pairs"] == 4  # training metrics kept

@@ -191,6 +191,15 @@ def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
     orphan = settings.adapters_dir / f"round-{rid}"
     orphan.mkdir(parents=True)
     (orphan / "adapter_model.safetensors").write_bytes(b"x" * 16)
+    # The app's rounds table (Studio.rounds) says so too, as the CLI's `rounds` does.
+    from lvlm_studio.service import Studio
+
+    studio = Studio(settings, users={}, admins=())
+    try:
+        listed = {r["id"]: r for r in studio.rounds()}
+        assert listed[rid]["status"] == "failed" and f"pid {dead.pid}" in listed[rid]["error"]
+    finally:
+        studio.store.close()
     row = jobs.reattach(settings)
     assert row is None
     row = jobs.status(settings, rid)

@@ -251,7 +251,7 @@ def test_roles_and_users(home, monkeypatch):
     with pytest.raises(PermissionError):
         studio.start_round({"methods": ["csr"]}, None)
     with pytest.raises(PermissionError):
-        studio.delete_round(0, "bob")
+        studio.cancel_round(0, "bob")
     studio.store.close()
     monkeypatch.delenv("LVLM_STUDIO_USERS", raising=False)
     monkeypatch.delenv("LVLM_STUDIO_ADMINS", raising=False)
@@ -299,6 +299,18 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
     res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?")
     assert len(res["items"]) == 1 and res["rejected"][0]["file"] == "bad.png"
+
+
+def test_an_upload_and_a_folder_import_of_one_image_make_one_item(studio, tmp_path):
+    """Items are unique on (image, prompt, dataset): the upload's default prompt is the import's,
+    so the same picture uploaded in the app and imported from a folder is one item, not two."""
+    from conftest import write_image
+
+    write_image(tmp_path / "pics" / "a.png", seed=7)
+    first = studio.upload_images([tmp_path / "pics" / "a.png"], dataset="pics")
+    studio.import_path(tmp_path / "pics", kind="folder", dataset="pics")
+    items = studio.store.list_items(dataset="pics")
+    assert [it["id"] for it in items] == first["items"]  # one item, the upload's
 
 
 def test_povid_on_an_imported_dataset_injects_objects_that_co_occur_there(studio, tmp_path):

@@ -401,9 +401,21 @@ def test_eval_outputs_atomic(store, make_items):
     assert rows[1]["hallucinated"] == ["dog"] and rows[0]["prompt"] == "Describe the image."
     with pytest.raises(sqlite3.IntegrityError):  # unknown item: the whole batch is refused
         store.add_eval_outputs(0, [{"item_id": items[0], "answer": "x"}, {"item_id": 999, "answer": "y"}])
-    assert len(store.eval_outputs(0)) == 2
+    assert [r["answer"] for r in store.eval_outputs(0)] == ["A cat.", "A dog."]  # nothing replaced either
     with pytest.raises(NotFoundError):
         store.add_eval_outputs(5, [])
+
+
+def test_a_later_evaluation_replaces_the_rounds_answer_per_item(store, make_items):
+    """Evaluating a round again (a round job's evaluation, then `lvlm-studio eval` on more items)
+    leaves one answer per item, the newer one, and keeps the items only the first run answered:
+    Compare then pairs each item once and its answer count is the number of distinct items."""
+    items = make_items(3)
+    store.ensure_base_round("demo")
+    store.add_eval_outputs(0, [{"item_id": items[0], "answer": "old 0"}, {"item_id": items[1], "answer": "old 1"}])
+    store.add_eval_outputs(0, [{"item_id": items[1], "answer": "new 1"}, {"item_id": items[2], "answer": "new 2"}])
+    assert [(r["item_id"], r["answer"]) for r in store.eval_outputs(0)] == [
+        (items[0], "old 0"), (items[1], "new 1"), (items[2], "new 2")]
 
 
 def test_integrity_report(store, make_items, settings):

@@ -50,6 +50,14 @@ def round_choices(studio: Studio, with_all: bool = False, done_only: bool = Fals
     return out
 
 
+def ticked_methods(now: list[str], current: list[str] | None, known: list[str] | None) -> list[str]:
+    """A methods box's ticks after the store's methods changed from ``known`` to ``now``: what the
+    user had ticked that still exists, plus every method that appeared since (an import names its
+    own), ticked."""
+    ticked = [m for m in (current or []) if m in now] + [m for m in now if m not in (known or [])]
+    return list(dict.fromkeys(ticked))
+
+
 def parse_round(value: Any) -> int | None:
     if value in (None, "", "all"):
         return None

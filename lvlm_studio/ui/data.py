@@ -8,9 +8,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lvlm_studio.service import EXPORT_FORMATS, METHODS, Studio
+from lvlm_studio.service import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, METHODS, Studio
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import report_markdown, user_errors
+from lvlm_studio.ui.common import report_markdown, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 
@@ -47,14 +47,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         with gr.Column():
             gr.Markdown("### Upload images")
             files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="data-upload")
-            prompt = gr.Textbox("Describe the image.", label="Prompt for each image", elem_id="data-prompt")
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt for each image", elem_id="data-prompt")
             up_dataset = gr.Textbox("uploads", label="Dataset name", elem_id="data-up-dataset")
             upload = gr.Button("Add images", elem_id="data-upload-run")
         with gr.Column():
             gr.Markdown("### Import a dataset path (admins)")
-            path = gr.Textbox(label="Path on the server (folder, COCO JSON, JSONL, LLaVA JSON, HF dataset)",
+            path = gr.Textbox(label="Path on the server (folder, COCO JSON, JSONL, TRL, LLaVA or LLaMA-Factory JSON, HF dataset)",
                               elem_id="data-path")
-            kind = gr.Dropdown(["auto", "folder", "coco", "jsonl", "llava", "llamafactory", "hf"], value="auto",
+            kind = gr.Dropdown(list(IMPORT_FORMATS), value="auto",
                                label="Format", elem_id="data-kind")
             imp_dataset = gr.Textbox(label="Dataset name (optional)", elem_id="data-imp-dataset")
             do_import = gr.Button("Import", elem_id="data-import-run")
@@ -117,9 +117,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         ag, stats_v = studio.agreement(), studio.stats()
         # Methods that appeared since (an import names its own): offered and ticked; the rest as set.
         now = method_choices(stats_v)
-        ticked = [m for m in (current or []) if m in now] + [m for m in now if m not in (known or [])]
         return (stats_v, agreement_html(ag), override_frame(ag),
-                gr.CheckboxGroup(choices=now, value=list(dict.fromkeys(ticked))), now)
+                gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now)
 
     stats_outs = [stats, agreement, override, ex_methods, known_methods]
     refresh.click(on_stats, [ex_methods, known_methods], stats_outs, api_name="data_stats")

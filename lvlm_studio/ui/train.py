@@ -9,10 +9,10 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.evaluation import METRIC_LABELS
-from lvlm_studio.service import METHODS, Studio
+from lvlm_studio.service import Studio
 from lvlm_studio.training import DPORoundConfig, describe_povid_stages
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import parse_round, round_choices, user_errors
+from lvlm_studio.ui.common import parse_round, round_choices, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
@@ -105,7 +105,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                 "pairs (swap / edit applied, reject-both left out), then evaluates it on the test split.")
     counts = gr.Dataframe(counts_frame(studio), interactive=False, elem_id="train-counts")
     with gr.Row():
-        methods = gr.CheckboxGroup([m for m in METHODS], value=list(METHODS), label="Methods", elem_id="train-methods")
+        # The generators and whatever else the store holds (an import names its own method), all
+        # ticked: the same pairs as the CLI's `train` without --methods.
+        method_names = list(studio.reviewed_counts())
+        methods = gr.CheckboxGroup(method_names, value=method_names, label="Methods", elem_id="train-methods")
+        known_methods = gr.State(method_names)
         parent = gr.Dropdown(parent_choices(studio), value=CURRENT, label="Start from round",
                              allow_custom_value=True, elem_id="train-parent")
         include_auto = gr.Checkbox(False, label="Also use unreviewed pairs (automatic label)",
@@ -117,6 +121,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             epochs = gr.Number(d.num_epochs, label="epochs", elem_id="train-epochs")
             beta = gr.Number(d.beta, label="DPO β", elem_id="train-beta")
             lora_r = gr.Number(d.lora_r, label="LoRA r", precision=0, elem_id="train-lora-r")
+            lora_alpha = gr.Number(d.lora_alpha, label="LoRA α", precision=0, info="the update is scaled by α / r",
+                                   elem_id="train-lora-alpha")
             sft_weight = gr.Number(d.sft_weight, label="SFT weight", info="0 = pure DPO; 1 = STIC-style DPO + SFT",
                                    elem_id="train-sft")
             eval_n = gr.Number(d.eval_limit, label="test items to evaluate", precision=0, elem_id="train-eval-n")
@@ -173,7 +179,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_start(methods_v, parent_v, include_v, lr_v, epochs_v, beta_v, r_v, sft_v, eval_v, two_term_v,
-                 objective_v="dpo", stage1_v=0, request: gr.Request = None) -> tuple:
+                 objective_v="dpo", stage1_v=0, alpha_v=None, request: gr.Request = None) -> tuple:
         if not methods_v and objective_v == "dpo":
             raise ValueError("pick at least one method")
         lora_r = _number(r_v, "LoRA r", int)
@@ -181,15 +187,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         config = {"methods": list(methods_v) if methods_v else None, "parent_id": parent_id,
                   "include_auto": bool(include_v),
                   "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
-                  "beta": _number(beta_v, "DPO β"), "lora_r": lora_r, "lora_alpha": 2 * lora_r,
+                  "beta": _number(beta_v, "DPO β"), "lora_r": lora_r,
                   "sft_weight": _number(sft_v, "SFT weight"), "eval_limit": _number(eval_v, "test items", int),
                   "povid_two_term": bool(two_term_v), "objective": objective_v or "dpo",
                   "povid_stage1_epochs": _number(stage1_v or 0, "POVID stage-1 epochs")}
+        if alpha_v is not None:  # left out (an older API client), DPORoundConfig's default, as in the CLI
+            config["lora_alpha"] = _number(alpha_v, "LoRA α", int)
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
     start.click(on_start, [methods, parent, include_auto, lr, epochs, beta, lora_r, sft_weight, eval_n, povid_two_term,
-                           objective, povid_stage1],
+                           objective, povid_stage1, lora_alpha],
                 outs,
                 api_name="train_start")
 
@@ -201,8 +209,18 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         studio.cancel_round(rid, request_user(request))
         return refresh(round_v)
 
+    def update_methods(current: list[str] | None, known: list[str] | None) -> tuple:
+        # Only when the store's methods changed (an import named a new one: offered and ticked);
+        # otherwise no update, so a poll never undoes a box the user just clicked.
+        now = list(studio.reviewed_counts())
+        if now == list(known or []):
+            return gr.skip(), gr.skip()
+        return gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now
+
     cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
     selected.input(refresh, [selected], outs, api_name=False)
     timer.tick(refresh, [selected], outs, api_name=False, show_progress="hidden")
+    timer.tick(update_methods, [methods, known_methods], [methods, known_methods], api_name=False,
+               show_progress="hidden")
     demo.load(refresh, [selected], outs, api_name="train_refresh")
     return {}
