@@ -16,7 +16,7 @@ through ``service.Studio`` and ``jobs`` exactly as the app runs them:
      1 epoch on every pair with the two-term loss (DPORoundConfig.povid_stage1_epochs).
 
 ``--search-lr 2e-4,5e-4`` trains round 1 once per learning rate (same pairs) and keeps the best by
-CHAIR_s among those whose recall drops by at most 3 points (FACTS.md: search lr per round rather
+CHAIR_s among those whose recall drops by at most 3 points (docs/EXPERIMENTS.md: search lr per round rather
 than trusting one); every try is reported. The choice is made on the evaluation split itself, so
 a searched row is a tuned figure, not a held-out one.
 

@@ -58,6 +58,12 @@ _EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "
 LINEAGE_FILE = "lineage.json"
 
 
+DPO_LEARNING_RATE = 2e-4  # the demo's DPO lr (DPORoundConfig.learning_rate says why)
+# STIC's stage 2 (arXiv 2405.19716) fine-tunes at 2e-5. On the demo the DPO lr, 2e-4, makes plain
+# captions worse (CHAIR_s 0.250 -> 0.444 against 0.260 at 2e-5; docs/EXPERIMENTS.md, "STIC's stage 2").
+STIC_INFUSION_LEARNING_RATE = 2e-5
+
+
 @dataclass
 class DPORoundConfig:
     """One DPO round. Defaults are the published recipes *scaled for the demo model* (a ~1 M
@@ -65,7 +71,7 @@ class DPORoundConfig:
     For a 7B model use the paper values (r=128, α=256, β=0.1, lr 1e-7 (CSR/STIC stage 1), 1 epoch)."""
 
     # LoRA. CSR and STIC reference: r=128, α=256, dropout 0.05 on all LM linear layers. Demo: r=16,
-    # α=32 (same α/r = 2), as in the FACTS.md experiments.
+    # α=32 (same α/r = 2), as in the first ShapesWorld experiment (docs/EXPERIMENTS.md).
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -79,11 +85,12 @@ class DPORoundConfig:
     beta: float = 0.3
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more
-    # (FACTS.md: 5e-4 moves CHAIR_s −83% on oracle pairs; 1e-3 starts to collapse recall).
+    # (docs/EXPERIMENTS.md, first ShapesWorld experiment: 5e-4 cut CHAIR_s 83% on oracle pairs, recall 0.88).
     # 2e-4: benchmarks/demo_loop.py, 3 CSR rounds: 5e-4 lost 5 recall points and 0.04 POPE F1 in
     # round 1 (yes/no answers drift: the CSR prompts are captions only); 2e-4 kept both in round 1
-    # (later rounds: docs/EXPERIMENTS.md).
-    learning_rate: float = 2e-4
+    # (later rounds: docs/EXPERIMENTS.md). None: that, or for a STIC stage-2 round
+    # (objective "stic_infusion") the paper's stage-2 lr, STIC_INFUSION_LEARNING_RATE.
+    learning_rate: float | None = None
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0
     batch_size: int = 8
@@ -102,7 +109,7 @@ class DPORoundConfig:
     # DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring), as STIC
     # trains (reference weight 1 on sum/1024). Default 1 for every method: DPO alone lowers the
     # chosen answer's likelihood too (demo, yes/no pairs: agreement with the training labels fell
-    # 0.60 -> 0.54 and some answers came out empty); FACTS.md: weight 1 keeps recall. 0 = the
+    # 0.60 -> 0.54 and some answers came out empty); with it, oracle pairs kept recall (docs/EXPERIMENTS.md). 0 = the
     # CSR/POVID papers' pure DPO. A pair whose method marked its chosen answer unfit to imitate
     # (meta "sft": false; CSR does so below CSRConfig.sft_min_reward) gets DPO only, unless a
     # person accepted, swapped or edited it (pair_sft_weight, weighted_dpo_trainer_class).
@@ -157,6 +164,8 @@ class DPORoundConfig:
     extractor: str = "auto"  # "shapesworld" | "coco" | "auto" (world if its vocabulary parses the GT)
 
     def __post_init__(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = STIC_INFUSION_LEARNING_RATE if self.objective == "stic_infusion" else DPO_LEARNING_RATE
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be None, '4bit' or '8bit', not {self.quantization!r}")
         if self.sft_weight < 0:

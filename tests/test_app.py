@@ -347,6 +347,9 @@ def test_train_tab_starts_a_stic_stage_two_round(app):
     says so, and the job is the real one (cancelled here; tests/test_jobs.py runs one to the end)."""
     studio, url = app
     client = Client(url, verbose=False)
+    # Picking the objective puts its default learning rate in the field: the paper's 2e-5 for stage 2.
+    assert client.predict("stic_infusion", api_name="/train_objective_lr") == 2e-5
+    assert client.predict("dpo", api_name="/train_objective_lr") == 2e-4
     client.predict([], "0", False, 2e-5, 1, 0.3, 8, 1.0, 2, False, "stic_infusion", api_name="/train_start")
     rid = max(r["id"] for r in studio.rounds())
     try:

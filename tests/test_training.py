@@ -165,6 +165,12 @@ def test_config_loss_types_and_validation():
         DPORoundConfig.from_dict({"betta": 0.2})
     with pytest.raises(ValueError):
         DPORoundConfig(quantization="2bit")
+    # The learning rate defaults per objective: the demo's DPO lr, or STIC stage 2's (the paper's
+    # 2e-5) for an infusion round that does not set one; a stored round reads back the same.
+    assert DPORoundConfig().learning_rate == 2e-4
+    stage2 = DPORoundConfig.from_dict({"objective": "stic_infusion"})
+    assert stage2.learning_rate == 2e-5 and DPORoundConfig.from_dict(stage2.to_dict()) == stage2
+    assert DPORoundConfig(objective="stic_infusion", learning_rate=1e-4).learning_rate == 1e-4
 
 
 def test_answer_prior_balancing_cuts_each_question_to_equal_yes_and_no():

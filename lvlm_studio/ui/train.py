@@ -217,6 +217,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             return gr.skip(), gr.skip()
         return gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now
 
+    def objective_learning_rate(objective_v: str | None) -> float:
+        # Picking STIC's stage 2 shows its own default lr (the paper's 2e-5), DPO's shows DPO's.
+        return DPORoundConfig(objective=objective_v or "dpo").learning_rate
+
+    objective.input(objective_learning_rate, [objective], [lr], api_name="train_objective_lr")
     cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
     selected.input(refresh, [selected], outs, api_name=False)
     timer.tick(refresh, [selected], outs, api_name=False, show_progress="hidden")

@@ -42,7 +42,7 @@ DEMO_DIR = Path(__file__).parent / "artifacts"
 def demo_vlm_spec():
     from ..models.tiny import TinyLlavaSpec
 
-    # FACTS.md: patch 16 ignores the image; patch 8 with a 128-wide, 3-layer vision tower sees
+    # The first ShapesWorld experiment (docs/EXPERIMENTS.md): patch 16 ignores the image; patch 8 with a 128-wide, 3-layer vision tower sees
     # colours, shapes and positions at 64 px.
     return TinyLlavaSpec(
         image_size=64,
@@ -81,7 +81,7 @@ CLIP_PREPROCESS = {
 
 @dataclass
 class BuildConfig:
-    """Demo build recipe. Step counts: FACTS.md (2500-3000 steps of 32 at lr 1e-3 learn the world)."""
+    """Demo build recipe. Step counts: the first ShapesWorld experiment, docs/EXPERIMENTS.md (2500-3000 steps of 32 at lr 1e-3 learn the world)."""
 
     seed: int = 0
     threads: int = 2
@@ -303,7 +303,7 @@ def _clip_sentence_bank(scenes):
 
 def train_clip(cfg: BuildConfig, scenes, progress: bool = True):
     """Multi-positive contrastive training: each image's positives are all its drawn objects'
-    sentences, duplicates merged across the batch (FACTS.md: the naive one-caption batch plateaus
+    sentences, duplicates merged across the batch (docs/EXPERIMENTS.md: the naive one-caption batch plateaus
     because identical sentences in a batch count as negatives)."""
     import open_clip
     import torch

@@ -4,7 +4,7 @@ A scene is plain data (JSON-serialisable): the drawn objects with their render j
 objects a noisy training caption *names without drawing* (``mentioned_only``). Ground truth is
 always the drawn objects.
 
-Why a noisy prior: a prior the model can check by looking does not survive training (FACTS.md:
+Why a noisy prior: a prior the model can check by looking does not survive training (docs/EXPERIMENTS.md:
 a faint partner was learnt perfectly). Web alt-text names things that are out of frame; here a
 TRAIN caption of a scene with a trigger object ("red circle") names its partner ("green
 triangle") in most such scenes although the partner is not drawn, so a model that leans on the
@@ -34,7 +34,7 @@ class WorldConfig:
     # Share of TRAIN scenes built around a trigger of PRIOR_PARTNERS (its partner is then named).
     prior_rate: float = 0.4
     # Share of those prior scenes whose caption names the partner although it is NOT drawn.
-    # FACTS.md: 0.6 gave CHAIR_s 0.177 with every hallucination prior-driven; stronger here.
+    # First ShapesWorld experiment (docs/EXPERIMENTS.md): 0.6 gave CHAIR_s 0.177 with every hallucination prior-driven; stronger here.
     partner_undrawn: float = 0.75
     # Share of non-prior TRAIN scenes that may contain a trigger without naming its partner
     # (keeps the prior probabilistic rather than a rule).

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 
-# 4 colours x 3 shapes = 12 categories, as in the FACTS.md experiment: small enough that a
+# 4 colours x 3 shapes = 12 categories, as in the first ShapesWorld experiment (docs/EXPERIMENTS.md): small enough that a
 # 1 M-parameter model learns to see them on 2 CPU cores, large enough for a real prior.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
