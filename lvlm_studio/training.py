@@ -114,9 +114,11 @@ class DPORoundConfig:
     # (meta "sft": false; CSR does so below CSRConfig.sft_min_reward) gets DPO only, unless a
     # person accepted, swapped or edited it (pair_sft_weight, weighted_dpo_trainer_class).
     sft_weight: float = 1.0
-    # POVID's two-term loss: text-hallucinated and noisy-image pairs weighted to 0.5/0.5 of the
-    # POVID loss (povid_row_weights; module docstring). Needs loss_type "sigmoid".
-    povid_two_term: bool = False
+    # POVID's two-term loss (the paper's 0.5·DPO(text-hallucinated) + 0.5·DPO(noisy-image)):
+    # each term's pairs weigh half of the POVID loss (povid_row_weights; module docstring). POVID's
+    # generator makes one pair of each kind per item, so the weights are all 1 (plain DPO, TRL's own
+    # loss) until review rejects more of one kind. Needs loss_type "sigmoid"; False: a plain mean.
+    povid_two_term: bool = True
     # POVID's schedule (arXiv 2402.11411): stage 1 trains on the text-hallucinated POVID pairs
     # alone for this many epochs (paper: 3), is merged, and stage 2 trains a new LoRA on every pair
     # for num_epochs (paper: 1) with the two-term loss above, the stage-1 model as its reference.
@@ -176,7 +178,7 @@ class DPORoundConfig:
             raise ValueError("num_processes must be >= 1")
         if self.objective not in ("dpo", "stic_infusion"):
             raise ValueError(f"objective must be 'dpo' or 'stic_infusion', not {self.objective!r}")
-        if (self.povid_two_term or self.povid_stage1_epochs) and self.loss_type != "sigmoid":
+        if self.povid_stage1_epochs and self.loss_type != "sigmoid":
             raise ValueError(f"POVID's two-term loss weights the sigmoid DPO loss per row; loss_type is {self.loss_type!r}")
         if self.povid_stage1_epochs < 0:
             raise ValueError("povid_stage1_epochs must be >= 0 (0 = one stage)")
@@ -622,6 +624,9 @@ def train_round(
     # One training row per pair (POVID's terms are weighted, not repeated): n_rows == n_pairs.
     row_sft = [pair_sft_weight(p, config) for p in pairs]
     row_dpo = povid_row_weights(pairs) if config.povid_two_term else [1.0] * len(pairs)
+    if len(set(row_dpo)) > 1 and config.loss_type != "sigmoid":  # before any model is loaded
+        raise ValueError(f"POVID's two-term loss weights the sigmoid DPO loss per row; loss_type is "
+                         f"{config.loss_type!r} and the POVID pairs are unequal in kind: set povid_two_term=false")
     weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1  # uniform weights: TRL's own losses
     dataset = build_dpo_dataset(pairs, row_sft if weighted else None, row_dpo if weighted else None)
     _, _, world_size = distributed_rank()

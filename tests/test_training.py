@@ -230,8 +230,12 @@ def test_povid_two_term_row_weights():
     assert weights == pytest.approx([1.0] + [0.7] * 5 + [1.75] * 2)
     assert sum(weights[1:6]) == pytest.approx(sum(weights[6:])) == pytest.approx(3.5)
     assert povid_row_weights(text) == [1.0] * 5  # one term only: unchanged
-    with pytest.raises(ValueError, match="sigmoid"):
-        DPORoundConfig(povid_two_term=True, loss_type="hinge")
+    # On by default: another loss type is refused only where the weights would apply, before a
+    # model is loaded (the tiny model path here does not exist).
+    hinge = DPORoundConfig(loss_type="hinge")
+    assert hinge.povid_two_term
+    with pytest.raises(ValueError, match="sigmoid.*povid_two_term=false"):
+        train_round([*text, *noise], "no-such-model", None, "unused", hinge)
 
 
 
@@ -254,7 +258,8 @@ def test_povid_two_term_loss_counts_a_row_weighted_k_as_k_copies(tiny, tmp_path)
         weighted = train_round(pairs, tiny, None, tmp_path / f"w{sft}",
                                DPORoundConfig(batch_size=6, povid_two_term=True, **same))
         repeated = train_round(pairs + pairs[4:], tiny, None, tmp_path / f"r{sft}", DPORoundConfig(batch_size=8, **same))
-        plain = train_round(pairs, tiny, None, tmp_path / f"p{sft}", DPORoundConfig(batch_size=6, **same))
+        plain = train_round(pairs, tiny, None, tmp_path / f"p{sft}",
+                            DPORoundConfig(batch_size=6, povid_two_term=False, **same))
         assert weighted.lineage["dpo_row_weights"] == [0.75, 1.5] and weighted.n_rows == 6
         assert plain.lineage["dpo_row_weights"] == [1.0]
         assert len(losses(weighted)) == len(losses(repeated)) == 3
