@@ -93,6 +93,8 @@ class DPORoundConfig:
     learning_rate: float | None = None
     # Reference: 1 epoch over ~13k (CSR) / 6k (STIC) pairs; the demo has ~100 pairs: 3 epochs.
     num_epochs: float = 3.0
+    # Pairs per optimiser step (TRL's per-device default). Neither paper's effective batch is
+    # reproduced on the demo; for a 7B model on one GPU use batch 1-4 and accumulate to 8-16.
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     # Tokens per prompt + answer. The prompt holds the image's tokens: 16-64 for the demo, 576 for
@@ -148,7 +150,7 @@ class DPORoundConfig:
     objective: str = "dpo"
     infusion_dataset: str | None = None  # None = eval_dataset's dataset
     infusion_split: str = "train"
-    infusion_limit: int | None = 500
+    infusion_limit: int | None = 500  # the demo's slice (measured in docs/EXPERIMENTS.md); STIC: 5k
     describe_prompt: str = "Describe the image."  # the description step, in training and at inference
     eval_describe_first: bool | None = None  # None: for stic_infusion rounds
     # Data selection (jobs.py): which pairs train this round.
@@ -158,10 +160,14 @@ class DPORoundConfig:
     # Evaluation after training (jobs.py).
     eval_dataset: str | None = None  # None = any dataset
     eval_split: str = "test"  # ShapesWorld's unbiased test split
+    # The Train tab's evaluation budget: 200 test items keep a demo round's evaluation short; the
+    # README's table (benchmarks/demo_loop.py) evaluates 500 scenes, CHAIR's usual 500 images.
     eval_limit: int | None = 200
     eval_kinds: list[str] = field(default_factory=lambda: ["describe", "pope"])
+    # Greedy answer length: the world's reference captions are at most 44 demo tokens (500 test
+    # scenes); set it higher for real models (CHAIR evaluations commonly allow 512).
     eval_max_new_tokens: int = 64
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # items decoded together (memory and speed)
     eval_parent: bool = True  # also evaluate the parent round if it has no stored outputs
     extractor: str = "auto"  # "shapesworld" | "coco" | "auto" (world if its vocabulary parses the GT)
 

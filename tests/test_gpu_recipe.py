@@ -102,6 +102,7 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         # The paper's recipe reached the trainer unchanged ...
         assert (config["lora_r"], config["lora_alpha"], config["beta"], config["learning_rate"],
                 config["num_epochs"], config["sft_weight"]) == (128, 256, 0.1, 1e-7, 1, 0)
+        assert config["eval_max_new_tokens"] == 512  # LLaVA's captions are not cut at the demo's 64
         adapter = Path(rnd["adapter_path"])
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 128
         lineage = json.loads((adapter / "lineage.json").read_text())
