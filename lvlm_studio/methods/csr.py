@@ -72,12 +72,14 @@ class CSRConfig:
     expansion: Literal["diverse_beam", "sample"] = "diverse_beam"
     num_candidates: int = 5  # children per node (reference num_token_beams = 5)
     diversity_penalty: float = 3.0  # reference
-    temperature: float = 0.7  # "sample" only
+    temperature: float = 0.7  # "sample" only; the project's choice (the paper gives none), not tuned
     top_p: float = 1.0  # "sample" only
     max_new_tokens: int = 70  # per sentence (reference)
     stop: tuple[str, ...] = (".",)  # the reference stops a sentence at the period token
     # Caps that make a node final. The reference caps the decoded text at 1024 characters and
-    # has no depth cap; we cap sentences (depth) and answer tokens.
+    # has no depth cap; we cap sentences (depth) and answer tokens, so a model that never ends an
+    # answer cannot grow the tree without bound. 8 sentences: twice the demo's longest caption (4
+    # objects, one sentence each); 512 tokens: about the reference's 1024 characters.
     max_sentences: int = 8
     max_answer_tokens: int = 512
     reward_mode: Literal["paper", "reference"] = "paper"
@@ -142,7 +144,7 @@ class CSRConfig:
     min_sentence_chars: int = 4
     max_repeated_words: int = 6
     seed: int = 0  # "sample" only; per item and depth a derived seed is passed to the backend
-    item_batch: int = 8  # items searched together (prefixes held at once)
+    item_batch: int = 8  # items searched together (prefixes held at once): memory and speed
 
     def __post_init__(self) -> None:
         if self.expansion not in ("diverse_beam", "sample"):
