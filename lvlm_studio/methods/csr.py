@@ -79,7 +79,7 @@ class CSRConfig:
     # Caps that make a node final. The reference caps the decoded text at 1024 characters and
     # has no depth cap; we cap sentences (depth) and answer tokens, so a model that never ends an
     # answer cannot grow the tree without bound. 8 sentences: twice the demo's longest caption (4
-    # objects, one sentence each); 512 tokens: about the reference's 1024 characters.
+    # objects, one sentence each); 512 tokens: more than the reference's 1024 characters (~250 LLaMA tokens).
     max_sentences: int = 8
     max_answer_tokens: int = 512
     reward_mode: Literal["paper", "reference"] = "paper"
