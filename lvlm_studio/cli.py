@@ -379,12 +379,9 @@ def config_options(cls: type, values: list[str] | None, option: str, owner: str)
 
 def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
     """``--param`` options checked against the method's config dataclass (names and types)."""
-    from lvlm_studio.methods.csr import CSRConfig
-    from lvlm_studio.methods.povid import POVIDConfig
-    from lvlm_studio.methods.stic import STICConfig
+    from lvlm_studio.methods import METHOD_CONFIGS
 
-    cls = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}[method]
-    return config_options(cls, values, "--param", method)
+    return config_options(METHOD_CONFIGS[method], values, "--param", method)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -1085,14 +1085,11 @@ def _checked_params(method: str, params: dict | None) -> dict:
     fail later as a TypeError on the dataclass) and JSON types."""
     from dataclasses import fields
 
-    from lvlm_studio.config import check_option_types
-    from lvlm_studio.methods.csr import CSRConfig
-    from lvlm_studio.methods.povid import POVIDConfig
-    from lvlm_studio.methods.stic import STICConfig
+    from lvlm_studio.methods import METHOD_CONFIGS
 
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"{method} parameters must be an object of option names and values")
-    cls = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}[method]
+    cls = METHOD_CONFIGS[method]
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(params or {}) - known)
     if unknown:

@@ -18,7 +18,11 @@ from lvlm_studio.methods.povid import (
 from lvlm_studio.methods.sentences import clean_reason, segment_sentences, sentence_records
 from lvlm_studio.methods.stic import STICConfig, build_description_sft_data, build_stic_pairs
 
+# Each pair source's config dataclass, by the method name the store, the CLI and the app use.
+METHOD_CONFIGS: dict[str, type] = {"csr": CSRConfig, "povid": POVIDConfig, "stic": STICConfig}
+
 __all__ = [
+    "METHOD_CONFIGS",
     "CSRConfig", "CSRResult", "ImageTextScorer", "run_csr", "run_csr_reference",
     "HallucinationInjector", "POVIDConfig", "PromptedInjector", "Vocabulary", "build_povid_pairs",
     "cooccurrence_from_objects", "clean_reason", "segment_sentences", "sentence_records",
