@@ -683,8 +683,10 @@ def pope_label(item: dict) -> str | None:
     meta = item.get("meta") or {}
     if meta.get("kind") in ("pope", "probe", "existence"):
         for value in (meta.get("label"), meta.get("answer"), item.get("reference")):
-            if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
-                return value.strip().lower()
+            # "Yes." counts: the world's probes and CSR's yes/no answers end with a period.
+            label = value.strip().lower().rstrip(".!") if isinstance(value, str) else None
+            if label in ("yes", "no"):
+                return label
     return None
 
 

@@ -378,3 +378,50 @@ def test_a_chosen_answer_is_fit_to_imitate_only_when_every_sentence_clears_the_b
     assert fit_for_sft(good, bar) is True and fit_for_sft(one_low, bar) is False
     assert fit_for_sft(answer(33.0), bar) is True  # at the bar counts
     assert fit_for_sft(good, CSRConfig()) is None and fit_for_sft(answer(), bar) is None  # no bar / no rewards
+
+
+# Tests from a mutation audit: each fails on a mutant the suite above let through.
+def test_csr_answer_token_cap_makes_a_node_final():  # C18
+    table = {"": [("A cat sits on a mat.", -0.1, False), ("A dog.", -0.2, False)],
+             "A cat sits on a mat.": [("It purrs.", -0.1, True)],
+             "A dog.": [("It runs.", -0.1, True)]}
+    clip = {"A cat sits on a mat.": 30.0, "A dog.": 20.0, "It purrs.": 10.0, "It runs.": 5.0}
+    backend = TableBackend(table)
+    [res] = run_csr(backend, TableScorer(clip), [(IMG, "p", "k")], CSRConfig(max_answer_tokens=4))
+    # 6 tokens >= 4: final at depth 1 with "max_tokens", never expanded; the 2-token answer goes on
+    assert {c.text: c.finish_reason for c in res.candidates} == {
+        "A cat sits on a mat.": "max_tokens", "A dog. It runs.": "eos"}
+    assert [c[1] for c in backend.extend_calls] == [[""], ["A dog."]]
+
+
+def _cand(*sentences):
+    text, records = "", []
+    for sent, reward in sentences:
+        start = len(text) + (1 if text else 0)
+        text = f"{text} {sent}" if text else sent
+        records.append({"start": start, "end": len(text), "text": sent, "reward": reward})
+    return CSRCandidate(text, [], records, 0.0, 0.0, "eos")
+
+
+def test_existence_absent_needs_every_loser_mention_below_the_bar():  # C26
+    extract = lambda text: [w for w in text.replace(".", "").split() if w in {"cat", "dog"}]  # noqa: E731
+    chosen = _cand(("A cat.", 30.0))
+    # the loser names "dog" in a low sentence (2 < 0.5 * 20) but also in a well-rewarded one (25)
+    rejected = _cand(("A dog.", 2.0), ("A dog and a cat.", 25.0))
+    assert existence_pairs(chosen, rejected, extract, CSRConfig(existence_pairs=True), threshold=20.0) == []
+    # without the well-rewarded mention, "dog" is absent
+    pairs = existence_pairs(chosen, _cand(("A dog.", 2.0)), extract, CSRConfig(existence_pairs=True), threshold=20.0)
+    assert sorted((p.object, p.chosen) for p in pairs) == [("cat", "Yes."), ("dog", "No.")]
+
+
+def test_pruning_uses_the_cumulative_text_score_by_default():  # C15
+    # text order A > B > C > D, CLIP (reward) order B > C > D > A
+    table = {"": [("Aa aa.", -0.1, False), ("Bb bb.", -0.2, False), ("Cc cc.", -0.3, False), ("Dd dd.", -0.4, False)],
+             **{s: [("End.", -0.1, True)] for s in ("Aa aa.", "Bb bb.", "Cc cc.", "Dd dd.")}}
+    clip = {"Aa aa.": 0.0, "Bb bb.": 30.0, "Cc cc.": 20.0, "Dd dd.": 10.0, "End.": 5.0}
+    by_text = TableBackend(table)
+    run_csr(by_text, TableScorer(clip), [(IMG, "p", "k")], CSRConfig())
+    assert by_text.extend_calls[1][1] == ["Aa aa.", "Cc cc.", "Dd dd."]  # top 1 + bottom 2 by text
+    by_reward = TableBackend(table)
+    run_csr(by_reward, TableScorer(clip), [(IMG, "p", "k")], CSRConfig(prune_by="reward"))
+    assert by_reward.extend_calls[1][1] == ["Bb bb.", "Dd dd.", "Aa aa."]  # top 1 + bottom 2 by reward

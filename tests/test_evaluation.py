@@ -15,6 +15,7 @@ from lvlm_studio.evaluation import (
     paired_chair_s,
     paired_chair_s_summary,
     parse_yes_no,
+    pope_label,
     pope_metrics,
     score_caption,
     singularize,
@@ -320,3 +321,40 @@ def test_describe_then_respond_infuses_the_description_into_questions_only(world
     _, plain = evaluate_backend(_CannedBackend({"describe1": "A red circle.", question: "No."}), items, world,
                                 GenerationParams())
     assert plain[1]["answer"] == "No." and "description" not in plain[1]["meta"]
+
+
+# Tests from a mutation audit: each fails on a mutant the suite above let through.
+def test_pope_parsing_ignores_case_and_punctuation():  # E06
+    assert [parse_yes_no(a) for a in ["NO", "No!", "Not really.", "YES"]] == ["no", "no", "no", "yes"]
+
+
+def test_pope_metrics_asymmetric():  # E07, E08
+    # tp=1 fp=3 tn=1 fn=0
+    m = pope_metrics(["yes", "yes", "yes", "yes", "no"], ["yes", "no", "no", "no", "no"])
+    assert m["precision"] == pytest.approx(0.25) and m["recall"] == pytest.approx(1.0)
+    assert m["f1"] == pytest.approx(0.4) and m["accuracy"] == pytest.approx(0.4)
+    assert m["yes_ratio"] == pytest.approx(0.8)
+
+
+def test_coco_toilet_seat_and_three_word_names():  # E12, E27
+    coco = CocoExtractor()
+    assert coco.extract("A toilet with the seat up.") == ["toilet"]  # chair.py drops "seat" beside a toilet
+    assert coco.extract("A seat by the window.") == ["chair"]
+    assert coco.extract("A stove top oven and a stove.") == ["oven", "oven"]
+
+
+def test_pope_asks_n_present_and_n_absent_per_image():  # E23
+    vocab = list("abcdefgh")
+    images = {1: {"a", "b", "c", "d"}, 2: {"e", "f", "g"}}
+    for strategy in ("random", "popular", "adversarial"):
+        qs = build_pope_questions(images, vocab, strategy, n=3, seed=0)
+        for image_id in images:
+            labels = [q["label"] for q in qs if q["image_id"] == image_id]
+            assert labels.count("yes") == 3 and labels.count("no") == 3, strategy
+
+
+def test_pope_label_recognises_probe_kinds():  # E25
+    assert pope_label({"meta": {"kind": "probe", "label": "no"}}) == "no"
+    assert pope_label({"meta": {"kind": "existence"}, "reference": " Yes "}) == "yes"
+    assert pope_label({"meta": {"kind": "pope"}, "reference": "No."}) == "no"  # answers end with a period
+    assert pope_label({"meta": {"kind": "describe"}, "reference": "yes"}) is None

@@ -165,8 +165,10 @@ def test_injected_plurals_are_read_back_by_chair_as_the_same_object():
 
     coco = get_extractor("coco")
     assert [o for o in COCO_CATEGORIES if coco.extract(f"There are two {plural(o)} here.") != [o]] == []
-    assert [plural(w) for w in ("leaf", "cactus", "fish", "wolf", "person", "box", "baby", "hot dog")] == [
-        "leaves", "cacti", "fish", "wolves", "people", "boxes", "babies", "hot dogs"]
+    assert [plural(w) for w in ("leaf", "cactus", "fish", "wolf", "person", "box", "baby", "hot dog", "bench",
+                                "bus", "toy", "puppy")] == [
+        "leaves", "cacti", "fish", "wolves", "people", "boxes", "babies", "hot dogs", "benches", "buses", "toys",
+        "puppies"]
     assert all(singularize(plural(s)) == s for s in IRREGULAR_PLURALS.values())
 
 
@@ -260,3 +262,71 @@ def test_noisy_rejected_and_the_reference_variant_needs_argmax():
     items = [POVIDItem(Image.new("RGB", (8, 8)), "Describe.", "A red circle.", "k", ["circle"])]
     with pytest.raises(ValueError, match="argmax_tokens"):
         build_povid_pairs(backend, items, POVIDConfig(noise_answer="teacher_forced_argmax", make_text_rejected=False))
+
+
+# Tests from a mutation audit: each fails on a mutant the suite above let through.
+COOC = Vocabulary(objects=["dog", "frisbee", "couch"], colours=[], sizes=[], counts=[], relations=[], synonyms={},
+                  cooccurrence=cooccurrence_from_objects([{"dog", "frisbee"}] * 5 + [{"dog", "couch"}]))
+
+
+def test_absent_candidates_rank_by_cooccurrence_and_skip_present_objects():  # P06, P08
+    inj = HallucinationInjector(COOC)
+    assert inj.absent_candidates({"dog"}, set()) == ["frisbee", "couch"]  # 5 before 1
+    assert inj.absent_candidates({"dog"}, {"frisbee"}) == ["couch"]  # ground truth is never "absent"
+
+
+def test_cooccur_top_k_limits_and_weights_the_pick():  # P20, P21
+    top1 = HallucinationInjector(COOC, n_injections=1, categories=["object"], cooccur_top_k=1)
+    texts = [top1.inject("A dog sits.", seed=s).text for s in range(30)]
+    assert all("frisbee" in t and "couch" not in t for t in texts)
+    top2 = HallucinationInjector(COOC, n_injections=1, categories=["object"], cooccur_top_k=2)
+    texts = [top2.inject("A dog sits.", seed=s).text for s in range(60)]
+    frisbee, couch = sum("frisbee" in t for t in texts), sum("couch" in t for t in texts)
+    assert couch > 0 and frisbee > 2 * couch  # weighted 5 : 1 by co-occurrence
+
+
+def test_plural_mentions_are_found_as_their_objects():  # P09, P24
+    inj = HallucinationInjector(categories=["object"])
+    assert [(o, pl) for *_, o, pl in inj.mentioned_objects("Two benches and three ponies.")] == [
+        ("bench", True), ("horse", True)]
+
+
+def test_count_and_attribute_injections_always_change_the_word():  # P10, P17
+    small = Vocabulary(objects=["ball"], colours=["red", "blue"], sizes=[], counts=["two", "three"], relations=[],
+                       synonyms={})
+    count = HallucinationInjector(small, n_injections=1, categories=["count"])
+    colour = HallucinationInjector(small, n_injections=1, categories=["attribute"])
+    for s in range(30):
+        r = count.inject("I see 3 balls.", seed=s)
+        assert r.text != "I see 3 balls." and r.spans[0]["injected"] != r.spans[0]["original"]
+        assert colour.inject("A red ball.", seed=s).text == "A blue ball."
+
+
+def test_relation_injection_uses_the_opposite_with_the_default_vocabulary():  # P11
+    inj = HallucinationInjector(n_injections=1, categories=["relation"])
+    assert {inj.inject("The cat is behind the car.", seed=s).text for s in range(20)} == {
+        "The cat is in front of the car."}
+    assert {inj.inject("A cup on top of a table.", seed=s).text for s in range(20)} == {"A cup under a table."}
+
+
+def test_no_rejected_side_when_nothing_changed():  # P16, P19
+    img = Image.new("RGB", (8, 8), (90, 90, 90))
+    # the injector finds nothing to edit (no relation phrase): no text-side pair
+    [r] = build_povid_pairs(None, [POVIDItem(img, "p", "A dog sits.")],
+                            POVIDConfig(categories=("relation",), make_image_rejected=False))
+    assert r.rejected_text is None
+    # the model says the reference answer on the noisy image too: no image-side pair
+    [r] = build_povid_pairs(EchoBackend(lambda im, p: "A dog sits."), [POVIDItem(img, "p", "A dog sits.")],
+                            POVIDConfig(make_text_rejected=False))
+    assert r.rejected_image is None and r.noisy_image is not None
+
+
+def test_noise_seed_is_per_item_across_chunks():  # P23
+    img = Image.new("RGB", (8, 8), (90, 90, 90))
+    items = [POVIDItem(img, "p", "A dog sits."), POVIDItem(img, "p", "A cat sits.")]
+    one_chunk = build_povid_pairs(EchoBackend(), items, POVIDConfig(make_text_rejected=False))
+    per_item = build_povid_pairs(EchoBackend(), items, POVIDConfig(make_text_rejected=False, batch_size=1))
+    assert [r.rejected_image.seed for r in per_item] == [0, 1]
+    for a, b in zip(one_chunk, per_item, strict=True):
+        assert np.array_equal(np.asarray(a.noisy_image), np.asarray(b.noisy_image))
+    assert not np.array_equal(np.asarray(per_item[0].noisy_image), np.asarray(per_item[1].noisy_image))

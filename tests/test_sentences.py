@@ -54,3 +54,22 @@ def test_cleaning_filter_follows_the_reference():
     assert clean_reason("A cat \U0001F600 sits.") == "foreign_script"
     assert clean_reason("a\nb\nc\nd\ne\nf\ng") == "too_many_newlines"
     assert is_clean_sentence("The café has 3.5 tables, 50% full.")
+
+
+# Tests from a mutation audit: each fails on a mutant the suite above let through.
+def test_line_break_ends_a_sentence_and_dotted_abbreviations_do_not():  # T07, T14
+    s = "A red car\nA blue bus"
+    spans = segment_sentences(s)
+    assert [x.text for x in spans] == ["A red car", "A blue bus"] and spans[1].start == 10
+    assert [x.text for x in segment_sentences("Bob, a.k.a. the boss, came. He sat.")] == [
+        "Bob, a.k.a. the boss, came.", "He sat."]
+
+
+def test_cleaning_filter_thresholds_and_scripts():  # T10, T11, T12, T15, T18
+    assert clean_reason("Wow" + "!" * 11) == "repetition"  # one character 11 times
+    assert clean_reason("Wow" + "!" * 10) is None
+    assert clean_reason("a\nb\nc\nd\ne\nf") is None  # 5 line breaks are kept
+    assert clean_reason("A cat 안녕 sits.") == "foreign_script"  # Hangul
+    assert clean_reason("A cat ねこ sits.") == "foreign_script"  # hiragana
+    assert clean_reason("A cat&nbsp;&nbsp;sits.") == "foreign_script"
+    assert clean_reason("A cat&nbsp;sits.") is None

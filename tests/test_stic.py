@@ -134,3 +134,42 @@ def test_stage2_description_infused_rows():
     assert rows[0]["prompt"] == f"Image description:\n{rows[0]['description']}\n\nQ1?"
     assert rows[0]["answer"] == "A1" and rows[0]["image_key"] == "k"
     assert backend.calls[0][1] == ["Describe the image."]
+
+
+# Tests from a mutation audit: each fails on a mutant the suite above let through.
+def test_low_resolution_sets_the_shorter_side():  # S03
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))  # 90 x 60
+    expected = img.resize((30, 20), Image.Resampling.BILINEAR).resize((90, 60), Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(low_resolution(img, 20)), np.asarray(expected))
+
+
+def test_jitter_order_is_random():  # S06
+    rng = random.Random(0)
+    draws = [draw_corruption(rng, STICConfig(require_corruption=False)) for _ in range(200)]
+    assert {tuple(d["jitter_order"]) for d in draws if d["jitter"]} == {("brightness", "hue"), ("hue", "brightness")}
+
+
+def test_stic_draws_do_not_depend_on_the_batch_size():  # S10
+    imgs = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(6)]
+    a = build_stic_pairs(RecordingBackend(), imgs, STICConfig(batch_size=6))
+    b = build_stic_pairs(RecordingBackend(), imgs, STICConfig(batch_size=1))
+    assert [r.draw for r in a] == [r.draw for r in b]
+    assert [r.chosen.seed for r in b] == list(range(6))
+    assert len({str(r.draw) for r in b}) > 1
+
+
+def test_identical_answers_are_no_stic_pair():  # S14
+    class Same:
+        model_id = "same"
+
+        def sample(self, images, prompts, n=1, params=None):
+            return [[Sequence("A red circle.", [1], [-0.1], "eos")] for _ in prompts]
+
+    [r] = build_stic_pairs(Same(), [Image.new("RGB", (8, 8))])
+    assert r.chosen is not None and r.rejected is not None and not r.has_pair
+
+
+def test_stage2_describes_with_the_good_prompt_by_default():  # S19
+    backend = RecordingBackend()
+    [row] = build_description_sft_data(backend, [(Image.new("RGB", (4, 4)), "Q?", "A")])
+    assert backend.calls[0][1] == [GOOD_PROMPT] and row["params"]["description_prompt"] == GOOD_PROMPT
