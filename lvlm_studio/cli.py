@@ -804,19 +804,24 @@ def compare_cmd(
         s.store.close()
     total = len(res["rows"])
     rows = res["rows"][:limit] if limit is not None else res["rows"]
-    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "paired": res["paired"], "items": total,
-              "rows": rows}
+    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "common_metrics": res["common_metrics"],
+              "paired": res["paired"], "items": total, "rows": rows}
     if as_json:
         emit(result, True)
         return
-    ma, mb = res["metrics"]
-    lines = [table(["metric", f"round {a}", f"round {b}", "change"],
-                   [[name, ma.get(k), mb.get(k),
-                     f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float) else None]
-                    for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])]
-    if ma.get("answers") and mb.get("answers") and ma["answers"] != mb["answers"]:
-        lines.append(f"the metrics above are over different answer sets ({ma['answers']} vs {mb['answers']}); "
-                     "the caption-by-caption line below compares the same captions")
+
+    def side_by_side(ma: dict, mb: dict) -> str:
+        return table(["metric", f"round {a}", f"round {b}", "change"],
+                     [[name, ma.get(k), mb.get(k),
+                       f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float)
+                       else None]
+                      for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])
+
+    lines = [side_by_side(*res["metrics"])]
+    if res["common_metrics"]:
+        lines.append(f"the rounds answered different items; on the {res['common_metrics'][0]['answers']} "
+                     "items both answered:")
+        lines.append(side_by_side(*res["common_metrics"]))
     if res["paired"]:
         lines.append(paired_chair_s_summary(res["paired"], f"round {a}", f"round {b}"))
     missing = [m["round"] for m in res["metrics"] if not m.get("answers")]

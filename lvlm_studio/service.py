@@ -991,8 +991,17 @@ class Studio:
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
                             "answers": len(out_a if rid == a else out_b)})
-        return {"a": a, "b": b, "rows": rows, "metrics": metrics, "paired": _paired_chair_s(out_a, out_b),
-                "answered": (len(out_a), len(out_b))}
+        # Each round's own metrics may cover different items (another eval_limit, a later `eval`):
+        # then the same measures on the items both answered, which are comparable.
+        common = sorted(set(out_a) & set(out_b))
+        common_metrics = []
+        if common and set(out_a) != set(out_b):
+            for rid, out in ((a, out_a), (b, out_b)):
+                rows_common = [out[i] for i in common]
+                common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common),
+                                       "pope_f1": _pope_f1_from_outputs(rows_common), "answers": len(common)})
+        return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
+                "paired": _paired_chair_s(out_a, out_b), "answered": (len(out_a), len(out_b))}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -1078,6 +1087,17 @@ def _metrics_from_outputs(rows: list[dict]) -> dict:
     return {"chair_s": sum(bool(r.get("hallucinated")) for r in rows) / len(rows),
             "chair_i": hallu / mentions if mentions else 0.0,
             "recall": hit / gt if gt else None}
+
+
+def _pope_f1_from_outputs(rows: list[dict]) -> float | None:
+    """POPE F1 recomputed from stored probe answers (their meta holds label and prediction)."""
+    from lvlm_studio.evaluation import pope_metrics
+
+    probes = [r["meta"] for r in rows if (r.get("meta") or {}).get("kind") == "pope"
+              and r["meta"].get("label") in ("yes", "no")]
+    if not probes:
+        return None
+    return pope_metrics([p.get("prediction") for p in probes], [p["label"] for p in probes])["f1"]
 
 
 def _checked_params(method: str, params: dict | None) -> dict:

@@ -299,6 +299,16 @@ def test_compare_marks_hallucinated_objects(env):
     assert diff["paired"]["n"] == 2 and diff["paired"]["only_a"] == 1  # over every caption, not only the shown
     assert [r["item_id"] for r in diff["rows"]] == [items[0]["item_id"]]
     assert diff["rows"][0]["a"]["hallucinated"] == [wrong] and diff["rows"][0]["b"]["hallucinated"] == []
+    # Round r1 answers one more scene: its own metrics cover other items, so the items both
+    # answered are measured again, side by side.
+    studio = Studio(Settings(), users={}, admins=())
+    more = studio.eval_items(kinds=("describe",), split="train")[0]
+    studio.store.add_eval_outputs(r1, [row(more, f"There is a {wrong}.")])
+    studio.store.close()
+    text = run("compare", "0", str(r1)).stdout
+    assert "the rounds answered different items; on the 2 items both answered:" in text
+    assert text.count("CHAIR_s  0.500    0.000    -0.500") == 1  # the common table; round r1's own is 0.333
+    assert ok_json("compare", "0", str(r1))["common_metrics"][1]["answers"] == 2
     assert mark_hallucinations(None) == "(no answer stored)"
     assert mark_hallucinations({"answer": "a x", "hallucinated": ["x"]}) == "a x  (hallucinated: x)"
 

@@ -204,6 +204,38 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert {m["round"]: m["chair_s"] for m in res2["metrics"]}[r2] == 1.0
 
 
+def test_compare_measures_both_rounds_again_on_the_items_both_answered(studio, make_items):
+    """Each round's stored metrics may come from different items (another eval_limit, a later
+    `lvlm-studio eval`); Compare then adds both rounds' measures on the items both answered."""
+    from lvlm_studio.ui.compare import metrics_frame
+
+    items = make_items(4)
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.3, "pope_f1": 0.9}})  # a run on other items
+    probe = {"kind": "pope", "label": "yes"}
+    studio.store.add_eval_outputs(0, [
+        {"item_id": items[0], "answer": "A red circle and a green triangle.", "objects": ["red circle", "green triangle"],
+         "hallucinated": ["green triangle"]},
+        {"item_id": items[1], "answer": "No.", "meta": {**probe, "prediction": "no"}},
+    ])
+    studio.store.add_eval_outputs(r1, [
+        {"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []},
+        {"item_id": items[1], "answer": "Yes.", "meta": {**probe, "prediction": "yes"}},
+        {"item_id": items[2], "answer": "A blue star.", "objects": ["blue star"], "hallucinated": ["blue star"]},
+        {"item_id": items[3], "answer": "A blue star.", "objects": ["blue star"], "hallucinated": ["blue star"]},
+    ])
+    res = studio.compare(0, r1)
+    assert {m["round"]: m["chair_s"] for m in res["metrics"]} == {0: 1.0, r1: 0.3}  # as each round stored it
+    common = {m["round"]: m for m in res["common_metrics"]}
+    assert common[0]["answers"] == common[r1]["answers"] == 2
+    assert (common[0]["chair_s"], common[r1]["chair_s"]) == (1.0, 0.0)
+    assert (common[0]["pope_f1"], common[r1]["pope_f1"]) == (0.0, 1.0)
+    frame = metrics_frame(res)
+    assert list(frame["round"]) == ["0", str(r1), "0 (on the 2 items both answered)",
+                                    f"{r1} (on the 2 items both answered)"]
+    assert studio.compare(r1, r1)["common_metrics"] == []  # the same items: nothing to add
+
+
 def test_kappa_on_hand_built_cases():
     assert cohen_kappa(list("yynn"), list("ynnn")) == pytest.approx(0.5)
     assert cohen_kappa(list("abab"), list("abab")) == pytest.approx(1.0)

@@ -34,6 +34,17 @@ def metrics_plot(studio: Studio) -> gr.LinePlot:
     return gr.LinePlot(value=frame, sort=order or None)
 
 
+def metrics_frame(res: dict) -> pd.DataFrame:
+    """Each round's metrics as its evaluation stored them, then, when the two rounds answered
+    different items, both again on the items both answered (the comparable figures)."""
+    rows = [{**m, "round": str(m["round"])} for m in res["metrics"]]
+    rows += [{**m, "round": f"{m['round']} (on the {m['answers']} items both answered)"}
+             for m in res.get("common_metrics") or []]
+    frame = pd.DataFrame(rows, columns=["round", *METRIC_LABELS, "answers"])
+    frame.columns = METRIC_COLUMNS
+    return frame
+
+
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     choices = round_choices(studio)
     with gr.Row():
@@ -53,8 +64,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
-        frame = pd.DataFrame(res["metrics"], columns=["round", *METRIC_LABELS, "answers"])
-        frame.columns = METRIC_COLUMNS
+        frame = metrics_frame(res)
         empty = ("The two rounds answer every item the same." if diff and all(res["answered"])
                  else "No evaluation answers to compare yet.")
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
