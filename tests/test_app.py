@@ -406,6 +406,15 @@ def test_train_tab_offers_and_ticks_imported_methods(tmp_path):
         studio.store.add_pair(item, good, bad, "my-file")
         box = next(b for b in build_app(studio).blocks.values() if getattr(b, "elem_id", None) == "train-methods")
         assert [c[1] for c in box.choices] == box.value == ["csr", "povid", "stic", "my-file"]
+        # The poll: nothing new, no update (the user's ticks stand); a newly imported method, ticked.
+        from lvlm_studio.ui.train import methods_update
+
+        known = ["csr", "povid", "stic", "my-file"]
+        assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1
+                   for u in methods_update(studio, ["csr"], known))
+        studio.store.add_pair(item, bad, good, "later-file")
+        update, now = methods_update(studio, ["csr"], known)
+        assert now == [*known, "later-file"] and update.value == ["csr", "later-file"]
     finally:
         studio.store.close()
     assert ticked_methods(["csr", "povid", "stic", "new"], ["csr"], ["csr", "povid", "stic"]) == ["csr", "new"]

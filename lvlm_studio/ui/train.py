@@ -100,6 +100,16 @@ def _number(value: Any, label: str, cast: type = float) -> Any:
     return number
 
 
+def methods_update(studio: Studio, current: list[str] | None, known: list[str] | None) -> tuple:
+    """The timer's update of the methods box: only when the store's methods changed (an import
+    named a new one: offered and ticked); otherwise no update, so a poll never undoes a box the
+    user just clicked. Returns (the box's update, the methods now known)."""
+    now = list(studio.reviewed_counts())
+    if now == list(known or []):
+        return gr.skip(), gr.skip()
+    return gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now
+
+
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     gr.Markdown("Reviewed pairs per method. A round trains a LoRA adapter with DPO on the human-labelled "
                 "pairs (swap / edit applied, reject-both left out), then evaluates it on the test split.")
@@ -210,12 +220,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return refresh(round_v)
 
     def update_methods(current: list[str] | None, known: list[str] | None) -> tuple:
-        # Only when the store's methods changed (an import named a new one: offered and ticked);
-        # otherwise no update, so a poll never undoes a box the user just clicked.
-        now = list(studio.reviewed_counts())
-        if now == list(known or []):
-            return gr.skip(), gr.skip()
-        return gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now
+        return methods_update(studio, current, known)
 
     def objective_learning_rate(objective_v: str | None) -> float:
         # Picking STIC's stage 2 shows its own default lr (the paper's 2e-5), DPO's shows DPO's.
