@@ -628,3 +628,134 @@ def test_imported_reviewer_names_are_checked(store, settings, tmp_path):
     report = io.import_path(store, settings, src / "d.jsonl")
     assert report.status == "failed" and len(report.errors) == 2
     assert all("64 printable characters" in e for e in report.errors) and store.count_pairs() == 0
+
+
+# Tests from a mutation audit of the store, service, io and training helpers: each fails on a
+# mutant the suite above let through.
+def _import_about(store, settings, folder, item_id, rows):
+    """Import JSONL ``rows`` about a stored item (its image file, prompt and dataset)."""
+    import shutil
+
+    item = store.get_item(item_id)
+    folder.mkdir(parents=True)
+    shutil.copyfile(item["image_path"], folder / "img.png")
+    lines = [{"image": "img.png", "prompt": item["prompt"], "dataset": item["dataset"], "method": "csr", **r}
+             for r in rows]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return io.import_path(store, settings, folder / "d.jsonl")
+
+
+def _stored_texts(store, pair_id):
+    pair = store.get_pair(pair_id)
+    return pair["chosen"]["text"], pair["rejected"]["text"]
+
+
+def test_unreviewed_pairs_that_reverse_or_share_a_side_of_a_stored_pair_are_new_pairs(
+    store, make_pairs, settings, tmp_path
+):
+    [a] = make_pairs([0.1])
+    chosen, rejected = _stored_texts(store, a)
+    item_id = store.get_pair(a)["item_id"]
+    report = _import_about(store, settings, tmp_path / "in", item_id, [
+        {"chosen": rejected, "rejected": chosen},  # the reverse, no human decision
+        {"chosen": "Another answer.", "rejected": rejected},  # shares the rejected side, no edit
+    ])
+    assert report.pairs == 2 and store.count_pairs() == 3 and store.pair_reviews(a) == []
+
+
+def test_an_imported_decision_lands_on_the_pair_with_the_same_texts(store, make_items, settings, tmp_path):
+    """An item holding a pair and its reverse: an imported accept of (chosen, rejected) is about
+    the pair with those texts, not a swap of the reversed one."""
+    [item] = make_items(1)
+    store.write_generation(item, [{"text": "A red circle.", "source": "csr"}, {"text": "A blue star.", "source": "csr"}],
+                           [{"chosen": 1, "rejected": 0, "method": "csr"}, {"chosen": 0, "rejected": 1, "method": "csr"}])
+    reverse = store.find_pair(item, "A blue star.", "A red circle.", "csr")
+    same = store.find_pair(item, "A red circle.", "A blue star.", "csr")
+    report = _import_about(store, settings, tmp_path / "in", item, [
+        {"chosen": "A red circle.", "rejected": "A blue star.", "status": "accept", "reviewer": "ann"}])
+    assert report.pairs == 0
+    assert (store.live_decision(same, "ann"), store.live_decision(reverse, "ann")) == ("accept", None)
+
+
+def test_an_imported_decision_never_overrules_a_live_one_nor_repeats_the_label(store, make_pairs, settings, tmp_path):
+    a, b = make_pairs([0.1, 0.2])
+    store.add_review(a, "ann", "swap")  # ann's own call differs from the file's
+    store.add_review(b, "bob", "accept")  # the label already says what the file says
+    ca, ra = _stored_texts(store, a)
+    cb, rb = _stored_texts(store, b)
+    _import_about(store, settings, tmp_path / "a", store.get_pair(a)["item_id"],
+                  [{"chosen": ca, "rejected": ra, "status": "accept", "reviewer": "ann"}])
+    _import_about(store, settings, tmp_path / "b", store.get_pair(b)["item_id"],
+                  [{"chosen": cb, "rejected": rb, "status": "accept", "reviewer": "carol"}])
+    assert store.live_decision(a, "ann") == "swap"
+    assert store.live_decision(b, "carol") is None and len(store.pair_reviews(b)) == 1
+
+
+def test_an_imported_edit_lands_as_an_edit_of_the_stored_pair(store, make_pairs, settings, tmp_path):
+    [a] = make_pairs([0.1])
+    _, rejected = _stored_texts(store, a)
+    report = _import_about(store, settings, tmp_path / "in", store.get_pair(a)["item_id"], [
+        {"chosen": "A red circle, nothing else.", "rejected": rejected, "status": "edit", "reviewer": "ann"}])
+    assert report.pairs == 0 and store.count_pairs() == 1
+    label = store.effective_label(a)
+    assert (label["status"], label["chosen_text"], label["reviewer"]) == ("edit", "A red circle, nothing else.", "ann")
+
+
+def test_exported_automatic_labels_come_back_automatic(store, make_pairs, settings, tmp_path):
+    make_pairs([0.1, 0.2])
+    io.export_pairs(store, "llava", tmp_path / "auto", include_auto=True)
+    fresh = Store(tmp_path / "fresh" / "studio.db")
+    try:
+        assert io.import_path(fresh, settings, tmp_path / "auto").pairs == 2
+        assert fresh.training_pairs() == [] and fresh.stats()["tables"]["reviews"] == 0
+    finally:
+        fresh.close()
+
+
+def test_the_longest_reviewer_name_and_the_largest_round_are_accepted(store, settings, tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "0.jpg", seed=8)
+    row = {"image": "0.jpg", "prompt": "Q?", "chosen": "A.", "rejected": "B.", "status": "accept",
+           "reviewer": "x" * 64, "round": io.MAX_ROUND}
+    (src / "d.jsonl").write_text(json.dumps(row))
+    report = io.import_path(store, settings, src / "d.jsonl")
+    assert report.status == "ok" and report.pairs == 1
+    [pair] = store.training_pairs()
+    assert (pair["reviewer"], pair["round"]) == ("x" * 64, io.MAX_ROUND)
+
+
+def test_reserved_meta_keys_refuse_booleans_for_numbers(store, settings, tmp_path):
+    src = tmp_path / "src"
+    for k in range(3):
+        write_image(src / f"{k}.png", seed=400 + k)
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    lines = [{"image": "0.png", **good, "meta": {"chosen_min_reward": True}},
+             {"image": "1.png", "prompt": "p", "item_meta": {"scene_index": False}},
+             {"image": "2.png", **good, "meta": {"sft": False, "chosen_min_reward": 0.5}}]
+    (src / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, src / "d.jsonl")
+    errors = "\n".join(report.errors)
+    assert report.imported == 1 and report.skipped == 2, errors
+    assert "line 1: pair meta 'chosen_min_reward' must be int or float, not bool" in errors
+    assert "line 2: item meta 'scene_index' must be int, not bool" in errors
+
+
+def test_an_export_never_replaces_the_data_root_through_a_link_nor_its_wal_or_merged(
+    store, make_pairs, settings, tmp_path
+):
+    _labelled_store(store, make_pairs)
+    home = settings.home
+    alias = tmp_path / "alias"
+    alias.symlink_to(home)
+    for target in (alias, alias / "images", home / "merged", home / "studio.db-wal"):
+        with pytest.raises(io.DataExportError, match="data root"):
+            io.export_pairs(store, "llava", target, overwrite=True)
+    assert store.count_pairs() == 6 and any((home / "images").iterdir())
+
+
+def test_an_export_never_replaces_an_existing_file_without_overwrite(store, make_pairs, tmp_path):
+    make_pairs([0.5])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(io.DataExportError, match="exists"):
+        io.export_pairs(store, "llava", tmp_path / "afile", include_auto=True)
+    assert (tmp_path / "afile").read_text() == "x"

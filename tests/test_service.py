@@ -367,3 +367,81 @@ def test_povid_on_an_imported_dataset_injects_objects_that_co_occur_there(studio
     assert rep["pairs"] == 1
     [pair] = studio.store.training_pairs(include_auto=True, methods=["povid"])
     assert "frisbee" in pair["rejected"] and pair["chosen"] == "A dog sits on the grass."
+
+
+# Tests from a mutation audit of the store, service, io and training helpers: each fails on a
+# mutant the suite above let through.
+def test_margin_buckets_move_a_cut_past_equal_margins():
+    """A cut that would split equal margins moves past them (forward), not before them."""
+    assert margin_buckets([1.0, 2.0, 2.0, 2.0, 3.0, 4.0], 2) == [[1.0, 2.0, 2.0, 2.0], [3.0, 4.0]]
+
+
+def test_override_rate_follows_the_margin_counts_edits_and_skips_pairs_without_one(studio, make_pairs):
+    """Buckets follow the margin, not the pair id; an edit overrules the automatic label; a
+    reviewed pair without a margin is left out of the margin buckets (and does not crash them)."""
+    high, low = make_pairs([0.9, 0.1])
+    [no_margin] = make_pairs([None])
+    studio.decide(low, "ann", "edit", edited_text="A red circle.")
+    studio.decide(high, "ann", "accept")
+    studio.decide(no_margin, "ann", "swap")
+    ag = studio.agreement(buckets=2)
+    assert [(b["lo"], b["n"], b["override_rate"]) for b in ag["override_by_margin"]] == [(0.1, 1, 1.0), (0.9, 1, 0.0)]
+    assert ag["override_rate"] == 0.5
+
+
+def test_reviewed_counts_per_method(studio, make_pairs):
+    """The Train tab's counts: pairs, pairs with a human label, and those usable for DPO."""
+    a, b, _ = make_pairs([0.1, 0.2, 0.3], method="csr")
+    make_pairs([0.4], method="stic")
+    studio.decide(a, "ann", "accept")
+    studio.decide(b, "ann", "reject_both")
+    counts = studio.reviewed_counts()
+    assert counts["csr"] == {"pairs": 3, "reviewed": 2, "usable": 1}
+    assert counts["stic"] == {"pairs": 1, "reviewed": 0, "usable": 0}
+    assert counts["povid"] == {"pairs": 0, "reviewed": 0, "usable": 0}
+
+
+def test_compare_recomputes_chair_i_recall_and_pope_f1_on_the_common_items(studio, make_items):
+    """common_metrics from the stored answers: CHAIR_i per mentioned object, recall over the
+    ground truth (make_items: ["circle"]), POPE F1 over the probes that carry a yes/no label."""
+    items = make_items(5)
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    answers = [
+        {"item_id": items[0], "answer": "A circle and a star.", "objects": ["circle", "star"], "hallucinated": ["star"]},
+        {"item_id": items[1], "answer": "A square, a star and a dog.", "objects": ["square", "star", "dog"],
+         "hallucinated": ["square", "star", "dog"]},
+        {"item_id": items[2], "answer": "Yes.", "meta": {"kind": "pope", "label": "yes", "prediction": "yes"}},
+        {"item_id": items[3], "answer": "Yes.", "meta": {"kind": "pope", "prediction": "yes"}},  # no label: not scored
+    ]
+    studio.store.add_eval_outputs(0, answers)
+    studio.store.add_eval_outputs(r1, [*answers, {"item_id": items[4], "answer": "A circle.", "objects": ["circle"],
+                                                   "hallucinated": []}])
+    common = {m["round"]: m for m in studio.compare(0, r1)["common_metrics"]}
+    assert common[0]["answers"] == 4
+    assert (common[0]["chair_s"], common[0]["chair_i"], common[0]["recall"], common[0]["pope_f1"]) == (
+        1.0, pytest.approx(0.8), 0.5, 1.0)
+
+
+def test_decide_refuses_undo_and_undo_of_a_pair_without_a_live_decision_is_none(studio, make_pairs):
+    a, b = make_pairs([0.1, 0.2])
+    studio.decide(a, "ann", "accept")
+    with pytest.raises(ValueError, match="unknown decision"):
+        studio.decide(a, "ann", "undo")  # undo has its own call
+    assert studio.undo("ann", pair_id=b) is None  # nothing of hers there
+    assert studio.store.live_decision(a, "ann") == "accept"
+    assert studio.undo("ann", pair_id=a)["label"]["status"] == "auto"
+
+
+def test_a_reviewer_name_of_the_maximum_length_is_accepted(studio, make_pairs):
+    [a] = make_pairs([0.1])
+    assert studio.decide(a, "x" * 64, "accept")["label"]["reviewer"] == "x" * 64
+    with pytest.raises(ValueError, match="at most 64"):
+        studio.decide(a, "y" * 65, "accept")
+
+
+def test_parse_users_refuses_malformed_entries_and_defaults_to_reviewer():
+    for bad in ("alice", "alice:", ":pw", "alice:pw:admin:extra"):
+        with pytest.raises(ValueError, match="bad user entry"):
+            parse_users(bad)
+    assert parse_users('[{"name": "erin", "password": "p"}]')["erin"] == User("erin", "p", "reviewer")
+    assert parse_users('{"finn": "pw"}')["finn"] == User("finn", "pw", "reviewer")

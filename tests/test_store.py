@@ -497,3 +497,48 @@ def test_a_relative_data_root_becomes_absolute(tmp_path, monkeypatch):
     settings = Settings(home="storage")
     assert settings.home == tmp_path / "storage" and settings.adapters_dir.is_absolute()
     assert Settings(home="~/x").home == Path.home() / "x"
+
+
+# Tests from a mutation audit of the store, service, io and training helpers: each fails on a
+# mutant the suite above let through.
+def test_bulk_reviews_of_more_than_a_thousand_keys_rebuild_the_cache(store, make_pairs):
+    """add_reviews touching over 1000 (pair, reviewer) keys rebuilds review_state in one pass
+    instead of key by key: the live decisions must come out the same."""
+    [pid] = make_pairs([0.1])
+    reviews = [{"pair_id": pid, "reviewer": f"r{k}", "decision": "accept"} for k in range(1001)]
+    reviews += [{"pair_id": pid, "reviewer": "r0", "decision": "swap"}, {"pair_id": pid, "reviewer": "r0", "decision": "undo"}]
+    assert store.add_reviews(reviews) == 1003
+    assert len(store.decisions_matrix()[pid]) == 1001 and store.live_decision(pid, "r0") == "accept"
+    assert store.next_pair_id("r999") is None and store.next_pair_id("someone-else") == pid
+    before = sorted(store.db.execute("SELECT * FROM review_state").fetchall())
+    store.rebuild_review_state()
+    assert sorted(store.db.execute("SELECT * FROM review_state").fetchall()) == before
+
+
+def test_training_pairs_filter_by_the_round_that_made_them(store, make_pairs):
+    """A round's pair_round option trains on the pairs one round generated."""
+    [r0] = make_pairs([0.1], round=0)
+    [r1] = make_pairs([0.2], round=1)
+    assert [p["pair_id"] for p in store.training_pairs(include_auto=True, round=1)] == [r1]
+    assert [p["pair_id"] for p in store.training_pairs(include_auto=True, round=0)] == [r0]
+    assert [p["pair_id"] for p in store.training_pairs(include_auto=True)] == [r0, r1]
+
+
+def test_current_round_is_the_latest_finished_trained_round(store):
+    store.ensure_base_round("demo")
+    r1 = store.create_round(0, "demo", {}, status="done")
+    r2 = store.create_round(r1, "demo", {}, status="done")
+    store.create_round(r2, "demo", {}, status="running")
+    assert store.current_round()["id"] == r2
+
+
+def test_a_failed_nested_transaction_undoes_only_its_own_writes(store, settings):
+    """Nested transactions are savepoints: an inner failure the caller handles rolls back the
+    inner writes and keeps the outer ones."""
+    with store.transaction():
+        store.add_image("outer", settings.images_dir / "o.png", 1, 1, "t")
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                store.add_image("inner", settings.images_dir / "i.png", 1, 1, "t")
+                raise RuntimeError("boom")
+    assert store.get_image("outer") is not None and store.get_image("inner") is None

@@ -471,3 +471,33 @@ def test_povid_two_stage_round_refuses_without_text_pairs_and_stops_cleanly(tiny
                 dict(povid_stage1_epochs=3, objective="stic_infusion"), dict(povid_stage1_epochs=3, loss_type="ipo")):
         with pytest.raises(ValueError):
             DPORoundConfig(**bad)
+
+
+# Tests from a mutation audit of the store, service, io and training helpers: each fails on a
+# mutant the suite above let through.
+def test_povid_term_names_noisy_variants():
+    assert povid_term({"method": "povid", "meta": {"variant": "noisy_image"}}) == "noise"
+    assert povid_term({"method": "povid", "meta": {"term": "noisy"}}) == "noise"
+
+
+@pytest.mark.parametrize("bad", [
+    dict(sft_weight=-0.1), dict(batch_size=0), dict(lora_r=0), dict(num_processes=0), dict(objective="sft"),
+    dict(povid_stage1_epochs=-1), dict(povid_stage1_epochs=3, objective="stic_infusion"),
+    dict(povid_stage1_epochs=3, loss_type="ipo"),
+])
+def test_config_refuses_out_of_range_options(bad):
+    with pytest.raises(ValueError):
+        DPORoundConfig(**bad)
+
+
+def test_dataset_weights_follow_their_pairs_and_bad_rows_are_refused(tmp_path):
+    path = tmp_path / "img.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    pairs = [{"pair_id": k, "image_path": str(path), "prompt": "Describe.", "chosen": f"A{k}.", "rejected": "B."}
+             for k in range(2)]
+    ds = build_dpo_dataset(pairs, sft_weights=[1.0, 0.0], dpo_weights=[0.5, 1.5])
+    assert ds["sft_weight"] == [1.0, 0.0] and ds["dpo_weight"] == [0.5, 1.5]
+    with pytest.raises(ValueError, match="one weight per pair"):
+        build_dpo_dataset(pairs, sft_weights=[1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        build_dpo_dataset([{**pairs[0], "chosen": "  "}])
