@@ -306,21 +306,11 @@ def test_reference_path_agrees_with_fast_path(backend_cls, mode):
 
 
 def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
-    from lvlm_studio.methods.csr import CSRCandidate
-
     extract = lambda text: [w for w in text.replace(".", "").split() if w in {"cat", "dog", "cow", "hen"}]  # noqa: E731
 
-    def cand(*sentences: tuple[str, float]) -> CSRCandidate:
-        text, records = "", []
-        for sent, reward in sentences:
-            start = len(text) + (1 if text else 0)
-            text = f"{text} {sent}" if text else sent
-            records.append({"start": start, "end": len(text), "text": sent, "reward": reward})
-        return CSRCandidate(text, [], records, 0.0, 0.0, "eos")
-
     cfg = CSRConfig(existence_pairs=True)
-    chosen = cand(("A cat and a dog.", 30.0), ("A cat.", 28.0))
-    rejected = cand(("A cat and a cow.", 25.0), ("A hen.", 2.0))
+    chosen = _cand(("A cat and a dog.", 30.0), ("A cat.", 28.0))
+    rejected = _cand(("A cat and a cow.", 25.0), ("A hen.", 2.0))
     pairs = existence_pairs(chosen, rejected, extract, cfg, seed=0)
     yes = [p for p in pairs if p.chosen == "Yes."]
     no = [p for p in pairs if p.chosen == "No."]
@@ -341,31 +331,31 @@ def test_existence_pairs_are_balanced_and_follow_the_search_verdict():
     with pytest.raises(ValueError):
         CSRConfig(existence_absent_share=0.0)
     # a chosen sentence below the threshold does not vouch for its objects
-    weak = cand(("A dog.", 5.0), ("A cat.", 30.0))
+    weak = _cand(("A dog.", 5.0), ("A cat.", 30.0))
     assert {p.object for p in existence_pairs(weak, rejected, extract, cfg, threshold=20.0)
             if p.chosen == "Yes."} == {"cat"}
     # unbalanced sides are cut to the smaller one; no absent object -> nothing to contrast
-    assert len(existence_pairs(cand(("A cat. A dog. A hen.", 9.0)), cand(("A cow.", 1.0)), extract, cfg)) == 2
-    assert existence_pairs(cand(("A cat.", 9.0)), cand(("A cat.", 1.0)), extract, cfg) == []
+    assert len(existence_pairs(_cand(("A cat. A dog. A hen.", 9.0)), _cand(("A cow.", 1.0)), extract, cfg)) == 2
+    assert existence_pairs(_cand(("A cat.", 9.0)), _cand(("A cat.", 1.0)), extract, cfg) == []
     with pytest.raises(ValueError):
         CSRConfig(existence_template="Is there one?")
     # existence_unnamed: the "no" side is filled up to the "yes" side with objects neither answer
     # names (from the vocabulary), after the loser's low-reward objects
     vocab = ["cat", "dog", "cow", "hen", "pig", "owl"]
     fill = CSRConfig(existence_pairs=True, existence_unnamed=True)
-    three = cand(("A cat. A dog. A hen.", 30.0))
-    filled = existence_pairs(three, cand(("A cow.", 1.0)), extract, fill, seed=0, vocabulary=vocab)
+    three = _cand(("A cat. A dog. A hen.", 30.0))
+    filled = existence_pairs(three, _cand(("A cow.", 1.0)), extract, fill, seed=0, vocabulary=vocab)
     no_side = {p.object for p in filled if p.chosen == "No."}
     assert {p.object for p in filled if p.chosen == "Yes."} == {"cat", "dog", "hen"}
     assert len(no_side) == 3 and "cow" in no_side and no_side - {"cow"} <= {"pig", "owl"}
     # the loser named nothing absent: the whole "no" side comes from unnamed objects
-    only_unnamed = existence_pairs(cand(("A cat.", 9.0)), cand(("A cat.", 1.0)), extract, fill, vocabulary=vocab)
+    only_unnamed = existence_pairs(_cand(("A cat.", 9.0)), _cand(("A cat.", 1.0)), extract, fill, vocabulary=vocab)
     assert [(p.object, p.chosen) for p in only_unnamed if p.chosen == "No."][0][0] in {"dog", "cow", "hen", "pig", "owl"}
     assert len(only_unnamed) == 2
     # off, or no vocabulary: as before
-    assert existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg, vocabulary=vocab) == \
-        existence_pairs(three, cand(("A cow.", 1.0)), extract, cfg)
-    assert len(existence_pairs(three, cand(("A cow.", 1.0)), extract, fill)) == 2
+    assert existence_pairs(three, _cand(("A cow.", 1.0)), extract, cfg, vocabulary=vocab) == \
+        existence_pairs(three, _cand(("A cow.", 1.0)), extract, cfg)
+    assert len(existence_pairs(three, _cand(("A cow.", 1.0)), extract, fill)) == 2
 
 
 def test_a_chosen_answer_is_fit_to_imitate_only_when_every_sentence_clears_the_bar():
@@ -394,7 +384,8 @@ def test_csr_answer_token_cap_makes_a_node_final():  # C18
     assert [c[1] for c in backend.extend_calls] == [[""], ["A dog."]]
 
 
-def _cand(*sentences):
+def _cand(*sentences: tuple[str, float]) -> CSRCandidate:
+    """A complete CSR answer from (sentence, calibrated reward) pairs, with its sentence offsets."""
     text, records = "", []
     for sent, reward in sentences:
         start = len(text) + (1 if text else 0)
