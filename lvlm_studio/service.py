@@ -761,6 +761,11 @@ class Studio:
         }
 
     # ---------------------------------------------------------------- training rounds
+    def pair_methods(self) -> list[str]:
+        """The three generators, then every other method the store's pairs carry (an import names
+        its own), in reviewed_counts' order; one grouped query, cheap enough for the Train tab's poll."""
+        return list(dict.fromkeys([*METHODS, *self.store.pair_methods()]))
+
     def reviewed_counts(self) -> dict[str, dict[str, int]]:
         """Per method: pairs, human-labelled pairs usable for DPO, rejected-both."""
         out: dict[str, dict[str, int]] = {m: {"pairs": 0, "reviewed": 0, "usable": 0} for m in METHODS}
@@ -781,8 +786,8 @@ class Studio:
         self.require_admin(user, "starting a training round")
         from lvlm_studio import jobs
 
-        cfg = self._round_options(config)
-        parent = cfg.pop("parent_id", parent_id)
+        cfg, parent = self._round_options(config)
+        parent = parent_id if parent is None else parent
         return int(jobs.start_round(self.settings, cfg, parent_id=None if parent in (None, "") else int(parent)))
 
     def training_material_count(self, config: dict | None) -> int:
@@ -791,21 +796,20 @@ class Studio:
         from lvlm_studio import jobs
         from lvlm_studio.training import DPORoundConfig
 
-        cfg = self._round_options(config)
-        cfg.pop("parent_id", None)
+        cfg, _ = self._round_options(config)
         return len(jobs.training_material(self.store, DPORoundConfig.from_dict(cfg)))
 
     @staticmethod
-    def _round_options(config: dict | None) -> dict:
-        """A round's options checked against DPORoundConfig's field types, as the CLI's ``--config``
-        is: a JSON client's ``"num_epochs": "3"`` or ``"include_auto": "false"`` fails here with its
-        name instead of training on what a truthy string happens to mean."""
+    def _round_options(config: dict | None) -> tuple[dict, Any]:
+        """(a round's options, its ``parent_id`` if the config names one). The options are checked
+        against DPORoundConfig's field types, as the CLI's ``--config`` is: a JSON client's
+        ``"num_epochs": "3"`` or ``"include_auto": "false"`` fails here with its name instead of
+        training on what a truthy string happens to mean."""
         from lvlm_studio.training import DPORoundConfig
 
         cfg = dict(config or {})
         parent = cfg.pop("parent_id", None)
-        cfg = check_option_types(DPORoundConfig, cfg, "round option")
-        return {**cfg, "parent_id": parent} if parent is not None else cfg
+        return check_option_types(DPORoundConfig, cfg, "round option"), parent
 
     def cancel_round(self, round_id: int, user: str | None, timeout: float = 30.0) -> dict | None:
         self.require_admin(user, "cancelling a training round")

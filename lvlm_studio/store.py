@@ -1050,6 +1050,10 @@ class Store:
             matrix[r["pair_id"]][r["reviewer"]] = r["decision"]
         return dict(matrix)
 
+    def pair_methods(self) -> list[str]:
+        """The methods the store's pairs carry, in the order they first appear."""
+        return [r[0] for r in self.db.execute("SELECT method FROM pairs GROUP BY method ORDER BY min(id)")]
+
     def labelled_pairs(
         self, methods: Iterable[str] | None = None, round: int | None = None
     ) -> Iterator[dict]:
