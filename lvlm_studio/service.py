@@ -767,17 +767,10 @@ class Studio:
         return list(dict.fromkeys([*METHODS, *self.store.pair_methods()]))
 
     def reviewed_counts(self) -> dict[str, dict[str, int]]:
-        """Per method: pairs, human-labelled pairs usable for DPO, rejected-both."""
-        out: dict[str, dict[str, int]] = {m: {"pairs": 0, "reviewed": 0, "usable": 0} for m in METHODS}
-        for row in self.store.labelled_pairs():
-            rec = out.setdefault(row["method"], {"pairs": 0, "reviewed": 0, "usable": 0})
-            rec["pairs"] += 1
-            status = row["label"]["status"]
-            if status != "auto":
-                rec["reviewed"] += 1
-                if status != "reject_both":
-                    rec["usable"] += 1
-        return out
+        """Per method: pairs, human-labelled pairs, and those usable for DPO (all but rejected-both);
+        the generators' methods always, with zeros when the store holds none."""
+        zero = {"pairs": 0, "reviewed": 0, "usable": 0}
+        return {**{m: dict(zero) for m in METHODS}, **self.store.review_counts()}
 
     def start_round(self, config: dict | None, user: str | None, parent_id: int | None = None) -> int:
         """Start a DPO round in a subprocess (jobs.py); admin only. ``config``: fields of

@@ -1054,6 +1054,19 @@ class Store:
         """The methods the store's pairs carry, in the order they first appear."""
         return [r[0] for r in self.db.execute("SELECT method FROM pairs GROUP BY method ORDER BY min(id)")]
 
+    def review_counts(self) -> dict[str, dict[str, int]]:
+        """Per method (in pair_methods' order): pairs, pairs whose effective label is a human one
+        ("reviewed"), and of those the ones DPO can use (all but reject_both). One grouped query
+        over the review cache, so a poll does not stream every pair through labelled_pairs."""
+        rows = self.db.execute(
+            "SELECT p.method, count(*), count(s.decision), "
+            "coalesce(sum(s.decision IS NOT NULL AND s.decision != 'reject_both'), 0) "
+            "FROM pairs p LEFT JOIN review_state s ON s.pair_id = p.id AND s.review_id = "
+            "(SELECT max(t.review_id) FROM review_state t WHERE t.pair_id = p.id) "
+            "GROUP BY p.method ORDER BY min(p.id)"
+        )
+        return {m: {"pairs": n, "reviewed": reviewed, "usable": usable} for m, n, reviewed, usable in rows}
+
     def labelled_pairs(
         self, methods: Iterable[str] | None = None, round: int | None = None
     ) -> Iterator[dict]:

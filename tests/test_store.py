@@ -208,7 +208,7 @@ def _reference_label(reviews):
 
 def test_effective_label_matches_definition_on_random_histories(store, make_pairs):
     rng = random.Random(7)
-    pids = make_pairs([0.0] * 6)
+    pids = make_pairs([0.0] * 6) + make_pairs([0.0] * 3, method="povid")
     for _ in range(300):
         pid, reviewer = rng.choice(pids), rng.choice(["a", "b", "c"])
         decision = rng.choice(["accept", "swap", "reject_both", "edit", "undo", "undo"])
@@ -220,6 +220,16 @@ def test_effective_label_matches_definition_on_random_histories(store, make_pair
         expected_status, expected_live = _reference_label(store.pair_reviews(pid))
         assert store.effective_label(pid)["status"] == expected_status
         assert matrix.get(pid, {}) == expected_live
+    # The Train tab's grouped counts agree with the labels derived pair by pair.
+    expected_counts: dict[str, dict[str, int]] = {}
+    for row in store.labelled_pairs():
+        rec = expected_counts.setdefault(row["method"], {"pairs": 0, "reviewed": 0, "usable": 0})
+        status = row["label"]["status"]
+        rec["pairs"] += 1
+        rec["reviewed"] += status != "auto"
+        rec["usable"] += status not in ("auto", "reject_both")
+    assert store.review_counts() == expected_counts
+    assert {m: c["reviewed"] for m, c in expected_counts.items()} != {"csr": 0, "povid": 0}
     # The cached review_state is exactly what a rebuild from the append-only log gives.
     before = sorted(store.db.execute("SELECT * FROM review_state").fetchall())
     store.rebuild_review_state()
