@@ -137,6 +137,23 @@ class Bar:
 # ---- the loop -----------------------------------------------------------------------------------
 
 
+def objectless_sentences(outputs: list[dict]) -> float | None:
+    """Share of the caption answers' sentences that name no world object ("triangle at the right.",
+    "There is a large green top left."). CHAIR sees only "<colour> <shape>" mentions, so a round
+    that learned to write such fragments (CSR's diverse-beam candidates hold many: the groups must
+    start their sentences differently) could hide hallucinations from it; "silent" only counts
+    answers that name nothing at all. None when there are no caption answers."""
+    from lvlm_studio.evaluation import ShapesWorldExtractor
+    from lvlm_studio.methods.sentences import segment_sentences
+
+    extractor = ShapesWorldExtractor.from_world()
+    sentences = [span.text for out in outputs if (out.get("meta") or {}).get("kind") != "pope"
+                 for span in segment_sentences(out["answer"])]
+    if not sentences:
+        return None
+    return sum(1 for text in sentences if not extractor.mentions(text)) / len(sentences)
+
+
 def eval_metrics(metrics: dict | None) -> dict[str, float | None]:
     ev = (metrics or {}).get("eval", metrics) or {}
     out: dict[str, float | None] = {}
@@ -197,7 +214,8 @@ class Loop:
                "status": "done", "learning_rate": None, "num_epochs": None, "sft_weight": None,
                "pairs_generated": 0, "pairs_used": 0, "gen_seconds": 0.0, "train_eval_seconds": seconds,
                "train_seconds": 0.0, "round_seconds": seconds, "job_peak_rss_mb": None,
-               "parent_peak_rss_mb": self_peak_mb(), **eval_metrics(rnd.get("metrics"))}
+               "parent_peak_rss_mb": self_peak_mb(), **eval_metrics(rnd.get("metrics")),
+               "objectless": objectless_sentences(self.studio.store.eval_outputs(BASE_ROUND_ID))}
         self.base = row
         return row
 
@@ -261,7 +279,7 @@ class Loop:
             "pairs_generated": pairs_available, "gen_items": rep["items"] + rep["skipped"],
             "gen_no_pair": rep["no_pair"], "gen_seconds": float(rep["seconds"]), "pairs_used": 0,
             "train_eval_seconds": None, "train_seconds": None, "job_peak_rss_mb": None,
-            **{k: None for k in (*METRICS, *EXTRA_METRICS, "n_items", "eval_seconds")},
+            **{k: None for k in (*METRICS, *EXTRA_METRICS, "n_items", "eval_seconds", "objectless")},
         }
         if pairs_available == 0:
             row.update(status="no_pairs", error=f"{method} produced no pairs from round {parent_id}")
@@ -304,6 +322,7 @@ class Loop:
             row["log_path"] = rnd.get("log_path")
         else:  # the change from the parent, caption by caption (McNemar): is it beyond noise?
             row["paired_vs_parent"] = self.studio.compare(parent_id, rid)["paired"]
+            row["objectless"] = objectless_sentences(self.studio.store.eval_outputs(rid))
         return self._finish(row)
 
     def _finish(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -395,14 +414,15 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
     from lvlm_studio.evaluation import paired_chair_s_summary
 
-    cols = ["row", "round", "status", "lr", "pairs", "SFT rows", "CHAIR_s", "CHAIR_i", "recall", "silent", "POPE F1",
+    cols = ["row", "round", "status", "lr", "pairs", "SFT rows", "CHAIR_s", "CHAIR_i", "recall", "silent", "no-object sent.", "POPE F1",
             "POPE acc", "yes", "dCHAIR_s",
             "recall drop", "gen s", "train+eval s", "job MB", "parent MB"]
     print(title)
     print(table(cols, [[r["label"], r["round_id"] if r["round_id"] is not None else "-", r["status"],
                         "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}", r["pairs_used"], fmt_num(r.get("sft_rows")),
                         fmt_num(r["chair_s"]),
-                        fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r.get("silent")), fmt_num(r["pope_f1"]),
+                        fmt_num(r["chair_i"]), fmt_num(r["recall"]), fmt_num(r.get("silent")), fmt_num(r.get("objectless")),
+                        fmt_num(r["pope_f1"]),
                         fmt_num(r.get("pope_accuracy")), fmt_num(r.get("pope_yes_ratio")),
                         fmt_num(r.get("chair_s_rel_change"), pct=True), fmt_num(r.get("recall_drop_points")),
                         r["gen_seconds"], fmt_num(r["train_eval_seconds"]), fmt_num(r["job_peak_rss_mb"]),

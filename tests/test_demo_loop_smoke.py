@@ -115,8 +115,21 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
         assert trained["config"]["learning_rate"] == pytest.approx(DPORoundConfig().learning_rate)
         assert trained["config"]["include_auto"] is True and trained["config"]["pair_round"] == 0
         assert len(store.eval_outputs(0)) == len(store.eval_outputs(r1["round_id"])) == record["eval_items"]
+        for row in rounds:  # the fragment check reads each round's own stored captions
+            assert row["objectless"] == demo_loop.objectless_sentences(store.eval_outputs(row["round_id"]))
     finally:
         store.close()
+    assert "no-object sent." in stdout
+
+
+def test_objectless_sentences_counts_caption_sentences_that_name_no_world_object():
+    outputs = [
+        {"answer": "There is a small red circle at the top. triangle at the right.", "meta": {}},
+        {"answer": "There is a large green top left. There are two blue squares.", "meta": None},
+        {"answer": "No.", "meta": {"kind": "pope"}},  # a probe's answer is not a caption
+    ]
+    assert demo_loop.objectless_sentences(outputs) == pytest.approx(2 / 4)
+    assert demo_loop.objectless_sentences(outputs[2:]) is None
 
 
 @pytest.mark.slow
