@@ -383,3 +383,156 @@ def test_stop_prefilter_equals_decoding_every_step(be, images, monkeypatch):
     assert rows(fast) == rows(slow)
     assert sum(s.finish_reason == "stop" for run in fast for row in run for s in row) >= 2
     assert 0 < sum(period) < len(period) / 4, "only tokens holding a '.' (or partial pieces) may stop at '.'"
+
+
+# --- Gaps found by a mutation audit of lvlm_studio/models/hf.py (its pure helpers) ---------------
+
+
+def test_resolve_dtype():
+    from lvlm_studio.models.hf import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    if not torch.cuda.is_available():
+        assert resolve_dtype("auto", "cuda") == torch.float32  # no GPU after all: CPU's dtype
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="not 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_quantization_config():
+    from lvlm_studio.models.hf import quantization_config
+
+    four = quantization_config("4bit", torch.bfloat16)
+    assert four.load_in_4bit and not four.load_in_8bit
+    assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = quantization_config("8bit", torch.float32)
+    assert eight.load_in_8bit and not eight.load_in_4bit
+    with pytest.raises(ValueError, match="not '2bit'"):
+        quantization_config("2bit", torch.float32)
+
+
+def test_eos_and_banned_token_ids():
+    from types import SimpleNamespace as NS
+
+    from lvlm_studio.models.hf import banned_token_ids, eos_token_ids
+
+    tok = NS(eos_token_id=2, unk_token_id=0, convert_tokens_to_ids=lambda t: {"<image>": 32000}.get(t, 0))
+    # every EOS of the generation config and the tokenizer's, sorted, once each
+    assert eos_token_ids(NS(eos_token_id=[151645, 2, 151643]), tok) == [2, 151643, 151645]
+    assert eos_token_ids(NS(eos_token_id=7), tok) == [2, 7]
+    assert eos_token_ids(NS(eos_token_id=None), tok) == [2] and eos_token_ids(None, tok) == [2]
+    assert eos_token_ids(NS(eos_token_id=[5]), NS(eos_token_id=None)) == [5]
+    # the config's placeholders and the processor's image token; never unk nor a negative id
+    assert banned_token_ids(NS(image_token_id=-1, video_token_id=151656), NS(image_token=None), tok) == [32000, 151656]
+    assert banned_token_ids(NS(image_token_index=9), NS(image_token="<img>"), tok) == [9]  # "<img>" is unk here
+
+
+def test_check_stop_cuts_after_the_earliest_stop():
+    from types import SimpleNamespace as NS
+
+    fake = NS(decode=lambda ids: "a red circle. Then a star\n and more")
+    assert HFBackend._check_stop(fake, [1], ("\n", ".")) == "a red circle."
+    assert HFBackend._check_stop(fake, [1], ("star", "circle")) == "a red circle"
+    assert HFBackend._check_stop(fake, [1], ("@@",)) is None
+
+
+def test_chat_text_and_a_single_bos(be, images):
+    text = be.chat_text("what is it?")
+    assert text.index(be.processor.image_token) < text.index("what is it?")  # the image comes first
+    assert text.endswith("ASSISTANT:")  # the assistant turn is opened for the answer
+    ids = be._inputs(images[:1], [text])["input_ids"][0].tolist()
+    assert ids.count(be.tokenizer.bos_token_id) == 1  # the template writes BOS: none added on top
+
+
+def test_inputs_add_no_second_bos_when_the_template_writes_one():
+    """Tokenizers that add BOS themselves (Llama's) must not add one in front of a chat template
+    that already starts with it; templates without BOS (Qwen's) keep the tokenizer's specials."""
+    from types import SimpleNamespace as NS
+
+    seen = []
+
+    def processor(**kwargs):
+        seen.append(kwargs["add_special_tokens"])
+        return {}
+
+    fake = NS(tokenizer=NS(bos_token="<s>"), processor=processor, device=torch.device("cpu"), dtype=torch.float32)
+    image = Image.new("RGB", (4, 4))
+    HFBackend._inputs(fake, [image], ["<s>USER: <image>\nhi ASSISTANT:"])
+    HFBackend._inputs(fake, [image], ["<|im_start|>user\nhi<|im_end|>"])
+    fake.tokenizer.bos_token = None
+    HFBackend._inputs(fake, [image], ["USER: hi"])
+    assert seen == [False, True, True]
+
+
+def test_sample_from_text_puts_the_space_after_the_assistant_opening():
+    """decode() drops an answer's leading space: the slow path puts it back after a template that
+    ends its assistant opening without whitespace (word-start tokenizers read "ASSISTANT:There"
+    differently), and adds nothing after one that ends with whitespace or to an empty partial."""
+    from types import SimpleNamespace as NS
+
+    texts = []
+    fake = NS(_rows_per_input=lambda n, params: n, _generator=lambda params: None,
+              _prefill=lambda ims, ts: texts.extend(ts), _decode=lambda state, k, params, gen: [["seq"]])
+    for opening in ("USER: <image>\nhi ASSISTANT:", "<|im_start|>assistant\n"):
+        fake.chat_text = lambda prompt, opening=opening: opening
+        for partial in ("There is", " There is", ""):
+            HFBackend.sample_from_text(fake, None, "hi", partial, params=GP())
+    assert texts == ["USER: <image>\nhi ASSISTANT: There is"] * 2 + ["USER: <image>\nhi ASSISTANT:"] + [
+        "<|im_start|>assistant\nThere is", "<|im_start|>assistant\n There is", "<|im_start|>assistant\n"]
+
+
+def test_stop_prefilter_keeps_tokens_that_may_complete_a_stop_with_earlier_bytes():
+    from types import SimpleNamespace as NS
+
+    pieces = ["", "\ufffd", "end.", "dot", "x"]  # special/empty, a partial character, holds ".", neither
+
+    class Tok:
+        def __len__(self):
+            return 4
+
+        def batch_decode(self, rows, skip_special_tokens):
+            return [pieces[r[0]] for r in rows]
+
+    fake = NS(_stop_cache={}, tokenizer=Tok(), model=NS(config=NS(get_text_config=lambda: NS(vocab_size=5))))
+    assert HFBackend._stop_candidates(fake, ("a.", "")) == [True, True, True, False, False]
+
+
+def test_argmax_tokens_never_picks_an_image_placeholder(be, images):
+    model = copy.deepcopy(be.model)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[be.banned_ids] = 100.0  # the placeholder would win every position
+    model.lm_head = head
+    biased = HFBackend(model, be.processor, "image-biased", "cpu")
+    cont = be.encode_text("there is a red circle")
+    picked = biased.argmax_tokens(images[:1], PROMPTS[:1], [cont])[0]
+    assert len(picked) == len(cont) and not set(picked) & set(be.banned_ids)
+    sampled = biased.sample(images[:1], PROMPTS[:1], params=GP(max_new_tokens=4))[0][0].token_ids
+    assert not set(sampled) & set(be.banned_ids)
+
+
+def test_bad_sizes_are_refused(be, images):
+    for kwargs in ({"max_batch": 0}, {"max_rows": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            HFBackend(be.model, be.processor, be.model_id, "cpu", **kwargs)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        be.sample(images[:1], PROMPTS[:1], n=0)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        be.sample(images[:2], PROMPTS[:1])
+
+
+def test_kv_budget_counts_keys_and_values_at_the_final_length(be):
+    cfg = be.model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert be._kv_bytes_per_token == 2 * cfg.num_hidden_layers * heads * head_dim * 4  # K and V, float32
+    # a budget for 3 rows of 100 tokens: prefix 40 + partial 10 + 50 new tokens = 100 per row
+    tight = HFBackend(be.model, be.processor, be.model_id, "cpu", kv_budget_bytes=be._kv_bytes_per_token * 300)
+    partials = [[1] * 10] * 7
+    unknown = HFBackend(be.model, be.processor, be.model_id, "cpu", max_batch=5)
+    unknown._kv_bytes_per_token = 0  # a config without the sizes: the row limit falls back to max_batch
+    assert unknown._rows_per_chunk(100) == 5
+    assert [len(c) for c in tight._chunks(partials, 40, 1, GP(max_new_tokens=50))] == [3, 3, 1]
+    assert [len(c) for c in tight._chunks(partials, 40, 3, GP(max_new_tokens=50))] == [1] * 7

@@ -11,7 +11,7 @@ from conftest import huge_png_bytes, image_bytes, noise_image
 from PIL import Image
 
 from lvlm_studio.config import Settings
-from lvlm_studio.media import ImageRejected, ingest_image, load_image, pixel_id, stored_files
+from lvlm_studio.media import ImageRejected, discard, ingest_image, load_image, pixel_id, stored_files
 
 
 def test_jpeg_kept_as_is_and_stored_once(settings):
@@ -174,6 +174,7 @@ def test_high_bit_depth_greyscale_is_scaled_not_clipped(settings):
         "sixteen.png": (_gradient("I;16", np.linspace(0, 65535, 256)), (0, 255)),
         "float.tif": (_gradient("F", np.linspace(0.0, 1.0, 256)), (0, 255)),
         "signed.tif": (_gradient("I", np.linspace(-1000, 3000, 256)), (0, 255)),
+        "wide.tif": (_gradient("I", np.linspace(0, 4000, 256)), (0, 255)),  # above 255 only: stretched too
     }
     for name, (data, (lo, hi)) in cases.items():
         rec = ingest_image(settings, data, name=name)
@@ -181,3 +182,131 @@ def test_high_bit_depth_greyscale_is_scaled_not_clipped(settings):
         assert (int(grey.min()), int(grey.max())) == (lo, hi), name
         assert len(np.unique(grey)) > 200, f"{name}: {len(np.unique(grey))} levels left"
         assert np.all(np.diff(grey.astype(int)) >= 0), f"{name}: the gradient is not monotone"
+
+
+# --- Gaps found by a mutation audit of lvlm_studio/media.py -------------------------------------
+
+
+def test_limits_are_inclusive(home, tmp_path):
+    """A file of exactly max_file_bytes, a side of exactly max_side and exactly max_pixels pixels
+    are accepted; one byte more is refused (from a path, checked before reading, and from bytes)."""
+    data = _flat_png((100, 100))
+    path = tmp_path / "exact.png"
+    path.write_bytes(data)
+    exact = Settings(home=home, max_pixels=10_000, max_side=100, max_file_bytes=len(data)).ensure_dirs()
+    assert ingest_image(exact, path).width == 100
+    assert ingest_image(exact, data, name="exact.png").height == 100
+    tight = Settings(home=home, max_file_bytes=len(data) - 1).ensure_dirs()
+    for source in (path, data):
+        with pytest.raises(ImageRejected, match="over the limit"):
+            ingest_image(tight, source, name="exact.png")
+
+
+def test_non_images_and_other_formats_are_refused(settings, tmp_path):
+    # a directory is not an image file
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ImageRejected, match="^folder: not a regular file"):
+        ingest_image(settings, tmp_path / "folder")
+    # formats Pillow reads but intake does not accept (a smaller attack surface)
+    for fmt in ("PPM", "ICO", "TGA"):
+        buffer = io.BytesIO()
+        noise_image(12, (16, 16)).save(buffer, fmt)
+        with pytest.raises(ImageRejected, match="not a recognised image"):
+            ingest_image(settings, buffer.getvalue(), name=f"x.{fmt.lower()}")
+    # a cut WEBP is named as such, not as "not an image"
+    webp = io.BytesIO()
+    noise_image(13, (16, 16)).save(webp, "WEBP")
+    with pytest.raises(ImageRejected, match="truncated or corrupt WEBP"):
+        ingest_image(settings, webp.getvalue()[:12], name="cut.webp")
+    assert stored_files(settings) == set()
+
+
+def test_every_kind_of_transparency_is_composited_on_white(settings):
+    grey_alpha = io.BytesIO()
+    Image.new("LA", (4, 4), (0, 0)).save(grey_alpha, "PNG")  # black, fully transparent
+    palette = io.BytesIO()
+    Image.new("P", (4, 4), 0).save(palette, "PNG", transparency=0)  # palette index 0 (black) transparent
+    for name, data in (("la.png", grey_alpha.getvalue()), ("palette.png", palette.getvalue())):
+        rec = ingest_image(settings, data, name=name)
+        assert load_image(rec.path).getpixel((0, 0)) == (255, 255, 255), name
+
+
+def test_converted_images_are_stored_as_single_frame_rgb(settings):
+    """Anything that is not a plain single-frame RGB JPEG/PNG is re-encoded: the stored file itself
+    is RGB (not only what load_image returns) and holds the one frame its id was computed from."""
+    frames = [noise_image(14 + k, (16, 16)) for k in range(2)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "PNG", save_all=True, append_images=frames[1:])  # an APNG, mode RGB
+    cases = {
+        "alpha.png": image_bytes(15, "PNG", mode="RGBA"),
+        "grey.png": image_bytes(16, "PNG", mode="L"),
+        "grey.jpg": image_bytes(17, "JPEG", mode="L"),
+        "animated.png": animated.getvalue(),
+    }
+    for name, data in cases.items():
+        rec = ingest_image(settings, data, name=name)
+        with Image.open(rec.path) as stored:
+            assert stored.mode == "RGB" and getattr(stored, "n_frames", 1) == 1, name
+    assert ingest_image(settings, animated.getvalue(), name="a.png").id == pixel_id(frames[0])
+
+
+def test_exif_orientation_one_keeps_the_original_bytes(settings):
+    exif = Image.Exif()
+    exif[0x0112] = 1  # "normal": nothing to rotate, so nothing to re-encode
+    buffer = io.BytesIO()
+    noise_image(18, (40, 20)).save(buffer, "JPEG", exif=exif)
+    rec = ingest_image(settings, buffer.getvalue(), name="upright.jpg")
+    assert rec.format == "JPEG" and rec.path.read_bytes() == buffer.getvalue()
+
+
+def test_stored_images_are_found_again_whatever_their_format(settings):
+    for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg")):
+        data = image_bytes(19, fmt, (20, 20))
+        first = ingest_image(settings, data, name=f"a{suffix}")
+        again = ingest_image(settings, data, name=f"b{suffix}")
+        assert first.created and not again.created
+        assert again.path == first.path and again.path.suffix == suffix and again.format == fmt
+    assert len(stored_files(settings)) == 2
+
+
+def test_the_id_depends_on_the_shape_not_only_the_bytes(settings):
+    im = noise_image(20, (6, 4))
+    same_bytes = Image.frombytes("RGB", (4, 6), im.tobytes())
+    assert pixel_id(im) != pixel_id(same_bytes)
+    a = ingest_image(settings, _png(im), name="wide.png")
+    b = ingest_image(settings, _png(same_bytes), name="tall.png")
+    assert a.id != b.id and b.created and len(stored_files(settings)) == 2
+
+
+def _png(im: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_copy_of_an_eight_bit_image_has_its_id(settings):
+    """A 16-bit PNG written from an 8-bit one (v * 257, what converters do) decodes back to the same
+    pixels, hence the same id: 16-bit scaling maps 257·v exactly onto v."""
+    import numpy as np
+
+    grey = noise_image(21, (16, 16), "L")
+    wide = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    eight = ingest_image(settings, _png(grey), name="eight.png")
+    sixteen = ingest_image(settings, _png(wide), name="sixteen.png")
+    assert sixteen.id == eight.id and not sixteen.created
+
+
+def test_discard_removes_only_a_file_this_call_wrote(settings):
+    data = image_bytes(22, "PNG")
+    first = ingest_image(settings, data, name="a.png")
+    again = ingest_image(settings, data, name="b.png")
+    discard(again)  # the file existed before this call: another record may point at it
+    assert first.path.is_file()
+    discard(first)
+    assert not first.path.exists()
+
+
+def test_stored_files_ignores_temporary_files(settings):
+    rec = ingest_image(settings, image_bytes(23, "PNG"), name="a.png")
+    (rec.path.parent / f".tmp-{rec.path.name}-abc").write_bytes(b"partial write")
+    assert stored_files(settings) == {rec.path.resolve()}

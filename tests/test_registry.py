@@ -142,5 +142,99 @@ def test_load_clip_cached(tmp_path):
     d = save_tiny_clip(tmp_path / "clip")
     a = registry.load_clip(str(d), device="cpu")
     assert registry.load_clip(str(d), device="cpu") is a
+    registry.clear_cache()  # e.g. after a new CLIP replaced the files: loaded again
+    assert registry.load_clip(str(d), device="cpu") is not a
     with pytest.raises(ModelLoadError):
         registry.load_clip("definitely-not-a-clip")
+
+
+# --- Gaps found by a mutation audit of lvlm_studio/models/registry.py ---------------------------
+
+
+def test_refs_are_told_apart(tmp_path, model_dir):
+    assert registry.resolve_model_ref("org/some-vlm_1.5") == ("org/some-vlm_1.5", False)
+    assert registry.resolve_model_ref("gpt2") == ("gpt2", False)
+    assert registry.resolve_model_ref(str(model_dir)) == (str(model_dir), True)
+    # neither a directory nor a Hub id: refused now, not tried on the Hub
+    for ref in ("some/nested/path", "org/name/", "-org/name", "org name", str(tmp_path / "missing")):
+        with pytest.raises(ModelLoadError, match="No model directory"):
+            registry.resolve_model_ref(ref)
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_flags(monkeypatch, variable):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert registry.is_offline() is False
+    for value in ("1", "true", " TRUE ", "yes", "On"):
+        monkeypatch.setenv(variable, value)
+        assert registry.is_offline() is True, value
+    for value in ("0", "false", "", "no"):
+        monkeypatch.setenv(variable, value)
+        assert registry.is_offline() is False, value
+
+
+@pytest.fixture
+def fake_loads(monkeypatch):
+    """HFBackend.from_pretrained replaced: records each call's local_files_only and answers with
+    ``outcomes[local_files_only]`` (an exception to raise, or anything else to return a new object)."""
+    calls, outcomes = [], {True: None, False: None}
+
+    def fake(path, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        outcome = outcomes[kwargs["local_files_only"]]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return object()
+
+    monkeypatch.setattr(HFBackend, "from_pretrained", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return calls, outcomes
+
+
+def test_a_hub_id_loads_from_the_cache_first_then_the_network_unless_offline(fake_loads, monkeypatch):
+    calls, outcomes = fake_loads
+    registry.load_backend("org/cached", device="cpu")
+    assert calls == [True]  # in the cache: no network
+    calls.clear()
+    outcomes[True] = OSError("not in the cache")
+    registry.load_backend("org/downloaded", device="cpu")
+    assert calls == [True, False]
+    calls.clear()
+    outcomes[False] = OSError("404 not found")
+    with pytest.raises(ModelLoadError, match="from the Hugging Face cache and the Hub: OSError"):
+        registry.load_backend("org/missing", device="cpu")
+    calls.clear()
+    # an error that is already a clear one (e.g. a bad adapter) is not retried over the network
+    outcomes[True] = ModelLoadError("Could not load the LoRA adapter")
+    with pytest.raises(ModelLoadError, match="LoRA adapter"):
+        registry.load_backend("org/bad-adapter", device="cpu")
+    assert calls == [True]
+    calls.clear()
+    outcomes[True] = OSError("not in the cache")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="downloading is off"):
+        registry.load_backend("org/offline", device="cpu")
+    assert calls == [True]
+
+
+def test_a_local_directory_never_goes_to_the_network(fake_loads, model_dir):
+    calls, outcomes = fake_loads
+    outcomes[True] = OSError("broken weights")
+    with pytest.raises(ModelLoadError, match="from the local directory: OSError: broken weights"):
+        registry.load_backend(str(model_dir), device="cpu")
+    assert calls == [True]
+
+
+def test_the_cache_key_holds_the_adapter_and_the_quantization(fake_loads, model_dir, tmp_path):
+    (tmp_path / "a1").mkdir()
+    (tmp_path / "a2").mkdir()
+    plain = registry.load_backend(str(model_dir), device="cpu")
+    one = registry.load_backend(str(model_dir), device="cpu", adapter=str(tmp_path / "a1"))
+    two = registry.load_backend(str(model_dir), device="cpu", adapter=str(tmp_path / "a2"))
+    assert len({id(plain), id(one), id(two)}) == 3
+    assert registry.load_backend(str(model_dir), device="cpu", adapter=str(tmp_path / "a1")) is one
+    assert registry.load_backend(str(model_dir), device="cpu", quantization="8bit") is not plain
+    registry.clear_cache()
+    assert registry.load_backend(str(model_dir), device="cpu") is not plain
