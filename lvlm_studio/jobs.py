@@ -109,7 +109,7 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
+        pass  # exists, owned by another user: a round job only if its command line says so
     if not process_running(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
@@ -194,7 +194,9 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
     """The adapter chain of a round (oldest first): round t's model = base + this chain merged."""
     chain: list[str] = []
     seen: set[int] = set()
-    while round_id is not None and round_id not in seen:
+    while round_id is not None:
+        if round_id in seen:
+            raise JobError(f"the round lineage loops back to round {round_id}: the rounds table is inconsistent")
         seen.add(round_id)
         row = store.get_round(round_id)
         if row is None:
@@ -328,7 +330,10 @@ def _signal_job(pid: int, sig: signal.Signals) -> None:
             return
     except (ProcessLookupError, PermissionError):
         pass
-    os.kill(pid, sig)
+    try:
+        os.kill(pid, sig)
+    except PermissionError:
+        raise JobError(f"the round's process (pid {pid}) belongs to another user: stop it as that user") from None
 
 
 def status(settings: Settings, round_id: int) -> dict:

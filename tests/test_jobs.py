@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -294,3 +295,254 @@ def test_stic_stage_two_round_describes_then_fine_tunes_then_describes_first(tmp
     # Nothing to fine-tune on: refused before a round is created.
     with pytest.raises(jobs.JobError, match="no instruction items"):
         jobs.start_round(settings, {**cfg, "infusion_split": "nope"})
+
+
+# --- Gaps found by a mutation audit of lvlm_studio/jobs.py (fast: no training process) -----------
+
+
+def _bare_home(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", model="unused", device="cpu").ensure_dirs()
+
+
+def _active_round(settings: Settings, status: str = "running", pid: int | None = None) -> int:
+    store = Store.open(settings)
+    try:
+        base = store.ensure_base_round("unused")
+        rid = store.create_round(base, "unused", {})
+        if status != "queued" or pid is not None:
+            store.update_round(rid, status=status, pid=pid, log_path=str(settings.runs_dir / f"round-{rid}.log"))
+        return rid
+    finally:
+        store.close()
+
+
+def test_a_fresh_queued_round_blocks_a_second_start_until_its_grace_ends(tmp_path, monkeypatch):
+    """A round queued a moment ago (its process not spawned yet) is active: a second start is
+    refused and the row is left alone; past QUEUED_GRACE_S without a pid it is a start that died."""
+    settings = _bare_home(tmp_path)
+    rid = _active_round(settings, status="queued")
+    with pytest.raises(jobs.RoundBusyError, match=f"round {rid} is already queued"):
+        jobs.start_round(settings, {"include_auto": True})
+    assert jobs.status(settings, rid)["status"] == "queued"
+    with pytest.raises(TimeoutError, match=f"round {rid} is still queued"):
+        jobs.wait(rid, timeout=0.2, settings=settings, poll=0.05)
+    monkeypatch.setattr(jobs, "QUEUED_GRACE_S", 0.0)
+    row = jobs.status(settings, rid)
+    assert row["status"] == "failed" and "queued but its process never started" in row["error"]
+    assert jobs.wait(rid, timeout=0, settings=settings)["status"] == "failed"
+    with pytest.raises(jobs.JobError, match="round 99 does not exist"):
+        jobs.status(settings, 99)
+
+
+def test_a_dead_child_round_says_how_its_process_ended(tmp_path, monkeypatch):
+    settings = _bare_home(tmp_path)
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    killed = subprocess.Popen(["sleep", "30"])
+    killed.kill()
+    for proc in (exited, killed):
+        proc.wait()
+        monkeypatch.setitem(jobs._CHILDREN, proc.pid, proc)  # as start_round records its children
+    rid = _active_round(settings, pid=exited.pid)
+    # the trainer's scratch dirs (and those of the older round_N naming) are removed with it
+    scratch = [settings.adapters_dir / f".round-{rid}.run-{exited.pid}", settings.adapters_dir / f".round_{rid}.tmp-1"]
+    keep = settings.adapters_dir / f".round-{rid + 1}.run-1"  # another round's: left alone
+    for path in (*scratch, keep):
+        path.mkdir(parents=True)
+    row = jobs.status(settings, rid)
+    assert not any(path.exists() for path in scratch) and keep.is_dir()
+    assert row["status"] == "failed"
+    assert row["error"] == (f"the training process (pid {exited.pid}) exited with code 3 before finishing; "
+                            f"see the log {settings.runs_dir / f'round-{rid}.log'}")
+    rid = _active_round(settings, pid=killed.pid)
+    assert f"(pid {killed.pid}) was killed by SIGKILL" in jobs.status(settings, rid)["error"]
+
+
+def test_a_zombie_is_not_a_running_process():
+    """An exited child nobody has reaped yet still has a pid (os.kill(pid, 0) succeeds): it is dead."""
+    proc = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # wait for the exit, leave the zombie
+        assert jobs.process_running(proc.pid) is False
+        assert jobs.process_running(os.getpid()) is True
+        assert jobs.pid_alive(0) is False and jobs.pid_alive(None) is False  # no pid recorded (0: our own group)
+    finally:
+        proc.wait()
+
+
+def _other_users_process(monkeypatch, proc: subprocess.Popen) -> None:
+    """Make ``proc`` look as another user's process does to a non-root app: os.kill raises
+    PermissionError (the tests run as root, who may signal anything)."""
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == proc.pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(jobs.os, "kill", kill)
+    monkeypatch.setattr(jobs.os, "killpg", lambda pgid, sig: kill(pgid, sig))
+
+
+def test_a_stale_pid_reused_by_another_users_program_is_not_a_running_round(tmp_path, monkeypatch):
+    """After a crash or reboot a round's pid may belong to another user's program: the round is
+    failed, not running forever (which would refuse every later start and make cancel crash)."""
+    settings = _bare_home(tmp_path)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        _other_users_process(monkeypatch, other)
+        rid = _active_round(settings, pid=other.pid)
+        assert jobs.pid_alive(other.pid) is False
+        assert jobs.status(settings, rid)["status"] == "failed"
+        assert jobs.cancel_round(settings, rid, timeout=1)["status"] == "failed"
+        assert other.poll() is None  # nothing was signalled
+    finally:
+        monkeypatch.undo()  # jobs.os is os: signal the process for real again
+        other.kill()
+        other.wait()
+
+
+def test_another_users_round_job_is_alive_and_cancel_says_whose_it_is(tmp_path, monkeypatch):
+    settings = _bare_home(tmp_path)
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "lvlm_studio.jobs"],
+                           start_new_session=True)
+    try:
+        _other_users_process(monkeypatch, job)
+        rid = _active_round(settings, pid=job.pid)
+        assert jobs.pid_alive(job.pid) is True and jobs.status(settings, rid)["status"] == "running"
+        with pytest.raises(jobs.JobError, match=f"pid {job.pid}.* belongs to another user"):
+            jobs.cancel_round(settings, rid, timeout=1)
+        assert jobs.status(settings, rid)["status"] == "running" and job.poll() is None
+    finally:
+        monkeypatch.undo()
+        job.kill()
+        job.wait()
+
+
+_IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    "print('ready', flush=True); time.sleep(60)")
+
+
+def test_cancel_waits_for_the_job_and_kills_only_when_forced(tmp_path, monkeypatch):
+    settings = _bare_home(tmp_path)
+    # A job that does not stop on SIGTERM (e.g. stuck in a long step); its command line names
+    # lvlm_studio.jobs, as a round process's does.
+    stuck = subprocess.Popen([sys.executable, "-c", _IGNORES_SIGTERM, "lvlm_studio.jobs"], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert stuck.stdout.readline().strip() == "ready"
+        rid = _active_round(settings, pid=stuck.pid)
+        # timeout 0: ask, then return at once (no SIGKILL, no waiting)
+        assert jobs.cancel_round(settings, rid, timeout=0)["status"] == "running"
+        assert jobs.cancel_round(settings, rid, timeout=0.3, force=False)["status"] == "running"
+        assert stuck.poll() is None and jobs.pid_alive(stuck.pid)
+        row = jobs.cancel_round(settings, rid, timeout=0.3)  # force: SIGKILL after the timeout
+        assert row["status"] == "cancelled" and row["error"] == "cancelled by request"
+        assert stuck.wait(5) == -signal.SIGKILL
+        assert jobs.cancel_round(settings, rid, timeout=0)["status"] == "cancelled"  # ended: left as it is
+    finally:
+        if stuck.poll() is None:
+            stuck.kill()
+        stuck.wait()
+    # A job that dies of the SIGTERM before recording anything (its handler not installed yet).
+    quiet = subprocess.Popen(["sleep", "30"])
+    monkeypatch.setitem(jobs._CHILDREN, quiet.pid, quiet)
+    rid = _active_round(settings, pid=quiet.pid)
+    row = jobs.cancel_round(settings, rid, timeout=10, force=False)
+    assert row["status"] == "cancelled" and row["error"] == "cancelled by request"
+    assert quiet.wait(5) == -signal.SIGTERM
+
+
+@pytest.mark.timeout(60)
+def test_adapter_lineage_is_oldest_first_and_checked(tmp_path):
+    settings = _bare_home(tmp_path)
+    store = Store.open(settings)
+    try:
+        base = store.ensure_base_round("unused")
+        r1 = store.create_round(base, "unused", {}, status="done")
+        store.update_round(r1, adapter_path="/adapters/round-1")
+        r2 = store.create_round(r1, "unused", {}, status="done")
+        store.update_round(r2, adapter_path="/adapters/round-2")
+        assert jobs.adapter_lineage(store, r2) == ["/adapters/round-1", "/adapters/round-2"]
+        assert jobs.adapter_lineage(store, base) == [] and jobs.adapter_lineage(store, None) == []
+        with pytest.raises(jobs.JobError, match="round 99 does not exist"):
+            jobs.adapter_lineage(store, 99)
+        # A corrupt table whose parents loop is refused, not walked forever or cut silently.
+        store.update_round(r1, parent_id=r2)
+        with pytest.raises(jobs.JobError, match="loops back to round"):
+            jobs.adapter_lineage(store, r2)
+    finally:
+        store.close()
+    with pytest.raises(jobs.JobError, match="round 99 does not exist"):
+        jobs.start_round(settings, {"include_auto": True}, parent_id=99)
+
+
+def test_evaluation_set_and_extractor(tmp_path):
+    from conftest import image_bytes
+
+    from lvlm_studio.media import ingest_image
+    from lvlm_studio.training import DPORoundConfig
+
+    settings = _bare_home(tmp_path)
+    store = Store.open(settings)
+    try:
+        def item(seed, objects, split="test", kind=None, dataset="d"):
+            rec = ingest_image(settings, image_bytes(seed, "PNG"), name=f"{seed}.png")
+            store.add_image(rec.id, rec.path, rec.width, rec.height, "test", objects=objects)
+            return store.add_item(rec.id, "Describe it.", "ref", dataset, split, {"kind": kind} if kind else None)
+
+        empty = item(1, [])  # ground truth that says "nothing there" is ground truth
+        caption = item(2, ["red circle"])
+        pope = item(3, ["blue square"], kind="pope")
+        item(4, None)  # no ground truth
+        item(5, ["red circle"], split="train")
+        item(6, ["red circle"], kind="csr_existence")
+        item(7, ["red circle"], dataset="other")
+        chosen = jobs.eval_items_for(store, DPORoundConfig(eval_dataset="d"))
+        assert [it["item_id"] for it in chosen] == [empty, caption, pope]
+        assert [it["item_id"] for it in jobs.eval_items_for(store, DPORoundConfig(eval_dataset="d", eval_limit=2))] \
+            == [empty, caption]
+        assert len(jobs.eval_items_for(store, DPORoundConfig(eval_dataset=None))) == 4
+    finally:
+        store.close()
+    assert jobs.choose_extractor("auto", chosen).name == "shapesworld"
+    assert jobs.choose_extractor("auto", [*chosen, {"objects": ["dog", "surfboard"]}]).name == "coco"
+    assert jobs.choose_extractor("coco", chosen).name == "coco"
+
+
+def test_round_material_for_dpo_and_stic_rounds(tmp_path):
+    from lvlm_studio.training import DPORoundConfig
+
+    settings = _bare_home(tmp_path)
+    store = Store.open(settings)
+    try:
+        items = list(world_items("train", n=4, seed=3))
+        ids = [_add(store, settings.home, it, "shapesworld", "train") for it in items[:2]]
+        # a CSR pair: a plain (one-stage) round trains on it; POVID's stage 1 is not asked for
+        good, bad = (store.add_candidate(ids[0], text, "csr") for text in (items[0]["reference"], "There is a star."))
+        store.add_pair(ids[0], good, bad, "csr")
+        assert len(jobs.training_material(store, DPORoundConfig(include_auto=True))) == 1
+        # STIC stage 2: items with a reference, not CSR's derived yes/no questions, at most the limit
+        blank = _add(store, settings.home, {**items[2], "reference": "  "}, "shapesworld", "train")
+        derived = _add(store, settings.home, {**items[3], "meta": {"kind": "csr_existence"}}, "shapesworld", "train")
+        cfg = DPORoundConfig(infusion_dataset="shapesworld", infusion_limit=None)
+        chosen = [it["id"] for it in jobs.infusion_items(store, cfg)]
+        assert chosen == ids and blank not in chosen and derived not in chosen
+        assert [it["id"] for it in jobs.infusion_items(store, DPORoundConfig(infusion_dataset="shapesworld",
+                                                                             infusion_limit=1))] == ids[:1]
+    finally:
+        store.close()
+
+
+def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):
+    settings = _bare_home(tmp_path)
+    store = Store.open(settings)
+    try:
+        base = store.ensure_base_round("unused")
+        rid = store.create_round(base, "unused", {}, status="cancelled")
+    finally:
+        store.close()
+    done = subprocess.run(jobs.job_command(rid, settings.home), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "not queued: nothing to do" in done.stdout
+    assert jobs.status(settings, rid)["status"] == "cancelled"
+    missing = subprocess.run(jobs.job_command(99, settings.home), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "round 99 does not exist" in missing.stderr
