@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -304,6 +306,16 @@ def _bare_home(tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home", model="unused", device="cpu").ensure_dirs()
 
 
+@contextmanager
+def _bare_store(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
+    settings = _bare_home(tmp_path)
+    store = Store.open(settings)
+    try:
+        yield settings, store
+    finally:
+        store.close()
+
+
 def _active_round(settings: Settings, status: str = "running", pid: int | None = None) -> int:
     store = Store.open(settings)
     try:
@@ -454,9 +466,7 @@ def test_cancel_waits_for_the_job_and_kills_only_when_forced(tmp_path, monkeypat
 
 @pytest.mark.timeout(60)
 def test_adapter_lineage_is_oldest_first_and_checked(tmp_path):
-    settings = _bare_home(tmp_path)
-    store = Store.open(settings)
-    try:
+    with _bare_store(tmp_path) as (settings, store):
         base = store.ensure_base_round("unused")
         r1 = store.create_round(base, "unused", {}, status="done")
         store.update_round(r1, adapter_path="/adapters/round-1")
@@ -470,8 +480,6 @@ def test_adapter_lineage_is_oldest_first_and_checked(tmp_path):
         store.update_round(r1, parent_id=r2)
         with pytest.raises(jobs.JobError, match="loops back to round"):
             jobs.adapter_lineage(store, r2)
-    finally:
-        store.close()
     with pytest.raises(jobs.JobError, match="round 99 does not exist"):
         jobs.start_round(settings, {"include_auto": True}, parent_id=99)
 
@@ -482,9 +490,7 @@ def test_evaluation_set_and_extractor(tmp_path):
     from lvlm_studio.media import ingest_image
     from lvlm_studio.training import DPORoundConfig
 
-    settings = _bare_home(tmp_path)
-    store = Store.open(settings)
-    try:
+    with _bare_store(tmp_path) as (settings, store):
         def item(seed, objects, split="test", kind=None, dataset="d"):
             rec = ingest_image(settings, image_bytes(seed, "PNG"), name=f"{seed}.png")
             store.add_image(rec.id, rec.path, rec.width, rec.height, "test", objects=objects)
@@ -502,8 +508,6 @@ def test_evaluation_set_and_extractor(tmp_path):
         assert [it["item_id"] for it in jobs.eval_items_for(store, DPORoundConfig(eval_dataset="d", eval_limit=2))] \
             == [empty, caption]
         assert len(jobs.eval_items_for(store, DPORoundConfig(eval_dataset=None))) == 4
-    finally:
-        store.close()
     assert jobs.choose_extractor("auto", chosen).name == "shapesworld"
     assert jobs.choose_extractor("auto", [*chosen, {"objects": ["dog", "surfboard"]}]).name == "coco"
     assert jobs.choose_extractor("coco", chosen).name == "coco"
@@ -512,9 +516,7 @@ def test_evaluation_set_and_extractor(tmp_path):
 def test_round_material_for_dpo_and_stic_rounds(tmp_path):
     from lvlm_studio.training import DPORoundConfig
 
-    settings = _bare_home(tmp_path)
-    store = Store.open(settings)
-    try:
+    with _bare_store(tmp_path) as (settings, store):
         items = list(world_items("train", n=4, seed=3))
         ids = [_add(store, settings.home, it, "shapesworld", "train") for it in items[:2]]
         # a CSR pair: a plain (one-stage) round trains on it; POVID's stage 1 is not asked for
@@ -529,18 +531,12 @@ def test_round_material_for_dpo_and_stic_rounds(tmp_path):
         assert chosen == ids and blank not in chosen and derived not in chosen
         assert [it["id"] for it in jobs.infusion_items(store, DPORoundConfig(infusion_dataset="shapesworld",
                                                                              infusion_limit=1))] == ids[:1]
-    finally:
-        store.close()
 
 
 def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):
-    settings = _bare_home(tmp_path)
-    store = Store.open(settings)
-    try:
+    with _bare_store(tmp_path) as (settings, store):
         base = store.ensure_base_round("unused")
         rid = store.create_round(base, "unused", {}, status="cancelled")
-    finally:
-        store.close()
     done = subprocess.run(jobs.job_command(rid, settings.home), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "not queued: nothing to do" in done.stdout
     assert jobs.status(settings, rid)["status"] == "cancelled"
