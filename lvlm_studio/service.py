@@ -761,14 +761,11 @@ class Studio:
         }
 
     # ---------------------------------------------------------------- training rounds
-    def pair_methods(self) -> list[str]:
-        """The three generators, then every other method the store's pairs carry (an import names
-        its own), in reviewed_counts' order; one grouped query, cheap enough for the Train tab's poll."""
-        return list(dict.fromkeys([*METHODS, *self.store.pair_methods()]))
-
     def reviewed_counts(self) -> dict[str, dict[str, int]]:
         """Per method: pairs, human-labelled pairs, and those usable for DPO (all but rejected-both);
-        the generators' methods always, with zeros when the store holds none."""
+        the three generators first, with zeros when the store holds none, then every other method
+        the store's pairs carry (an import names its own). One grouped query: the Train tab polls
+        it for its table and its methods box."""
         zero = {"pairs": 0, "reviewed": 0, "usable": 0}
         return {**{m: dict(zero) for m in METHODS}, **self.store.review_counts()}
 

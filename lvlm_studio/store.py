@@ -1050,12 +1050,8 @@ class Store:
             matrix[r["pair_id"]][r["reviewer"]] = r["decision"]
         return dict(matrix)
 
-    def pair_methods(self) -> list[str]:
-        """The methods the store's pairs carry, in the order they first appear."""
-        return [r[0] for r in self.db.execute("SELECT method FROM pairs GROUP BY method ORDER BY min(id)")]
-
     def review_counts(self) -> dict[str, dict[str, int]]:
-        """Per method (in pair_methods' order): pairs, pairs whose effective label is a human one
+        """Per method (in the order methods first appear among the pairs): pairs, pairs whose effective label is a human one
         ("reviewed"), and of those the ones DPO can use (all but reject_both). One grouped query
         over the review cache, so a poll does not stream every pair through labelled_pairs."""
         rows = self.db.execute(
