@@ -78,6 +78,37 @@ def test_compare_returns_both_rounds_answers(app):
     assert [row[0] for row in metrics["data"]] == ["0", str(r1)]  # the same items: no common rows
 
 
+def test_compare_tab_evaluates_a_round_then_compares_it(app):
+    """On a fresh start no round has answers: Compare says how to get some, and its Evaluate button
+    answers the test scenes with the base model, stores answers and metrics, and shows them."""
+    studio, url = app
+    client = Client(url, verbose=False)
+    html = client.predict("0", "0", False, api_name="/compare_view")[2]
+    assert "evaluate a round below" in html
+    summary, plot, _a, b = client.predict("0", 2, api_name="/evaluate_round")
+    ev = studio.get_round(0)["metrics"]["eval"]
+    assert ev["scenes"] == 2 and ev["split"] == "test" and ev["model"] == "demo"
+    outputs = studio.store.eval_outputs(0)
+    captions = [o for o in outputs if (o.get("meta") or {}).get("kind") != "pope"]
+    assert len(captions) == 2 and len(outputs) > 2  # two descriptions and their POPE probes
+    assert f"CHAIR_s **{ev['chair_s']:.3f}**" in summary and f"POPE F1 **{ev['pope_f1']:.3f}**" in summary
+    assert f"Round 0 on {len(outputs)} items (2 test scenes, 0 items added)" in summary
+    assert b["value"] == "0" and {row[0] for row in plot["value"]["data"]} == {"round 0"}
+    metrics, _paired, html, _plot = client.predict("0", "0", False, api_name="/compare_view")
+    assert captions[0]["answer"].split(".")[0] in html
+    assert metrics["data"][0][1:5] == [round(ev[k], 4) for k in ("chair_s", "chair_i", "recall", "pope_f1")]
+    # What the field can get wrong is said, and nothing is evaluated.
+    for n, match in ((0, "test scenes: between 1 and 5000"), (5001, "between 1 and 5000"),
+                     (None, "test scenes: enter a number")):
+        with pytest.raises(Exception, match=match):
+            client.predict("0", n, api_name="/evaluate_round")
+    with pytest.raises(Exception, match="pick a round"):
+        client.predict("", 2, api_name="/evaluate_round")
+    with pytest.raises(Exception, match="round 7 does not exist"):
+        client.predict("7", 2, api_name="/evaluate_round")
+    assert len(studio.store.eval_outputs(0)) == len(outputs)
+
+
 def test_train_tab_start_passes_its_fields_to_the_round(app):
     """The Train tab's button: its fields, POVID's two-term box and stage-1 epochs included, become the
     round's config."""
@@ -292,6 +323,27 @@ def test_tabs_open_on_the_newest_round(home):
         frame = metrics_plot_frame(studio)
         assert sorted(set(frame["round"])) == ["round 0", f"round {r1}"]
         assert set(frame["metric"]) == {"CHAIR_s ↓", "recall ↑"} and frame["value"].dtype == float
+    finally:
+        studio.store.close()
+
+
+def test_model_handlers_queue_one_at_a_time_and_evaluate_opens_on_a_fresh_start(home):
+    """Generate (tab and /generate) and Compare's Evaluate load a model on the same cores: they share
+    one queue slot. The Evaluate box is open while no round has metrics, closed once one has."""
+    from lvlm_studio.ui.app import build_app
+
+    studio = Studio(Settings(home=home), users={}, admins=())
+    try:
+        def evaluate_box_open() -> bool:
+            demo = build_app(studio)
+            slots = {f.api_name: (f.concurrency_id, f.concurrency_limit) for f in demo.fns.values()
+                     if f.api_name in ("generate_run", "generate", "evaluate_round")}
+            assert len(slots) == 3 and len(set(slots.values())) == 1 and next(iter(slots.values()))[1] == 1
+            return next(b.open for b in demo.blocks.values() if getattr(b, "elem_id", None) == "compare-eval-box")
+
+        assert evaluate_box_open()
+        studio.store.update_round(studio.store.ensure_base_round("demo"), metrics={"eval": {"chair_s": 0.25}})
+        assert not evaluate_box_open()
     finally:
         studio.store.close()
 

@@ -164,3 +164,23 @@ def test_reports_read_as_a_few_escaped_lines():
     assert "Exported **3 pairs**" in report_markdown({"format": "trl", "folder": "/x", "pairs": 3, "images": 2})
     assert "**1 images added**, 1 refused" in report_markdown({"items": [4], "rejected": [{"file": "a", "reason": "b"}]})
     assert report_markdown(None) == ""
+
+
+def test_number_fields_name_themselves_in_every_refusal():
+    """A number field's refusal names the field: empty, text, a fraction for a count, and the
+    infinities a JSON client can send (int(inf) raised an unnamed OverflowError)."""
+    import pytest
+
+    from lvlm_studio.ui.common import number_field
+    from lvlm_studio.ui.compare import evaluation_scenes
+
+    assert number_field("2e-4", "learning rate") == 2e-4 and number_field(3.0, "epochs", int) == 3
+    for value, cast, match in ((None, float, "enter a number"), ("abc", float, "enter a number"),
+                               (2.5, int, "enter a whole number, not 2.5"), (float("inf"), int, "enter a finite number"),
+                               (float("-inf"), float, "enter a finite number"),
+                               (float("nan"), int, "enter a finite number")):
+        with pytest.raises(ValueError, match=f"^field: {match}"):
+            number_field(value, "field", cast)
+    assert evaluation_scenes(500.0) == 500
+    with pytest.raises(ValueError, match="test scenes: between 1 and 5000"):
+        evaluation_scenes(5001)

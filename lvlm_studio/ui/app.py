@@ -21,7 +21,7 @@ from lvlm_studio.ui import generate as generate_tab
 from lvlm_studio.ui import review as review_tab
 from lvlm_studio.ui import train as train_tab
 from lvlm_studio.ui.auth import acting_user, claimed_user, header_text, launch_auth, on_space
-from lvlm_studio.ui.common import user_errors
+from lvlm_studio.ui.common import MODEL_JOBS, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 CSS = """
@@ -203,7 +203,7 @@ def _json_api(studio: Studio) -> None:
     for fn in (next_pair, get_pair, decide, undo, progress, start_round, cancel_round, rounds, round_status,
                compare, agreement, stats):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
-    gr.api(generate, api_name="generate", concurrency_limit=1)
+    gr.api(generate, api_name="generate", concurrency_limit=1, concurrency_id=MODEL_JOBS)
 
 
 def launch_kwargs(studio: Studio) -> dict[str, Any]:

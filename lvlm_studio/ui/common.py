@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,11 @@ _USER_ERROR_NAMES = frozenset({
     "StoreError", "NotFoundError", "ImageRejected", "DataImportError", "DataExportError", "UnsafePathError",
     "ModelLoadError", "MissingDependencyError", "JobError",
 })
+
+
+# Handlers that load a model and fill the cores (Generate, Compare's Evaluate, the /generate API)
+# share one queue slot: a second click waits instead of halving the first one's speed.
+MODEL_JOBS = "model"
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -56,6 +62,21 @@ def ticked_methods(now: list[str], current: list[str] | None, known: list[str] |
     own), ticked."""
     ticked = [m for m in (current or []) if m in now] + [m for m in now if m not in (known or [])]
     return list(dict.fromkeys(ticked))
+
+
+def number_field(value: Any, label: str, cast: type = float) -> Any:
+    """A number field's value, or a message naming the field (an emptied gr.Number sends None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: enter a number") from None
+    if not math.isfinite(number):  # 1e999 from a JSON client is inf, and int(inf) raises OverflowError
+        raise ValueError(f"{label}: enter a finite number, not {value}")
+    if cast is int:
+        if number != int(number):
+            raise ValueError(f"{label}: enter a whole number, not {value}")
+        return int(number)
+    return number
 
 
 def parse_round(value: Any) -> int | None:

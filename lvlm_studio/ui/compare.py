@@ -1,5 +1,6 @@
 """Compare tab: two rounds' evaluation answers side by side with hallucinated objects marked,
-their metrics, and CHAIR_s / CHAIR_i / recall / POPE F1 across all rounds."""
+their metrics, and CHAIR_s / CHAIR_i / recall / POPE F1 across all rounds. A round (the base model
+on a fresh start) can be evaluated here too, as ``lvlm-studio eval`` does."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import pandas as pd
 
 from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
-from lvlm_studio.ui.common import parse_round, round_choices, user_errors
-from lvlm_studio.ui.highlight import compare_html
+from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, user_errors
+from lvlm_studio.ui.highlight import compare_html, escape_text
 
 # The plot's series say which way is better: hallucination rates down, recall and F1 up.
 METRIC_NAMES = {k: f"{label} {'↓' if k.startswith('chair') else '↑'}" for k, label in METRIC_LABELS.items()}
 METRIC_COLUMNS = ["round", *METRIC_LABELS.values(), "answers"]
+# The evaluation the CLI's ``eval`` runs by default: 500 unbiased test scenes. The cap keeps one
+# click on a shared app (a Space) from rendering and answering an unbounded number of scenes.
+EVAL_SCENES = 500
+EVAL_SCENES_MAX = 5000
+NO_ANSWERS = ("No evaluation answers to compare yet: evaluate a round below (a training round also "
+              "evaluates itself and its parent).")
 
 
 def metrics_plot_frame(studio: Studio) -> pd.DataFrame:
@@ -41,6 +48,8 @@ def metrics_frame(res: dict) -> pd.DataFrame:
     rows += [{**m, "round": f"{m['round']} (on the {m['answers']} items both answered)"}
              for m in res.get("common_metrics") or []]
     frame = pd.DataFrame(rows, columns=["round", *METRIC_LABELS, "answers"])
+    for key in METRIC_LABELS:  # 4 decimals to read by; a missing figure stays an empty cell
+        frame[key] = [round(v, 4) if isinstance(v, float) else v for v in frame[key]]
     frame.columns = METRIC_COLUMNS
     return frame
 
@@ -66,19 +75,73 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
         frame = metrics_frame(res)
         empty = ("The two rounds answer every item the same." if diff and all(res["answered"])
-                 else "No evaluation answers to compare yet.")
+                 else NO_ANSWERS)
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
         return frame, line, html, metrics_plot(studio)
+
+    with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
+        gr.Markdown("Greedy answers on the world's unbiased test scenes (a description and its POPE "
+                    "probes per scene), scored against the drawn objects; the answers and metrics are "
+                    "stored for the round, replacing its earlier answers on the same items.")
+        with gr.Row():
+            eval_round = gr.Dropdown(round_choices(studio, done_only=True), value="0", label="Round",
+                                     allow_custom_value=True, elem_id="compare-eval-round")
+            # No minimum/maximum here: Gradio's own refusal does not name the field; evaluation_scenes does.
+            eval_n = gr.Number(EVAL_SCENES, label=f"test scenes (1 to {EVAL_SCENES_MAX})", precision=0,
+                               elem_id="compare-eval-n")
+            eval_go = gr.Button("Evaluate", elem_id="compare-eval-run")
+        eval_summary = gr.Markdown(elem_id="compare-eval-summary", min_height=48)  # room for the bar
 
     outputs = [metrics, paired, table, plot]
     go.click(run, [a, b, only_diff], outputs, api_name="compare_view")
     only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
 
+    @user_errors
+    def evaluate(round_v: str, n_v: Any, progress=gr.Progress()) -> tuple:  # noqa: B008 - Gradio's idiom
+        round_id = parse_round(round_v)
+        if round_id is None:
+            raise ValueError("pick a round to evaluate")
+        n = evaluation_scenes(n_v)
+        progress(0, desc="loading the model")
+        res = studio.evaluate_world(round_id, split="test", n=n,
+                                    progress=lambda done, total, msg: progress((done, total), desc=msg))
+        ch = round_choices(studio)
+        return (evaluation_summary(res), metrics_plot(studio), gr.Dropdown(choices=ch),
+                gr.Dropdown(choices=ch, value=str(round_id)))
+
+    # The bar shows under the button's summary only; once stored, the comparison is drawn again.
+    eval_go.click(evaluate, [eval_round, eval_n], [eval_summary, plot, a, b], api_name="evaluate_round",
+                  concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[eval_summary]
+                  ).success(run, [a, b, only_diff], outputs, api_name=False)
+
     def refresh() -> tuple:
         # On page load: rounds made since the app started are offered, and B is the newest one.
         ch = round_choices(studio)
-        return gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=ch[-1][1] if ch else "0"), metrics_plot(studio)
+        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=ch[-1][1] if ch else "0"), metrics_plot(studio),
+                gr.Dropdown(choices=round_choices(studio, done_only=True)))
 
-    demo.load(refresh, None, [a, b, plot], api_name=False)
+    demo.load(refresh, None, [a, b, plot, eval_round], api_name=False)
     return {}
+
+
+def evaluation_scenes(value: Any) -> int:
+    """The "test scenes" field as a count: a whole number from 1 to ``EVAL_SCENES_MAX``."""
+    n = number_field(value, "test scenes", int)
+    if not 1 <= n <= EVAL_SCENES_MAX:
+        raise ValueError(f"test scenes: between 1 and {EVAL_SCENES_MAX} (the CLI's eval has no cap)")
+    return n
+
+
+def evaluation_summary(res: dict) -> str:
+    """One line per evaluation: what was answered and its CHAIR / recall / POPE figures."""
+    ev = res["metrics"]
+    figures = ", ".join(f"{label} **{value:.3f}**" for key, label in METRIC_LABELS.items()
+                        if (value := _figure(ev, key)) is not None)
+    return (f"Round {res['round']} on {res['items']} items ({ev.get('scenes', '?')} test scenes, "
+            f"{res['added']} items added), model {escape_text(str(ev.get('model')))}: {figures or 'no figures'}")
+
+
+def _figure(ev: dict, key: str) -> float | None:
+    value = ev.get(key)
+    return float(value) if isinstance(value, int | float) else None

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from lvlm_studio.service import METHODS, Studio
-from lvlm_studio.ui.common import parse_round, report_markdown, round_choices, user_errors
+from lvlm_studio.ui.common import MODEL_JOBS, parse_round, report_markdown, round_choices, user_errors
 
 DEFAULT_PARAMS = {
     "csr": {},  # CSRConfig's defaults; fewer candidates leave most world items without a pair
@@ -59,6 +59,6 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
 
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
-              concurrency_limit=1).then(report_markdown, [result], [summary], api_name=False)
+              concurrency_limit=1, concurrency_id=MODEL_JOBS).then(report_markdown, [result], [summary], api_name=False)
     demo.load(lambda: gr.Dropdown(choices=round_choices(studio, done_only=True)), None, [round_], api_name=False)
     return {}

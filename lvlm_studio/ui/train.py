@@ -12,7 +12,7 @@ from lvlm_studio.evaluation import METRIC_LABELS
 from lvlm_studio.service import Studio
 from lvlm_studio.training import DPORoundConfig, describe_povid_stages
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import parse_round, round_choices, ticked_methods, user_errors
+from lvlm_studio.ui.common import number_field, parse_round, round_choices, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
@@ -85,19 +85,6 @@ def status_html(rnd: dict | None) -> str:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
         html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + "</div>"
     return html + "</div>"
-
-
-def _number(value: Any, label: str, cast: type = float) -> Any:
-    """A number field's value, or a message naming the field (an emptied gr.Number sends None)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{label}: enter a number") from None
-    if cast is int:
-        if number != int(number):
-            raise ValueError(f"{label}: enter a whole number, not {value}")
-        return int(number)
-    return number
 
 
 def methods_update(studio: Studio, current: list[str] | None, known: list[str] | None) -> tuple:
@@ -192,17 +179,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                  objective_v="dpo", stage1_v=0, alpha_v=None, request: gr.Request = None) -> tuple:
         if not methods_v and objective_v == "dpo":
             raise ValueError("pick at least one method")
-        lora_r = _number(r_v, "LoRA r", int)
+        lora_r = number_field(r_v, "LoRA r", int)
         parent_id = None if parent_v in (None, "", CURRENT) else parse_round(parent_v)  # None: the current round
         config = {"methods": list(methods_v) if methods_v else None, "parent_id": parent_id,
                   "include_auto": bool(include_v),
-                  "learning_rate": _number(lr_v, "learning rate"), "num_epochs": _number(epochs_v, "epochs"),
-                  "beta": _number(beta_v, "DPO β"), "lora_r": lora_r,
-                  "sft_weight": _number(sft_v, "SFT weight"), "eval_limit": _number(eval_v, "test items", int),
+                  "learning_rate": number_field(lr_v, "learning rate"), "num_epochs": number_field(epochs_v, "epochs"),
+                  "beta": number_field(beta_v, "DPO β"), "lora_r": lora_r,
+                  "sft_weight": number_field(sft_v, "SFT weight"), "eval_limit": number_field(eval_v, "test items", int),
                   "povid_two_term": bool(two_term_v), "objective": objective_v or "dpo",
-                  "povid_stage1_epochs": _number(stage1_v or 0, "POVID stage-1 epochs")}
+                  "povid_stage1_epochs": number_field(stage1_v or 0, "POVID stage-1 epochs")}
         if alpha_v is not None:  # left out (an older API client), DPORoundConfig's default, as in the CLI
-            config["lora_alpha"] = _number(alpha_v, "LoRA α", int)
+            config["lora_alpha"] = number_field(alpha_v, "LoRA α", int)
         rid = studio.start_round(config, request_user(request))
         return refresh(str(rid))
 
