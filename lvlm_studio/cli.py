@@ -503,10 +503,11 @@ def demo_build_cmd(
     for name, value in (("--vlm-steps", vlm_steps), ("--clip-steps", clip_steps), ("--threads", threads),
                         ("--eval-scenes", eval_scenes)):
         if value is not None and value < 1:
-            raise CLIError(f"{name} must be at least 1, not {value}")
+            raise CLIError(f"{name} must be at least 1, not {value}", EXIT_USAGE)
     if train_scenes is not None:
         if train_scenes < cfg.clip_batch:
-            raise CLIError(f"--train-scenes must be at least {cfg.clip_batch} (one CLIP batch), not {train_scenes}")
+            raise CLIError(f"--train-scenes must be at least {cfg.clip_batch} (one CLIP batch), not {train_scenes}",
+                           EXIT_USAGE)
         cfg.train_scenes = train_scenes
     if eval_scenes is not None:
         cfg.eval_scenes = eval_scenes

@@ -436,6 +436,9 @@ class Studio:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         params = _checked_params(method, params)
         round_id = int(round or 0)
+        # Checked before any item: a method that loads no model (POVID's text pairs) would otherwise
+        # tag its pairs with a round that does not exist or never finished.
+        self._round_adapter(round_id)
         if item_ids is not None:
             items = [self.store.get_item(int(i)) for i in item_ids]
             missing = [i for i, it in zip(item_ids, items, strict=True) if it is None]

@@ -160,6 +160,8 @@ def test_handlers_say_what_is_wrong_and_create_nothing(app):
     fails("n must be at least 1", *gen[:5], -1, *gen[6:], api_name="/generate_run")
     fails('num_candidates="three": expected int', *gen[:7], '{"num_candidates": "three"}', api_name="/generate_run")
     fails("no items to generate for: dataset 'nope'", *gen[:3], "nope", *gen[4:], api_name="/generate_run")
+    fails("round 99 does not exist", "povid", "demo", "99", *gen[3:7], '{"make_image_rejected": false}',
+          api_name="/generate_run")  # POVID's text pairs load no model, and were tagged with round 99
     fails("round 99 does not exist", "0", "99", False, api_name="/compare_view")
     # Two exports in the same second both land (the folder name no longer collides).
     first, second = (client.predict("trl", ["povid"], True, api_name="/export")[0] for _ in range(2))

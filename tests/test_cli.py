@@ -50,7 +50,8 @@ def test_partial_import_exit_code_in_a_real_process(home, settings, tmp_path):
     proc = _cli_process(["import", str(folder), "--json"], home)  # idempotent, machine-readable
     assert proc.returncode == 3
     data = json.loads(proc.stdout)
-    assert data["status"] == "partial" and data["imported"] == 1 and len(data["errors"]) == 4
+    assert data["status"] == "partial" and data["ok"] is False  # partial is not ok
+    assert data["imported"] == 1 and len(data["errors"]) == 4
 
     store = Store(settings.db_path)
     assert store.stats()["tables"]["images"] == 1
@@ -161,3 +162,73 @@ def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monke
     result = run("rounds", "--json")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert json.loads(result.stdout)["error"].startswith(f"the data root {afile} is a file")
+
+
+def test_import_options_reach_the_importer(home, settings, tmp_path):
+    """--prompt and --limit reach the importer (the items get the prompt, no more records land
+    than asked), and --images is the root that a file's image paths resolve against."""
+    folder = tmp_path / "folder"
+    for k in range(3):
+        write_image(folder / f"{k}.png", seed=80 + k)
+    result = run("import", str(folder), "--prompt", "What is here?", "--limit", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["imported"] == 2
+    store = Store(settings.db_path)
+    try:
+        assert [it["prompt"] for it in store.list_items()] == ["What is here?"] * 2
+    finally:
+        store.close()
+
+    pictures, meta = tmp_path / "pictures", tmp_path / "meta"
+    write_image(pictures / "p.png", seed=90)
+    meta.mkdir()
+    row = {"image": "p.png", "prompt": "Describe.", "chosen": "Good.", "rejected": "Bad."}
+    (meta / "d.jsonl").write_text(json.dumps(row))
+    result = run("import", str(meta / "d.jsonl"), "--images", str(pictures), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pairs"] == 1
+
+
+def test_export_options_select_pairs_and_stats_shows_reviews(home, settings, tmp_path):
+    """export --method and --round select the pairs written, --overwrite replaces an earlier
+    export; stats lists review decisions."""
+    from lvlm_studio.service import Studio
+
+    src = tmp_path / "src"
+    for method, ks in (("a", (0, 1)), ("b", (2,))):
+        for k in ks:
+            write_image(src / f"{k}.png", seed=70 + k)
+        rows = [{"image": f"{k}.png", "prompt": "Describe.", "chosen": f"Good {k}.", "rejected": f"Bad {k}."}
+                for k in ks]
+        (src / f"{method}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        assert run("import", str(src / f"{method}.jsonl"), "--method", method).exit_code == 0
+    out = tmp_path / "out"
+    result = run("export", str(out), "--include-auto", "--method", "b", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == 1, result.output
+    result = run("export", str(out), "--include-auto", "--overwrite", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == 3, result.output
+    result = run("export", str(tmp_path / "r1"), "--include-auto", "--round", "1")
+    assert result.exit_code == 1 and "nothing to export" in result.stderr
+
+    studio = Studio(settings, users={}, admins=())
+    studio.decide(studio.store.pair_ids()[0], "ann", "accept")
+    studio.store.close()
+    assert "reviews: accept 1" in run("stats").stdout
+
+
+def test_debug_env_lets_the_traceback_through(home, monkeypatch):
+    """LVLM_STUDIO_DEBUG=1 re-raises a user error (the README's way to see its traceback)."""
+    from lvlm_studio.io import DataImportError
+
+    assert run("import", "/definitely/not/here").exception.__class__ is SystemExit
+    monkeypatch.setenv("LVLM_STUDIO_DEBUG", "1")
+    assert isinstance(run("import", "/definitely/not/here").exception, DataImportError)
+
+
+def test_a_corrupt_database_is_one_error_line(home):
+    """A data root whose studio.db is not a database (sqlite3.Error): exit 1, one error line."""
+    home.mkdir(parents=True)
+    (home / "studio.db").write_text("this is not a database" * 100)
+    result = run("stats", "--json")
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.output
+    assert json.loads(result.stdout)["ok"] is False

@@ -109,6 +109,7 @@ def test_demo_seed_then_resumable_povid_generation(env):
     povid = ["generate", "--method", "povid", "--param", "make_image_rejected=false", "--seed", "7"]
     part = ok_json(*povid, "--n", "2")
     assert part["items"] == 2 and part["pairs"] == 2 and part["skipped"] == 0 and part["round"] == 0
+    assert part["model"] == "demo"  # --json names the model used, the default one too
     rest = ok_json(*povid)  # resumes: the 2 done items are skipped, the other 2 train items run
     assert rest["items"] == 2 and rest["skipped"] == 2 and rest["pairs"] == 2
     assert store.count_pairs(method="povid") == 4
@@ -151,12 +152,12 @@ def test_generate_user_errors(env, tiny):
                  message="Could not load model 'no-such-org/no-such-model'")
     assert "HF_HUB_OFFLINE" in line
     fails("generate", "--method", "stic", "--model", "./not/here", message="No model directory at './not/here'")
-    fails("generate", "--method", "dpo", message="unknown method 'dpo'")
-    fails("generate", "--method", "csr", "--param", "num_candidates", message="expected key=value")
-    fails("generate", "--method", "csr", "--param", "candidates=3", message="unknown csr option")
-    fails("generate", "--method", "csr", "--param", "num_candidates=many", message='num_candidates="many": expected int')
-    fails("generate", "--method", "povid", "--items", "1,x", message="comma-separated integers")
-    fails("generate", "--method", "povid", "--items", "1", "--dataset", "d", message="either --items or --dataset")
+    fails("generate", "--method", "dpo", message="unknown method 'dpo'", code=2)
+    fails("generate", "--method", "csr", "--param", "num_candidates", message="expected key=value", code=2)
+    fails("generate", "--method", "csr", "--param", "candidates=3", message="unknown csr option", code=2)
+    fails("generate", "--method", "csr", "--param", "num_candidates=many", message='num_candidates="many": expected int', code=2)
+    fails("generate", "--method", "povid", "--items", "1,x", message="comma-separated integers", code=2)
+    fails("generate", "--method", "povid", "--items", "1", "--dataset", "d", message="either --items or --dataset", code=2)
     fails("generate", "--method", "povid", "--items", "999", message="unknown item id(s): [999]")
     assert open_store(env).count_pairs() == 0
 
@@ -298,6 +299,8 @@ def test_compare_marks_hallucinated_objects(env):
     diff = ok_json("compare", "0", str(r1), "--only-diff")
     assert diff["paired"]["n"] == 2 and diff["paired"]["only_a"] == 1  # over every caption, not only the shown
     assert [r["item_id"] for r in diff["rows"]] == [items[0]["item_id"]]
+    limited = ok_json("compare", "0", str(r1), "--limit", "1")  # "items" counts all, "rows" the shown
+    assert limited["items"] == 2 and [r["item_id"] for r in limited["rows"]] == [items[0]["item_id"]]
     assert diff["rows"][0]["a"]["hallucinated"] == [wrong] and diff["rows"][0]["b"]["hallucinated"] == []
     # Round r1 answers one more scene: its own metrics cover other items, so the items both
     # answered are measured again, side by side.
@@ -311,17 +314,26 @@ def test_compare_marks_hallucinated_objects(env):
     assert ok_json("compare", "0", str(r1))["common_metrics"][1]["answers"] == 2
     assert mark_hallucinations(None) == "(no answer stored)"
     assert mark_hallucinations({"answer": "a x", "hallucinated": ["x"]}) == "a x  (hallucinated: x)"
+    # spans in any order; a span inside one already marked is not marked again
+    spans = [{"start": 19, "end": 23, "hallucinated": True}, {"start": 2, "end": 12, "hallucinated": True},
+             {"start": 6, "end": 12, "hallucinated": True}]
+    assert mark_hallucinations({"answer": "a red circle and a star", "spans": spans}) == "a [red circle] and a [star]"
 
 
 def test_demo_build_small(env, tmp_path):
     out = tmp_path / "demo"
     data = ok_json("demo", "build", "--out", out, "--vlm-steps", "2", "--clip-steps", "2", "--train-scenes", "64",
-                   "--no-eval", "--quiet", "--threads", "1")
+                   "--eval-scenes", "3", "--no-eval", "--quiet", "--threads", "1")
     assert data["vlm_steps"] == 2 and data["clip_steps"] == 2 and data["vlm_final_loss"] > 0
     assert (out / "vlm" / "config.json").is_file() and (out / "clip" / "open_clip_config.json").is_file()
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["build"]["train_scenes"] == 64 and recipe["seed"] == 0
-    fails("demo", "build", "--out", tmp_path / "x", "--train-scenes", "10", message="--train-scenes must be at least 64")
+    assert recipe["build"]["train_scenes"] == 64 and recipe["seed"] == 0 and recipe["build"]["eval_scenes"] == 3
+    # Refused before anything is built (small sizes, so that a missing check fails fast, not in minutes).
+    small = ["--clip-steps", "2", "--no-eval", "--quiet", "--threads", "1"]
+    fails("demo", "build", "--out", tmp_path / "x", "--vlm-steps", "2", "--train-scenes", "10", *small,
+          message="--train-scenes must be at least 64", code=2)
+    fails("demo", "build", "--out", tmp_path / "x", "--vlm-steps", "0", "--train-scenes", "64", *small,
+          message="--vlm-steps must be at least 1", code=2)
     assert not (tmp_path / "x").exists()
 
 
@@ -331,6 +343,9 @@ def test_progress_bar_follows_tasks(capsys):
     bar(3, 3, "CSR: 3/3 items")
     assert bar.bar.n == 3 and bar.bar.total == 3
     bar(1, 2, "POVID: 1/2 items")  # a new task: a new total, counted from zero
+    assert bar.bar.n == 1 and bar.bar.total == 2
+    bar(2, 2, "POVID: 2/2 items")
+    bar(1, 2, "STIC: 1/2 items")  # a new task with the same total: counted from zero again
     assert bar.bar.n == 1 and bar.bar.total == 2
     bar.close()
     assert "gen: POVID" in capsys.readouterr().err
@@ -397,3 +412,173 @@ def test_generate_csr_with_existence_pairs_on_the_demo_model(env):
         assert [p for p in derived() if p["meta"]["from_item"] in sources] == made
     finally:
         store.close()
+
+
+def _fake_start(status: str = "queued", **fields):
+    """A Studio.start_round that only records its arguments and creates the round row (no job)."""
+    calls: list[tuple] = []
+
+    def start_round(self, config, user, parent_id=None):
+        calls.append((config, user, parent_id))
+        rid = self.store.create_round(parent_id, "m", config, status=status)
+        if fields:
+            self.store.update_round(rid, **fields)
+        return rid
+
+    return start_round, calls
+
+
+def test_train_options_reach_start_round(env, monkeypatch):
+    """--from-round, --methods (spaces allowed), --include-auto, -c and --user reach
+    Studio.start_round as given; --json reports the new round (no job is started here)."""
+    from lvlm_studio.service import Studio
+
+    seed(train=2, test=1)
+    ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
+    start_round, calls = _fake_start(pid=4242, log_path="/tmp/round.log")
+    monkeypatch.setattr(Studio, "start_round", start_round)
+    monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin")
+    started = ok_json("train", "--from-round", "0", "--methods", "povid, csr", "--include-auto",
+                      "-c", "max_steps=2", "-c", "eval_limit=None", "--user", "alice")
+    config, user, parent = calls[0]
+    assert config == {"max_steps": 2, "eval_limit": None, "methods": ["povid", "csr"], "include_auto": True}
+    assert user == "alice" and parent == 0
+    assert started == {"ok": True, "round": 1, "parent": 0, "status": "queued", "pid": 4242, "pairs": 2,
+                       "log": "/tmp/round.log"}
+    # only csr pairs: nothing to train on, refused before a round is created
+    fails("train", "--methods", "csr", "--include-auto", message="no training pairs")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_train_wait_fails_on_a_round_that_did_not_finish(env, monkeypatch, status):
+    """--wait exits 1 with the round's reason when it ends failed or cancelled, not only 'done' counts."""
+    from lvlm_studio.service import Studio
+
+    seed(train=2, test=1)
+    ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
+    monkeypatch.setattr(Studio, "start_round", _fake_start(status, error="boom")[0])
+    line = fails("train", "--include-auto", "--wait", message=f"round 1 {status}: boom", code=1, json_too=False)
+    assert line.startswith("error:")
+    result = run("train", "--include-auto", "--wait", "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and data["ok"] is False and data["status"] == status
+
+
+def test_train_wait_timeout_stops_following(env, monkeypatch):
+    """--wait --timeout gives up following a round that is still running (exit 1, the round keeps
+    running); a fake sleep ends the test if the timeout is ignored."""
+    from lvlm_studio.service import Studio
+
+    seed(train=2, test=1)
+    ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
+    monkeypatch.setattr(Studio, "start_round", _fake_start("running")[0])
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) > 20:
+            raise AssertionError("--timeout was not honoured")
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    result = run("train", "--include-auto", "--wait", "--timeout", "0")
+    assert result.exit_code == 1 and "round 1 is still running after 0 s" in result.stderr, result.output
+    assert open_store(env).get_round(1)["status"] == "running"
+
+
+def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
+    """cancel on a finished round says there is nothing to cancel; on an active one it calls
+    Studio.cancel_round with the user and --timeout given."""
+    from lvlm_studio.service import Studio
+
+    init = ok_json("init")
+    assert init["ok"]
+    assert ok_json("cancel", "0") == {"ok": True, "round": 0, "was": "done", "status": "done", "error": None}
+    assert run("cancel", "0").stdout.strip() == "round 0 is already done: nothing to cancel"
+    store = open_store(env)
+    rid = store.create_round(0, "m", {}, status="running")
+    store.close()
+    calls = []
+
+    def cancel_round(self, round_id, user, timeout=30.0):
+        calls.append((round_id, user, timeout))
+        self.store.update_round(round_id, status="cancelled", error="cancelled by request")
+        return self.store.get_round(round_id)
+
+    monkeypatch.setattr(Studio, "cancel_round", cancel_round)
+    assert run("cancel", rid, "--timeout", "5", "--user", "carol").stdout.strip() == f"round {rid}: running -> cancelled"
+    assert calls == [(rid, "carol", 5.0)]
+
+
+def test_rounds_lists_stored_rounds(env):
+    """rounds --json: config, pid, pairs, duration; a round whose process is gone is marked failed on
+    the way; the table shows progress in percent and each failed round's reason."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    seed(train=1, test=1)  # a studio command: the data root with its base round 0
+    store = open_store(env)
+    done = store.create_round(0, "m", {"methods": ["csr"], "max_steps": 2}, status="queued")
+    store.update_round(done, status="done", pid=111, progress=1.0, started="2030-01-01T00:00:00Z",
+                       finished="2030-01-01T00:00:10Z", metrics={"n_pairs": 5, "eval": {"chair_s": 0.25}})
+    failed = store.create_round(done, "m", {}, status="failed")
+    store.update_round(failed, error="out of memory")
+    gone = store.create_round(done, "m", {}, status="running")
+    store.update_round(gone, pid=dead.pid)
+    store.close()
+    rounds = {r["id"]: r for r in ok_json("rounds")["rounds"]}
+    assert rounds[done]["config"] == {"methods": ["csr"], "max_steps": 2} and rounds[done]["methods"] == ["csr"]
+    assert rounds[done]["pid"] == 111 and rounds[done]["pairs"] == 5 and rounds[done]["chair_s"] == 0.25
+    assert rounds[done]["seconds"] == 10.0 and rounds[failed]["parent"] == done
+    assert rounds[gone]["status"] == "failed" and "is gone" in rounds[gone]["error"]
+    text = run("rounds").stdout
+    assert f"\n{done}   0       done    100%" in text
+    assert f"round {failed}: out of memory" in text and f"round {gone}: the training process" in text
+
+
+def test_eval_and_compare_option_errors(env):
+    """Bad eval/compare values are usage errors (2); a missing round is a failure (1) caught
+    before any model loads; compare --limit 0 is allowed; rounds with no stored answers get a hint."""
+    ok_json("init")
+    fails("eval", "--split", "val", message="unknown split 'val'", code=2)
+    fails("eval", "--n", "0", message="--n and --max-new-tokens must be at least 1", code=2)
+    fails("eval", "--round", "7", "--n", "1", "--max-new-tokens", "1", message="round 7 does not exist", code=1)
+    fails("compare", "0", "9", message="round 9 does not exist", code=1)
+    assert ok_json("compare", "0", "0", "--limit", "0")["rows"] == []
+    assert "no evaluation answers stored for round(s) 0, 0: run lvlm-studio eval --round N" in run(
+        "compare", "0", "0").stdout
+
+
+def test_generate_tags_pairs_with_the_round_and_checks_its_options(env):
+    """--round reaches the generator (the pairs belong to that round), --split all reaches every
+    split; --n 0 and an empty --items are usage errors (2)."""
+    seed(train=2, test=1)
+    store = open_store(env)
+    r1 = store.create_round(0, "m", {}, status="done")
+    store.update_round(r1, adapter_path="adapters/round-1")  # POVID's text pairs never load it
+    povid = ["generate", "--method", "povid", "--param", "make_image_rejected=false"]
+    made = ok_json(*povid, "--round", r1, "--n", "1")
+    assert made["round"] == r1 and made["pairs"] == 1
+    assert len(store.items_with_pairs("povid", r1)) == 1 and not store.items_with_pairs("povid", 0)
+    assert ok_json(*povid, "--split", "all", "--n", "1")["items"] == 1
+    fails(*povid, "--n", "0", message="--n must be at least 1", code=2)
+    fails(*povid, "--items", ",", message="--items is empty", code=2)
+    # A round that does not exist or never finished is refused, even by a method that loads no model.
+    failed = store.create_round(0, "demo", {}, status="failed")
+    fails(*povid, "--round", "99", "--n", "1", message="round 99 does not exist", code=1)
+    fails(*povid, "--round", str(failed), "--n", "1", message=f"round {failed} has no finished adapter", code=1)
+    assert not store.items_with_pairs("povid", 99) and not store.items_with_pairs("povid", failed)
+    store.close()
+
+
+def test_generate_from_a_round_whose_parent_adapter_is_gone(env, tiny):
+    """A round whose parent's adapter folder was deleted (FileNotFoundError): one error line, no traceback."""
+    vlm, _ = tiny
+    seed(train=2, test=1)
+    store = open_store(env)
+    r1 = store.create_round(0, vlm, {}, status="done")
+    store.update_round(r1, adapter_path=str(env / "adapters" / "gone-1"))
+    r2 = store.create_round(r1, vlm, {}, status="done")
+    store.update_round(r2, adapter_path=str(env / "adapters" / "gone-2"))
+    store.close()
+    fails("generate", "--method", "stic", "--model", vlm, "--round", r2, "--n", "1", message="adapter directory",
+          code=1)
