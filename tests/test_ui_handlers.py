@@ -1,0 +1,409 @@
+"""The tabs' handlers called directly on a built app (no server, no model): the user's fields reach
+the service, decisions land under the signed-in user, the review queue moves on (skip, decide,
+undo), what a user typed is escaped wherever it is shown as HTML, and the JSON API exposes every
+documented endpoint. The same handlers over HTTP: tests/test_app.py."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from conftest import image_bytes, write_image  # noqa: E402
+
+from lvlm_studio.config import Settings  # noqa: E402
+from lvlm_studio.service import Studio, parse_users  # noqa: E402
+from lvlm_studio.ui.app import build_app  # noqa: E402
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def signed_in(name: str | None, oauth: dict | None = None) -> SimpleNamespace:
+    """A stand-in for gr.Request: a password-auth user name and/or an HF OAuth session."""
+    return SimpleNamespace(username=name, session={"oauth_info": {"userinfo": oauth}} if oauth else {})
+
+
+def handler(demo: gr.Blocks, name: str):
+    """A handler of the built app by its api_name (or its function's name when it has none)."""
+    fns = list(demo.fns.values())
+    found = [f for f in fns if f.api_name == name] or [f for f in fns if f.fn and f.fn.__name__ == name]
+    assert len(found) == 1, (name, len(found))
+    return found[0].fn
+
+
+def add_pairs(studio: Studio, margins: list[float], method: str = "csr", round: int = 0) -> list[int]:
+    """One new item (own image) and pair per margin; lower margins come first in the queue."""
+    from lvlm_studio.media import ingest_image
+
+    ids = []
+    for margin in margins:
+        seed = 500 + studio.store.count_items()
+        rec = ingest_image(studio.settings, image_bytes(seed, "PNG"), name=f"{seed}.png")
+        studio.store.add_image(rec.id, rec.path, rec.width, rec.height, "test")
+        item = studio.store.add_item(rec.id, "Describe the image.")
+        chosen, rejected = f"There is a red circle {seed}.", f"There is a blue star {seed}."
+        studio.store.write_generation(
+            item, [{"text": chosen, "source": method, "round": round}, {"text": rejected, "source": method, "round": round}],
+            [{"chosen": 0, "rejected": 1, "method": method, "margin": margin, "round": round}])
+        ids.append(studio.store.find_pair(item, chosen, rejected, method))
+    return ids
+
+
+@pytest.fixture
+def open_studio(home):
+    studio = Studio(Settings(home=home), users={}, admins=())
+    yield studio
+    studio.store.close()
+
+
+@pytest.fixture
+def accounts_studio(home):
+    studio = Studio(Settings(home=home), users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=())
+    yield studio
+    studio.store.close()
+
+
+# ---- identity and errors ------------------------------------------------------------------------
+
+
+def test_user_errors_become_messages_and_other_errors_stay_errors():
+    """user_errors: a missing role, an unknown id, and the project's own errors (subclasses too:
+    RoundBusyError is a JobError) are messages; a bug is not hidden behind one."""
+    from lvlm_studio.jobs import RoundBusyError
+    from lvlm_studio.ui.common import user_errors
+
+    def raising(exc: BaseException):
+        def fn():
+            raise exc
+        return user_errors(fn)
+
+    with pytest.raises(gr.Error, match="Not allowed: training needs the admin role"):
+        raising(PermissionError("training needs the admin role"))()
+    with pytest.raises(gr.Error, match="pair 9 does not exist"):
+        raising(LookupError("pair 9 does not exist"))()
+    with pytest.raises(gr.Error, match="round 3 is already running"):
+        raising(RoundBusyError("round 3 is already running"))()
+    with pytest.raises(RuntimeError, match="a bug"):
+        raising(RuntimeError("a bug"))()
+
+
+def test_who_a_request_acts_as(open_studio, accounts_studio, home):
+    """HF OAuth names a user by their Hub handle (what an admin list holds), not their display
+    name; a password account wins; the header names the signed-in user and their role, escaped;
+    the password prompt is on only with accounts (an admin list alone signs in with Hugging Face)."""
+    from lvlm_studio.ui.app import launch_kwargs
+    from lvlm_studio.ui.auth import acting_user, launch_auth, request_user
+
+    hub = {"preferred_username": "alice", "name": "Alice Liddell"}
+    assert request_user(signed_in(None, hub)) == "alice"
+    assert request_user(signed_in("bob", hub)) == "bob"
+    assert request_user(None) is None
+    # Open mode: an empty typed name is nobody in particular, not an error.
+    assert acting_user(open_studio, None, "") == ""
+    assert acting_user(open_studio, None, " ann ") == "ann"
+
+    header = handler(build_app(accounts_studio), "on_header")
+    assert "signed in as alice (admin)" in header(signed_in("alice"))
+    shown = header(signed_in(HOSTILE))
+    assert HOSTILE not in shown and "signed in as &lt;img src=x onerror=alert(1)&gt; (reviewer)" in shown
+    assert launch_auth(accounts_studio) == accounts_studio.check_password
+    assert launch_kwargs(accounts_studio)["auth"] == accounts_studio.check_password
+
+    space = Studio(Settings(home=home), users={}, admins={"alice"})
+    try:
+        assert launch_auth(space) is None and "auth" not in launch_kwargs(space)
+        assert "signed in as alice (admin)" in handler(build_app(space), "on_header")(signed_in(None, hub))
+    finally:
+        space.store.close()
+
+
+def test_round_lists_and_typed_rounds(open_studio):
+    """Generate's round box offers finished rounds only (an adapter to generate with); Review's
+    filter has "all rounds"; a typed round is a number or a message naming the field's problem."""
+    from lvlm_studio.ui.common import parse_round, round_choices
+
+    studio = open_studio
+    done = studio.store.create_round(0, "m", {}, status="done")
+    failed = studio.store.create_round(0, "m", {}, status="failed")
+    assert round_choices(studio, done_only=True) == [("round 0 (base model)", "0"), (f"round {done} (done)", str(done))]
+    assert round_choices(studio, with_all=True)[0] == ("all rounds", "all")
+    assert (f"round {failed} (failed)", str(failed)) in round_choices(studio)
+    assert parse_round("all") is None and parse_round("") is None and parse_round(" 2 ") == 2
+    with pytest.raises(ValueError, match="no round 'two'"):
+        parse_round("two")
+
+
+def test_json_api_exposes_every_documented_endpoint(open_studio):
+    """The endpoints the app's docstring promises scripts are there, each the function of its name;
+    generation runs one at a time."""
+    demo = build_app(open_studio)
+    by_name = {f.api_name: f for f in demo.fns.values()}
+    for name in ("next_pair", "get_pair", "decide", "undo", "progress", "generate", "start_round",
+                 "cancel_round", "rounds", "round_status", "compare", "agreement", "stats"):
+        assert by_name[name].fn.__name__ == name
+    assert by_name["generate"].concurrency_limit == 1
+    assert by_name["agreement"].fn()["reviewers"] == []
+
+
+# ---- the JSON API -------------------------------------------------------------------------------
+
+
+def test_json_review_api_passes_filters_and_identity(accounts_studio):
+    """/next_pair applies the method, round and queue filters; /get_pair and /progress answer for
+    the caller; /decide records under the signed-in user whatever name is sent."""
+    studio = accounts_studio
+    demo = build_app(studio)
+    next_pair, get_pair, decide, progress = (handler(demo, n) for n in ("next_pair", "get_pair", "decide", "progress"))
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    csr, povid = add_pairs(studio, [0.1])[0], add_pairs(studio, [0.2], method="povid")[0]
+    later = add_pairs(studio, [0.3], round=r1)[0]
+    bob = signed_in("bob")
+    assert next_pair("", "", "", "pending", request=bob)["pair_id"] == csr  # lowest margin first
+    assert next_pair("", "povid", "", "pending", request=bob)["pair_id"] == povid
+    assert next_pair("", "", str(r1), "pending", request=bob)["pair_id"] == later
+    decide(csr, "alice", "accept", "", "looks right", request=bob)
+    assert studio.store.reviewer_decision(csr, "bob")["note"] == "looks right"
+    assert studio.store.reviewer_decision(csr, "alice") is None
+    assert next_pair("", "", "", "decided", request=bob)["pair_id"] == csr
+    assert get_pair(csr, "", request=bob)["my_decision"] == "accept"
+    assert get_pair(csr, "", request=signed_in("alice"))["my_decision"] is None
+    assert progress("", request=bob)["reviewer_done"] == 1
+    with pytest.raises(gr.Error, match="sign in first"):
+        decide(povid, "bob", "accept", "", "", request=None)
+
+
+def test_json_compare_and_generate_pass_their_arguments(open_studio, monkeypatch):
+    """/compare's only_diff keeps the rows where the rounds differ; /generate hands every field
+    (items, seed, ...) to the service."""
+    studio = open_studio
+    item_a, item_b = (studio.store.add_item(studio._ingest(image_bytes(k, "PNG"), f"{k}.png", "test"), "Describe.")
+                      for k in (1, 2))
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    for rid, first in ((0, "A red circle."), (r1, "A blue star.")):
+        studio.store.add_eval_outputs(rid, [{"item_id": item_a, "answer": first, "objects": [], "hallucinated": []},
+                                            {"item_id": item_b, "answer": "Same.", "objects": [], "hallucinated": []}])
+    demo = build_app(studio)
+    compare = handler(demo, "compare")
+    assert len(compare(0, r1, False)["rows"]) == 2
+    assert [r["a"]["answer"] for r in compare(0, r1, True)["rows"]] == ["A red circle."]
+
+    calls = []
+    monkeypatch.setattr(studio, "generate", lambda method, **kw: calls.append((method, kw)) or {})
+    handler(demo, "generate")("stic", "demo", 0, [item_b], "", "", 0, {"max_new_tokens": 4}, 7)
+    method, kw = calls[-1]
+    assert method == "stic" and kw["item_ids"] == [item_b] and kw["seed"] == 7 and not kw["round"]
+    assert kw["params"] == {"max_new_tokens": 4}
+
+
+# ---- the Review tab -----------------------------------------------------------------------------
+
+
+def _review(demo):
+    load = handler(demo, "review_load")
+    act = {d: handler(demo, f"review_{d}") for d in ("accept", "swap", "reject_both", "skip", "undo")}
+    return load, act
+
+
+def test_review_buttons_record_their_decision_for_the_signed_in_user(accounts_studio):
+    """Each button saves its own decision with the note, under the signed-in user (the name box is
+    hidden with accounts on; whatever it holds is ignored), and the next pair comes up."""
+    studio = accounts_studio
+    p0, p1, p2 = add_pairs(studio, [0.1, 0.2, 0.3])
+    load, act = _review(build_app(studio))
+    bob = signed_in("bob")
+    out = load("", "all", "all", "pending", bob)
+    assert out[0] == p0
+    out = act["swap"](out[0], out[1], "alice", "all", "all", "pending", "", "wrong way round", bob)
+    rec = studio.store.reviewer_decision(p0, "bob")
+    assert (rec["decision"], rec["note"]) == ("swap", "wrong way round")
+    assert studio.store.reviewer_decision(p0, "alice") is None
+    assert out[0] == p1 and f"pair #{p0}" in out[10]
+    out = act["reject_both"](out[0], out[1], "", "all", "all", "pending", "", "", bob)
+    assert studio.store.reviewer_decision(p1, "bob")["decision"] == "reject_both" and out[0] == p2
+    out = act["accept"](out[0], out[1], "", "all", "all", "pending", "", "", bob)
+    assert studio.store.reviewer_decision(p2, "bob")["decision"] == "accept" and out[0] is None
+
+
+def test_review_queue_moves_on_after_skip_and_decide_and_undo_brings_pairs_back(open_studio):
+    """Skip and decide keep the pair out of this session's queue (in the "all" queue a decided pair
+    is still eligible); undo puts it back, so a pair undone is offered again."""
+    studio = open_studio
+    p0, p1, p2 = add_pairs(studio, [0.1, 0.2, 0.3])
+    load, act = _review(build_app(studio))
+    args = ("ann", "all", "all", "all", "", "")
+    out = load(*args[:4], None)
+    assert out[0] == p0
+    out = act["skip"](out[0], out[1], *args, None)
+    assert out[0] == p1 and studio.store.reviewer_decision(p0, "ann") is None
+    out = load(*args[:4], None)  # a reload brings skipped pairs back
+    out = act["accept"](out[0], out[1], *args, None)
+    assert out[0] == p1  # not p0 again, though the "all" queue holds it
+    out = act["accept"](out[0], out[1], *args, None)
+    assert out[0] == p2 and out[1] == [p0, p1]
+    out = act["undo"](out[0], out[1], *args, None)
+    assert out[0] == p1 and f"Undid your decision on pair #{p1}" in out[10]
+    out = act["undo"](out[0], out[1], *args, None)
+    assert out[0] == p0 and out[1] == []
+    out = act["accept"](out[0], out[1], *args, None)
+    assert out[0] == p1  # undone, so offered again (not jumped over to p2)
+
+
+def test_review_panels_show_each_answer_under_its_title(open_studio):
+    """The chosen panel holds the chosen answer and the rejected panel the rejected one; after a swap
+    the titles say which now trains as which, and no "edited answer" block appears for a non-edit."""
+    from lvlm_studio.ui.review import panel_labels
+
+    studio = open_studio
+    pid = add_pairs(studio, [0.1])[0]
+    load, act = _review(build_app(studio))
+    out = load("ann", "all", "all", "pending", None)
+    view = studio.get_pair(pid)
+    assert "".join(t["token"] for t in out[4].value) == view["chosen"]["text"]
+    assert "".join(t["token"] for t in out[5].value) == view["rejected"]["text"]
+    assert "Edited chosen answer" not in out[3]  # every label has a chosen text; only an edit's is shown
+    out = act["swap"](out[0], out[1], "ann", "all", "all", "all", "", "", None)
+    out = load("ann", "all", "all", "decided", None)
+    assert out[0] == pid and "swap by ann" in out[3] and "Edited chosen answer" not in out[3]
+    chosen_title, rejected_title = panel_labels({"status": "swap", "reviewer": "ann"})
+    assert chosen_title.endswith("trains as REJECTED") and rejected_title.endswith("trains as CHOSEN")
+
+
+def test_review_info_and_progress_escape_what_users_typed():
+    """Prompts, imported metadata and reviewer names (typed freely in open mode) are text in the
+    Review tab's HTML, never markup."""
+    from lvlm_studio.ui.review import _info_html, _progress_html
+
+    view = {"pair_id": 4, "method": "csr", "round": 0, "margin": 0.5, "prompt": f"prompt {HOSTILE}",
+            "label": {"status": "swap", "reviewer": f"eve {HOSTILE}"}, "my_decision": "swap",
+            "meta": {"pair_prompt": f"written for {HOSTILE}", "kind": f"kind {HOSTILE}"}}
+    html = _info_html(view)
+    assert "<img" not in html and html.count("&lt;img src=x onerror=alert(1)&gt;") == 4
+    assert "swap by eve &lt;img" in html
+    progress = _progress_html({"total": 4, "done": 3, "per_reviewer": {HOSTILE: {"done": 2}, "ann": {"done": 1}}},
+                              HOSTILE)
+    assert "<img" not in progress and "&lt;img src=x onerror=alert(1)&gt;: 2" in progress
+    assert "3 / 4 pairs reviewed (75%) · you: 2" in progress
+
+
+# ---- the Data tab -------------------------------------------------------------------------------
+
+
+def test_data_tab_escapes_reviewer_names_and_report_values():
+    """Reviewer names in the agreement panel and file names / import errors in the reports are shown
+    as text; the upload report counts added and refused images the right way round."""
+    from lvlm_studio.ui.common import report_markdown
+    from lvlm_studio.ui.data import agreement_html
+
+    html = agreement_html({"reviewers": [HOSTILE, "ann"], "fleiss_kappa": None, "items_multi_rated": 0,
+                           "override_rate": 0.5, "cohen": [{"a": HOSTILE, "b": f"b{HOSTILE}", "kappa": 0.5, "n": 3}]})
+    assert "<img" not in html and html.count("&lt;img") == 3
+    imp = report_markdown({"imported": 1, "status": "partial", "format": "jsonl", "pairs": 0, "skipped": 1,
+                           "ignored": 0, "errors": [f"line 2: {HOSTILE}"]})
+    assert "<img" not in imp and "- line 2: &lt;img" in imp
+    # ten errors are listed; the eleventh is counted, not dropped without a word
+    eleven = report_markdown({"imported": 0, "errors": [f"line {k}: bad" for k in range(11)]})
+    assert eleven.count("\n- line") == 10 and "and 1 more" in eleven
+    up = report_markdown({"items": [1], "rejected": [{"file": f"{HOSTILE}.png", "reason": "not an image"},
+                                                     {"file": "b.png", "reason": "too large"}]})
+    assert "<img" not in up and "**1 images added**, 2 refused" in up and "- b.png: too large" in up
+
+
+def test_data_tab_passes_its_fields_to_the_service(open_studio, tmp_path):
+    """Upload and import file items under the dataset typed; export writes only the methods ticked;
+    the statistics' refresh keeps the user's ticks and ticks a method that appeared since."""
+    studio = open_studio
+    demo = build_app(studio)
+    photo = write_image(tmp_path / "photo.png", seed=3)
+    handler(demo, "upload_images")([str(photo)], "What is here?", "mine")
+    [item] = studio.store.list_items(dataset="mine")
+    assert item["prompt"] == "What is here?"
+    write_image(tmp_path / "folder" / "a.png", seed=4)
+    report = handler(demo, "import_path")(str(tmp_path / "folder"), "folder", "imported-set", None)
+    assert report["imported"] == 1 and len(studio.store.list_items(dataset="imported-set")) == 1
+
+    add_pairs(studio, [0.1, 0.2])
+    add_pairs(studio, [0.3], method="povid")
+    shown, _zip = handler(demo, "export")("trl", ["povid"], True)
+    assert shown["pairs"] == 1
+    add_pairs(studio, [0.4], method="my-file")
+    stats = handler(demo, "data_stats")(["csr"], ["csr", "povid", "stic"])
+    assert stats[3].value == ["csr", "my-file"] and stats[4] == ["csr", "povid", "stic", "my-file"]
+
+
+# ---- the Compare tab ---------------------------------------------------------------------------
+
+
+def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest(open_studio):
+    """On page load Compare's round B is the newest round, including one made after the app started;
+    the Evaluate box offers the finished rounds."""
+    studio = open_studio
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    demo = build_app(studio)
+    on_load = next(f.fn for f in demo.fns.values()
+                   if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
+    r2 = studio.store.create_round(r1, "m", {}, status="done")
+    r3 = studio.store.create_round(r2, "m", {}, status="failed")
+    a, b, _plot, evaluate_round = on_load()
+    assert b.value == str(r3) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
+    assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
+
+
+# ---- the Generate and Train tabs ----------------------------------------------------------------
+
+
+def test_generate_tab_passes_its_fields(open_studio, monkeypatch):
+    """The Generate button: the split "all" means every split, and the round, seed and item count
+    typed go to the service."""
+    studio = open_studio
+    calls = []
+    monkeypatch.setattr(studio, "generate", lambda method, **kw: calls.append((method, kw)) or {})
+    run = handler(build_app(studio), "generate_run")
+    run("csr", "demo", "2", "shapesworld", "all", 3, 7, '{"num_candidates": 4}', progress=lambda *a, **k: None)
+    method, kw = calls[-1]
+    assert method == "csr" and kw["split"] is None and kw["seed"] == 7 and kw["n"] == 3 and kw["round"] == 2
+    assert kw["dataset"] == "shapesworld" and kw["params"] == {"num_candidates": 4}
+    run("csr", "demo", "0", "shapesworld", "test", 3, 0, "{}", progress=lambda *a, **k: None)
+    assert calls[-1][1]["split"] == "test"
+
+
+def test_train_tab_start_and_cancel_pass_the_fields_and_the_signed_in_user(accounts_studio, monkeypatch):
+    """Start with the default parent ("the current round") and a fractional epoch count; start and
+    cancel act as the signed-in admin; a client that sends no LoRA α gets the config's default."""
+    studio = accounts_studio
+    started, cancelled = [], []
+    monkeypatch.setattr(studio, "start_round", lambda config, user: started.append((config, user)) or 0)
+    monkeypatch.setattr(studio, "cancel_round", lambda rid, user: cancelled.append((rid, user)))
+    demo = build_app(studio)
+    alice = signed_in("alice")
+    handler(demo, "train_start")(["povid"], "current", True, 1e-4, 0.5, 0.2, 8, 0.5, 2, True, "dpo", 3, None,
+                                 request=alice)
+    config, user = started[-1]
+    assert user == "alice" and config["parent_id"] is None and config["num_epochs"] == 0.5
+    assert config["include_auto"] is True and config["povid_stage1_epochs"] == 3 and "lora_alpha" not in config
+    handler(demo, "train_cancel")("0", alice)
+    # The JSON API acts as the signed-in user too (a typed name counts only in open mode).
+    handler(demo, "start_round")({"methods": ["povid"]}, "bob", request=alice)
+    handler(demo, "cancel_round")(0, "bob", request=alice)
+    assert started[-1] == ({"methods": ["povid"]}, "alice") and cancelled == [(0, "alice"), (0, "alice")]
+
+
+def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio):
+    """With no round picked the status shows the newest trained round; a round's curve reaches the
+    plots and /round_status; the methods poll reads the box's ticks and the known methods in that order."""
+    studio = open_studio
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    r2 = studio.store.create_round(r1, "m", {}, status="failed")
+    studio.store.log_round_step(r1, 1, {"loss": 0.69})
+    demo = build_app(studio)
+    refreshed = handler(demo, "train_refresh")(None)
+    assert f"<b>Round {r2}</b>" in refreshed[2] and refreshed[3].empty  # the newest round, no curve yet
+    loss = handler(demo, "train_refresh")(str(r1))[3]
+    assert loss["value"].tolist() == [0.69]
+    status = handler(demo, "round_status")(r1)
+    assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
+    poll = next(f for f in demo.fns.values() if f.fn and f.fn.__name__ == "update_methods")
+    assert poll.inputs[0].elem_id == "train-methods" and poll.inputs[1] is poll.outputs[1]
