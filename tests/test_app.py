@@ -71,7 +71,7 @@ def test_compare_returns_both_rounds_answers(app):
     res = client.predict(0, r1, False, api_name="/compare")
     assert [r["a"]["answer"] for r in res["rows"]] == ["There is a red circle.", "Same."]
     assert [r["b"]["answer"] for r in res["rows"]] == ["There is a blue square.", "Same."]
-    metrics, paired, html, _plot = client.predict("0", str(r1), True, api_name="/compare_view")
+    metrics, paired, html, _plot, _note = client.predict("0", str(r1), True, api_name="/compare_view")
     assert f"CHAIR_s on the same 2 captions: 0.500 (round 0) -> 0.000 (round {r1})" in paired
     assert "There is a blue square." in html and "Same." not in html  # only where they differ
     assert '<mark class="hallu">red circle</mark>' in html
@@ -85,7 +85,7 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     client = Client(url, verbose=False)
     html = client.predict("0", "0", False, api_name="/compare_view")[2]
     assert "evaluate a round below" in html
-    summary, plot, _a, b = client.predict("0", 2, api_name="/evaluate_round")
+    summary, plot, note, _a, b = client.predict("0", 2, api_name="/evaluate_round")
     ev = studio.get_round(0)["metrics"]["eval"]
     assert ev["scenes"] == 2 and ev["split"] == "test" and ev["model"] == "demo"
     outputs = studio.store.eval_outputs(0)
@@ -94,7 +94,8 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     assert f"CHAIR_s **{ev['chair_s']:.3f}**" in summary and f"POPE F1 **{ev['pope_f1']:.3f}**" in summary
     assert f"Round 0 on {len(outputs)} items (2 test scenes, 0 items added)" in summary
     assert b["value"] == "0" and {row[0] for row in plot["value"]["data"]} == {"round 0"}
-    metrics, _paired, html, _plot = client.predict("0", "0", False, api_name="/compare_view")
+    assert note.startswith("Only round 0 is evaluated so far") and f"{ev['chair_s']:.3f}" in note
+    metrics, _paired, html, _plot, _note = client.predict("0", "0", False, api_name="/compare_view")
     assert captions[0]["answer"].split(".")[0] in html
     assert metrics["data"][0][1:5] == [round(ev[k], 4) for k in ("chair_s", "chair_i", "recall", "pope_f1")]
     # What the field can get wrong is said, and nothing is evaluated.
@@ -312,13 +313,19 @@ def test_tabs_open_on_the_newest_round(home):
     """The Train tab's Round box starts on the newest round (Gradio's default, the first choice,
     is round 0, which has no curve); Compare's metrics plot has one labelled tick per round."""
     from lvlm_studio.ui.app import build_app
-    from lvlm_studio.ui.compare import metrics_plot_frame
+    from lvlm_studio.ui.compare import metrics_plot, metrics_plot_frame
 
     studio = Studio(Settings(home=home), users={}, admins=())
     try:
+        # Gradio draws lines only: with fewer than two evaluated rounds the note under it has the figures.
+        assert metrics_plot(studio)[1] == "No round evaluated yet."
         r1 = studio.store.create_round(0, "demo", {}, status="done")
         studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.1, "recall": 0.9}})
+        note = metrics_plot(studio)[1]
+        assert note.startswith(f"Only round {r1} is evaluated") and "CHAIR_s ↓ 0.100" in note
+        assert "recall ↑ 0.900" in note
         studio.store.update_round(0, metrics={"eval": {"chair_s": 0.25, "recall": 0.95}})
+        assert metrics_plot(studio)[1] == ""
         demo = build_app(studio)
         values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
         assert values["train-round"] == str(r1)

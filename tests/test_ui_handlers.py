@@ -347,7 +347,7 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest(open_stu
                    if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
-    a, b, _plot, evaluate_round = on_load()
+    a, b, _plot, _note, evaluate_round = on_load()
     assert b.value == str(r3) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
 

@@ -35,10 +35,22 @@ def metrics_plot_frame(studio: Studio) -> pd.DataFrame:
                                                                           "value": float})
 
 
-def metrics_plot(studio: Studio) -> gr.LinePlot:
+def metrics_plot(studio: Studio) -> tuple[gr.LinePlot, str]:
+    """The per-round plot and the note under it: Gradio draws lines only, so a single evaluated
+    round is invisible in the plot and its figures go in the note instead."""
     frame = metrics_plot_frame(studio)
     order = sorted(set(frame["round"]), key=lambda label: int(label.split()[-1]))
-    return gr.LinePlot(value=frame, sort=order or None)
+    return gr.LinePlot(value=frame, sort=order or None), metrics_plot_note(frame)
+
+
+def metrics_plot_note(frame: pd.DataFrame) -> str:
+    rounds = set(frame["round"])
+    if not rounds:
+        return "No round evaluated yet."
+    if len(rounds) > 1:
+        return ""
+    figures = ", ".join(f"{row.metric} {row.value:.3f}" for row in frame.itertuples())
+    return f"Only {rounds.pop()} is evaluated so far ({figures}); a line needs a second round."
 
 
 def metrics_frame(res: dict) -> pd.DataFrame:
@@ -64,8 +76,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     metrics = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), headers=METRIC_COLUMNS, interactive=False,
                            elem_id="compare-metrics")
     paired = gr.Markdown(elem_id="compare-paired")
-    plot = gr.LinePlot(metrics_plot_frame(studio), x="round", y="value", color="metric", title="metrics per round",
+    frame = metrics_plot_frame(studio)
+    plot = gr.LinePlot(frame, x="round", y="value", color="metric", title="metrics per round",
                        y_title="value", height=260, elem_id="compare-plot")
+    # Not the plot's caption: Gradio clips a caption under a plot of fixed height.
+    plot_note = gr.Markdown(metrics_plot_note(frame), elem_id="compare-plot-note")
     table = gr.HTML(elem_id="compare-table")
 
     @user_errors
@@ -78,7 +93,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                  else NO_ANSWERS)
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
-        return frame, line, html, metrics_plot(studio)
+        return frame, line, html, *metrics_plot(studio)
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
         gr.Markdown("Greedy answers on the world's unbiased test scenes (a description and its POPE "
@@ -93,7 +108,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             eval_go = gr.Button("Evaluate", elem_id="compare-eval-run")
         eval_summary = gr.Markdown(elem_id="compare-eval-summary", min_height=48)  # room for the bar
 
-    outputs = [metrics, paired, table, plot]
+    outputs = [metrics, paired, table, plot, plot_note]
     go.click(run, [a, b, only_diff], outputs, api_name="compare_view")
     only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
 
@@ -107,21 +122,21 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         res = studio.evaluate_world(round_id, split="test", n=n,
                                     progress=lambda done, total, msg: progress((done, total), desc=msg))
         ch = round_choices(studio)
-        return (evaluation_summary(res), metrics_plot(studio), gr.Dropdown(choices=ch),
+        return (evaluation_summary(res), *metrics_plot(studio), gr.Dropdown(choices=ch),
                 gr.Dropdown(choices=ch, value=str(round_id)))
 
     # The bar shows under the button's summary only; once stored, the comparison is drawn again.
-    eval_go.click(evaluate, [eval_round, eval_n], [eval_summary, plot, a, b], api_name="evaluate_round",
+    eval_go.click(evaluate, [eval_round, eval_n], [eval_summary, plot, plot_note, a, b], api_name="evaluate_round",
                   concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[eval_summary]
                   ).success(run, [a, b, only_diff], outputs, api_name=False)
 
     def refresh() -> tuple:
         # On page load: rounds made since the app started are offered, and B is the newest one.
         ch = round_choices(studio)
-        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=ch[-1][1] if ch else "0"), metrics_plot(studio),
-                gr.Dropdown(choices=round_choices(studio, done_only=True)))
+        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=ch[-1][1] if ch else "0"),
+                *metrics_plot(studio), gr.Dropdown(choices=round_choices(studio, done_only=True)))
 
-    demo.load(refresh, None, [a, b, plot, eval_round], api_name=False)
+    demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
     return {}
 
 
