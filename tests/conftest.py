@@ -126,3 +126,17 @@ def make_pairs(store, make_items):
         return pair_ids
 
     return make
+
+
+@pytest.fixture(scope="session")
+def train_scenes():
+    """3000 ShapesWorld TRAIN scenes (seed 0), shared by the world tests."""
+    from lvlm_studio.world import sample_scenes
+    return sample_scenes("train", 3000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def test_scenes():
+    """3000 unbiased TEST scenes (seed 0)."""
+    from lvlm_studio.world import sample_scenes
+    return sample_scenes("test", 3000, seed=0)

@@ -89,6 +89,11 @@ def test_an_unloadable_directory_is_a_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="Could not load the CLIP model") as err:
         ClipScorer.from_ref(str(bad), device="cpu")
     assert str(bad) in str(err.value)
+    # a directory without open_clip_config.json is refused before open_clip sees it
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a directory but not an open_clip model"):
+        ClipScorer.from_ref(str(tmp_path / "weights_only"), device="cpu")
 
 
 def test_bare_model_names_resolve_to_their_first_pretrained_tag():

@@ -36,16 +36,6 @@ SENTENCE = re.compile(
 )
 
 
-@pytest.fixture(scope="module")
-def train_scenes():
-    return sample_scenes("train", 3000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def test_scenes():
-    return sample_scenes("test", 3000, seed=0)
-
-
 def test_same_seed_same_scene_and_byte_equal_png():
     for split in ("train", "test"):
         for i in range(20):

@@ -35,16 +35,6 @@ from lvlm_studio.world.scenes import Scene
 from lvlm_studio.world.vocab import template_texts
 
 
-@pytest.fixture(scope="module")
-def train_scenes():
-    return sample_scenes("train", 2000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def test_scenes():
-    return sample_scenes("test", 400, seed=0)
-
-
 # ------------------------------------------------------------------------------------------ scenes
 def test_object_count_bounds_follow_the_config():
     """min_objects / max_objects bound every TEST scene (and TRAIN scenes from above)."""
