@@ -108,3 +108,79 @@ def test_refs_and_errors(clip_dir, tmp_path, monkeypatch):
         ClipScorer.from_ref(str(tmp_path / "empty"))
     assert clip_mod._resolve_ref("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
     assert clip_mod._resolve_ref("hf-hub:org/name") == ("hf-hub:org/name", None)
+
+
+# ---- pinned by a mutation audit of models/clip.py -------------------------------------------------
+def test_image_cache_evicts_the_least_recently_used(scorer):
+    """A cache hit refreshes the key; unkeyed images are never cached."""
+    scorer.cache_size = 2
+    scorer.score(img(0), ["a"], image_key="k0")
+    scorer.score(img(1), ["a"], image_key="k1")
+    scorer.score(img(0), ["a"], image_key="k0")  # k0 is now the most recent
+    scorer.score(img(2), ["a"], image_key="k2")  # evicts k1, not k0
+    assert list(scorer._image_cache) == ["k0", "k2"]
+    assert scorer.image_encodes == 3
+    scorer.score(img(3), ["a"])
+    assert list(scorer._image_cache) == ["k0", "k2"]
+
+
+def test_scores_are_deterministic_even_for_a_model_handed_over_in_train_mode():
+    """The scorer puts its model in eval mode: with patch dropout (active only in training) the
+    same image and text always score the same."""
+    torch.manual_seed(0)
+    cfg = {**CFG, "vision_cfg": {**CFG["vision_cfg"], "patch_dropout": 0.5}}
+    model = open_clip.model.CLIP(**cfg).train()
+    preprocess = open_clip.image_transform(32, is_train=False, mean=[0.5] * 3, std=[0.5] * 3)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    scorer = ClipScorer(model, preprocess, tokenizer, "tiny-dropout")
+    scores = [scorer.score(img(0), ["a red circle", "a blue square"]) for _ in range(4)]
+    assert all(s == scores[0] for s in scores)
+    assert not scorer.model.training
+
+
+def test_embed_texts_unit_rows_and_empty(scorer):
+    scorer.batch_size = 2
+    emb = scorer.embed_texts(["a", "b c", "d", "e f g", "h"])
+    assert emb.shape[0] == 5
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert scorer.embed_texts([]).numel() == 0
+
+
+def test_from_ref_defaults_to_an_available_device_and_keeps_the_ref_as_id(clip_dir):
+    scorer = ClipScorer.from_ref(str(clip_dir))  # device "auto"
+    assert scorer.model_id == str(clip_dir)
+    assert str(scorer.device) in ("cpu", "cuda", "cuda:0", "mps")
+    assert len(scorer.score(img(0), ["a red circle"])) == 1
+    prefixed = ClipScorer.from_ref(f"local-dir:{clip_dir}", device="cpu")
+    assert prefixed.model_id == f"local-dir:{clip_dir}"
+
+
+def test_an_unloadable_directory_is_a_model_load_error(tmp_path):
+    """open_clip's own failures (here: corrupt weights) surface as ModelLoadError naming the ref."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "open_clip_config.json").write_text(json.dumps({"model_cfg": CFG}))
+    (bad / "open_clip_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="Could not load the CLIP model") as err:
+        ClipScorer.from_ref(str(bad), device="cpu")
+    assert str(bad) in str(err.value)
+    # a directory without open_clip_config.json is refused before open_clip sees it
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a directory but not an open_clip model"):
+        ClipScorer.from_ref(str(tmp_path / "weights_only"), device="cpu")
+
+
+def test_bare_model_names_resolve_to_their_first_pretrained_tag():
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")
+    assert len(tags) > 1
+    assert clip_mod._resolve_ref("ViT-B-32") == ("ViT-B-32", tags[0])
+    untagged = next(m for m in open_clip.list_models() if not open_clip.list_pretrained_tags_by_model(m))
+    with pytest.raises(ModelLoadError, match="has no pretrained weights"):
+        clip_mod._resolve_ref(untagged)
+
+
+def test_one_line_error_summary():
+    assert clip_mod._one_line(ValueError("first line\nsecond line")) == "ValueError: first line"
+    assert clip_mod._one_line(RuntimeError("")) == "RuntimeError: "
+    assert len(clip_mod._one_line(OSError("x" * 1000))) == 400
