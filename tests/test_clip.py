@@ -171,6 +171,35 @@ def test_an_unloadable_directory_is_a_model_load_error(tmp_path):
         ClipScorer.from_ref(str(tmp_path / "weights_only"), device="cpu")
 
 
+def test_a_directory_with_a_config_but_no_weights_is_refused(tmp_path, monkeypatch):
+    """open_clip would build a randomly initialised model from the config alone (it only logs
+    "initialized randomly"), making CSR's image reward noise: every way of naming such a
+    directory is refused with ModelLoadError instead."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "open_clip_config.json").write_text(json.dumps({"model_cfg": CFG}))
+    for ref in (str(config_only), f"local-dir:{config_only}"):
+        with pytest.raises(ModelLoadError, match="no weights"):
+            ClipScorer.from_ref(ref, device="cpu")
+    monkeypatch.setattr(clip_mod, "DEMO_CLIP_DIR", config_only)
+    with pytest.raises(ModelLoadError, match="no weights"):
+        ClipScorer.from_ref("demo", device="cpu")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ClipScorer.from_ref(f"local-dir:{tmp_path / 'missing'}", device="cpu")
+    # any checkpoint name open_clip's directory loader accepts is enough
+    weights = safetensors.torch.load_file(save_tiny_clip(tmp_path / "full") / "open_clip_model.safetensors")
+    safetensors.torch.save_file(weights, config_only / "model.safetensors")
+    assert ClipScorer.from_ref(f"local-dir:{config_only}", device="cpu").score(img(0), ["a"])
+
+
+def test_a_half_precision_model_scores_like_the_fp32_one(clip_dir, scorer):
+    """Pixels are cast to the model's dtype: a bf16 CLIP used to fail on fp32 pixel input."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}", device="cpu")
+    half = ClipScorer(model.to(torch.bfloat16), preprocess, scorer.tokenizer, "tiny-bf16")
+    texts = ["a red circle", "a blue square"]
+    assert half.score(img(0), texts) == pytest.approx(scorer.score(img(0), texts), abs=0.5)
+
+
 def test_bare_model_names_resolve_to_their_first_pretrained_tag():
     tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")
     assert len(tags) > 1

@@ -33,6 +33,7 @@ class ClipScorer:
         self.batch_size = batch_size
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_encodes = 0  # how many times an image went through the vision tower
+        self._dtype = next(self.model.parameters()).dtype
 
     @property
     def context_length(self) -> int:
@@ -65,7 +66,8 @@ class ClipScorer:
         if image_key is not None and image_key in self._image_cache:
             self._image_cache.move_to_end(image_key)
             return self._image_cache[image_key]
-        pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(self.device)
+        # cast to the model's dtype: a half-precision CLIP (precision='bf16'/'fp16') rejects fp32 pixels
+        pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(self.device, dtype=self._dtype)
         emb = self.model.encode_image(pixels).float()[0]
         self.image_encodes += 1
         emb = emb / emb.norm().clamp(min=1e-12)
@@ -103,16 +105,13 @@ def _resolve_ref(ref: str) -> tuple[str, str | None]:
                 f"The demo CLIP is not built yet (no {DEMO_CLIP_DIR / 'open_clip_config.json'}). "
                 "Build it with: lvlm-studio demo build"
             )
-        return f"local-dir:{DEMO_CLIP_DIR}", None
-    if ref.startswith(("local-dir:", "hf-hub:")):
+        return _local_dir_ref(DEMO_CLIP_DIR, ref), None
+    if ref.startswith("hf-hub:"):
         return ref, None
+    if ref.startswith("local-dir:"):
+        return _local_dir_ref(Path(ref.removeprefix("local-dir:")), ref), None
     if Path(ref).is_dir():
-        if not (Path(ref) / "open_clip_config.json").is_file():
-            raise ModelLoadError(
-                f"{ref!r} is a directory but not an open_clip model: it has no open_clip_config.json "
-                "(expected open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors)."
-            )
-        return f"local-dir:{Path(ref).resolve()}", None
+        return _local_dir_ref(Path(ref), ref), None
     name, _, tag = ref.partition(":")
     if name not in open_clip.list_models():
         raise ModelLoadError(
@@ -125,6 +124,31 @@ def _resolve_ref(ref: str) -> tuple[str, str | None]:
             raise ModelLoadError(f"open_clip model {name!r} has no pretrained weights; give 'NAME:TAG'.")
         tag = tags[0]
     return name, tag
+
+
+def _local_dir_ref(path: Path, ref: str) -> str:
+    """``local-dir:`` reference for an open_clip directory that has both config and weights.
+
+    open_clip builds a randomly initialised model (and only logs it) when the directory has a
+    config but no checkpoint: CSR's image reward would then be noise, so refuse up front.
+    """
+    if not path.is_dir():
+        raise ModelLoadError(f"CLIP directory {ref!r} does not exist.")
+    if not (path / "open_clip_config.json").is_file():
+        raise ModelLoadError(
+            f"{ref!r} is a directory but not an open_clip model: it has no open_clip_config.json "
+            "(expected open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors)."
+        )
+    if not any(f.is_file() for pattern in _CLIP_WEIGHT_PATTERNS for f in path.glob(pattern)):
+        raise ModelLoadError(
+            f"{ref!r} has open_clip_config.json but no weights (no *.safetensors, *.bin or *.pth): "
+            "open_clip would silently build a randomly initialised model."
+        )
+    return f"local-dir:{path.resolve()}"
+
+
+# The files open_clip's local-dir loader looks for (open_clip.factory._find_checkpoint_in_dir).
+_CLIP_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth")
 
 
 def _one_line(exc: BaseException) -> str:
