@@ -544,6 +544,22 @@ def test_build_demo_honours_its_arguments(tmp_path):
     assert len(moved) > len(trained) // 2
 
 
+def test_recipe_is_strict_json_even_when_a_loss_diverged(tmp_path):
+    """A NaN/inf loss is written as null: the bare NaN token json.dumps would write is not JSON
+    (JavaScript's JSON.parse and jq reject it)."""
+    from lvlm_studio.world.build import write_recipe
+
+    nan, inf = float("nan"), float("inf")
+    recipe = {"vlm_final_loss": nan, "clip_final_loss": 0.5, "vlm_loss_curve": [[50, inf], (100, -inf)],
+              "figures": {"chair_s": 0.25, "note": "ok", "steps": 3, "done": True, "missing": None}}
+    write_recipe(tmp_path / "recipe.json", recipe)
+    text = (tmp_path / "recipe.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+    assert strict == {"vlm_final_loss": None, "clip_final_loss": 0.5, "vlm_loss_curve": [[50, None], [100, None]],
+                      "figures": {"chair_s": 0.25, "note": "ok", "steps": 3, "done": True, "missing": None}}
+
+
 def test_clip_positives_are_the_drawn_objects_only():
     """The CLIP learns only from what is drawn: a named-only partner's sentence is never a positive."""
     from lvlm_studio.world.build import _clip_sentence_bank

@@ -531,16 +531,24 @@ def build_demo(
         },
         "artifact_bytes": _dir_bytes(out / "vlm") + _dir_bytes(out / "clip"),
     }
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=_json_default))
+    write_recipe(out / "recipe.json", recipe)
     return recipe
 
 
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+def write_recipe(path: Path, recipe: dict) -> None:
+    """recipe.json as strict JSON: a diverged run's NaN/inf losses are written as null (json.dumps
+    would write the bare token NaN, which JSON parsers other than Python's reject)."""
+    path.write_text(json.dumps(_strict_json(recipe), indent=2, allow_nan=False))
+
+
+def _strict_json(o):
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict_json(v) for v in o]
+    return o
 
 
 def main(argv: list[str] | None = None) -> None:
