@@ -37,11 +37,37 @@ from lvlm_studio.world.vocab import template_texts
 
 # ------------------------------------------------------------------------------------------ scenes
 def test_object_count_bounds_follow_the_config():
-    """min_objects / max_objects bound every TEST scene (and TRAIN scenes from above)."""
-    cfg = WorldConfig(min_objects=3, max_objects=4)
-    counts = {len(s.objects) for s in sample_scenes("test", 200, seed=0, cfg=cfg)}
-    assert counts == {3, 4}
-    assert all(len(s.objects) <= 4 for s in sample_scenes("train", 200, seed=0, cfg=cfg))
+    """min_objects / max_objects bound every scene of both splits: a TRAIN leak scene whose
+    partner was dropped is refilled (with neither a trigger nor the dropped partner), and a prior
+    scene's trigger + partner never push it past max_objects."""
+    for cfg in (WorldConfig(min_objects=3, max_objects=4), WorldConfig(min_objects=3, max_objects=3),
+                WorldConfig(min_objects=2, max_objects=2, trigger_leak=1.0)):
+        assert {len(s.objects) for s in sample_scenes("test", 200, seed=0, cfg=cfg)} == set(
+            range(cfg.min_objects, cfg.max_objects + 1))
+        train = sample_scenes("train", 600, seed=0, cfg=cfg)
+        assert {len(s.objects) for s in train} == set(range(cfg.min_objects, cfg.max_objects + 1)), cfg
+        leaks = [s for s in train if s.prior_trigger is None and set(s.categories) & set(PRIOR_PARTNERS)]
+        assert leaks
+        for s in leaks:  # still clean counter-examples: a leaked trigger comes without its partner
+            for trigger in set(s.categories) & set(PRIOR_PARTNERS):
+                assert PRIOR_PARTNERS[trigger] not in s.categories
+    small = sample_scenes("train", 300, seed=0, cfg=WorldConfig(max_objects=1, prior_rate=0.0))
+    assert {len(s.objects) for s in small} == {1}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_objects=1), "no room for a prior scene"),
+    (dict(min_objects=0, max_objects=0), "no room for a prior scene"),
+    (dict(min_objects=3, max_objects=2), "min_objects <= max_objects"),
+    (dict(min_objects=-1), "0 <= min_objects"),
+    (dict(max_objects=5), "count answers have words up to 'four'"),
+    (dict(prior_rate=1.5), "prior_rate is a share"),
+    (dict(partner_undrawn=-0.1), "partner_undrawn is a share"),
+    (dict(trigger_leak=2.0), "trigger_leak is a share"),
+])
+def test_world_config_refuses_what_the_sampler_cannot_honour(bad, message):
+    with pytest.raises(ValueError, match=message):
+        WorldConfig(**bad)
 
 
 def test_partner_adds_sentence_controls_the_busiest_prior_scenes(train_scenes):
@@ -199,7 +225,7 @@ def test_count_answers_count_the_drawn_objects():
         noisy += bool(it["meta"]["scene"]["mentioned_only"])
     assert noisy
     # An empty scene (min_objects=0) is counted too: the vocabulary has "zero".
-    empty = world_items("test", 2, seed=0, kinds=("count",), cfg=WorldConfig(min_objects=0, max_objects=0))
+    empty = world_items("test", 2, seed=0, kinds=("count",), cfg=WorldConfig(min_objects=0, max_objects=0, prior_rate=0.0))
     assert [it["reference"] for it in empty] == ["There are zero objects."] * 2
 
 

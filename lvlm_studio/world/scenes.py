@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import combinations
 
-from .vocab import CATEGORIES, COLOURS, MAX_OBJECTS, POSITIONS, PRIOR_PARTNERS, SHAPES, SIZES
+from .vocab import CATEGORIES, COLOURS, COUNT_WORDS, MAX_OBJECTS, POSITIONS, PRIOR_PARTNERS, SHAPES, SIZES
 
 SPLITS = ("train", "test")
 
@@ -47,6 +47,22 @@ class WorldConfig:
     jitter_px: int = 2
     scale_jitter: float = 0.08
     colour_jitter: int = 12
+
+    def __post_init__(self):
+        # Refuse bounds the sampler cannot honour rather than silently drawing outside them.
+        if not 0 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(
+                f"need 0 <= min_objects <= max_objects <= {MAX_OBJECTS} (count answers have words up to "
+                f"{COUNT_WORDS[MAX_OBJECTS]!r}); got min_objects={self.min_objects}, max_objects={self.max_objects}"
+            )
+        for name in ("prior_rate", "partner_undrawn", "trigger_leak"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share and must lie in [0, 1]; got {getattr(self, name)}")
+        if self.prior_rate > 0 and self.max_objects < 2:
+            raise ValueError(
+                f"max_objects={self.max_objects} leaves no room for a prior scene (its trigger plus the partner "
+                "its caption names): set max_objects >= 2 or prior_rate=0"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,6 +187,12 @@ def sample_scene(split: str, index: int, seed: int = 0, cfg: WorldConfig | None 
             # clean counter-example to the prior.
             leaked_partners = {PRIOR_PARTNERS[t] for t in drawn if t in PRIOR_PARTNERS}
             drawn = [c for c in drawn if c not in leaked_partners]
+            if len(drawn) < cfg.min_objects:
+                # Refill the dropped slots with neutral categories (never a trigger or a dropped
+                # partner) so min_objects holds; unreachable at the default min_objects=1, so the
+                # shipped world's scenes are unchanged.
+                refill = [c for c in pool if c not in drawn and c not in leaked_partners and c not in triggers]
+                drawn += rng.sample(refill, cfg.min_objects - len(drawn))
     objects = [_make_object(rng, cat, cells[i], cfg) for i, cat in enumerate(drawn)]
     mentioned = []
     if trigger is not None and undrawn_partner:
