@@ -507,12 +507,26 @@ def test_clip_sanity_scores_drawn_triggers_against_absent_partners(shipped_clip,
 
     monkeypatch.setattr(render_mod, "render", recording_render)
     model, preprocess, tokenizer = shipped_clip
-    fig = clip_sanity(model, tokenizer, preprocess, BuildConfig(), n=60)
+    batches = []
+
+    def recording_tokenizer(texts):
+        batches.append(list(texts))
+        return tokenizer(texts)
+
+    fig = clip_sanity(model, recording_tokenizer, preprocess, BuildConfig(), n=60)
     assert fig["n"] == len(rendered) == 60
-    for scene in rendered:
+    drawn_texts, partner_texts = batches[0], batches[1]  # one chunk: drawn, partner, random absent
+    assert len(drawn_texts) == len(partner_texts) == 60
+    both_triggers = 0
+    for scene, drawn, partner in zip(rendered, drawn_texts, partner_texts, strict=True):
         present = set(scene.categories)
         assert scene.split == "test"
-        assert any(PRIOR_PARTNERS[t] not in present for t in present & set(PRIOR_PARTNERS))
+        # the drawn sentence is a drawn trigger, and the partner sentence names that trigger's absent partner
+        (trigger,) = [t for t in PRIOR_PARTNERS if f" {t} " in drawn]
+        assert trigger in present and PRIOR_PARTNERS[trigger] not in present
+        assert f" {PRIOR_PARTNERS[trigger]} " in partner
+        both_triggers += set(PRIOR_PARTNERS) <= present
+    assert both_triggers  # the case where the first trigger in reading order is the wrong one occurs
     assert fig["mean_cos100_drawn_trigger"] > fig["mean_cos100_absent_partner"] + 10
     assert fig["auc_drawn_vs_absent_partner"] > 0.8 and fig["paired_win_rate_drawn_over_partner"] > 0.8
 

@@ -382,17 +382,15 @@ def clip_sanity(model, tokenizer, preprocess, cfg: BuildConfig, n: int = 500) ->
         ac, ash = absent_other.split(" ")
         pos = rng.choice(free)
         size = rng.choice(list(SIZES))
-        pairs.append((scene, f"There is a {size} {colour} {shape} at the {pos}.",
+        # the drawn sentence is the trigger whose partner is absent (a scene may hold both triggers)
+        trigger = next(o for o in scene.objects if o.category == triggers[0])
+        pairs.append((scene, sentence(trigger), f"There is a {size} {colour} {shape} at the {pos}.",
                       f"There is a {size} {ac} {ash} at the {pos}."))
     with torch.no_grad():
         for k in range(0, len(pairs), 100):
             chunk = pairs[k : k + 100]
-            img = F.normalize(model.encode_image(torch.stack([preprocess(render(s)) for s, _, _ in chunk])), dim=-1)
-            drawn_t, partner_t, other_t = [], [], []
-            for s, p_sent, o_sent in chunk:
-                drawn_t.append(sentence(next(o for o in s.objects if o.category in PRIOR_PARTNERS)))
-                partner_t.append(p_sent)
-                other_t.append(o_sent)
+            img = F.normalize(model.encode_image(torch.stack([preprocess(render(s)) for s, *_ in chunk])), dim=-1)
+            drawn_t, partner_t, other_t = ([row[k] for row in chunk] for k in (1, 2, 3))
             for texts, sink in ((drawn_t, drawn_scores), (partner_t, partner_scores), (other_t, random_absent)):
                 t = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
                 sink.extend((100 * (img * t).sum(-1)).tolist())
