@@ -180,6 +180,24 @@ class DPORoundConfig:
             raise ValueError("sft_weight must be >= 0")
         if self.batch_size < 1 or self.lora_r < 1:
             raise ValueError("batch_size and lora_r must be >= 1")
+        # Refused here, before a round row exists: a round with no step ended "done" as its parent's
+        # copy, and a bad lr or β failed only after the job had started.
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ValueError(f"num_epochs must be > 0 (or max_steps > 0), not {self.num_epochs}: the round would train nothing")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, not {self.beta}")
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.gradient_accumulation_steps < 1 or self.logging_steps < 1:
+            raise ValueError("gradient_accumulation_steps and logging_steps must be >= 1")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError("max_length must be >= 1 (or None: no cut)")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError("eval_limit must be >= 1 (or None: the whole evaluation split)")
         if self.num_processes < 1:
             raise ValueError("num_processes must be >= 1")
         if self.objective not in ("dpo", "stic_infusion"):
@@ -872,8 +890,9 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_modules(model, config.target_modules), task_type="CAUSAL_LM")
     stream = _callback(on_log, should_stop, curve)
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                            peft_config=peft_config, callbacks=[stream])
+    trainer = _warmup_leaves_a_step(trainer_class)(model=model, args=args, train_dataset=dataset,
+                                                   processing_class=processor, peft_config=peft_config,
+                                                   callbacks=[stream])
     try:
         trainer.train()
         steps = int(trainer.state.global_step)
@@ -885,6 +904,23 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result(str(out), False, steps)
+
+
+def _warmup_leaves_a_step(trainer_class):
+    """``trainer_class`` whose warmup ratio never takes every step. transformers rounds a ratio's
+    warmup up (ceil(0.03 * 1) = 1), and the first warmup step runs at lr 0: a one-step round
+    (a handful of reviewed pairs, one epoch) trained nothing yet ended "done" with a zero adapter.
+    Such a round now trains its step at the full lr; longer rounds keep their warmup unchanged."""
+
+    class WarmupLeavesAStep(trainer_class):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            ratio = self.args.warmup_steps
+            if 0 < ratio < 1 and self.args.get_warmup_steps(num_training_steps) >= num_training_steps:
+                self.args.warmup_steps = 0
+            return super().create_scheduler(num_training_steps, optimizer)
+
+    WarmupLeavesAStep.__name__ = WarmupLeavesAStep.__qualname__ = trainer_class.__name__
+    return WarmupLeavesAStep
 
 
 def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, rows: Sequence[dict],

@@ -241,6 +241,11 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
     store.close()
     with pytest.raises(jobs.JobError, match="none of this round's 1 pairs is one"):
         jobs.start_round(settings, {"include_auto": True, "povid_stage1_epochs": 3})
+    # Options that cannot train are refused before a round row exists (they used to end as a
+    # "done" round with no step, or as a failed one once the job had started).
+    for bad, message in (({"num_epochs": 0}, "train nothing"), ({"learning_rate": -1.0}, "learning_rate must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            jobs.start_round(settings, {"include_auto": True, **bad})
     store = Store(settings.db_path)
     assert [r["id"] for r in store.list_rounds()] == [0, rid]
     store.close()

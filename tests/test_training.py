@@ -484,10 +484,20 @@ def test_povid_term_names_noisy_variants():
     dict(sft_weight=-0.1), dict(batch_size=0), dict(lora_r=0), dict(num_processes=0), dict(objective="sft"),
     dict(povid_stage1_epochs=-1), dict(povid_stage1_epochs=3, objective="stic_infusion"),
     dict(povid_stage1_epochs=3, loss_type="ipo"),
+    dict(learning_rate=0.0), dict(learning_rate=-1.0), dict(learning_rate=float("nan")), dict(num_epochs=0),
+    dict(num_epochs=-1, max_steps=0), dict(beta=0.0), dict(lora_alpha=0), dict(lora_dropout=1.0),
+    dict(warmup_ratio=1.0), dict(warmup_ratio=-0.1), dict(gradient_accumulation_steps=0), dict(logging_steps=0),
+    dict(max_length=0), dict(eval_limit=0),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):
         DPORoundConfig(**bad)
+
+
+def test_config_accepts_the_edges_it_means():
+    """max_steps > 0 overrides epochs (so 0 epochs is fine then); no warmup, no cut, no eval limit."""
+    assert DPORoundConfig(num_epochs=0, max_steps=5).max_steps == 5
+    assert DPORoundConfig(warmup_ratio=0.0, max_length=None, eval_limit=None, lora_dropout=0.0).warmup_ratio == 0.0
 
 
 def test_dataset_weights_follow_their_pairs_and_bad_rows_are_refused(tmp_path):
@@ -501,3 +511,21 @@ def test_dataset_weights_follow_their_pairs_and_bad_rows_are_refused(tmp_path):
         build_dpo_dataset(pairs, sft_weights=[1.0])
     with pytest.raises(ValueError, match="non-empty"):
         build_dpo_dataset([{**pairs[0], "chosen": "  "}])
+
+
+def test_a_one_step_round_trains_its_step(tiny, tmp_path):
+    """transformers rounds the 3% warmup up to one step and that step runs at lr 0: a round of a
+    few reviewed pairs and one epoch (one step) used to end "done" with every LoRA B still zero."""
+    from safetensors.torch import load_file
+
+    cfg = DPORoundConfig(num_epochs=1, batch_size=8, max_length=None, learning_rate=5e-3)
+    result = train_round(_pairs(3), tiny, None, tmp_path / "one", cfg)
+    assert result.steps == 1
+    assert next(rec["learning_rate"] for rec in result.curve if "learning_rate" in rec) == pytest.approx(5e-3)
+    lora_b = [t for k, t in load_file(str(tmp_path / "one" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)
+    # A longer round keeps its warmup: the first of two steps still starts at lr 0.
+    two = train_round(_pairs(3), tiny, None, tmp_path / "two", DPORoundConfig(num_epochs=2, batch_size=8,
+                                                                              max_length=None, learning_rate=5e-3))
+    assert [rec["learning_rate"] for rec in two.curve if "learning_rate" in rec][0] == 0.0
+    assert cfg.warmup_ratio == 0.03  # the config the caller passed is left as it was
