@@ -204,7 +204,7 @@ def test_json_compare_and_generate_pass_their_arguments(open_studio, monkeypatch
 
 def _review(demo):
     load = handler(demo, "review_load")
-    act = {d: handler(demo, f"review_{d}") for d in ("accept", "swap", "reject_both", "skip", "undo")}
+    act = {d: handler(demo, f"review_{d}") for d in ("accept", "swap", "reject_both", "skip", "undo", "edit")}
     return load, act
 
 
@@ -272,6 +272,40 @@ def test_review_panels_show_each_answer_under_its_title(open_studio):
     assert chosen_title.endswith("trains as REJECTED") and rejected_title.endswith("trains as CHOSEN")
 
 
+def test_review_filters_offer_every_method_the_store_holds(open_studio):
+    """An imported dataset's pairs carry their own method: the Method filter offers it (refreshed
+    on page load), and picking it reaches those pairs without skipping through the others."""
+    studio = open_studio
+    add_pairs(studio, [0.1, 0.2])
+    imported = add_pairs(studio, [0.9], method="imported")[0]
+    demo = build_app(studio)
+    _, method_box = handler(demo, "refresh_filters")()
+    assert method_box.choices[:4] == [("all methods", "all"), ("CSR", "csr"), ("POVID", "povid"), ("STIC", "stic")]
+    assert ("imported", "imported") in method_box.choices
+    load, _ = _review(demo)
+    assert load("ann", "imported", "all", "pending", None)[0] == imported
+
+
+def test_a_refused_review_action_leaves_the_panel_on_screen(open_studio):
+    """Gradio swaps every output of a failed event for an "Error" badge unless the event hides its
+    progress: an empty edit used to blank the image and both answers. The actions hide it, and
+    the refusal itself is still an error with its message (a toast; the JSON API's error)."""
+    studio = open_studio
+    pid = add_pairs(studio, [0.1])[0]
+    demo = build_app(studio)
+    actions = [f for f in demo.fns.values() if (f.api_name or "").startswith("review_") and f.api_name not in (
+        "review_load", "review_open_edit")]
+    assert {f.api_name for f in actions} >= {"review_accept", "review_swap", "review_reject_both", "review_skip",
+                                             "review_undo", "review_edit"}
+    assert {f.show_progress for f in actions} == {"hidden"}
+    load, act = _review(demo)
+    out = load("ann", "all", "all", "pending", None)
+    with pytest.raises(gr.Error, match="an edit needs the edited text") as refused:
+        act["edit"](out[0], out[1], "ann", "all", "all", "pending", "   ", "", None)
+    assert refused.value.print_exception is False  # a user's mistake prints no traceback in the server log
+    assert studio.store.reviewer_decision(pid, "ann") is None
+
+
 def test_review_info_and_progress_escape_what_users_typed():
     """Prompts, imported metadata and reviewer names (typed freely in open mode) are text in the
     Review tab's HTML, never markup."""
@@ -310,6 +344,20 @@ def test_data_tab_escapes_reviewer_names_and_report_values():
     up = report_markdown({"items": [1], "rejected": [{"file": f"{HOSTILE}.png", "reason": "not an image"},
                                                      {"file": "b.png", "reason": "too large"}]})
     assert "<img" not in up and "**1 images added**, 2 refused" in up and "- b.png: too large" in up
+
+
+def test_data_tab_clears_its_summary_when_a_run_starts(open_studio):
+    """A refused upload, import or export raises (a toast) and never reaches the summary step, so
+    each button also clears the summary at once: it used to keep the previous import's result."""
+    demo = build_app(open_studio)
+    summary = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "data-summary")
+    buttons = {b.elem_id: b._id for b in demo.blocks.values()
+               if getattr(b, "elem_id", None) in ("data-upload-run", "data-import-run", "data-export-run")}
+    assert len(buttons) == 3
+    clears = [f for f in demo.fns.values() if [o._id for o in f.outputs] == [summary._id] and not f.inputs
+              and f.fn is not None and f.fn() == ""]
+    cleared = {target[0] for f in clears for target in f.targets}
+    assert set(buttons.values()) <= cleared
 
 
 def test_data_tab_passes_its_fields_to_the_service(open_studio, tmp_path):

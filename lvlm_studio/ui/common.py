@@ -35,15 +35,20 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except PermissionError as exc:
-            raise gr.Error(f"Not allowed: {exc}") from exc
+            raise _refusal(f"Not allowed: {exc}") from exc
         except (ValueError, LookupError, TypeError) as exc:
-            raise gr.Error(str(exc)) from exc
+            raise _refusal(str(exc)) from exc
         except Exception as exc:  # store, job and model errors: say what failed
             if any(cls.__name__ in _USER_ERROR_NAMES for cls in type(exc).__mro__):
-                raise gr.Error(str(exc)) from exc
+                raise _refusal(str(exc)) from exc
             raise
 
     return wrapper
+
+
+def _refusal(message: str) -> gr.Error:
+    # The user sees the message; the server log is no place for a traceback of their typo.
+    return gr.Error(message, print_exception=False)
 
 
 def round_choices(studio: Studio, with_all: bool = False, done_only: bool = False) -> list[tuple[str, str]]:

@@ -120,6 +120,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return (stats_v, agreement_html(ag), override_frame(ag),
                 gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now)
 
+    # A refused upload, import or export shows its message as a toast and leaves the handler's
+    # outputs alone: clear the summary at each click so it never shows the previous run's result.
+    for button in (upload, do_import, export):
+        button.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
+
     stats_outs = [stats, agreement, override, ex_methods, known_methods]
     refresh.click(on_stats, [ex_methods, known_methods], stats_outs, api_name="data_stats")
     imported.then(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)

@@ -122,13 +122,22 @@ def legend_html() -> str:
     )
 
 
+def method_filter_choices(studio: Studio) -> list[tuple[str, str]]:
+    """The Method filter: the three methods and every method the store's pairs carry (an import
+    names its own, e.g. "imported"), so any pair can be reached without skipping through the rest."""
+    return [("all methods", "all"), *[(m.upper() if m in METHODS else m, m) for m in studio.reviewed_counts()]]
+
+
+# Review actions keep the panel on screen when they are refused (an empty edit, a pair another
+# reviewer just changed): Gradio replaces every output of a failed event with an "Error" badge
+# unless its progress display is hidden. The actions are instant, so no spinner is lost.
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     pair_state = gr.State(None)  # current pair id
     seen_state = gr.State([])  # skipped / decided this session (kept out of the queue)
 
     with gr.Row(elem_id="review-filters"):
-        method = gr.Dropdown([("all methods", "all"), *[(m.upper(), m) for m in METHODS]], value="all",
-                             label="Method", elem_id="review-method", scale=1)
+        method = gr.Dropdown(method_filter_choices(studio), value="all", label="Method", elem_id="review-method",
+                             scale=1)
         round_ = gr.Dropdown(round_choices(studio, with_all=True), value="all", label="Round", allow_custom_value=True,
                              elem_id="review-round", scale=1)
         status = gr.Radio(["pending", "decided", "all"], value="pending", label="Queue",
@@ -220,7 +229,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     inputs = [pair_state, seen_state, name, method, round_, status, edit_text, note]
     for key, decision in (("a", "accept"), ("s", "swap"), ("r", "reject_both"), ("k", "skip"), ("u", "undo")):
         buttons[key].click(make_action(decision), inputs, outputs, api_name=f"review_{decision}",
-                           concurrency_limit=None)
+                           concurrency_limit=None, show_progress="hidden")
 
     def open_edit(pair_id):
         if pair_id is None:
@@ -234,15 +243,16 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                 " if (t) t.focus(); }, 100); }")
     buttons["e"].click(open_edit, [pair_state], [edit_text, save_edit], api_name="review_open_edit").then(
         None, None, None, js=focus_js)
-    save_edit.click(make_action("edit"), inputs, outputs, api_name="review_edit", concurrency_limit=None)
+    save_edit.click(make_action("edit"), inputs, outputs, api_name="review_edit", concurrency_limit=None,
+                    show_progress="hidden")
 
     for comp in (method, round_, status):
         comp.change(on_load, [name, method, round_, status], outputs, api_name=False)
     name.submit(on_load, [name, method, round_, status], outputs, api_name=False)
     demo.load(on_load, [name, method, round_, status], outputs, api_name="review_load")
 
-    def refresh_rounds():
-        return gr.Dropdown(choices=round_choices(studio, with_all=True))
+    def refresh_filters():
+        return gr.Dropdown(choices=round_choices(studio, with_all=True)), gr.Dropdown(choices=method_filter_choices(studio))
 
-    demo.load(refresh_rounds, None, [round_], api_name=False)
+    demo.load(refresh_filters, None, [round_, method], api_name=False)
     return {"name": name, "round": round_}
