@@ -273,7 +273,7 @@ class Studio:
             try:
                 image_id = self._ingest(path, Path(path).name, "upload")
             except ImageRejected as exc:
-                rejected.append({"file": Path(path).name, "reason": str(exc)})
+                rejected.append({"file": Path(path).name, "reason": exc.reason})  # the file is named beside
                 continue
             added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
         return {"items": added, "rejected": rejected}
@@ -961,11 +961,18 @@ class Studio:
         """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
         metrics table."""
         a, b = int(a), int(b)
+        outputs = {}
         for rid in (a, b):
-            if rid != BASE_ROUND_ID and self.store.get_round(rid) is None:
+            row = self.store.get_round(rid)
+            if rid != BASE_ROUND_ID and row is None:
                 raise LookupError(f"round {rid} does not exist")
-        out_a = {r["item_id"]: r for r in self.store.eval_outputs(a)}
-        out_b = {r["item_id"]: r for r in self.store.eval_outputs(b)}
+            outputs[rid] = self.store.eval_outputs(rid)
+            if not outputs[rid] and row is not None and row["status"] != "done":
+                # Say why there is nothing to show instead of an empty comparison.
+                why = f" ({row['error']})" if row.get("error") else ""
+                raise ValueError(f"round {rid} is {row['status']}{why}: it has no answers to compare")
+        out_a = {r["item_id"]: r for r in outputs[a]}
+        out_b = {r["item_id"]: r for r in outputs[b]}
         rows = []
         for item_id in sorted(set(out_a) | set(out_b)):
             ra, rb = out_a.get(item_id), out_b.get(item_id)

@@ -329,6 +329,11 @@ def test_tabs_open_on_the_newest_round(home):
         demo = build_app(studio)
         values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
         assert values["train-round"] == str(r1)
+        # Compare's Round B is the newest finished round, not a newer failed or cancelled one.
+        studio.store.create_round(r1, "demo", {}, status="cancelled")
+        values = {b.elem_id: getattr(b, "value", None) for b in build_app(studio).blocks.values()
+                  if getattr(b, "elem_id", None)}
+        assert values["compare-b"] == str(r1)
         frame = metrics_plot_frame(studio)
         assert sorted(set(frame["round"])) == ["round 0", f"round {r1}"]
         assert set(frame["metric"]) == {"CHAIR_s ↓", "recall ↑"} and frame["value"].dtype == float

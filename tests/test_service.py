@@ -204,6 +204,24 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert {m["round"]: m["chair_s"] for m in res2["metrics"]}[r2] == 1.0
 
 
+def test_compare_says_why_a_round_without_answers_cannot_be_compared(studio, make_items):
+    """A failed, cancelled or running round has no answers: comparing it names its status and
+    reason instead of an empty table. A done round without answers yet is an empty comparison."""
+    items = make_items(1)
+    studio.store.add_eval_outputs(0, [{"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"],
+                                       "hallucinated": []}])
+    failed = studio.store.create_round(0, "m", {}, status="failed")
+    studio.store.update_round(failed, error="ValueError: Invalid learning rate: -1.0")
+    with pytest.raises(ValueError, match=r"round \d+ is failed \(ValueError: Invalid learning rate: -1.0\): "
+                                         "it has no answers to compare"):
+        studio.compare(0, failed)
+    cancelled = studio.store.create_round(0, "m", {}, status="cancelled")
+    with pytest.raises(ValueError, match=f"round {cancelled} is cancelled: it has no answers"):
+        studio.compare(cancelled, 0)
+    done = studio.store.create_round(0, "m", {}, status="done")
+    assert studio.compare(0, done)["rows"][0]["b"] is None
+
+
 def test_compare_measures_both_rounds_again_on_the_items_both_answered(studio, make_items):
     """Each round's stored metrics may come from different items (another eval_limit, a later
     `lvlm-studio eval`); Compare then adds both rounds' measures on the items both answered."""
@@ -331,6 +349,7 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
     res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?")
     assert len(res["items"]) == 1 and res["rejected"][0]["file"] == "bad.png"
+    assert res["rejected"][0]["reason"].startswith("not a recognised image")  # the file is named once, beside
 
 
 def test_an_upload_and_a_folder_import_of_one_image_make_one_item(studio, tmp_path):

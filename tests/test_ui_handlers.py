@@ -343,7 +343,8 @@ def test_data_tab_escapes_reviewer_names_and_report_values():
     assert eleven.count("\n- line") == 10 and "and 1 more" in eleven
     up = report_markdown({"items": [1], "rejected": [{"file": f"{HOSTILE}.png", "reason": "not an image"},
                                                      {"file": "b.png", "reason": "too large"}]})
-    assert "<img" not in up and "**1 images added**, 2 refused" in up and "- b.png: too large" in up
+    assert "<img" not in up and "**1 image added**, 2 refused" in up and "- b.png: too large" in up
+    assert "**2 images added**, 0 refused" in report_markdown({"items": [1, 2], "rejected": []})
 
 
 def test_data_tab_clears_its_summary_when_a_run_starts(open_studio):
@@ -385,9 +386,9 @@ def test_data_tab_passes_its_fields_to_the_service(open_studio, tmp_path):
 # ---- the Compare tab ---------------------------------------------------------------------------
 
 
-def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest(open_studio):
-    """On page load Compare's round B is the newest round, including one made after the app started;
-    the Evaluate box offers the finished rounds."""
+def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished(open_studio):
+    """On page load Compare offers every round, including those made after the app started; round B
+    is the newest finished one (a failed round has no answers), as are the Evaluate box's rounds."""
     studio = open_studio
     r1 = studio.store.create_round(0, "m", {}, status="done")
     demo = build_app(studio)
@@ -396,7 +397,7 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest(open_stu
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
     a, b, _plot, _note, evaluate_round = on_load()
-    assert b.value == str(r3) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
+    assert b.value == str(r2) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
 
 
@@ -427,6 +428,13 @@ def test_train_tab_start_and_cancel_pass_the_fields_and_the_signed_in_user(accou
     monkeypatch.setattr(studio, "cancel_round", lambda rid, user: cancelled.append((rid, user)))
     demo = build_app(studio)
     alice = signed_in("alice")
+    # Cancelling a round that is not running says so, and asks the service for nothing.
+    with pytest.raises(gr.Error, match="round 0 is done, not queued or running: nothing to cancel"):
+        handler(demo, "train_cancel")("0", alice)
+    with pytest.raises(gr.Error, match="round 7 does not exist"):
+        handler(demo, "train_cancel")("7", alice)
+    assert cancelled == []
+    monkeypatch.setattr(studio, "get_round", lambda rid: {"id": rid, "status": "running"})
     handler(demo, "train_start")(["povid"], "current", True, 1e-4, 0.5, 0.2, 8, 0.5, 2, True, "dpo", 3, None,
                                  request=alice)
     config, user = started[-1]
@@ -455,3 +463,23 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
     poll = next(f for f in demo.fns.values() if f.fn and f.fn.__name__ == "update_methods")
     assert poll.inputs[0].elem_id == "train-methods" and poll.inputs[1] is poll.outputs[1]
+
+
+def test_train_status_and_rounds_table_read_as_people_need(open_studio):
+    """One logged step draws no line in Gradio's LinePlot, so the status says so; the rounds table
+    rounds its figures and says how many captions each round was evaluated on."""
+    from lvlm_studio.ui.train import rounds_frame, status_html
+
+    one = [{"step": 1, "loss": 0.6931471, "learning_rate": 2e-4}]
+    done = {"id": 1, "status": "done", "metrics": {"eval": {"chair_s": 2 / 7, "recall": 0.9, "n_captions": 7}}}
+    html = status_html(done, one)
+    assert "One logged training step (loss 0.6931)" in html and "CHAIR_s 0.286" in html and "(on 7 captions)" in html
+    assert "One logged" not in status_html(done, one + [{"step": 2, "loss": 0.5}])
+    assert "One logged" not in status_html(done, [{"step": 1, "learning_rate": 0.0}])  # no loss logged yet
+    studio = open_studio
+    rid = studio.store.create_round(0, "demo", {"methods": ["csr"]}, status="done")
+    studio.store.update_round(rid, progress=1 / 3, metrics={"eval": {"chair_s": 2 / 7, "recall": 0.4266666666,
+                                                                      "n_captions": 7}})
+    row = rounds_frame(studio).set_index("round").loc[rid]
+    assert (row["CHAIR_s"], row["recall"], row["progress"], row["captions"]) == (0.2857, 0.4267, 0.33, 7)
+    assert row["methods"] == "csr"

@@ -119,7 +119,8 @@ def report_markdown(report: dict | None) -> str:
         if len(errors) > 10:
             lines.append(f"- … and {len(errors) - 10} more (see the JSON)")
     elif "rejected" in report and "items" in report:  # upload
-        lines.append(f"**{len(report['items'])} images added**, {len(report['rejected'])} refused")
+        added = len(report["items"])
+        lines.append(f"**{added} image{'' if added == 1 else 's'} added**, {len(report['rejected'])} refused")
         lines += [f"- {esc(r.get('file'))}: {esc(r.get('reason'))}" for r in report["rejected"][:10]]
     elif "pairs" in report and "format" in report:  # export
         lines.append(f"Exported **{esc(report['pairs'])} pairs** ({esc(report.get('images'))} images) as "

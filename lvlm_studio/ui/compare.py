@@ -70,7 +70,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     choices = round_choices(studio)
     with gr.Row():
         a = gr.Dropdown(choices, value="0", label="Round A", allow_custom_value=True, elem_id="compare-a")
-        b = gr.Dropdown(choices, value=choices[-1][1] if choices else "0", label="Round B", allow_custom_value=True, elem_id="compare-b")
+        b = gr.Dropdown(choices, value=newest_done_round(studio), label="Round B", allow_custom_value=True,
+                        elem_id="compare-b")
         only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff", min_width=180)
         go = gr.Button("Compare", variant="primary", elem_id="compare-run")
     metrics = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), headers=METRIC_COLUMNS, interactive=False,
@@ -131,13 +132,19 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                   ).success(run, [a, b, only_diff], outputs, api_name=False)
 
     def refresh() -> tuple:
-        # On page load: rounds made since the app started are offered, and B is the newest one.
+        # On page load: rounds made since the app started are offered, and B is the newest finished
+        # one (a failed, cancelled or running round has no answers to compare).
         ch = round_choices(studio)
-        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=ch[-1][1] if ch else "0"),
+        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=newest_done_round(studio)),
                 *metrics_plot(studio), gr.Dropdown(choices=round_choices(studio, done_only=True)))
 
     demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
     return {}
+
+
+def newest_done_round(studio: Studio) -> str:
+    done = round_choices(studio, done_only=True)
+    return done[-1][1] if done else "0"
 
 
 def evaluation_scenes(value: Any) -> int:

@@ -38,11 +38,19 @@ def rounds_frame(studio: Studio) -> pd.DataFrame:
         rows.append({
             "round": r["id"], "parent": r.get("parent_id"), "status": r["status"],
             "methods": ",".join(cfg.get("methods") or []) if isinstance(cfg.get("methods"), list) else "",
-            "progress": r.get("progress"), "CHAIR_s": metrics.get("chair_s"), "recall": metrics.get("recall"),
-            "created": r.get("created"),
+            "progress": _rounded(r.get("progress"), 2), "CHAIR_s": _rounded(metrics.get("chair_s")),
+            "recall": _rounded(metrics.get("recall")),
+            # Rounds may be evaluated on different numbers of items (eval_limit, a later Compare
+            # evaluation): the count says how far two figures can be compared.
+            "captions": metrics.get("n_captions"), "created": r.get("created"),
         })
     return pd.DataFrame(rows, columns=["round", "parent", "status", "methods", "progress", "CHAIR_s", "recall",
-                                       "created"])
+                                       "captions", "created"])
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    # 4 decimals to read by (raw floats widened the table until its last column was clipped)
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -66,7 +74,7 @@ def parent_choices(studio: Studio) -> list[tuple[str, str]]:
     return [("the current round", CURRENT), *round_choices(studio, done_only=True)]
 
 
-def status_html(rnd: dict | None) -> str:
+def status_html(rnd: dict | None, curve: list[dict] | None = None) -> str:
     if rnd is None:
         return '<div class="round-status">No round selected.</div>'
     parts = [f"<b>Round {escape_text(rnd['id'])}</b> · status <b>{escape_text(rnd['status'])}</b>"]
@@ -83,7 +91,13 @@ def status_html(rnd: dict | None) -> str:
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
-        html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + "</div>"
+        on = f" (on {ev['n_captions']} captions)" if isinstance(ev.get("n_captions"), int) else ""
+        html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + on + "</div>"
+    steps = sorted({rec["step"] for rec in curve or [] if isinstance(rec.get("loss"), int | float)})
+    if len(steps) == 1:  # Gradio's LinePlot draws lines only: one point shows nothing
+        loss = next(rec["loss"] for rec in curve if isinstance(rec.get("loss"), int | float))
+        html += (f"<div>One logged training step (loss {float(loss):.4f}): the curves need a second "
+                 "step to draw a line.</div>")
     return html + "</div>"
 
 
@@ -122,10 +136,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                    elem_id="train-lora-alpha")
             sft_weight = gr.Number(d.sft_weight, label="SFT weight", info="0 = pure DPO; 1 = STIC-style DPO + SFT",
                                    elem_id="train-sft")
+        with gr.Row():  # a second row: ten fields in one squeezed the checkbox to a word per line
             eval_n = gr.Number(d.eval_limit, label="test items to evaluate", precision=0, elem_id="train-eval-n")
             povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
                                          info="text-hallucinated and noisy-image pairs weigh half each",
-                                         elem_id="train-povid-two-term")
+                                         elem_id="train-povid-two-term", min_width=220)
             povid_stage1 = gr.Number(d.povid_stage1_epochs, label="POVID stage-1 epochs",
                                      info="0 = one stage; the paper: 3 on text-hallucinated pairs, merged, then "
                                           "'epochs' (1) on every pair with the two-term loss",
@@ -164,9 +179,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if rid is None:
             rid = trained[-1]["id"] if trained else None
         rnd = studio.get_round(rid) if rid is not None and rid >= 0 else None
-        status = status_html(rnd) if rnd is not None or rid is None else (
-            f'<div class="round-status">No round {escape_text(round_value)}: pick one from the list.</div>')
         curve = studio.round_curve(rid) if rnd is not None else []
+        status = status_html(rnd, curve) if rnd is not None or rid is None else (
+            f'<div class="round-status">No round {escape_text(round_value)}: pick one from the list.</div>')
         loss, margins, acc = curve_frames(curve)
         return (counts_frame(studio), rounds_frame(studio), status, loss, margins, acc,
                 gr.Dropdown(choices=round_choices(studio), value=str(rid) if rnd is not None else round_value),
@@ -203,7 +218,13 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         rid = parse_round(round_v)
         if rid is None:
             raise ValueError("pick a round to cancel")
-        studio.cancel_round(rid, request_user(request))
+        row = studio.get_round(rid)
+        if row is None:
+            raise LookupError(f"round {rid} does not exist")
+        if row["status"] not in ("queued", "running"):  # say so instead of a click that does nothing
+            raise ValueError(f"round {rid} is {row['status']}, not queued or running: nothing to cancel")
+        row = studio.cancel_round(rid, request_user(request))
+        gr.Info(f"Round {rid}: {(row or {}).get('status', 'cancel requested')}.")
         return refresh(round_v)
 
     def update_methods(current: list[str] | None, known: list[str] | None) -> tuple:
