@@ -188,6 +188,7 @@ def fake_loads(monkeypatch):
         return object()
 
     monkeypatch.setattr(HFBackend, "from_pretrained", fake)
+    monkeypatch.setattr(registry, "hub_unreachable", lambda: None)  # the fake "network" answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return calls, outcomes
@@ -217,6 +218,35 @@ def test_a_hub_id_loads_from_the_cache_first_then_the_network_unless_offline(fak
     with pytest.raises(ModelLoadError, match="downloading is off"):
         registry.load_backend("org/offline", device="cpu")
     assert calls == [True]
+
+
+def test_an_unreachable_hub_fails_at_once_without_trying_it(fake_loads, monkeypatch):
+    calls, outcomes = fake_loads
+    outcomes[True] = OSError("not in the cache")
+    monkeypatch.setattr(registry, "hub_unreachable", lambda: "huggingface.co:443: Network is unreachable")
+    with pytest.raises(ModelLoadError, match="the Hub cannot be reached \\(huggingface.co:443: Network is unreachable\\)"):
+        registry.load_backend("org/unreachable", device="cpu")
+    assert calls == [True]  # the cache only: no download attempt to wait for
+
+
+def test_hub_unreachable_probes_the_endpoint_unless_a_proxy_decides(monkeypatch):
+    import socket
+
+    for var in registry._PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert registry.hub_unreachable() is None
+    finally:
+        listening.close()
+    why = registry.hub_unreachable()  # the same port, now closed
+    assert why is not None and why.startswith(f"127.0.0.1:{port}: ")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert registry.hub_unreachable() is None
 
 
 def test_a_local_directory_never_goes_to_the_network(fake_loads, model_dir):

@@ -404,6 +404,18 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
 # ---- the Generate and Train tabs ----------------------------------------------------------------
 
 
+def test_generate_shows_its_progress_on_the_summary_and_clears_it_at_the_click(open_studio):
+    """The run fills the JSON report in a closed accordion: its progress bar belongs on the
+    summary, which each click also clears (a refused run must not show the last result)."""
+    demo = build_app(open_studio)
+    run = next(f for f in demo.fns.values() if f.api_name == "generate_run")
+    summary = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "gen-summary")
+    assert [c._id for c in run.show_progress_on] == [summary._id]
+    clears = [f for f in demo.fns.values() if [o._id for o in f.outputs] == [summary._id] and not f.inputs
+              and f.fn is not None and f.fn() == "" and f.targets == run.targets]
+    assert len(clears) == 1
+
+
 def test_generate_tab_passes_its_fields(open_studio, monkeypatch):
     """The Generate button: the split "all" means every split, and the round, seed and item count
     typed go to the service."""

@@ -3,7 +3,7 @@
 A model reference is "demo" (the ShapesWorld VLM in ``lvlm_studio/world/artifacts/vlm``), a local
 directory with a saved transformers model + processor, or a Hugging Face Hub id ("org/name").
 Hub ids load from the local cache first (``local_files_only``); the network is tried only when
-neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set. Anything that cannot load raises
+neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set and the Hub's host answers. Anything that cannot load raises
 `ModelLoadError` with one message: what was tried, why it failed, what to do.
 """
 
@@ -29,6 +29,27 @@ _lock = threading.Lock()
 
 def is_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub's host cannot be reached (None: it can, or a proxy decides). One TCP connect
+    with a short timeout: without it an unknown id on an offline machine took ~46 s of the Hub
+    client's retries to fail."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None  # only the proxy can tell
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
+    return None
 
 
 def resolve_model_ref(ref: str) -> tuple[str, bool]:
@@ -109,6 +130,13 @@ def _load_hf(ref, path, local, device, dtype, adapter, quantization):
                     f"Hugging Face cache ({_one_line(cache_exc)}); downloading is off (HF_HUB_OFFLINE/"
                     "TRANSFORMERS_OFFLINE is set). Download it on a connected machine "
                     f"(huggingface-cli download {ref}) or use 'demo' or a local directory."
+                ) from cache_exc
+            if (unreachable := hub_unreachable()) is not None:
+                raise ModelLoadError(
+                    f"Could not load model {ref!r}: it is not a local directory, and it is not in the "
+                    f"Hugging Face cache ({_one_line(cache_exc)}); the Hub cannot be reached ({unreachable}). "
+                    f"Download it on a connected machine (huggingface-cli download {ref}) or use 'demo' or a "
+                    "local directory."
                 ) from cache_exc
             return attempt(local_files_only=False)
     except (ModelLoadError, MissingDependencyError):

@@ -34,7 +34,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     params = gr.Code(json.dumps(DEFAULT_PARAMS["povid"], indent=1), language="json",
                      label="Method parameters (JSON, fields of the method's config)", elem_id="gen-params")
     run = gr.Button("Generate pairs", variant="primary", elem_id="gen-run")
-    summary = gr.Markdown(elem_id="gen-summary")
+    summary = gr.Markdown(elem_id="gen-summary", min_height=48)  # room for the progress bar
     with gr.Accordion("Report (JSON)", open=False):
         result = gr.JSON(label="Result", elem_id="gen-result")
 
@@ -58,7 +58,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                dataset=dataset_v or None, split=None if split_v == "all" else split_v,
                                n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
 
+    # The bar shows on the summary: the JSON it fills sits in a closed accordion, where the bar was
+    # hidden too. The summary is cleared at the click, so a refused run never shows the last result.
+    run.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
-              concurrency_limit=1, concurrency_id=MODEL_JOBS).then(report_markdown, [result], [summary], api_name=False)
+              concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[summary]
+              ).then(report_markdown, [result], [summary], api_name=False)
     demo.load(lambda: gr.Dropdown(choices=round_choices(studio, done_only=True)), None, [round_], api_name=False)
     return {}
