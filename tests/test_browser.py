@@ -122,6 +122,19 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         expect(table.locator("mark.hallu")).to_contain_text("blue square")
         assert table.locator("img").count() == 0 and table.locator("script").count() == 0
         page.wait_for_timeout(500)
+
+        # The reviewer name typed in open mode survives a reload (it used to fall back to "guest").
+        page.get_by_role("tab", name="Review").click()
+        page.locator("#reviewer-name input, #reviewer-name textarea").first.fill("ann")
+        page.wait_for_timeout(500)
+        page.reload(wait_until="domcontentloaded")
+        expect(page.locator("#reviewer-name input, #reviewer-name textarea").first).to_have_value("ann", timeout=30_000)
+        expect(page.locator("#review-info")).to_contain_text("pair #", timeout=30_000)
+        page.locator("#review-legend").click()
+        page.keyboard.press("a")  # and the decision is ann's
+        expect(page.locator("#review-message")).to_contain_text("accept saved for pair #", timeout=15_000)
+        pid = int(page.locator("#review-message").inner_text().rsplit("#", 1)[1].rstrip(". \n"))
+        assert studio.store.reviewer_decision(pid, "ann")["decision"] == "accept"
     assert dialogs == [], f"a page dialog fired: {dialogs}"
 
 

@@ -3,6 +3,7 @@ accept / swap / reject both / edit / skip / undo with keyboard shortcuts (see ``
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import gradio as gr
@@ -120,6 +121,11 @@ def legend_html() -> str:
         f'<span><span class="sw" style="background:{HALLUCINATION_COLOR}"></span> ⚠ injected hallucination</span>'
         f'<span class="keys">Keys: {keys}</span></div>'
     )
+
+
+def restore_reviewer(saved: str | None, shown: str | None) -> str:
+    """The Reviewer box on page load: the name this browser typed last, else what the box holds."""
+    return (saved or "").strip() or shown or "guest"
 
 
 def method_filter_choices(studio: Studio) -> list[tuple[str, str]]:
@@ -249,7 +255,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     for comp in (method, round_, status):
         comp.change(on_load, [name, method, round_, status], outputs, api_name=False)
     name.submit(on_load, [name, method, round_, status], outputs, api_name=False)
-    demo.load(on_load, [name, method, round_, status], outputs, api_name="review_load")
+    if studio.open_mode:
+        # The typed name survives a reload (the browser's localStorage): a reviewer who reloaded used
+        # to go on as "guest" without noticing. With accounts the signed-in name counts instead.
+        saved_name = gr.BrowserState("", storage_key="lvlm-studio-reviewer",
+                                     secret=hashlib.sha256(str(studio.settings.home).encode()).hexdigest())
+        name.change(lambda typed: (typed or "").strip(), [name], [saved_name], api_name=False, queue=False,
+                    show_progress="hidden")
+        demo.load(restore_reviewer, [saved_name, name], [name], api_name=False, queue=False).then(
+            on_load, [name, method, round_, status], outputs, api_name="review_load")
+    else:
+        demo.load(on_load, [name, method, round_, status], outputs, api_name="review_load")
 
     def refresh_filters():
         return gr.Dropdown(choices=round_choices(studio, with_all=True)), gr.Dropdown(choices=method_filter_choices(studio))
