@@ -683,6 +683,9 @@ class Studio:
             "objects": pair.get("objects"), "meta": pair.get("meta") or {},
             "chosen": _cand_view(pair["chosen"]), "rejected": _cand_view(pair["rejected"]),
             "label": pair["label"], "my_decision": mine["decision"] if mine else None,
+            # reviewers' notes on this pair, oldest first (a note is saved with its decision)
+            "notes": [{"reviewer": r["reviewer"], "decision": r["decision"], "note": r["note"]}
+                      for r in self.store.pair_reviews(pair["id"]) if r.get("note")],
         }
 
     def decide(self, pair_id: int, reviewer: str, decision: str, edited_text: str | None = None,

@@ -226,6 +226,13 @@ def test_review_buttons_record_their_decision_for_the_signed_in_user(accounts_st
     assert studio.store.reviewer_decision(p1, "bob")["decision"] == "reject_both" and out[0] == p2
     out = act["accept"](out[0], out[1], "", "all", "all", "pending", "", "", bob)
     assert studio.store.reviewer_decision(p2, "bob")["decision"] == "accept" and out[0] is None
+    # The note is read back where the pair is shown again (the decided queue), escaped.
+    studio.decide(p0, "carol", "accept", note=HOSTILE)
+    info = load("", "all", "all", "decided", bob)[3]
+    assert "bob (swap): wrong way round" in info and "carol (accept): &lt;img" in info and "<img" not in info
+    from lvlm_studio.ui.review import _info_html
+
+    assert "review-notes" not in _info_html(studio.get_pair(p1, "bob"))  # decided without a note
 
 
 def test_review_queue_moves_on_after_skip_and_decide_and_undo_brings_pairs_back(open_studio):

@@ -64,6 +64,10 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
     if status == "edit" and label.get("chosen_text"):  # what training will use as the chosen side
         parts.append('<div class="review-edited"><span class="k">Edited chosen answer (trains as chosen)</span> '
                      f'{escape_text(label["chosen_text"])}</div>')
+    if view.get("notes"):
+        parts.append('<div class="review-notes"><span class="k">Notes</span><ul>' + "".join(
+            f"<li>{escape_text(n['reviewer'])} ({escape_text(n['decision'])}): {escape_text(n['note'])}</li>"
+            for n in view["notes"]) + "</ul></div>")
     meta = view.get("meta") if isinstance(view.get("meta"), dict) else {}
     if meta.get("sft") is False and status == "auto":
         low = meta.get("chosen_min_reward")
