@@ -174,7 +174,7 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         page.wait_for_timeout(1500)  # the upload finishes before the button reads the files
         page.locator("#data-upload-run").click()
         result = page.locator("#data-summary")  # the readable report (the JSON is folded away)
-        expect(result).to_contain_text("1 images added, 1 refused", timeout=30_000)
+        expect(result).to_contain_text("1 image added, 1 refused", timeout=30_000)
         expect(result).to_contain_text("notes.png")
         assert studio.store.count_items() == items_before + 1
         uploaded = studio.store.list_items(dataset="uploads")

@@ -162,7 +162,7 @@ def test_reports_read_as_a_few_escaped_lines():
     assert "Import **partial**" in imp and imp.count("\n- ") == 11 and "and 2 more" in imp
     assert "&lt;bad&gt;" in imp and "<bad>" not in imp
     assert "Exported **3 pairs**" in report_markdown({"format": "trl", "folder": "/x", "pairs": 3, "images": 2})
-    assert "**1 images added**, 1 refused" in report_markdown({"items": [4], "rejected": [{"file": "a", "reason": "b"}]})
+    assert "**1 image added**, 1 refused" in report_markdown({"items": [4], "rejected": [{"file": "a", "reason": "b"}]})
     assert report_markdown(None) == ""
 
 
