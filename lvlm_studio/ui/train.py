@@ -137,7 +137,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             sft_weight = gr.Number(d.sft_weight, label="SFT weight", info="0 = pure DPO; 1 = STIC-style DPO + SFT",
                                    elem_id="train-sft")
         with gr.Row():  # a second row: ten fields in one squeezed the checkbox to a word per line
-            eval_n = gr.Number(d.eval_limit, label="test items to evaluate", precision=0, elem_id="train-eval-n")
+            eval_n = gr.Number(d.eval_limit, label="test items to evaluate", precision=0, elem_id="train-eval-n",
+                               info="captions and POPE probes together (Compare's Evaluate counts scenes: "
+                                    "a caption + its probes each)")
             povid_two_term = gr.Checkbox(d.povid_two_term, label="POVID two-term loss",
                                          info="text-hallucinated and noisy-image pairs weigh half each",
                                          elem_id="train-povid-two-term", min_width=220)
