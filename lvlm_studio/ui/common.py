@@ -51,6 +51,12 @@ def _refusal(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def clear_on_click(button: gr.Button, summary: gr.Markdown) -> None:
+    """Empty ``summary`` the moment ``button`` is clicked. A refused run raises (a toast) and never
+    reaches the step that writes the summary, which would otherwise keep the previous result."""
+    button.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
+
+
 def round_choices(studio: Studio, with_all: bool = False, done_only: bool = False) -> list[tuple[str, str]]:
     out = [("all rounds", "all")] if with_all else []
     for r in studio.rounds():

@@ -10,7 +10,7 @@ import pandas as pd
 
 from lvlm_studio.service import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, METHODS, Studio
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import report_markdown, ticked_methods, user_errors
+from lvlm_studio.ui.common import clear_on_click, report_markdown, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 
@@ -120,10 +120,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return (stats_v, agreement_html(ag), override_frame(ag),
                 gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now)
 
-    # A refused upload, import or export shows its message as a toast and leaves the handler's
-    # outputs alone: clear the summary at each click so it never shows the previous run's result.
     for button in (upload, do_import, export):
-        button.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
+        clear_on_click(button, summary)
 
     stats_outs = [stats, agreement, override, ex_methods, known_methods]
     refresh.click(on_stats, [ex_methods, known_methods], stats_outs, api_name="data_stats")

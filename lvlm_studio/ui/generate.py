@@ -8,7 +8,14 @@ from typing import Any
 import gradio as gr
 
 from lvlm_studio.service import METHODS, Studio
-from lvlm_studio.ui.common import MODEL_JOBS, parse_round, report_markdown, round_choices, user_errors
+from lvlm_studio.ui.common import (
+    MODEL_JOBS,
+    clear_on_click,
+    parse_round,
+    report_markdown,
+    round_choices,
+    user_errors,
+)
 
 DEFAULT_PARAMS = {
     "csr": {},  # CSRConfig's defaults; fewer candidates leave most world items without a pair
@@ -59,8 +66,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
 
     # The bar shows on the summary: the JSON it fills sits in a closed accordion, where the bar was
-    # hidden too. The summary is cleared at the click, so a refused run never shows the last result.
-    run.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
+    # hidden too.
+    clear_on_click(run, summary)
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
               concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[summary]
               ).then(report_markdown, [result], [summary], api_name=False)
