@@ -127,6 +127,16 @@ def cli_command(func: F) -> F:
                 emit({"ok": False, "error": message}, True)
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code) from None
+        except (MemoryError, RuntimeError) as exc:
+            from lvlm_studio.models.base import out_of_memory
+
+            message = out_of_memory(exc)
+            if message is None or os.environ.get("LVLM_STUDIO_DEBUG"):
+                raise
+            if as_json:
+                emit({"ok": False, "error": message}, True)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -118,14 +118,22 @@ def check_option_types(cls: type, values: dict[str, Any], option: str) -> dict[s
     a number belongs must fail here with its name, not minutes later in a background job or as a
     comparison error deep in a method. Lists become tuples where the field is a tuple. The CLI's
     ``key=value`` options and the app's JSON parameters both go through it."""
+    import math
     import typing
 
+    if not isinstance(values, dict):
+        raise ValueError(f"{option}s must be a JSON object of name: value, not {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
         hint = hints.get(key, Any)
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e999 decodes to inf
+            raise ValueError(f"{option} {key}={value}: expected a finite number")
         if not matches_type(value, hint):
-            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            if typing.get_origin(hint) is typing.Literal:
+                shown = "one of " + ", ".join(json.dumps(a) for a in typing.get_args(hint))
+            else:
+                shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             raise ValueError(f"{option} {key}={json.dumps(value, default=str)}: expected {shown}")
         if isinstance(value, list) and (typing.get_origin(hint) is tuple or any(
                 typing.get_origin(a) is tuple for a in typing.get_args(hint))):

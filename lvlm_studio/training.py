@@ -182,8 +182,13 @@ class DPORoundConfig:
             raise ValueError("batch_size and lora_r must be >= 1")
         # Refused here, before a round row exists: a round with no step ended "done" as its parent's
         # copy, and a bad lr or β failed only after the job had started.
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0, not {self.learning_rate}")
+        for name in ("num_epochs", "beta", "sft_weight", "lora_dropout", "warmup_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, not {getattr(self, name)}")
+        if self.eval_batch_size < 1 or self.eval_max_new_tokens < 1:
+            raise ValueError("eval_batch_size and eval_max_new_tokens must be >= 1 (a round must be evaluated)")
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ValueError(f"num_epochs must be > 0 (or max_steps > 0), not {self.num_epochs}: the round would train nothing")
         if not self.beta > 0:

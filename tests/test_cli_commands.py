@@ -582,3 +582,33 @@ def test_generate_from_a_round_whose_parent_adapter_is_gone(env, tiny):
     store.close()
     fails("generate", "--method", "stic", "--model", vlm, "--round", r2, "--n", "1", message="adapter directory",
           code=1)
+
+
+def test_options_that_cannot_run_are_refused_and_out_of_memory_is_one_line(env, monkeypatch):
+    """JSON's 1e999 is inf: refused by name for train and generate, as are a zero answer length and
+    an unknown Literal value (which lists the allowed ones); a size that exhausts memory (here a
+    stand-in for torch's allocator error) is one error line, not a traceback."""
+    seed(train=2, test=1)
+    fails("train", "-c", "learning_rate=1e999", message="learning_rate=inf: expected a finite number", code=2)
+    fails("train", "-c", "eval_max_new_tokens=0", message="eval_batch_size and eval_max_new_tokens must be >= 1")
+    csr = ["generate", "--method", "csr", "--n", "1"]
+    fails(*csr, "--param", "max_new_tokens=0", message="max_new_tokens and num_beam_groups must be >= 1")
+    fails(*csr, "--param", "expansion=bogus", message='expected one of "diverse_beam", "sample"', code=2)
+    store = open_store(env)
+    assert [r["id"] for r in store.list_rounds()] == [0]  # no round was created
+    before = store.stats()
+    store.close()
+    from lvlm_studio.service import Studio
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 3788800000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Studio, "generate", exhausted)
+    result = run(*csr, "--param", "num_candidates=100000000")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: out of memory: [enforce fail") and "fewer candidates" in result.stderr
+    store = open_store(env)
+    assert store.stats() == before
+    store.close()

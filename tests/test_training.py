@@ -487,7 +487,9 @@ def test_povid_term_names_noisy_variants():
     dict(learning_rate=0.0), dict(learning_rate=-1.0), dict(learning_rate=float("nan")), dict(num_epochs=0),
     dict(num_epochs=-1, max_steps=0), dict(beta=0.0), dict(lora_alpha=0), dict(lora_dropout=1.0),
     dict(warmup_ratio=1.0), dict(warmup_ratio=-0.1), dict(gradient_accumulation_steps=0), dict(logging_steps=0),
-    dict(max_length=0), dict(eval_limit=0),
+    dict(max_length=0), dict(eval_limit=0), dict(learning_rate=float("inf")), dict(beta=float("inf")),
+    dict(num_epochs=float("inf")), dict(sft_weight=float("nan")), dict(eval_batch_size=0),
+    dict(eval_max_new_tokens=0),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):

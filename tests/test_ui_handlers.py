@@ -502,3 +502,22 @@ def test_train_status_and_rounds_table_read_as_people_need(open_studio):
     row = rounds_frame(studio).set_index("round").loc[rid]
     assert (row["CHAIR_s"], row["recall"], row["progress"], row["captions"]) == (0.2857, 0.4267, 0.33, 7)
     assert row["methods"] == "csr"
+
+
+def test_running_out_of_memory_is_a_message_not_a_generic_failure(open_studio, monkeypatch):
+    """torch's CPU allocator raises a plain RuntimeError; the page (and the JSON API) get one
+    sentence instead of "the upstream app has raised an exception"."""
+    studio = open_studio
+
+    def exhausted(method, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3788800000000 bytes.")
+
+    monkeypatch.setattr(studio, "generate", exhausted)
+    run = handler(build_app(studio), "generate_run")
+    with pytest.raises(gr.Error, match="out of memory: DefaultCPUAllocator") as err:
+        run("csr", "demo", "0", "shapesworld", "train", 1, 0, '{"num_candidates": 100000000}',
+            progress=lambda *a, **k: None)
+    assert "fewer candidates" in err.value.message
+    monkeypatch.setattr(studio, "generate", lambda method, **kw: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # any other error stays an error (a bug to see)
+        run("csr", "demo", "0", "shapesworld", "train", 1, 0, "{}", progress=lambda *a, **k: None)

@@ -23,6 +23,24 @@ class ModelLoadError(RuntimeError):
     """A model reference that cannot be resolved or loaded (unknown id, offline, corrupt files)."""
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """A one-line account when ``exc`` is the machine running out of memory (a size a user asked
+    for: candidates, batch, items), else None. torch's CPU allocator raises a plain RuntimeError."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    oom_types = tuple(t for t in (MemoryError, getattr(_torch_module(), "OutOfMemoryError", None)) if t)
+    if isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and (
+            "can't allocate memory" in text or "out of memory" in text.lower())):
+        return (f"out of memory: {text[:300]}. Ask for less at once (fewer candidates, a smaller batch "
+                "or fewer items) or use a machine with more memory.")
+    return None
+
+
+def _torch_module():
+    import sys
+
+    return sys.modules.get("torch")  # only if already imported: an OOM from torch means it is
+
+
 class MissingDependencyError(ImportError):
     """An optional backend whose package is not installed (e.g. vllm)."""
 
@@ -44,6 +62,13 @@ class GenerationParams:
     diversity_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.num_beam_groups < 1:
+            raise ValueError(f"max_new_tokens and num_beam_groups must be >= 1 (got {self.max_new_tokens}, "
+                             f"{self.num_beam_groups}): an answer needs at least one token")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.diversity_penalty >= 0):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and diversity_penalty >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,10 @@ def user_errors(fn: Callable) -> Callable:
         except Exception as exc:  # store, job and model errors: say what failed
             if any(cls.__name__ in _USER_ERROR_NAMES for cls in type(exc).__mro__):
                 raise _refusal(str(exc)) from exc
+            from lvlm_studio.models.base import out_of_memory
+
+            if (message := out_of_memory(exc)) is not None:
+                raise _refusal(message) from exc
             raise
 
     return wrapper
