@@ -233,6 +233,9 @@ def export_cmd(
         raise CLIError(f"unknown export format {format!r}; expected one of {', '.join(io.EXPORT_FORMATS)}", EXIT_USAGE)
     store = open_store()
     try:
+        check_methods(store, method)
+        if round is not None and store.get_round(round) is None:
+            raise CLIError(f"round {round} does not exist (see lvlm-studio rounds)")
         report = io.export_pairs(
             store,
             format,
@@ -635,6 +638,18 @@ UserOption = Annotated[
 ]
 
 
+def check_methods(store: Any, names: list[str] | None) -> None:
+    """A method no pair carries is a typo, not "nothing to export/train": a usage error naming
+    the methods there are (the three generators and whatever an import named)."""
+    from lvlm_studio.service import METHODS
+
+    known = list(dict.fromkeys([*METHODS, *store.review_counts()]))
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise CLIError(f"unknown method {', '.join(map(repr, unknown))}; the store's methods: {', '.join(known)}",
+                       EXIT_USAGE)
+
+
 @cli_command
 def train_cmd(
     from_round: Annotated[int | None, typer.Option(help="Parent round (default: the current round).")] = None,
@@ -661,6 +676,7 @@ def train_cmd(
     try:
         if from_round is not None and s.store.get_round(from_round) is None:
             raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
+        check_methods(s.store, names)
         # A round with nothing to train on is refused (JobError) here, before it is created.
         n_material = s.training_material_count(cfg)
         round_id = s.start_round(cfg, user, parent_id=from_round)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -111,8 +112,12 @@ def _open_checked(data: bytes, name: str, settings: Settings) -> Image.Image:
         try:
             im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         except Image.DecompressionBombError as exc:
+            # Pillow's message quotes its own cap; the limit that applies here is ours.
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(found.group(1)):,} pixels" if found else "the image's pixel count"
             raise ImageRejected(
-                name, f"too many pixels, refused before decoding (decompression-bomb guard): {exc}"
+                name, f"{size} exceeds the limit of {settings.max_pixels:,} "
+                "(decompression-bomb guard; refused before decoding)"
             ) from exc
         except UnidentifiedImageError as exc:
             kind = _sniff(data)

@@ -237,8 +237,9 @@ class Studio:
     def require_admin(self, user: str | None, action: str) -> None:
         role = self.role(user)
         if role != "admin":
-            who = repr(user) if user else "an anonymous user"
-            raise PermissionError(f"{action} needs the admin role; {who} is {role}")
+            if not user:
+                raise PermissionError(f"{action} needs the admin role: sign in as an admin (no user was given)")
+            raise PermissionError(f"{action} needs the admin role; {user!r} has the {role} role")
 
     def auth_summary(self) -> str:
         if self.open_mode:

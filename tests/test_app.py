@@ -376,7 +376,7 @@ def test_a_typed_name_grants_nothing_once_admins_are_named(home, tmp_path):
     try:
         client = Client(url, verbose=False)
         pair_id = studio.next_pair("someone")["pair_id"]
-        with pytest.raises(Exception, match="needs the admin role; an anonymous user is anonymous"):
+        with pytest.raises(Exception, match="needs the admin role: sign in as an admin \\(no user was given\\)"):
             client.predict({"methods": ["povid"], "include_auto": True}, "alice", api_name="/start_round")
         with pytest.raises(Exception, match="needs the admin role"):
             client.predict(0, "alice", api_name="/cancel_round")

@@ -208,7 +208,19 @@ def test_export_options_select_pairs_and_stats_shows_reviews(home, settings, tmp
     result = run("export", str(out), "--include-auto", "--overwrite", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == 3, result.output
     result = run("export", str(tmp_path / "r1"), "--include-auto", "--round", "1")
+    assert result.exit_code == 1 and "round 1 does not exist" in result.stderr
+
+    made = Studio(settings, users={}, admins=())  # holds the base round 0
+    assert made.store.create_round(0, "demo", {}, status="done") == 1  # round 1: it exists, but made no pairs
+    made.store.close()
+    result = run("export", str(tmp_path / "r1"), "--include-auto", "--round", "1")
     assert result.exit_code == 1 and "nothing to export" in result.stderr
+    # A method no pair carries is a typo (a usage error naming the methods there are), for train too.
+    result = run("export", str(tmp_path / "m"), "--include-auto", "--method", "nosuch")
+    assert result.exit_code == 2 and "unknown method 'nosuch'; the store's methods: csr, povid, stic, a, b" in result.stderr
+    result = run("train", "--methods", "a,nosuch", "--include-auto")
+    assert result.exit_code == 2 and "unknown method 'nosuch'" in result.stderr
+    assert not (tmp_path / "m").exists()
 
     studio = Studio(settings, users={}, admins=())
     studio.decide(studio.store.pair_ids()[0], "ann", "accept")

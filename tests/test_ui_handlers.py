@@ -480,6 +480,8 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     assert loss["value"].tolist() == [0.69]
     status = handler(demo, "round_status")(r1)
     assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
+    with pytest.raises(gr.Error, match="round 999 does not exist"):  # not a null round
+        handler(demo, "round_status")(999)
     poll = next(f for f in demo.fns.values() if f.fn and f.fn.__name__ == "update_methods")
     assert poll.inputs[0].elem_id == "train-methods" and poll.inputs[1] is poll.outputs[1]
 

@@ -188,7 +188,10 @@ def _json_api(studio: Studio) -> None:
 
     @user_errors
     def round_status(round_id: int) -> dict:
-        return {"round": studio.get_round(int(round_id)), "curve": studio.round_curve(int(round_id))}
+        row = studio.get_round(int(round_id))
+        if row is None:  # as /cancel_round and /compare say, rather than a null round
+            raise LookupError(f"round {int(round_id)} does not exist")
+        return {"round": row, "curve": studio.round_curve(int(round_id))}
 
     @user_errors
     def compare(a: int, b: int, only_diff: bool = False) -> dict:
