@@ -243,7 +243,7 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
         jobs.start_round(settings, {"include_auto": True, "povid_stage1_epochs": 3})
     # Options that cannot train are refused before a round row exists (they used to end as a
     # "done" round with no step, or as a failed one once the job had started).
-    for bad, message in (({"num_epochs": 0}, "train nothing"), ({"learning_rate": -1.0}, "learning_rate must be > 0")):
+    for bad, message in (({"num_epochs": 0}, "train nothing"), ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0")):
         with pytest.raises(ValueError, match=message):
             jobs.start_round(settings, {"include_auto": True, **bad})
     store = Store(settings.db_path)
