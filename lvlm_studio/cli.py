@@ -122,23 +122,30 @@ def cli_command(func: F) -> F:
             if os.environ.get("LVLM_STUDIO_DEBUG"):
                 raise
             code = exc.code if isinstance(exc, CLIError) else EXIT_FAILURE
-            message = str(exc) or type(exc).__name__
-            if as_json:
-                emit({"ok": False, "error": message}, True)
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(code) from None
+            fail(str(exc) or type(exc).__name__, code, as_json)
         except (MemoryError, RuntimeError) as exc:
             from lvlm_studio.models.base import out_of_memory
 
             message = out_of_memory(exc)
             if message is None or os.environ.get("LVLM_STUDIO_DEBUG"):
                 raise
-            if as_json:
-                emit({"ok": False, "error": message}, True)
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(EXIT_FAILURE) from None
+            fail(message, EXIT_FAILURE, as_json)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, code: int, as_json: bool) -> None:
+    """One 'error:' line on stderr (and the JSON error object on stdout with --json), then exit."""
+    if as_json:
+        emit({"ok": False, "error": message}, True)
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
+
+
+def require_round(store: Any, round_id: int | None) -> None:
+    """A round named by an option must exist (None: the option was not given)."""
+    if round_id is not None and store.get_round(round_id) is None:
+        raise CLIError(f"round {round_id} does not exist (see lvlm-studio rounds)")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -234,8 +241,7 @@ def export_cmd(
     store = open_store()
     try:
         check_methods(store, method)
-        if round is not None and store.get_round(round) is None:
-            raise CLIError(f"round {round} does not exist (see lvlm-studio rounds)")
+        require_round(store, round)
         report = io.export_pairs(
             store,
             format,
@@ -674,8 +680,7 @@ def train_cmd(
     DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
     s = studio(model=model)
     try:
-        if from_round is not None and s.store.get_round(from_round) is None:
-            raise CLIError(f"round {from_round} does not exist (see lvlm-studio rounds)")
+        require_round(s.store, from_round)
         check_methods(s.store, names)
         # A round with nothing to train on is refused (JobError) here, before it is created.
         n_material = s.training_material_count(cfg)
@@ -824,8 +829,7 @@ def compare_cmd(
     s = studio()
     try:
         for rid in (a, b):
-            if s.store.get_round(rid) is None:
-                raise CLIError(f"round {rid} does not exist (see lvlm-studio rounds)")
+            require_round(s.store, rid)
         res = s.compare(a, b, only_diff=only_diff)
     finally:
         s.store.close()
@@ -883,8 +887,7 @@ def eval_cmd(
         raise CLIError("--n and --max-new-tokens must be at least 1", EXIT_USAGE)
     s = studio(model=model)
     try:
-        if s.store.get_round(round) is None:
-            raise CLIError(f"round {round} does not exist (see lvlm-studio rounds)")
+        require_round(s.store, round)
         with Progress(f"eval round {round}") as bar:
             res = s.evaluate_world(round, split=split, n=n, seed=seed, model=model, max_new_tokens=max_new_tokens,
                                    progress=bar)

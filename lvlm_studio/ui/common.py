@@ -61,6 +61,12 @@ def clear_on_click(button: gr.Button, summary: gr.Markdown) -> None:
     button.click(lambda: "", None, [summary], api_name=False, queue=False, show_progress="hidden")
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """A figure to read by in a table (raw floats widen it until its last column is clipped); any
+    other value, a missing figure included, as it is."""
+    return round(value, digits) if isinstance(value, float) else value
+
+
 def round_choices(studio: Studio, with_all: bool = False, done_only: bool = False) -> list[tuple[str, str]]:
     out = [("all rounds", "all")] if with_all else []
     for r in studio.rounds():

@@ -11,7 +11,7 @@ import pandas as pd
 
 from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
-from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, user_errors
+from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, rounded, user_errors
 from lvlm_studio.ui.highlight import compare_html, escape_text
 
 # The plot's series say which way is better: hallucination rates down, recall and F1 up.
@@ -61,7 +61,7 @@ def metrics_frame(res: dict) -> pd.DataFrame:
              for m in res.get("common_metrics") or []]
     frame = pd.DataFrame(rows, columns=["round", *METRIC_LABELS, "answers"])
     for key in METRIC_LABELS:  # 4 decimals to read by; a missing figure stays an empty cell
-        frame[key] = [round(v, 4) if isinstance(v, float) else v for v in frame[key]]
+        frame[key] = [rounded(v) for v in frame[key]]
     frame.columns = METRIC_COLUMNS
     return frame
 
@@ -70,8 +70,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     choices = round_choices(studio)
     with gr.Row():
         a = gr.Dropdown(choices, value="0", label="Round A", allow_custom_value=True, elem_id="compare-a")
-        b = gr.Dropdown(choices, value=newest_done_round(studio), label="Round B", allow_custom_value=True,
-                        elem_id="compare-b")
+        b = gr.Dropdown(choices, value=newest(round_choices(studio, done_only=True)), label="Round B",
+                        allow_custom_value=True, elem_id="compare-b")
         only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff", min_width=180)
         go = gr.Button("Compare", variant="primary", elem_id="compare-run")
     metrics = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), headers=METRIC_COLUMNS, interactive=False,
@@ -134,17 +134,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     def refresh() -> tuple:
         # On page load: rounds made since the app started are offered, and B is the newest finished
         # one (a failed, cancelled or running round has no answers to compare).
-        ch = round_choices(studio)
-        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=newest_done_round(studio)),
-                *metrics_plot(studio), gr.Dropdown(choices=round_choices(studio, done_only=True)))
+        ch, done = round_choices(studio), round_choices(studio, done_only=True)
+        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=newest(done)),
+                *metrics_plot(studio), gr.Dropdown(choices=done))
 
     demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
     return {}
 
 
-def newest_done_round(studio: Studio) -> str:
-    done = round_choices(studio, done_only=True)
-    return done[-1][1] if done else "0"
+def newest(choices: list[tuple[str, str]]) -> str:
+    """The last round of a choice list (the newest), or the base round when there is none."""
+    return choices[-1][1] if choices else "0"
 
 
 def evaluation_scenes(value: Any) -> int:

@@ -138,9 +138,6 @@ def method_filter_choices(studio: Studio) -> list[tuple[str, str]]:
     return [("all methods", "all"), *[(m.upper() if m in METHODS else m, m) for m in studio.reviewed_counts()]]
 
 
-# Review actions keep the panel on screen when they are refused (an empty edit, a pair another
-# reviewer just changed): Gradio replaces every output of a failed event with an "Error" badge
-# unless its progress display is hidden. The actions are instant, so no spinner is lost.
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     pair_state = gr.State(None)  # current pair id
     seen_state = gr.State([])  # skipped / decided this session (kept out of the queue)
@@ -237,6 +234,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return act
 
     inputs = [pair_state, seen_state, name, method, round_, status, edit_text, note]
+    # show_progress="hidden" keeps the panel on screen when an action is refused (an empty edit, a
+    # pair another reviewer just changed): Gradio replaces every output of a failed event with an
+    # "Error" badge unless its progress display is hidden. The actions are instant: no spinner is lost.
     for key, decision in (("a", "accept"), ("s", "swap"), ("r", "reject_both"), ("k", "skip"), ("u", "undo")):
         buttons[key].click(make_action(decision), inputs, outputs, api_name=f"review_{decision}",
                            concurrency_limit=None, show_progress="hidden")

@@ -12,7 +12,14 @@ from lvlm_studio.evaluation import METRIC_LABELS
 from lvlm_studio.service import Studio
 from lvlm_studio.training import DPORoundConfig, describe_povid_stages
 from lvlm_studio.ui.auth import request_user
-from lvlm_studio.ui.common import number_field, parse_round, round_choices, ticked_methods, user_errors
+from lvlm_studio.ui.common import (
+    number_field,
+    parse_round,
+    round_choices,
+    rounded,
+    ticked_methods,
+    user_errors,
+)
 from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
@@ -38,19 +45,14 @@ def rounds_frame(studio: Studio) -> pd.DataFrame:
         rows.append({
             "round": r["id"], "parent": r.get("parent_id"), "status": r["status"],
             "methods": ",".join(cfg.get("methods") or []) if isinstance(cfg.get("methods"), list) else "",
-            "progress": _rounded(r.get("progress"), 2), "CHAIR_s": _rounded(metrics.get("chair_s")),
-            "recall": _rounded(metrics.get("recall")),
+            "progress": rounded(r.get("progress"), 2), "CHAIR_s": rounded(metrics.get("chair_s")),
+            "recall": rounded(metrics.get("recall")),
             # Rounds may be evaluated on different numbers of items (eval_limit, a later Compare
             # evaluation): the count says how far two figures can be compared.
             "captions": metrics.get("n_captions"), "created": r.get("created"),
         })
     return pd.DataFrame(rows, columns=["round", "parent", "status", "methods", "progress", "CHAIR_s", "recall",
                                        "captions", "created"])
-
-
-def _rounded(value: Any, digits: int = 4) -> Any:
-    # 4 decimals to read by (raw floats widened the table until its last column was clipped)
-    return round(value, digits) if isinstance(value, float) else value
 
 
 def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
