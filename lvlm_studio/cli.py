@@ -185,6 +185,8 @@ def import_cmd(
 
     if format not in io.IMPORT_FORMATS:
         raise CLIError(f"unknown import format {format!r}; expected one of {', '.join(io.IMPORT_FORMATS)}", EXIT_USAGE)
+    if limit is not None and limit < 1:
+        raise CLIError(f"--limit must be 1 or more, not {limit}", EXIT_USAGE)
     s = settings()
     store = open_store(s)
     try:

@@ -22,6 +22,20 @@ BACKENDS = ("hf", "vllm")
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes loading (models.hf.quantization_config)
 
 
+def _env_count(name: str, default: int) -> int:
+    """A positive whole number from the environment variable ``name``, or a message naming it."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)  # int() allows surrounding spaces and 40_000_000
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive whole number (e.g. {default}), not {raw!r}")
+    return value
+
+
 @dataclass
 class Settings:
     home: Path = field(default_factory=lambda: Path(os.environ.get("LVLM_STUDIO_HOME", DEFAULT_HOME)))
@@ -31,9 +45,7 @@ class Settings:
     # Which library generates for the app, the CLI and the service: "hf" (transformers, default) or
     # "vllm" (CUDA only, an optional extra). Round jobs train and evaluate with transformers.
     backend: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_BACKEND", "hf"))
-    max_pixels: int = field(
-        default_factory=lambda: int(os.environ.get("LVLM_STUDIO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
-    )
+    max_pixels: int = field(default_factory=lambda: _env_count("LVLM_STUDIO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
     max_side: int = DEFAULT_MAX_SIDE
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 

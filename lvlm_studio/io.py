@@ -197,6 +197,20 @@ def safe_join(root: Path, relative: Any) -> Path:
     return target
 
 
+def _json_loads(text: str) -> Any:
+    """``json.loads`` whose every refusal is a ValueError: nesting deeper than Python's recursion
+    limit raises RecursionError there, which must refuse a record, not end the import."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file; a UTF-8 byte order mark (Windows editors write one) is allowed."""
+    return _json_loads(path.read_text(encoding="utf-8-sig"))
+
+
 def _strip_image_token(text: str) -> str:
     if text.startswith("<image>\n"):
         return text[len("<image>\n") :]
@@ -225,7 +239,8 @@ def _prompt_text(value: Any) -> str:
         for message in value:
             if isinstance(message, dict) and message.get("role", message.get("from")) in ("user", "human"):
                 return _strip_image_token(_content_text(message.get("content", message.get("value"))))
-    raise ValueError("no user prompt found")
+        raise ValueError("no user prompt found")
+    raise ValueError(f"a prompt is text or a list of messages, not {type(value).__name__}")
 
 
 def _answer_text(value: Any) -> str:
@@ -239,7 +254,8 @@ def _answer_text(value: Any) -> str:
         for message in reversed(value):
             if isinstance(message, dict) and message.get("role", message.get("from")) in ("assistant", "gpt"):
                 return _content_text(message.get("content", message.get("value")))
-    raise ValueError("no assistant answer found")
+        raise ValueError("no assistant answer found")
+    raise ValueError(f"an answer is text, a turn or a list of messages, not {type(value).__name__}")
 
 
 def _objects(value: Any) -> list[str] | None:
@@ -252,13 +268,16 @@ def _objects(value: Any) -> list[str] | None:
     return sorted(set(value))
 
 
-def _meta_json(value: Any) -> dict | None:
+def _meta_json(value: Any, name: str) -> dict | None:
     if value is None or value == "":
         return None
     if isinstance(value, dict):
         return value
     if isinstance(value, str):
-        parsed = json.loads(value)
+        try:
+            parsed = _json_loads(value)
+        except ValueError as exc:
+            raise ValueError(f"'{name}' is text that is not valid JSON ({exc})") from exc
         return parsed if isinstance(parsed, dict) else {"value": parsed}
     return {"value": value}
 
@@ -269,7 +288,7 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
         raise ValueError("chosen and rejected answers must not be empty")
     if chosen_text == rejected_text:
         raise ValueError("chosen and rejected answers are identical")
-    meta = _meta_json(info.get("meta"))
+    meta = _meta_json(info.get("meta"), "meta")
     _check_meta(meta, "pair meta")
     pair_method = info.get("method") or method or DEFAULT_METHOD
     if not isinstance(pair_method, str):
@@ -443,12 +462,35 @@ def _read_folder(
         reference = None
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
+            if not sidecar.resolve().is_relative_to(base):  # a link must not read files from elsewhere
+                yield _Bad(sidecar.relative_to(root).as_posix(), "caption file points outside the import folder")
+                continue
             try:
-                reference = sidecar.read_text(encoding="utf-8").strip() or None
+                reference = sidecar.read_text(encoding="utf-8-sig").strip() or None
             except (OSError, UnicodeDecodeError) as exc:
                 yield _Bad(sidecar.relative_to(root).as_posix(), f"caption file unreadable ({exc})")
                 continue
         yield _Record(rel, path, rel, prompt, reference, None, dataset, split, {"file": rel})
+
+
+def _coco_value(entry: Any, key: str, kind: type) -> Any:
+    """``entry[key]`` of a COCO entry as an integer id or non-empty text, or a ValueError naming
+    what is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"an entry is a JSON object, not {type(entry).__name__}")
+    value = entry.get(key)
+    if value is None:
+        raise ValueError(f"missing {key!r}")
+    if kind is int:
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key!r} must be an integer id, not {str(value)[:40]!r}") from None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key!r} must be non-empty text, not {str(value)[:40]!r}")
+    return value.strip()
 
 
 def _coco_split(name: str) -> str | None:
@@ -482,26 +524,67 @@ def _read_coco(
         if path is None:
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            for im in data.get("images", []):
-                known = images.setdefault(int(im["id"]), im)
-                if known.get("file_name") != im.get("file_name"):
-                    refused[int(im["id"])] = (f"image id {im['id']} is listed twice, as {known.get('file_name')!r} "
-                                              f"and {im.get('file_name')!r}")
-            if kind == "captions":
-                for ann in data.get("annotations", []):
-                    refs.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
-            else:
-                names = {int(c["id"]): c["name"] for c in data.get("categories", [])}
-                for ann in data.get("annotations", []):
-                    name = names.get(int(ann["category_id"]))
-                    if name is None:  # its ground truth would be incomplete: refuse that image alone
-                        refused.setdefault(int(ann["image_id"]), f"annotation with unknown category_id {ann['category_id']}")
-                    else:
-                        objects.setdefault(int(ann["image_id"]), set()).add(name)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            data = _read_json(path)
+            if not isinstance(data, dict):
+                raise ValueError(f"a COCO annotation file is a JSON object, not {type(data).__name__}")
+            entries = {key: data.get(key) or [] for key in ("images", "annotations", "categories")}
+            for key, value in entries.items():
+                if not isinstance(value, list):
+                    raise ValueError(f"{key!r} must be a list, not {type(value).__name__}")
+        except (OSError, ValueError) as exc:
             yield _Bad(path.name, f"not a readable COCO {kind} file ({exc})")
             return
+        # One malformed entry refuses itself (or the image it is about), never the whole file.
+        for index, im in enumerate(entries["images"]):
+            try:
+                image_id = _coco_value(im, "id", int)
+            except ValueError as exc:
+                yield _Bad(f"{path.name} images[{index}]", str(exc))
+                continue
+            known = images.setdefault(image_id, im)
+            if known.get("file_name") != im.get("file_name"):
+                refused[image_id] = (f"image id {image_id} is listed twice, as {known.get('file_name')!r} "
+                                     f"and {im.get('file_name')!r}")
+        if kind == "captions":
+            for index, ann in enumerate(entries["annotations"]):
+                try:
+                    image_id, caption = _coco_value(ann, "image_id", int), _coco_value(ann, "caption", str)
+                except ValueError as exc:
+                    yield _Bad(f"{path.name} annotations[{index}]", str(exc))
+                    continue
+                refs.setdefault(image_id, []).append(caption)
+            continue
+        names: dict[int, str] = {}
+        unnamed: dict[int, str] = {}
+        for index, category in enumerate(entries["categories"]):
+            try:
+                category_id = _coco_value(category, "id", int)
+            except ValueError as exc:
+                yield _Bad(f"{path.name} categories[{index}]", str(exc))
+                continue
+            try:
+                names[category_id] = _coco_value(category, "name", str)
+            except ValueError as exc:
+                unnamed[category_id] = str(exc)
+        for index, ann in enumerate(entries["annotations"]):
+            try:
+                image_id = _coco_value(ann, "image_id", int)
+            except ValueError as exc:
+                yield _Bad(f"{path.name} annotations[{index}]", str(exc))
+                continue
+            # An annotation that names no usable object would leave the image's ground truth
+            # incomplete: refuse that image alone.
+            try:
+                category_id = _coco_value(ann, "category_id", int)
+            except ValueError as exc:
+                refused.setdefault(image_id, f"annotations[{index}]: {exc}")
+                continue
+            if category_id in unnamed:
+                refused.setdefault(image_id, f"category_id {category_id} has no usable name ({unnamed[category_id]})")
+            elif category_id not in names:
+                refused.setdefault(image_id, f"annotation with unknown category_id {category_id}")
+            else:
+                objects.setdefault(image_id, set()).add(names[category_id])
     anchor = captions or instances
     split_name = _coco_split(anchor.stem.split("_", 1)[-1]) if anchor else None
     sample = next((im.get("file_name") for im in images.values()), None)
@@ -543,7 +626,7 @@ def _coco_files(path: Path) -> list[tuple[Path | None, Path | None]]:
             other = path.with_name("captions_" + stem[len("instances_") :] + path.suffix)
             return [(other if other.is_file() else None, path)]
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _read_json(path)
         except (OSError, ValueError) as exc:
             raise DataImportError(f"{path.name}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
@@ -565,7 +648,7 @@ def _read_jsonl(
         for number, raw in enumerate(fh, start=1):
             label = f"{path.name} line {number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark may open the file
             except UnicodeDecodeError as exc:
                 yield _Bad(label, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
                 continue
@@ -573,8 +656,8 @@ def _read_jsonl(
                 continue
             try:
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
+                    row = _json_loads(line)
+                except ValueError as exc:
                     raise ValueError(f"invalid JSON ({exc})") from exc
                 if not isinstance(row, dict):
                     raise ValueError("each line must be a JSON object")
@@ -608,14 +691,14 @@ def _record_from_mapping(
         objects=_objects(row.get("objects")),
         dataset=dataset or row.get("dataset") or "default",
         split=split or row.get("split") or "train",
-        meta=_meta_json(row.get("item_meta")),
+        meta=_meta_json(row.get("item_meta"), "item_meta"),
         pairs=pairs,
     )
 
 
 def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
     except (OSError, ValueError) as exc:
         yield _Bad(path.name, f"not valid JSON ({exc})")
         return
@@ -645,7 +728,7 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
                 split=split or info.get("split") or "train",
-                meta=_meta_json(info.get("item_meta")),
+                meta=_meta_json(info.get("item_meta"), "item_meta"),
                 pairs=pairs,
             )
         except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
@@ -671,7 +754,7 @@ def _info_block(row: dict) -> dict:
 
 def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
     except (OSError, ValueError) as exc:
         yield _Bad(path.name, f"not valid JSON ({exc})")
         return
@@ -700,7 +783,7 @@ def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
                 split=split or info.get("split") or "train",
-                meta=_meta_json(info.get("item_meta")),
+                meta=_meta_json(info.get("item_meta"), "item_meta"),
                 pairs=[_pair_from(row["chosen"], row["rejected"], info, method)],
             )
         except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
@@ -771,7 +854,7 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
                     objects=_objects(row.get("objects")),
                     dataset=dataset or row.get("dataset") or "default",
                     split=split or row.get("split") or part_name or "train",
-                    meta=_meta_json(row.get("item_meta")),
+                    meta=_meta_json(row.get("item_meta"), "item_meta"),
                     pairs=pairs,
                 )
             except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
@@ -798,7 +881,7 @@ def detect_format(path: Path) -> str:
         return "jsonl"
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _read_json(path)
         except (OSError, ValueError) as exc:
             raise DataImportError(f"{path.name}: not valid JSON ({exc})") from exc
         if isinstance(data, dict) and "images" in data and "annotations" in data:
@@ -846,6 +929,8 @@ def import_path(
         raise DataImportError(
             f"unknown import format {format!r}; expected one of {', '.join(IMPORT_FORMATS)}"
         )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataImportError(f"limit must be a whole number of records, 1 or more, not {limit!r}")
     fmt = detect_format(path) if format == "auto" else format
     settings.ensure_dirs()
     report = ImportReport(source=str(path), format=fmt)
@@ -917,8 +1002,21 @@ class _Out:
     tmp: Path
 
 
+def _refuse_enclosing(out: Path | str) -> Path:
+    """The export folder as an absolute path, refusing a folder the export cannot replace safely:
+    an empty path, a filesystem root, or one that holds the current directory (``.``, ``..``,
+    where ``--overwrite`` would delete the files the user is working in)."""
+    if not str(out).strip():
+        raise DataExportError("an export needs a folder path")
+    target = Path(os.path.abspath(out))
+    cwd = Path.cwd()
+    if not target.name or any(c.is_relative_to(t) for c in {cwd, cwd.resolve()} for t in {target, target.resolve()}):
+        raise DataExportError(f"{out} holds the current directory {cwd}; an export replaces its folder: "
+                              "name a new folder (e.g. ./export)")
+    return target
+
+
 def _begin_out(out: Path, overwrite: bool) -> _Out:
-    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DataExportError(f"{out} exists and is not empty; choose another path or overwrite")
     try:
@@ -961,9 +1059,10 @@ def _refuse_data_root(store: Store, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staged_out(store: Store, out: Path, overwrite: bool):
+def _staged_out(store: Store, out: str | Path, overwrite: bool):
     """Write an export into a temporary sibling directory that replaces ``out`` only when the
     body finishes, so a failed export never leaves a half-written folder."""
+    out = _refuse_enclosing(out)
     _refuse_data_root(store, out)
     o = _begin_out(out, overwrite)
     try:
@@ -1070,7 +1169,7 @@ def export_trl(
 
     rows = _export_rows(store, methods, include_auto, round)
     features = trl_features()
-    with _staged_out(store, Path(out), overwrite) as o:
+    with _staged_out(store, out, overwrite) as o:
         arrow = o.tmp / "_build.arrow"
         # Stream to an Arrow file so 100k pairs never sit in memory at once.
         with ArrowWriter(features=features, path=str(arrow)) as writer:
@@ -1099,7 +1198,7 @@ def export_llava(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    with _staged_out(store, Path(out), overwrite) as o:
+    with _staged_out(store, out, overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = []
         for row in rows:
@@ -1127,7 +1226,7 @@ def export_llamafactory(
     overwrite: bool = False,
 ) -> ExportReport:
     rows = _export_rows(store, methods, include_auto, round)
-    with _staged_out(store, Path(out), overwrite) as o:
+    with _staged_out(store, out, overwrite) as o:
         images = _copy_images(rows, o.tmp)
         records = [
             {

@@ -45,7 +45,8 @@ class ImageRejected(ValueError):
     def __init__(self, name: str, reason: str):
         self.name = name
         self.reason = reason
-        super().__init__(f"{name}: {reason}")
+        shown = name if len(name) <= 160 else f"{name[:100]}…{name[-40:]}"  # a pathological name stays readable
+        super().__init__(f"{shown}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,17 @@ def _read_source(source: Path | str | bytes, name: str, limit: int) -> bytes:
         size = len(data)
     else:
         path = Path(source)
-        if not path.exists():
-            raise ImageRejected(name, "file not found")
-        if not path.is_file():
-            raise ImageRejected(name, "not a regular file")
-        size = path.stat().st_size
-        if size > limit:  # refuse before reading it into memory
-            raise ImageRejected(name, f"file is {_human(size)}, over the limit of {_human(limit)}")
-        data = path.read_bytes()
+        try:
+            if not path.exists():
+                raise ImageRejected(name, "file not found")
+            if not path.is_file():
+                raise ImageRejected(name, "not a regular file")
+            size = path.stat().st_size
+            if size > limit:  # refuse before reading it into memory
+                raise ImageRejected(name, f"file is {_human(size)}, over the limit of {_human(limit)}")
+            data = path.read_bytes()
+        except OSError as exc:  # a name too long, no permission, an I/O error: this file alone
+            raise ImageRejected(name, f"cannot read the file ({exc.strerror or exc})") from exc
     if size == 0:
         raise ImageRejected(name, "empty file (0 bytes)")
     if size > limit:
@@ -115,8 +119,12 @@ def _open_checked(data: bytes, name: str, settings: Settings) -> Image.Image:
             # Pillow's message quotes its own cap; the limit that applies here is ours.
             found = re.search(r"\((\d+) pixels\)", str(exc))
             size = f"{int(found.group(1)):,} pixels" if found else "the image's pixel count"
+            # Pillow refuses above twice its own cap whatever ours is: name the limit that applied.
+            pillow_cap = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            limit = min(settings.max_pixels, pillow_cap) if pillow_cap else settings.max_pixels
+            whose = "" if limit == settings.max_pixels else " (Pillow's own cap, below LVLM_STUDIO_MAX_PIXELS)"
             raise ImageRejected(
-                name, f"{size} exceeds the limit of {settings.max_pixels:,} "
+                name, f"{size} exceeds the limit of {limit:,}{whose} "
                 "(decompression-bomb guard; refused before decoding)"
             ) from exc
         except UnidentifiedImageError as exc:

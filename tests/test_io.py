@@ -759,3 +759,120 @@ def test_an_export_never_replaces_an_existing_file_without_overwrite(store, make
     with pytest.raises(io.DataExportError, match="exists"):
         io.export_pairs(store, "llava", tmp_path / "afile", include_auto=True)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+# ============================================================================ hostile inputs
+def test_an_export_never_replaces_the_folder_it_is_run_from(store, make_pairs, tmp_path, monkeypatch):
+    """``export "" --overwrite`` and ``export . --overwrite`` used to write the export beside the
+    files of the working directory and then delete them all: now refused, nothing deleted."""
+    make_pairs([0.5])
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for target in ("", ".", "..", str(work), str(work.parent), "/"):
+        with pytest.raises(io.DataExportError, match="an export needs a folder path|holds the current directory"):
+            io.export_pairs(store, "llava", target, include_auto=True, overwrite=True)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.parent.iterdir()) == ["here"]  # no temporary folder left either
+    report = io.export_pairs(store, "llava", "out", include_auto=True, overwrite=True)  # a new folder is fine
+    assert report.pairs == 1 and Path(report.path) == work / "out" and (work / "notes.txt").exists()
+
+
+def test_folder_import_refuses_a_caption_linked_from_outside(store, settings, tmp_path):
+    root = tmp_path / "f"
+    write_image(root / "a.png", seed=51)
+    write_image(root / "b.png", seed=52)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server's private file")
+    os.symlink(secret, root / "a.txt")
+    (root / "b.txt").write_bytes("\ufeffA caption saved with a byte order mark.\n".encode())
+    report = io.import_path(store, settings, root, "folder")
+    assert report.imported == 1 and report.errors == ["a.txt: caption file points outside the import folder"]
+    [item] = store.list_items()
+    assert item["reference"] == "A caption saved with a byte order mark."  # no BOM kept in the text
+    assert "private" not in json.dumps(store.list_items())
+
+
+def test_deep_nesting_and_long_paths_refuse_their_own_record(store, settings, tmp_path):
+    """JSON nested past Python's recursion limit and an image path too long for the OS refuse the
+    record they are in; they used to end the import with a traceback half-way."""
+    root = tmp_path / "d"
+    write_image(root / "a.png", seed=61)
+    write_image(root / "b.png", seed=62)
+    deep = "[" * 100_000 + "]" * 100_000
+    good = {"prompt": "p", "chosen": "x", "rejected": "y"}
+    lines = [json.dumps({"image": "a.png", **good}),
+             '{"image": "b.png", "meta": ' + deep + "}",
+             json.dumps({"image": "x" * 5000 + ".png", **good}),
+             json.dumps({"image": "b.png", **good, "item_meta": deep}),
+             json.dumps({"image": "b.png", **good, "item_meta": "{not json"}),
+             json.dumps({"image": "b.png", "prompt": 123}),
+             json.dumps({"image": "b.png", **good})]
+    (root / "d.jsonl").write_text("\n".join(lines) + "\n")
+    report = io.import_path(store, settings, root / "d.jsonl")
+    errors = "\n".join(report.errors)
+    assert report.imported == 2 and report.skipped == 5, errors
+    assert "line 2: invalid JSON (JSON nested too deeply)" in errors
+    assert "line 3: " in errors and "cannot read the file (File name too long)" in errors
+    assert "x" * 200 not in errors  # the name is shortened in the message
+    assert "line 4: 'item_meta' is text that is not valid JSON (JSON nested too deeply)" in errors
+    assert "line 5: 'item_meta' is text that is not valid JSON (Expecting property name" in errors
+    assert "line 6: a prompt is text or a list of messages, not int" in errors
+    # A whole LLaVA file nested too deeply is one clear error, not a crash.
+    (root / "llava_dpo.json").write_text(deep)
+    report = io.import_path(store, settings, root / "llava_dpo.json", "llava")
+    assert report.status == "failed" and report.errors == ["llava_dpo.json: not valid JSON (JSON nested too deeply)"]
+    assert_consistent(store, settings)
+
+
+def test_files_with_a_byte_order_mark_import(store, settings, tmp_path):
+    root = tmp_path / "bom"
+    write_image(root / "a.png", seed=71)
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]
+    llava = [{"image": "a.png", "conversations": turns,
+              "rejected_conversations": [turns[0], {"from": "gpt", "value": "A star."}]}]
+    (root / "llava_dpo.json").write_text("\ufeff" + json.dumps(llava), encoding="utf-8")
+    (root / "d.jsonl").write_text("\ufeff" + json.dumps({"image": "a.png", "prompt": "Q?"}) + "\n", encoding="utf-8")
+    assert io.detect_format(root / "llava_dpo.json") == "llava"
+    assert io.import_path(store, settings, root / "llava_dpo.json").pairs == 1
+    assert io.import_path(store, settings, root / "d.jsonl").status == "ok"
+    coco = _coco(tmp_path / "coco")
+    path = coco / "annotations" / "captions_val2017.json"
+    path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    assert io.import_path(store, settings, coco).imported == 2
+
+
+def test_one_malformed_coco_entry_refuses_itself_not_the_file(store, settings, tmp_path):
+    root = _coco(tmp_path / "coco")
+    cap_path = root / "annotations" / "captions_val2017.json"
+    captions = json.loads(cap_path.read_text())
+    captions["images"].append({"file_name": "000002.jpg"})  # no id
+    captions["annotations"] += [{"id": 7, "image_id": 1},  # no caption
+                                {"id": 8, "image_id": 1, "caption": None},
+                                {"id": 9, "image_id": 2, "caption": "Another kitchen."}]
+    cap_path.write_text(json.dumps(captions))
+    inst_path = root / "annotations" / "instances_val2017.json"
+    instances = json.loads(inst_path.read_text())
+    instances["categories"].append({"id": 50, "name": None})
+    instances["annotations"].append({"id": 10, "image_id": 2, "category_id": 50})
+    inst_path.write_text(json.dumps(instances))
+    report = io.import_path(store, settings, root)
+    errors = "\n".join(report.errors)
+    assert report.imported == 1, errors
+    assert "captions_val2017.json images[4]: missing 'id'" in errors
+    assert "captions_val2017.json annotations[3]: missing 'caption'" in errors
+    assert "captions_val2017.json annotations[4]: missing 'caption'" in errors
+    assert "image 2: category_id 50 has no usable name (missing 'name')" in errors
+    assert "unknown category_id" not in errors
+    [item] = store.list_items()
+    assert item["meta"] == {"coco_id": 1, "captions": ["A dog on a couch.", "A brown dog sleeping."]}
+    assert_consistent(store, settings)
+
+
+def test_import_limit_must_be_positive(store, settings, tmp_path):
+    write_image(tmp_path / "f" / "a.png", seed=81)
+    for limit in (0, -1, 1.5, True):
+        with pytest.raises(io.DataImportError, match="limit must be a whole number of records, 1 or more"):
+            io.import_path(store, settings, tmp_path / "f", limit=limit)
+    assert store.count_items() == 0

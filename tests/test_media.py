@@ -316,3 +316,26 @@ def test_stored_files_ignores_temporary_files(settings):
     rec = ingest_image(settings, image_bytes(23, "PNG"), name="a.png")
     (rec.path.parent / f".tmp-{rec.path.name}-abc").write_bytes(b"partial write")
     assert stored_files(settings) == {rec.path.resolve()}
+
+
+def test_unreadable_paths_and_a_limit_above_pillows_are_named(settings, tmp_path):
+    """A path too long for the OS is this file's refusal (it used to raise OSError out of an import);
+    a limit set above Pillow's own cap names the cap that refused the image, not ours."""
+    with pytest.raises(ImageRejected, match=r"cannot read the file \(File name too long\)") as info:
+        ingest_image(settings, tmp_path / ("x" * 5000 + ".png"))
+    assert len(str(info.value)) < 300
+    generous = Settings(home=settings.home, max_pixels=10**12)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_png_bytes(100000, 100000))
+    cap = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageRejected, match=f"10,000,000,000 pixels exceeds the limit of {cap:,} .Pillow's own cap"):
+        ingest_image(generous, bomb)
+
+
+def test_the_pixel_limit_variable_is_checked_by_name(home, monkeypatch):
+    monkeypatch.setenv("LVLM_STUDIO_MAX_PIXELS", " 50_000_000 ")
+    assert Settings().max_pixels == 50_000_000
+    for bad in ("abc", "0", "-5", "1.5"):
+        monkeypatch.setenv("LVLM_STUDIO_MAX_PIXELS", bad)
+        with pytest.raises(ValueError, match=f"LVLM_STUDIO_MAX_PIXELS must be a positive whole number .*'{bad}'"):
+            Settings()
