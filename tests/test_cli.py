@@ -135,6 +135,7 @@ def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monke
     """Bad option values are usage errors (exit 2, as the README says); a failed import says so on
     stderr under --json too; a data root that is a file is one error line, not a traceback."""
     for args, message in ((["compare", "0", "0", "--limit", "-1"], "--limit must be 0 or more"),
+                          (["import", str(tmp_path), "--limit", "-1"], "--limit must be 1 or more"),
                           (["train", "--config", "learning_rate=fast"], "expected float"),
                           (["train", "--config", "nonsense"], "expected key=value"),
                           (["generate", "--method", "dpo"], "unknown method")):
