@@ -184,3 +184,21 @@ def test_number_fields_name_themselves_in_every_refusal():
     assert evaluation_scenes(500.0) == 500
     with pytest.raises(ValueError, match="test scenes: between 1 and 5000"):
         evaluation_scenes(5001)
+
+
+def test_report_values_render_as_text_in_markdown():
+    """File names and errors are Markdown-escaped too: a file named like a Markdown image (or a
+    line starting like a list or heading) used to render as one in the Data tab's summary."""
+    from markdown_it import MarkdownIt
+
+    from lvlm_studio.ui.common import report_markdown
+
+    name = "![x](http://evil.example/p.png)"
+    md = report_markdown({"imported": 0, "status": "failed", "format": "folder", "pairs": 0, "skipped": 3,
+                          "ignored": 0, "errors": [f"{name}: not an image", "1. # big", "- [a](b)\n# head"]})
+    rendered = MarkdownIt().render(md)
+    assert "<img" not in rendered and "<a " not in rendered and "<h1" not in rendered and "<ol" not in rendered
+    assert f"<li>{name}: not an image</li>" in rendered and "<li>1. # big</li>" in rendered
+    assert "<li>- [a](b) # head</li>" in rendered
+    up = MarkdownIt().render(report_markdown({"items": [], "rejected": [{"file": f"{name}<b>", "reason": "_x_"}]}))
+    assert "<img" not in up and "<em>" not in up and "<b>" not in up and "&lt;b&gt;: _x_" in up

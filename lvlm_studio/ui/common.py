@@ -111,8 +111,8 @@ def parse_round(value: Any) -> int | None:
 
 def report_markdown(report: dict | None) -> str:
     """A few readable lines for the reports the Generate and Data tabs get back (generate, import,
-    upload, export); the JSON stays one click away. Every value from the report is escaped."""
-    from lvlm_studio.ui.highlight import escape_text as esc
+    upload, export); the JSON stays one click away. Every value from the report is escaped for Markdown."""
+    from lvlm_studio.ui.highlight import escape_markdown as esc
 
     if not isinstance(report, dict) or not report:
         return ""

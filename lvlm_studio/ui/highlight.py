@@ -38,6 +38,17 @@ def escape_text(text: Any) -> str:
     return html.escape("" if text is None else str(text), quote=True)
 
 
+def escape_markdown(text: Any) -> str:
+    """Text for gr.Markdown, shown as typed: markup characters backslash-escaped (a file named
+    ``![x](http://…)`` stays a name, not an image), a list or number marker at its start too, line
+    breaks folded to spaces (no heading or list can start inside it), then HTML-escaped."""
+    text = " ".join(("" if text is None else str(text)).splitlines())
+    text = re.sub(r"([\\`*_{}\[\]()!#|~])", r"\\\1", text)
+    text = re.sub(r"^(\s*\d+)([.)])", r"\1\\\2", text)
+    text = re.sub(r"^(\s*)([-+=])", r"\1\\\2", text)
+    return html.escape(text, quote=False)
+
+
 def _finite(value: Any) -> float | None:
     try:
         out = float(value)
