@@ -79,6 +79,13 @@ def emit(result: dict[str, Any], as_json: bool, human: str | Callable[[], str] |
         typer.echo(human() if callable(human) else human)
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """A library refusal of what was typed (a misspelt method name): exit 2, like a bad option."""
+    from lvlm_studio.service import UnknownMethodError
+
+    return isinstance(exc, UnknownMethodError)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lvlm_studio.io import DataExportError, DataImportError, UnsafePathError
     from lvlm_studio.jobs import JobError
@@ -121,7 +128,7 @@ def cli_command(func: F) -> F:
         except _user_errors() as exc:
             if os.environ.get("LVLM_STUDIO_DEBUG"):
                 raise
-            code = exc.code if isinstance(exc, CLIError) else EXIT_FAILURE
+            code = exc.code if isinstance(exc, CLIError) else EXIT_USAGE if _is_usage_error(exc) else EXIT_FAILURE
             fail(str(exc) or type(exc).__name__, code, as_json)
         except (MemoryError, RuntimeError) as exc:
             from lvlm_studio.models.base import out_of_memory
@@ -237,12 +244,13 @@ def export_cmd(
 ) -> None:
     """Export labelled pairs for training (TRL, LLaVA JSON, LLaMA-Factory)."""
     from lvlm_studio import io
+    from lvlm_studio.service import check_methods
 
     if format not in io.EXPORT_FORMATS:
         raise CLIError(f"unknown export format {format!r}; expected one of {', '.join(io.EXPORT_FORMATS)}", EXIT_USAGE)
     store = open_store()
     try:
-        check_methods(store, method)
+        check_methods(store, method)  # the service's check: io.export_pairs below is called directly
         require_round(store, round)
         report = io.export_pairs(
             store,
@@ -646,18 +654,6 @@ UserOption = Annotated[
 ]
 
 
-def check_methods(store: Any, names: list[str] | None) -> None:
-    """A method no pair carries is a typo, not "nothing to export/train": a usage error naming
-    the methods there are (the three generators and whatever an import named)."""
-    from lvlm_studio.service import METHODS
-
-    known = list(dict.fromkeys([*METHODS, *store.review_counts()]))
-    unknown = [n for n in names or [] if n not in known]
-    if unknown:
-        raise CLIError(f"unknown method {', '.join(map(repr, unknown))}; the store's methods: {', '.join(known)}",
-                       EXIT_USAGE)
-
-
 @cli_command
 def train_cmd(
     from_round: Annotated[int | None, typer.Option(help="Parent round (default: the current round).")] = None,
@@ -683,8 +679,7 @@ def train_cmd(
     s = studio(model=model)
     try:
         require_round(s.store, from_round)
-        check_methods(s.store, names)
-        # A round with nothing to train on is refused (JobError) here, before it is created.
+        # A misspelt method (service.UnknownMethodError) or a round with nothing to train on is refused (JobError) here, before it is created.
         n_material = s.training_material_count(cfg)
         round_id = s.start_round(cfg, user, parent_id=from_round)
         row = s.store.get_round(round_id)

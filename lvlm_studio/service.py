@@ -70,6 +70,21 @@ WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": Tru
                                     "sft_min_reward": 33.0}
 
 
+# ---- method names ------------------------------------------------------------------------------
+class UnknownMethodError(ValueError):
+    """A method name no generator has and no pair carries: a typo, not "nothing to train"."""
+
+
+def check_methods(store: Any, names: Iterable[str] | None) -> None:
+    """Refuse method names the store does not know, naming those it does: the three generators,
+    then every other method its pairs carry (an import names its own)."""
+    known = list(dict.fromkeys([*METHODS, *store.review_counts()]))
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise UnknownMethodError(f"unknown method {', '.join(map(repr, unknown))}; "
+                                 f"the store's methods: {', '.join(known)}")
+
+
 # ---- users and roles ---------------------------------------------------------------------------
 
 
@@ -269,14 +284,17 @@ class Studio:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("a prompt is needed for the uploaded images' items")  # before any image is stored
+        for name, value in (("dataset", dataset), ("split", split)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"the uploaded images' items need a {name} name, not {value!r}")
         added, rejected = [], []
         for path in paths:
             try:
-                image_id = self._ingest(path, Path(path).name, "upload")
+                with self.store.transaction():  # an image row lands with its item or not at all
+                    image_id = self._ingest(path, Path(path).name, "upload")
+                    added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
             except ImageRejected as exc:
                 rejected.append({"file": Path(path).name, "reason": exc.reason})  # the file is named beside
-                continue
-            added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
         return {"items": added, "rejected": rejected}
 
     def import_path(self, path: str | Path, kind: str = "auto", dataset: str | None = None,
@@ -299,6 +317,7 @@ class Studio:
 
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+        check_methods(self.store, methods)
         if out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             # Two exports in one second from one worker thread must not collide: a random suffix.
@@ -662,8 +681,13 @@ class Studio:
     def next_pair(self, reviewer: str, method: str | None = None, round: int | None = None,
                   status: str = "pending", exclude: Iterable[int] = ()) -> dict | None:
         """The next pair for ``reviewer`` (lowest automatic margin first), as a review view."""
-        pair = self.store.next_pair(_reviewer(reviewer), method=method or None,
-                                    round=None if round in (None, "") else int(round),
+        round_id = None
+        if round not in (None, ""):
+            try:
+                round_id = int(round)
+            except (TypeError, ValueError):
+                raise ValueError(f"round must be a whole number (a round id), not {str(round)[:40]!r}") from None
+        pair = self.store.next_pair(_reviewer(reviewer), method=method or None, round=round_id,
                                     status=status, exclude=exclude)
         return None if pair is None else self._view(pair, reviewer)
 
@@ -796,17 +820,18 @@ class Studio:
         cfg, _ = self._round_options(config)
         return len(jobs.training_material(self.store, DPORoundConfig.from_dict(cfg)))
 
-    @staticmethod
-    def _round_options(config: dict | None) -> tuple[dict, Any]:
+    def _round_options(self, config: dict | None) -> tuple[dict, Any]:
         """(a round's options, its ``parent_id`` if the config names one). The options are checked
         against DPORoundConfig's field types, as the CLI's ``--config`` is: a JSON client's
         ``"num_epochs": "3"`` or ``"include_auto": "false"`` fails here with its name instead of
-        training on what a truthy string happens to mean."""
+        training on what a truthy string happens to mean; a misspelt method is named here too."""
         from lvlm_studio.training import DPORoundConfig
 
         cfg = dict(config or {})
         parent = cfg.pop("parent_id", None)
-        return check_option_types(DPORoundConfig, cfg, "round option"), parent
+        cfg = check_option_types(DPORoundConfig, cfg, "round option")
+        check_methods(self.store, cfg.get("methods"))
+        return cfg, parent
 
     def cancel_round(self, round_id: int, user: str | None, timeout: float = 30.0) -> dict | None:
         self.require_admin(user, "cancelling a training round")

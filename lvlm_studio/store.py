@@ -399,6 +399,9 @@ class Store:
         existing item that had none."""
         if not prompt or not prompt.strip():
             raise StoreError("an item needs a non-empty prompt")
+        for name, value in (("dataset", dataset), ("split", split)):
+            if not isinstance(value, str) or not value:  # INSERT OR IGNORE would skip the row silently
+                raise StoreError(f"an item needs a {name} name, not {value!r}")
         with self.transaction() as db:
             if self._scalar("SELECT 1 FROM images WHERE id = ?", (image_id,)) is None:
                 raise NotFoundError(f"image {image_id!r} does not exist")

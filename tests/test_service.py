@@ -352,6 +352,22 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     assert res["rejected"][0]["reason"].startswith("not a recognised image")  # the file is named once, beside
 
 
+def test_upload_refuses_a_missing_dataset_or_split_before_storing_any_image(studio, tmp_path):
+    """dataset=None used to store the image row and then skip its item silently (SQLite's INSERT OR
+    IGNORE skips a NOT NULL violation), then fail with a TypeError."""
+    from conftest import write_image
+
+    write_image(tmp_path / "a.png", seed=6)
+    for kw in ({"dataset": None}, {"dataset": "  "}, {"split": ""}, {"split": 3}):
+        with pytest.raises(ValueError, match="the uploaded images' items need a (dataset|split) name"):
+            studio.upload_images([tmp_path / "a.png"], **kw)
+    assert studio.store.stats()["tables"]["images"] == 0
+    from lvlm_studio.store import StoreError
+
+    with pytest.raises(StoreError, match="an item needs a dataset name"):
+        studio.store.add_item("0" * 64, "Q?", dataset=None)
+
+
 def test_an_upload_and_a_folder_import_of_one_image_make_one_item(studio, tmp_path):
     """Items are unique on (image, prompt, dataset): the upload's default prompt is the import's,
     so the same picture uploaded in the app and imported from a folder is one item, not two."""
@@ -464,3 +480,23 @@ def test_parse_users_refuses_malformed_entries_and_defaults_to_reviewer():
             parse_users(bad)
     assert parse_users('[{"name": "erin", "password": "p"}]')["erin"] == User("erin", "p", "reviewer")
     assert parse_users('{"finn": "pw"}')["finn"] == User("finn", "pw", "reviewer")
+
+
+def test_a_misspelt_method_is_refused_by_export_and_rounds_alike(studio, make_pairs, tmp_path):
+    """The service itself names an unknown method (the app's export and train buttons, a JSON
+    client): it used to be checked in the CLI only, so the app said "nothing to export"."""
+    from lvlm_studio.service import UnknownMethodError
+
+    make_pairs([0.5], method="imported-x")
+    rounds_before = studio.store.list_rounds()
+    for call in (lambda: studio.export("llava", tmp_path / "e", methods=["nosuch"], include_auto=True),
+                 lambda: studio.training_material_count({"methods": ["csr", "nosuch"], "include_auto": True}),
+                 lambda: studio.start_round({"methods": ["nosuch"], "include_auto": True}, None)):
+        with pytest.raises(UnknownMethodError, match="unknown method 'nosuch'; the store's methods: "
+                                                     "csr, povid, stic, imported-x"):
+            call()
+    assert not (tmp_path / "e").exists() and studio.store.list_rounds() == rounds_before  # no round created
+    assert studio.export("llava", tmp_path / "e", methods=["imported-x"], include_auto=True)["pairs"] == 1
+    with pytest.raises(ValueError, match="round must be a whole number .*'abc'"):
+        studio.next_pair("ann", round="abc")
+    assert studio.next_pair("ann", round="0")["method"] == "imported-x"
