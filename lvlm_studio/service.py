@@ -7,9 +7,9 @@ No SQL here (store.py speaks SQL) and no Gradio (ui/ renders what this returns).
 Roles: accounts come from ``LVLM_STUDIO_USERS`` ("alice:pw:admin,bob:pw:reviewer", or a path to a
 JSON file) and optionally ``LVLM_STUDIO_ADMINS`` (user names, e.g. Hugging Face accounts signed in
 with OAuth on a Space). With no accounts configured the studio runs in *open mode*: everyone may do
-everything (a local single-user tool). With accounts, admin-only actions (start/cancel a training
-round, delete) raise ``PermissionError`` for anyone else; the check lives here, not in the UI, so
-the CLI and the HTTP API obey it too.
+everything (a local single-user tool). With accounts, admin-only actions (starting or cancelling a
+training round, importing from a path on the server) raise ``PermissionError`` for anyone else;
+the check lives here, not in the UI, so the HTTP API obeys it too (the CLI trusts its shell).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
 # CSR on world items scored by the demo CLIP (the setting benchmarks/demo_loop.py measures; every
 # key is overridable through ``params``; other CLIPs and non-world items get CSRConfig's defaults):
 # - a ceiling on the answer score's centring point, in that CLIP's scale (CSRConfig.baseline_cap:
-#   without it the chosen side names fewer objects each round; 3 seeds: recall drop by round 3 at
-#   most 1.0 point instead of 3.3-13.1);
+#   without it the chosen side names fewer objects each round; 3 seeds: recall drops at most 0.6
+#   points by round 3 with today's defaults (README), 3.3-13.1 points without the cap (docs/EXPERIMENTS.md));
 # - the yes/no questions each CSR pair implies, the "no" side filled with objects the winner never
 #   names (existence_pairs, existence_unnamed: the world's describe prompt asks for every object, so
 #   an unnamed object is absent; the captions-only prompt set otherwise lets yes/no answers drift:
-#   POPE F1 0.003-0.019 below the base by round 3, with them 0.014-0.045 above it in every round; docs/EXPERIMENTS.md);
+#   POPE F1 0.003-0.019 below the base by round 3 without them (docs/EXPERIMENTS.md), with them
+#   0.021-0.044 above it in every round on all three seeds (README));
 # - no SFT term on chosen answers with a sentence rewarded below 33 (sft_min_reward, in that CLIP's
 #   scale: later rounds' chosen captions hallucinate more than the model's greedy ones, and
 #   imitating them made round 3 rise on seeds 0 and 2; docs/EXPERIMENTS.md).

@@ -79,9 +79,10 @@ class DPORoundConfig:
     # lm_head), as the CSR reference's find_all_linear_names. A list is passed to PEFT verbatim.
     target_modules: str | list[str] = "all-linear"
     # DPO. β = 0.1 in CSR, POVID and STIC; sigmoid loss on summed log-probs. Demo: 0.3 keeps each
-    # round closer to its parent (benchmarks/demo_loop.py with CSR's yes/no pairs, seed 0: CHAIR_s
-    # over 3 rounds -58 / -90 / -85% at 0.3 vs -90 / -83 / -69% at 0.1: at 0.1 rounds 2-3 undo part
-    # of round 1; docs/EXPERIMENTS.md).
+    # round closer to its parent (an ablation with benchmarks/demo_loop.py and CSR's yes/no pairs,
+    # seed 0, docs/EXPERIMENTS.md: CHAIR_s over 3 rounds -58 / -90 / -85% at 0.3 vs -90 / -83 / -69%
+    # at 0.1: at 0.1 rounds 2-3 undo part of round 1). With today's other defaults 0.3 gives
+    # -77 / -90 / -91% on seed 0 (README).
     beta: float = 0.3
     loss_type: str = "sigmoid"
     # Reference lr 1e-7 for 7B (CSR), POVID 1e-7, STIC 1e-7; the demo model needs far more

@@ -3,7 +3,7 @@
 An item record (what the rest of the project imports) is a plain dict::
 
     {"image": PIL.Image, "prompt": str, "reference": str, "objects": [category, ...],
-     "meta": {"scene": {...}, "split": str, "kind": "describe" | "pope", "target": str,
+     "meta": {"scene": {...}, "split": str, "kind": "describe" | "pope" | "count", "target": str,
               "probe": category | None, "label": "yes" | "no" | None, "pope_mode": str | None}}
 
 ``reference`` is always the truth about what is drawn; ``meta["target"]`` is what a trainer sees
