@@ -535,43 +535,34 @@ def _read_coco(
             yield _Bad(path.name, f"not a readable COCO {kind} file ({exc})")
             return
         # One malformed entry refuses itself (or the image it is about), never the whole file.
-        for index, im in enumerate(entries["images"]):
-            try:
-                image_id = _coco_value(im, "id", int)
-            except ValueError as exc:
-                yield _Bad(f"{path.name} images[{index}]", str(exc))
-                continue
+        usable: dict[str, list] = {}  # entries with the fields this kind of file needs: (index, entry, values)
+        needs = {"images": [("id", int)], "annotations": [("image_id", int), ("caption", str)]}
+        if kind == "instances":
+            needs = {"images": [("id", int)], "categories": [("id", int)], "annotations": [("image_id", int)]}
+        for key, fields in needs.items():
+            usable[key] = []
+            for index, entry in enumerate(entries[key]):
+                try:
+                    usable[key].append((index, entry, [_coco_value(entry, name, t) for name, t in fields]))
+                except ValueError as exc:
+                    yield _Bad(f"{path.name} {key}[{index}]", str(exc))
+        for _, im, (image_id,) in usable["images"]:
             known = images.setdefault(image_id, im)
             if known.get("file_name") != im.get("file_name"):
                 refused[image_id] = (f"image id {image_id} is listed twice, as {known.get('file_name')!r} "
                                      f"and {im.get('file_name')!r}")
         if kind == "captions":
-            for index, ann in enumerate(entries["annotations"]):
-                try:
-                    image_id, caption = _coco_value(ann, "image_id", int), _coco_value(ann, "caption", str)
-                except ValueError as exc:
-                    yield _Bad(f"{path.name} annotations[{index}]", str(exc))
-                    continue
+            for _, _, (image_id, caption) in usable["annotations"]:
                 refs.setdefault(image_id, []).append(caption)
             continue
         names: dict[int, str] = {}
         unnamed: dict[int, str] = {}
-        for index, category in enumerate(entries["categories"]):
-            try:
-                category_id = _coco_value(category, "id", int)
-            except ValueError as exc:
-                yield _Bad(f"{path.name} categories[{index}]", str(exc))
-                continue
+        for _, category, (category_id,) in usable["categories"]:
             try:
                 names[category_id] = _coco_value(category, "name", str)
             except ValueError as exc:
                 unnamed[category_id] = str(exc)
-        for index, ann in enumerate(entries["annotations"]):
-            try:
-                image_id = _coco_value(ann, "image_id", int)
-            except ValueError as exc:
-                yield _Bad(f"{path.name} annotations[{index}]", str(exc))
-                continue
+        for index, ann, (image_id,) in usable["annotations"]:
             # An annotation that names no usable object would leave the image's ground truth
             # incomplete: refuse that image alone.
             try:
