@@ -152,7 +152,9 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
     studio, url = fresh
     good = tmp_path / "photo.png"
     good.write_bytes(image_bytes(3, "PNG", size=(48, 40)))
-    bad = tmp_path / "notes.png"
+    # A name Markdown would render as emphasis, a link and an automatic link (Gradio keeps these
+    # characters in upload names): the summary must show it as typed.
+    bad = tmp_path / "_notes_ [l](y) www.evil.example.png"
     bad.write_text("this is not an image")
     assert studio.store.count_pairs("povid") == 0
     with open_page(url) as (page, dialogs):
@@ -175,7 +177,8 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         page.locator("#data-upload-run").click()
         result = page.locator("#data-summary")  # the readable report (the JSON is folded away)
         expect(result).to_contain_text("1 image added, 1 refused", timeout=30_000)
-        expect(result).to_contain_text("notes.png")
+        expect(result).to_contain_text(bad.name)
+        assert result.locator("a, em, img").count() == 0
         assert studio.store.count_items() == items_before + 1
         uploaded = studio.store.list_items(dataset="uploads")
         assert len(uploaded) == 1 and uploaded[0]["prompt"] == "Describe the image."

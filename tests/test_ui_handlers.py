@@ -342,15 +342,18 @@ def test_data_tab_escapes_reviewer_names_and_report_values():
     html = agreement_html({"reviewers": [HOSTILE, "ann"], "fleiss_kappa": None, "items_multi_rated": 0,
                            "override_rate": 0.5, "cohen": [{"a": HOSTILE, "b": f"b{HOSTILE}", "kappa": 0.5, "n": 3}]})
     assert "<img" not in html and html.count("&lt;img") == 3
-    imp = report_markdown({"imported": 1, "status": "partial", "format": "jsonl", "pairs": 0, "skipped": 1,
-                           "ignored": 0, "errors": [f"line 2: {HOSTILE}"]})
-    assert "<img" not in imp and "- line 2: &lt;img" in imp
+    from markdown_it import MarkdownIt
+
+    render = MarkdownIt().render
+    imp = render(report_markdown({"imported": 1, "status": "partial", "format": "jsonl", "pairs": 0, "skipped": 1,
+                                  "ignored": 0, "errors": [f"line 2: {HOSTILE}"]}))
+    assert "<img" not in imp and "<li>line 2: &lt;img" in imp
     # ten errors are listed; the eleventh is counted, not dropped without a word
-    eleven = report_markdown({"imported": 0, "errors": [f"line {k}: bad" for k in range(11)]})
-    assert eleven.count("\n- line") == 10 and "and 1 more" in eleven
-    up = report_markdown({"items": [1], "rejected": [{"file": f"{HOSTILE}.png", "reason": "not an image"},
-                                                     {"file": "b.png", "reason": "too large"}]})
-    assert "<img" not in up and "**1 image added**, 2 refused" in up and "- b.png: too large" in up
+    eleven = render(report_markdown({"imported": 0, "errors": [f"line {k}: bad" for k in range(11)]}))
+    assert eleven.count("<li>line") == 10 and "and 1 more" in eleven
+    up = render(report_markdown({"items": [1], "rejected": [{"file": f"{HOSTILE}.png", "reason": "not an image"},
+                                                            {"file": "b.png", "reason": "too large"}]}))
+    assert "<img" not in up and "<strong>1 image added</strong>, 2 refused" in up and "<li>b.png: too large" in up
     assert "**2 images added**, 0 refused" in report_markdown({"items": [1, 2], "rejected": []})
 
 

@@ -188,17 +188,24 @@ def test_number_fields_name_themselves_in_every_refusal():
 
 def test_report_values_render_as_text_in_markdown():
     """File names and errors are Markdown-escaped too: a file named like a Markdown image (or a
-    line starting like a list or heading) used to render as one in the Data tab's summary."""
+    line starting like a list or heading) used to render as one in the Data tab's summary.
+    Rendered with CommonMark (markdown-it); what only Gradio's renderer adds (automatic links of
+    http:// and www., $$ formulas) is checked on the escaped text: those characters are escaped."""
     from markdown_it import MarkdownIt
 
     from lvlm_studio.ui.common import report_markdown
 
     name = "![x](http://evil.example/p.png)"
+    errors = [f"{name}: not an image", "1. # big", "- [a](b)\n# head", "     spaced.png: no", "$$x^2$$.png: no",
+              "www.evil.example_1.5.png: no", "C:\\dir\\f_1.png: no"]
     md = report_markdown({"imported": 0, "status": "failed", "format": "folder", "pairs": 0, "skipped": 3,
-                          "ignored": 0, "errors": [f"{name}: not an image", "1. # big", "- [a](b)\n# head"]})
+                          "ignored": 0, "errors": errors})
     rendered = MarkdownIt().render(md)
-    assert "<img" not in rendered and "<a " not in rendered and "<h1" not in rendered and "<ol" not in rendered
-    assert f"<li>{name}: not an image</li>" in rendered and "<li>1. # big</li>" in rendered
-    assert "<li>- [a](b) # head</li>" in rendered
+    for tag in ("<img", "<a ", "<h1", "<ol", "<pre", "<code", "<em"):
+        assert tag not in rendered, tag
+    for shown in (f"{name}: not an image", "1. # big", "- [a](b) # head", "spaced.png: no", "$$x^2$$.png: no",
+                  "www.evil.example_1.5.png: no", "C:\\dir\\f_1.png: no"):
+        assert f"<li>{shown}</li>" in rendered, shown
+    assert "http://" not in md and "www." not in md and "$$" not in md  # no autolink or formula can start
     up = MarkdownIt().render(report_markdown({"items": [], "rejected": [{"file": f"{name}<b>", "reason": "_x_"}]}))
     assert "<img" not in up and "<em>" not in up and "<b>" not in up and "&lt;b&gt;: _x_" in up

@@ -67,7 +67,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             ex_auto = gr.Checkbox(False, label="Include unreviewed pairs (automatic label)")
             export = gr.Button("Export", elem_id="data-export-run")
             download = gr.File(label="Download", elem_id="data-download")
-    summary = gr.Markdown(elem_id="data-summary")
+    summary = gr.Markdown(elem_id="data-summary", latex_delimiters=[])  # file names are text, never formulas
     with gr.Accordion("Report (JSON)", open=False):
         result = gr.JSON(label="Result", elem_id="data-result")
     gr.Markdown("### Statistics")

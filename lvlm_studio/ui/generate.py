@@ -41,7 +41,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     params = gr.Code(json.dumps(DEFAULT_PARAMS["povid"], indent=1), language="json",
                      label="Method parameters (JSON, fields of the method's config)", elem_id="gen-params")
     run = gr.Button("Generate pairs", variant="primary", elem_id="gen-run")
-    summary = gr.Markdown(elem_id="gen-summary", min_height=48)  # room for the progress bar
+    summary = gr.Markdown(elem_id="gen-summary", min_height=48, latex_delimiters=[])  # room for the progress bar
     with gr.Accordion("Report (JSON)", open=False):
         result = gr.JSON(label="Result", elem_id="gen-result")
 

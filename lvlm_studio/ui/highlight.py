@@ -40,12 +40,13 @@ def escape_text(text: Any) -> str:
 
 def escape_markdown(text: Any) -> str:
     """Text for gr.Markdown, shown as typed: markup characters backslash-escaped (a file named
-    ``![x](http://…)`` stays a name, not an image), a list or number marker at its start too, line
-    breaks folded to spaces (no heading or list can start inside it), then HTML-escaped."""
-    text = " ".join(("" if text is None else str(text)).splitlines())
-    text = re.sub(r"([\\`*_{}\[\]()!#|~])", r"\\\1", text)
-    text = re.sub(r"^(\s*\d+)([.)])", r"\1\\\2", text)
-    text = re.sub(r"^(\s*)([-+=])", r"\1\\\2", text)
+    ``![x](http://…)`` stays a name, not an image; ``$`` opens no formula; ``:`` and ``.`` make
+    no automatic link of ``http://…`` or ``www.…``; ``1.`` starts no list), a list marker too,
+    line breaks folded and outer spaces stripped (no heading, list or code block can start inside
+    it), then HTML-escaped."""
+    text = " ".join(("" if text is None else str(text)).splitlines()).strip()
+    text = re.sub(r"([\\`*_{}\[\]()!#|~$:.])", r"\\\1", text)
+    text = re.sub(r"^([-+=])", r"\\\1", text)  # ("1." and "1)" are escaped above)
     return html.escape(text, quote=False)
 
 
