@@ -995,15 +995,28 @@ class _Out:
 
 def _refuse_enclosing(out: Path | str) -> Path:
     """The export folder as an absolute path, refusing a folder the export cannot replace safely:
-    an empty path, a filesystem root, or one that holds the current directory (``.``, ``..``,
-    where ``--overwrite`` would delete the files the user is working in)."""
+    an empty path, a filesystem root, or one that is the current directory or holds it (``.``,
+    ``..``, where ``--overwrite`` would delete the files the user is working in). Compared by
+    device and inode too, so a link, a bind mount or a case-insensitive disk naming the same
+    folder another way is caught."""
     if not str(out).strip():
         raise DataExportError("an export needs a folder path")
     target = Path(os.path.abspath(out))
-    cwd = Path.cwd()
-    if not target.name or any(c.is_relative_to(t) for c in {cwd, cwd.resolve()} for t in {target, target.resolve()}):
-        raise DataExportError(f"{out} holds the current directory {cwd}; an export replaces its folder: "
-                              "name a new folder (e.g. ./export)")
+    if not target.name:
+        raise DataExportError(f"{out} is a filesystem root; name a new folder for the export")
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # the working directory was deleted: nothing there to protect
+        return target
+    try:
+        target_stat = os.stat(target)
+    except OSError:
+        target_stat = None  # it does not exist yet (or cannot be read): compare the paths only
+    for here in (cwd, *cwd.parents):
+        same = target_stat is not None and os.path.samestat(target_stat, os.stat(here))
+        if same or here in (target, target.resolve()):
+            raise DataExportError(f"{out} holds the current directory {cwd}; an export replaces its folder: "
+                                  "name a new folder (e.g. ./export)")
     return target
 
 
@@ -1020,12 +1033,23 @@ def _begin_out(out: Path, overwrite: bool) -> _Out:
 
 
 def _commit_out(o: _Out) -> None:
-    if o.final.exists():
-        if o.final.is_dir():
-            shutil.rmtree(o.final)
+    """Put the finished export in place. An existing folder is first renamed aside and deleted only
+    once the new one is in place: a rename that fails (a mount point, a busy folder) loses nothing."""
+    old = None
+    try:
+        if o.final.exists() or o.final.is_symlink():
+            old = o.final.parent / f".{o.final.name}.old-{uuid.uuid4().hex[:8]}"
+            o.final.rename(old)
+        o.tmp.rename(o.final)
+    except OSError as exc:
+        if old is not None and not o.final.exists():
+            old.rename(o.final)  # put the previous export back
+        raise DataExportError(f"cannot replace {o.final}: {exc.strerror or exc}") from exc
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
         else:
-            o.final.unlink()
-    o.tmp.rename(o.final)
+            old.unlink()
 
 
 # What a data root holds besides its database that an export must never replace (an export folder

@@ -771,12 +771,47 @@ def test_an_export_never_replaces_the_folder_it_is_run_from(store, make_pairs, t
     (work / "notes.txt").write_text("mine")
     monkeypatch.chdir(work)
     for target in ("", ".", "..", str(work), str(work.parent), "/"):
-        with pytest.raises(io.DataExportError, match="an export needs a folder path|holds the current directory"):
+        with pytest.raises(io.DataExportError, match="an export needs a folder path|holds the current directory|"
+                                                     "is a filesystem root"):
             io.export_pairs(store, "llava", target, include_auto=True, overwrite=True)
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in work.parent.iterdir()) == ["here"]  # no temporary folder left either
     report = io.export_pairs(store, "llava", "out", include_auto=True, overwrite=True)  # a new folder is fine
     assert report.pairs == 1 and Path(report.path) == work / "out" and (work / "notes.txt").exists()
+
+
+def _bind_mount(source: Path, target: Path) -> bool:
+    import subprocess
+
+    target.mkdir()
+    return subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode == 0
+
+
+def test_an_export_through_a_bind_mount_deletes_nothing(store, make_pairs, tmp_path, monkeypatch):
+    """A parent of the working directory seen through a bind mount is the same folder (same device
+    and inode) and is refused; replacing a folder that cannot be renamed (a mount point) fails
+    before anything is deleted. Needs mount permission (root in a container, as CI runs)."""
+    import subprocess
+
+    make_pairs([0.5])
+    work = tmp_path / "real" / "proj"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("precious")
+    alias = tmp_path / "alias"
+    if not _bind_mount(tmp_path / "real", alias):
+        pytest.skip("no permission to bind-mount here")
+    try:
+        monkeypatch.chdir(work)
+        with pytest.raises(io.DataExportError, match="holds the current directory"):
+            io.export_pairs(store, "llava", alias, include_auto=True, overwrite=True)
+        assert (work / "notes.txt").read_text() == "precious"
+        monkeypatch.chdir(tmp_path)  # elsewhere: replacing the mount point itself cannot rename it
+        with pytest.raises(io.DataExportError, match="cannot replace .*alias"):
+            io.export_pairs(store, "llava", alias, include_auto=True, overwrite=True)
+        assert (work / "notes.txt").read_text() == "precious"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or set-aside folder left
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
 
 
 def test_folder_import_refuses_a_caption_linked_from_outside(store, settings, tmp_path):
