@@ -483,13 +483,15 @@ def _coco_value(entry: Any, key: str, kind: type) -> Any:
         raise ValueError(f"missing {key!r}")
     if kind is int:
         try:
+            if isinstance(value, float) and value.is_integer():  # 1.0, as pandas writes ids
+                return int(value)
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise ValueError
             return int(value)
         except ValueError:
-            raise ValueError(f"{key!r} must be an integer id, not {str(value)[:40]!r}") from None
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key!r} must be non-empty text, not {str(value)[:40]!r}")
+            raise ValueError(f"{key!r} must be an integer id, not {repr(value)[:40]}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be text, not {repr(value)[:40]}")
     return value.strip()
 
 
@@ -527,7 +529,7 @@ def _read_coco(
             data = _read_json(path)
             if not isinstance(data, dict):
                 raise ValueError(f"a COCO annotation file is a JSON object, not {type(data).__name__}")
-            entries = {key: data.get(key) or [] for key in ("images", "annotations", "categories")}
+            entries = {key: data.get(key, []) for key in ("images", "annotations", "categories")}
             for key, value in entries.items():
                 if not isinstance(value, list):
                     raise ValueError(f"{key!r} must be a list, not {type(value).__name__}")
@@ -553,14 +555,18 @@ def _read_coco(
                                      f"and {im.get('file_name')!r}")
         if kind == "captions":
             for _, _, (image_id, caption) in usable["annotations"]:
-                refs.setdefault(image_id, []).append(caption)
+                if caption:  # an empty caption says nothing: skipped, not a refusal
+                    refs.setdefault(image_id, []).append(caption)
             continue
         names: dict[int, str] = {}
         unnamed: dict[int, str] = {}
         for _, category, (category_id,) in usable["categories"]:
             try:
                 names[category_id] = _coco_value(category, "name", str)
+                if not names[category_id]:
+                    raise ValueError("an empty 'name'")
             except ValueError as exc:
+                names.pop(category_id, None)
                 unnamed[category_id] = str(exc)
         for index, ann, (image_id,) in usable["annotations"]:
             # An annotation that names no usable object would leave the image's ground truth

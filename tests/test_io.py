@@ -911,3 +911,28 @@ def test_import_limit_must_be_positive(store, settings, tmp_path):
         with pytest.raises(io.DataImportError, match="limit must be a whole number of records, 1 or more"):
             io.import_path(store, settings, tmp_path / "f", limit=limit)
     assert store.count_items() == 0
+
+
+def test_coco_whole_float_ids_and_empty_captions_import(store, settings, tmp_path):
+    """Ids written as 1.0 (pandas) are ids; an empty caption says nothing and is skipped without
+    refusing anything; a caption that is not text, or "images": null, is named."""
+    root = _coco(tmp_path / "coco")
+    cap_path = root / "annotations" / "captions_val2017.json"
+    captions = json.loads(cap_path.read_text())
+    for entry in captions["images"] + captions["annotations"]:
+        entry["id"] = float(entry["id"])
+    for ann in captions["annotations"]:
+        ann["image_id"] = float(ann["image_id"])
+    captions["annotations"] += [{"id": 20, "image_id": 2.0, "caption": "  "}, {"id": 21, "image_id": 2, "caption": 42}]
+    cap_path.write_text(json.dumps(captions))
+    report = io.import_path(store, settings, root)
+    errors = "\n".join(report.errors)
+    assert report.imported == 2 and "annotations[4]: 'caption' must be text, not 42" in errors, errors
+    assert not any("image 1:" in e or "image 2:" in e for e in report.errors)
+    items = {i["meta"]["coco_id"]: i for i in store.list_items()}
+    assert items[2]["meta"]["captions"] == ["A kitchen."] and items[1]["reference"] == "A dog on a couch."
+    captions["images"] = None
+    cap_path.write_text(json.dumps(captions))
+    (root / "annotations" / "instances_val2017.json").unlink()
+    report = io.import_path(store, settings, root)
+    assert report.errors == ["captions_val2017.json: not a readable COCO captions file ('images' must be a list, not NoneType)"]
