@@ -31,7 +31,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lvlm_studio.config import Settings
+from lvlm_studio.config import MAX_SEED, Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -108,6 +108,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PermissionError,
         sqlite3.Error,
         ValueError,
+        OverflowError,  # a number too large for SQLite, whatever option it came from
     )
 
 
@@ -391,11 +392,15 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def parse_names(text: str | None) -> list[str] | None:
+def parse_names(text: str | None, option: str) -> list[str] | None:
+    """Comma-separated names; None when the option is not given. Given but empty (``,``) is a
+    usage error: it used to mean every method."""
     if text is None:
         return None
     names = [x.strip() for x in text.split(",") if x.strip()]
-    return names or None
+    if not names:
+        raise CLIError(f"{option} names no method; leave it out to use every method", EXIT_USAGE)
+    return names
 
 
 def config_options(cls: type, values: list[str] | None, option: str, owner: str) -> dict[str, Any]:
@@ -515,7 +520,7 @@ demo_app = typer.Typer(help="The embedded ShapesWorld demo: build its models, se
 @cli_command
 def demo_build_cmd(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the package's world/artifacts).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world and of training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of training.", min=0, max=MAX_SEED)] = 0,
     vlm_steps: Annotated[int | None, typer.Option(help="SFT steps of the demo VLM (default 4000).")] = None,
     clip_steps: Annotated[int | None, typer.Option(help="Contrastive steps of the demo CLIP (default 600).")] = None,
     train_scenes: Annotated[int | None, typer.Option(help="Training scenes (default 6000; >= 64).")] = None,
@@ -573,10 +578,10 @@ def demo_build_cmd(
 
 @cli_command
 def demo_seed_cmd(
-    train: Annotated[int, typer.Option(help="Train-split scenes to add.")] = 24,
-    test: Annotated[int, typer.Option(help="Test-split scenes to add.")] = 24,
-    pairs: Annotated[int, typer.Option(help="Pairs per method to generate with the demo model (0: none).")] = 2,
-    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    train: Annotated[int, typer.Option(help="Train-split scenes to add.", min=0)] = 24,
+    test: Annotated[int, typer.Option(help="Test-split scenes to add.", min=0)] = 24,
+    pairs: Annotated[int, typer.Option(help="Pairs per method to generate with the demo model (0: none).", min=0)] = 2,
+    seed: Annotated[int, typer.Option(help="World seed.", min=0, max=MAX_SEED)] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Put ShapesWorld items (describe + POPE probes) and a few demo pairs into the store."""
@@ -606,7 +611,7 @@ def generate_cmd(
     dataset: Annotated[str | None, typer.Option(help="Only items of this dataset (default: all).")] = None,
     split: Annotated[str, typer.Option(help="Only items of this split; 'all' for every split.")] = "train",
     n: Annotated[int | None, typer.Option("--n", help="At most this many new items.")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", min=0, max=MAX_SEED)] = 0,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Method option key=value (repeatable).")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -663,14 +668,14 @@ def train_cmd(
     model: Annotated[str | None, typer.Option(help="Base model (default $LVLM_STUDIO_MODEL or demo).")] = None,
     user: UserOption = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the round until it ends and print its metrics.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up following after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up following after this many seconds.", min=0)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a DPO round as a background job (one at a time) and print its id."""
     from lvlm_studio.training import DPORoundConfig
 
     cfg = config_options(DPORoundConfig, config, "--config", "DPO round")
-    names = parse_names(methods)
+    names = parse_names(methods, "--methods")
     if names is not None:
         cfg["methods"] = names
     if include_auto:
@@ -757,7 +762,7 @@ def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5)
 def cancel_cmd(
     round_id: Annotated[int, typer.Argument(metavar="ROUND", help="The round to stop.")],
     user: UserOption = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop before killing it.")] = 30.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop before killing it.", min=0)] = 30.0,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a queued or running round (SIGTERM, then SIGKILL after --timeout)."""
@@ -778,6 +783,8 @@ def cancel_cmd(
     result = {"ok": True, "round": round_id, "was": was, "status": row["status"], "error": row.get("error")}
     if was not in ACTIVE:
         emit(result, as_json, f"round {round_id} is already {was}: nothing to cancel")
+    elif row["status"] in ACTIVE:  # the stop signal is sent; the process has not ended yet
+        emit(result, as_json, f"round {round_id}: cancel requested, still {row['status']} (see lvlm-studio rounds)")
     else:
         emit(result, as_json, f"round {round_id}: {was} -> {row['status']}")
 
@@ -870,7 +877,7 @@ def eval_cmd(
     model: Annotated[str | None, typer.Option(help="Model (default: the round's base model, else $LVLM_STUDIO_MODEL).")] = None,
     split: Annotated[str, typer.Option(help="World split: test (unbiased) or train.")] = "test",
     n: Annotated[int, typer.Option("--n", help="Scenes: each gives a describe item and its POPE probes.")] = 500,
-    seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).")] = 0,
+    seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).", min=0, max=MAX_SEED)] = 0,
     round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding).")] = 64,
     as_json: JsonOption = False,

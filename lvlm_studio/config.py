@@ -19,6 +19,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 16_384
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 BACKENDS = ("hf", "vllm")
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32 (the CLI's --seed and the service check it)
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes loading (models.hf.quantization_config)
 
 

@@ -14,6 +14,7 @@ the check lives here, not in the UI, so the HTTP API obeys it too (the CLI trust
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,12 +22,12 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import Settings, check_option_types, round_dirname
+from lvlm_studio.config import MAX_SEED, Settings, check_option_types, round_dirname
 from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store
 
@@ -79,8 +80,15 @@ class UnknownMethodError(ValueError):
 def check_methods(store: Any, names: Iterable[str] | None) -> None:
     """Refuse method names the store does not know, naming those it does: the three generators,
     then every other method its pairs carry (an import names its own)."""
+    if names is None:
+        return
+    if isinstance(names, str) or not isinstance(names, Iterable):  # "csr" would be 'c', 's', 'r'
+        raise ValueError(f"methods are a list of names, not {type(names).__name__}")
+    names = list(names)
+    if not names:  # an explicit empty list used to mean every method
+        raise ValueError("no method named: name at least one, or leave methods unset for every method")
     known = list(dict.fromkeys([*METHODS, *store.review_counts()]))
-    unknown = [n for n in names or () if n not in known]
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise UnknownMethodError(f"unknown method {', '.join(map(repr, unknown))}; "
                                  f"the store's methods: {', '.join(known)}")
@@ -135,6 +143,10 @@ def parse_users(spec: str | None) -> dict[str, User]:
     for user in users.values():
         if user.role not in ROLES:
             raise ValueError(f"user {user.name!r}: unknown role {user.role!r}; expected one of {ROLES}")
+        try:  # an account name is the reviewer name its decisions are stored under
+            _reviewer(user.name)
+        except ValueError as exc:
+            raise ValueError(f"user {str(user.name)[:40]!r}: {exc}") from None
     return users
 
 
@@ -267,14 +279,23 @@ class Studio:
         return f"accounts on: {len(self.users)} ({admins} admin)"
 
     # ---------------------------------------------------------------- data in/out
-    def _ingest(self, source: Any, name: str | None, source_label: str, objects: list | None = None) -> str:
-        from lvlm_studio.media import ingest_image
+    @contextlib.contextmanager
+    def _ingested(self, source: Any, name: str | None, source_label: str,
+                  objects: list | None = None) -> Iterator[str]:
+        """Store an image file (validated and decoded outside the write lock), then its row and
+        whatever the body adds (its items) in one transaction: a failed body leaves neither the
+        row nor a file this call wrote. Yields the image id."""
+        from lvlm_studio.media import discard, ingest_image
 
         rec = ingest_image(self.settings, source, name=name, source_label=source_label)
-        rid = _get(rec, "id")
-        self.store.add_image(rid, _get(rec, "path"), _get(rec, "width"), _get(rec, "height"),
-                             source_label, objects=objects)
-        return rid
+        try:
+            with self.store.transaction():
+                self.store.add_image(rec.id, rec.path, rec.width, rec.height, source_label, objects=objects)
+                yield rec.id
+        except BaseException:
+            if self.store.get_image(rec.id) is None:
+                discard(rec)
+            raise
 
     def upload_images(
         self, paths: Sequence[str | Path], prompt: str = DEFAULT_PROMPT,
@@ -291,8 +312,7 @@ class Studio:
         added, rejected = [], []
         for path in paths:
             try:
-                with self.store.transaction():  # an image row lands with its item or not at all
-                    image_id = self._ingest(path, Path(path).name, "upload")
+                with self._ingested(path, Path(path).name, "upload") as image_id:  # the image with its item, or neither
                     added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
             except ImageRejected as exc:
                 rejected.append({"file": Path(path).name, "reason": exc.reason})  # the file is named beside
@@ -345,43 +365,41 @@ class Studio:
         progress: ProgressFn | None = None,
     ) -> dict:
         """First start: ShapesWorld items into the store (train/test, describe + POPE probes) and,
-        when no pairs exist yet and the demo models ship, a few pairs per method so a newcomer sees
-        real pairs at once. Idempotent; fast (a few items per method)."""
-        from lvlm_studio import world
-
+        when the store holds no pairs of its own data and the demo models ship, a few pairs per
+        method so a newcomer sees real pairs at once. Idempotent and resumable: missing scenes are
+        added (``ensure_world_items``) and each method that has no pair yet gets its few, so a first
+        start interrupted half-way (Ctrl-C, a crash) completes on the next one."""
+        counts = {name: whole_number(value, name) for name, value in
+                  (("n_train", n_train), ("n_test", n_test), ("pairs_per_method", pairs_per_method))}
+        seed = whole_number(seed, "seed", high=MAX_SEED)
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
-        if self.store.count_items(dataset=WORLD_DATASET) == 0:
-            for split, n in (("train", n_train), ("test", n_test)):
-                images: dict[int, str] = {}
-                for rec in world.world_items(split, n, seed, kinds=("describe", "pope")):
-                    meta = dict(rec.get("meta") or {})
-                    key = meta.get("scene_index", id(rec["image"]))
-                    if key not in images:
-                        images[key] = self._ingest(_png(rec["image"]), f"{split}-{key}.png", WORLD_DATASET,
-                                                   objects=list(rec.get("objects") or []) or None)
-                    self.store.add_item(images[key], rec["prompt"], reference=rec.get("reference"),
-                                        dataset=WORLD_DATASET, split=split, meta=meta)
-                    report["items"] += 1
-        if self.store.count_pairs() > 0 or pairs_per_method <= 0:
-            report["message"] = "store already has pairs" if pairs_per_method > 0 else "seeded items only"
+        for split in ("train", "test"):
+            if counts[f"n_{split}"]:
+                report["items"] += self.ensure_world_items(split, counts[f"n_{split}"], seed, progress=progress)["added"]
+        if not counts["pairs_per_method"]:
+            report["message"] = "seeded items only (no pairs asked for)"
+            return report
+        if self.store.count_pairs() > self.store.count_pairs(dataset=WORLD_DATASET):
+            report["message"] = "the store holds pairs of its own data: no demo pairs added"
             return report
         describe = [it["id"] for it in self._describe_items(split="train")]
-        if not self.demo_artifacts_present():
-            # POVID's text side needs no model: a newcomer still sees real pairs to review.
-            res = self.generate("povid", item_ids=describe[:3 * pairs_per_method], seed=seed,
-                                params={"make_image_rejected": False}, progress=progress)
-            report["pairs"]["povid"] = res["pairs"]
-            report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
-                                 "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
-            return report
-        for k, method in enumerate(METHODS):
-            ids = describe[k * pairs_per_method:(k + 1) * pairs_per_method]
-            res = self.generate(method, model="demo", item_ids=ids, seed=seed,
-                                params=_DEMO_SEED_PARAMS.get(method), progress=progress)
+        ppm, present = counts["pairs_per_method"], self.demo_artifacts_present()
+        # POVID's text side needs no model: without the demo models a newcomer still sees real pairs.
+        plan = ({m: describe[k * ppm:(k + 1) * ppm] for k, m in enumerate(METHODS)} if present
+                else {"povid": describe[:3 * ppm]})
+        plan = {m: ids for m, ids in plan.items() if ids and self.store.count_pairs(m) == 0}
+        for method, ids in plan.items():
+            params = _DEMO_SEED_PARAMS.get(method) if present else {"make_image_rejected": False}
+            res = self.generate(method, model="demo", item_ids=ids, seed=seed, params=params, progress=progress)
             report["pairs"][method] = res["pairs"]
             if res.get("existence_pairs"):  # CSR's yes/no pairs, on their own question items
                 report["existence_pairs"] = res["existence_pairs"]
-        report["message"] = "seeded demo items and pairs"
+        report["message"] = ("demo pairs already seeded" if not plan else "seeded demo items and pairs"
+                             if any(report["pairs"].values()) else
+                             "no demo pairs: the demo model paired none of the items it tried (tried again next time)")
+        if not present:
+            report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
+                                 "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
         return report
 
     def _describe_items(self, dataset: str | None = WORLD_DATASET, split: str | None = None) -> list[dict]:
@@ -392,7 +410,7 @@ class Studio:
     def _round_adapter(self, round_id: int | None) -> str | None:
         if not round_id:
             return None
-        rnd = self.store.get_round(int(round_id))
+        rnd = self.store.get_round(whole_number(round_id, "round"))
         if rnd is None:
             raise ValueError(f"round {round_id} does not exist")
         if rnd.get("status") != "done" or not rnd.get("adapter_path"):
@@ -456,26 +474,24 @@ class Studio:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         params = _checked_params(method, params)
-        round_id = int(round or 0)
+        round_id = whole_number(round or 0, "round")
+        seed = whole_number(seed, "seed", high=MAX_SEED)
+        if n is not None:
+            n = whole_number(n, "n", low=1)
         # Checked before any item: a method that loads no model (POVID's text pairs) would otherwise
         # tag its pairs with a round that does not exist or never finished.
         self._round_adapter(round_id)
         if item_ids is not None:
-            items = [self.store.get_item(int(i)) for i in item_ids]
-            missing = [i for i, it in zip(item_ids, items, strict=True) if it is None]
-            if missing:
-                raise ValueError(f"unknown item id(s): {missing}")
+            items = self._items_by_id(item_ids)
         else:
             items = self._describe_items(dataset=dataset, split=split)
             if not items:
                 raise ValueError(f"no items to generate for: dataset {dataset or 'any'!r}, split {split or 'any'!r} "
                                  "holds no describe items (import or seed some first)")
-        if n is not None and int(n) < 1:
-            raise ValueError(f"n must be at least 1 (or unset for every item), not {n}")
         done = self.store.items_with_pairs(method, round_id)
         todo = [it for it in items if it["id"] not in done]
         if n is not None:
-            todo = todo[: int(n)]
+            todo = todo[:n]
         skipped = len(items) - len(todo) if n is None else len([it for it in items if it["id"] in done])
         report = {"method": method, "round": round_id, "items": len(todo), "skipped": skipped,
                   "pairs": 0, "no_pair": 0, "seconds": 0.0}
@@ -483,7 +499,7 @@ class Studio:
             return report
         t0 = time.perf_counter()
         runner = {"csr": self._gen_csr, "povid": self._gen_povid, "stic": self._gen_stic}[method]
-        runner(model, round_id, todo, dict(params or {}), int(seed), report, progress)
+        runner(model, round_id, todo, dict(params or {}), seed, report, progress)
         report["seconds"] = round_(time.perf_counter() - t0)
         if report["no_pair"]:
             report["note"] = (f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
@@ -682,21 +698,19 @@ class Studio:
     def next_pair(self, reviewer: str, method: str | None = None, round: int | None = None,
                   status: str = "pending", exclude: Iterable[int] = ()) -> dict | None:
         """The next pair for ``reviewer`` (lowest automatic margin first), as a review view."""
-        round_id = None
-        if round not in (None, ""):
-            try:
-                round_id = int(round)
-            except (TypeError, ValueError):
-                raise ValueError(f"round must be a whole number (a round id), not {str(round)[:40]!r}") from None
-        pair = self.store.next_pair(_reviewer(reviewer), method=method or None, round=round_id,
+        round_id = None if round in (None, "") else whole_number(round, "round")
+        if method is not None and not isinstance(method, str):
+            raise ValueError(f"method is a name, not {type(method).__name__}")
+        reviewer = _reviewer(reviewer)
+        pair = self.store.next_pair(reviewer, method=method or None, round=round_id,
                                     status=status, exclude=exclude)
         return None if pair is None else self._view(pair, reviewer)
 
     def get_pair(self, pair_id: int, reviewer: str | None = None) -> dict:
-        pair = self.store.get_pair(int(pair_id))
+        pair = self.store.get_pair(whole_number(pair_id, "pair id"))
         if pair is None:
             raise LookupError(f"pair {pair_id} does not exist")
-        return self._view(pair, reviewer)
+        return self._view(pair, None if reviewer is None or reviewer == "" else _reviewer(reviewer))
 
     def _view(self, pair: dict, reviewer: str | None) -> dict:
         """A pair ready for the Review tab: both candidates with their stored sentence/span
@@ -717,15 +731,19 @@ class Studio:
     def decide(self, pair_id: int, reviewer: str, decision: str, edited_text: str | None = None,
                note: str | None = None, marked_spans: list[dict] | None = None) -> dict:
         """Append one review decision (accept | swap | reject_both | edit)."""
-        if decision not in REVIEW_DECISIONS:
-            raise ValueError(f"unknown decision {decision!r}; expected one of {', '.join(REVIEW_DECISIONS)}")
+        if not isinstance(decision, str) or decision not in REVIEW_DECISIONS:
+            raise ValueError(f"unknown decision {str(decision)[:40]!r}; expected one of {', '.join(REVIEW_DECISIONS)}")
+        pair_id = whole_number(pair_id, "pair id")
+        reviewer = _reviewer(reviewer)
+        edited_text = _text(edited_text, "the edited answer", EDIT_MAX_CHARS)
+        note = _text(note, "a note", NOTE_MAX_CHARS)
         if decision == "edit" and not (edited_text or "").strip():
             raise ValueError("an edit needs the edited text")
-        review_id = self.store.add_review(int(pair_id), _reviewer(reviewer), decision,
+        review_id = self.store.add_review(pair_id, reviewer, decision,
                                           edited_text=edited_text if decision == "edit" else None,
                                           marked_spans=marked_spans, note=(note or None))
-        return {"review_id": review_id, "pair_id": int(pair_id), "decision": decision,
-                "label": self.store.effective_label(int(pair_id))}
+        return {"review_id": review_id, "pair_id": pair_id, "decision": decision,
+                "label": self.store.effective_label(pair_id)}
 
     def undo(self, reviewer: str, pair_id: int | None = None) -> dict | None:
         """Cancel ``reviewer``'s latest live decision (on ``pair_id`` when given). None when there
@@ -741,14 +759,18 @@ class Studio:
             if latest is None:
                 return None
             pair_id = latest["pair_id"]
-        elif self.store.reviewer_decision(int(pair_id), reviewer) is None:
-            return None
-        review_id = self.store.add_review(int(pair_id), reviewer, "undo")
-        return {"review_id": review_id, "pair_id": int(pair_id),
-                "label": self.store.effective_label(int(pair_id))}
+        else:
+            pair_id = whole_number(pair_id, "pair id")
+            if self.store.reviewer_decision(pair_id, reviewer) is None:
+                return None
+        review_id = self.store.add_review(pair_id, reviewer, "undo")
+        return {"review_id": review_id, "pair_id": pair_id,
+                "label": self.store.effective_label(pair_id)}
 
     def progress(self, reviewer: str | None = None, method: str | None = None) -> dict:
-        return self.store.progress(reviewer, method=method or None)
+        if method is not None and not isinstance(method, str):
+            raise ValueError(f"method is a name, not {type(method).__name__}")
+        return self.store.progress(None if reviewer in (None, "") else _reviewer(reviewer), method=method or None)
 
     # ---------------------------------------------------------------- agreement
     def agreement(self, buckets: int = 4) -> dict:
@@ -810,7 +832,8 @@ class Studio:
 
         cfg, parent = self._round_options(config)
         parent = parent_id if parent is None else parent
-        return int(jobs.start_round(self.settings, cfg, parent_id=None if parent in (None, "") else int(parent)))
+        parent = None if parent in (None, "") else whole_number(parent, "parent_id")
+        return int(jobs.start_round(self.settings, cfg, parent_id=parent))
 
     def training_material_count(self, config: dict | None) -> int:
         """How many pairs (for a STIC stage-2 round: instruction items) a round with this config
@@ -828,6 +851,8 @@ class Studio:
         training on what a truthy string happens to mean; a misspelt method is named here too."""
         from lvlm_studio.training import DPORoundConfig
 
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"round options are a JSON object of name: value, not {type(config).__name__}")
         cfg = dict(config or {})
         parent = cfg.pop("parent_id", None)
         cfg = check_option_types(DPORoundConfig, cfg, "round option")
@@ -838,12 +863,12 @@ class Studio:
         self.require_admin(user, "cancelling a training round")
         from lvlm_studio import jobs
 
-        return jobs.cancel_round(self.settings, int(round_id), timeout=timeout)
+        return jobs.cancel_round(self.settings, whole_number(round_id, "round"), timeout=timeout)
 
     def wait_round(self, round_id: int, timeout: float = 600.0) -> dict:
         from lvlm_studio import jobs
 
-        return jobs.wait(int(round_id), timeout=timeout, settings=self.settings)
+        return jobs.wait(whole_number(round_id, "round"), timeout=timeout, settings=self.settings)
 
     def reattach(self) -> Any:
         """After an app restart: mark rounds whose process died as failed, keep watching live ones."""
@@ -863,15 +888,16 @@ class Studio:
 
     def get_round(self, round_id: int) -> dict | None:
         """The round row; an active round whose process is gone is marked failed on the way."""
-        row = self.store.get_round(int(round_id))
+        round_id = whole_number(round_id, "round")
+        row = self.store.get_round(round_id)
         if row is not None and row["status"] in ("queued", "running"):
             from lvlm_studio import jobs
 
-            row = jobs.status(self.settings, int(round_id))
+            row = jobs.status(self.settings, round_id)
         return row
 
     def round_curve(self, round_id: int) -> list[dict]:
-        return self.store.round_curve(int(round_id))
+        return self.store.round_curve(whole_number(round_id, "round"))
 
     # ---------------------------------------------------------------- evaluation and compare
     def eval_items(self, n: int | None = None, kinds: Sequence[str] = ("describe", "pope"),
@@ -879,9 +905,7 @@ class Studio:
         items = [it for it in self.store.list_items(dataset=dataset, split=split)
                  if ((it.get("meta") or {}).get("kind") or "describe") in kinds]
         items = items[: int(n)] if n else items
-        return [{"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
-                 "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
-                for it in items]
+        return [_eval_item(it) for it in items]
 
     def evaluate(self, round_id: int = BASE_ROUND_ID, n: int | None = None, model: str | None = None,
                  progress: ProgressFn | None = None, item_ids: Sequence[int] | None = None,
@@ -894,10 +918,14 @@ class Studio:
         the metrics (with the model reference) so a reader knows what was evaluated."""
         from lvlm_studio import evaluation
 
-        round_id = int(round_id)
+        round_id = whole_number(round_id, "round")
+        if n is not None:
+            n = whole_number(n, "the number of evaluation items", low=1)
         rnd = self.store.get_round(round_id)
         if rnd is None:
             raise LookupError(f"round {round_id} does not exist")
+        if item_ids is not None and not item_ids:  # an empty evaluation would replace the round's metrics
+            raise ValueError("no items to evaluate: item_ids is empty")
         ref = model or rnd.get("base_model") or self.settings.model
         backend = self.backend(ref, round_id or None)
         params = None
@@ -917,13 +945,19 @@ class Studio:
         return metrics
 
     def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
-        items = [self.store.get_item(int(i)) for i in item_ids]
-        missing = [i for i, it in zip(item_ids, items, strict=True) if it is None]
+        return [_eval_item(it) for it in self._items_by_id(item_ids)]
+
+    def _items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
+        """The items ``item_ids`` names (a list of whole numbers, not a string: "12" would be items 1
+        and 2), or a ValueError naming the ids that do not exist."""
+        if isinstance(item_ids, str | bytes | dict) or not isinstance(item_ids, Iterable):
+            raise ValueError(f"item ids are a list of whole numbers, not {type(item_ids).__name__}")
+        ids = [whole_number(i, "an item id") for i in item_ids]
+        items = [self.store.get_item(i) for i in ids]
+        missing = [i for i, it in zip(ids, items, strict=True) if it is None]
         if missing:
             raise ValueError(f"unknown item id(s): {missing}")
-        return [{"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
-                 "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
-                for it in items]
+        return items
 
     def ensure_world_items(self, split: str = "test", n: int = 24, seed: int = 0,
                            kinds: Sequence[str] = ("describe", "pope"),
@@ -934,6 +968,8 @@ class Studio:
         "added": k, "scenes": n}``, the ids in scene order."""
         from lvlm_studio import world
 
+        n = whole_number(n, "the number of scenes")
+        seed = whole_number(seed, "the world seed", high=MAX_SEED)
         kinds = tuple(kinds)
         by_scene: dict[int, list[int]] = {}
         kinds_of: dict[int, set[str]] = {}
@@ -947,14 +983,12 @@ class Studio:
         added = 0
         missing = [i for i in range(int(n)) if not set(kinds) <= kinds_of.get(i, set())]
         for k, index in enumerate(missing):
-            image_id = None
-            ids: list[int] = []
-            for rec in world.world_items(split, 1, seed, kinds=kinds, start=index):
-                if image_id is None:
-                    image_id = self._ingest(_png(rec["image"]), f"{split}-{index}.png", WORLD_DATASET,
-                                            objects=list(rec.get("objects") or []) or None)
-                ids.append(self.store.add_item(image_id, rec["prompt"], reference=rec.get("reference"),
-                                               dataset=WORLD_DATASET, split=split, meta=rec.get("meta")))
+            recs = list(world.world_items(split, 1, seed, kinds=kinds, start=index))  # one scene's items
+            with self._ingested(_png(recs[0]["image"]), f"{split}-{index}.png", WORLD_DATASET,
+                                objects=list(recs[0].get("objects") or []) or None) as image_id:
+                ids = [self.store.add_item(image_id, rec["prompt"], reference=rec.get("reference"),
+                                           dataset=WORLD_DATASET, split=split, meta=rec.get("meta"))
+                       for rec in recs]
             added += len(set(ids) - set(by_scene.get(index, [])))
             by_scene[index] = ids
             if progress:
@@ -968,6 +1002,8 @@ class Studio:
         """Make sure the world's ``split`` holds ``n`` scenes (describe + POPE probes), answer them
         greedily with round ``round_id``'s model (0 = the base model), store answers and metrics.
         Returns ``{"round", "metrics", "items", "added"}``."""
+        if whole_number(n, "the number of evaluation scenes") < 1:  # an empty evaluation would replace the metrics
+            raise ValueError(f"the number of evaluation scenes must be at least 1, not {n}")
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
                                 max_new_tokens=max_new_tokens,
@@ -990,7 +1026,7 @@ class Studio:
     def compare(self, a: int, b: int, only_diff: bool = False, include_probes: bool = False) -> dict:
         """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
         metrics table."""
-        a, b = int(a), int(b)
+        a, b = whole_number(a, "round A"), whole_number(b, "round B")
         outputs = {}
         for rid in (a, b):
             row = self.store.get_round(rid)
@@ -1055,17 +1091,64 @@ def round_(x: float, nd: int = 3) -> float:
     return float(round(x, nd))
 
 
-def _get(rec: Any, name: str) -> Any:
-    return rec[name] if isinstance(rec, dict) else getattr(rec, name)
-
-
 def _reviewer(name: str | None) -> str:
+    """A reviewer name as stored: trimmed, at most REVIEWER_MAX_CHARS printable characters (what an
+    import of an export accepts back, io._pair_from)."""
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"a reviewer name is text, not {type(name).__name__}")
     name = (name or "").strip()
     if not name:
         raise ValueError("a reviewer name is needed (sign in, or type a name in the Review tab)")
     if len(name) > REVIEWER_MAX_CHARS:
         raise ValueError(f"a reviewer name is at most {REVIEWER_MAX_CHARS} characters")
+    if not name.isprintable():
+        raise ValueError(f"a reviewer name has printable characters only (no tabs or control characters), "
+                         f"not {name[:40]!r}")
     return name
+
+
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: pair, item and round ids
+# Every reviewer of a pair is shown its edits and notes: bounded so one cannot make the pair unloadable.
+EDIT_MAX_CHARS = 20_000  # an answer, edited (the demo's are ~200 characters; a long LVLM answer ~4,000)
+NOTE_MAX_CHARS = 2_000
+
+
+def whole_number(value: Any, name: str, low: int = 0, high: int = MAX_ID) -> int:
+    """``value`` (an int, a whole float, or its text, as a form or a JSON client sends it) as an
+    int in [low, high], or a ValueError naming ``name``: never int()'s "invalid literal" or
+    SQLite's OverflowError."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ValueError(f"{name} must be a whole number, not {repr(value)[:40]}")
+    if number < low:
+        raise ValueError(f"{name} must be at least {low}, not {number}")
+    if number > high:
+        raise ValueError(f"{name} must be at most {high}, not {str(number)[:40]}")
+    return number
+
+
+def _text(value: Any, name: str, limit: int) -> str | None:
+    """Optional free text (an edit, a note) of at most ``limit`` characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is text, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ValueError(f"{name} is at most {limit:,} characters, not {len(value):,}")
+    return value
+
+
+def _eval_item(it: dict) -> dict:
+    """An item as the evaluation reads it."""
+    return {"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
+            "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
 
 
 def _cand_view(c: dict | None) -> dict:

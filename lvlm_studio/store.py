@@ -326,7 +326,10 @@ class Store:
         return [m.name for m in migrations.applied(self.db)]
 
     def _one(self, sql: str, params: Sequence | dict = ()) -> dict | None:
-        return next(iter(self.db.query(sql, params)), None)
+        try:
+            return next(iter(self.db.query(sql, params)), None)
+        except OverflowError:  # an id beyond SQLite's 64-bit integers matches no row
+            return None
 
     def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
         return list(self.db.query(sql, params))
@@ -651,9 +654,10 @@ class Store:
         """Refresh the query planner's statistics (after a bulk load)."""
         self.db.execute("ANALYZE")
 
-    def count_pairs(self, method: str | None = None, round: int | None = None) -> int:
-        where, params = self._where(("method", method), ("round", round))
-        return int(self._scalar(f"SELECT count(*) FROM pairs{where}", params))
+    def count_pairs(self, method: str | None = None, round: int | None = None, dataset: str | None = None) -> int:
+        """Pairs, optionally of one method, round and items' dataset."""
+        where, params = self._where(("p.method", method), ("p.round", round), ("i.dataset", dataset))
+        return int(self._scalar(f"SELECT count(*) FROM pairs p JOIN items i ON i.id = p.item_id{where}", params))
 
     # ---------------------------------------------------------------- reviews
     def _validate_review(self, decision: str, reviewer: str, edited_text: str | None) -> None:
@@ -1073,7 +1077,7 @@ class Store:
         label, in id order. Streams: safe for 100k pairs."""
         clauses, params = [], []
         methods = list(methods) if methods is not None else None
-        if methods:
+        if methods is not None:  # an empty list selects nothing (it used to select every method)
             clauses.append(f"p.method IN ({', '.join('?' * len(methods))})")
             params.extend(methods)
         if round is not None:

@@ -245,3 +245,25 @@ def test_a_corrupt_database_is_one_error_line(home):
     result = run("stats", "--json")
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.output
     assert json.loads(result.stdout)["ok"] is False
+
+
+def test_out_of_range_numbers_are_refused_by_name(home):
+    """Negative seeds, counts and timeouts are usage errors (exit 2, before anything runs); a
+    round id too large for SQLite is one error line, not an OverflowError traceback; an empty
+    --methods no longer means every method."""
+    for args, message in ((["generate", "--method", "povid", "--seed", "-1"], "--seed"),
+                          (["generate", "--method", "povid", "--seed", str(2**70)], "--seed"),
+                          (["demo", "seed", "--train", "-5"], "--train"),
+                          (["train", "--include-auto", "--wait", "--timeout", "-5"], "--timeout"),
+                          (["cancel", "1", "--timeout", "-5"], "--timeout"),
+                          (["train", "--methods", ",", "--include-auto"], "--methods names no method")):
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, args
+    for args in (["cancel", str(2**70)], ["compare", "0", str(2**70)], ["eval", "--round", str(2**70)]):
+        result = run(*args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert result.stderr.startswith("error: ") and ("must be at most" in result.stderr
+                                                        or "does not exist" in result.stderr), result.stderr
+    store = Store(home / "studio.db")
+    assert [r["id"] for r in store.list_rounds()] == [0]  # no round was started
+    store.close()

@@ -497,6 +497,115 @@ def test_a_misspelt_method_is_refused_by_export_and_rounds_alike(studio, make_pa
             call()
     assert not (tmp_path / "e").exists() and studio.store.list_rounds() == rounds_before  # no round created
     assert studio.export("llava", tmp_path / "e", methods=["imported-x"], include_auto=True)["pairs"] == 1
-    with pytest.raises(ValueError, match="round must be a whole number .*'abc'"):
+    with pytest.raises(ValueError, match="round must be a whole number, not 'abc'"):
         studio.next_pair("ann", round="abc")
     assert studio.next_pair("ann", round="0")["method"] == "imported-x"
+
+
+# Found by an audit of what a JSON client or script can send the service (each failed before).
+def test_item_ids_must_be_a_list_and_methods_a_non_empty_list(studio, make_items, make_pairs):
+    """item_ids="12" was iterated as items 1 and 2 (pairs written for the wrong items); methods=[]
+    trained on every method; a method name string was read letter by letter."""
+    make_items(12)
+    with pytest.raises(ValueError, match="item ids are a list of whole numbers, not str"):
+        studio.generate("povid", item_ids="12", params={"make_image_rejected": False})
+    with pytest.raises(ValueError, match="an item id must be a whole number, not 'x'"):
+        studio.generate("povid", item_ids=[1, "x"], params={"make_image_rejected": False})
+    assert studio.store.count_pairs() == 0
+    make_pairs([0.5])
+    rounds_before = studio.store.list_rounds()
+    for config, message in (({"methods": [], "include_auto": True}, "no method named"),
+                            ({"methods": "csr", "include_auto": True}, "expected list"),
+                            ("abc", "round options are a JSON object")):
+        with pytest.raises(ValueError, match=message):
+            studio.start_round(config, None)
+    with pytest.raises(ValueError, match="parent_id must be a whole number, not 'abc'"):
+        studio.start_round({"include_auto": True, "parent_id": "abc"}, None)
+    assert studio.store.list_rounds() == rounds_before
+    assert list(studio.store.training_pairs(methods=[], include_auto=True)) == []  # the store agrees
+    with pytest.raises(ValueError, match="methods are a list of names, not str"):
+        studio.export("llava", methods="csr", include_auto=True)
+
+
+def test_ids_seeds_and_counts_are_checked_by_name(studio, make_pairs, make_items):
+    [pid] = make_pairs([0.5])
+    huge = 2**70
+    for call, message in (
+        (lambda: studio.get_pair("abc"), "pair id must be a whole number, not 'abc'"),
+        (lambda: studio.get_pair(huge), "pair id must be at most"),
+        (lambda: studio.decide("abc", "ann", "accept"), "pair id must be a whole number"),
+        (lambda: studio.compare("a", 0), "round A must be a whole number, not 'a'"),
+        (lambda: studio.cancel_round(huge, None), "round must be at most"),
+        (lambda: studio.get_round("x"), "round must be a whole number, not 'x'"),
+        (lambda: studio.next_pair("ann", method=["csr"]), "method is a name, not list"),
+        (lambda: studio.next_pair("ann", round=huge), "round must be at most"),
+        (lambda: studio.generate("povid", seed=-1, params={"make_image_rejected": False}), "seed must be at least 0"),
+        (lambda: studio.generate("povid", seed=huge, params={"make_image_rejected": False}), "seed must be at most 4294967295"),
+        (lambda: studio.generate("povid", round=huge), "round must be at most"),
+        (lambda: studio.seed_demo(n_train=-5), "n_train must be at least 0, not -5"),
+        (lambda: studio.seed_demo(seed=huge), "seed must be at most"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert studio.store.count_pairs() == 1 and studio.store.count_items() == 1
+
+
+def test_review_text_is_checked_for_type_size_and_printable_names(studio, make_pairs):
+    """A number where text belongs raised AttributeError / sqlite3 errors; a 10-MB edit or note was
+    stored and then sent to every reviewer of the pair; a tab in a reviewer name was accepted by
+    the app but refused by an import of its own export."""
+    from lvlm_studio.service import EDIT_MAX_CHARS, NOTE_MAX_CHARS
+
+    [pid] = make_pairs([0.5])
+    for kwargs, message in (
+        ({"reviewer": 123, "decision": "accept"}, "a reviewer name is text, not int"),
+        ({"reviewer": "ann\tlee", "decision": "accept"}, "printable characters only"),
+        ({"reviewer": "bo\x00b", "decision": "accept"}, "printable characters only"),
+        ({"reviewer": "ann", "decision": "edit", "edited_text": 123}, "the edited answer is text, not int"),
+        ({"reviewer": "ann", "decision": "accept", "note": {"a": 1}}, "a note is text, not dict"),
+        ({"reviewer": "ann", "decision": "edit", "edited_text": "x" * (EDIT_MAX_CHARS + 1)},
+         f"the edited answer is at most {EDIT_MAX_CHARS:,} characters"),
+        ({"reviewer": "ann", "decision": "accept", "note": "n" * (NOTE_MAX_CHARS + 1)},
+         f"a note is at most {NOTE_MAX_CHARS:,} characters"),
+        ({"reviewer": "ann", "decision": ["accept"]}, "unknown decision"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            studio.decide(pid, **kwargs)
+    assert studio.store.pair_reviews(pid) == []
+    studio.decide(pid, " zed ", "swap", note="n" * NOTE_MAX_CHARS)
+    assert studio.get_pair(pid, " zed ")["my_decision"] == "swap"  # the name as stored: trimmed
+    with pytest.raises(ValueError, match="a reviewer name is at most 64 characters"):
+        parse_users("a" * 65 + ":pw")
+
+
+def test_an_empty_evaluation_never_replaces_a_rounds_metrics(studio, make_items):
+    [item] = make_items(1)
+    studio.store.update_round(0, metrics={"eval": {"chair_s": 0.5, "n_items": 3}})
+    for call, message in ((lambda: studio.evaluate_world(0, n=0), "at least 1"),
+                          (lambda: studio.evaluate_world(0, n=-1), "must be at least 0|at least 1"),
+                          (lambda: studio.evaluate(0, item_ids=[]), "item_ids is empty"),
+                          (lambda: studio.evaluate(0, n=0), "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert studio.store.get_round(0)["metrics"]["eval"] == {"chair_s": 0.5, "n_items": 3}
+
+
+def test_an_interrupted_first_start_is_completed_by_the_next(studio):
+    """seed_demo used to seed items only when the world had none and pairs only when the store
+    had none: an evaluation run first (test items only), or a start stopped half-way through
+    the pairs, left the Review tab empty or without STIC for good."""
+    studio.ensure_world_items("test", 2)  # what `lvlm-studio eval` does on a fresh data root
+
+    def stop_in_povid(done, total, message):  # Ctrl-C while POVID writes: STIC never starts
+        if message.startswith("POVID"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2, progress=stop_in_povid)
+    assert studio.store.count_items(dataset="shapesworld", split="train") > 0
+    assert studio.store.count_pairs("csr") > 0 and studio.store.count_pairs("stic") == 0
+    csr_pairs = studio.store.count_pairs("csr")
+    report = studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2)
+    assert set(report["pairs"]) == {"stic"} and studio.store.count_pairs("stic") > 0, report
+    assert studio.store.count_pairs("csr") == csr_pairs and report["items"] == 0
+    assert studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2)["message"] == "demo pairs already seeded"

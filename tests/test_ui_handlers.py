@@ -180,8 +180,11 @@ def test_json_compare_and_generate_pass_their_arguments(open_studio, monkeypatch
     """/compare's only_diff keeps the rows where the rounds differ; /generate hands every field
     (items, seed, ...) to the service."""
     studio = open_studio
-    item_a, item_b = (studio.store.add_item(studio._ingest(image_bytes(k, "PNG"), f"{k}.png", "test"), "Describe.")
-                      for k in (1, 2))
+    def item(k: int) -> int:
+        with studio._ingested(image_bytes(k, "PNG"), f"{k}.png", "test") as image_id:
+            return studio.store.add_item(image_id, "Describe.")
+
+    item_a, item_b = item(1), item(2)
     r1 = studio.store.create_round(0, "m", {}, status="done")
     for rid, first in ((0, "A red circle."), (r1, "A blue star.")):
         studio.store.add_eval_outputs(rid, [{"item_id": item_a, "answer": first, "objects": [], "hallucinated": []},
@@ -526,3 +529,28 @@ def test_running_out_of_memory_is_a_message_not_a_generic_failure(open_studio, m
     monkeypatch.setattr(studio, "generate", lambda method, **kw: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):  # any other error stays an error (a bug to see)
         run("csr", "demo", "0", "shapesworld", "train", 1, 0, "{}", progress=lambda *a, **k: None)
+
+
+def test_huge_and_mistyped_values_from_json_clients_get_clear_refusals(open_studio):
+    """A 20-digit id overflowed SQLite (a generic "upstream error", and the Train tab's 2-second
+    poll failing forever); a number where a name belongs raised AttributeError; item_ids "12"
+    meant items 1 and 2."""
+    studio = open_studio
+    [pid] = add_pairs(studio, [0.5])
+    demo = build_app(studio)
+    huge = "9223372036854775808"
+    refreshed = handler(demo, "train_refresh")(huge)  # never raises: says so in the status
+    assert f"No round {huge}" in refreshed[2]
+    for name, args, message in (
+        ("get_pair", (huge,), "pair id must be at most"),
+        ("get_pair", ("abc",), "pair id must be a whole number, not 'abc'"),
+        ("decide", (pid, 123, "accept"), "a user name is text, not int"),
+        ("decide", (pid, "ann", "edit", 123), "the edited answer is text, not int"),
+        ("next_pair", ("ann", "", "1.5"), "round must be a whole number, not '1.5'"),
+        ("generate", ("povid", "demo", 0, "12"), "item ids are a list of whole numbers, not str"),
+        ("generate", ("povid", "demo", 0, None, "", "", 0, None, 2**70), "seed must be at most"),
+        ("start_round", ("abc",), "round options are a JSON object"),
+    ):
+        with pytest.raises(gr.Error, match=message):
+            handler(demo, name)(*args)
+    assert studio.store.pair_reviews(pid) == [] and studio.store.count_pairs() == 1

@@ -146,18 +146,18 @@ def _json_api(studio: Studio) -> None:
     def next_pair(reviewer: str, method: str = "", round: str = "", status: str = "pending",
                   request: gr.Request = None) -> dict | None:
         who = acting_user(studio, request, reviewer)
-        return studio.next_pair(who, method=method or None, round=int(round) if str(round).strip() else None,
+        return studio.next_pair(who, method=method or None, round=round if str(round).strip() else None,
                                 status=status or "pending")
 
     @user_errors
     def get_pair(pair_id: int, reviewer: str = "", request: gr.Request = None) -> dict:
-        return studio.get_pair(int(pair_id), acting_user(studio, request, reviewer) or None)
+        return studio.get_pair(pair_id, acting_user(studio, request, reviewer) or None)
 
     @user_errors
     def decide(pair_id: int, reviewer: str, decision: str, edited_text: str = "", note: str = "",
                request: gr.Request = None) -> dict:
         who = acting_user(studio, request, reviewer)
-        return studio.decide(int(pair_id), who, decision, edited_text=edited_text or None, note=note or None)
+        return studio.decide(pair_id, who, decision, edited_text=edited_text or None, note=note or None)
 
     @user_errors
     def undo(reviewer: str, request: gr.Request = None) -> dict | None:
@@ -173,7 +173,7 @@ def _json_api(studio: Studio) -> None:
                  seed: int = 0) -> dict:
         return studio.generate(method, model=model or studio.settings.model, round=round or None,
                                item_ids=item_ids or None, dataset=dataset or None, split=split or None,
-                               n=n or None, params=params or None, seed=int(seed))
+                               n=n or None, params=params or None, seed=seed)
 
     @user_errors
     def start_round(config: dict, user: str = "", request: gr.Request = None) -> int:

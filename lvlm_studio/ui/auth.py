@@ -50,6 +50,8 @@ def claimed_user(studio: Studio, request: Any, typed: str | None) -> str | None:
     user = request_user(request)
     if user:
         return user
+    if typed is not None and not isinstance(typed, str):  # a JSON client's number or list
+        raise ValueError(f"a user name is text, not {type(typed).__name__}")
     typed = (typed or "").strip()
     return typed or None if studio.open_mode else None
 

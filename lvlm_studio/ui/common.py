@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from lvlm_studio.service import Studio
+from lvlm_studio.service import Studio, whole_number
 
 # The project's own error classes a user's input can raise (by name: importing them all here would
 # load torch-side modules at UI import time). Subclasses count (RoundBusyError is a JobError).
@@ -36,7 +36,7 @@ def user_errors(fn: Callable) -> Callable:
             raise
         except PermissionError as exc:
             raise _refusal(f"Not allowed: {exc}") from exc
-        except (ValueError, LookupError, TypeError) as exc:
+        except (ValueError, LookupError, TypeError, OverflowError) as exc:
             raise _refusal(str(exc)) from exc
         except Exception as exc:  # store, job and model errors: say what failed
             if any(cls.__name__ in _USER_ERROR_NAMES for cls in type(exc).__mro__):
@@ -104,8 +104,8 @@ def parse_round(value: Any) -> int | None:
     if value in (None, "", "all"):
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):  # the dropdowns accept typed values
+        return whole_number(value, "round")  # bounded: a 30-digit round would overflow SQLite
+    except ValueError:  # the dropdowns accept typed values
         raise ValueError(f"no round {str(value)[:40]!r}: pick a round from the list (a round number)") from None
 
 
