@@ -9,7 +9,8 @@ JSON file) and optionally ``LVLM_STUDIO_ADMINS`` (user names, e.g. Hugging Face 
 with OAuth on a Space). With no accounts configured the studio runs in *open mode*: everyone may do
 everything (a local single-user tool). With accounts, admin-only actions (starting or cancelling a
 training round, importing from a path on the server) raise ``PermissionError`` for anyone else;
-the check lives here, not in the UI, so the HTTP API obeys it too (the CLI trusts its shell).
+the check lives here, not in the UI, so the HTTP API and the CLI's ``train`` and ``cancel`` obey it
+too (the CLI's ``import`` and ``export`` call io.py directly: it trusts its shell there).
 """
 
 from __future__ import annotations
