@@ -584,11 +584,14 @@ def demo_seed_cmd(
     seed: Annotated[int, typer.Option(help="World seed.", min=0, max=MAX_SEED)] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Put ShapesWorld items (describe + POPE probes) and a few demo pairs into the store."""
+    """Put ShapesWorld items (describe + POPE probes) and a few demo pairs into the store: adds the
+    missing scenes of --seed up to --train / --test; demo pairs once per data root (an interrupted
+    first seeding is completed), none when the store already held pairs."""
     s = studio()
     try:
         with Progress("seeding") as bar:
-            report = s.seed_demo(n_train=train, n_test=test, pairs_per_method=pairs, seed=seed, progress=bar)
+            report = s.seed_demo(n_train=train, n_test=test, pairs_per_method=pairs, seed=seed, progress=bar,
+                                 top_up=True)
         stats = s.stats()
     finally:
         s.store.close()
@@ -909,7 +912,7 @@ def serve_cmd(
     host: Annotated[str | None, typer.Option(help="Bind address (default $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 on a Space).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default $PORT / $GRADIO_SERVER_PORT, else 7860).")] = None,
     share: Annotated[bool, typer.Option("--share", help="Also open a public gradio.live link.")] = False,
-    seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Seed the demo world on an empty store.")] = True,
+    seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Seed the demo world on a new data root (and complete a seeding that was interrupted).")] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Launch the Gradio app (as app.py does) and serve until Ctrl-C."""

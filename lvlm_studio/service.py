@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import operator
 import os
 import time
 import uuid
@@ -71,6 +72,7 @@ WORLD_STIC_PROMPTS: dict[str, Any] = {
 #   imitating them made round 3 rise on seeds 0 and 2; docs/EXPERIMENTS.md).
 WORLD_CSR_PARAMS: dict[str, Any] = {"baseline_cap": 27.5, "existence_pairs": True, "existence_unnamed": True,
                                     "sft_min_reward": 33.0}
+DEMO_SEED_KEY = "demo_seed"  # studio_meta: seed_demo's plan ({seed, splits, pairs_per_method, items, done})
 
 
 # ---- method names ------------------------------------------------------------------------------
@@ -363,44 +365,67 @@ class Studio:
 
     def seed_demo(
         self, n_train: int = 24, n_test: int = 24, pairs_per_method: int = 2, seed: int = 0,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | None = None, top_up: bool = False,
     ) -> dict:
-        """First start: ShapesWorld items into the store (train/test, describe + POPE probes) and,
-        when the store holds no pairs of its own data and the demo models ship, a few pairs per
-        method so a newcomer sees real pairs at once. Idempotent and resumable: missing scenes are
-        added (``ensure_world_items``) and each method that has no pair yet gets its few, so a first
-        start interrupted half-way (Ctrl-C, a crash) completes on the next one."""
+        """The demo world for a newcomer: ShapesWorld items (train/test, describe + POPE probes)
+        and, when the demo models ship, a few pairs per method, so the Review tab has real pairs
+        at once. Cheap once done: ``app.py`` and ``serve`` call it on every start.
+
+        The first call on a data root records a plan in the store (``studio_meta``): scenes for
+        each split that holds no world items yet (an earlier ``eval`` may have filled the test
+        split) and pairs only when the store holds none. A call interrupted half-way (Ctrl-C, a
+        crash) leaves the plan open and the next call carries it out, items and pairs already
+        made being skipped; once it ran through, later calls do nothing. ``top_up`` (the CLI's
+        ``demo seed``): also add the missing scenes ``0..n-1`` of ``seed`` to each split."""
         counts = {name: whole_number(value, name) for name, value in
                   (("n_train", n_train), ("n_test", n_test), ("pairs_per_method", pairs_per_method))}
         seed = whole_number(seed, "seed", high=MAX_SEED)
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
-        for split in ("train", "test"):
-            if counts[f"n_{split}"]:
-                report["items"] += self.ensure_world_items(split, counts[f"n_{split}"], seed, progress=progress)["added"]
-        if not counts["pairs_per_method"]:
-            report["message"] = "seeded items only (no pairs asked for)"
+        if top_up:
+            for split in ("train", "test"):
+                if counts[f"n_{split}"]:
+                    report["items"] += self.ensure_world_items(split, counts[f"n_{split}"], seed,
+                                                               progress=progress)["added"]
+        plan = self.store.get_meta(DEMO_SEED_KEY)
+        if plan is None:
+            plan = {"seed": seed, "done": False,
+                    "splits": {split: counts[f"n_{split}"] for split in ("train", "test") if counts[f"n_{split}"]
+                               and self.store.count_items(dataset=WORLD_DATASET, split=split) == 0},
+                    "pairs_per_method": counts["pairs_per_method"] if self.store.count_pairs() == 0 else 0}
+            self.store.set_meta(DEMO_SEED_KEY, plan)
+        if plan["done"]:
+            report["message"] = "the demo world was seeded before" + (
+                f"; {report['items']} new items" if top_up else "")
             return report
-        if self.store.count_pairs() > self.store.count_pairs(dataset=WORLD_DATASET):
-            report["message"] = "the store holds pairs of its own data: no demo pairs added"
-            return report
-        describe = [it["id"] for it in self._describe_items(split="train")]
-        ppm, present = counts["pairs_per_method"], self.demo_artifacts_present()
-        # POVID's text side needs no model: without the demo models a newcomer still sees real pairs.
-        plan = ({m: describe[k * ppm:(k + 1) * ppm] for k, m in enumerate(METHODS)} if present
-                else {"povid": describe[:3 * ppm]})
-        plan = {m: ids for m, ids in plan.items() if ids and self.store.count_pairs(m) == 0}
-        for method, ids in plan.items():
+        for split, n in plan["splits"].items():
+            report["items"] += self.ensure_world_items(split, n, plan["seed"], progress=progress)["added"]
+        present = self.demo_artifacts_present()
+        if plan["pairs_per_method"] and "items" not in plan:  # which items each method pairs, fixed once
+            ppm = plan["pairs_per_method"]
+            describe = [it["id"] for it in self._describe_items(split="train")]
+            # POVID's text side needs no model: without the demo models a newcomer still sees real pairs.
+            plan["items"] = ({m: describe[k * ppm:(k + 1) * ppm] for k, m in enumerate(METHODS)} if present
+                             else {"povid": describe[:3 * ppm]})
+            self.store.set_meta(DEMO_SEED_KEY, plan)
+        for method, ids in (plan.get("items") or {}).items():
+            if not ids:
+                continue
             params = _DEMO_SEED_PARAMS.get(method) if present else {"make_image_rejected": False}
-            res = self.generate(method, model="demo", item_ids=ids, seed=seed, params=params, progress=progress)
+            res = self.generate(method, model="demo", item_ids=ids, seed=plan["seed"], params=params,
+                                progress=progress)
             report["pairs"][method] = res["pairs"]
             if res.get("existence_pairs"):  # CSR's yes/no pairs, on their own question items
                 report["existence_pairs"] = res["existence_pairs"]
-        report["message"] = ("demo pairs already seeded" if not plan else "seeded demo items and pairs"
-                             if any(report["pairs"].values()) else
-                             "no demo pairs: the demo model paired none of the items it tried (tried again next time)")
-        if not present:
+        plan["done"] = True
+        self.store.set_meta(DEMO_SEED_KEY, plan)
+        if not plan.get("items"):
+            report["message"] = ("seeded demo items only" + (" (the store already holds pairs)"
+                                                             if counts["pairs_per_method"] else ""))
+        elif not present:
             report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
                                  "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
+        else:
+            report["message"] = "seeded demo items and pairs"
         return report
 
     def _describe_items(self, dataset: str | None = WORLD_DATASET, split: str | None = None) -> list[dict]:
@@ -475,10 +500,17 @@ class Studio:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         params = _checked_params(method, params)
+        for name, value in (("model", model), ("dataset", dataset), ("split", split)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} is a name, not {type(value).__name__}")
+        if not model or not model.strip():
+            raise ValueError("model is needed: demo, a local folder or a Hugging Face model id")
         round_id = whole_number(round or 0, "round")
         seed = whole_number(seed, "seed", high=MAX_SEED)
         if n is not None:
-            n = whole_number(n, "n", low=1)
+            n = whole_number(n, "n", low=-MAX_ID)
+            if n < 1:
+                raise ValueError(f"n must be at least 1 (or unset for every item), not {n}")
         # Checked before any item: a method that loads no model (POVID's text pairs) would otherwise
         # tag its pairs with a round that does not exist or never finished.
         self._round_adapter(round_id)
@@ -921,12 +953,14 @@ class Studio:
 
         round_id = whole_number(round_id, "round")
         if n is not None:
-            n = whole_number(n, "the number of evaluation items", low=1)
+            n = whole_number(n, "the number of evaluation items") or None  # 0: every item, as eval_items reads it
         rnd = self.store.get_round(round_id)
         if rnd is None:
             raise LookupError(f"round {round_id} does not exist")
-        if item_ids is not None and not item_ids:  # an empty evaluation would replace the round's metrics
-            raise ValueError("no items to evaluate: item_ids is empty")
+        items = self._eval_items_by_id(item_ids) if item_ids is not None else self.eval_items(n)
+        if not items:  # an empty evaluation would replace the round's metrics with nothing
+            raise ValueError("no items to evaluate" + ("" if item_ids is not None else
+                             " (the world's test split holds none: lvlm-studio eval adds them)"))
         ref = model or rnd.get("base_model") or self.settings.model
         backend = self.backend(ref, round_id or None)
         params = None
@@ -934,7 +968,6 @@ class Studio:
             from lvlm_studio.models.base import GenerationParams
 
             params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
-        items = self._eval_items_by_id(item_ids) if item_ids is not None else self.eval_items(n)
         metrics, rows = evaluation.evaluate_backend(
             backend, items, evaluation.get_extractor("shapesworld"), params,
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None)
@@ -1118,15 +1151,16 @@ def whole_number(value: Any, name: str, low: int = 0, high: int = MAX_ID) -> int
     """``value`` (an int, a whole float, or its text, as a form or a JSON client sends it) as an
     int in [low, high], or a ValueError naming ``name``: never int()'s "invalid literal" or
     SQLite's OverflowError."""
-    number = value
+    number = None
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             number = int(value.strip())
-        except ValueError:
-            number = None
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    if isinstance(number, bool) or not isinstance(number, int):
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    elif not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            number = operator.index(value)  # int, numpy's integers
+    if number is None:
         raise ValueError(f"{name} must be a whole number, not {repr(value)[:40]}")
     if number < low:
         raise ValueError(f"{name} must be at least {low}, not {number}")

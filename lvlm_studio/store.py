@@ -190,6 +190,12 @@ def m001_initial_schema(db: Database) -> None:
         db.execute(statement)
 
 
+@migrations()
+def m002_studio_meta(db: Database) -> None:
+    # Small facts about the data root itself (the demo seeding's plan and whether it finished).
+    db.execute("CREATE TABLE studio_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -433,6 +439,17 @@ class Store:
         if row is not None:
             row["image_path"] = self._abs(row["image_path"])
         return row
+
+    # ---------------------------------------------------------------- data-root facts
+    def get_meta(self, key: str) -> Any:
+        """The JSON value stored under ``key`` in studio_meta, None when there is none."""
+        row = self._one("SELECT value FROM studio_meta WHERE key = ?", (key,))
+        return None if row is None else _loads(row["value"])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO studio_meta (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, _dumps(value)))
 
     def get_item(self, id: int) -> dict | None:
         return self._item_row(self._one(f"{self._ITEM_SELECT} WHERE items.id = ?", (id,)))

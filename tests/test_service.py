@@ -581,10 +581,10 @@ def test_review_text_is_checked_for_type_size_and_printable_names(studio, make_p
 def test_an_empty_evaluation_never_replaces_a_rounds_metrics(studio, make_items):
     [item] = make_items(1)
     studio.store.update_round(0, metrics={"eval": {"chair_s": 0.5, "n_items": 3}})
-    for call, message in ((lambda: studio.evaluate_world(0, n=0), "at least 1"),
-                          (lambda: studio.evaluate_world(0, n=-1), "must be at least 0|at least 1"),
-                          (lambda: studio.evaluate(0, item_ids=[]), "item_ids is empty"),
-                          (lambda: studio.evaluate(0, n=0), "at least 1")):
+    for call, message in ((lambda: studio.evaluate_world(0, n=0), "must be at least 1"),
+                          (lambda: studio.evaluate_world(0, n=-1), "must be at least 0"),
+                          (lambda: studio.evaluate(0, item_ids=[]), "no items to evaluate"),
+                          (lambda: studio.evaluate(0), "no items to evaluate .the world's test split holds none")):
         with pytest.raises(ValueError, match=message):
             call()
     assert studio.store.get_round(0)["metrics"]["eval"] == {"chair_s": 0.5, "n_items": 3}
@@ -593,7 +593,8 @@ def test_an_empty_evaluation_never_replaces_a_rounds_metrics(studio, make_items)
 def test_an_interrupted_first_start_is_completed_by_the_next(studio):
     """seed_demo used to seed items only when the world had none and pairs only when the store
     had none: an evaluation run first (test items only), or a start stopped half-way through
-    the pairs, left the Review tab empty or without STIC for good."""
+    the pairs, left the Review tab empty or without STIC for good. Its plan is now recorded and
+    carried out by the next start; once done, starts do nothing (no model load, no retry)."""
     studio.ensure_world_items("test", 2)  # what `lvlm-studio eval` does on a fresh data root
 
     def stop_in_povid(done, total, message):  # Ctrl-C while POVID writes: STIC never starts
@@ -604,8 +605,57 @@ def test_an_interrupted_first_start_is_completed_by_the_next(studio):
         studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2, progress=stop_in_povid)
     assert studio.store.count_items(dataset="shapesworld", split="train") > 0
     assert studio.store.count_pairs("csr") > 0 and studio.store.count_pairs("stic") == 0
-    csr_pairs = studio.store.count_pairs("csr")
-    report = studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2)
-    assert set(report["pairs"]) == {"stic"} and studio.store.count_pairs("stic") > 0, report
+    csr_pairs, test_items = studio.store.count_pairs("csr"), studio.store.count_items(split="test")
+    report = studio.seed_demo()  # the next start, with the defaults: the recorded plan is what runs
+    assert studio.store.count_pairs("stic") > 0 and report["pairs"]["stic"] > 0, report
     assert studio.store.count_pairs("csr") == csr_pairs and report["items"] == 0
-    assert studio.seed_demo(n_train=6, n_test=2, pairs_per_method=2)["message"] == "demo pairs already seeded"
+    assert studio.store.count_items(split="test") == test_items  # the eval's test split was left alone
+    again = studio.seed_demo()
+    assert again == {"items": 0, "pairs": {}, "message": "the demo world was seeded before"}
+
+
+def test_demo_seeding_leaves_a_store_with_its_own_work_alone(studio, make_items, monkeypatch):
+    """A store whose world items came from another seed gets no seed-0 scenes at start, and one
+    whose pairs are the user's own (even on world items) gets no demo pairs; the CLI's top-up adds
+    the scenes it names."""
+    studio.ensure_world_items("train", 3, seed=7)
+    test_items = len(studio.ensure_world_items("test", 2, seed=7)["item_ids"])
+    studio.generate("povid", split="train", params={"make_image_rejected": False}, seed=1)
+    items, pairs = studio.store.count_items(), studio.store.count_pairs()
+    report = studio.seed_demo()  # what app.py does at every start
+    assert report["items"] == 0 and report["pairs"] == {} and "already holds pairs" in report["message"]
+    assert (studio.store.count_items(), studio.store.count_pairs()) == (items, pairs)
+    monkeypatch.setattr(studio, "generate", lambda *a, **k: pytest.fail("no generation once seeded"))
+    topped = studio.seed_demo(n_train=5, n_test=0, seed=7, top_up=True)  # lvlm-studio demo seed --train 5 --seed 7
+    assert topped["items"] == studio.store.count_items() - items > 0 and studio.store.count_pairs() == pairs
+    assert studio.store.count_items(split="test") == test_items  # --test 0: the test split is left alone
+
+
+def test_what_forms_and_scripts_send_is_still_accepted(studio, make_pairs, make_items, monkeypatch, tmp_path):
+    """The checks refuse nothing a form or a script sends: 3.0 from a number field, "3" from a
+    dropdown, numpy integers; and an image whose item cannot be stored leaves no row and no file."""
+    import numpy as np
+
+    from lvlm_studio.media import stored_files
+    from lvlm_studio.service import whole_number
+
+    assert [whole_number(v, "x") for v in (3, 3.0, " 3 ", np.int64(3), np.uint8(3))] == [3] * 5
+    for bad in (3.5, "3.5", True, None, [3]):
+        with pytest.raises(ValueError, match="x must be a whole number"):
+            whole_number(bad, "x")
+    [pid] = make_pairs([0.5])
+    assert studio.get_pair(np.int64(pid))["pair_id"] == pid
+    assert studio.compare(np.int64(0), "0")["a"] == 0
+    with pytest.raises(ValueError, match=r"n must be at least 1 \(or unset for every item\), not 0"):
+        studio.generate("povid", n=0)
+    for kw, message in (({"model": 5}, "model is a name, not int"), ({"split": ["train"]}, "split is a name, not list")):
+        with pytest.raises(ValueError, match=message):
+            studio.generate("povid", **kw)
+    from conftest import write_image
+
+    write_image(tmp_path / "a.png", seed=9)
+    files_before = stored_files(studio.settings)
+    monkeypatch.setattr(studio.store, "add_item", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        studio.upload_images([tmp_path / "a.png"])
+    assert stored_files(studio.settings) == files_before and studio.store.stats()["tables"]["images"] == 1

@@ -18,7 +18,7 @@ def test_pragmas_and_migrations(store, settings):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
-    assert store.applied_migrations() == ["m001_initial_schema"]
+    assert store.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
     tables = set(db.table_names())
     assert {
         "images",
@@ -33,7 +33,7 @@ def test_pragmas_and_migrations(store, settings):
     # Reopening applies nothing twice and keeps data.
     store.add_image("a" * 64, settings.images_dir / "x.png", 2, 2, "t")
     again = Store(settings.db_path)
-    assert again.applied_migrations() == ["m001_initial_schema"]
+    assert again.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
     assert again.get_image("a" * 64)["width"] == 2
     again.close()
 
@@ -552,3 +552,20 @@ def test_a_failed_nested_transaction_undoes_only_its_own_writes(store, settings)
                 store.add_image("inner", settings.images_dir / "i.png", 1, 1, "t")
                 raise RuntimeError("boom")
     assert store.get_image("outer") is not None and store.get_image("inner") is None
+
+
+def test_a_data_root_from_before_studio_meta_migrates_and_keeps_its_data(settings, make_pairs, store):
+    [pid] = make_pairs([0.5])
+    with store.transaction() as db:  # what a data root written before m002 looks like
+        db.execute("DROP TABLE studio_meta")
+        db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm002_studio_meta'")
+    store.close()
+    reopened = Store(settings.db_path)
+    try:
+        assert reopened.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
+        assert reopened.get_pair(pid) is not None and reopened.get_meta("demo_seed") is None
+        reopened.set_meta("demo_seed", {"done": True})
+        reopened.set_meta("demo_seed", {"done": False, "seed": 3})  # replaced, not duplicated
+        assert reopened.get_meta("demo_seed") == {"done": False, "seed": 3}
+    finally:
+        reopened.close()

@@ -181,21 +181,21 @@ def _json_api(studio: Studio) -> None:
 
     @user_errors
     def cancel_round(round_id: int, user: str = "", request: gr.Request = None) -> dict | None:
-        return studio.cancel_round(int(round_id), claimed_user(studio, request, user))
+        return studio.cancel_round(round_id, claimed_user(studio, request, user))  # the service checks the id
 
     def rounds() -> list[dict]:
         return studio.rounds()
 
     @user_errors
     def round_status(round_id: int) -> dict:
-        row = studio.get_round(int(round_id))
+        row = studio.get_round(round_id)
         if row is None:  # as /cancel_round and /compare say, rather than a null round
-            raise LookupError(f"round {int(round_id)} does not exist")
-        return {"round": row, "curve": studio.round_curve(int(round_id))}
+            raise LookupError(f"round {round_id} does not exist")
+        return {"round": row, "curve": studio.round_curve(row["id"])}
 
     @user_errors
     def compare(a: int, b: int, only_diff: bool = False) -> dict:
-        return studio.compare(int(a), int(b), bool(only_diff))
+        return studio.compare(a, b, bool(only_diff))
 
     def agreement() -> dict:
         return studio.agreement()
