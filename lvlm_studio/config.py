@@ -19,7 +19,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 16_384
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 BACKENDS = ("hf", "vllm")
-MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32 (the CLI's --seed and the service check it)
+# Seeds reach torch's Generator.manual_seed (at most 64 bits) after item ids and draw offsets are
+# added to them (2**70 failed there with "Overflow when unpacking long long"); 32 bits leaves every
+# such sum in range. The CLI's --seed options and the service check it.
+MAX_SEED = 2**32 - 1
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes loading (models.hf.quantization_config)
 
 
