@@ -20,7 +20,7 @@ def main() -> None:
     except ValueError as exc:  # a bad setting in the environment: one line, not a traceback
         raise SystemExit(f"LVLM Studio cannot start: {exc}") from None
     report = studio.seed_demo()
-    if report["items"] or report["pairs"]:
+    if report["items"] or any(report["pairs"].values()):
         print(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
     try:
         studio.reattach()  # rounds whose subprocess died while the app was down are marked failed

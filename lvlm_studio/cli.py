@@ -924,7 +924,7 @@ def serve_cmd(
     s = studio()
     if seed:
         report = s.seed_demo()
-        if (report["items"] or report["pairs"]) and not as_json:
+        if (report["items"] or any(report["pairs"].values())) and not as_json:
             typer.echo(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
     s.reattach()  # rounds whose process died while nothing was watching are marked failed
     demo, url = launch(s, server_name=host, server_port=port, share=share, prevent_thread_lock=True,

@@ -7,6 +7,7 @@ variable (tests always point it at a temporary directory).
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -82,6 +83,21 @@ class Settings:
         for path in (self.home, self.images_dir, self.adapters_dir, self.runs_dir):
             path.mkdir(parents=True, exist_ok=True)
         return self
+
+
+@contextlib.contextmanager
+def data_root_lock(settings: Settings, name: str) -> collections.abc.Iterator[None]:
+    """An exclusive lock on the file ``name`` in the data root, across processes (fcntl; the OS
+    releases it when a process dies): two starts cannot both pass a check-then-create."""
+    import fcntl
+
+    settings.ensure_dirs()
+    with open(settings.home / name, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def round_dirname(round_id: int) -> str:

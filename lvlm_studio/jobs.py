@@ -32,11 +32,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import Settings, round_dirname
+from lvlm_studio.config import Settings, data_root_lock, round_dirname
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
@@ -68,18 +67,9 @@ def _store(settings: Settings):
     return Store.open(settings)
 
 
-@contextlib.contextmanager
-def _start_lock(settings: Settings) -> Iterator[None]:
-    """An exclusive file lock around check-then-create, so two starts cannot both pass."""
-    import fcntl
-
-    settings.ensure_dirs()
-    with open(settings.home / ".jobs.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _start_lock(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """An exclusive file lock around check-then-create, so two round starts cannot both pass."""
+    return data_root_lock(settings, ".jobs.lock")
 
 
 def process_running(pid: int) -> bool:

@@ -373,30 +373,57 @@ class Studio:
 
         The first call on a data root records a plan in the store (``studio_meta``): scenes for
         each split that holds no world items yet (an earlier ``eval`` may have filled the test
-        split) and pairs only when the store holds none. A call interrupted half-way (Ctrl-C, a
-        crash) leaves the plan open and the next call carries it out, items and pairs already
-        made being skipped; once it ran through, later calls do nothing. ``top_up`` (the CLI's
-        ``demo seed``): also add the missing scenes ``0..n-1`` of ``seed`` to each split."""
+        split) and pairs when the store holds none; a data root that already holds world items
+        and pairs (seeded before plans were recorded) gets an empty plan. A call interrupted
+        half-way (Ctrl-C, a crash) leaves the plan open and the next call carries it out, items
+        and pairs already made being skipped; once it ran through, later calls do nothing.
+        ``top_up`` (the CLI's ``demo seed``): also add the missing scenes ``0..n-1`` of ``seed`` to
+        each split. One process seeds at a time (a lock file in the data root)."""
+        from lvlm_studio.config import data_root_lock
+
         counts = {name: whole_number(value, name) for name, value in
                   (("n_train", n_train), ("n_test", n_test), ("pairs_per_method", pairs_per_method))}
         seed = whole_number(seed, "seed", high=MAX_SEED)
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
-        if top_up:
-            for split in ("train", "test"):
-                if counts[f"n_{split}"]:
-                    report["items"] += self.ensure_world_items(split, counts[f"n_{split}"], seed,
-                                                               progress=progress)["added"]
-        plan = self.store.get_meta(DEMO_SEED_KEY)
-        if plan is None:
+        with data_root_lock(self.settings, ".seed.lock"):
+            recorded = self.store.get_meta(DEMO_SEED_KEY)
+            plan = recorded or self._demo_plan(counts, seed)
+            if top_up:
+                for split in ("train", "test"):
+                    if counts[f"n_{split}"]:
+                        report["items"] += self.ensure_world_items(split, counts[f"n_{split}"], seed,
+                                                                   progress=progress)["added"]
+            if plan["done"]:
+                report["message"] = ("the demo world was seeded before" if recorded else
+                                     f"nothing to seed ({plan['no_pairs_because']})")
+                return report
+            self._carry_out(plan, report, progress)
+        if not plan.get("items"):
+            report["message"] = f"seeded demo items only ({plan.get('no_pairs_because', 'no pairs planned')})"
+        elif not self.demo_artifacts_present():
+            report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
+                                 "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
+        else:
+            report["message"] = "seeded demo items and pairs"
+        return report
+
+    def _demo_plan(self, counts: dict[str, int], seed: int) -> dict:
+        """seed_demo's plan for this data root, recorded before any work so an interruption resumes it."""
+        has_pairs = self.store.count_pairs() > 0
+        if has_pairs and self.store.count_items(dataset=WORLD_DATASET) > 0:
+            plan = {"seed": seed, "splits": {}, "pairs_per_method": 0, "done": True,
+                    "no_pairs_because": "the store already held world items and pairs"}
+        else:
             plan = {"seed": seed, "done": False,
                     "splits": {split: counts[f"n_{split}"] for split in ("train", "test") if counts[f"n_{split}"]
                                and self.store.count_items(dataset=WORLD_DATASET, split=split) == 0},
-                    "pairs_per_method": counts["pairs_per_method"] if self.store.count_pairs() == 0 else 0}
-            self.store.set_meta(DEMO_SEED_KEY, plan)
-        if plan["done"]:
-            report["message"] = "the demo world was seeded before" + (
-                f"; {report['items']} new items" if top_up else "")
-            return report
+                    "pairs_per_method": 0 if has_pairs else counts["pairs_per_method"],
+                    "no_pairs_because": "the store already held pairs" if has_pairs else "no pairs asked for"}
+        self.store.set_meta(DEMO_SEED_KEY, plan)
+        return plan
+
+    def _carry_out(self, plan: dict, report: dict, progress: ProgressFn | None) -> None:
+        """Do what the plan says, skipping what an interrupted call already did; then mark it done."""
         for split, n in plan["splits"].items():
             report["items"] += self.ensure_world_items(split, n, plan["seed"], progress=progress)["added"]
         present = self.demo_artifacts_present()
@@ -418,15 +445,6 @@ class Studio:
                 report["existence_pairs"] = res["existence_pairs"]
         plan["done"] = True
         self.store.set_meta(DEMO_SEED_KEY, plan)
-        if not plan.get("items"):
-            report["message"] = ("seeded demo items only" + (" (the store already holds pairs)"
-                                                             if counts["pairs_per_method"] else ""))
-        elif not present:
-            report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
-                                 "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")
-        else:
-            report["message"] = "seeded demo items and pairs"
-        return report
 
     def _describe_items(self, dataset: str | None = WORLD_DATASET, split: str | None = None) -> list[dict]:
         return [it for it in self.store.list_items(dataset=dataset, split=split)
@@ -600,9 +618,12 @@ class Studio:
                     meta["sft"] = fit
                 pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin,
                         "round": round_id, "meta": meta}
-                self._write(it, cands, [pair], report)
-                if config.existence_pairs:
-                    self._write_existence_pairs(it, res, config, prov, round_id, seed, report)
+                # The caption pair and the yes/no pairs it implies land together: a resumed run
+                # skips an item that has its pair, so they must not be split by an interruption.
+                with self.store.transaction():
+                    self._write(it, cands, [pair], report)
+                    if config.existence_pairs:
+                        self._write_existence_pairs(it, res, config, prov, round_id, seed, report)
             if progress:
                 progress(min(lo + step, len(items)), len(items), f"CSR: {min(lo + step, len(items))}/{len(items)} items")
 

@@ -277,7 +277,7 @@ class Store:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA foreign_keys = ON")
             if db.journal_mode != "wal":
-                db.enable_wal()
+                self._enable_wal(db)
             # WAL + NORMAL: no corruption on power loss, only the last commits may be lost; much
             # faster decision writes than FULL.
             db.execute("PRAGMA synchronous = NORMAL")
@@ -285,6 +285,23 @@ class Store:
             with self._lock:
                 self._connections.append(db)
         return db
+
+    @staticmethod
+    def _enable_wal(db: Database) -> None:
+        """Switch a new database to WAL. Two processes opening a new data root at once race for
+        the exclusive lock this takes, and SQLite's busy timeout does not cover it: retry."""
+        import sqlite3
+        import time
+
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                db.enable_wal()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._lock:

@@ -101,3 +101,33 @@ def test_concurrent_imports_of_the_same_folder(settings, tmp_path):
 
     assert len(stored_files(settings)) == 12
     store.close()
+
+
+_SEED_SCRIPT = """
+import sys
+from lvlm_studio.service import Studio
+from lvlm_studio.config import Settings
+s = Studio(Settings(home=sys.argv[1]), users={}, admins=())
+print(s.seed_demo(n_train=4, n_test=2, pairs_per_method=1, top_up=sys.argv[2] == "cli")["message"])
+"""
+
+
+def test_two_processes_seeding_a_new_data_root_make_each_pair_once(tmp_path):
+    """An app start and a `demo seed` at the same moment on a new data root: each used to make the
+    demo pairs (duplicates), and one sometimes died with "database is locked" switching the new
+    database to WAL. Seeding is now one process at a time and WAL setup retries."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "fresh"
+    procs = [subprocess.Popen([sys.executable, "-c", _SEED_SCRIPT, str(home), who], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for who in ("app", "cli")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    store = Store(Settings(home=home).db_path)
+    try:
+        texts = [(p["item_id"], p["chosen"], p["rejected"]) for p in store.training_pairs(include_auto=True)]
+        assert texts and len(texts) == len(set(texts))  # no pair twice
+        assert store.get_meta("demo_seed")["done"] is True
+    finally:
+        store.close()

@@ -618,17 +618,16 @@ def test_demo_seeding_leaves_a_store_with_its_own_work_alone(studio, make_items,
     """A store whose world items came from another seed gets no seed-0 scenes at start, and one
     whose pairs are the user's own (even on world items) gets no demo pairs; the CLI's top-up adds
     the scenes it names."""
-    studio.ensure_world_items("train", 3, seed=7)
-    test_items = len(studio.ensure_world_items("test", 2, seed=7)["item_ids"])
+    studio.ensure_world_items("train", 3, seed=7)  # the test split stays empty (an old `demo seed --test 0`)
     studio.generate("povid", split="train", params={"make_image_rejected": False}, seed=1)
     items, pairs = studio.store.count_items(), studio.store.count_pairs()
     report = studio.seed_demo()  # what app.py does at every start
-    assert report["items"] == 0 and report["pairs"] == {} and "already holds pairs" in report["message"]
+    assert report == {"items": 0, "pairs": {}, "message": "nothing to seed (the store already held world items and pairs)"}
     assert (studio.store.count_items(), studio.store.count_pairs()) == (items, pairs)
     monkeypatch.setattr(studio, "generate", lambda *a, **k: pytest.fail("no generation once seeded"))
     topped = studio.seed_demo(n_train=5, n_test=0, seed=7, top_up=True)  # lvlm-studio demo seed --train 5 --seed 7
     assert topped["items"] == studio.store.count_items() - items > 0 and studio.store.count_pairs() == pairs
-    assert studio.store.count_items(split="test") == test_items  # --test 0: the test split is left alone
+    assert studio.store.count_items(split="test") == 0  # --test 0: the test split is left alone
 
 
 def test_what_forms_and_scripts_send_is_still_accepted(studio, make_pairs, make_items, monkeypatch, tmp_path):
@@ -659,3 +658,39 @@ def test_what_forms_and_scripts_send_is_still_accepted(studio, make_pairs, make_
     with pytest.raises(RuntimeError, match="disk full"):
         studio.upload_images([tmp_path / "a.png"])
     assert stored_files(studio.settings) == files_before and studio.store.stats()["tables"]["images"] == 1
+
+
+def test_an_interrupted_top_up_and_a_split_csr_pair_are_completed(studio, home, tmp_path, monkeypatch):
+    """`demo seed` stopped while adding scenes is completed by the next app start (its plan is
+    recorded first); a stop between a CSR caption pair and the yes/no pairs it implies loses
+    neither (they are written in one transaction, so the resumed run makes both)."""
+    def stop_at_train_scene_3(done, total, message):
+        if message.startswith("world train scenes") and done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        studio.seed_demo(n_train=6, n_test=2, pairs_per_method=1, progress=stop_at_train_scene_3, top_up=True)
+    writes = {"n": 0}
+    real_write = studio.store.write_generation
+
+    def stop_at_second_write(*args, **kwargs):  # the first yes/no pair after the first caption pair
+        writes["n"] += 1
+        if writes["n"] == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(studio.store, "write_generation", stop_at_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        studio.seed_demo()
+    monkeypatch.setattr(studio.store, "write_generation", real_write)
+    studio.seed_demo()  # the next start
+    reference = Studio(Settings(home=tmp_path / "reference"), users={}, admins=())
+    try:
+        reference.seed_demo(n_train=6, n_test=2, pairs_per_method=1)  # the same, never interrupted
+        for split in ("train", "test"):
+            assert studio.store.count_items(split=split) == reference.store.count_items(split=split)
+        for method in ("csr", "povid", "stic"):
+            assert studio.store.count_pairs(method) == reference.store.count_pairs(method), method
+        assert reference.store.count_pairs("csr") > 1  # the caption pair and its yes/no pairs
+    finally:
+        reference.store.close()
