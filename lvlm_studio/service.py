@@ -534,6 +534,8 @@ class Studio:
         self._round_adapter(round_id)
         if item_ids is not None:
             items = self._items_by_id(item_ids)
+            if not items:  # an explicit empty list is not "every item"
+                raise ValueError("item_ids is empty: name at least one item, or leave it unset for a dataset/split")
         else:
             items = self._describe_items(dataset=dataset, split=split)
             if not items:

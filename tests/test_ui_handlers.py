@@ -548,6 +548,7 @@ def test_huge_and_mistyped_values_from_json_clients_get_clear_refusals(open_stud
         ("decide", (pid, "ann", "edit", 123), "the edited answer is text, not int"),
         ("next_pair", ("ann", "", "1.5"), "round must be a whole number, not '1.5'"),
         ("generate", ("povid", "demo", 0, "12"), "item ids are a list of whole numbers, not str"),
+        ("generate", ("povid", "demo", 0, []), "item_ids is empty"),
         ("generate", ("povid", "demo", 0, None, "", "", 0, None, 2**70), "seed must be at most"),
         ("start_round", ("abc",), "round options are a JSON object"),
     ):

@@ -172,7 +172,7 @@ def _json_api(studio: Studio) -> None:
                  dataset: str = "", split: str = "", n: int = 0, params: dict | None = None,
                  seed: int = 0) -> dict:
         return studio.generate(method, model=model or studio.settings.model, round=round or None,
-                               item_ids=item_ids or None, dataset=dataset or None, split=split or None,
+                               item_ids=item_ids, dataset=dataset or None, split=split or None,
                                n=n or None, params=params or None, seed=seed)
 
     @user_errors
