@@ -518,9 +518,7 @@ class Studio:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         params = _checked_params(method, params)
-        for name, value in (("model", model), ("dataset", dataset), ("split", split)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} is a name, not {type(value).__name__}")
+        _check_names(model=model, dataset=dataset, split=split)
         if not model or not model.strip():
             raise ValueError("model is needed: demo, a local folder or a Hugging Face model id")
         round_id = whole_number(round or 0, "round")
@@ -755,8 +753,7 @@ class Studio:
                   status: str = "pending", exclude: Iterable[int] = ()) -> dict | None:
         """The next pair for ``reviewer`` (lowest automatic margin first), as a review view."""
         round_id = None if round in (None, "") else whole_number(round, "round")
-        if method is not None and not isinstance(method, str):
-            raise ValueError(f"method is a name, not {type(method).__name__}")
+        _check_names(method=method)
         reviewer = _reviewer(reviewer)
         pair = self.store.next_pair(reviewer, method=method or None, round=round_id,
                                     status=status, exclude=exclude)
@@ -766,7 +763,7 @@ class Studio:
         pair = self.store.get_pair(whole_number(pair_id, "pair id"))
         if pair is None:
             raise LookupError(f"pair {pair_id} does not exist")
-        return self._view(pair, None if reviewer is None or reviewer == "" else _reviewer(reviewer))
+        return self._view(pair, _optional_reviewer(reviewer))
 
     def _view(self, pair: dict, reviewer: str | None) -> dict:
         """A pair ready for the Review tab: both candidates with their stored sentence/span
@@ -824,9 +821,8 @@ class Studio:
                 "label": self.store.effective_label(pair_id)}
 
     def progress(self, reviewer: str | None = None, method: str | None = None) -> dict:
-        if method is not None and not isinstance(method, str):
-            raise ValueError(f"method is a name, not {type(method).__name__}")
-        return self.store.progress(None if reviewer in (None, "") else _reviewer(reviewer), method=method or None)
+        _check_names(method=method)
+        return self.store.progress(_optional_reviewer(reviewer), method=method or None)
 
     # ---------------------------------------------------------------- agreement
     def agreement(self, buckets: int = 4) -> dict:
@@ -1162,6 +1158,19 @@ def _reviewer(name: str | None) -> str:
         raise ValueError(f"a reviewer name has printable characters only (no tabs or control characters), "
                          f"not {name[:40]!r}")
     return name
+
+
+def _optional_reviewer(name: str | None) -> str | None:
+    """``_reviewer`` of a name that may be absent (None or empty: no reviewer)."""
+    return None if name is None or name == "" else _reviewer(name)
+
+
+def _check_names(**values: Any) -> None:
+    """Each of ``values`` (a model, dataset, split or method name) is text or None: a JSON client's
+    number or list is refused by name instead of failing later in SQL or a dict lookup."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} is a name, not {type(value).__name__}")
 
 
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: pair, item and round ids

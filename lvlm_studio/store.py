@@ -691,7 +691,8 @@ class Store:
     def count_pairs(self, method: str | None = None, round: int | None = None, dataset: str | None = None) -> int:
         """Pairs, optionally of one method, round and items' dataset."""
         where, params = self._where(("p.method", method), ("p.round", round), ("i.dataset", dataset))
-        return int(self._scalar(f"SELECT count(*) FROM pairs p JOIN items i ON i.id = p.item_id{where}", params))
+        join = " JOIN items i ON i.id = p.item_id" if dataset is not None else ""  # only when it filters
+        return int(self._scalar(f"SELECT count(*) FROM pairs p{join}{where}", params))
 
     # ---------------------------------------------------------------- reviews
     def _validate_review(self, decision: str, reviewer: str, edited_text: str | None) -> None:
