@@ -999,12 +999,31 @@ class _Out:
     tmp: Path
 
 
+def _lies_in(inner: Path, outer: Path) -> bool:
+    """Whether ``outer`` is ``inner`` or one of its parents, comparing paths as given and with links
+    resolved, and by device and inode, so a link, a bind mount or a case-insensitive disk naming
+    the same folder another way is caught. Paths that do not exist compare by path only."""
+    try:
+        outer_stat = os.stat(outer)
+    except OSError:
+        outer_stat = None
+    outer_paths = {outer, outer.resolve()}
+    for start in {inner, inner.resolve()}:
+        for here in (start, *start.parents):
+            if here in outer_paths:
+                return True
+            try:
+                if outer_stat is not None and os.path.samestat(outer_stat, os.stat(here)):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _refuse_enclosing(out: Path | str) -> Path:
     """The export folder as an absolute path, refusing a folder the export cannot replace safely:
     an empty path, a filesystem root, or one that is the current directory or holds it (``.``,
-    ``..``, where ``--overwrite`` would delete the files the user is working in). Compared by
-    device and inode too, so a link, a bind mount or a case-insensitive disk naming the same
-    folder another way is caught."""
+    ``..``, where ``--overwrite`` would delete the files the user is working in)."""
     if not str(out).strip():
         raise DataExportError("an export needs a folder path")
     target = Path(os.path.abspath(out))
@@ -1014,15 +1033,9 @@ def _refuse_enclosing(out: Path | str) -> Path:
         cwd = Path.cwd()
     except FileNotFoundError:  # the working directory was deleted: nothing there to protect
         return target
-    try:
-        target_stat = os.stat(target)
-    except OSError:
-        target_stat = None  # it does not exist yet (or cannot be read): compare the paths only
-    for here in (cwd, *cwd.parents):
-        same = target_stat is not None and os.path.samestat(target_stat, os.stat(here))
-        if same or here in (target, target.resolve()):
-            raise DataExportError(f"{out} holds the current directory {cwd}; an export replaces its folder: "
-                                  "name a new folder (e.g. ./export)")
+    if _lies_in(cwd, target):
+        raise DataExportError(f"{out} holds the current directory {cwd}; an export replaces its folder: "
+                              "name a new folder (e.g. ./export)")
     return target
 
 
@@ -1065,18 +1078,14 @@ _DATA_ROOT_PARTS = ("images", "adapters", "runs", "merged", ".jobs.lock", ".seed
 
 def _refuse_data_root(store: Store, out: Path) -> None:
     """An export replaces its folder when it finishes: refuse a folder that is the data root, holds
-    it, or is one of its parts (``--overwrite`` there would delete the store), comparing paths
-    as given and with links resolved (a part may be a link to elsewhere)."""
+    it, or is one of its parts or lies in one (``--overwrite`` there would delete the store)."""
     db = Path(os.path.abspath(store.path))
     home = db.parent
-    parts = {home / name for name in (db.name, f"{db.name}-wal", f"{db.name}-shm", *_DATA_ROOT_PARTS)}
-    parts |= {p.resolve() for p in parts}
-    roots = {home, home.resolve()}
+    parts = [home / name for name in (db.name, f"{db.name}-wal", f"{db.name}-shm", *_DATA_ROOT_PARTS)]
     target = Path(os.path.abspath(out))
-    for t in {target, target.resolve()}:
-        if any(r.is_relative_to(t) for r in roots) or any(p.is_relative_to(t) or t.is_relative_to(p) for p in parts):
-            raise DataExportError(f"{out} is, holds or lies in a part of the data root {home}; an export "
-                                  "there would replace it: choose another folder")
+    if _lies_in(home, target) or any(_lies_in(part, target) or _lies_in(target, part) for part in parts):
+        raise DataExportError(f"{out} is, holds or lies in a part of the data root {home}; an export "
+                              "there would replace it: choose another folder")
 
 
 @contextlib.contextmanager

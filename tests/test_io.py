@@ -814,6 +814,28 @@ def test_an_export_through_a_bind_mount_deletes_nothing(store, make_pairs, tmp_p
         subprocess.run(["umount", str(alias)], check=True)
 
 
+def test_an_export_never_replaces_the_data_root_seen_through_a_bind_mount(store, make_pairs, settings, tmp_path):
+    """The data root and its parts are compared by device and inode too: through a bind mount of
+    the data root, its images folder or the root itself is refused, and nothing is deleted (path
+    comparison alone let `--overwrite` replace the images)."""
+    import subprocess
+
+    _labelled_store(store, make_pairs)
+    home = settings.home
+    images = sorted(p.name for p in (home / "images").iterdir())
+    alias = tmp_path / "alias"
+    if not _bind_mount(home, alias):
+        pytest.skip("no permission to bind-mount here")
+    try:
+        for target in (alias / "images", alias / "images" / "inside", alias / "runs"):
+            with pytest.raises(io.DataExportError, match="data root"):
+                io.export_pairs(store, "llava", target, overwrite=True)
+        assert sorted(p.name for p in (home / "images").iterdir()) == images and store.count_pairs() == 6
+        assert io.export_pairs(store, "llava", alias / "exports" / "x", overwrite=True).pairs == 3  # inside is fine
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
 def test_folder_import_refuses_a_caption_linked_from_outside(store, settings, tmp_path):
     root = tmp_path / "f"
     write_image(root / "a.png", seed=51)
