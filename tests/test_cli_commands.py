@@ -509,6 +509,16 @@ def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
     assert run("cancel", rid, "--timeout", "5", "--user", "carol").stdout.strip() == f"round {rid}: running -> cancelled"
     assert calls == [(rid, "carol", 5.0)]
 
+    # A job that has not ended when cancel_round returns (its stop signal is sent) is reported as
+    # requested, not as a change of status it has not made.
+    still = open_store(env)
+    slow = still.create_round(0, "m", {}, status="running")
+    still.close()
+    monkeypatch.setattr(Studio, "cancel_round", lambda self, round_id, user, timeout=30.0: self.store.get_round(round_id))
+    assert run("cancel", slow).stdout.strip() == (
+        f"round {slow}: cancel requested, still running (see lvlm-studio rounds)")
+    assert ok_json("cancel", slow)["status"] == "running"
+
 
 def test_rounds_lists_stored_rounds(env):
     """rounds --json: config, pid, pairs, duration; a round whose process is gone is marked failed on
