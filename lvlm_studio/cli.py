@@ -404,11 +404,19 @@ def parse_names(text: str | None, option: str) -> list[str] | None:
 
 
 def config_options(cls: type, values: list[str] | None, option: str, owner: str) -> dict[str, Any]:
-    """``key=value`` options checked against the config dataclass ``cls``: known field names and
-    their types (a CLIError names the option otherwise)."""
+    """``key=value`` options checked against the config dataclass ``cls``: known field names, their
+    types, and the values the config itself refuses (``num_epochs=0``), all usage errors (exit 2)
+    that name the option."""
     from dataclasses import fields
 
-    return check_types(cls, parse_pairs(values, option, {f.name for f in fields(cls)}, owner), option)
+    checked = check_types(cls, parse_pairs(values, option, {f.name for f in fields(cls)}, owner), option)
+    try:
+        built = cls(**checked)
+        if hasattr(built, "generation_params"):  # a method's decoding limits are checked there
+            built.generation_params()
+    except ValueError as exc:
+        raise CLIError(f"{option}: {exc}", EXIT_USAGE) from None
+    return checked
 
 
 def method_params(method: str, values: list[str] | None) -> dict[str, Any]:

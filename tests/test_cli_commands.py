@@ -600,9 +600,13 @@ def test_options_that_cannot_run_are_refused_and_out_of_memory_is_one_line(env, 
     stand-in for torch's allocator error) is one error line, not a traceback."""
     seed(train=2, test=1)
     fails("train", "-c", "learning_rate=1e999", message="learning_rate=inf: expected a finite number", code=2)
-    fails("train", "-c", "eval_max_new_tokens=0", message="eval_batch_size and eval_max_new_tokens must be >= 1")
+    fails("train", "-c", "eval_max_new_tokens=0", message="eval_batch_size and eval_max_new_tokens must be >= 1", code=2)
+    fails("train", "-c", "num_epochs=0", message="--config: num_epochs must be > 0", code=2)
     csr = ["generate", "--method", "csr", "--n", "1"]
-    fails(*csr, "--param", "max_new_tokens=0", message="max_new_tokens and num_beam_groups must be >= 1")
+    fails(*csr, "--param", "max_new_tokens=0", message="max_new_tokens and num_beam_groups must be >= 1", code=2)
+    fails(*csr, "--param", "keep_top=0", "--param", "keep_bottom=0", message="--param: keep_top + keep_bottom", code=2)
+    fails("generate", "--method", "stic", "--n", "1", "--param", "p_misleading=2", message="p_misleading must be a probability",
+          code=2)
     fails(*csr, "--param", "expansion=bogus", message='expected one of "diverse_beam", "sample"', code=2)
     store = open_store(env)
     assert [r["id"] for r in store.list_rounds()] == [0]  # no round was created
