@@ -8,8 +8,7 @@ first start. Environment: ``LVLM_STUDIO_HOME`` (data root), ``PORT`` / ``GRADIO_
 
 from __future__ import annotations
 
-import os
-
+from lvlm_studio.config import listen_address
 from lvlm_studio.service import Studio
 from lvlm_studio.ui import build_app, launch_kwargs
 
@@ -17,6 +16,7 @@ from lvlm_studio.ui import build_app, launch_kwargs
 def main() -> None:
     try:
         studio = Studio()
+        host, port = listen_address()
     except ValueError as exc:  # a bad setting in the environment: one line, not a traceback
         raise SystemExit(f"LVLM Studio cannot start: {exc}") from None
     report = studio.seed_demo()
@@ -28,9 +28,6 @@ def main() -> None:
         pass
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=None)
-    on_space = bool(os.environ.get("SPACE_ID"))
-    port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
     demo.launch(server_name=host, server_port=port, **launch_kwargs(studio))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lvlm_studio.config import MAX_SEED, Settings
+from lvlm_studio.config import MAX_SEED, Settings, debug_enabled, listen_address
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -127,7 +126,7 @@ def cli_command(func: F) -> F:
         except typer.Exit:
             raise
         except _user_errors() as exc:
-            if os.environ.get("LVLM_STUDIO_DEBUG"):
+            if debug_enabled():
                 raise
             code = exc.code if isinstance(exc, CLIError) else EXIT_USAGE if _is_usage_error(exc) else EXIT_FAILURE
             fail(str(exc) or type(exc).__name__, code, as_json)
@@ -135,7 +134,7 @@ def cli_command(func: F) -> F:
             from lvlm_studio.models.base import out_of_memory
 
             message = out_of_memory(exc)
-            if message is None or os.environ.get("LVLM_STUDIO_DEBUG"):
+            if message is None or debug_enabled():
                 raise
             fail(message, EXIT_FAILURE, as_json)
 
@@ -926,9 +925,7 @@ def serve_cmd(
     """Launch the Gradio app (as app.py does) and serve until Ctrl-C."""
     from lvlm_studio.ui import launch
 
-    on_space = bool(os.environ.get("SPACE_ID"))
-    host = host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
-    port = port or int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    host, port = listen_address(host, port)
     s = studio()
     if seed:
         report = s.seed_demo()

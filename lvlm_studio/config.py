@@ -41,6 +41,25 @@ def _env_count(name: str, default: int) -> int:
     return value
 
 
+def listen_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
+    """Where the app listens: the given host and port, else ``GRADIO_SERVER_NAME`` (127.0.0.1;
+    0.0.0.0 on a Space, where ``SPACE_ID`` is set) and ``PORT`` (a Space's or a PaaS's), then
+    ``GRADIO_SERVER_PORT``, then 7860."""
+    if not host:
+        host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    if port is None:
+        name = "PORT" if (os.environ.get("PORT") or "").strip() else "GRADIO_SERVER_PORT"
+        port = _env_count(name, 7860)
+    if not 0 < port < 65536:
+        raise ValueError(f"the port must be in 1..65535, not {port}")
+    return host, port
+
+
+def debug_enabled() -> bool:
+    """``LVLM_STUDIO_DEBUG`` set to anything but empty, 0, false or no: show tracebacks."""
+    return os.environ.get("LVLM_STUDIO_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 @dataclass
 class Settings:
     home: Path = field(default_factory=lambda: Path(os.environ.get("LVLM_STUDIO_HOME", DEFAULT_HOME)))

@@ -236,6 +236,34 @@ def test_debug_env_lets_the_traceback_through(home, monkeypatch):
     assert run("import", "/definitely/not/here").exception.__class__ is SystemExit
     monkeypatch.setenv("LVLM_STUDIO_DEBUG", "1")
     assert isinstance(run("import", "/definitely/not/here").exception, DataImportError)
+    for off in ("0", "false", " No ", ""):  # switched off the way people write it
+        monkeypatch.setenv("LVLM_STUDIO_DEBUG", off)
+        assert run("import", "/definitely/not/here").exception.__class__ is SystemExit, off
+
+
+def test_listen_address_follows_the_environment(monkeypatch):
+    """app.py and `serve` listen where config.listen_address says: options, then GRADIO_SERVER_NAME
+    (0.0.0.0 on a Space), then PORT before GRADIO_SERVER_PORT; a bad port is one clear error."""
+    from lvlm_studio.config import listen_address
+
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert listen_address() == ("127.0.0.1", 7860)
+    monkeypatch.setenv("SPACE_ID", "me/studio")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    assert listen_address() == ("0.0.0.0", 7000)
+    monkeypatch.setenv("PORT", "8080")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "10.0.0.5")
+    assert listen_address() == ("10.0.0.5", 8080)
+    assert listen_address("localhost", 9000) == ("localhost", 9000)
+    monkeypatch.setenv("PORT", "eighty")
+    with pytest.raises(ValueError, match="PORT must be a positive whole number .* not 'eighty'"):
+        listen_address()
+    result = run("serve", "--no-seed")
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        "error: PORT must be a positive whole number (e.g. 7860), not 'eighty'")
+    with pytest.raises(ValueError, match=r"1\.\.65535, not 70000"):
+        listen_address(port=70000)
 
 
 def test_a_corrupt_database_is_one_error_line(home):

@@ -176,6 +176,12 @@ def test_backend_setting_errors(env, tiny, monkeypatch):
     assert proc.stderr.strip().splitlines()[-1] == (
         "LVLM Studio cannot start: LVLM_STUDIO_BACKEND must be one of hf, vllm, not 'VLLM'")
     monkeypatch.delenv("LVLM_STUDIO_BACKEND")
+    # A bad PORT (a PaaS sets it) stops app.py the same way, before the store is seeded.
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "app.py")], capture_output=True, text=True,
+                          env={**env_vars, "LVLM_STUDIO_BACKEND": "hf", "PORT": "0"}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "LVLM Studio cannot start: PORT must be a positive whole number (e.g. 7860), not '0'")
     assert open_store(env).count_pairs() == 0
 
 
