@@ -491,6 +491,13 @@ def test_train_wait_timeout_stops_following(env, monkeypatch):
     assert result.exit_code == 1 and "round 1 is still running after 0 s" in result.stderr, result.output
     assert open_store(env).get_round(1)["status"] == "running"
 
+    # Ctrl-C while following: exit 130, the round is left running and the message says how to stop it.
+    monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    result = run("train", "--include-auto", "--wait")
+    assert result.exit_code == 130, result.output
+    assert "stopped following; round 2 keeps running (lvlm-studio cancel 2 stops it)" in result.stderr
+    assert open_store(env).get_round(2)["status"] == "running"
+
 
 def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
     """cancel on a finished round says there is nothing to cancel; on an active one it calls
