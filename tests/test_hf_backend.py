@@ -400,18 +400,6 @@ def test_resolve_dtype():
         resolve_dtype("fp8", "cpu")
 
 
-def test_quantization_config():
-    from lvlm_studio.models.hf import quantization_config
-
-    four = quantization_config("4bit", torch.bfloat16)
-    assert four.load_in_4bit and not four.load_in_8bit
-    assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.bfloat16
-    eight = quantization_config("8bit", torch.float32)
-    assert eight.load_in_8bit and not eight.load_in_4bit
-    with pytest.raises(ValueError, match="not '2bit'"):
-        quantization_config("2bit", torch.float32)
-
-
 def test_eos_and_banned_token_ids():
     from types import SimpleNamespace as NS
 
