@@ -999,6 +999,14 @@ class _Out:
     tmp: Path
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with links resolved, or as given where they cannot be (a link loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a symlink loop
+        return path
+
+
 def _lies_in(inner: Path, outer: Path) -> bool:
     """Whether ``outer`` is ``inner`` or one of its parents, comparing paths as given and with links
     resolved, and by device and inode, so a link, a bind mount or a case-insensitive disk naming
@@ -1007,8 +1015,8 @@ def _lies_in(inner: Path, outer: Path) -> bool:
         outer_stat = os.stat(outer)
     except OSError:
         outer_stat = None
-    outer_paths = {outer, outer.resolve()}
-    for start in {inner, inner.resolve()}:
+    outer_paths = {outer, _resolved(outer)}
+    for start in {inner, _resolved(inner)}:
         for here in (start, *start.parents):
             if here in outer_paths:
                 return True

@@ -836,6 +836,18 @@ def test_an_export_never_replaces_the_data_root_seen_through_a_bind_mount(store,
         subprocess.run(["umount", str(alias)], check=True)
 
 
+def test_an_export_into_a_symlink_loop_is_refused_cleanly(store, make_pairs, tmp_path, monkeypatch):
+    """A path through a symlink loop cannot be resolved (Python raises RuntimeError there, which
+    the CLI would show as a traceback): the export is refused with a DataExportError."""
+    make_pairs([0.5])
+    monkeypatch.chdir(tmp_path)
+    os.symlink("L1", "L2")
+    os.symlink("L2", "L1")
+    with pytest.raises(io.DataExportError, match="L1"):
+        io.export_pairs(store, "llava", "L1/x", include_auto=True, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L1", "L2", "home"]  # nothing staged or left
+
+
 def test_folder_import_refuses_a_caption_linked_from_outside(store, settings, tmp_path):
     root = tmp_path / "f"
     write_image(root / "a.png", seed=51)
