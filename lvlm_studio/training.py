@@ -56,6 +56,9 @@ from lvlm_studio.config import QUANTIZATIONS
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 _EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch", "sft_loss")
 LINEAGE_FILE = "lineage.json"
+# The loss types TRL 1.16's DPOTrainer knows (it refuses others only once training has started).
+TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 DPO_LEARNING_RATE = 2e-4  # the demo's DPO lr (DPORoundConfig.learning_rate says why)
@@ -206,6 +209,10 @@ class DPORoundConfig:
             raise ValueError("eval_limit must be >= 1 (or None: the whole evaluation split)")
         if self.num_processes < 1:
             raise ValueError("num_processes must be >= 1")
+        if self.loss_type not in TRL_DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of TRL's {', '.join(TRL_DPO_LOSS_TYPES)}; not {self.loss_type!r}")
+        if self.extractor not in ("auto", "shapesworld", "coco"):
+            raise ValueError(f"extractor must be 'auto', 'shapesworld' or 'coco', not {self.extractor!r}")
         if self.objective not in ("dpo", "stic_infusion"):
             raise ValueError(f"objective must be 'dpo' or 'stic_infusion', not {self.objective!r}")
         if self.povid_stage1_epochs and self.loss_type != "sigmoid":

@@ -330,3 +330,20 @@ def test_noise_seed_is_per_item_across_chunks():  # P23
     for a, b in zip(one_chunk, per_item, strict=True):
         assert np.array_equal(np.asarray(a.noisy_image), np.asarray(b.noisy_image))
     assert not np.array_equal(np.asarray(per_item[0].noisy_image), np.asarray(per_item[1].noisy_image))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(noise_step=1000), dict(noise_step=-1), dict(categories=("objects",)), dict(categories=()),
+    dict(n_injections=0), dict(cooccur_top_k=0), dict(batch_size=0), dict(max_new_tokens=0),
+    dict(beta_start=0.01, beta_end=0.001), dict(temperature=-1.0), dict(temperature=float("inf")),
+    dict(make_text_rejected=False, make_image_rejected=False),
+])
+def test_config_refuses_what_would_fail_mid_run(bad):
+    """Checked when the config is made, before a model loads (the CLI's --param makes it exit 2)."""
+    with pytest.raises(ValueError):
+        POVIDConfig(**bad)
+
+
+def test_config_edges_it_means():
+    cfg = POVIDConfig(noise_step=0, categories=["relation"], make_image_rejected=False)
+    assert cfg.categories == ("relation",) and POVIDConfig(noise_step=999).noise_step == 999

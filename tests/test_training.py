@@ -489,11 +489,26 @@ def test_povid_term_names_noisy_variants():
     dict(warmup_ratio=1.0), dict(warmup_ratio=-0.1), dict(gradient_accumulation_steps=0), dict(logging_steps=0),
     dict(max_length=0), dict(eval_limit=0), dict(learning_rate=float("inf")), dict(beta=float("inf")),
     dict(num_epochs=float("inf")), dict(sft_weight=float("nan")), dict(eval_batch_size=0),
-    dict(eval_max_new_tokens=0),
+    dict(eval_max_new_tokens=0), dict(loss_type="dpo"), dict(extractor="world"),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):
         DPORoundConfig(**bad)
+
+
+def test_the_loss_types_allowed_are_those_trl_knows():
+    """DPORoundConfig refuses a loss type up front with TRL's own list; each listed one is a branch
+    of TRL's DPOTrainer (a TRL upgrade that renames one fails here, not in a round)."""
+    import inspect
+
+    from trl import DPOTrainer
+
+    from lvlm_studio.training import TRL_DPO_LOSS_TYPES
+
+    source = inspect.getsource(DPOTrainer)
+    for loss_type in TRL_DPO_LOSS_TYPES:
+        assert f'"{loss_type}"' in source, loss_type
+        assert DPORoundConfig(loss_type=loss_type).loss_type == loss_type
 
 
 def test_config_accepts_the_edges_it_means():

@@ -533,6 +533,23 @@ class POVIDConfig:
     make_text_rejected: bool = True
     make_image_rejected: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked here, before any model loads (these used to fail mid-run, item by item).
+        self.categories = tuple(self.categories)
+        unknown = set(self.categories) - set(CATEGORIES)
+        if not self.categories or unknown:
+            raise ValueError(f"categories must be some of {CATEGORIES}, not {self.categories}")
+        if self.n_injections < 1 or self.cooccur_top_k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("n_injections, cooccur_top_k, batch_size and max_new_tokens must be >= 1")
+        if not 0 <= self.noise_step < self.num_noise_steps:
+            raise ValueError(f"noise_step must be in [0, num_noise_steps={self.num_noise_steps}), not {self.noise_step}")
+        if not 0 <= self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"need 0 <= beta_start <= beta_end < 1, not {self.beta_start}, {self.beta_end}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not (self.make_text_rejected or self.make_image_rejected):
+            raise ValueError("make_text_rejected and make_image_rejected are both off: no rejected side to build")
+
     def generation_params(self, seed: int | None = None) -> GenerationParams:
         return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
 
