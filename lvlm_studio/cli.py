@@ -917,7 +917,7 @@ def eval_cmd(
 @cli_command
 def serve_cmd(
     host: Annotated[str | None, typer.Option(help="Bind address (default $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 on a Space).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default $PORT / $GRADIO_SERVER_PORT, else 7860).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default $PORT / $GRADIO_SERVER_PORT, else 7860).", min=1, max=65535)] = None,
     share: Annotated[bool, typer.Option("--share", help="Also open a public gradio.live link.")] = False,
     seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Seed the demo world on a new data root (and complete a seeding that was interrupted).")] = True,
     as_json: JsonOption = False,

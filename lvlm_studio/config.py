@@ -47,11 +47,12 @@ def listen_address(host: str | None = None, port: int | None = None) -> tuple[st
     ``GRADIO_SERVER_PORT``, then 7860."""
     if not host:
         host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    source = "the port"
     if port is None:
-        name = "PORT" if (os.environ.get("PORT") or "").strip() else "GRADIO_SERVER_PORT"
-        port = _env_count(name, 7860)
+        source = "PORT" if (os.environ.get("PORT") or "").strip() else "GRADIO_SERVER_PORT"
+        port = _env_count(source, 7860)
     if not 0 < port < 65536:
-        raise ValueError(f"the port must be in 1..65535, not {port}")
+        raise ValueError(f"{source} must be in 1..65535, not {port}")
     return host, port
 
 

@@ -262,8 +262,11 @@ def test_listen_address_follows_the_environment(monkeypatch):
     result = run("serve", "--no-seed")
     assert result.exit_code == 1 and result.stderr.strip() == (
         "error: PORT must be a positive whole number (e.g. 7860), not 'eighty'")
-    with pytest.raises(ValueError, match=r"1\.\.65535, not 70000"):
-        listen_address(port=70000)
+    monkeypatch.setenv("PORT", "70000")
+    with pytest.raises(ValueError, match=r"PORT must be in 1\.\.65535, not 70000"):
+        listen_address()
+    result = run("serve", "--no-seed", "--port", "0")  # typed: a usage error
+    assert result.exit_code == 2 and "--port" in result.stderr
 
 
 def test_a_corrupt_database_is_one_error_line(home):
