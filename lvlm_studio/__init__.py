@@ -8,6 +8,8 @@ import logging
 __version__ = "0.1.0"
 
 # Importing peft imports bitsandbytes, whose CPU backend tries to fetch a 4-bit kernel from the Hub
-# and, offline, warns on stderr at every CLI command that loads a model. It then uses its built-in
-# CPU path (tests/test_quantized.py trains on it), so the warning says nothing a user can act on.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# through the `kernels` package and, when that fails (always offline), both warn on stderr at every
+# CLI command that loads a model. bitsandbytes then uses its built-in CPU path (tests/test_quantized.py
+# trains on it), so the warnings say nothing a user can act on. Nothing else here loads Hub kernels.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
