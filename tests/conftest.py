@@ -17,6 +17,17 @@ from lvlm_studio.store import Store
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_environment(tmp_path_factory):
+    """For every test: a data root that is never the repo's storage/ (a test that forgets to ask for
+    ``home`` writes under a temporary folder), and one torch thread in round subprocesses (they
+    share the machine's cores with the test process)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LVLM_STUDIO_HOME", str(tmp_path_factory.mktemp("default-home")))
+        m.setenv("LVLM_STUDIO_THREADS", "1")
+        yield
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh data root; LVLM_STUDIO_HOME points at it for the test's duration."""

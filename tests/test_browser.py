@@ -89,9 +89,9 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         expect(info).to_contain_text("Describe <b>this</b> image.")
         expect(page.locator("#auth-mode")).to_contain_text("open mode: no accounts configured")
         # typing "a" in a text field must not decide anything
+        reviews_before = studio.store.stats()["tables"]["reviews"]
         page.locator("#review-note textarea, #review-note input").first.fill("a")
         page.locator("#review-note textarea, #review-note input").first.press("a")
-        page.wait_for_timeout(300)
         assert studio.store.reviewer_decision(hostile, "guest") is None
         # the shortcut: focus the page body, press "a"
         page.locator("#review-legend").click()
@@ -100,8 +100,10 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         decision = studio.store.reviewer_decision(hostile, "guest")
         assert decision is not None and decision["decision"] == "accept"
         assert decision["note"] == "aa"
-        # the next pair (a ShapesWorld POVID pair with injected hallucinations) is up: screenshot it
+        # one decision in all, checked once the next pair is up: had the typed "a" decided, there would be two
         expect(page.locator("#review-rejected")).to_contain_text("⚠", timeout=15_000)
+        assert studio.store.stats()["tables"]["reviews"] == reviews_before + 1
+        # the next pair (a ShapesWorld POVID pair with injected hallucinations) is up: screenshot it
         assert page.locator("#review-note textarea, #review-note input").first.input_value() == ""
         page.wait_for_timeout(700)
         ARTIFACTS.mkdir(exist_ok=True)

@@ -11,12 +11,19 @@ from lvlm_studio.world import (
     DEMO_DIR,
     PRIOR_PARTNERS,
     WorldConfig,
-    category_mentions,
     vocab_hash,
     world_items,
     world_words,
 )
-from lvlm_studio.world.build import BuildConfig, build_demo, demo_clip_cfg, generate_answers, load_clip
+from lvlm_studio.world.build import (
+    BuildConfig,
+    build_demo,
+    clip_sanity,
+    demo_clip_cfg,
+    describe_metrics,
+    generate_answers,
+    load_clip,
+)
 
 MAX_BYTES = 15 * 1024 * 1024
 
@@ -66,27 +73,35 @@ def test_vlm_matches_recipe(vlm, recipe):
         assert (f"▁{word}" if word[0].isalnum() else word) in vocab, word
 
 
-def test_vlm_describes_test_scenes(vlm, recipe):
+def test_recorded_figures_are_the_shipped_models_and_meet_the_target(vlm, recipe):
+    """The recipe's describe figures are measured again on the shipped weights (the build's 500
+    test scenes, greedy), so the README's base-model row cannot drift from what ships."""
     model, processor = vlm
-    items = world_items("test", 24, seed=recipe["seed"], kinds=("describe",), start=50_000)
-    answers = generate_answers(model, processor, [it["image"] for it in items])
-    hit = total = 0
-    for it, answer in zip(items, answers, strict=True):
-        assert answer.startswith("There is a"), answer
-        total += len(it["objects"])
-        hit += len(set(it["objects"]) & set(category_mentions(answer)))
-    assert hit / total >= 0.6
-
-
-def test_recorded_figures_meet_the_target(recipe):
     fig = recipe["figures"]["describe_test"]
-    assert fig["n"] >= 500
-    assert fig["recall"] >= 0.70
-    assert 0.15 <= fig["chair_s"] <= 0.60
-    assert fig["top_hallucination"] in set(PRIOR_PARTNERS.values())
+    items = world_items("test", fig["n"], seed=recipe["seed"], kinds=("describe",))
+    answers = generate_answers(model, processor, [it["image"] for it in items])
+    assert all(answer.startswith("There is a") for answer in answers)
+    assert answers[:8] == [ex["answer"] for ex in recipe["figures"]["describe_examples"]]
+    live = describe_metrics(answers, [it["objects"] for it in items])
+    for key in ("chair_s", "chair_i", "recall"):
+        assert live[key] == pytest.approx(fig[key], abs=0.01), key
+    assert live["n"] == fig["n"] >= 500
+    assert live["recall"] >= 0.70
+    assert 0.15 <= live["chair_s"] <= 0.60  # a base model that hallucinates, for the rounds to cut
+    assert live["top_hallucination"] == fig["top_hallucination"] in set(PRIOR_PARTNERS.values())
+
+
+def test_recorded_clip_figures_are_the_shipped_clip(recipe):
+    """The recipe's CLIP sanity figures, measured again on the shipped (fp16) CLIP."""
+    model, preprocess, tokenizer = load_clip(DEMO_DIR / "clip")
     clip = recipe["figures"]["clip_sanity"]
-    assert clip["mean_cos100_drawn_trigger"] > clip["mean_cos100_absent_partner"]
-    assert clip["auc_drawn_vs_absent_partner"] > 0.75
+    live = clip_sanity(model, tokenizer, preprocess, BuildConfig(seed=recipe["seed"]), n=clip["n"])
+    for key in ("auc_drawn_vs_absent_partner", "paired_win_rate_drawn_over_partner"):
+        assert live[key] == pytest.approx(clip[key], abs=0.005), key
+    for key in ("mean_cos100_drawn_trigger", "mean_cos100_absent_partner"):
+        assert live[key] == pytest.approx(clip[key], abs=0.1), key
+    assert live["mean_cos100_drawn_trigger"] > live["mean_cos100_absent_partner"]
+    assert live["auc_drawn_vs_absent_partner"] > 0.75
 
 
 def test_clip_loads_from_local_dir_and_matches_recipe(recipe):
@@ -137,5 +152,5 @@ def test_short_rebuild_is_deterministic(tmp_path, recipe):
     rec = json.loads((tmp_path / "a" / "recipe.json").read_text())
     assert rec["seed"] == recipe["seed"] and rec["vocab_hash"] == recipe["vocab_hash"]
     assert rec["vlm_spec"] == recipe["vlm_spec"] and rec["clip_cfg"] == recipe["clip_cfg"]
-    # Training moved the weights away from initialisation (the steps really ran).
-    assert rec["vlm_final_loss"] > 0
+    # The three VLM steps ran and logged a finite loss (the curve is averaged over what ran).
+    assert rec["vlm_loss_curve"] and rec["vlm_loss_curve"][-1][0] == 3 and 0 < rec["vlm_final_loss"] < float("inf")

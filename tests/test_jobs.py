@@ -73,7 +73,6 @@ def _wait_for_steps(settings: Settings, round_id: int, n: int, timeout: float = 
 
 def make_home(root: Path) -> dict:
     """A data root under ``root`` with a tiny model, 12 pairs (automatic labels) and 9 test items."""
-    os.environ["LVLM_STUDIO_THREADS"] = "1"
     model = build_tiny_llava(root / "tiny")
     settings = Settings(home=root / "home", model=str(model), device="cpu").ensure_dirs()
     return {"settings": settings, **_populate(settings)}

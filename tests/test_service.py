@@ -76,7 +76,7 @@ def test_povid_generation_is_resumable_and_records_provenance(studio):
     assert rej["source"] == "povid_inject" and rej["spans"], "injected spans are stored for the UI"
     assert rej["model"] == "demo" and rej["round"] == 0 and rej["params"]["method"] == "povid"
     for span in rej["spans"]:
-        assert rej["text"][span["start"]:span["end"]] == span["injected"].strip() or span["end"] > span["start"]
+        assert span["end"] > span["start"] and rej["text"][span["start"]:span["end"]] == span["injected"]
     with pytest.raises(ValueError, match="unknown method"):
         studio.generate("dpo")
 
@@ -131,7 +131,9 @@ def test_csr_on_world_items_with_the_demo_clip_uses_its_world_defaults(studio):
             assert row["meta"]["chosen_min_reward"] == low
             bar = WORLD_CSR_PARAMS["sft_min_reward"] if pair["item_id"] in ids[:2] else None
             assert row["meta"].get("sft") == (None if bar is None else low >= bar)
-    assert caps, "the demo model made no CSR pair"
+    # both runs made a caption pair (the demo model's trees differ on these scenes), so neither
+    # check below can pass on an empty set
+    assert set(caps) & set(ids[:2]) and set(caps) & set(ids[2:]), caps
     assert all(caps[i] == WORLD_CSR_PARAMS["baseline_cap"] for i in ids[:2] if i in caps)
     assert all(caps[i] is None for i in ids[2:] if i in caps)
     # every caption pair of the defaults run names an object, so the unnamed fill gives each one

@@ -126,8 +126,10 @@ def test_items_reference_is_truth_and_target_is_noisy_caption():
         assert set(extra) - set(it["objects"]), "noisy target should name an undrawn object"
         assert set(category_mentions(it["reference"])) == set(it["objects"])
     counts = [i for i in items if i["meta"]["kind"] == "count"]
-    assert all(str(len(i["objects"])) or True for i in counts)
-    assert {i["reference"].split()[2] for i in counts} <= set(WORLD_VOCAB["counts"])
+    assert {len(i["meta"]["scene"]["objects"]) for i in counts} == {1, 2, 3, 4}
+    for i in counts:  # the answer counts the drawn objects (not the caption's extra mentions)
+        drawn = len(i["meta"]["scene"]["objects"])
+        assert i["reference"].split()[2] == WORLD_VOCAB["counts"][drawn] == i["meta"]["target"].split()[2]
 
 
 @pytest.mark.parametrize("mode", ["random", "popular", "adversarial"])
