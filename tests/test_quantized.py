@@ -129,11 +129,10 @@ def test_a_qlora_round_job_trains_evaluates_and_becomes_current(tiny64, tmp_path
 
 def test_importing_peft_prints_no_kernel_download_warning():
     """bitsandbytes' CPU backend warns on stderr that it could not fetch a Hub kernel whenever peft
-    is imported (every CLI command that loads a model); the package quiets that one logger."""
+    is imported (every CLI command that loads a model); the package quiets those loggers."""
+    import os
     import subprocess
     import sys
-
-    import os
 
     for offline in ("1", ""):  # CI runs offline (HF_HUB_OFFLINE=1): a second line comes from `kernels`
         env = {**os.environ, "HF_HUB_OFFLINE": offline}
