@@ -378,7 +378,8 @@ class Studio:
         half-way (Ctrl-C, a crash) leaves the plan open and the next call carries it out, items
         and pairs already made being skipped; once it ran through, later calls do nothing.
         ``top_up`` (the CLI's ``demo seed``): also add the missing scenes ``0..n-1`` of ``seed`` to
-        each split. One process seeds at a time (a lock file in the data root)."""
+        each split, and demo pairs to a store that holds none although an earlier seeding asked
+        for none. One process seeds at a time (a lock file in the data root)."""
         from lvlm_studio.config import data_root_lock
 
         counts = {name: whole_number(value, name) for name, value in
@@ -387,6 +388,9 @@ class Studio:
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
         with data_root_lock(self.settings, ".seed.lock"):
             recorded = self.store.get_meta(DEMO_SEED_KEY)
+            if (top_up and recorded and recorded["done"] and not recorded.get("pairs_per_method")
+                    and counts["pairs_per_method"] and self.store.count_pairs() == 0):
+                recorded = None  # `demo seed --pairs 0` earlier, `--pairs N` now, still no pairs: plan them
             plan = recorded or self._demo_plan(counts, seed)
             if top_up:
                 for split in ("train", "test"):

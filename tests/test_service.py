@@ -632,6 +632,22 @@ def test_demo_seeding_leaves_a_store_with_its_own_work_alone(studio, make_items,
     assert studio.store.count_items(split="test") == 0  # --test 0: the test split is left alone
 
 
+def test_demo_seed_adds_pairs_later_to_a_root_first_seeded_without(studio):
+    """`demo seed --pairs 0`, then `demo seed --pairs 1`: the second adds demo pairs (the first's
+    recorded plan used to end seeding for good); an app start in between adds none, and once
+    pairs exist a further `--pairs 1` adds no more."""
+    first = studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0, top_up=True)
+    assert first["items"] > 0 and studio.store.count_pairs() == 0
+    assert studio.seed_demo()["message"] == "the demo world was seeded before"  # app start
+    assert studio.store.count_pairs() == 0
+    later = studio.seed_demo(n_train=4, n_test=1, pairs_per_method=1, top_up=True)
+    assert later["items"] == 0 and sum(later["pairs"].values()) >= 1
+    pairs = studio.store.count_pairs()
+    assert pairs == sum(later["pairs"].values()) + later.get("existence_pairs", 0)
+    again = studio.seed_demo(n_train=4, n_test=1, pairs_per_method=1, top_up=True)
+    assert again["pairs"] == {} and studio.store.count_pairs() == pairs
+
+
 def test_what_forms_and_scripts_send_is_still_accepted(studio, make_pairs, make_items, monkeypatch, tmp_path):
     """The checks refuse nothing a form or a script sends: 3.0 from a number field, "3" from a
     dropdown, numpy integers; and an image whose item cannot be stored leaves no row and no file."""
