@@ -864,7 +864,8 @@ def compare_cmd(
 
     lines = [side_by_side(*res["metrics"])]
     if res["common_metrics"]:
-        lines.append(f"the rounds answered different items; on the {res['common_metrics'][0]['answers']} "
+        lines.append(f"these metrics cover different items (the rounds answered different items, or a later, "
+                     f"smaller eval replaced one's metrics); on the {res['common_metrics'][0]['answers']} "
                      "items both answered:")
         lines.append(side_by_side(*res["common_metrics"]))
     if res["paired"]:

@@ -1110,19 +1110,23 @@ class Studio:
                 "a": _eval_view(ra), "b": _eval_view(rb),
             })
         metrics = []
+        own_metrics_cover_all = True
         for rid in (a, b):
             rnd = self.store.get_round(rid) or {}
             ev = (rnd.get("metrics") or {})
             ev = ev.get("eval", ev)
+            answered = len(out_a if rid == a else out_b)
             computed = _metrics_from_outputs(self.store.eval_outputs(rid))
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
-                            "answers": len(out_a if rid == a else out_b)})
+                            "answers": answered})
+            # A later, smaller `eval` replaces the metrics but keeps the other stored answers.
+            own_metrics_cover_all &= ev.get("n_items") in (None, answered)
         # Each round's own metrics may cover different items (another eval_limit, a later `eval`):
         # then the same measures on the items both answered, which are comparable.
         common = sorted(set(out_a) & set(out_b))
         common_metrics = []
-        if common and set(out_a) != set(out_b):
+        if common and (set(out_a) != set(out_b) or not own_metrics_cover_all):
             for rid, out in ((a, out_a), (b, out_b)):
                 rows_common = [out[i] for i in common]
                 common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common),

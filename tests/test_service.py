@@ -254,6 +254,17 @@ def test_compare_measures_both_rounds_again_on_the_items_both_answered(studio, m
     assert list(frame["round"]) == ["0", str(r1), "0 (on the 2 items both answered)",
                                     f"{r1} (on the 2 items both answered)"]
     assert studio.compare(r1, r1)["common_metrics"] == []  # the same items: nothing to add
+    # The same items answered, but round r1's metrics come from a later, smaller evaluation
+    # (n_items 2 of its 4 stored answers): its figures are not comparable, so both are measured again.
+    r2 = studio.store.create_round(r1, "m", {}, status="done")
+    studio.store.add_eval_outputs(r2, studio.store.eval_outputs(r1))
+    studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.5, "n_items": 2}})
+    studio.store.update_round(r2, metrics={"eval": {"chair_s": 0.5, "n_items": 4}})
+    again = studio.compare(r1, r2)
+    assert [m["answers"] for m in again["common_metrics"]] == [4, 4]
+    assert {m["chair_s"] for m in again["common_metrics"]} == {2 / 3}  # the same answers: the same figures
+    studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.5, "n_items": 4}})
+    assert studio.compare(r1, r2)["common_metrics"] == []  # both cover what they answered
 
 
 def test_kappa_on_hand_built_cases():

@@ -54,8 +54,9 @@ def metrics_plot_note(frame: pd.DataFrame) -> str:
 
 
 def metrics_frame(res: dict) -> pd.DataFrame:
-    """Each round's metrics as its evaluation stored them, then, when the two rounds answered
-    different items, both again on the items both answered (the comparable figures)."""
+    """Each round's metrics as its evaluation stored them, then, when those cover different items
+    (the rounds answered different items, or a later, smaller evaluation replaced one's metrics),
+    both again on the items both answered (the comparable figures)."""
     rows = [{**m, "round": str(m["round"])} for m in res["metrics"]]
     rows += [{**m, "round": f"{m['round']} (on the {m['answers']} items both answered)"}
              for m in res.get("common_metrics") or []]
