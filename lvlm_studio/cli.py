@@ -30,7 +30,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lvlm_studio.config import MAX_SEED, Settings, debug_enabled, listen_address
+from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, debug_enabled, listen_address
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -238,7 +238,7 @@ def export_cmd(
         bool, typer.Option("--include-auto", help="Also export pairs nobody reviewed.")
     ] = False,
     method: Annotated[list[str] | None, typer.Option(help="Only these methods (repeatable).")] = None,
-    round: Annotated[int | None, typer.Option(help="Only pairs generated in this round.")] = None,
+    round: Annotated[int | None, typer.Option(help="Only pairs generated in this round.", min=0, max=MAX_ID)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -585,8 +585,8 @@ def demo_build_cmd(
 
 @cli_command
 def demo_seed_cmd(
-    train: Annotated[int, typer.Option(help="Train-split scenes to add.", min=0)] = 24,
-    test: Annotated[int, typer.Option(help="Test-split scenes to add.", min=0)] = 24,
+    train: Annotated[int, typer.Option(help="Train-split scenes to add.", min=0, max=MAX_WORLD_SCENES)] = 24,
+    test: Annotated[int, typer.Option(help="Test-split scenes to add.", min=0, max=MAX_WORLD_SCENES)] = 24,
     pairs: Annotated[int, typer.Option(help="Pairs per method to generate with the demo model (0: none).", min=0)] = 2,
     seed: Annotated[int, typer.Option(help="World seed.", min=0, max=MAX_SEED)] = 0,
     as_json: JsonOption = False,
@@ -616,11 +616,11 @@ def generate_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="csr | povid | stic")],
     model: Annotated[str | None, typer.Option(help="demo | local directory | Hub id (default $LVLM_STUDIO_MODEL or demo).")] = None,
     clip: Annotated[str | None, typer.Option(help="CLIP for CSR: demo | directory | open_clip ref (default $LVLM_STUDIO_CLIP).")] = None,
-    round: Annotated[int | None, typer.Option(help="Generate with this trained round's adapter (0/none: the base model).")] = None,
+    round: Annotated[int | None, typer.Option(help="Generate with this trained round's adapter (0/none: the base model).", min=0, max=MAX_ID)] = None,
     items: Annotated[str | None, typer.Option(help="Item ids, comma-separated (instead of --dataset/--split).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Only items of this dataset (default: all).")] = None,
     split: Annotated[str, typer.Option(help="Only items of this split; 'all' for every split.")] = "train",
-    n: Annotated[int | None, typer.Option("--n", help="At most this many new items.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="At most this many new items.", max=MAX_ID)] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.", min=0, max=MAX_SEED)] = 0,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Method option key=value (repeatable).")] = None,
     as_json: JsonOption = False,
@@ -671,7 +671,7 @@ UserOption = Annotated[
 
 @cli_command
 def train_cmd(
-    from_round: Annotated[int | None, typer.Option(help="Parent round (default: the current round).")] = None,
+    from_round: Annotated[int | None, typer.Option(help="Parent round (default: the current round).", min=0, max=MAX_ID)] = None,
     methods: Annotated[str | None, typer.Option(help="Only pairs of these methods, e.g. csr,povid.")] = None,
     include_auto: Annotated[bool, typer.Option("--include-auto", help="Also train on pairs nobody reviewed.")] = False,
     config: Annotated[list[str] | None, typer.Option("--config", "-c", help="DPO round option key=value (repeatable), e.g. learning_rate=5e-4.")] = None,
@@ -887,9 +887,9 @@ def compare_cmd(
 def eval_cmd(
     model: Annotated[str | None, typer.Option(help="Model (default: the round's base model, else $LVLM_STUDIO_MODEL).")] = None,
     split: Annotated[str, typer.Option(help="World split: test (unbiased) or train.")] = "test",
-    n: Annotated[int, typer.Option("--n", help="Scenes: each gives a describe item and its POPE probes.")] = 500,
+    n: Annotated[int, typer.Option("--n", help="Scenes: each gives a describe item and its POPE probes.", max=MAX_WORLD_SCENES)] = 500,
     seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).", min=0, max=MAX_SEED)] = 0,
-    round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).")] = 0,
+    round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).", min=0, max=MAX_ID)] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding).")] = 64,
     as_json: JsonOption = False,
 ) -> None:

@@ -24,6 +24,11 @@ BACKENDS = ("hf", "vllm")
 # added to them (2**70 failed there with "Overflow when unpacking long long"); 32 bits leaves every
 # such sum in range. The CLI's --seed options and the service check it.
 MAX_SEED = 2**32 - 1
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: pair, item and round ids
+# World scenes one call renders into the store (per split): the README's evaluations use 500 and
+# docs/EXPERIMENTS.md 2000; 100 million (a typo) used to build a list of every index first and
+# grow by about 250 MB/s with no output.
+MAX_WORLD_SCENES = 20_000
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes loading (models.hf.quantization_config)
 
 

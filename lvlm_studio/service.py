@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import MAX_SEED, Settings, check_option_types, round_dirname
+from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
 from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store
 
@@ -382,8 +382,9 @@ class Studio:
         for none. One process seeds at a time (a lock file in the data root)."""
         from lvlm_studio.config import data_root_lock
 
-        counts = {name: whole_number(value, name) for name, value in
-                  (("n_train", n_train), ("n_test", n_test), ("pairs_per_method", pairs_per_method))}
+        counts = {name: whole_number(value, name, high=high) for name, value, high in
+                  (("n_train", n_train, MAX_WORLD_SCENES), ("n_test", n_test, MAX_WORLD_SCENES),
+                   ("pairs_per_method", pairs_per_method, MAX_ID))}
         seed = whole_number(seed, "seed", high=MAX_SEED)
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
         with data_root_lock(self.settings, ".seed.lock"):
@@ -1025,7 +1026,7 @@ class Studio:
         "added": k, "scenes": n}``, the ids in scene order."""
         from lvlm_studio import world
 
-        n = whole_number(n, "the number of scenes")
+        n = whole_number(n, "the number of scenes", high=MAX_WORLD_SCENES)
         seed = whole_number(seed, "the world seed", high=MAX_SEED)
         kinds = tuple(kinds)
         by_scene: dict[int, list[int]] = {}
@@ -1059,7 +1060,7 @@ class Studio:
         """Make sure the world's ``split`` holds ``n`` scenes (describe + POPE probes), answer them
         greedily with round ``round_id``'s model (0 = the base model), store answers and metrics.
         Returns ``{"round", "metrics", "items", "added"}``."""
-        if whole_number(n, "the number of evaluation scenes") < 1:  # an empty evaluation would replace the metrics
+        if whole_number(n, "the number of evaluation scenes", high=MAX_WORLD_SCENES) < 1:  # an empty evaluation would replace the metrics
             raise ValueError(f"the number of evaluation scenes must be at least 1, not {n}")
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
@@ -1181,7 +1182,6 @@ def _check_names(**values: Any) -> None:
             raise ValueError(f"{name} is a name, not {type(value).__name__}")
 
 
-MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: pair, item and round ids
 # Every reviewer of a pair is shown its edits and notes: bounded so one cannot make the pair unloadable.
 EDIT_MAX_CHARS = 20_000  # an answer, edited (the demo's are ~200 characters; a long LVLM answer ~4,000)
 NOTE_MAX_CHARS = 2_000

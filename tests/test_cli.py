@@ -287,10 +287,17 @@ def test_out_of_range_numbers_are_refused_by_name(home):
                           (["demo", "seed", "--train", "-5"], "--train"),
                           (["train", "--include-auto", "--wait", "--timeout", "-5"], "--timeout"),
                           (["cancel", "1", "--timeout", "-5"], "--timeout"),
-                          (["train", "--methods", ",", "--include-auto"], "--methods names no method")):
+                          (["train", "--methods", ",", "--include-auto"], "--methods names no method"),
+                          (["demo", "seed", "--test", "99999999"], "--test"),  # used to fill memory silently
+                          (["eval", "--n", "100000000"], "--n"),
+                          (["eval", "--round", str(2**70)], "--round"),
+                          (["generate", "--method", "povid", "--round", "-1"], "--round"),
+                          (["generate", "--method", "povid", "--n", str(2**70)], "--n"),
+                          (["export", "out", "--round", "-1"], "--round"),
+                          (["train", "--from-round", "-1"], "--from-round")):
         result = run(*args)
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, args
-    for args in (["cancel", str(2**70)], ["compare", "0", str(2**70)], ["eval", "--round", str(2**70)]):
+    for args in (["cancel", str(2**70)], ["compare", "0", str(2**70)]):
         result = run(*args)
         assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
         assert result.stderr.startswith("error: ") and ("must be at most" in result.stderr

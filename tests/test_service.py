@@ -557,10 +557,14 @@ def test_ids_seeds_and_counts_are_checked_by_name(studio, make_pairs, make_items
         (lambda: studio.generate("povid", round=huge), "round must be at most"),
         (lambda: studio.seed_demo(n_train=-5), "n_train must be at least 0, not -5"),
         (lambda: studio.seed_demo(seed=huge), "seed must be at most"),
+        (lambda: studio.seed_demo(n_test=10**8), "n_test must be at most 20000, not 100000000"),
+        (lambda: studio.ensure_world_items("test", 10**8), "the number of scenes must be at most 20000"),
+        (lambda: studio.evaluate_world(0, n=10**8), "the number of evaluation scenes must be at most 20000"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
     assert studio.store.count_pairs() == 1 and studio.store.count_items() == 1
+    assert studio.store.get_meta("demo_seed") is None  # a refused seeding records no plan
 
 
 def test_review_text_is_checked_for_type_size_and_printable_names(studio, make_pairs):

@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lvlm_studio.config import MAX_WORLD_SCENES
 from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, rounded, user_errors
@@ -152,7 +153,7 @@ def evaluation_scenes(value: Any) -> int:
     """The "test scenes" field as a count: a whole number from 1 to ``EVAL_SCENES_MAX``."""
     n = number_field(value, "test scenes", int)
     if not 1 <= n <= EVAL_SCENES_MAX:
-        raise ValueError(f"test scenes: between 1 and {EVAL_SCENES_MAX} (the CLI's eval has no cap)")
+        raise ValueError(f"test scenes: between 1 and {EVAL_SCENES_MAX} (the CLI's eval takes up to {MAX_WORLD_SCENES})")
     return n
 
 
