@@ -762,6 +762,8 @@ class Studio:
         reviewer = _reviewer(reviewer)
         pair = self.store.next_pair(reviewer, method=method or None, round=round_id,
                                     status=status, exclude=exclude)
+        if pair is None and method:  # a misspelt method is an error, not an empty queue
+            check_methods(self.store, [method])
         return None if pair is None else self._view(pair, reviewer)
 
     def get_pair(self, pair_id: int, reviewer: str | None = None) -> dict:

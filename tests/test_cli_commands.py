@@ -623,6 +623,9 @@ def test_options_that_cannot_run_are_refused_and_out_of_memory_is_one_line(env, 
     fails("generate", "--method", "povid", "--n", "1", "--param", "noise_step=5000", message="noise_step must be in [0",
           code=2)
     fails("train", "-c", "loss_type=dpo", message="loss_type must be one of TRL's", code=2)
+    for method in ("csr", "stic"):  # a negative temperature used to run and make no pair
+        fails("generate", "--method", method, "--n", "1", "--param", "temperature=-1",
+              message="temperature must be a finite number >= 0, not -1", code=2)
     fails(*csr, "--param", "expansion=bogus", message='expected one of "diverse_beam", "sample"', code=2)
     store = open_store(env)
     assert [r["id"] for r in store.list_rounds()] == [0]  # no round was created

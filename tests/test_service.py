@@ -167,6 +167,12 @@ def test_decide_undo_and_queue_order(studio, make_pairs):
     assert studio.next_pair("ann", status="decided") is None
     studio.decide(p_hi, "ann", "accept")
     assert studio.next_pair("ann", status="decided")["pair_id"] == p_hi
+    # A misspelt method is refused (it used to look like an empty queue); a known one with no pair
+    # left is an empty queue.
+    method = studio.get_pair(p_hi)["method"]
+    with pytest.raises(ValueError, match=f"unknown method '{method}x'; the store's methods: csr, povid, stic"):
+        studio.next_pair("ann", method=f"{method}x")
+    assert studio.next_pair("ann", method="stic") is None
 
 
 def test_compare_rounds_side_by_side(studio, make_items):

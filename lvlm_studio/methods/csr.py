@@ -157,6 +157,8 @@ class CSRConfig:
             raise ValueError(f"prune_by must be 'text' or 'reward', not {self.prune_by!r}")
         if self.num_candidates < 1 or self.max_sentences < 1:
             raise ValueError("num_candidates and max_sentences must be >= 1")
+        if not 0 <= self.temperature < float("inf"):  # -1 sampled nothing and made no pair, silently
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
         if self.keep_top < 0 or self.keep_bottom < 0 or self.keep_top + self.keep_bottom < 1:
             raise ValueError("keep_top + keep_bottom must be >= 1")
         self.stop = tuple(self.stop)

@@ -90,6 +90,8 @@ class STICConfig:
         for name in ("p_misleading", "p_resize", "p_jitter"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
         if "{description}" not in self.sft_template or "{question}" not in self.sft_template:
             raise ValueError("sft_template must contain {description} and {question}")
 
