@@ -891,6 +891,9 @@ def detect_format(path: Path) -> str:
         raise DataImportError(
             f"{path.name}: JSON layout not recognised (expected COCO, LLaVA or LLaMA-Factory)"
         )
+    if path.suffix.lower() in IMAGE_SUFFIXES:  # no format takes one image file: its folder does
+        raise DataImportError(f"{path.name} is an image file: put the images in a folder and import the folder "
+                              "(each with an optional .txt caption beside it)")
     raise DataImportError(f"{path.name}: cannot guess the format; choose one (CLI: --format)")
 
 
@@ -1049,7 +1052,7 @@ def _refuse_enclosing(out: Path | str) -> Path:
 
 def _begin_out(out: Path, overwrite: bool) -> _Out:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataExportError(f"{out} exists and is not empty; choose another path or overwrite")
+        raise DataExportError(f"{out} exists and is not empty; choose another path or allow replacing it (CLI: --overwrite)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

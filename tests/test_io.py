@@ -848,6 +848,16 @@ def test_an_export_into_a_symlink_loop_is_refused_cleanly(store, make_pairs, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["L1", "L2", "home"]  # nothing staged or left
 
 
+def test_a_single_file_that_no_format_reads_says_what_to_do(store, settings, tmp_path):
+    write_image(tmp_path / "photo.png", seed=3)
+    (tmp_path / "notes.xyz").write_text("x")
+    with pytest.raises(io.DataImportError, match="photo.png is an image file: put the images in a folder"):
+        io.import_path(store, settings, tmp_path / "photo.png")
+    with pytest.raises(io.DataImportError, match="notes.xyz: cannot guess the format"):
+        io.import_path(store, settings, tmp_path / "notes.xyz")
+    assert store.count_items() == 0
+
+
 def test_folder_import_refuses_a_caption_linked_from_outside(store, settings, tmp_path):
     root = tmp_path / "f"
     write_image(root / "a.png", seed=51)
