@@ -425,6 +425,11 @@ def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
     return config_options(METHOD_CONFIGS[method], values, "--param", method)
 
 
+def counted(n: Any, noun: str) -> str:
+    """'1 item', '3 items' (a count that is not a number is shown as it is)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -651,11 +656,12 @@ def generate_cmd(
 
     def human() -> str:
         if not report["items"]:
-            return (f"{method}: nothing to do ({report['skipped']} items already have {method} pairs for "
-                    f"round {report['round']}; 0 new pairs)")
-        extra = f" + {report['existence_pairs']} yes/no pairs" if report.get("existence_pairs") else ""
-        return (f"{method}: {report['items']} items -> {report['pairs']} new pairs{extra} ({report['no_pair']} items "
-                f"gave no pair); {report['skipped']} items already done, skipped; {report['seconds']} s"
+            return (f"{method}: nothing to do ({counted(report['skipped'], 'item')} already have {method} pairs "
+                    f"for round {report['round']}; 0 new pairs)")
+        extra = f" + {counted(report['existence_pairs'], 'yes/no pair')}" if report.get("existence_pairs") else ""
+        return (f"{method}: {counted(report['items'], 'item')} -> {counted(report['pairs'], 'new pair')}{extra} "
+                f"({counted(report['no_pair'], 'item')} gave no pair); {counted(report['skipped'], 'item')} already "
+                f"done, skipped; {report['seconds']} s"
                 + (f"\n{report['note']}" if report.get("note") else ""))
 
     emit(result, as_json, human)
@@ -723,8 +729,11 @@ def train_cmd(
     def human() -> str:
         metrics = row.get("metrics") or {}
         train = metrics.get("train") or {}
-        lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: {metrics.get('steps')} steps on "
-                 f"{metrics.get('n_pairs')} pairs, final loss {_fmt(train.get('loss'), 4)}"]
+        dropped = metrics.get("n_dropped_by_balance")  # why fewer pairs than `train` announced
+        lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: {counted(metrics.get('steps'), 'step')} "
+                 f"on {counted(metrics.get('n_pairs'), 'pair')}"
+                 + (f" ({dropped} left out by balance_answers)" if dropped else "")
+                 + f", final loss {_fmt(train.get('loss'), 4)}"]
         from lvlm_studio.training import describe_povid_stages
 
         if stages := describe_povid_stages(metrics.get("povid_stages")):

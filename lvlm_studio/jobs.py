@@ -227,7 +227,8 @@ def training_material(store: Any, cfg: Any) -> list[dict]:
     pairs = store.training_pairs(methods=cfg.methods, include_auto=cfg.include_auto, round=cfg.pair_round)
     if not pairs:
         raise JobError(
-            "no training pairs: review some pairs first, or allow automatic labels (include_auto)"
+            "no training pairs: review some pairs first, or allow automatic labels (CLI: --include-auto; "
+            "app: 'Also use unreviewed pairs')"
             + (f" for methods {', '.join(cfg.methods)}" if cfg.methods else "")
             + (f" from round {cfg.pair_round}" if cfg.pair_round is not None else "")
         )
@@ -569,7 +570,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         else:
             result = train_round(pairs, base_path, chain, out_dir, cfg, on_log=on_log, should_stop=stop.is_set)
         if result.stopped:
-            return cancelled(f"cancelled during training after {result.steps} steps (no adapter saved)")
+            return cancelled(f"cancelled during training after {result.steps} step(s) (no adapter saved)")
         if not main:
             return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
         dropped = result.lineage.get("n_dropped_by_balance", 0)

@@ -434,6 +434,19 @@ def _fake_start(status: str = "queued", **fields):
     return start_round, calls
 
 
+def test_train_wait_says_how_many_pairs_balancing_left_out(env, monkeypatch):
+    """`train` announces the pairs it selected; the finish line says how many of them balancing
+    left out, so '66 pairs' at the start and 'on 56 pairs' at the end do not disagree silently."""
+    from lvlm_studio.service import Studio
+
+    seed(train=2, test=1)
+    ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
+    metrics = {"steps": 1, "n_pairs": 1, "n_dropped_by_balance": 3, "train": {"loss": 0.5}, "eval": {}}
+    monkeypatch.setattr(Studio, "start_round", _fake_start("done", metrics=metrics)[0])
+    text = run("train", "--include-auto", "--wait").stdout
+    assert "1 step on 1 pair (3 left out by balance_answers), final loss 0.5000" in text, text
+
+
 def test_train_options_reach_start_round(env, monkeypatch):
     """--from-round, --methods (spaces allowed), --include-auto, -c and --user reach
     Studio.start_round as given; --json reports the new round (no job is started here)."""

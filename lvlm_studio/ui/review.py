@@ -97,7 +97,7 @@ def panel_labels(label: dict | None) -> tuple[str, str]:
     if status == "edit":
         return (f"Automatic chosen: replaced by {who}'s edit (see above)", "Rejected")
     if status == "accept":
-        return f"Chosen (accepted by {who})", f"Rejected (accepted by {who})"
+        return f"Chosen (label accepted by {who})", f"Rejected (label accepted by {who})"
     return "Chosen (automatic label)", "Rejected (automatic label)"
 
 
