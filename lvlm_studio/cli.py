@@ -610,8 +610,8 @@ def demo_seed_cmd(
     result = {"ok": True, **report, "tables": stats["tables"]}
     pairs_text = ", ".join(f"{k} {v}" for k, v in report["pairs"].items()) or "none"
     if report.get("existence_pairs"):
-        pairs_text += f" (+ {report['existence_pairs']} CSR yes/no pairs)"
-    emit(result, as_json, f"{report['message']}: {report['items']} new items, new pairs: {pairs_text} "
+        pairs_text += f" (+ {report['existence_pairs']} CSR yes/no pairs, on the question items CSR adds)"
+    emit(result, as_json, f"{report['message']}: {counted(report['items'], 'new scene item')}, new pairs: {pairs_text} "
                           f"(store: {stats['tables'].get('items', 0)} items, {stats['tables'].get('pairs', 0)} pairs)")
 
 

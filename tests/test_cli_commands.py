@@ -105,6 +105,8 @@ def test_demo_seed_then_resumable_povid_generation(env):
     assert first["items"] == n_items > 0 and first["tables"]["items"] == n_items
     assert store.count_items(split="test") > 0 and store.count_pairs() == 0
     assert seed()["items"] == 0 and store.count_items() == n_items  # idempotent
+    text = run("demo", "seed", "--train", "4", "--test", "2", "--pairs", "0").stdout
+    assert "the demo world was seeded before: 0 new scene items, new pairs: none" in text
 
     povid = ["generate", "--method", "povid", "--param", "make_image_rejected=false", "--seed", "7"]
     part = ok_json(*povid, "--n", "2")
