@@ -4,6 +4,7 @@ CSR, POVID and STIC build chosen/rejected pairs, people review them, DPO rounds 
 """
 
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
@@ -13,3 +14,9 @@ __version__ = "0.1.0"
 # trains on it), so the warnings say nothing a user can act on. Nothing else here loads Hub kernels.
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+# transformers 5 renamed gradient checkpointing to activation checkpointing and warns at each use of
+# the old names; TRL 1.16 and PEFT still call them (this package does not), which printed the
+# warning in round logs and CLI output. The calls work; the warning is theirs to drop.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                        category=FutureWarning)

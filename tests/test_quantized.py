@@ -140,3 +140,18 @@ def test_importing_peft_prints_no_kernel_download_warning():
                               capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 0, proc.stderr
         assert "kernels-community" not in proc.stderr and "gemm_4bit" not in proc.stderr, (offline, proc.stderr)
+
+
+def test_the_checkpointing_rename_warnings_of_trl_and_peft_are_not_printed():
+    """transformers 5 warns when TRL/PEFT use the old gradient-checkpointing names; the package
+    filters exactly those two messages (other FutureWarnings still show)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, lvlm_studio\n"
+            "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+            "warnings.warn('`gradient_checkpointing_enable` is deprecated and will be removed in v6.', FutureWarning)\n"
+            "warnings.warn('`other_thing` is deprecated', FutureWarning)\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpointing" not in proc.stderr and "`other_thing` is deprecated" in proc.stderr, proc.stderr
