@@ -56,6 +56,7 @@ from lvlm_studio.config import QUANTIZATIONS
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 _EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch", "sft_loss")
 LINEAGE_FILE = "lineage.json"
+MAX_EPOCHS = 1000  # DPO papers train 1-3 epochs; the tests' deliberately long round uses 400
 # The loss types TRL 1.16's DPOTrainer knows (it refuses others only once training has started).
 TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -193,6 +194,9 @@ class DPORoundConfig:
                 raise ValueError(f"{name} must be a finite number, not {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.eval_max_new_tokens < 1:
             raise ValueError("eval_batch_size and eval_max_new_tokens must be >= 1 (a round must be evaluated)")
+        if self.num_epochs > MAX_EPOCHS:  # 1e9 started a round whose progress bar never moved
+            raise ValueError(f"num_epochs must be at most {MAX_EPOCHS}, not {self.num_epochs:g} "
+                             "(max_steps gives a fixed number of steps)")
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ValueError(f"num_epochs must be > 0 (or max_steps > 0), not {self.num_epochs}: the round would train nothing")
         if not self.beta > 0:
