@@ -12,7 +12,9 @@ Imports (each returns an :class:`ImportReport`):
     ``reference``, ``objects``, ``chosen``/``rejected`` (text or conversational). A TRL export
     re-imports as items *and* pairs.
   * ``llava``: the LLaVA DPO JSON the CSR/POVID code reads (``image``, ``conversations``,
-    ``rejected_conversations``); ``llamafactory``: the LLaMA-Factory ranking export.
+    ``rejected_conversations``); a record without ``rejected_conversations`` (LLaVA-Instruct) is
+    an item whose reference is the answer to its first question; ``llamafactory``: the
+    LLaMA-Factory ranking export.
 
 Every record is validated on its own: a bad one is reported (file + reason) and skipped, good ones
 land. A record's image row, item and pairs are written in one transaction, and an image file
@@ -714,14 +716,20 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
             chosen = _answer_text(row["conversations"])
             image = row.get("image")
             pairs = []
+            reference = info.get("reference")
             if row.get("rejected_conversations") is not None:
                 pairs.append(_pair_from(chosen, row["rejected_conversations"], info, method))
+            elif reference is None:
+                # A LLaVA instruction record (no rejected side): its answer to the first question
+                # is the item's reference, which POVID takes as the chosen answer (as its paper
+                # does with LLaVA-Instruct).
+                reference = _first_answer(row["conversations"])
             yield _Record(
                 label,
                 safe_join(images_root, image),
                 str(image),
                 _item_prompt(info, prompt),
-                reference=info.get("reference"),
+                reference=reference,
                 objects=_objects(info.get("objects")),
                 dataset=dataset or info.get("dataset") or "default",
                 split=split or info.get("split") or "train",
@@ -730,6 +738,18 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
             )
         except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
             yield _Bad(label, str(exc))
+
+
+def _first_answer(turns: list) -> str:
+    """The assistant turn that answers the first user turn of a conversation."""
+    roles = [t.get("role", t.get("from")) if isinstance(t, dict) else None for t in turns]
+    first_user = next(i for i, role in enumerate(roles) if role in ("user", "human"))
+    for turn, role in zip(turns[first_user + 1:], roles[first_user + 1:], strict=True):
+        if role in ("assistant", "gpt"):
+            return _content_text(turn.get("content", turn.get("value")))
+        if role in ("user", "human"):
+            break
+    raise ValueError("the first question has no answer")
 
 
 def _item_prompt(info: dict, record_prompt: str) -> str:
@@ -888,6 +908,8 @@ def detect_format(path: Path) -> str:
                 return "llava"
             if "chosen" in data[0] and "conversations" in data[0]:
                 return "llamafactory"
+            if "conversations" in data[0] and "image" in data[0]:  # LLaVA-Instruct: items only
+                return "llava"
         raise DataImportError(
             f"{path.name}: JSON layout not recognised (expected COCO, LLaVA or LLaMA-Factory)"
         )

@@ -488,6 +488,33 @@ def test_llava_and_llamafactory_records_of_the_wrong_shape_are_refused_alone(sto
     assert_consistent(store, settings)
 
 
+def test_llava_instruct_records_become_items_with_their_first_answer_as_reference(store, settings, tmp_path):
+    """LLaVA-Instruct JSON (no rejected side) is found by --format auto; each record is an item
+    whose reference is the answer to its first question (POVID's chosen side, as in its paper);
+    a record whose first question has no answer is refused alone."""
+    root = tmp_path / "instruct"
+    write_image(root / "a.png", seed=43)
+    write_image(root / "b.png", seed=44)
+    records = [
+        {"id": "x1", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A red square."},
+            {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "x2", "image": "b.png", "conversations": [
+            {"from": "human", "value": "Describe it.<image>"}, {"from": "gpt", "value": "Two blue circles."}]},
+        {"id": "x3", "image": "b.png", "conversations": [
+            {"from": "human", "value": "Describe it."}, {"from": "human", "value": "Well?"},
+            {"from": "gpt", "value": "Yes."}]},
+    ]
+    (root / "llava_instruct.json").write_text(json.dumps(records))
+    report = io.import_path(store, settings, root / "llava_instruct.json")
+    assert report.format == "llava" and report.imported == 2 and report.pairs == 0, report.errors
+    assert report.errors == ["llava_instruct.json record 2: the first question has no answer"]
+    items = sorted(store.list_items(), key=lambda it: it["prompt"])
+    assert [(it["prompt"], it["reference"]) for it in items] == [
+        ("Describe it.", "Two blue circles."), ("What is in the image?", "A red square.")]
+    assert_consistent(store, settings)
+
+
 def test_coco_duplicate_ids_unknown_categories_and_unreadable_files(store, settings, tmp_path):
     root = _coco(tmp_path / "coco")
     path = root / "annotations" / "instances_val2017.json"
