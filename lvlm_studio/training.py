@@ -57,6 +57,10 @@ CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
 _EXTRA_KEYS = ("learning_rate", "grad_norm", "logps/chosen", "logps/rejected", "epoch", "sft_loss")
 LINEAGE_FILE = "lineage.json"
 MAX_EPOCHS = 1000  # DPO papers train 1-3 epochs; the tests' deliberately long round uses 400
+# Adam steps of lr 1 already wreck a model (the papers use 1e-7 to 1e-6; the demo 2e-4); 1e9 trained
+# a model that answered nothing and became the current round.
+MAX_LEARNING_RATE = 1.0
+MAX_LORA_R = 4096  # the papers use 128 on 7B models; a rank above a layer's width adds nothing
 # The loss types TRL 1.16's DPOTrainer knows (it refuses others only once training has started).
 TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -185,10 +189,13 @@ class DPORoundConfig:
             raise ValueError("sft_weight must be >= 0")
         if self.batch_size < 1 or self.lora_r < 1:
             raise ValueError("batch_size and lora_r must be >= 1")
+        if self.lora_r > MAX_LORA_R:  # r = 1e9 failed only in the job, allocating 512 GB
+            raise ValueError(f"lora_r must be at most {MAX_LORA_R}, not {self.lora_r}")
         # Refused here, before a round row exists: a round with no step ended "done" as its parent's
         # copy, and a bad lr or β failed only after the job had started.
-        if not 0 < self.learning_rate < math.inf:
-            raise ValueError(f"learning_rate must be a finite number > 0, not {self.learning_rate}")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be a number > 0 and at most {MAX_LEARNING_RATE:g}, "
+                             f"not {self.learning_rate}")
         for name in ("num_epochs", "beta", "sft_weight", "lora_dropout", "warmup_ratio"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, not {getattr(self, name)}")

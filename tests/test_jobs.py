@@ -242,7 +242,7 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
         jobs.start_round(settings, {"include_auto": True, "povid_stage1_epochs": 3})
     # Options that cannot train are refused before a round row exists (they used to end as a
     # "done" round with no step, or as a failed one once the job had started).
-    for bad, message in (({"num_epochs": 0}, "train nothing"), ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0")):
+    for bad, message in (({"num_epochs": 0}, "train nothing"), ({"learning_rate": -1.0}, "learning_rate must be a number > 0 and at most 1")):
         with pytest.raises(ValueError, match=message):
             jobs.start_round(settings, {"include_auto": True, **bad})
     store = Store(settings.db_path)
@@ -265,6 +265,45 @@ def test_a_failed_or_cancelled_round_cannot_be_a_parent(tmp_path):
     store = Store(settings.db_path)
     assert len(store.list_rounds()) == 3
     store.close()
+
+
+def test_refuse_broken_round():
+    rows = [{"item_id": 1, "answer": " "}, {"item_id": 2, "answer": ""}]
+    with pytest.raises(jobs.JobError, match="answers all 2 evaluation items with nothing"):
+        jobs.refuse_broken_round(0.7, rows)
+    with pytest.raises(jobs.JobError, match="training diverged .final loss nan."):
+        jobs.refuse_broken_round(float("nan"), [{"answer": "There is a red circle."}])
+    jobs.refuse_broken_round(0.7, [*rows, {"item_id": 3, "answer": "No."}])  # one answer is enough
+    jobs.refuse_broken_round(None, [])  # nothing logged, nothing evaluated: nothing to judge
+
+
+def test_a_round_whose_model_answers_nothing_fails_and_is_not_current(tmp_path, monkeypatch):
+    """The job body (in this process) trains for real; its evaluation is replaced by one whose
+    every answer is empty, as a model wrecked by a huge learning rate gives. The round must fail
+    with the reason, store no answers and leave the current round as it was (it used to end
+    'done' with CHAIR_s 0 and become the parent of the next round)."""
+    import signal
+
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    store.ensure_base_round(settings.model)
+    rid = store.create_round(0, settings.model, {**FAST, "num_epochs": 1, "eval_parent": False}, status="queued")
+    store.close()
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+
+    def silent_model(model, processor, model_id, device, items, extractor, cfg, progress, should_stop):
+        return {"chair_s": 0.0, "silent": 1.0}, [{"item_id": it["item_id"], "answer": ""} for it in items]
+
+    monkeypatch.setattr(jobs, "_evaluate", silent_model)
+    assert jobs.run_round(rid, settings.home) == 1
+    store = Store.open(settings)
+    try:
+        row = store.get_round(rid)
+        assert row["status"] == "failed" and "evaluation items with nothing" in row["error"], row
+        assert store.current_round() is None and store.eval_outputs(rid) == []
+    finally:
+        store.close()
 
 
 def test_stic_stage_two_round_describes_then_fine_tunes_then_describes_first(tmp_path):

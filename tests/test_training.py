@@ -490,6 +490,7 @@ def test_povid_term_names_noisy_variants():
     dict(max_length=0), dict(eval_limit=0), dict(learning_rate=float("inf")), dict(beta=float("inf")),
     dict(num_epochs=float("inf")), dict(sft_weight=float("nan")), dict(eval_batch_size=0),
     dict(eval_max_new_tokens=0), dict(loss_type="dpo"), dict(extractor="world"), dict(num_epochs=1e9),
+    dict(learning_rate=1e9), dict(learning_rate=1.5), dict(lora_r=10**9),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):
@@ -515,6 +516,7 @@ def test_config_accepts_the_edges_it_means():
     """max_steps > 0 overrides epochs (so 0 epochs is fine then); no warmup, no cut, no eval limit."""
     assert DPORoundConfig(num_epochs=0, max_steps=5).max_steps == 5
     assert DPORoundConfig(num_epochs=1000).num_epochs == 1000
+    assert DPORoundConfig(learning_rate=1.0, lora_r=4096).lora_r == 4096
     assert DPORoundConfig(warmup_ratio=0.0, max_length=None, eval_limit=None, lora_dropout=0.0).warmup_ratio == 0.0
 
 
