@@ -839,7 +839,7 @@ def rounds_cmd(as_json: JsonOption = False) -> None:
 def compare_cmd(
     a: Annotated[int, typer.Argument(help="Round A (0 = the base model).")],
     b: Annotated[int, typer.Argument(help="Round B.")],
-    only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items whose answers differ.")] = False,
+    only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items both rounds answered, differently.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show at most this many items.")] = None,
     as_json: JsonOption = False,
 ) -> None:

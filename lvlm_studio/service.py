@@ -1104,8 +1104,8 @@ class Studio:
             ra, rb = out_a.get(item_id), out_b.get(item_id)
             if not include_probes and any((r.get("meta") or {}).get("kind") == "pope" for r in (ra, rb) if r):
                 continue
-            if only_diff and ra and rb and (ra["answer"] or "").strip() == (rb["answer"] or "").strip():
-                continue
+            if only_diff and (not (ra and rb) or (ra["answer"] or "").strip() == (rb["answer"] or "").strip()):
+                continue  # "where they differ": both answered, differently
             base = ra or rb
             rows.append({
                 "item_id": item_id, "prompt": base.get("prompt"), "image_path": base.get("image_path"),
@@ -1120,9 +1120,11 @@ class Studio:
             ev = ev.get("eval", ev)
             answered = len(out_a if rid == a else out_b)
             computed = _metrics_from_outputs(self.store.eval_outputs(rid))
+            # "answers": how many answers these figures cover (a later, smaller eval covers fewer
+            # than the round holds)
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
-                            "answers": answered})
+                            "answers": ev.get("n_items") or answered})
             # A later, smaller `eval` replaces the metrics but keeps the other stored answers.
             own_metrics_cover_all &= ev.get("n_items") in (None, answered)
         # Each round's own metrics may cover different items (another eval_limit, a later `eval`):

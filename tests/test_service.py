@@ -192,8 +192,8 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert [r["item_id"] for r in res["rows"]] == items
     assert res["rows"][0]["a"]["hallucinated"] == ["green triangle"] and res["rows"][0]["b"]["hallucinated"] == []
     assert res["rows"][2]["a"] is None
-    diff = studio.compare(0, r1, only_diff=True)
-    assert [r["item_id"] for r in diff["rows"]] == [items[0], items[2]]
+    diff = studio.compare(0, r1, only_diff=True)  # both answered, differently (item 2: round 1 only)
+    assert [r["item_id"] for r in diff["rows"]] == [items[0]]
     by_round = {m["round"]: m for m in res["metrics"]}
     assert by_round[0]["chair_s"] == pytest.approx(0.5) and by_round[r1]["chair_s"] == 0.0
     # Paired over the 2 captions both rounds answered (item 2 is round 1's only).
@@ -210,6 +210,9 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert res2["paired"]["n"] == 1
     # Round r2 has no stored metrics: they are recomputed from its answers, over captions only.
     assert {m["round"]: m["chair_s"] for m in res2["metrics"]}[r2] == 1.0
+    # "answers" counts what each round's figures cover: a stored evaluation's own n_items.
+    studio.store.update_round(r2, metrics={"eval": {"chair_s": 1.0, "n_items": 1}})
+    assert {m["round"]: m["answers"] for m in studio.compare(0, r2)["metrics"]} == {0: 2, r2: 1}
 
 
 def test_compare_says_why_a_round_without_answers_cannot_be_compared(studio, make_items):
