@@ -31,7 +31,7 @@ from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
 from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
-from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store
+from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store, live_decisions
 
 METHODS = ("csr", "povid", "stic")
 REVIEW_DECISIONS = ("accept", "swap", "reject_both", "edit")
@@ -783,10 +783,17 @@ class Studio:
             "objects": pair.get("objects"), "meta": pair.get("meta") or {},
             "chosen": _cand_view(pair["chosen"]), "rejected": _cand_view(pair["rejected"]),
             "label": pair["label"], "my_decision": mine["decision"] if mine else None,
-            # reviewers' notes on this pair, oldest first (a note is saved with its decision)
-            "notes": [{"reviewer": r["reviewer"], "decision": r["decision"], "note": r["note"]}
-                      for r in self.store.pair_reviews(pair["id"]) if r.get("note")],
+            "notes": self._notes(pair["id"]),
         }
+
+    def _notes(self, pair_id: int) -> list[dict]:
+        """Reviewers' notes on a pair, oldest first; a note is saved with its decision, so one whose
+        decision was undone says so (it no longer explains the pair's label)."""
+        reviews = self.store.pair_reviews(pair_id)
+        live = {r["id"] for name in {r["reviewer"] for r in reviews}
+                for r in live_decisions(r for r in reviews if r["reviewer"] == name)}
+        return [{"reviewer": r["reviewer"], "decision": r["decision"], "note": r["note"], "undone": r["id"] not in live}
+                for r in reviews if r.get("note")]
 
     def decide(self, pair_id: int, reviewer: str, decision: str, edited_text: str | None = None,
                note: str | None = None, marked_spans: list[dict] | None = None) -> dict:

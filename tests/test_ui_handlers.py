@@ -236,6 +236,12 @@ def test_review_buttons_record_their_decision_for_the_signed_in_user(accounts_st
     from lvlm_studio.ui.review import _info_html
 
     assert "review-notes" not in _info_html(studio.get_pair(p1, "bob"))  # decided without a note
+    # An undone decision's note is still shown (it is history), marked undone; a new decision's is not.
+    studio.undo("bob", p0)
+    studio.decide(p0, "bob", "accept", note="right after all")
+    info = _info_html(studio.get_pair(p0, "bob"))
+    assert "bob (swap, undone): wrong way round" in info and "bob (accept): right after all" in info
+    assert "carol (accept): &lt;img" in info
 
 
 def test_review_queue_moves_on_after_skip_and_decide_and_undo_brings_pairs_back(open_studio):

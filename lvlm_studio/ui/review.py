@@ -66,7 +66,8 @@ def _info_html(view: dict | None, empty_reason: str = "") -> str:
                      f'{escape_text(label["chosen_text"])}</div>')
     if view.get("notes"):
         parts.append('<div class="review-notes"><span class="k">Notes</span><ul>' + "".join(
-            f"<li>{escape_text(n['reviewer'])} ({escape_text(n['decision'])}): {escape_text(n['note'])}</li>"
+            f"<li>{escape_text(n['reviewer'])} ({escape_text(n['decision'])}{', undone' if n.get('undone') else ''}): "
+            f"{escape_text(n['note'])}</li>"
             for n in view["notes"]) + "</ul></div>")
     meta = view.get("meta") if isinstance(view.get("meta"), dict) else {}
     if meta.get("sft") is False and status == "auto":
