@@ -112,6 +112,10 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         page.keyboard.press("u")
         expect(page.locator("#review-message")).to_contain_text("Undid", timeout=15_000)
         assert studio.store.reviewer_decision(hostile, "guest") is None
+        # a filter just clicked keeps the focus on its radio button: shortcuts still work ("k" skips)
+        page.locator("#review-status input[type=radio]:checked").focus()
+        page.keyboard.press("k")
+        expect(page.locator("#review-message")).to_contain_text("Skipped pair #", timeout=15_000)
 
         # Compare: both hostile answers shown as text, nothing runs
         page.get_by_role("tab", name="Compare").click()

@@ -81,7 +81,8 @@ mark.hallu { background:#c084fc; color:#1f1f1f; border-radius:3px; padding:0 2px
 
 def shortcut_script() -> str:
     """Keyboard shortcuts for the Review tab: a key clicks its button (by elem_id) unless the user
-    is typing in a field, a modifier is held, or the Review tab is hidden."""
+    is typing in a field, a modifier is held, or the Review tab is hidden. A focused radio button or
+    checkbox (a filter just clicked) takes no letters, so it does not block them."""
     mapping = json.dumps({k: elem for k, (elem, _) in review_tab.SHORTCUTS.items()})
     return (
         "<script>\n(() => {\n"
@@ -90,7 +91,8 @@ def shortcut_script() -> str:
         "    if (ev.ctrlKey || ev.metaKey || ev.altKey || ev.repeat) return;\n"
         "    const t = ev.target;\n"
         "    const tag = (t && t.tagName ? t.tagName : '').toLowerCase();\n"
-        "    if (tag === 'input' || tag === 'textarea' || tag === 'select' || (t && t.isContentEditable)) return;\n"
+        "    const choice = tag === 'input' && ['radio', 'checkbox'].includes((t.type || '').toLowerCase());\n"
+        "    if ((tag === 'input' && !choice) || tag === 'textarea' || tag === 'select' || (t && t.isContentEditable)) return;\n"
         "    const id = keys[(ev.key || '').toLowerCase()];\n"
         "    if (!id) return;\n"
         "    let el = document.getElementById(id);\n"
