@@ -514,8 +514,11 @@ def test_train_status_and_rounds_table_read_as_people_need(open_studio):
     studio.store.update_round(rid, progress=1 / 3, metrics={"eval": {"chair_s": 2 / 7, "recall": 0.4266666666,
                                                                       "n_captions": 7}})
     row = rounds_frame(studio).set_index("round").loc[rid]
-    assert (row["CHAIR_s"], row["recall"], row["progress"], row["captions"]) == (0.2857, 0.4267, 0.33, 7)
-    assert row["methods"] == "csr"
+    assert (row["CHAIR_s"], row["recall"], row["progress"], row["captions"]) == (0.2857, 0.4267, "33%", 7)
+    assert row["methods"] == "csr" and row["reason"] is None
+    failed = studio.store.create_round(0, "demo", {}, status="failed")
+    studio.store.update_round(failed, error="JobError: training diverged (final loss nan)")
+    assert rounds_frame(studio).set_index("round").loc[failed, "reason"] == "JobError: training diverged (final loss nan)"
 
 
 def test_running_out_of_memory_is_a_message_not_a_generic_failure(open_studio, monkeypatch):

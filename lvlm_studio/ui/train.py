@@ -45,14 +45,22 @@ def rounds_frame(studio: Studio) -> pd.DataFrame:
         rows.append({
             "round": r["id"], "parent": r.get("parent_id"), "status": r["status"],
             "methods": ",".join(cfg.get("methods") or []) if isinstance(cfg.get("methods"), list) else "",
-            "progress": rounded(r.get("progress"), 2), "CHAIR_s": rounded(metrics.get("chair_s")),
+            "progress": percent(r.get("progress")), "CHAIR_s": rounded(metrics.get("chair_s")),
             "recall": rounded(metrics.get("recall")),
             # Rounds may be evaluated on different numbers of items (eval_limit, a later Compare
             # evaluation): the count says how far two figures can be compared.
             "captions": metrics.get("n_captions"), "created": r.get("created"),
+            "reason": (r.get("error") or "")[:200] or None,  # why a round failed or was cancelled
         })
     return pd.DataFrame(rows, columns=["round", "parent", "status", "methods", "progress", "CHAIR_s", "recall",
-                                       "captions", "created"])
+                                       "captions", "created", "reason"])
+
+
+def percent(fraction: Any) -> str | None:
+    """A progress fraction as the rounds table shows it: 0.33 -> '33%'."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        return None
+    return f"{100 * float(fraction):.0f}%"
 
 
 def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
