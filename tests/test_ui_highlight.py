@@ -161,7 +161,10 @@ def test_reports_read_as_a_few_escaped_lines():
                            "ignored": 0, "status": "partial", "errors": [f"line {k}: <bad>" for k in range(12)]})
     assert "Import **partial**" in imp and imp.count("\n- ") == 11 and "and 2 more" in imp
     assert "&lt;bad&gt;" in imp and "<bad>" not in imp
-    assert "Exported **3 pairs**" in report_markdown({"format": "trl", "folder": "/x", "pairs": 3, "images": 2})
+    assert "Exported **3 pairs** (2 images)" in report_markdown({"format": "trl", "folder": "/x", "pairs": 3, "images": 2})
+    assert "Exported **1 pair** (1 image)" in report_markdown({"format": "trl", "folder": "/x", "pairs": 1, "images": 1})
+    one = report_markdown({"method": "stic", "round": 0, "items": 1, "skipped": 0, "pairs": 1, "no_pair": 0, "seconds": 1})
+    assert "**1 pair** from 1 item in" in one
     assert "**1 image added**, 1 refused" in report_markdown({"items": [4], "rejected": [{"file": "a", "reason": "b"}]})
     assert report_markdown(None) == ""
 

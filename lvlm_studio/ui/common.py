@@ -118,8 +118,11 @@ def report_markdown(report: dict | None) -> str:
         return ""
     lines: list[str] = []
     if "method" in report and "no_pair" in report:  # generate
+        def n(key: str, noun: str) -> str:  # "1 pair", "2 pairs"
+            return f"{esc(report.get(key))} {noun}{'' if report.get(key) == 1 else 's'}"
+
         lines.append(f"**{esc(str(report['method']).upper())}** from round {esc(report.get('round'))}: "
-                     f"**{esc(report.get('pairs'))} pairs** from {esc(report.get('items'))} items "
+                     f"**{n('pairs', 'pair')}** from {n('items', 'item')} "
                      f"in {esc(report.get('seconds'))} s; {esc(report.get('skipped'))} skipped (already done), "
                      f"{esc(report['no_pair'])} without a pair")
         if report.get("existence_pairs"):
@@ -139,7 +142,8 @@ def report_markdown(report: dict | None) -> str:
         lines.append(f"**{added} image{'' if added == 1 else 's'} added**, {len(report['rejected'])} refused")
         lines += [f"- {esc(r.get('file'))}: {esc(r.get('reason'))}" for r in report["rejected"][:10]]
     elif "pairs" in report and "format" in report:  # export
-        lines.append(f"Exported **{esc(report['pairs'])} pairs** ({esc(report.get('images'))} images) as "
+        lines.append(f"Exported **{esc(report['pairs'])} pair{'' if report['pairs'] == 1 else 's'}** "
+                     f"({esc(report.get('images'))} image{'' if report.get('images') == 1 else 's'}) as "
                      f"{esc(report['format'])}: download the zip beside")
     out = ""
     for prev, line in zip(["", *lines], lines, strict=False):  # a bullet list stays one list
