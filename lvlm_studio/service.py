@@ -552,6 +552,10 @@ class Studio:
         report = {"method": method, "round": round_id, "items": len(todo), "skipped": skipped,
                   "pairs": 0, "no_pair": 0, "seconds": 0.0}
         if not todo:
+            if method != "povid" or params.get("make_image_rejected", True):  # a run that would load it
+                from lvlm_studio.models.registry import check_model_ref
+
+                check_model_ref(model)  # a bogus id used to 'succeed' with nothing to do
             return report
         t0 = time.perf_counter()
         runner = {"csr": self._gen_csr, "povid": self._gen_povid, "stic": self._gen_stic}[method]

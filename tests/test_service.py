@@ -81,6 +81,24 @@ def test_povid_generation_is_resumable_and_records_provenance(studio):
         studio.generate("dpo")
 
 
+def test_a_model_that_cannot_load_is_refused_even_with_nothing_left_to_do(studio, monkeypatch):
+    """Every item done: a run that would load the model still checks it (a bogus id used to
+    'succeed' with 0 items); POVID's text-only pairs load no model, so they do not."""
+    from lvlm_studio.models.base import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    studio.seed_demo(n_train=2, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in _world_describe(studio)][:2]
+    studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+    with pytest.raises(ModelLoadError, match="'nonexistent-org/nonexistent-model'.*not in the Hugging Face cache"):
+        studio.generate("povid", model="nonexistent-org/nonexistent-model", item_ids=ids)
+    with pytest.raises(ModelLoadError, match="No model directory at './nowhere'"):
+        studio.generate("povid", model="./nowhere", item_ids=ids)
+    text_only = studio.generate("povid", model="nonexistent-org/nonexistent-model", item_ids=ids,
+                                params={"make_image_rejected": False})
+    assert text_only["items"] == 0 and text_only["skipped"] == 2
+
+
 def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
     vlm, clip = tiny_models
     studio = Studio(Settings(home=home, model=vlm, clip=clip, device="cpu"), users={}, admins=())

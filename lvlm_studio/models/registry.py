@@ -74,6 +74,27 @@ def resolve_model_ref(ref: str) -> tuple[str, bool]:
     return ref, False
 
 
+def check_model_ref(ref: str) -> None:
+    """Refuse a model that cannot load, without loading it: a missing demo or local directory, a
+    malformed id, or a Hub id the cache lacks while downloading is off or the Hub cannot be
+    reached (what ``load_backend`` would say). For runs that end before any model is needed."""
+    _, local = resolve_model_ref(ref)
+    if local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return
+    why = ("downloading is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if is_offline()
+           else f"the Hub cannot be reached ({unreachable})" if (unreachable := hub_unreachable()) else None)
+    if why is not None:
+        raise ModelLoadError(
+            f"Could not load model {ref!r}: it is not a local directory, and it is not in the Hugging Face "
+            f"cache; {why}. Download it on a connected machine (huggingface-cli download {ref}) or use "
+            "'demo' or a local directory."
+        )
+
+
 def load_backend(
     ref: str,
     *,
