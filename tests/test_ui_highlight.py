@@ -124,8 +124,12 @@ def test_plot_frames_are_typed_even_when_empty():
 
     for frame in (*curve_frames([]), *curve_frames([{"step": 1, "loss": 0.69, "rewards/margins": 0.0}])):
         assert pd.api.types.is_integer_dtype(frame["step"]) and pd.api.types.is_float_dtype(frame["value"])
-    loss = curve_frames([{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5}])[0]
-    assert loss["value"].tolist() == [0.69, 0.5]
+    curve = [{"step": 1, "loss": 0.69, "rewards/margins": 0.1, "rewards/chosen": 0.2, "rewards/rejected": 0.1},
+             {"step": 2, "loss": 0.5, "rewards/margins": 0.3, "rewards/chosen": 0.4, "rewards/rejected": 0.1},
+             {"step": 2, "train_loss": 0.6}]  # TRL's closing mean: one point, no line
+    loss, margins, _ = curve_frames(curve)
+    assert loss["value"].tolist() == [0.69, 0.5] and set(loss["series"]) == {"loss"}
+    assert sorted(set(margins["series"])) == ["chosen", "margin", "rejected"]  # legend names that fit
     empty = override_frame({"override_by_margin": []})
     assert pd.api.types.is_float_dtype(empty["override rate"]) and pd.api.types.is_integer_dtype(empty["pairs"])
 

@@ -24,9 +24,14 @@ from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
 # Curve keys as TRL's DPOTrainer logs them (plus "eval_*" ones when present).
-LOSS_KEYS = ("loss", "train_loss", "eval_loss")
+# TRL's log keys per plot. Not "train_loss": the run's mean, logged once at the end, a point that
+# a line plot shows only as a legend entry.
+LOSS_KEYS = ("loss", "eval_loss")
 MARGIN_KEYS = ("rewards/margins", "rewards/chosen", "rewards/rejected")
 ACC_KEYS = ("rewards/accuracies",)
+# Legend names short enough not to be cut off beside a 240-px plot.
+SERIES_NAMES = {"rewards/margins": "margin", "rewards/chosen": "chosen", "rewards/rejected": "rejected",
+                "rewards/accuracies": "accuracy", "eval_loss": "eval loss"}
 
 
 def counts_frame(studio: Studio) -> pd.DataFrame:
@@ -65,7 +70,7 @@ def percent(fraction: Any) -> str | None:
 
 def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     def long(keys: tuple[str, ...]) -> pd.DataFrame:
-        rows = [{"step": int(rec["step"]), "series": k, "value": float(rec[k])}
+        rows = [{"step": int(rec["step"]), "series": SERIES_NAMES.get(k, k), "value": float(rec[k])}
                 for rec in curve for k in keys if isinstance(rec.get(k), int | float)]
         # Typed even when empty: an empty object-typed frame makes Gradio draw category axes, and
         # it keeps them when the real curve arrives (a stack of value labels, no lines).
