@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
-import math
 import os
 import shutil
 import signal
@@ -431,13 +430,13 @@ def choose_extractor(name: str, items: list[dict]):
         return CocoExtractor()
 
 
-def refuse_broken_round(final_loss: float | None, eval_rows: list[dict]) -> None:
+def refuse_broken_round(diverged: bool, eval_rows: list[dict]) -> None:
     """A round whose training diverged, or whose model answers every evaluation item with nothing,
     fails instead of becoming current: an empty answer names no object, so CHAIR_s 0 would read
     as a perfect round, and the next round would start from it (a learning rate of 1e9 did that)."""
-    if final_loss is not None and not math.isfinite(final_loss):
-        raise JobError(f"training diverged (final loss {final_loss}); lower the learning rate. "
-                       "The adapter was not made current")
+    if diverged:
+        raise JobError("training diverged (the last logged loss was not a finite number); lower the learning "
+                       "rate. The adapter was not made current")
     if eval_rows and not any((row.get("answer") or "").strip() for row in eval_rows):
         raise JobError(f"the trained model answers all {len(eval_rows)} evaluation items with nothing; "
                        "lower the learning rate. The adapter was not made current")
@@ -647,7 +646,11 @@ def run_round(round_id: int, home: str | Path) -> int:
             log(f"evaluation: {em}")
         if stop.is_set():
             return cancelled("cancelled after training; the adapter was not made current")
-        refuse_broken_round(result.final.get("loss"), rows)
+        try:
+            refuse_broken_round(result.diverged, rows)
+        except JobError:
+            shutil.rmtree(out_dir, ignore_errors=True)  # never current: its adapter is only disk used
+            raise
         # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
         with store.transaction():
             current = store.get_round(round_id)["status"]

@@ -271,6 +271,17 @@ class TrainResult:
     lineage: dict
 
     @property
+    def diverged(self) -> bool:
+        """Whether the last logged loss was NaN or infinite: the optimizer stepped on it, so the
+        weights are wrecked (an earlier non-finite window that training recovered from is not)."""
+        for rec in reversed(self.curve):
+            if rec.get("loss_nonfinite"):
+                return True
+            if "loss" in rec:
+                return False
+        return False
+
+    @property
     def final(self) -> dict:
         """The last logged record that has the curve keys."""
         for rec in reversed(self.curve):
@@ -516,8 +527,10 @@ def _callback(on_log: Callable[[dict], None] | None, should_stop: Callable[[], b
             for key in (*CURVE_KEYS, *_EXTRA_KEYS):
                 if key in logs and isinstance(logs[key], (int, float)) and math.isfinite(logs[key]):
                     record[key] = float(logs[key])
+            if isinstance(logs.get("loss"), (int, float)) and not math.isfinite(logs["loss"]):
+                record["loss_nonfinite"] = True  # kept out of the curve (strict JSON), not forgotten
             for key in ("train_loss", "train_runtime"):
-                if key in logs:
+                if isinstance(logs.get(key), (int, float)) and math.isfinite(logs[key]):
                     record[key] = float(logs[key])
             curve.append(record)
             if on_log is not None:

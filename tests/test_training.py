@@ -549,3 +549,27 @@ def test_a_one_step_round_trains_its_step(tiny, tmp_path):
                                                                               max_length=None, learning_rate=5e-3))
     assert [rec["learning_rate"] for rec in two.curve if "learning_rate" in rec][0] == 0.0
     assert cfg.warmup_ratio == 0.03  # the config the caller passed is left as it was
+
+
+def test_a_non_finite_last_loss_marks_the_round_diverged():
+    """The curve keeps NaN/inf out (it is stored as strict JSON) but flags it, so a round whose
+    last logged loss was not finite is known as diverged; one that recovered is not."""
+    from types import SimpleNamespace
+
+    from lvlm_studio.training import TrainResult, _callback
+
+    curve: list[dict] = []
+    stream = _callback(None, None, curve)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1, max_steps=3)
+    result = TrainResult(None, False, 3, 1, 1, curve, 0.0, {})
+    stream.on_log(None, state, None, logs={"loss": 0.69, "rewards/margins": 0.0})
+    assert result.diverged is False
+    state.global_step = 2
+    stream.on_log(None, state, None, logs={"loss": float("nan"), "rewards/margins": float("inf")})
+    assert result.diverged is True and "loss" not in curve[-1] and "rewards/margins" not in curve[-1]
+    state.global_step = 3
+    stream.on_log(None, state, None, logs={"loss": 0.5})
+    assert result.diverged is False  # recovered
+    stream.on_log(None, state, None, logs={"train_loss": float("nan"), "train_runtime": 1.0})
+    assert "train_loss" not in curve[-1] and result.diverged is False
+    json.dumps(curve, allow_nan=False)  # what the store writes
