@@ -16,7 +16,8 @@ for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 # transformers 5 renamed gradient checkpointing to activation checkpointing and warns at each use of
-# the old names; TRL 1.16 and PEFT still call them (this package does not), which printed the
-# warning in round logs and CLI output. The calls work; the warning is theirs to drop.
+# the old names; TRL 1.16 and PEFT still call them (this package passes the new name to its trainer
+# arguments), which printed the warning in round logs and CLI output. The calls work; the warning is
+# theirs to drop.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
                         category=FutureWarning)

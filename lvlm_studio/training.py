@@ -60,6 +60,7 @@ MAX_EPOCHS = 1000  # DPO papers train 1-3 epochs; the tests' deliberately long r
 # Adam steps of lr 1 already wreck a model (the papers use 1e-7 to 1e-6; the demo 2e-4); 1e9 trained
 # a model that answered nothing and became the current round.
 MAX_LEARNING_RATE = 1.0
+MAX_STEPS = 1_000_000  # optimizer steps in one round (a 7B DPO epoch on 20k pairs is ~600 at batch 32)
 MAX_LORA_R = 4096  # the papers use 128 on 7B models; a rank above a layer's width adds nothing
 # The loss types TRL 1.16's DPOTrainer knows (it refuses others only once training has started).
 TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -201,9 +202,11 @@ class DPORoundConfig:
                 raise ValueError(f"{name} must be a finite number, not {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.eval_max_new_tokens < 1:
             raise ValueError("eval_batch_size and eval_max_new_tokens must be >= 1 (a round must be evaluated)")
-        if self.num_epochs > MAX_EPOCHS:  # 1e9 started a round whose progress bar never moved
-            raise ValueError(f"num_epochs must be at most {MAX_EPOCHS}, not {self.num_epochs:g} "
-                             "(max_steps gives a fixed number of steps)")
+        for name in ("num_epochs", "povid_stage1_epochs"):  # 1e9 started a round that never ended
+            if not getattr(self, name) <= MAX_EPOCHS:
+                raise ValueError(f"{name} must be at most {MAX_EPOCHS}, not {getattr(self, name):g}")
+        if self.max_steps > MAX_STEPS:
+            raise ValueError(f"max_steps must be at most {MAX_STEPS}, not {self.max_steps}")
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ValueError(f"num_epochs must be > 0 (or max_steps > 0), not {self.num_epochs}: the round would train nothing")
         if not self.beta > 0:
@@ -894,7 +897,7 @@ def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, 
         report_to=[],
         use_cpu=not setup["cuda"],
         bf16=setup["bf16"],
-        gradient_checkpointing=setup["grad_ckpt"],
+        activation_checkpointing=setup["grad_ckpt"],  # transformers 5's name (gradient_checkpointing is deprecated)
         max_length=config.max_length,
         seed=config.seed,
         disable_tqdm=True,

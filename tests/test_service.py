@@ -94,6 +94,8 @@ def test_a_model_that_cannot_load_is_refused_even_with_nothing_left_to_do(studio
         studio.generate("povid", model="nonexistent-org/nonexistent-model", item_ids=ids)
     with pytest.raises(ModelLoadError, match="No model directory at './nowhere'"):
         studio.generate("povid", model="./nowhere", item_ids=ids)
+    with pytest.raises(ModelLoadError, match="'org/a--b' is not a valid Hugging Face model id"):
+        studio.generate("povid", model="org/a--b", item_ids=ids)
     text_only = studio.generate("povid", model="nonexistent-org/nonexistent-model", item_ids=ids,
                                 params={"make_image_rejected": False})
     assert text_only["items"] == 0 and text_only["skipped"] == 2

@@ -490,7 +490,8 @@ def test_povid_term_names_noisy_variants():
     dict(max_length=0), dict(eval_limit=0), dict(learning_rate=float("inf")), dict(beta=float("inf")),
     dict(num_epochs=float("inf")), dict(sft_weight=float("nan")), dict(eval_batch_size=0),
     dict(eval_max_new_tokens=0), dict(loss_type="dpo"), dict(extractor="world"), dict(num_epochs=1e9),
-    dict(learning_rate=1e9), dict(learning_rate=1.5), dict(lora_r=10**9),
+    dict(learning_rate=1e9), dict(learning_rate=1.5), dict(lora_r=10**9), dict(povid_stage1_epochs=1e9),
+    dict(povid_stage1_epochs=float("inf")), dict(max_steps=10**15),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):

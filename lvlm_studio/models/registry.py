@@ -83,8 +83,11 @@ def check_model_ref(ref: str) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
-        return
+    try:
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return
+    except ValueError as exc:  # huggingface_hub's HFValidationError: 'org/a--b', 'x.git', ...
+        raise ModelLoadError(f"{ref!r} is not a valid Hugging Face model id ({exc})") from exc
     why = ("downloading is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if is_offline()
            else f"the Hub cannot be reached ({unreachable})" if (unreachable := hub_unreachable()) else None)
     if why is not None:
