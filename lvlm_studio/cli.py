@@ -879,11 +879,11 @@ def compare_cmd(
         lines.append(side_by_side(*res["common_metrics"]))
     if res["paired"]:
         lines.append(paired_chair_s_summary(res["paired"], f"round {a}", f"round {b}"))
-    missing = [m["round"] for m in res["metrics"] if not m.get("answers")]
+    missing = [rid for rid, answered in zip((a, b), res["answered"], strict=True) if not answered]
     if missing:
         lines.append("no evaluation answers stored for round(s) " + ", ".join(map(str, missing))
                      + ": run lvlm-studio eval --round N")
-    lines.append(f"\n{total} item(s){' whose answers differ' if only_diff else ''}"
+    lines.append(f"\n{total} item(s){' both rounds answered, differently' if only_diff else ''}"
                  + (f", showing {len(rows)}" if len(rows) < total else "") + "; [x] = hallucinated object")
     for r in rows:
         lines.append(f"#{r['item_id']} {r.get('prompt') or ''}  (truth: {', '.join(map(str, r.get('objects') or [])) or '-'})")

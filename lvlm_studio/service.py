@@ -1086,8 +1086,7 @@ class Studio:
         """Evaluation metrics of every round that has them (long format for the plot)."""
         rows = []
         for rnd in self.store.list_rounds():
-            metrics = rnd.get("metrics") or {}
-            ev = metrics.get("eval", metrics)
+            ev = _round_eval(rnd)
             for key in ("chair_s", "chair_i", "recall", "pope_f1"):
                 val = _metric(ev, key)
                 if val is not None:
@@ -1126,9 +1125,7 @@ class Studio:
         metrics = []
         own_metrics_cover_all = True
         for rid in (a, b):
-            rnd = self.store.get_round(rid) or {}
-            ev = (rnd.get("metrics") or {})
-            ev = ev.get("eval", ev)
+            ev = _round_eval(self.store.get_round(rid))
             answered = len(out_a if rid == a else out_b)
             computed = _metrics_from_outputs(self.store.eval_outputs(rid))
             # "answers": how many answers these figures cover (a later, smaller eval covers fewer
@@ -1162,6 +1159,14 @@ _NO_PAIR_WHY = {
     "povid": "no reference answer to inject hallucinations into, or no rejected answer",
     "stic": "the preferred and dispreferred descriptions came out the same",
 }
+
+
+def _round_eval(rnd: dict | None) -> dict:
+    """A round's stored evaluation metrics; {} when it has none (a round trained without evaluation
+    items stores ``"eval": None``, which crashed Compare and its plot)."""
+    metrics = (rnd or {}).get("metrics") or {}
+    ev = metrics.get("eval", metrics)
+    return ev if isinstance(ev, dict) else {}
 
 
 def round_(x: float, nd: int = 3) -> float:

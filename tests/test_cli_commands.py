@@ -307,6 +307,13 @@ def test_compare_marks_hallucinated_objects(env):
     diff = ok_json("compare", "0", str(r1), "--only-diff")
     assert diff["paired"]["n"] == 2 and diff["paired"]["only_a"] == 1  # over every caption, not only the shown
     assert [r["item_id"] for r in diff["rows"]] == [items[0]["item_id"]]
+    assert "1 item(s) both rounds answered, differently" in run("compare", "0", str(r1), "--only-diff").stdout
+    # A round whose metrics name their items but whose answers are gone still gets the hint.
+    bare = open_store(env)
+    r_bare = bare.create_round(0, "m", {}, status="done")
+    bare.update_round(r_bare, metrics={"eval": {"chair_s": 0.1, "n_items": 4}})
+    bare.close()
+    assert f"no evaluation answers stored for round(s) {r_bare}" in run("compare", "0", str(r_bare)).stdout
     limited = ok_json("compare", "0", str(r1), "--limit", "1")  # "items" counts all, "rows" the shown
     assert limited["items"] == 2 and [r["item_id"] for r in limited["rows"]] == [items[0]["item_id"]]
     assert diff["rows"][0]["a"]["hallucinated"] == [wrong] and diff["rows"][0]["b"]["hallucinated"] == []

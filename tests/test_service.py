@@ -235,6 +235,19 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert {m["round"]: m["answers"] for m in studio.compare(0, r2)["metrics"]} == {0: 2, r2: 1}
 
 
+def test_a_round_trained_without_evaluation_items_compares_and_plots(studio, make_items):
+    """A round whose job found no evaluation items stores "eval": None; Compare and the metrics
+    plot used to crash on it with an AttributeError."""
+    items = make_items(1)
+    studio.store.add_eval_outputs(0, [{"item_id": items[0], "answer": "A red circle.", "objects": ["red circle"],
+                                       "hallucinated": []}])
+    rid = studio.store.create_round(0, "m", {}, status="done")
+    studio.store.update_round(rid, metrics={"eval": None, "eval_note": "no evaluation items"})
+    res = studio.compare(0, rid)
+    assert [m["answers"] for m in res["metrics"]] == [1, 0] and res["rows"][0]["b"] is None
+    assert {r["round"] for r in studio.round_metrics()} <= {0}
+
+
 def test_compare_says_why_a_round_without_answers_cannot_be_compared(studio, make_items):
     """A failed, cancelled or running round has no answers: comparing it names its status and
     reason instead of an empty table. A done round without answers yet is an empty comparison."""

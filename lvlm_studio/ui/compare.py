@@ -92,7 +92,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             raise ValueError("pick two rounds")
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
         frame = metrics_frame(res)
-        empty = ("The two rounds answer every item the same." if diff and all(res["answered"])
+        empty = ("The two rounds answer every item both answered the same." if diff and all(res["answered"])
                  else NO_ANSWERS)
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
