@@ -389,9 +389,11 @@ class Studio:
         report: dict[str, Any] = {"items": 0, "pairs": {}, "message": ""}
         with data_root_lock(self.settings, ".seed.lock"):
             recorded = self.store.get_meta(DEMO_SEED_KEY)
-            if (top_up and recorded and recorded["done"] and not recorded.get("pairs_per_method")
+            if (top_up and recorded and recorded["done"] and not any((recorded.get("items") or {}).values())
                     and counts["pairs_per_method"] and self.store.count_pairs() == 0):
-                recorded = None  # `demo seed --pairs 0` earlier, `--pairs N` now, still no pairs: plan them
+                # the first seeding paired no item (`--pairs 0`, or no train scenes yet) and the
+                # store still holds no pair: `demo seed --pairs N` plans them now
+                recorded = None
             plan = recorded or self._demo_plan(counts, seed)
             if top_up:
                 for split in ("train", "test"):
@@ -403,8 +405,10 @@ class Studio:
                                      f"nothing to seed ({plan['no_pairs_because']})")
                 return report
             self._carry_out(plan, report, progress)
-        if not plan.get("items"):
-            report["message"] = f"seeded demo items only ({plan.get('no_pairs_because', 'no pairs planned')})"
+        if not any((plan.get("items") or {}).values()):
+            why = ("no train-split scene to pair: a later `demo seed --train N` pairs some" if plan["pairs_per_method"]
+                   else plan.get("no_pairs_because", "no pairs planned"))
+            report["message"] = f"seeded demo items only ({why})"
         elif not self.demo_artifacts_present():
             report["message"] = ("demo model artifacts are missing: seeded items and POVID text pairs only "
                                  "(run `lvlm-studio demo build` for CSR, STIC and POVID noisy-image pairs)")

@@ -705,6 +705,20 @@ def test_demo_seed_adds_pairs_later_to_a_root_first_seeded_without(studio):
     assert again["pairs"] == {} and studio.store.count_pairs() == pairs
 
 
+def test_demo_seed_adds_pairs_later_when_the_first_seeding_had_no_train_scene(tmp_path):
+    """`demo seed --train 0` plans pairs but has no train item to pair: it says so, and a later
+    `demo seed --train 2` pairs them."""
+    studio = Studio(Settings(home=tmp_path / "home"), users={}, admins=())
+    try:
+        first = studio.seed_demo(n_train=0, n_test=1, pairs_per_method=1, top_up=True)
+        assert first["message"] == ("seeded demo items only (no train-split scene to pair: a later "
+                                    "`demo seed --train N` pairs some)") and studio.store.count_pairs() == 0
+        later = studio.seed_demo(n_train=2, n_test=1, pairs_per_method=1, top_up=True)
+        assert sum(later["pairs"].values()) >= 1 and studio.store.count_pairs() > 0
+    finally:
+        studio.store.close()
+
+
 def test_what_forms_and_scripts_send_is_still_accepted(studio, make_pairs, make_items, monkeypatch, tmp_path):
     """The checks refuse nothing a form or a script sends: 3.0 from a number field, "3" from a
     dropdown, numpy integers; and an image whose item cannot be stored leaves no row and no file."""
