@@ -746,7 +746,10 @@ def _first_answer(turns: list) -> str:
     first_user = next(i for i, role in enumerate(roles) if role in ("user", "human"))
     for turn, role in zip(turns[first_user + 1:], roles[first_user + 1:], strict=True):
         if role in ("assistant", "gpt"):
-            return _content_text(turn.get("content", turn.get("value")))
+            answer = _content_text(turn.get("content", turn.get("value"))).strip()
+            if answer:
+                return answer
+            break
         if role in ("user", "human"):
             break
     raise ValueError("the first question has no answer")

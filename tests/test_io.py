@@ -504,11 +504,14 @@ def test_llava_instruct_records_become_items_with_their_first_answer_as_referenc
         {"id": "x3", "image": "b.png", "conversations": [
             {"from": "human", "value": "Describe it."}, {"from": "human", "value": "Well?"},
             {"from": "gpt", "value": "Yes."}]},
+        {"id": "x4", "image": "b.png", "conversations": [
+            {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "  "}]},
     ]
     (root / "llava_instruct.json").write_text(json.dumps(records))
     report = io.import_path(store, settings, root / "llava_instruct.json")
     assert report.format == "llava" and report.imported == 2 and report.pairs == 0, report.errors
-    assert report.errors == ["llava_instruct.json record 2: the first question has no answer"]
+    assert report.errors == ["llava_instruct.json record 2: the first question has no answer",
+                             "llava_instruct.json record 3: the first question has no answer"]
     items = sorted(store.list_items(), key=lambda it: it["prompt"])
     assert [(it["prompt"], it["reference"]) for it in items] == [
         ("Describe it.", "Two blue circles."), ("What is in the image?", "A red square.")]
