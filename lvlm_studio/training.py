@@ -205,7 +205,7 @@ class DPORoundConfig:
         for name in ("num_epochs", "povid_stage1_epochs"):  # 1e9 started a round that never ended
             if not getattr(self, name) <= MAX_EPOCHS:
                 raise ValueError(f"{name} must be at most {MAX_EPOCHS}, not {getattr(self, name):g}")
-        if self.max_steps > MAX_STEPS:
+        if not self.max_steps <= MAX_STEPS:  # NaN too
             raise ValueError(f"max_steps must be at most {MAX_STEPS}, not {self.max_steps}")
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ValueError(f"num_epochs must be > 0 (or max_steps > 0), not {self.num_epochs}: the round would train nothing")
@@ -881,6 +881,13 @@ def _new_adapter_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _checkpointing_arg() -> str:
+    from transformers import TrainingArguments
+
+    fields_ = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields_ else "gradient_checkpointing"
+
+
 def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, Any]:
     """The TrainingArguments a DPO and an SFT round share."""
     return dict(
@@ -897,7 +904,11 @@ def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, 
         report_to=[],
         use_cpu=not setup["cuda"],
         bf16=setup["bf16"],
-        activation_checkpointing=setup["grad_ckpt"],  # transformers 5's name (gradient_checkpointing is deprecated)
+        # transformers 5.25's name; older 5.x releases (allowed by requirements) know the other one
+        **{_checkpointing_arg(): setup["grad_ckpt"]},
+        # A NaN/inf step loss is logged as it is, not replaced by the window's mean (0.0 once every
+        # step is NaN): TrainResult.diverged must see it.
+        logging_nan_inf_filter=False,
         max_length=config.max_length,
         seed=config.seed,
         disable_tqdm=True,

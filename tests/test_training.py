@@ -491,7 +491,7 @@ def test_povid_term_names_noisy_variants():
     dict(num_epochs=float("inf")), dict(sft_weight=float("nan")), dict(eval_batch_size=0),
     dict(eval_max_new_tokens=0), dict(loss_type="dpo"), dict(extractor="world"), dict(num_epochs=1e9),
     dict(learning_rate=1e9), dict(learning_rate=1.5), dict(lora_r=10**9), dict(povid_stage1_epochs=1e9),
-    dict(povid_stage1_epochs=float("inf")), dict(max_steps=10**15),
+    dict(povid_stage1_epochs=float("inf")), dict(max_steps=10**15), dict(max_steps=float("nan")),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):
@@ -574,3 +574,17 @@ def test_a_non_finite_last_loss_marks_the_round_diverged():
     stream.on_log(None, state, None, logs={"train_loss": float("nan"), "train_runtime": 1.0})
     assert "train_loss" not in curve[-1] and result.diverged is False
     json.dumps(curve, allow_nan=False)  # what the store writes
+
+
+def test_trainer_arguments_let_a_nan_loss_reach_the_log(tmp_path):
+    """transformers replaces a NaN/inf step loss by the window's mean by default (0.0 once every step
+    is NaN), which would hide a diverged round from TrainResult.diverged; the round's arguments turn
+    that off, and TRL's config takes them (the checkpointing flag under this transformers' name)."""
+    from trl import DPOConfig
+
+    from lvlm_studio.training import _trainer_args
+
+    args = _trainer_args(DPORoundConfig(), {"cuda": False, "bf16": False, "grad_ckpt": True}, tmp_path)
+    assert args["logging_nan_inf_filter"] is False
+    built = DPOConfig(**args, beta=0.3)
+    assert built.logging_nan_inf_filter is False and built.gradient_checkpointing is True

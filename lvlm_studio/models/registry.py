@@ -82,11 +82,12 @@ def check_model_ref(ref: str) -> None:
     if local:
         return
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     try:
         if isinstance(try_to_load_from_cache(ref, "config.json"), str):
             return
-    except ValueError as exc:  # huggingface_hub's HFValidationError: 'org/a--b', 'x.git', ...
+    except HFValidationError as exc:  # 'org/a--b', 'x.git', ...: the Hub's own rules
         raise ModelLoadError(f"{ref!r} is not a valid Hugging Face model id ({exc})") from exc
     why = ("downloading is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if is_offline()
            else f"the Hub cannot be reached ({unreachable})" if (unreachable := hub_unreachable()) else None)
