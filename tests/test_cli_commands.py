@@ -401,6 +401,40 @@ def test_serve_in_a_real_process(env):
             proc.wait()
 
 
+def test_python_app_py_seeds_a_new_data_root_and_serves(env):
+    """The README's start command on a fresh data root: app.py seeds the demo world (items and
+    pairs of each method), then serves the app where GRADIO_SERVER_PORT says."""
+    port = _free_port()
+    proc_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
+                "GRADIO_SERVER_PORT": str(port)}
+    proc_env.pop("PORT", None)
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=proc_env)
+    try:
+        deadline, page = time.monotonic() + 180, None
+        while page is None and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    page = resp.read().decode()
+            except OSError:
+                time.sleep(1)
+        assert page is not None and "LVLM Studio" in page, "app.py did not serve within 180 s"
+        store = open_store(env)
+        try:
+            assert store.count_items(split="test") > 0 and store.count_items(split="train") > 0
+            assert {m for m in ("csr", "povid", "stic") if store.count_pairs(m)} == {"csr", "povid", "stic"}
+        finally:
+            store.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_generate_csr_with_existence_pairs_on_the_demo_model(env):
     """`--param existence_pairs=true` on the shipped demo: caption pairs plus yes/no pairs on
     question items of the same images; running again only does the items not done yet."""
