@@ -372,6 +372,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C a served app, as a user stops it; killed if it has not ended within 20 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_serve_in_a_real_process(env):
     port = _free_port()
     proc_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -393,12 +403,7 @@ def test_serve_in_a_real_process(env):
             assert resp.status == 200 and b"gradio" in resp.read().lower()
         assert (env / "studio.db").is_file()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _interrupt(proc)
 
 
 def test_python_app_py_seeds_a_new_data_root_and_serves(env):
@@ -427,12 +432,7 @@ def test_python_app_py_seeds_a_new_data_root_and_serves(env):
         finally:
             store.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _interrupt(proc)
 
 
 def test_generate_csr_with_existence_pairs_on_the_demo_model(env):
