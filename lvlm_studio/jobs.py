@@ -585,6 +585,15 @@ def run_round(round_id: int, home: str | Path) -> int:
             return cancelled(f"cancelled during training after {result.steps} step(s) (no adapter saved)")
         if not main:
             return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
+
+        def refuse_if_broken(diverged: bool, eval_rows: list[dict]) -> None:
+            try:
+                refuse_broken_round(diverged, eval_rows)
+            except JobError:
+                shutil.rmtree(out_dir, ignore_errors=True)  # never current: its adapter is only disk used
+                raise
+
+        refuse_if_broken(result.diverged, [])  # before the evaluation: a diverged model is not worth it
         dropped = result.lineage.get("n_dropped_by_balance", 0)
         sft_rows = result.lineage.get("n_sft_rows", 0)
         hardware = result.lineage.get("hardware") or {}
@@ -646,11 +655,7 @@ def run_round(round_id: int, home: str | Path) -> int:
             log(f"evaluation: {em}")
         if stop.is_set():
             return cancelled("cancelled after training; the adapter was not made current")
-        try:
-            refuse_broken_round(result.diverged, rows)
-        except JobError:
-            shutil.rmtree(out_dir, ignore_errors=True)  # never current: its adapter is only disk used
-            raise
+        refuse_if_broken(False, rows)
         # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
         with store.transaction():
             current = store.get_round(round_id)["status"]

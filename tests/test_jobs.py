@@ -307,6 +307,38 @@ def test_a_round_whose_model_answers_nothing_fails_and_is_not_current(tmp_path, 
         store.close()
 
 
+def test_a_diverged_round_fails_before_it_is_evaluated(tmp_path, monkeypatch):
+    """Training whose last logged loss was NaN fails the round at once: no evaluation is spent on
+    the wrecked model, its adapter is deleted and the current round stays as it was."""
+    import signal
+
+    from lvlm_studio import training
+
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    store.ensure_base_round(settings.model)
+    rid = store.create_round(0, settings.model, {**FAST, "eval_parent": False}, status="queued")
+    store.close()
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+
+    def diverging(pairs, base, chain, out_dir, cfg, on_log=None, should_stop=None):
+        Path(out_dir).mkdir(parents=True)
+        curve = [{"step": 1, "loss": 0.69}, {"step": 2, "loss_nonfinite": True}]
+        return training.TrainResult(str(out_dir), False, 2, len(pairs), len(pairs), curve, 0.1, {})
+
+    monkeypatch.setattr(training, "train_round", diverging)
+    monkeypatch.setattr(jobs, "_evaluate", lambda *a, **k: pytest.fail("a diverged round was evaluated"))
+    assert jobs.run_round(rid, settings.home) == 1
+    store = Store.open(settings)
+    try:
+        row = store.get_round(rid)
+        assert row["status"] == "failed" and "training diverged" in row["error"], row
+        assert store.current_round() is None and not (settings.adapters_dir / f"round-{rid}").exists()
+    finally:
+        store.close()
+
+
 def test_stic_stage_two_round_describes_then_fine_tunes_then_describes_first(tmp_path):
     """STIC's stage 2 as a round: the parent model describes each instruction image, the round
     fine-tunes (SFT + LoRA, loss on the answer) on "Image description: ... + question" -> the
