@@ -1101,9 +1101,9 @@ class Studio:
         """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
         metrics table."""
         a, b = whole_number(a, "round A"), whole_number(b, "round B")
-        outputs = {}
+        outputs, rounds = {}, {}
         for rid in (a, b):
-            row = self.store.get_round(rid)
+            row = rounds[rid] = self.store.get_round(rid)
             if rid != BASE_ROUND_ID and row is None:
                 raise LookupError(f"round {rid} does not exist")
             outputs[rid] = self.store.eval_outputs(rid)
@@ -1129,9 +1129,9 @@ class Studio:
         metrics = []
         own_metrics_cover_all = True
         for rid in (a, b):
-            ev = _round_eval(self.store.get_round(rid))
+            ev = _round_eval(rounds[rid])
             answered = len(out_a if rid == a else out_b)
-            computed = _metrics_from_outputs(self.store.eval_outputs(rid))
+            computed = _metrics_from_outputs(outputs[rid])
             # "answers": how many answers these figures cover (a later, smaller eval covers fewer
             # than the round holds)
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)

@@ -534,7 +534,7 @@ class POVIDConfig:
     make_image_rejected: bool = True
 
     def __post_init__(self) -> None:
-        # Checked here, before any model loads (these used to fail mid-run, item by item).
+        # Checked here, before any model loads (these used to fail mid-run, after the model loaded).
         self.categories = tuple(self.categories)
         unknown = set(self.categories) - set(CATEGORIES)
         if not self.categories or unknown:
