@@ -114,15 +114,15 @@ def report_markdown(report: dict | None) -> str:
     upload, export); the JSON stays one click away. Every value from the report is escaped for Markdown."""
     from lvlm_studio.ui.highlight import escape_markdown as esc
 
+    def n(count: Any, noun: str) -> str:  # "1 pair", "2 pairs"
+        return f"{esc(count)} {noun}{'' if count == 1 else 's'}"
+
     if not isinstance(report, dict) or not report:
         return ""
     lines: list[str] = []
     if "method" in report and "no_pair" in report:  # generate
-        def n(key: str, noun: str) -> str:  # "1 pair", "2 pairs"
-            return f"{esc(report.get(key))} {noun}{'' if report.get(key) == 1 else 's'}"
-
         lines.append(f"**{esc(str(report['method']).upper())}** from round {esc(report.get('round'))}: "
-                     f"**{n('pairs', 'pair')}** from {n('items', 'item')} "
+                     f"**{n(report.get('pairs'), 'pair')}** from {n(report.get('items'), 'item')} "
                      f"in {esc(report.get('seconds'))} s; {esc(report.get('skipped'))} skipped (already done), "
                      f"{esc(report['no_pair'])} without a pair")
         if report.get("existence_pairs"):
@@ -139,11 +139,10 @@ def report_markdown(report: dict | None) -> str:
             lines.append(f"- … and {len(errors) - 10} more (see the JSON)")
     elif "rejected" in report and "items" in report:  # upload
         added = len(report["items"])
-        lines.append(f"**{added} image{'' if added == 1 else 's'} added**, {len(report['rejected'])} refused")
+        lines.append(f"**{n(added, 'image')} added**, {len(report['rejected'])} refused")
         lines += [f"- {esc(r.get('file'))}: {esc(r.get('reason'))}" for r in report["rejected"][:10]]
     elif "pairs" in report and "format" in report:  # export
-        lines.append(f"Exported **{esc(report['pairs'])} pair{'' if report['pairs'] == 1 else 's'}** "
-                     f"({esc(report.get('images'))} image{'' if report.get('images') == 1 else 's'}) as "
+        lines.append(f"Exported **{n(report['pairs'], 'pair')}** ({n(report.get('images'), 'image')}) as "
                      f"{esc(report['format'])}: download the zip beside")
     out = ""
     for prev, line in zip(["", *lines], lines, strict=False):  # a bullet list stays one list

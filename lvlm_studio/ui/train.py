@@ -23,9 +23,8 @@ from lvlm_studio.ui.common import (
 from lvlm_studio.ui.highlight import escape_text
 
 POLL_SECONDS = 2.0
-# Curve keys as TRL's DPOTrainer logs them (plus "eval_*" ones when present).
-# TRL's log keys per plot. Not "train_loss": the run's mean, logged once at the end, a point that
-# a line plot shows only as a legend entry.
+# Curve keys per plot, as TRL's DPOTrainer logs them (plus "eval_loss" when present). Not
+# "train_loss": the run's mean, logged once at the end, a point a line plot shows only in its legend.
 LOSS_KEYS = ("loss", "eval_loss")
 MARGIN_KEYS = ("rewards/margins", "rewards/chosen", "rewards/rejected")
 ACC_KEYS = ("rewards/accuracies",)
@@ -93,8 +92,8 @@ def status_html(rnd: dict | None, curve: list[dict] | None = None) -> str:
     if rnd is None:
         return '<div class="round-status">No round selected.</div>'
     parts = [f"<b>Round {escape_text(rnd['id'])}</b> · status <b>{escape_text(rnd['status'])}</b>"]
-    if isinstance(rnd.get("progress"), int | float):
-        parts.append(f"progress {100 * float(rnd['progress']):.0f}%")
+    if (shown := percent(rnd.get("progress"))) is not None:
+        parts.append(f"progress {shown}")
     for key in ("started", "finished"):
         if rnd.get(key):
             parts.append(f"{key} {escape_text(rnd[key])}")
