@@ -233,15 +233,25 @@ def _content_text(content: Any) -> str:
     raise ValueError(f"unexpected message content {type(content).__name__}")
 
 
-def _prompt_text(value: Any) -> str:
-    """A prompt from plain text or conversational messages (first user turn)."""
+def _prompt_text(value: Any, *, single_turn: bool = True) -> str:
+    """A prompt from plain text or conversational messages (the first user turn).
+
+    A pair is one question and its answers, so a preference record whose conversation asks several
+    questions is refused (``single_turn``): its answers reply to the last question, in the context
+    of the earlier ones, and no single prompt would train them honestly. An instruction record
+    (items only) keeps its first question, whose answer becomes the reference."""
     if isinstance(value, str):
         return _strip_image_token(value)
     if isinstance(value, list):
-        for message in value:
-            if isinstance(message, dict) and message.get("role", message.get("from")) in ("user", "human"):
-                return _strip_image_token(_content_text(message.get("content", message.get("value"))))
-        raise ValueError("no user prompt found")
+        questions = [m for m in value
+                     if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+        if not questions:
+            raise ValueError("no user prompt found")
+        if single_turn and len(questions) > 1:
+            raise ValueError(f"a conversation of {len(questions)} questions: a preference pair is one "
+                             "question and its answers; split it into single-turn records")
+        first = questions[0]
+        return _strip_image_token(_content_text(first.get("content", first.get("value"))))
     raise ValueError(f"a prompt is text or a list of messages, not {type(value).__name__}")
 
 
@@ -712,12 +722,13 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
             info = _info_block(row)
             if not isinstance(row.get("conversations"), list):
                 raise ValueError("'conversations' must be a list of turns")
-            prompt = _prompt_text(row["conversations"])
+            preference = row.get("rejected_conversations") is not None
+            prompt = _prompt_text(row["conversations"], single_turn=preference)
             chosen = _answer_text(row["conversations"])
             image = row.get("image")
             pairs = []
             reference = info.get("reference")
-            if row.get("rejected_conversations") is not None:
+            if preference:
                 pairs.append(_pair_from(chosen, row["rejected_conversations"], info, method))
             elif reference is None:
                 # A LLaVA instruction record (no rejected side): its answer to the first question

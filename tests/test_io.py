@@ -488,6 +488,38 @@ def test_llava_and_llamafactory_records_of_the_wrong_shape_are_refused_alone(sto
     assert_consistent(store, settings)
 
 
+def test_multi_turn_preference_records_are_refused_alone(store, settings, tmp_path):
+    """A preference record that asks several questions is refused with the reason (its answers
+    reply to the last question in the context of the others; pairing them with the first question
+    trained the wrong prompt), in LLaVA DPO JSON and in TRL conversational JSONL alike; a
+    single-turn record beside it lands."""
+    root = tmp_path / "multi"
+    write_image(root / "a.png", seed=45)
+    first = {"from": "human", "value": "<image>\nWhat is in the image?"}
+    later = [{"from": "gpt", "value": "A red square."}, {"from": "human", "value": "What colour is it?"}]
+    llava = [
+        {"image": "a.png", "conversations": [first, *later, {"from": "gpt", "value": "Red."}],
+         "rejected_conversations": [first, *later, {"from": "gpt", "value": "Blue."}]},
+        {"image": "a.png", "conversations": [first, {"from": "gpt", "value": "A red square."}],
+         "rejected_conversations": [first, {"from": "gpt", "value": "A red star."}]},
+    ]
+    (root / "llava_dpo.json").write_text(json.dumps(llava))
+    report = io.import_path(store, settings, root / "llava_dpo.json")
+    assert report.format == "llava" and report.imported == 1 and report.pairs == 1, report.errors
+    assert report.errors == ["llava_dpo.json record 0: a conversation of 2 questions: a preference pair "
+                             "is one question and its answers; split it into single-turn records"]
+    history = [{"role": "user", "content": "What is in the image?"}, {"role": "assistant", "content": "A square."},
+               {"role": "user", "content": "What colour is it?"}]
+    line = {"image": "a.png", "prompt": history, "chosen": [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "assistant", "content": "Blue."}]}
+    (root / "trl.jsonl").write_text(json.dumps(line) + "\n")
+    report = io.import_path(store, settings, root / "trl.jsonl")
+    assert report.imported == 0 and "a conversation of 2 questions" in report.errors[0], report.errors
+    assert [(p["prompt"], p["chosen"]) for p in store.training_pairs(include_auto=True)] == [
+        ("What is in the image?", "A red square.")]
+    assert_consistent(store, settings)
+
+
 def test_llava_instruct_records_become_items_with_their_first_answer_as_reference(store, settings, tmp_path):
     """LLaVA-Instruct JSON (no rejected side) is found by --format auto; each record is an item
     whose reference is the answer to its first question (POVID's chosen side, as in its paper);
