@@ -917,12 +917,16 @@ def detect_format(path: Path) -> str:
             raise DataImportError(f"{path.name}: not valid JSON ({exc})") from exc
         if isinstance(data, dict) and "images" in data and "annotations" in data:
             return "coco"
-        if isinstance(data, list) and data and isinstance(data[0], dict):
-            if "rejected_conversations" in data[0]:
+        # The first record of a known layout decides: one malformed record at the top is then
+        # refused alone by the reader, as it would be further down, not the whole file.
+        for record in data if isinstance(data, list) else ():
+            if not isinstance(record, dict):
+                continue
+            if "rejected_conversations" in record:
                 return "llava"
-            if "chosen" in data[0] and "conversations" in data[0]:
+            if "chosen" in record and "conversations" in record:
                 return "llamafactory"
-            if "conversations" in data[0] and "image" in data[0]:  # LLaVA-Instruct: items only
+            if "conversations" in record and "image" in record:  # LLaVA-Instruct: items only
                 return "llava"
         raise DataImportError(
             f"{path.name}: JSON layout not recognised (expected COCO, LLaVA or LLaMA-Factory)"

@@ -550,6 +550,25 @@ def test_llava_instruct_records_become_items_with_their_first_answer_as_referenc
     assert_consistent(store, settings)
 
 
+def test_auto_format_is_not_decided_by_a_malformed_first_record(store, settings, tmp_path):
+    """--format auto reads past records of no known layout: a LLaVA file whose first records are
+    malformed imports its good ones and reports the bad ones, one by one; a JSON list with no
+    record of a known layout is refused as a whole, with the layouts it expected."""
+    root = tmp_path / "auto"
+    write_image(root / "a.png", seed=46)
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                               {"from": "gpt", "value": "A red square."}]}
+    (root / "llava.json").write_text(json.dumps(["not a record", {"conversation": []}, good]))
+    report = io.import_path(store, settings, root / "llava.json")
+    assert report.format == "llava" and report.imported == 1 and report.skipped == 2, report.errors
+    assert report.errors == ["llava.json record 0: record is not an object",
+                             "llava.json record 1: 'conversations' must be a list of turns"]
+    (root / "other.json").write_text(json.dumps([1, {"caption": "x"}]))
+    with pytest.raises(io.DataImportError, match="JSON layout not recognised"):
+        io.import_path(store, settings, root / "other.json")
+    assert_consistent(store, settings)
+
+
 def test_coco_duplicate_ids_unknown_categories_and_unreadable_files(store, settings, tmp_path):
     root = _coco(tmp_path / "coco")
     path = root / "annotations" / "instances_val2017.json"
