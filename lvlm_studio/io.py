@@ -45,7 +45,7 @@ import re
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -705,7 +705,11 @@ def _record_from_mapping(
     )
 
 
-def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
+def _read_conversation_json(path: Path, images_root: Path, dataset: str | None, split: str | None,
+                            parse: Callable[[dict, dict], tuple[Any, str, str | None, list[dict]]]):
+    """The frame the LLaVA and LLaMA-Factory readers share: a JSON list of records, each with the
+    studio's info block and a list of conversation turns. ``parse(row, info)`` gives a record's
+    image path, prompt, reference and pairs; a bad record is refused alone."""
     try:
         data = _read_json(path)
     except (OSError, ValueError) as exc:
@@ -722,19 +726,7 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
             info = _info_block(row)
             if not isinstance(row.get("conversations"), list):
                 raise ValueError("'conversations' must be a list of turns")
-            preference = row.get("rejected_conversations") is not None
-            prompt = _prompt_text(row["conversations"], single_turn=preference)
-            chosen = _answer_text(row["conversations"])
-            image = row.get("image")
-            pairs = []
-            reference = info.get("reference")
-            if preference:
-                pairs.append(_pair_from(chosen, row["rejected_conversations"], info, method))
-            elif reference is None:
-                # A LLaVA instruction record (no rejected side): its answer to the first question
-                # is the item's reference, which POVID takes as the chosen answer (as its paper
-                # does with LLaVA-Instruct).
-                reference = _first_answer(row["conversations"])
+            image, prompt, reference, pairs = parse(row, info)
             yield _Record(
                 label,
                 safe_join(images_root, image),
@@ -749,6 +741,24 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
             )
         except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
             yield _Bad(label, str(exc))
+
+
+def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
+    def parse(row: dict, info: dict):
+        preference = row.get("rejected_conversations") is not None
+        prompt = _prompt_text(row["conversations"], single_turn=preference)
+        reference = info.get("reference")
+        if preference:
+            return row.get("image"), prompt, reference, [
+                _pair_from(_answer_text(row["conversations"]), row["rejected_conversations"], info, method)]
+        if reference is None:
+            # A LLaVA instruction record (no rejected side): its answer to the first question is
+            # the item's reference, which POVID takes as the chosen answer (as its paper does
+            # with LLaVA-Instruct).
+            reference = _first_answer(row["conversations"])
+        return row.get("image"), prompt, reference, []
+
+    return _read_conversation_json(path, images_root, dataset, split, parse)
 
 
 def _first_answer(turns: list) -> str:
@@ -784,41 +794,16 @@ def _info_block(row: dict) -> dict:
 
 
 def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split: str | None, method: str | None):
-    try:
-        data = _read_json(path)
-    except (OSError, ValueError) as exc:
-        yield _Bad(path.name, f"not valid JSON ({exc})")
-        return
-    if not isinstance(data, list):
-        yield _Bad(path.name, "expected a JSON list of records")
-        return
-    for index, row in enumerate(data):
-        label = f"{path.name} record {index}"
-        try:
-            if not isinstance(row, dict):
-                raise ValueError("record is not an object")
-            info = _info_block(row)
-            images = row.get("images") or []
-            if isinstance(images, str):
-                images = [images]
-            if not isinstance(images, list) or len(images) != 1:
-                raise ValueError(f"expected exactly one image, found {len(images) if isinstance(images, list) else images!r}")
-            if not isinstance(row.get("conversations"), list):
-                raise ValueError("'conversations' must be a list of turns")
-            yield _Record(
-                label,
-                safe_join(images_root, images[0]),
-                str(images[0]),
-                _item_prompt(info, _prompt_text(row["conversations"])),
-                reference=info.get("reference"),
-                objects=_objects(info.get("objects")),
-                dataset=dataset or info.get("dataset") or "default",
-                split=split or info.get("split") or "train",
-                meta=_meta_json(info.get("item_meta"), "item_meta"),
-                pairs=[_pair_from(row["chosen"], row["rejected"], info, method)],
-            )
-        except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
-            yield _Bad(label, str(exc))
+    def parse(row: dict, info: dict):
+        images = row.get("images") or []
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or len(images) != 1:
+            raise ValueError(f"expected exactly one image, found {len(images) if isinstance(images, list) else images!r}")
+        return images[0], _prompt_text(row["conversations"]), info.get("reference"), [
+            _pair_from(row["chosen"], row["rejected"], info, method)]
+
+    return _read_conversation_json(path, images_root, dataset, split, parse)
 
 
 def _no_decode(feature: Any) -> Any | None:
