@@ -249,6 +249,58 @@ def test_hub_unreachable_probes_the_endpoint_unless_a_proxy_decides(monkeypatch)
     assert registry.hub_unreachable() is None
 
 
+def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch, tmp_path):
+    """Online, an id the cache lacks is looked up on the Hub (here a local server speaking the
+    Hub's API): one it does not hold is refused with the reason; one it holds passes; a Hub that
+    answers with a server error refuses nothing (the load itself will say what failed)."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+
+    asked = []
+
+    class FakeHub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            asked.append(self.path)
+            if self.path.startswith("/api/models/org/present"):
+                body, status, headers = b'{"id": "org/present", "sha": "0" }', 200, {}
+            elif self.path.startswith("/api/models/org/broken"):
+                body, status, headers = b"{}", 500, {}
+            else:
+                body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *registry._PROXY_VARIABLES):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        with pytest.raises(ModelLoadError, match="the Hugging Face Hub has no such model"):
+            registry.check_model_ref("org/missing")
+        registry.check_model_ref("org/present")
+        registry.check_model_ref("org/broken")
+    finally:
+        server.shutdown()
+    # (the client also asks other routes of its own, such as /api/agent-harnesses)
+    assert [path.split("?")[0] for path in asked if path.startswith("/api/models/")] == [
+        "/api/models/org/missing", "/api/models/org/present", "/api/models/org/broken"]
+
+
 def test_a_local_directory_never_goes_to_the_network(fake_loads, model_dir):
     calls, outcomes = fake_loads
     outcomes[True] = OSError("broken weights")

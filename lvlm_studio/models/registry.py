@@ -76,8 +76,9 @@ def resolve_model_ref(ref: str) -> tuple[str, bool]:
 
 def check_model_ref(ref: str) -> None:
     """Refuse a model that cannot load, without loading it: a missing demo or local directory, a
-    malformed id, or a Hub id the cache lacks while downloading is off or the Hub cannot be
-    reached (what ``load_backend`` would say). For runs that end before any model is needed."""
+    malformed id, a Hub id the cache lacks while downloading is off or the Hub cannot be reached
+    (what ``load_backend`` would say), or one the Hub says it does not hold. For runs that end
+    before any model is needed."""
     _, local = resolve_model_ref(ref)
     if local:
         return
@@ -96,6 +97,17 @@ def check_model_ref(ref: str) -> None:
             f"Could not load model {ref!r}: it is not a local directory, and it is not in the Hugging Face "
             f"cache; {why}. Download it on a connected machine (huggingface-cli download {ref}) or use "
             "'demo' or a local directory."
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        exists = HfApi().repo_exists(ref)
+    except Exception:  # a timeout, a proxy, a rate limit: the Hub did not say no, the load will tell
+        return
+    if not exists:
+        raise ModelLoadError(
+            f"Could not load model {ref!r}: the Hugging Face Hub has no such model (or it is private and "
+            "this machine's token has no access to it). Check the id, or log in (hf auth login)."
         )
 
 
