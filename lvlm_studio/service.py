@@ -31,7 +31,7 @@ from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
 from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
-from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, Store, live_decisions
+from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, NotFoundError, Store, live_decisions
 
 METHODS = ("csr", "povid", "stic")
 REVIEW_DECISIONS = ("accept", "swap", "reject_both", "edit")
@@ -777,7 +777,7 @@ class Studio:
     def get_pair(self, pair_id: int, reviewer: str | None = None) -> dict:
         pair = self.store.get_pair(whole_number(pair_id, "pair id"))
         if pair is None:
-            raise LookupError(f"pair {pair_id} does not exist")
+            raise NotFoundError(f"pair {pair_id} does not exist")
         return self._view(pair, _optional_reviewer(reviewer))
 
     def _view(self, pair: dict, reviewer: str | None) -> dict:
@@ -997,7 +997,7 @@ class Studio:
             n = whole_number(n, "the number of evaluation items") or None  # 0: every item, as eval_items reads it
         rnd = self.store.get_round(round_id)
         if rnd is None:
-            raise LookupError(f"round {round_id} does not exist")
+            raise NotFoundError(f"round {round_id} does not exist")
         items = self._eval_items_by_id(item_ids) if item_ids is not None else self.eval_items(n)
         if not items:  # an empty evaluation would replace the round's metrics with nothing
             raise ValueError("no items to evaluate" + ("" if item_ids is not None else
@@ -1105,7 +1105,7 @@ class Studio:
         for rid in (a, b):
             row = rounds[rid] = self.store.get_round(rid)
             if rid != BASE_ROUND_ID and row is None:
-                raise LookupError(f"round {rid} does not exist")
+                raise NotFoundError(f"round {rid} does not exist")
             outputs[rid] = self.store.eval_outputs(rid)
             if not outputs[rid] and row is not None and row["status"] != "done":
                 # Say why there is nothing to show instead of an empty comparison.
