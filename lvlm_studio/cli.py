@@ -505,6 +505,18 @@ def eval_table(ev: dict) -> str:
     return table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
 
 
+def bracket_spans(text: str, spans: list[dict]) -> str:
+    """``text`` with each of ``spans`` (start/end character offsets) in [brackets]; a span that
+    overlaps an earlier one is left out."""
+    out, last = [], 0
+    for s in sorted(spans, key=lambda s: s["start"]):
+        if s["start"] < last:
+            continue
+        out += [text[last:s["start"]], "[", text[s["start"]:s["end"]], "]"]
+        last = s["end"]
+    return "".join(out) + text[last:]
+
+
 def mark_hallucinations(view: dict | None) -> str:
     """An evaluation answer with its hallucinated objects in [brackets] (from the stored spans)."""
     if view is None:
@@ -512,13 +524,7 @@ def mark_hallucinations(view: dict | None) -> str:
     text = view.get("answer") or ""
     spans = [s for s in (view.get("spans") or []) if s.get("hallucinated")]
     if spans:
-        out, last = [], 0
-        for s in sorted(spans, key=lambda s: s["start"]):
-            if s["start"] < last:
-                continue
-            out += [text[last:s["start"]], "[", text[s["start"]:s["end"]], "]"]
-            last = s["end"]
-        return "".join(out) + text[last:]
+        return bracket_spans(text, spans)
     if view.get("hallucinated"):
         return f"{text}  (hallucinated: {', '.join(map(str, view['hallucinated']))})"
     return text
@@ -665,6 +671,182 @@ def generate_cmd(
                 + (f"\n{report['note']}" if report.get("note") else ""))
 
     emit(result, as_json, human)
+
+
+# ------------------------------------------------------------------------------ review
+review_app = typer.Typer(help="Review pairs from the terminal, as the Review tab does: next, show, decide, "
+                              "undo, progress, agreement.", no_args_is_help=True)
+
+ReviewerOption = Annotated[
+    str | None,
+    typer.Option("--reviewer", envvar="LVLM_STUDIO_USER", help="Who is reviewing (default $LVLM_STUDIO_USER)."),
+]
+REVIEW_STATUSES = ("pending", "decided", "all")
+
+
+def pair_text(view: dict) -> str:
+    """A pair as the Review tab shows it, in plain text: both candidates sentence by sentence with
+    their calibrated rewards, injected hallucinations in [brackets] with their category, the
+    automatic (or human) label and margin, this reviewer's decision and the notes."""
+    label = view["label"]
+    head = [f"pair {view['pair_id']} · {view['method']} · round {view['round']} · margin {_fmt(view['margin'])}"
+            f" · label: {label['status']}" + (f" by {label['reviewer']}" if label.get("reviewer") else ""),
+            f"image: {view['image_path']}", f"prompt: {view['prompt']}"]
+    if view.get("objects"):
+        head.append("objects in the image: " + ", ".join(map(str, view["objects"])))
+    lines = head
+    for name, side in (("A", "chosen"), ("B", "rejected")):
+        cand = view[side]
+        lines.append(f"{name}, automatic {side} ({cand.get('source') or '-'}, score {_fmt(cand.get('score'))}):")
+        spans = cand.get("spans") or []
+        for sent in cand.get("sentences") or [{"start": 0, "end": len(cand["text"]), "reward": None}]:
+            inside = [{**sp, "start": sp["start"] - sent["start"], "end": sp["end"] - sent["start"]}
+                      for sp in spans if sent["start"] <= sp["start"] and sp["end"] <= sent["end"]]
+            text = bracket_spans(cand["text"][sent["start"]:sent["end"]], inside)
+            reward = sent.get("reward")
+            lines.append(f"  {'' if reward is None else f'{reward:8.3f}  '}{text}")
+        for sp in spans:
+            lines.append(f"    [{cand['text'][sp['start']:sp['end']]}] injected {sp.get('category', '?')}"
+                         + (f", was {sp['original']!r}" if sp.get("original") else ""))
+    if label["status"] != "auto":
+        lines.append(f"effective chosen: {label['chosen_text']}")
+        lines.append(f"effective rejected: {label['rejected_text']}")
+    if view.get("my_decision"):
+        lines.append(f"your decision: {view['my_decision']}")
+    for note in view.get("notes") or []:
+        lines.append(f"note by {note['reviewer']} ({note['decision']}{', undone' if note['undone'] else ''}): {note['note']}")
+    return "\n".join(lines)
+
+
+@cli_command
+def review_next_cmd(
+    reviewer: ReviewerOption = None,
+    method: Annotated[str | None, typer.Option(help="Only pairs of this method.")] = None,
+    round: Annotated[int | None, typer.Option(help="Only pairs built by this round's model.", min=0, max=MAX_ID)] = None,
+    status: Annotated[str, typer.Option(help="pending (not yet decided by you), decided, or all.")] = "pending",
+    as_json: JsonOption = False,
+) -> None:
+    """The next pair in your queue: lowest automatic margin first (the least confident label)."""
+    if status not in REVIEW_STATUSES:
+        raise CLIError(f"--status must be one of {', '.join(REVIEW_STATUSES)}, not {status!r}", EXIT_USAGE)
+    s = studio()
+    try:
+        view = s.next_pair(reviewer, method=method, round=round, status=status)
+    finally:
+        s.store.close()
+    emit({"ok": True, "pair": view}, as_json,
+         lambda: pair_text(view) if view is not None else "no pair left in this queue")
+
+
+@cli_command
+def review_show_cmd(
+    pair_id: Annotated[int, typer.Argument(help="The pair's id.", min=1, max=MAX_ID)],
+    reviewer: ReviewerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One pair, with your decision on it when --reviewer names you."""
+    s = studio()
+    try:
+        view = s.get_pair(pair_id, reviewer)
+    finally:
+        s.store.close()
+    emit({"ok": True, "pair": view}, as_json, lambda: pair_text(view))
+
+
+@cli_command
+def review_decide_cmd(
+    pair_id: Annotated[int, typer.Argument(help="The pair's id.", min=1, max=MAX_ID)],
+    decision: Annotated[str, typer.Argument(help="accept, swap, reject_both or edit.")],
+    reviewer: ReviewerOption = None,
+    text: Annotated[str | None, typer.Option(help="With edit: the corrected chosen answer.")] = None,
+    note: Annotated[str | None, typer.Option(help="Why (shown to other reviewers).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a decision on a pair (appended; undo cancels it): the store keeps every decision."""
+    from lvlm_studio.service import REVIEW_DECISIONS
+
+    if decision not in REVIEW_DECISIONS:
+        raise CLIError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}, not {decision!r}", EXIT_USAGE)
+    if text is not None and decision != "edit":
+        raise CLIError("--text goes with the edit decision only", EXIT_USAGE)
+    s = studio()
+    try:
+        result = s.decide(pair_id, reviewer, decision, edited_text=text, note=note)
+    finally:
+        s.store.close()
+    emit({"ok": True, **result}, as_json,
+         f"pair {result['pair_id']}: {decision} recorded (review {result['review_id']}); "
+         f"label now {result['label']['status']}")
+
+
+@cli_command
+def review_undo_cmd(
+    reviewer: ReviewerOption = None,
+    pair: Annotated[int | None, typer.Option(help="Undo your decision on this pair (default: your latest).", min=1, max=MAX_ID)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel your latest live decision (or the one on --pair)."""
+    s = studio()
+    try:
+        result = s.undo(reviewer, pair_id=pair)
+    finally:
+        s.store.close()
+    if result is None:
+        emit({"ok": True, "undone": None}, as_json, "nothing to undo")
+        return
+    emit({"ok": True, "undone": result}, as_json,
+         f"pair {result['pair_id']}: decision undone; label now {result['label']['status']}")
+
+
+@cli_command
+def review_progress_cmd(
+    reviewer: ReviewerOption = None,
+    method: Annotated[str | None, typer.Option(help="Only pairs of this method.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Pairs decided out of all pairs, per reviewer (and yours with --reviewer)."""
+    s = studio()
+    try:
+        result = s.progress(reviewer, method=method)
+    finally:
+        s.store.close()
+
+    def human() -> str:
+        lines = [f"{result['done']} of {counted(result['total'], 'pair')} decided by someone"]
+        if "reviewer" in result:
+            lines.append(f"{result['reviewer']}: {result['reviewer_done']} decided")
+        lines += [f"  {name}: {n}" for name, n in sorted(result["per_reviewer"].items())]
+        return "\n".join(lines)
+
+    emit({"ok": True, **result}, as_json, human)
+
+
+@cli_command
+def review_agreement_cmd(
+    buckets: Annotated[int, typer.Option(help="Margin buckets for the override rate.", min=1, max=100)] = 4,
+    as_json: JsonOption = False,
+) -> None:
+    """Agreement between reviewers (Cohen's kappa per pair of reviewers, Fleiss' kappa) and how
+    often people overrule the automatic label, by automatic-margin bucket."""
+    s = studio()
+    try:
+        result = s.agreement(buckets=buckets)
+    finally:
+        s.store.close()
+
+    def human() -> str:
+        lines = [f"reviewers: {', '.join(result['reviewers']) or '-'}; "
+                 f"pairs rated by two or more: {result['items_multi_rated']}; Fleiss' kappa {_fmt(result['fleiss_kappa'])}"]
+        if result["cohen"]:
+            lines.append(table(["reviewer A", "reviewer B", "shared pairs", "Cohen's kappa"],
+                               [[c["a"], c["b"], c["n"], c["kappa"]] for c in result["cohen"]]))
+        lines.append(f"override rate (swap, reject both, edit): {_fmt(result['override_rate'])}")
+        if result["override_by_margin"]:
+            lines.append(table(["automatic margin", "pairs", "override rate"],
+                               [[b["bucket"], b["n"], b["override_rate"]] for b in result["override_by_margin"]]))
+        return "\n".join(lines)
+
+    emit({"ok": True, **result}, as_json, human)
 
 
 # ------------------------------------------------------------------------------ training rounds
@@ -970,6 +1152,11 @@ def _register() -> None:
     app.command("compare")(compare_cmd)
     app.command("eval")(eval_cmd)
     app.command("serve")(serve_cmd)
+    for name, command in (("next", review_next_cmd), ("show", review_show_cmd), ("decide", review_decide_cmd),
+                          ("undo", review_undo_cmd), ("progress", review_progress_cmd),
+                          ("agreement", review_agreement_cmd)):
+        review_app.command(name)(command)
+    app.add_typer(review_app, name="review")
 
 
 _register()

@@ -701,3 +701,90 @@ def test_options_that_cannot_run_are_refused_and_out_of_memory_is_one_line(env, 
     store = open_store(env)
     assert store.stats() == before
     store.close()
+
+
+# ------------------------------------------------------------------------------ review
+def _reviewable_pairs(store, make_items) -> tuple[int, int]:
+    """A CSR pair whose sentences carry calibrated rewards (margin 0.5) and a POVID pair whose
+    rejected side holds two injected hallucinations (margin 2.0): (csr pair id, povid pair id)."""
+    csr_item, povid_item = make_items(2, seed0=700)
+    good, bad = "There is a red circle. There is a blue star.", "There is a <b>green</b> square."
+    store.write_generation(csr_item, [
+        {"text": good, "source": "csr", "model": "m", "round": 0, "score": 1.25, "sentences": [
+            {"start": 0, "end": 22, "text": good[:22], "reward": 0.875},
+            {"start": 23, "end": 44, "text": good[23:], "reward": -0.5}]},
+        {"text": bad, "source": "csr", "model": "m", "round": 0, "score": -2.0, "sentences": [
+            {"start": 0, "end": len(bad), "text": bad, "reward": -3.25}]},
+    ], [{"chosen": 0, "rejected": 1, "method": "csr", "margin": 0.5, "round": 0}])
+    truth, injected = "There is a large red circle at the top.", "There is a small red star at the top."
+    store.write_generation(povid_item, [
+        {"text": truth, "source": "reference", "model": "m", "round": 0},
+        {"text": injected, "source": "povid_inject", "model": "m", "round": 0, "spans": [
+            {"start": 11, "end": 16, "category": "attribute", "original": "large", "injected": "small"},
+            {"start": 21, "end": 25, "category": "object", "original": "circle", "injected": "star"}]},
+    ], [{"chosen": 0, "rejected": 1, "method": "povid", "margin": 2.0, "round": 0}])
+    return (store.find_pair(csr_item, good, bad, "csr"), store.find_pair(povid_item, truth, injected, "povid"))
+
+
+def test_review_commands_walk_a_queue_and_store_every_decision(env, store, make_items, monkeypatch):
+    """`review next` serves the lowest margin first and shows each sentence's reward and the
+    injected hallucinations in brackets with their category; `decide` appends decisions that set
+    the label; `show` gives this reviewer's decision and the notes; `undo` cancels the latest;
+    `progress` and `agreement` read the same decisions."""
+    csr_pair, povid_pair = _reviewable_pairs(store, make_items)
+    monkeypatch.setenv("LVLM_STUDIO_USER", "amy")  # the reviewer, unless --reviewer names another
+
+    first = run("review", "next")
+    assert first.exit_code == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"pair {csr_pair} · csr · round 0 · margin 0.500 · label: auto"
+    assert "     0.875  There is a red circle." in lines and "    -0.500  There is a blue star." in lines
+    assert "    -3.250  There is a <b>green</b> square." in lines  # text, as typed: no markup here
+    assert ok_json("review", "next")["pair"]["pair_id"] == csr_pair
+
+    povid = run("review", "next", "--method", "povid").stdout.splitlines()
+    assert "  There is a [small] red [star] at the top." in povid
+    assert "    [small] injected attribute, was 'large'" in povid and "    [star] injected object, was 'circle'" in povid
+
+    decided = ok_json("review", "decide", csr_pair, "swap", "--note", "the star is absent")
+    assert decided["label"]["status"] == "swap" and decided["label"]["chosen_text"].startswith("There is a <b>")
+    assert ok_json("review", "next")["pair"]["pair_id"] == povid_pair  # amy's queue moved on
+    edit = ok_json("review", "decide", povid_pair, "edit", "--reviewer", "bob", "--text", "A red circle.")
+    assert edit["label"] == {**edit["label"], "status": "edit", "chosen_text": "A red circle.", "reviewer": "bob"}
+    ok_json("review", "decide", csr_pair, "accept", "--reviewer", "bob")
+
+    shown = run("review", "show", csr_pair).stdout  # amy, from the environment
+    assert "label: accept by bob" in shown and "your decision: swap" in shown
+    assert "note by amy (swap): the star is absent" in shown
+
+    progress = ok_json("review", "progress")
+    assert (progress["total"], progress["done"], progress["reviewer_done"]) == (2, 2, 1)
+    assert progress["per_reviewer"] == {"amy": {"done": 1, "total": 2}, "bob": {"done": 2, "total": 2}}
+    agreement = ok_json("review", "agreement")
+    assert agreement["reviewers"] == ["amy", "bob"] and agreement["cohen"][0]["n"] == 1
+    assert agreement["override_rate"] == 0.5  # bob accepted the CSR pair, edited the POVID one
+    assert "amy         bob         1" in run("review", "agreement").stdout
+
+    undone = ok_json("review", "undo")
+    assert undone["undone"]["pair_id"] == csr_pair and undone["undone"]["label"]["status"] == "accept"
+    assert ok_json("review", "undo")["undone"] is None  # amy has nothing left to undo
+    assert "note by amy (swap, undone)" in run("review", "show", csr_pair).stdout
+    decisions = [(r["reviewer"], r["decision"]) for r in store.pair_reviews(csr_pair)]
+    assert decisions == [("amy", "swap"), ("bob", "accept"), ("amy", "undo")]
+
+
+def test_review_commands_refuse_bad_input_without_writing(env, store, make_items, monkeypatch):
+    csr_pair, _ = _reviewable_pairs(store, make_items)
+    fails("review", "decide", csr_pair, "maybe", "--reviewer", "amy",
+          message="decision must be one of accept, swap, reject_both, edit, not 'maybe'", code=2)
+    fails("review", "decide", csr_pair, "accept", "--reviewer", "amy", "--text", "x",
+          message="--text goes with the edit decision only", code=2)
+    fails("review", "decide", csr_pair, "edit", "--reviewer", "amy", message="an edit needs the edited text", code=1)
+    fails("review", "decide", csr_pair, "accept", message="a reviewer name is needed", code=1)
+    fails("review", "decide", 99999, "accept", "--reviewer", "amy", message="pair 99999 does not exist", code=1)
+    fails("review", "show", 99999, message="pair 99999 does not exist", code=1)
+    fails("review", "next", "--reviewer", "amy", "--method", "csrr", message="unknown method 'csrr'", code=2)
+    fails("review", "next", "--reviewer", "amy", "--status", "open", message="--status must be one of", code=2)
+    assert store.pair_reviews(csr_pair) == []
+    assert run("review", "next", "--reviewer", "amy", "--method", "stic").stdout.strip() == (
+        "no pair left in this queue")
