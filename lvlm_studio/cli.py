@@ -112,6 +112,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def cli_command(func: F) -> F:
@@ -303,6 +304,15 @@ def studio(model: str | None = None, clip: str | None = None):
 
     overrides = {k: v for k, v in (("model", model), ("clip", clip)) if v}
     return Studio(Settings(**overrides))
+
+
+def studio_call(call: Callable[[Any], T]) -> T:
+    """``call(studio())``, the studio's store closed afterwards."""
+    s = studio()
+    try:
+        return call(s)
+    finally:
+        s.store.close()
 
 
 class Progress:
@@ -729,11 +739,7 @@ def review_next_cmd(
     """The next pair in your queue: lowest automatic margin first (the least confident label)."""
     if status not in REVIEW_STATUSES:
         raise CLIError(f"--status must be one of {', '.join(REVIEW_STATUSES)}, not {status!r}", EXIT_USAGE)
-    s = studio()
-    try:
-        view = s.next_pair(reviewer, method=method, round=round, status=status)
-    finally:
-        s.store.close()
+    view = studio_call(lambda s: s.next_pair(reviewer, method=method, round=round, status=status))
     emit({"ok": True, "pair": view}, as_json,
          lambda: pair_text(view) if view is not None else "no pair left in this queue")
 
@@ -745,11 +751,7 @@ def review_show_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """One pair, with your decision on it when --reviewer names you."""
-    s = studio()
-    try:
-        view = s.get_pair(pair_id, reviewer)
-    finally:
-        s.store.close()
+    view = studio_call(lambda s: s.get_pair(pair_id, reviewer))
     emit({"ok": True, "pair": view}, as_json, lambda: pair_text(view))
 
 
@@ -769,11 +771,7 @@ def review_decide_cmd(
         raise CLIError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}, not {decision!r}", EXIT_USAGE)
     if text is not None and decision != "edit":
         raise CLIError("--text goes with the edit decision only", EXIT_USAGE)
-    s = studio()
-    try:
-        result = s.decide(pair_id, reviewer, decision, edited_text=text, note=note)
-    finally:
-        s.store.close()
+    result = studio_call(lambda s: s.decide(pair_id, reviewer, decision, edited_text=text, note=note))
     emit({"ok": True, **result}, as_json,
          f"pair {result['pair_id']}: {decision} recorded (review {result['review_id']}); "
          f"label now {result['label']['status']}")
@@ -786,11 +784,7 @@ def review_undo_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel your latest live decision (or the one on --pair)."""
-    s = studio()
-    try:
-        result = s.undo(reviewer, pair_id=pair)
-    finally:
-        s.store.close()
+    result = studio_call(lambda s: s.undo(reviewer, pair_id=pair))
     if result is None:
         emit({"ok": True, "undone": None}, as_json, "nothing to undo")
         return
@@ -805,11 +799,7 @@ def review_progress_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Pairs decided out of all pairs, per reviewer (and yours with --reviewer)."""
-    s = studio()
-    try:
-        result = s.progress(reviewer, method=method)
-    finally:
-        s.store.close()
+    result = studio_call(lambda s: s.progress(reviewer, method=method))
 
     def human() -> str:
         lines = [f"{result['done']} of {counted(result['total'], 'pair')} decided by someone"]
@@ -828,11 +818,7 @@ def review_agreement_cmd(
 ) -> None:
     """Agreement between reviewers (Cohen's kappa per pair of reviewers, Fleiss' kappa) and how
     often people overrule the automatic label, by automatic-margin bucket."""
-    s = studio()
-    try:
-        result = s.agreement(buckets=buckets)
-    finally:
-        s.store.close()
+    result = studio_call(lambda s: s.agreement(buckets=buckets))
 
     def human() -> str:
         lines = [f"reviewers: {', '.join(result['reviewers']) or '-'}; "
