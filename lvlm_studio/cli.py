@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -70,12 +71,26 @@ def open_store(s: Settings | None = None):
     return Store(s.db_path)
 
 
+# Characters a terminal acts on instead of showing: C0/C1 controls other than newline and tab
+# (ANSI escapes can rewrite the screen or the title) and the bidirectional overrides that make text
+# read in another order than it is stored. Imported answers, prompts and notes are untrusted text.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print ``text`` with every terminal control character shown as an escape (\\x1b, \\u202e)."""
+    typer.echo(_TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text), err=err)
+
+
 def emit(result: dict[str, Any], as_json: bool, human: str | Callable[[], str] | None = None) -> None:
     """Print ``result`` as JSON (``--json``) or the human text."""
     if as_json:
-        typer.echo(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+        # JSON escapes C0 controls itself; the rest become \\u escapes, the same string to a parser
+        text = json.dumps(result, ensure_ascii=False, indent=2, default=str)
+        typer.echo(_TERMINAL_CONTROLS.sub(lambda m: f"\\u{ord(m[0]):04x}", text))
     elif human is not None:
-        typer.echo(human() if callable(human) else human)
+        say(human() if callable(human) else human)
 
 
 def _is_usage_error(exc: BaseException) -> bool:
@@ -146,7 +161,7 @@ def fail(message: str, code: int, as_json: bool) -> None:
     """One 'error:' line on stderr (and the JSON error object on stdout with --json), then exit."""
     if as_json:
         emit({"ok": False, "error": message}, True)
-    typer.echo(f"error: {message}", err=True)
+    say(f"error: {message}", err=True)
     raise typer.Exit(code) from None
 
 
@@ -227,7 +242,7 @@ def import_cmd(
         raise typer.Exit(EXIT_PARTIAL)
     if report.status == "failed":
         # stderr says so in --json mode too, as every other failing command does
-        typer.echo("error: nothing was imported" + (f" ({report.errors[0]})" if report.errors else ""), err=True)
+        say("error: nothing was imported" + (f" ({report.errors[0]})" if report.errors else ""), err=True)
         raise typer.Exit(EXIT_FAILURE)
 
 
@@ -891,7 +906,7 @@ def train_cmd(
     if not ok:
         if as_json:
             emit(result, True)
-        typer.echo(f"error: round {round_id} {row['status']}: {row.get('error') or 'no reason recorded'}", err=True)
+        say(f"error: round {round_id} {row['status']}: {row.get('error') or 'no reason recorded'}", err=True)
         raise typer.Exit(EXIT_FAILURE)
 
     def human() -> str:
@@ -1000,7 +1015,7 @@ def rounds_cmd(as_json: JsonOption = False) -> None:
     lines = [table(["id", "parent", "status", "progress", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "pairs",
                     "created", "seconds"], body)]
     lines += [f"round {sm['id']}: {sm['error']}" for sm in summaries if sm["status"] == "failed" and sm["error"]]
-    typer.echo("\n".join(lines))
+    say("\n".join(lines))
 
 
 @cli_command
@@ -1057,7 +1072,7 @@ def compare_cmd(
         lines.append(f"#{r['item_id']} {r.get('prompt') or ''}  (truth: {', '.join(map(str, r.get('objects') or [])) or '-'})")
         lines.append(f"  {a}: {mark_hallucinations(r['a'])}")
         lines.append(f"  {b}: {mark_hallucinations(r['b'])}")
-    typer.echo("\n".join(lines))
+    say("\n".join(lines))
 
 
 @cli_command

@@ -788,3 +788,24 @@ def test_review_commands_refuse_bad_input_without_writing(env, store, make_items
     assert store.pair_reviews(csr_pair) == []
     assert run("review", "next", "--reviewer", "amy", "--method", "stic").stdout.strip() == (
         "no pair left in this queue")
+
+
+def test_cli_shows_terminal_control_characters_in_stored_text_as_escapes(env, store, make_items):
+    """An imported answer is untrusted text: an ANSI escape (which can retitle or clear the
+    terminal), a carriage return or a bidirectional override in it is printed as a visible escape,
+    in the human output and in --json, whose parser still reads back the stored text."""
+    item, = make_items(1, seed0=720)
+    hostile = "A red circle.\x1b]0;owned\x07\rA blue \u202estar\x9b2J."
+    store.write_generation(item, [{"text": hostile, "source": "csr", "model": "m", "round": 0},
+                                  {"text": "A green square.", "source": "csr", "model": "m", "round": 0}],
+                           [{"chosen": 0, "rejected": 1, "method": "csr", "margin": 1.0, "round": 0}])
+    pair = store.find_pair(item, hostile, "A green square.", "csr")
+    shown = run("review", "show", pair)
+    assert shown.exit_code == 0, shown.stderr
+    assert "A red circle.\\x1b]0;owned\\x07\\x0dA blue \\u202estar\\x9b2J." in shown.stdout
+    assert not any(ch in shown.stdout for ch in "\x1b\x07\r\u202e\x9b")
+    raw = run("review", "show", pair, "--json").stdout
+    assert not any(ch in raw for ch in "\x1b\x07\r\u202e\x9b")
+    assert json.loads(raw)["pair"]["chosen"]["text"] == hostile
+    error = run("review", "next", "--reviewer", "amy", "--method", "x\x1b[2J")  # echoed in the error line
+    assert error.exit_code == 2 and "x\\x1b[2J" in error.stderr and "\x1b" not in error.stderr
