@@ -63,6 +63,17 @@ def settings() -> Settings:
     return Settings()
 
 
+def existing_settings() -> Settings:
+    """Settings for a command that reads or reviews what is stored: a data root without a store is
+    an error, not a new empty one (a mistyped LVLM_STUDIO_HOME used to show zeros, and leave a
+    folder behind)."""
+    s = settings().check_home()
+    if not s.db_path.is_file():
+        raise CLIError(f"no LVLM Studio store at {s.home} (LVLM_STUDIO_HOME): `lvlm-studio init` creates one, "
+                       "`lvlm-studio demo seed` fills it with the demo world")
+    return s
+
+
 def open_store(s: Settings | None = None):
     """Create the data root's folders and open (and migrate) its store."""
     from lvlm_studio.store import Store
@@ -264,7 +275,7 @@ def export_cmd(
 
     if format not in io.EXPORT_FORMATS:
         raise CLIError(f"unknown export format {format!r}; expected one of {', '.join(io.EXPORT_FORMATS)}", EXIT_USAGE)
-    store = open_store()
+    store = open_store(existing_settings())
     try:
         check_methods(store, method)  # the service's check: io.export_pairs below is called directly
         require_round(store, round)
@@ -289,7 +300,7 @@ def export_cmd(
 @cli_command
 def stats_cmd(as_json: JsonOption = False) -> None:
     """Counts per table, per method, per decision and per label."""
-    store = open_store()
+    store = open_store(existing_settings())
     try:
         stats = store.stats()
     finally:
@@ -312,18 +323,21 @@ def stats_cmd(as_json: JsonOption = False) -> None:
 
 
 # ------------------------------------------------------------------------------ studio helpers
-def studio(model: str | None = None, clip: str | None = None):
+def studio(model: str | None = None, clip: str | None = None, existing: bool = False):
     """A ``service.Studio`` on the data root, with ``--model`` / ``--clip`` overriding
-    LVLM_STUDIO_MODEL / LVLM_STUDIO_CLIP. Accounts and admins come from the environment."""
+    LVLM_STUDIO_MODEL / LVLM_STUDIO_CLIP. Accounts and admins come from the environment.
+    ``existing``: the data root must already hold a store (``existing_settings``)."""
     from lvlm_studio.service import Studio
 
+    if existing:
+        existing_settings()
     overrides = {k: v for k, v in (("model", model), ("clip", clip)) if v}
     return Studio(Settings(**overrides))
 
 
 def studio_call(call: Callable[[Any], T]) -> T:
-    """``call(studio())``, the studio's store closed afterwards."""
-    s = studio()
+    """``call(studio())`` on a data root that holds a store, the studio's store closed afterwards."""
+    s = studio(existing=True)
     try:
         return call(s)
     finally:
@@ -672,7 +686,7 @@ def generate_cmd(
     if n is not None and n < 1:
         raise CLIError(f"--n must be at least 1, not {n}", EXIT_USAGE)
     params = method_params(method, param)
-    s = studio(model=model, clip=clip)
+    s = studio(model=model, clip=clip, existing=True)
     try:
         with Progress(f"{method} pairs") as bar:
             report = s.generate(
@@ -880,7 +894,7 @@ def train_cmd(
     if include_auto:
         cfg["include_auto"] = True
     DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
-    s = studio(model=model)
+    s = studio(model=model, existing=True)
     try:
         require_round(s.store, from_round)
         # A misspelt method (service.UnknownMethodError) or a round with nothing to train on is refused (JobError) here, before it is created.
@@ -970,7 +984,7 @@ def cancel_cmd(
     """Cancel a queued or running round (SIGTERM, then SIGKILL after --timeout)."""
     from lvlm_studio.jobs import ACTIVE
 
-    s = studio()
+    s = studio(existing=True)
     try:
         row = s.get_round(round_id)
         if row is None:
@@ -996,7 +1010,7 @@ def rounds_cmd(as_json: JsonOption = False) -> None:
     """Training rounds: lineage, status, progress, evaluation metrics, pairs, times."""
     from lvlm_studio import jobs
 
-    s = settings()
+    s = existing_settings()
     rows = jobs.refresh(s)  # rounds whose process died are marked failed on the way
     summaries = [round_summary(r) for r in rows]
     if as_json:
@@ -1032,7 +1046,7 @@ def compare_cmd(
 
     if limit is not None and limit < 0:
         raise CLIError(f"--limit must be 0 or more, not {limit}", EXIT_USAGE)
-    s = studio()
+    s = studio(existing=True)
     try:
         for rid in (a, b):
             require_round(s.store, rid)

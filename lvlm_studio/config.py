@@ -102,9 +102,14 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
-    def ensure_dirs(self) -> Settings:
+    def check_home(self) -> Settings:
+        """Refuse a data root that is a file (a folder that does not exist yet is fine)."""
         if self.home.exists() and not self.home.is_dir():
             raise ValueError(f"the data root {self.home} is a file, not a folder (LVLM_STUDIO_HOME)")
+        return self
+
+    def ensure_dirs(self) -> Settings:
+        self.check_home()
         for path in (self.home, self.images_dir, self.adapters_dir, self.runs_dir):
             path.mkdir(parents=True, exist_ok=True)
         return self

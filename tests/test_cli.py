@@ -124,6 +124,9 @@ def test_failed_import_exit_1(home, tmp_path):
 
 def test_main_entry_point(home):
     with pytest.raises(SystemExit) as info:
+        main(["init", "--json"])
+    assert info.value.code == 0
+    with pytest.raises(SystemExit) as info:
         main(["stats", "--json"])
     assert info.value.code == 0
     with pytest.raises(SystemExit) as info:
@@ -150,6 +153,7 @@ def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monke
                                                        "eval_split": "val"}
     # A list option of a method is accepted (the CLI makes it a tuple, the service checks it again):
     # the run gets as far as finding no items.
+    assert run("init").exit_code == 0
     result = run("generate", "--method", "povid", "--param", 'categories=["object"]')
     assert result.exit_code == 1 and "no items to generate" in result.stderr
     (tmp_path / "bad").mkdir()
@@ -282,6 +286,7 @@ def test_out_of_range_numbers_are_refused_by_name(home):
     """Negative seeds, counts and timeouts are usage errors (exit 2, before anything runs); a
     round id too large for SQLite is one error line, not an OverflowError traceback; an empty
     --methods no longer means every method."""
+    assert run("init").exit_code == 0
     for args, message in ((["generate", "--method", "povid", "--seed", "-1"], "--seed"),
                           (["generate", "--method", "povid", "--seed", str(2**70)], "--seed"),
                           (["demo", "seed", "--train", "-5"], "--train"),
@@ -305,3 +310,22 @@ def test_out_of_range_numbers_are_refused_by_name(home):
     store = Store(home / "studio.db")
     assert [r["id"] for r in store.list_rounds()] == [0]  # no round was started
     store.close()
+
+
+def test_commands_that_read_the_store_refuse_a_data_root_without_one(home, tmp_path):
+    """A mistyped LVLM_STUDIO_HOME: the commands that read or review what is stored say there is
+    no store there, and how to make one, instead of creating an empty one and showing zeros; they
+    leave nothing on disk. Commands that build a store (init, import, demo seed, eval) still create it."""
+    for args in (["stats"], ["rounds"], ["compare", "0", "1"], ["export", str(tmp_path / "out")], ["cancel", "1"],
+                 ["generate", "--method", "csr"], ["train", "--include-auto"],
+                 ["review", "next", "--reviewer", "amy"], ["review", "show", "1"],
+                 ["review", "decide", "1", "accept", "--reviewer", "amy"], ["review", "undo", "--reviewer", "amy"],
+                 ["review", "progress"], ["review", "agreement"]):
+        for extra in ([], ["--json"]):
+            result = run(*args, *extra)
+            assert result.exit_code == 1, (args, result.output)
+            assert result.stderr.strip() == (f"error: no LVLM Studio store at {home} (LVLM_STUDIO_HOME): "
+                                              "`lvlm-studio init` creates one, `lvlm-studio demo seed` fills it "
+                                              "with the demo world"), args
+    assert not home.exists() and not (tmp_path / "out").exists()
+    assert run("init").exit_code == 0 and run("stats").exit_code == 0
