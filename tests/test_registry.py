@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -251,14 +252,15 @@ def test_hub_unreachable_probes_the_endpoint_unless_a_proxy_decides(monkeypatch)
 
 def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch, tmp_path):
     """Online, an id the cache lacks is looked up on the Hub (here a local server speaking the
-    Hub's API): one it does not hold is refused with the reason; one it holds passes; a Hub that
-    answers with a server error refuses nothing (the load itself will say what failed)."""
+    Hub's API): one it does not hold is refused with the reason; one it holds, or holds gated,
+    passes; a Hub that answers with a server error, or not within the timeout, refuses nothing
+    (the load itself will say what failed) and holds nothing up."""
     import http.server
     import threading
 
     import huggingface_hub.constants
 
-    asked = []
+    asked, silent = [], threading.Event()
 
     class FakeHub(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the stdlib's name)
@@ -267,6 +269,11 @@ def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch,
                 body, status, headers = b'{"id": "org/present", "sha": "0" }', 200, {}
             elif self.path.startswith("/api/models/org/broken"):
                 body, status, headers = b"{}", 500, {}
+            elif self.path.startswith("/api/models/org/gated"):
+                body, status, headers = b'{"error": "gated"}', 403, {"X-Error-Code": "GatedRepo"}
+            elif self.path.startswith("/api/models/org/silent"):  # accepts, never answers in time
+                silent.wait(5)
+                return
             else:
                 body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
             self.send_response(status)
@@ -294,11 +301,18 @@ def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch,
             registry.check_model_ref("org/missing")
         registry.check_model_ref("org/present")
         registry.check_model_ref("org/broken")
+        registry.check_model_ref("org/gated")  # it exists; whether this token may read it is the load's
+        monkeypatch.setattr(registry, "HUB_QUERY_TIMEOUT", 0.5)
+        started = time.monotonic()
+        registry.check_model_ref("org/silent")  # the Hub did not say no: nothing refused, and no hang
+        assert time.monotonic() - started < 4
     finally:
+        silent.set()
         server.shutdown()
     # (the client also asks other routes of its own, such as /api/agent-harnesses)
     assert [path.split("?")[0] for path in asked if path.startswith("/api/models/")] == [
-        "/api/models/org/missing", "/api/models/org/present", "/api/models/org/broken"]
+        "/api/models/org/missing", "/api/models/org/present", "/api/models/org/broken", "/api/models/org/gated",
+        "/api/models/org/silent"]
 
 
 def test_a_local_directory_never_goes_to_the_network(fake_loads, model_dir):

@@ -34,6 +34,9 @@ def is_offline() -> bool:
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
+HUB_QUERY_TIMEOUT = 10.0  # seconds check_model_ref waits for the Hub's answer about an id
+
+
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub's host cannot be reached (None: it can, or a proxy decides). One TCP connect
     with a short timeout: without it an unknown id on an offline machine took ~46 s of the Hub
@@ -99,16 +102,21 @@ def check_model_ref(ref: str) -> None:
             "'demo' or a local directory."
         )
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        exists = HfApi().repo_exists(ref)
-    except Exception:  # a timeout, a proxy, a rate limit: the Hub did not say no, the load will tell
+        # a timeout of its own: a proxy or portal that accepts the connection and never answers
+        # would otherwise hold the run forever (the client's default is none)
+        HfApi().repo_info(ref, timeout=HUB_QUERY_TIMEOUT)
+    except GatedRepoError:  # it exists; access is the load's question
         return
-    if not exists:
+    except RepositoryNotFoundError:
         raise ModelLoadError(
             f"Could not load model {ref!r}: the Hugging Face Hub has no such model (or it is private and "
             "this machine's token has no access to it). Check the id, or log in (hf auth login)."
-        )
+        ) from None
+    except Exception:  # a timeout, a proxy, a rate limit: the Hub did not say no, the load will tell
+        return
 
 
 def load_backend(
