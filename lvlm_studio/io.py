@@ -243,26 +243,47 @@ def _prompt_text(value: Any, *, single_turn: bool = True) -> str:
     if isinstance(value, str):
         return _strip_image_token(value)
     if isinstance(value, list):
-        questions = [m for m in value
-                     if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+        questions = _questions(value)
         if not questions:
             raise ValueError("no user prompt found")
-        if single_turn and len(questions) > 1:
-            raise ValueError(f"a conversation of {len(questions)} questions: a preference pair is one "
-                             "question and its answers; split it into single-turn records")
+        if single_turn:
+            _one_question(questions)
         first = questions[0]
         return _strip_image_token(_content_text(first.get("content", first.get("value"))))
     raise ValueError(f"a prompt is text or a list of messages, not {type(value).__name__}")
 
 
+def _questions(turns: list) -> list[dict]:
+    return [m for m in turns if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+
+
+def _one_question(questions: list) -> None:
+    if len(questions) > 1:
+        raise ValueError(f"a conversation of {len(questions)} questions: a preference pair is one "
+                         "question and its answers; split it into single-turn records")
+
+
+def _record_prompt(row: dict, default: str, preference: bool) -> str:
+    """A JSONL / HF record's prompt: its 'prompt' (text or messages); else, for a preference record
+    in TRL's implicit-prompt form (chosen and rejected hold the whole conversation), the question
+    in its chosen side; else the import's default prompt."""
+    if row.get("prompt") is not None:
+        return _prompt_text(row["prompt"], single_turn=preference)
+    chosen = row.get("chosen")
+    if preference and isinstance(chosen, list) and _questions(chosen):
+        return _prompt_text(chosen)
+    return default
+
+
 def _answer_text(value: Any) -> str:
     """An answer from plain text, a {from, value} turn, or conversational messages (last
-    assistant turn)."""
+    assistant turn; messages that ask several questions are refused, as a prompt that does)."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
         return _content_text(value.get("content", value.get("value")))
     if isinstance(value, list):
+        _one_question(_questions(value))
         for message in reversed(value):
             if isinstance(message, dict) and message.get("role", message.get("from")) in ("assistant", "gpt"):
                 return _content_text(message.get("content", message.get("value")))
@@ -682,12 +703,12 @@ def _record_from_mapping(
     if image is None:
         raise ValueError("missing 'image'")
     path = safe_join(images_root, image)
-    text = row.get("prompt", prompt)
-    prompt_text = _prompt_text(text) if text is not None else prompt
+    preference = row.get("chosen") is not None or row.get("rejected") is not None
+    prompt_text = _record_prompt(row, prompt, preference)
     if not prompt_text.strip():
         raise ValueError("empty 'prompt'")
     pairs = []
-    if row.get("chosen") is not None or row.get("rejected") is not None:
+    if preference:
         if row.get("chosen") is None or row.get("rejected") is None:
             raise ValueError("a pair needs both 'chosen' and 'rejected'")
         pairs.append(_pair_from(row.get("chosen"), row.get("rejected"), row, method))
@@ -857,9 +878,10 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
             label = f"{path.name}[{part_name + '/' if part_name else ''}{index}]"
             try:
                 image, image_name = _hf_image(row[image_column], path, label)
-                prompt_text = _prompt_text(row["prompt"]) if row.get("prompt") is not None else prompt
+                preference = row.get("chosen") is not None and row.get("rejected") is not None
+                prompt_text = _record_prompt(row, prompt, preference)
                 pairs = []
-                if row.get("chosen") is not None and row.get("rejected") is not None:
+                if preference:
                     pairs.append(_pair_from(row["chosen"], row["rejected"], row, method))
                 yield _Record(
                     label,

@@ -512,11 +512,32 @@ def test_multi_turn_preference_records_are_refused_alone(store, settings, tmp_pa
                {"role": "user", "content": "What colour is it?"}]
     line = {"image": "a.png", "prompt": history, "chosen": [{"role": "assistant", "content": "Red."}],
             "rejected": [{"role": "assistant", "content": "Blue."}]}
-    (root / "trl.jsonl").write_text(json.dumps(line) + "\n")
+    single = [{"role": "user", "content": "Which colour?"}]
+    lines = [
+        line,
+        # TRL's implicit-prompt form: chosen and rejected hold the whole conversation
+        {"image": "a.png", "chosen": [*history, {"role": "assistant", "content": "Red."}],
+         "rejected": [*history, {"role": "assistant", "content": "Blue."}]},
+        {"image": "a.png", "chosen": [*single, {"role": "assistant", "content": "Red."}],
+         "rejected": [*single, {"role": "assistant", "content": "Green."}]},
+        # no pair: an item keeps its first question, as an instruction record does
+        {"image": "a.png", "prompt": history},
+    ]
+    (root / "trl.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
     report = io.import_path(store, settings, root / "trl.jsonl")
+    assert report.imported == 2 and report.pairs == 1, report.errors
+    assert [e.split(":")[0] for e in report.errors] == ["trl.jsonl line 1", "trl.jsonl line 2"]
+    assert all("a conversation of 2 questions" in e for e in report.errors)
+    # LLaVA: a rejected side that answers a later question is refused too
+    rejected_later = [first, *later, {"from": "gpt", "value": "Three."}]
+    (root / "rejected.json").write_text(json.dumps([
+        {"image": "a.png", "conversations": [first, {"from": "gpt", "value": "A red square."}],
+         "rejected_conversations": rejected_later}]))
+    report = io.import_path(store, settings, root / "rejected.json", "llava")
     assert report.imported == 0 and "a conversation of 2 questions" in report.errors[0], report.errors
-    assert [(p["prompt"], p["chosen"]) for p in store.training_pairs(include_auto=True)] == [
-        ("What is in the image?", "A red square.")]
+    assert sorted((p["prompt"], p["chosen"], p["rejected"]) for p in store.training_pairs(include_auto=True)) == [
+        ("What is in the image?", "A red square.", "A red star."), ("Which colour?", "Red.", "Green.")]
+    assert sorted(it["prompt"] for it in store.list_items()) == ["What is in the image?", "Which colour?"]
     assert_consistent(store, settings)
 
 
