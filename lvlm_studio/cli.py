@@ -723,6 +723,42 @@ ReviewerOption = Annotated[
 REVIEW_STATUSES = ("pending", "decided", "all")
 
 
+def named_reviewer(reviewer: str | None) -> str:
+    """The reviewer a command acts as; none named is a usage error that says how to name one."""
+    if reviewer is None or not reviewer.strip():
+        raise CLIError("name the reviewer: --reviewer NAME, or set LVLM_STUDIO_USER", EXIT_USAGE)
+    return reviewer
+
+
+def candidate_lines(text: str, sentences: list[dict] | None, spans: list[dict] | None) -> list[str]:
+    """A candidate as indented lines, one per stored sentence with its calibrated reward, the text
+    between sentences on lines of its own, so that every character is shown; injected
+    hallucinations in [brackets] (one that crosses sentences is bracketed in each), then listed
+    with their category and the words they replaced."""
+    from lvlm_studio.methods.sentences import valid_spans
+
+    marks = valid_spans(text, spans)
+    segments, pos = [], 0
+    for sent in valid_spans(text, sentences):
+        if text[pos:sent["start"]].strip():
+            segments.append((pos, sent["start"], None))
+        segments.append((sent["start"], sent["end"], sent.get("reward")))
+        pos = sent["end"]
+    if text[pos:].strip() or not segments:
+        segments.append((pos, len(text), None))
+    lines = []
+    for start, end, reward in segments:
+        inside = [{"start": max(m["start"], start) - start, "end": min(m["end"], end) - start}
+                  for m in marks if m["start"] < end and m["end"] > start]
+        shown = bracket_spans(text[start:end], inside).strip()
+        score = f"{reward:8.3f}  " if isinstance(reward, int | float) else ""
+        lines.append(f"  {score}{shown}")
+    for m in marks:
+        lines.append(f"    [{text[m['start']:m['end']]}] injected {m.get('category') or 'hallucination'}"
+                     + (f", was {m['original']!r}" if m.get("original") else ""))
+    return lines
+
+
 def pair_text(view: dict) -> str:
     """A pair as the Review tab shows it, in plain text: both candidates sentence by sentence with
     their calibrated rewards, injected hallucinations in [brackets] with their category, the
@@ -737,16 +773,7 @@ def pair_text(view: dict) -> str:
     for name, side in (("A", "chosen"), ("B", "rejected")):
         cand = view[side]
         lines.append(f"{name}, automatic {side} ({cand.get('source') or '-'}, score {_fmt(cand.get('score'))}):")
-        spans = cand.get("spans") or []
-        for sent in cand.get("sentences") or [{"start": 0, "end": len(cand["text"]), "reward": None}]:
-            inside = [{**sp, "start": sp["start"] - sent["start"], "end": sp["end"] - sent["start"]}
-                      for sp in spans if sent["start"] <= sp["start"] and sp["end"] <= sent["end"]]
-            text = bracket_spans(cand["text"][sent["start"]:sent["end"]], inside)
-            reward = sent.get("reward")
-            lines.append(f"  {'' if reward is None else f'{reward:8.3f}  '}{text}")
-        for sp in spans:
-            lines.append(f"    [{cand['text'][sp['start']:sp['end']]}] injected {sp.get('category', '?')}"
-                         + (f", was {sp['original']!r}" if sp.get("original") else ""))
+        lines += candidate_lines(cand["text"], cand.get("sentences"), cand.get("spans"))
     if label["status"] != "auto":
         lines.append(f"effective chosen: {label['chosen_text']}")
         lines.append(f"effective rejected: {label['rejected_text']}")
@@ -768,7 +795,12 @@ def review_next_cmd(
     """The next pair in your queue: lowest automatic margin first (the least confident label)."""
     if status not in REVIEW_STATUSES:
         raise CLIError(f"--status must be one of {', '.join(REVIEW_STATUSES)}, not {status!r}", EXIT_USAGE)
-    view = studio_call(lambda s: s.next_pair(reviewer, method=method, round=round, status=status))
+
+    def next_pair(s):
+        require_round(s.store, round)
+        return s.next_pair(named_reviewer(reviewer), method=method, round=round, status=status)
+
+    view = studio_call(next_pair)
     emit({"ok": True, "pair": view}, as_json,
          lambda: pair_text(view) if view is not None else "no pair left in this queue")
 
@@ -800,7 +832,7 @@ def review_decide_cmd(
         raise CLIError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}, not {decision!r}", EXIT_USAGE)
     if text is not None and decision != "edit":
         raise CLIError("--text goes with the edit decision only", EXIT_USAGE)
-    result = studio_call(lambda s: s.decide(pair_id, reviewer, decision, edited_text=text, note=note))
+    result = studio_call(lambda s: s.decide(pair_id, named_reviewer(reviewer), decision, edited_text=text, note=note))
     emit({"ok": True, **result}, as_json,
          f"pair {result['pair_id']}: {decision} recorded (review {result['review_id']}); "
          f"label now {result['label']['status']}")
@@ -813,7 +845,7 @@ def review_undo_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel your latest live decision (or the one on --pair)."""
-    result = studio_call(lambda s: s.undo(reviewer, pair_id=pair))
+    result = studio_call(lambda s: s.undo(named_reviewer(reviewer), pair_id=pair))
     if result is None:
         emit({"ok": True, "undone": None}, as_json, "nothing to undo")
         return
@@ -834,7 +866,7 @@ def review_progress_cmd(
         lines = [f"{result['done']} of {counted(result['total'], 'pair')} decided by someone"]
         if "reviewer" in result:
             lines.append(f"{result['reviewer']}: {result['reviewer_done']} decided")
-        lines += [f"  {name}: {n}" for name, n in sorted(result["per_reviewer"].items())]
+        lines += [f"  {name}: {n['done']} decided" for name, n in sorted(result["per_reviewer"].items())]
         return "\n".join(lines)
 
     emit({"ok": True, **result}, as_json, human)

@@ -837,6 +837,8 @@ class Studio:
         else:
             pair_id = whole_number(pair_id, "pair id")
             if self.store.reviewer_decision(pair_id, reviewer) is None:
+                if self.store.get_pair(pair_id) is None:
+                    raise NotFoundError(f"pair {pair_id} does not exist")
                 return None
         review_id = self.store.add_review(pair_id, reviewer, "undo")
         return {"review_id": review_id, "pair_id": pair_id,
@@ -844,7 +846,10 @@ class Studio:
 
     def progress(self, reviewer: str | None = None, method: str | None = None) -> dict:
         _check_names(method=method)
-        return self.store.progress(_optional_reviewer(reviewer), method=method or None)
+        result = self.store.progress(_optional_reviewer(reviewer), method=method or None)
+        if method and not result["total"]:  # a misspelt method is an error, not an empty count
+            check_methods(self.store, [method])
+        return result
 
     # ---------------------------------------------------------------- agreement
     def agreement(self, buckets: int = 4) -> dict:

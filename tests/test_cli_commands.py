@@ -764,6 +764,8 @@ def test_review_commands_walk_a_queue_and_store_every_decision(env, store, make_
     assert agreement["reviewers"] == ["amy", "bob"] and agreement["cohen"][0]["n"] == 1
     assert agreement["override_rate"] == 0.5  # bob accepted the CSR pair, edited the POVID one
     assert "amy         bob         1" in run("review", "agreement").stdout
+    assert run("review", "progress").stdout.splitlines() == [
+        "2 of 2 pairs decided by someone", "amy: 1 decided", "  amy: 1 decided", "  bob: 2 decided"]
 
     undone = ok_json("review", "undo")
     assert undone["undone"]["pair_id"] == csr_pair and undone["undone"]["label"]["status"] == "accept"
@@ -780,7 +782,12 @@ def test_review_commands_refuse_bad_input_without_writing(env, store, make_items
     fails("review", "decide", csr_pair, "accept", "--reviewer", "amy", "--text", "x",
           message="--text goes with the edit decision only", code=2)
     fails("review", "decide", csr_pair, "edit", "--reviewer", "amy", message="an edit needs the edited text", code=1)
-    fails("review", "decide", csr_pair, "accept", message="a reviewer name is needed", code=1)
+    fails("review", "decide", csr_pair, "accept", message="name the reviewer: --reviewer NAME, or set LVLM_STUDIO_USER",
+          code=2)
+    fails("review", "undo", "--reviewer", " ", message="name the reviewer", code=2)
+    fails("review", "undo", "--reviewer", "amy", "--pair", 99999, message="pair 99999 does not exist", code=1)
+    fails("review", "next", "--reviewer", "amy", "--round", 99, message="round 99 does not exist", code=1)
+    fails("review", "progress", "--method", "csrr", message="unknown method 'csrr'", code=2)
     fails("review", "decide", 99999, "accept", "--reviewer", "amy", message="pair 99999 does not exist", code=1)
     fails("review", "show", 99999, message="pair 99999 does not exist", code=1)
     fails("review", "next", "--reviewer", "amy", "--method", "csrr", message="unknown method 'csrr'", code=2)
@@ -809,3 +816,21 @@ def test_cli_shows_terminal_control_characters_in_stored_text_as_escapes(env, st
     assert json.loads(raw)["pair"]["chosen"]["text"] == hostile
     error = run("review", "next", "--reviewer", "amy", "--method", "x\x1b[2J")  # echoed in the error line
     assert error.exit_code == 2 and "x\\x1b[2J" in error.stderr and "\x1b" not in error.stderr
+
+
+def test_review_text_shows_every_character_and_spans_across_sentences():
+    """The CLI's candidate lines show text outside the stored sentences too (a reviewer must not
+    accept words never shown), bracket a hallucination that crosses a sentence boundary in each
+    sentence it touches, and skip offsets that do not fit the text."""
+    from lvlm_studio.cli import candidate_lines
+
+    text = "A red circle. A blue star. Trailing words"
+    sentences = [{"start": 0, "end": 13, "reward": 1.5}, {"start": 14, "end": 26, "reward": -0.25},
+                 {"start": 30, "end": 99, "reward": 9.0}, {"start": "x", "end": 3}]
+    spans = [{"start": 6, "end": 18, "category": "object", "original": "square"}]
+    assert candidate_lines(text, sentences, spans) == [
+        "     1.500  A red [circle.]", "    -0.250  [A bl]ue star.", "  Tra", "     9.000  iling words",
+        "    [circle. A bl] injected object, was 'square'"]
+    assert candidate_lines(text, sentences[:2], []) == [
+        "     1.500  A red circle.", "    -0.250  A blue star.", "  Trailing words"]
+    assert candidate_lines("No sentences stored.", None, None) == ["  No sentences stored."]

@@ -10,6 +10,7 @@ text that ends without a terminator (a sentence cut at end-of-sequence or by a l
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 
@@ -111,6 +112,28 @@ def sentence_records(text: str) -> list[dict]:
         {"start": s.start, "end": s.end, "text": s.text, "text_logprob": None, "clip_score": None, "reward": None}
         for s in segment_sentences(text)
     ]
+
+
+def valid_spans(text: str, records: Sequence[dict] | None) -> list[dict]:
+    """Valid, sorted, non-overlapping spans with integer offsets inside ``text``: stored sentence or
+    hallucination records made safe to cut ``text`` with (the Review tab and the CLI show them)."""
+    out: list[dict] = []
+    for rec in records or []:
+        try:
+            start, end = int(rec["start"]), int(rec["end"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        start, end = max(0, start), min(len(text), end)
+        if end <= start:
+            continue
+        out.append({**rec, "start": start, "end": end})
+    out.sort(key=lambda r: (r["start"], r["end"]))
+    kept: list[dict] = []
+    for rec in out:
+        if kept and rec["start"] < kept[-1]["end"]:
+            continue  # overlapping span: keep the first, the stored data should not do this
+        kept.append(rec)
+    return kept
 
 
 # ---- the CSR cleaning filter -------------------------------------------------------------------

@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from lvlm_studio.methods.sentences import valid_spans
+
 HALLUCINATION_PREFIX = "⚠ "
 HALLUCINATION_COLOR = "#c084fc"  # purple: distinct from the red..green reward scale
 _RED = (248, 113, 113)
@@ -88,27 +90,6 @@ def reward_label(reward: float) -> str:
     return f"{reward:+.1f}" if size >= 10 else f"{reward:+.2f}"
 
 
-def _clip_spans(text: str, records: Sequence[dict] | None) -> list[dict]:
-    """Valid, sorted, non-overlapping spans with integer offsets inside ``text``."""
-    out: list[dict] = []
-    for rec in records or []:
-        try:
-            start, end = int(rec["start"]), int(rec["end"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        start, end = max(0, start), min(len(text), end)
-        if end <= start:
-            continue
-        out.append({**rec, "start": start, "end": end})
-    out.sort(key=lambda r: (r["start"], r["end"]))
-    kept: list[dict] = []
-    for rec in out:
-        if kept and rec["start"] < kept[-1]["end"]:
-            continue  # overlapping span: keep the first, the stored data should not do this
-        kept.append(rec)
-    return kept
-
-
 def candidate_pieces(
     text: str,
     sentences: Sequence[dict] | None,
@@ -122,8 +103,8 @@ def candidate_pieces(
     wins over the sentence it sits in. The pieces concatenate back to ``text`` exactly.
     """
     text = text or ""
-    sents = _clip_spans(text, sentences)
-    marks = _clip_spans(text, spans)
+    sents = valid_spans(text, sentences)
+    marks = valid_spans(text, spans)
     # label per character boundary segment: build cut points from every offset
     cuts = {0, len(text)}
     for rec in sents + marks:
@@ -214,7 +195,7 @@ def mark_spans_html(answer: str, spans: Sequence[dict]) -> str:
     """Escaped ``answer`` with the stored mention spans whose ``hallucinated`` flag is set marked."""
     answer = answer or ""
     out, pos = [], 0
-    for sp in _clip_spans(answer, [s for s in spans if s.get("hallucinated")]):
+    for sp in valid_spans(answer, [s for s in spans if s.get("hallucinated")]):
         out.append(escape_text(answer[pos:sp["start"]]))
         out.append(f'<mark class="hallu">{escape_text(answer[sp["start"]:sp["end"]])}</mark>')
         pos = sp["end"]
