@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -1211,4 +1212,8 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``lvlm-studio``) and ``python -m lvlm_studio``."""
+    if not sys.stderr.isatty():
+        # the libraries' own bars (transformers' "Loading weights") follow ours: none in a pipe or
+        # a log; set before they are imported, which read it once
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app(args=argv if argv is not None else sys.argv[1:], prog_name="lvlm-studio")

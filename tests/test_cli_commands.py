@@ -834,3 +834,14 @@ def test_review_text_shows_every_character_and_spans_across_sentences():
     assert candidate_lines(text, sentences[:2], []) == [
         "     1.500  A red circle.", "    -0.250  A blue star.", "  Trailing words"]
     assert candidate_lines("No sentences stored.", None, None) == ["  No sentences stored."]
+
+
+def test_no_library_progress_bars_in_a_pipe(env, tiny):
+    """In a pipe or a log, the CLI's stderr holds no progress bars, the libraries' own included:
+    loading a model (transformers' "Loading weights" bar) leaves stderr empty."""
+    proc = subprocess.run([sys.executable, "-m", "lvlm_studio", "eval", "--model", tiny[0], "--n", "1",
+                           "--max-new-tokens", "2", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr
