@@ -939,12 +939,12 @@ def train_cmd(
     if not wait:
         result = {"ok": True, "round": round_id, "parent": row.get("parent_id"), "status": row["status"],
                   "pid": row.get("pid"), "pairs": n_material, "log": row.get("log_path")}
-        emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {n_material} pairs) as a "
+        emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {counted(n_material, 'pair')}) as a "
                               f"background job, pid {row.get('pid')}; log {row.get('log_path')}\n"
                               f"follow it: lvlm-studio rounds; stop it: lvlm-studio cancel {round_id}")
         return
     if not as_json:
-        typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {n_material} pairs); following it "
+        typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {counted(n_material, 'pair')}); following it "
                    f"(Ctrl-C stops following, not the round)")
     row = follow_round(round_id, timeout)
     summary = round_summary(row)

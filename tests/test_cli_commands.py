@@ -486,8 +486,10 @@ def test_train_wait_says_how_many_pairs_balancing_left_out(env, monkeypatch):
     ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
     metrics = {"steps": 1, "n_pairs": 1, "n_dropped_by_balance": 3, "train": {"loss": 0.5}, "eval": {}}
     monkeypatch.setattr(Studio, "start_round", _fake_start("done", metrics=metrics)[0])
+    monkeypatch.setattr(Studio, "training_material_count", lambda self, config: 1)
     text = run("train", "--include-auto", "--wait").stdout
     assert "1 step on 1 pair (3 left out by balance_answers), final loss 0.5000" in text, text
+    assert ", 1 pair); following it" in text, text  # not '1 pairs'
 
 
 def test_train_options_reach_start_round(env, monkeypatch):
