@@ -47,7 +47,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from lvlm_studio.methods.sentences import clean_reason
-from lvlm_studio.models.base import GenerationParams, Sequence, VLMBackend
+from lvlm_studio.models.base import GenerationParams, Sequence, VLMBackend, check_temperature
 
 
 @runtime_checkable
@@ -157,8 +157,7 @@ class CSRConfig:
             raise ValueError(f"prune_by must be 'text' or 'reward', not {self.prune_by!r}")
         if self.num_candidates < 1 or self.max_sentences < 1:
             raise ValueError("num_candidates and max_sentences must be >= 1")
-        if not 0 <= self.temperature < float("inf"):  # -1 sampled nothing and made no pair, silently
-            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        check_temperature(self.temperature)
         if self.keep_top < 0 or self.keep_bottom < 0 or self.keep_top + self.keep_bottom < 1:
             raise ValueError("keep_top + keep_bottom must be >= 1")
         self.stop = tuple(self.stop)

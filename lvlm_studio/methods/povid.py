@@ -29,7 +29,7 @@ from PIL import Image
 
 from lvlm_studio.evaluation import COCO_CATEGORIES, COCO_SYNONYMS, IRREGULAR_PLURALS
 from lvlm_studio.methods.sentences import sentence_records
-from lvlm_studio.models.base import GenerationParams, VLMBackend
+from lvlm_studio.models.base import GenerationParams, VLMBackend, check_temperature
 
 CATEGORIES = ("object", "attribute", "count", "relation", "reasoning")
 # "reasoning" (POVID's wrong steps and wrong final answers) applies to answers that reason: a step
@@ -545,8 +545,7 @@ class POVIDConfig:
             raise ValueError(f"noise_step must be in [0, num_noise_steps={self.num_noise_steps}), not {self.noise_step}")
         if not 0 <= self.beta_start <= self.beta_end < 1:
             raise ValueError(f"need 0 <= beta_start <= beta_end < 1, not {self.beta_start}, {self.beta_end}")
-        if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        check_temperature(self.temperature)
         if not (self.make_text_rejected or self.make_image_rejected):
             raise ValueError("make_text_rejected and make_image_rejected are both off: no rejected side to build")
 

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from lvlm_studio.methods.sentences import sentence_records
-from lvlm_studio.models.base import GenerationParams, VLMBackend
+from lvlm_studio.models.base import GenerationParams, VLMBackend, check_temperature
 
 GOOD_PROMPT = (
     "Describe the image step by step. First, name the main subjects and what they are doing. "
@@ -90,8 +90,7 @@ class STICConfig:
         for name in ("p_misleading", "p_resize", "p_jitter"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability")
-        if not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        check_temperature(self.temperature)
         if "{description}" not in self.sft_template or "{question}" not in self.sft_template:
             raise ValueError("sft_template must contain {description} and {question}")
 

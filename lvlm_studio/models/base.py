@@ -45,6 +45,13 @@ class MissingDependencyError(ImportError):
     """An optional backend whose package is not installed (e.g. vllm)."""
 
 
+def check_temperature(value: float) -> None:
+    """A method config's sampling temperature: 0 (greedy) or more, and finite (-1 sampled nothing
+    and made no pair, silently)."""
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, not {value}")
+
+
 @dataclass
 class GenerationParams:
     """Decoding parameters. temperature 0 means greedy.
