@@ -9,7 +9,7 @@ first start. Environment: ``LVLM_STUDIO_HOME`` (data root), ``PORT`` / ``GRADIO_
 from __future__ import annotations
 
 from lvlm_studio.config import listen_address
-from lvlm_studio.service import Studio
+from lvlm_studio.service import Studio, seed_announcement
 from lvlm_studio.ui import build_app, launch_kwargs
 
 
@@ -19,9 +19,8 @@ def main() -> None:
         host, port = listen_address()
     except ValueError as exc:  # a bad setting in the environment: one line, not a traceback
         raise SystemExit(f"LVLM Studio cannot start: {exc}") from None
-    report = studio.seed_demo()
-    if report["items"] or any(report["pairs"].values()):
-        print(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
+    if line := seed_announcement(studio.seed_demo()):
+        print(line)
     try:
         studio.reattach()  # rounds whose subprocess died while the app was down are marked failed
     except ImportError:

@@ -1168,9 +1168,10 @@ def serve_cmd(
     host, port = listen_address(host, port)
     s = studio()
     if seed:
-        report = s.seed_demo()
-        if (report["items"] or any(report["pairs"].values())) and not as_json:
-            typer.echo(f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})")
+        from lvlm_studio.service import seed_announcement
+
+        if (line := seed_announcement(s.seed_demo())) and not as_json:
+            typer.echo(line)
     s.reattach()  # rounds whose process died while nothing was watching are marked failed
     demo, url = launch(s, server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                        quiet=as_json)

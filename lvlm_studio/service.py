@@ -80,6 +80,14 @@ class UnknownMethodError(ValueError):
     """A method name no generator has and no pair carries: a typo, not "nothing to train"."""
 
 
+def seed_announcement(report: dict) -> str | None:
+    """The line ``app.py`` and ``serve`` print after ``Studio.seed_demo`` on start-up; None when
+    the start seeded nothing (every start but the first)."""
+    if not (report["items"] or any(report["pairs"].values())):
+        return None
+    return f"LVLM Studio: {report['message']} ({report['items']} items, pairs {report['pairs']})"
+
+
 def check_methods(store: Any, names: Iterable[str] | None) -> None:
     """Refuse method names the store does not know, naming those it does: the three generators,
     then every other method its pairs carry (an import names its own)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -433,6 +434,9 @@ def test_python_app_py_seeds_a_new_data_root_and_serves(env):
             store.close()
     finally:
         _interrupt(proc)
+    # the start-up line says what the first start seeded (a later start seeds nothing and says nothing)
+    assert re.search(r"^LVLM Studio: seeded demo items and pairs \(\d+ items, pairs \{'csr': \d+",
+                     proc.stdout.read(), re.M)
 
 
 def test_generate_csr_with_existence_pairs_on_the_demo_model(env):
