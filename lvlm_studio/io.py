@@ -266,13 +266,19 @@ def _one_question(questions: list) -> None:
 def _record_prompt(row: dict, default: str, preference: bool) -> str:
     """A JSONL / HF record's prompt: its 'prompt' (text or messages); else, for a preference record
     in TRL's implicit-prompt form (chosen and rejected hold the whole conversation), the question
-    in its chosen side; else the import's default prompt."""
+    its sides ask (they must ask the same one); else the import's default prompt. Messages whose
+    question is the image alone ({"type": "image"}, "<image>") take the default prompt too."""
     if row.get("prompt") is not None:
-        return _prompt_text(row["prompt"], single_turn=preference)
-    chosen = row.get("chosen")
-    if preference and isinstance(chosen, list) and _questions(chosen):
-        return _prompt_text(chosen)
-    return default
+        text = _prompt_text(row["prompt"], single_turn=preference)
+        return text if text.strip() or isinstance(row["prompt"], str) else default
+    if not preference:
+        return default
+    asked = {_prompt_text(side).strip() for side in (row.get("chosen"), row.get("rejected"))
+             if isinstance(side, list) and _questions(side)}
+    asked.discard("")
+    if len(asked) > 1:
+        raise ValueError("chosen and rejected answer different questions: " + " / ".join(sorted(asked))[:200])
+    return asked.pop() if asked else default
 
 
 def _answer_text(value: Any) -> str:
@@ -868,8 +874,9 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
         if image_column is None:
             yield _Bad(path.name, "the dataset has no 'image' or 'images' column")
             return
-        if "prompt" not in ds.column_names:
-            yield _Bad(path.name, "the dataset has no 'prompt' column")
+        if "prompt" not in ds.column_names and not {"chosen", "rejected"} <= set(ds.column_names):
+            # (TRL's implicit-prompt preference data asks its question inside chosen / rejected)
+            yield _Bad(path.name, "the dataset has no 'prompt' column (nor 'chosen' and 'rejected' columns)")
             return
         plain = _no_decode(ds.features[image_column])
         if plain is not None:

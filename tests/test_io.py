@@ -541,6 +541,43 @@ def test_multi_turn_preference_records_are_refused_alone(store, settings, tmp_pa
     assert_consistent(store, settings)
 
 
+def test_trl_implicit_prompt_records_take_the_question_their_sides_ask(store, settings, tmp_path):
+    """TRL's implicit-prompt form (no 'prompt': chosen and rejected hold the conversation), in JSONL
+    and in an HF dataset without a prompt column: the pair's prompt is the question the sides ask
+    (from either side), the import's default prompt when that question is the image alone, and a
+    record whose sides ask different questions is refused."""
+    import datasets
+
+    root = tmp_path / "implicit"
+    write_image(root / "a.png", seed=47)
+
+    def side(question, answer):
+        return ([{"role": "user", "content": question}] if question is not None else []) + [
+            {"role": "assistant", "content": answer}]
+
+    image_only = [{"type": "image"}]
+    rows = [
+        {"image": "a.png", "chosen": side(image_only, "A red square."), "rejected": side(image_only, "A blue cat.")},
+        {"image": "a.png", "chosen": side(None, "Red."), "rejected": side("Which colour?", "Blue.")},
+        {"image": "a.png", "chosen": side("Which colour?", "Red."), "rejected": side("Which shape?", "A cat.")},
+    ]
+    (root / "implicit.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = io.import_path(store, settings, root / "implicit.jsonl", prompt="Describe the image.")
+    assert report.imported == 2 and report.pairs == 2, report.errors
+    assert report.errors == ["implicit.jsonl line 3: chosen and rejected answer different questions: "
+                             "Which colour? / Which shape?"]
+    assert sorted((p["prompt"], p["chosen"]) for p in store.training_pairs(include_auto=True)) == [
+        ("Describe the image.", "A red square."), ("Which colour?", "Red.")]
+    hf = tmp_path / "implicit_hf"
+    datasets.Dataset.from_list([{"images": [noise_image(48)], "chosen": side("How many shapes?", "Two."),
+                                 "rejected": side("How many shapes?", "Five.")}]).save_to_disk(str(hf))
+    report = io.import_path(store, settings, hf, "trl")
+    assert report.imported == 1 and report.pairs == 1, report.errors
+    assert ("How many shapes?", "Two.", "Five.") in {
+        (p["prompt"], p["chosen"], p["rejected"]) for p in store.training_pairs(include_auto=True)}
+    assert_consistent(store, settings)
+
+
 def test_llava_instruct_records_become_items_with_their_first_answer_as_reference(store, settings, tmp_path):
     """LLaVA-Instruct JSON (no rejected side) is found by --format auto; each record is an item
     whose reference is the answer to its first question (POVID's chosen side, as in its paper);
