@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import sqlite3
@@ -244,7 +245,7 @@ def import_cmd(
     def human() -> str:
         lines = [
             f"import {report.status}: {report.imported} imported, {report.skipped} refused, "
-            f"{report.pairs} new pairs ({report.format}: {report.source})"
+            f"{counted(report.pairs, 'new pair')} ({report.format}: {report.source})"
         ]
         lines += [f"  - {e}" for e in report.errors]
         return "\n".join(lines)
@@ -294,7 +295,7 @@ def export_cmd(
     emit(
         {"ok": True, **report.to_dict()},
         as_json,
-        f"exported {report.pairs} pairs ({report.images} images) as {report.format} to {report.path}",
+        f"exported {counted(report.pairs, 'pair')} ({counted(report.images, 'image')}) as {report.format} to {report.path}",
     )
 
 
@@ -752,7 +753,8 @@ def candidate_lines(text: str, sentences: list[dict] | None, spans: list[dict] |
         inside = [{"start": max(m["start"], start) - start, "end": min(m["end"], end) - start}
                   for m in marks if m["start"] < end and m["end"] > start]
         shown = bracket_spans(text[start:end], inside).strip()
-        score = f"{reward:8.3f}  " if isinstance(reward, int | float) else ""
+        finite = isinstance(reward, int | float) and not isinstance(reward, bool) and math.isfinite(reward)
+        score = f"{reward:8.3f}  " if finite else ""  # as the Review tab: no colour for a broken reward
         lines.append(f"  {score}{shown}")
     for m in marks:
         lines.append(f"    [{text[m['start']:m['end']]}] injected {m.get('category') or 'hallucination'}"
@@ -798,12 +800,15 @@ def review_next_cmd(
         raise CLIError(f"--status must be one of {', '.join(REVIEW_STATUSES)}, not {status!r}", EXIT_USAGE)
 
     def next_pair(s):
-        require_round(s.store, round)
-        return s.next_pair(named_reviewer(reviewer), method=method, round=round, status=status)
+        # any round a pair carries, not only the rounds table's (an import keeps its export's rounds)
+        view = s.next_pair(named_reviewer(reviewer), method=method, round=round, status=status)
+        unmade = view is None and round is not None and not s.store.count_pairs(round=round)
+        return view, unmade
 
-    view = studio_call(next_pair)
+    view, unmade = studio_call(next_pair)
     emit({"ok": True, "pair": view}, as_json,
-         lambda: pair_text(view) if view is not None else "no pair left in this queue")
+         lambda: pair_text(view) if view is not None
+         else f"no pair carries round {round}" if unmade else "no pair left in this queue")
 
 
 @cli_command
@@ -1214,7 +1219,8 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``lvlm-studio``) and ``python -m lvlm_studio``."""
     if not sys.stderr.isatty():
-        # the libraries' own bars (transformers' "Loading weights") follow ours: none in a pipe or
-        # a log; set before they are imported, which read it once
+        # the libraries' own bars (transformers' "Loading weights", datasets' "Saving the dataset")
+        # follow ours: none in a pipe or a log; set before they are imported, which read it once
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     app(args=argv if argv is not None else sys.argv[1:], prog_name="lvlm-studio")

@@ -792,7 +792,13 @@ def test_review_commands_refuse_bad_input_without_writing(env, store, make_items
           code=2)
     fails("review", "undo", "--reviewer", " ", message="name the reviewer", code=2)
     fails("review", "undo", "--reviewer", "amy", "--pair", 99999, message="pair 99999 does not exist", code=1)
-    fails("review", "next", "--reviewer", "amy", "--round", 99, message="round 99 does not exist", code=1)
+    assert run("review", "next", "--reviewer", "amy", "--round", 99).stdout.strip() == "no pair carries round 99"
+    # a round that only pairs carry (an import keeps its export's round numbers) is a queue too
+    item, = make_items(1, seed0=730)
+    store.write_generation(item, [{"text": "A red star.", "source": "import", "round": 5},
+                                  {"text": "A blue cat.", "source": "import", "round": 5}],
+                           [{"chosen": 0, "rejected": 1, "method": "povid", "margin": None, "round": 5}])
+    assert ok_json("review", "next", "--reviewer", "amy", "--round", 5)["pair"]["round"] == 5
     fails("review", "progress", "--method", "csrr", message="unknown method 'csrr'", code=2)
     fails("review", "decide", 99999, "accept", "--reviewer", "amy", message="pair 99999 does not exist", code=1)
     fails("review", "show", 99999, message="pair 99999 does not exist", code=1)
@@ -840,6 +846,8 @@ def test_review_text_shows_every_character_and_spans_across_sentences():
     assert candidate_lines(text, sentences[:2], []) == [
         "     1.500  A red circle.", "    -0.250  A blue star.", "  Trailing words"]
     assert candidate_lines("No sentences stored.", None, None) == ["  No sentences stored."]
+    broken = [{"start": 0, "end": 13, "reward": float("nan")}, {"start": 14, "end": 26, "reward": True}]
+    assert candidate_lines(text, broken, [])[:2] == ["  A red circle.", "  A blue star."]  # no score shown
 
 
 def test_no_library_progress_bars_in_a_pipe(env, tiny):
@@ -851,3 +859,20 @@ def test_no_library_progress_bars_in_a_pipe(env, tiny):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
     assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr
+    # datasets' bars too ("Saving the dataset" when a TRL export writes its Arrow files)
+    assert run("import", _one_pair_jsonl(env.parent / "one")).exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "lvlm_studio", "export", str(env.parent / "trl"), "--format", "trl",
+                           "--include-auto"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0 and "exported 1 pair (1 image) as trl" in proc.stdout, proc.stderr
+    assert proc.stderr == "", proc.stderr
+
+
+def _one_pair_jsonl(folder) -> str:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / "a.png")
+    (folder / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "Describe the image.",
+                                                    "chosen": "A red square.", "rejected": "A blue cat."}) + "\n")
+    return str(folder / "pairs.jsonl")
