@@ -294,6 +294,7 @@ def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch,
             monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at import (CI sets it)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
         monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
