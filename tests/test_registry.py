@@ -274,6 +274,17 @@ def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch,
             elif self.path.startswith("/api/models/org/silent"):  # accepts, never answers in time
                 silent.wait(5)
                 return
+            elif self.path.startswith("/api/models/org/trickle"):  # answers a byte at a time, slowly
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                for _ in range(20):
+                    if silent.wait(0.3):
+                        return
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                return
             else:
                 body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
             self.send_response(status)
@@ -307,13 +318,16 @@ def test_check_model_ref_asks_the_hub_whether_an_uncached_id_exists(monkeypatch,
         started = time.monotonic()
         registry.check_model_ref("org/silent")  # the Hub did not say no: nothing refused, and no hang
         assert time.monotonic() - started < 4
+        started = time.monotonic()
+        registry.check_model_ref("org/trickle")  # each read in time, the whole answer not: no hang either
+        assert time.monotonic() - started < 4
     finally:
         silent.set()
         server.shutdown()
     # (the client also asks other routes of its own, such as /api/agent-harnesses)
     assert [path.split("?")[0] for path in asked if path.startswith("/api/models/")] == [
         "/api/models/org/missing", "/api/models/org/present", "/api/models/org/broken", "/api/models/org/gated",
-        "/api/models/org/silent"]
+        "/api/models/org/silent", "/api/models/org/trickle"]
 
 
 def test_a_local_directory_never_goes_to_the_network(fake_loads, model_dir):

@@ -34,7 +34,7 @@ def is_offline() -> bool:
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
-HUB_QUERY_TIMEOUT = 10.0  # seconds check_model_ref waits for the Hub's answer about an id
+HUB_QUERY_TIMEOUT = 10.0  # seconds check_model_ref waits, in all, for the Hub's answer about an id
 
 
 def hub_unreachable(timeout: float = 3.0) -> str | None:
@@ -104,19 +104,31 @@ def check_model_ref(ref: str) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    try:
-        # a timeout of its own: a proxy or portal that accepts the connection and never answers
-        # would otherwise hold the run forever (the client's default is none)
-        HfApi().repo_info(ref, timeout=HUB_QUERY_TIMEOUT)
-    except GatedRepoError:  # it exists; access is the load's question
+    answer: dict[str, BaseException | None] = {}
+
+    def ask() -> None:
+        try:
+            HfApi().repo_info(ref, timeout=HUB_QUERY_TIMEOUT)
+            answer["error"] = None
+        except Exception as exc:  # classified below
+            answer["error"] = exc
+
+    # A deadline for the whole query, not only each read: a proxy or portal that accepts the
+    # connection and then never answers, or trickles bytes, would otherwise hold the run forever
+    # (the client's default timeout is none). A query past it is left to finish in the background.
+    asker = threading.Thread(target=ask, name="hub-repo-info", daemon=True)
+    asker.start()
+    asker.join(HUB_QUERY_TIMEOUT)
+    error = answer.get("error")
+    if isinstance(error, GatedRepoError):  # it exists; access is the load's question
         return
-    except RepositoryNotFoundError:
+    if isinstance(error, RepositoryNotFoundError):
         raise ModelLoadError(
             f"Could not load model {ref!r}: the Hugging Face Hub has no such model (or it is private and "
             "this machine's token has no access to it). Check the id, or log in (hf auth login)."
-        ) from None
-    except Exception:  # a timeout, a proxy, a rate limit: the Hub did not say no, the load will tell
-        return
+        )
+    # otherwise it exists, or no answer in time, or a proxy / rate-limit error: the Hub did not say
+    # no, and the load will tell
 
 
 def load_backend(
