@@ -838,6 +838,8 @@ def review_decide_cmd(
         raise CLIError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}, not {decision!r}", EXIT_USAGE)
     if text is not None and decision != "edit":
         raise CLIError("--text goes with the edit decision only", EXIT_USAGE)
+    if decision == "edit" and not (text or "").strip():  # a missing argument: a usage error, as the README says
+        raise CLIError("an edit needs the edited text: --text \"the corrected chosen answer\"", EXIT_USAGE)
     result = studio_call(lambda s: s.decide(pair_id, named_reviewer(reviewer), decision, edited_text=text, note=note))
     emit({"ok": True, **result}, as_json,
          f"pair {result['pair_id']}: {decision} recorded (review {result['review_id']}); "

@@ -787,7 +787,8 @@ def test_review_commands_refuse_bad_input_without_writing(env, store, make_items
           message="decision must be one of accept, swap, reject_both, edit, not 'maybe'", code=2)
     fails("review", "decide", csr_pair, "accept", "--reviewer", "amy", "--text", "x",
           message="--text goes with the edit decision only", code=2)
-    fails("review", "decide", csr_pair, "edit", "--reviewer", "amy", message="an edit needs the edited text", code=1)
+    fails("review", "decide", csr_pair, "edit", "--reviewer", "amy", message="an edit needs the edited text", code=2)
+    fails("review", "decide", csr_pair, "edit", "--reviewer", "amy", "--text", " ", message="an edit needs", code=2)
     fails("review", "decide", csr_pair, "accept", message="name the reviewer: --reviewer NAME, or set LVLM_STUDIO_USER",
           code=2)
     fails("review", "undo", "--reviewer", " ", message="name the reviewer", code=2)
