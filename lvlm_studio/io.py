@@ -248,13 +248,24 @@ def _prompt_text(value: Any, *, single_turn: bool = True) -> str:
             raise ValueError("no user prompt found")
         if single_turn:
             _one_question(questions)
-        first = questions[0]
-        return _strip_image_token(_content_text(first.get("content", first.get("value"))))
+        return _strip_image_token(_turn_text(questions[0]))
     raise ValueError(f"a prompt is text or a list of messages, not {type(value).__name__}")
 
 
+# A turn is a TRL message ({role, content}) or a LLaVA / ShareGPT one ({from, value}).
+_USER_ROLES, _ASSISTANT_ROLES = ("user", "human"), ("assistant", "gpt")
+
+
+def _turn_role(turn: Any) -> str | None:
+    return turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+
+
+def _turn_text(turn: dict) -> str:
+    return _content_text(turn.get("content", turn.get("value")))
+
+
 def _questions(turns: list) -> list[dict]:
-    return [m for m in turns if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+    return [m for m in turns if _turn_role(m) in _USER_ROLES]
 
 
 def _one_question(questions: list) -> None:
@@ -287,12 +298,12 @@ def _answer_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        return _content_text(value.get("content", value.get("value")))
+        return _turn_text(value)
     if isinstance(value, list):
         _one_question(_questions(value))
         for message in reversed(value):
-            if isinstance(message, dict) and message.get("role", message.get("from")) in ("assistant", "gpt"):
-                return _content_text(message.get("content", message.get("value")))
+            if _turn_role(message) in _ASSISTANT_ROLES:
+                return _turn_text(message)
         raise ValueError("no assistant answer found")
     raise ValueError(f"an answer is text, a turn or a list of messages, not {type(value).__name__}")
 
@@ -790,15 +801,15 @@ def _read_llava(path: Path, images_root: Path, dataset: str | None, split: str |
 
 def _first_answer(turns: list) -> str:
     """The assistant turn that answers the first user turn of a conversation."""
-    roles = [t.get("role", t.get("from")) if isinstance(t, dict) else None for t in turns]
-    first_user = next(i for i, role in enumerate(roles) if role in ("user", "human"))
+    roles = [_turn_role(t) for t in turns]
+    first_user = next(i for i, role in enumerate(roles) if role in _USER_ROLES)
     for turn, role in zip(turns[first_user + 1:], roles[first_user + 1:], strict=True):
-        if role in ("assistant", "gpt"):
-            answer = _content_text(turn.get("content", turn.get("value"))).strip()
+        if role in _ASSISTANT_ROLES:
+            answer = _turn_text(turn).strip()
             if answer:
                 return answer
             break
-        if role in ("user", "human"):
+        if role in _USER_ROLES:
             break
     raise ValueError("the first question has no answer")
 
