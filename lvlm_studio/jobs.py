@@ -275,6 +275,10 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             log_path = run_dir / "train.log"
             store.update_round(round_id, log_path=str(log_path))
             env = dict(os.environ)
+            # The log is a file, not a terminal: the libraries' bars would only fill it with
+            # "Loading weights 0%...100%" lines; the round's progress lives in the store.
+            env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
             env.update(
                 LVLM_STUDIO_HOME=str(settings.home),
                 LVLM_STUDIO_MODEL=settings.model,
