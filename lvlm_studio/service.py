@@ -527,7 +527,8 @@ class Studio:
     ) -> dict:
         """Build pairs with ``method`` for the chosen items and store them with provenance.
 
-        Resumable: items that already have pairs for (method, round) are skipped. Each item's
+        Resumable: items that already have pairs for (method, round) are skipped, also those another
+        run stores while this one generates (checked again under the write lock). Each item's
         candidates and pairs are written in one transaction (``store.write_generation``), so an
         interrupted run leaves whole items only. ``round``: the trained round whose adapter
         generates (None/0 = the base model); it is also the round the pairs belong to.
@@ -596,12 +597,19 @@ class Studio:
     def _is_world(self, item: dict) -> bool:
         return item.get("dataset") == WORLD_DATASET or (item.get("image_source") == WORLD_DATASET)
 
-    def _write(self, item: dict, candidates: list[dict], pairs: list[dict], report: dict) -> None:
+    def _write(self, item: dict, candidates: list[dict], pairs: list[dict], report: dict) -> bool:
+        """Store an item's result; False when it gave no pair, or when another run (the app and the
+        CLI, two app workers) paired the item for this method and round while this one generated:
+        the check is made under the store's write lock, so an item never gets its pairs twice."""
         if not pairs:
             report["no_pair"] += 1
-            return
-        self.store.write_generation(item["id"], candidates, pairs)
+            return False
+        if self.store.write_generation(item["id"], candidates, pairs, only_if_unpaired=True) is None:
+            report["skipped"] += 1
+            report["items"] -= 1
+            return False
         report["pairs"] += len(pairs)
+        return True
 
     def _gen_csr(self, model, round_id, items, params, seed, report, progress) -> None:
         from lvlm_studio.methods.csr import (
@@ -642,8 +650,7 @@ class Studio:
                 # The caption pair and the yes/no pairs it implies land together: a resumed run
                 # skips an item that has its pair, so they must not be split by an interruption.
                 with self.store.transaction():
-                    self._write(it, cands, [pair], report)
-                    if config.existence_pairs:
+                    if self._write(it, cands, [pair], report) and config.existence_pairs:
                         self._write_existence_pairs(it, res, config, prov, round_id, seed, report)
             if progress:
                 progress(min(lo + step, len(items)), len(items), f"CSR: {min(lo + step, len(items))}/{len(items)} items")
@@ -1040,7 +1047,9 @@ class Studio:
         and 2), or a ValueError naming the ids that do not exist."""
         if isinstance(item_ids, str | bytes | dict) or not isinstance(item_ids, Iterable):
             raise ValueError(f"item ids are a list of whole numbers, not {type(item_ids).__name__}")
-        ids = [whole_number(i, "an item id") for i in item_ids]
+        # Each item once, in the order first named: a repeated id would be generated for or
+        # evaluated twice (two pairs, two answers for one round and item).
+        ids = list(dict.fromkeys(whole_number(i, "an item id") for i in item_ids))
         items = [self.store.get_item(i) for i in ids]
         missing = [i for i, it in zip(ids, items, strict=True) if it is None]
         if missing:

@@ -612,12 +612,22 @@ class Store:
         return self._insert_for_item(self._insert_pair, item_id, dict(
             chosen_id=chosen_id, rejected_id=rejected_id, method=method, margin=margin, round=round, meta=meta))
 
-    def write_generation(self, item_id: int, candidates: list[dict], pairs: list[dict]) -> list[int]:
+    def write_generation(self, item_id: int, candidates: list[dict], pairs: list[dict], *,
+                         only_if_unpaired: bool = False) -> list[int] | None:
         """Write a generation result in one transaction: the candidates (dicts with the keyword
         arguments of ``add_candidate``), then pairs whose ``chosen``/``rejected`` are indexes into
-        ``candidates`` (plus method, margin, round, meta). Returns the candidate ids."""
+        ``candidates`` (plus method, margin, round, meta). Returns the candidate ids.
+        ``only_if_unpaired``: write nothing and return None when the item already has a pair of the
+        method and round of one of ``pairs`` (checked under the write lock, so two processes
+        generating for the same items store each item's pairs once)."""
         with self.transaction() as db:
             self._require("items", item_id)
+            if only_if_unpaired and any(
+                self._scalar("SELECT 1 FROM pairs WHERE item_id = ? AND method = ? AND round = ? LIMIT 1",
+                             (item_id, p.get("method"), int(p.get("round") or 0)))
+                for p in pairs
+            ):
+                return None
             ids = [self._insert_candidate(db, item_id, c) for c in candidates]
             for p in pairs:
                 try:

@@ -81,6 +81,25 @@ def test_povid_generation_is_resumable_and_records_provenance(studio):
         studio.generate("dpo")
 
 
+def test_a_run_racing_another_and_repeated_ids_store_each_items_pairs_once(studio, monkeypatch):
+    """Two runs over the same items (the app and the CLI, two workers) both read "not done" before
+    either writes: the later one must skip what the first stored, not pair the items again. An id
+    named twice is generated for once."""
+    studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
+    ids = [it["id"] for it in _world_describe(studio)][:3]
+    once = studio.generate("povid", item_ids=[ids[0], ids[0], ids[1], ids[0]], params={"make_image_rejected": False})
+    assert once["items"] == 2 and once["pairs"] == 2 and studio.store.count_pairs("povid") == 2
+    monkeypatch.setattr(studio.store, "items_with_pairs", lambda method, round: set())  # read before the other wrote
+    racing = studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+    assert racing["pairs"] == 1 and racing["items"] == 1 and racing["skipped"] == 2, racing
+    assert studio.store.count_pairs("povid") == 3
+    per_item = studio.store.db.execute("SELECT item_id, count(*) FROM pairs GROUP BY item_id").fetchall()
+    assert sorted(per_item) == sorted((i, 1) for i in ids)
+    evaluated = studio.evaluate(0, item_ids=[ids[2], ids[2]], max_new_tokens=4)
+    assert evaluated["n_items"] == 1
+    assert studio.store.db.execute("SELECT count(*) FROM eval_outputs WHERE round_id = 0").fetchone()[0] == 1
+
+
 def test_a_model_that_cannot_load_is_refused_even_with_nothing_left_to_do(studio, monkeypatch):
     """Every item done: a run that would load the model still checks it (a bogus id used to
     'succeed' with 0 items); POVID's text-only pairs load no model, so they do not."""

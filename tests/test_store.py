@@ -130,6 +130,21 @@ def test_write_generation_is_one_transaction(store, make_items):
     assert store.stats()["tables"] == before
 
 
+def test_write_generation_only_if_unpaired_writes_an_items_pairs_once(store, make_items):
+    [item] = make_items(1)
+    cands = [{"text": "a", "source": "povid"}, {"text": "b", "source": "povid"}]
+    pair = {"chosen": 0, "rejected": 1, "method": "povid", "round": 0}
+    assert store.write_generation(item, cands, [pair], only_if_unpaired=True) is not None
+    before = store.stats()["tables"]
+    assert store.write_generation(item, cands, [pair], only_if_unpaired=True) is None
+    assert store.write_generation(item, cands, [{**pair, "round": None}], only_if_unpaired=True) is None  # round 0
+    assert store.stats()["tables"] == before  # not even the candidates
+    assert store.write_generation(item, cands, [{**pair, "method": "csr"}], only_if_unpaired=True) is not None
+    assert store.write_generation(item, cands, [{**pair, "round": 2}], only_if_unpaired=True) is not None
+    assert store.write_generation(item, cands, [pair]) is not None  # without the flag: written (imports, tests)
+    assert store.count_pairs("povid", round=0) == 2 and store.count_pairs() == 4
+
+
 # ------------------------------------------------------------------------- reviews
 def test_review_validation_and_append_only(store, make_pairs):
     [pid] = make_pairs([0.1])
