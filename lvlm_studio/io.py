@@ -168,6 +168,8 @@ def _check_meta(meta: dict | None, what: str) -> None:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not storable as JSON ({exc})") from exc
+    except RecursionError:  # json.loads accepted it a few stack frames higher up
+        raise ValueError(f"{what} is not storable as JSON (nested too deeply)") from None
 
 
 @dataclass
@@ -193,10 +195,21 @@ def safe_join(root: Path, relative: Any) -> Path:
             f"image path {relative!r} is absolute; only paths inside the import root are allowed"
         )
     base = root.resolve()
-    target = (base / relative).resolve()
+    target = _resolved_or_refused(base / relative, f"image path {relative!r}")
     if not target.is_relative_to(base):
         raise UnsafePathError(f"image path {relative!r} escapes the import root {base}")
     return target
+
+
+def _resolved_or_refused(path: Path, what: str) -> Path:
+    """``path`` with its links resolved, or an UnsafePathError naming ``what`` when they cannot be
+    (a link loop: Python 3.11 raises RuntimeError, later versions OSError)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise UnsafePathError(f"{what} cannot be resolved (a symlink loop)") from None
+    except OSError as exc:
+        raise UnsafePathError(f"{what} cannot be resolved ({exc.strerror or exc})") from None
 
 
 def _json_loads(text: str) -> Any:
@@ -436,17 +449,41 @@ def _merge_into_existing(store: Store, item_id: int, p: dict) -> bool:
     return False
 
 
-def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, source_label: str) -> None:
-    try:
-        image = ingest_image(settings, rec.image, name=rec.image_name, source_label=source_label)
-    except ImageRejected as exc:
-        report.fail(str(exc) if rec.label == rec.image_name else f"{rec.label}: {exc}")
-        return
-    new_pairs = 0
+@contextlib.contextmanager
+def stored_image(store: Store, settings: Settings, source: Path | str | bytes, *, name: str | None,
+                 source_label: str, objects: list[str] | None = None) -> Iterator[str]:
+    """Store an image file (validated and decoded outside the write lock), then its row and whatever
+    the body adds (items, pairs) in one transaction; yields the image id. A failed body leaves
+    neither the row nor a file this call wrote.
+
+    Two processes may store the same picture at once, and the file is shared. So the file is checked
+    under the write lock before its row is written (written again if a failed import removed it),
+    and a failed call removes its file only under the write lock and only while no row names it:
+    a committed row never points at a missing file."""
+    image = ingest_image(settings, source, name=name, source_label=source_label)
     try:
         with store.transaction():
-            store.add_image(image.id, image.path, image.width, image.height, source_label, rec.objects)
-            item_id = store.add_item(image.id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
+            if not image.path.is_file():
+                image = ingest_image(settings, source, name=name, source_label=source_label)
+            store.add_image(image.id, image.path, image.width, image.height, source_label, objects)
+            yield image.id
+    except BaseException:
+        if image.created:
+            try:
+                with store.transaction():
+                    if store.get_image(image.id) is None:
+                        discard(image)
+            except Exception:  # noqa: BLE001 - the store is busy or gone: an orphan file is harmless
+                pass
+        raise
+
+
+def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, source_label: str) -> None:
+    new_pairs = 0
+    try:
+        with stored_image(store, settings, rec.image, name=rec.image_name, source_label=source_label,
+                          objects=rec.objects) as image_id:
+            item_id = store.add_item(image_id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
                 if _merge_into_existing(store, item_id, p):
                     continue
@@ -462,9 +499,10 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
                 if p["reviewed_by"]:
                     store.add_review(pair_id, p["reviewed_by"], "accept", note=f"imported ({p['status']})")
                 new_pairs += 1
-    except (StoreError, sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-        if store.get_image(image.id) is None:
-            discard(image)
+    except ImageRejected as exc:
+        report.fail(str(exc) if rec.label == rec.image_name else f"{rec.label}: {exc}")
+        return
+    except (StoreError, sqlite3.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
         report.fail(f"{rec.label}: not stored ({exc})")
         return
     report.imported += 1
@@ -506,12 +544,16 @@ def _read_folder(
             if path.suffix.lower() != ".txt":
                 report.ignored += 1
             continue
-        if not path.resolve().is_relative_to(base):
-            yield _Bad(rel, "symlink points outside the import folder")
+        try:
+            if not _resolved_or_refused(path, "the link").is_relative_to(base):
+                yield _Bad(rel, "symlink points outside the import folder")
+                continue
+        except UnsafePathError as exc:
+            yield _Bad(rel, str(exc))
             continue
         reference = None
         sidecar = path.with_suffix(".txt")
-        if sidecar.is_file():
+        if sidecar.is_file():  # False for a link loop
             if not sidecar.resolve().is_relative_to(base):  # a link must not read files from elsewhere
                 yield _Bad(sidecar.relative_to(root).as_posix(), "caption file points outside the import folder")
                 continue

@@ -24,13 +24,13 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS
+from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, stored_image
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, NotFoundError, Store, live_decisions
 
 METHODS = ("csr", "povid", "stic")
@@ -290,23 +290,12 @@ class Studio:
         return f"accounts on: {len(self.users)} ({admins} admin)"
 
     # ---------------------------------------------------------------- data in/out
-    @contextlib.contextmanager
     def _ingested(self, source: Any, name: str | None, source_label: str,
-                  objects: list | None = None) -> Iterator[str]:
-        """Store an image file (validated and decoded outside the write lock), then its row and
-        whatever the body adds (its items) in one transaction: a failed body leaves neither the
-        row nor a file this call wrote. Yields the image id."""
-        from lvlm_studio.media import discard, ingest_image
-
-        rec = ingest_image(self.settings, source, name=name, source_label=source_label)
-        try:
-            with self.store.transaction():
-                self.store.add_image(rec.id, rec.path, rec.width, rec.height, source_label, objects=objects)
-                yield rec.id
-        except BaseException:
-            if self.store.get_image(rec.id) is None:
-                discard(rec)
-            raise
+                  objects: list | None = None) -> contextlib.AbstractContextManager[str]:
+        """``io.stored_image`` on this studio's store: the image's file, row and whatever the body
+        adds, or none of them. Yields the image id."""
+        return stored_image(self.store, self.settings, source, name=name, source_label=source_label,
+                            objects=objects)
 
     def upload_images(
         self, paths: Sequence[str | Path], prompt: str = DEFAULT_PROMPT,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -1041,6 +1042,78 @@ def test_deep_nesting_and_long_paths_refuse_their_own_record(store, settings, tm
     (root / "llava_dpo.json").write_text(deep)
     report = io.import_path(store, settings, root / "llava_dpo.json", "llava")
     assert report.status == "failed" and report.errors == ["llava_dpo.json: not valid JSON (JSON nested too deeply)"]
+    assert_consistent(store, settings)
+
+
+def test_meta_nested_just_below_the_parsers_limit_refuses_its_own_record(store, settings, tmp_path):
+    """A depth json.loads accepts but json.dumps (a few frames deeper) does not used to end the
+    import with a RecursionError traceback. Every depth around the limit: imported or refused."""
+    root = tmp_path / "nest"
+    write_image(root / "a.png", seed=63)
+    limit = sys.getrecursionlimit()  # libraries raise it (gradio does): the window moves with it
+    depths = range(limit - 400, limit + 1)
+    lines = [json.dumps({"image": "a.png", "prompt": f"Q{d}?"})[:-1] + ', "item_meta": {"x": ' + "[" * d + "]" * d + "}}"
+             for d in depths]
+    (root / "d.jsonl").write_text("\n".join(lines) + "\n")
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported + report.skipped == len(depths) and report.imported > 0 and report.skipped > 0
+    assert all("nested too deeply" in e for e in report.errors), report.errors[:3]
+    assert_consistent(store, settings)
+
+
+def test_a_symlink_loop_refuses_its_own_record(store, settings, tmp_path):
+    """Path.resolve raises on a link loop (RuntimeError on Python 3.11): it stopped a folder import
+    half-way with a traceback, and a JSONL record naming one did the same."""
+    root = tmp_path / "loops"
+    write_image(root / "a.png", seed=64)
+    write_image(root / "z.png", seed=65)
+    os.symlink("loop.png", root / "loop.png")
+    report = io.import_path(store, settings, root, "folder")
+    assert report.imported == 2, report.errors
+    assert len(report.errors) == 1 and report.errors == ["loop.png: the link cannot be resolved (a symlink loop)"]
+    (root / "d.jsonl").write_text("\n".join(json.dumps({"image": name, "prompt": "Which?"})
+                                             for name in ("a.png", "loop.png", "z.png")) + "\n")
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 2 and len(report.errors) == 1, report.errors
+    assert report.errors == ["d.jsonl line 2: image path 'loop.png' cannot be resolved (a symlink loop)"]
+    assert_consistent(store, settings)
+
+
+def test_an_image_file_removed_by_a_failed_concurrent_import_is_written_again(store, settings, tmp_path,
+                                                                              monkeypatch):
+    """Process A wrote a picture's file, process B found it there, then A's record failed and A
+    removed the file it wrote: B must not commit a row naming a missing file. And a failed import
+    removes its own file only while no row names it."""
+    from lvlm_studio import media
+
+    source = write_image(tmp_path / "a.png", seed=66)
+    first = media.ingest_image(settings, source)  # A's file
+    assert first.created
+    real_ingest, calls = media.ingest_image, []
+
+    def found_then_removed(*args, **kwargs):
+        record = real_ingest(*args, **kwargs)
+        calls.append(record.created)
+        if len(calls) == 1:  # B found A's file; A's failed record removes it before B's row lands
+            media.discard(first)
+        return record
+
+    monkeypatch.setattr(io, "ingest_image", found_then_removed)
+    with io.stored_image(store, settings, source, name="a.png", source_label="upload") as image_id:
+        store.add_item(image_id, "Describe.")
+    assert calls == [False, True]  # found, then written again under the write lock
+    assert store.integrity()["missing_files"] == []
+    monkeypatch.setattr(io, "ingest_image", real_ingest)
+    with pytest.raises(RuntimeError, match="body failed"):  # the row is there: the file stays
+        with io.stored_image(store, settings, source, name="a.png", source_label="upload"):
+            raise RuntimeError("body failed")
+    assert store.integrity()["missing_files"] == []
+    other = write_image(tmp_path / "b.png", seed=67)
+    before = stored_files(settings)
+    with pytest.raises(KeyboardInterrupt):  # not only the errors an import expects
+        with io.stored_image(store, settings, other, name="b.png", source_label="upload"):
+            raise KeyboardInterrupt
+    assert stored_files(settings) == before and store.count_items() == 1
     assert_consistent(store, settings)
 
 
