@@ -242,6 +242,35 @@ def training_material(store: Any, cfg: Any) -> list[dict]:
     return pairs
 
 
+def _spawn(settings: Settings, store: Any, round_id: int, num_processes: int) -> subprocess.Popen:
+    """Start round ``round_id``'s process, its output appended to ``runs/round-N/train.log``."""
+    run_dir = settings.runs_dir / round_dirname(round_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train.log"
+    store.update_round(round_id, log_path=str(log_path))
+    env = dict(os.environ)
+    # The log is a file, not a terminal: the libraries' bars would only fill it with
+    # "Loading weights 0%...100%" lines; the round's progress lives in the store.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    env.update(
+        LVLM_STUDIO_HOME=str(settings.home),
+        LVLM_STUDIO_MODEL=settings.model,
+        LVLM_STUDIO_CLIP=settings.clip,
+        LVLM_STUDIO_DEVICE=settings.device,
+        # The package may run from a checkout that is not installed.
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+        ),
+    )
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            job_command(round_id, settings.home, num_processes),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+
+
 def start_round(settings: Settings, config: Any = None, parent_id: int | None = None) -> int:
     """Queue a round (parent: ``parent_id`` or the current round, else the base model) and start
     its process. Refuses with ``RoundBusyError`` while another round is queued or running."""
@@ -270,35 +299,16 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
             training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
-            run_dir = settings.runs_dir / round_dirname(round_id)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            log_path = run_dir / "train.log"
-            store.update_round(round_id, log_path=str(log_path))
-            env = dict(os.environ)
-            # The log is a file, not a terminal: the libraries' bars would only fill it with
-            # "Loading weights 0%...100%" lines; the round's progress lives in the store.
-            env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-            env.update(
-                LVLM_STUDIO_HOME=str(settings.home),
-                LVLM_STUDIO_MODEL=settings.model,
-                LVLM_STUDIO_CLIP=settings.clip,
-                LVLM_STUDIO_DEVICE=settings.device,
-                # The package may run from a checkout that is not installed.
-                PYTHONPATH=os.pathsep.join(
-                    p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
-                ),
-            )
             try:
-                with open(log_path, "ab") as log:
-                    proc = subprocess.Popen(
-                        job_command(round_id, settings.home, cfg.num_processes),
-                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        env=env, start_new_session=True,
-                    )
-            except OSError as exc:
-                store.update_round(round_id, status="failed", error=f"could not start the job: {exc}")
-                raise JobError(f"could not start the training process: {exc}") from exc
+                proc = _spawn(settings, store, round_id, cfg.num_processes)
+            except BaseException as exc:
+                # The round exists: it must not stay 'queued' with no process (that would block
+                # every start until the grace period ends), so it ends failed with the reason.
+                with contextlib.suppress(Exception):
+                    store.update_round(round_id, status="failed", error=f"could not start the job: {exc}")
+                if isinstance(exc, Exception):
+                    raise JobError(f"could not start the training process: {exc}") from exc
+                raise
             _CHILDREN[proc.pid] = proc
             store.update_round(round_id, pid=proc.pid)
             return round_id
@@ -677,7 +687,9 @@ def run_round(round_id: int, home: str | Path) -> int:
         sys.stdout.flush()
         message = f"{type(exc).__name__}: {exc}" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
         try:
-            store.update_round(round_id, status="failed", error=message[:2000])
+            with store.transaction():  # an outcome already written (done, or failed by the launcher) stands
+                if store.get_round(round_id)["status"] not in TERMINAL:
+                    store.update_round(round_id, status="failed", error=message[:2000])
         except Exception:  # noqa: BLE001 - the store itself failed; the log has the traceback
             traceback.print_exc()
         return 1

@@ -340,6 +340,72 @@ def test_a_diverged_round_fails_before_it_is_evaluated(tmp_path, monkeypatch):
         store.close()
 
 
+def test_an_outcome_written_before_a_late_failure_stands(tmp_path, monkeypatch):
+    """The job body's failure handler re-reads the round: an outcome already stored (done, or failed
+    by whoever saw the launcher die) is not overwritten by a failure that comes after it."""
+    import signal
+
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    store = Store.open(settings)
+    store.ensure_base_round(settings.model)
+    outcomes = {"done": {"status": "done", "adapter_path": str(tmp_path / "adapter")},
+                "failed": {"status": "failed", "error": "the launcher died"}}
+    try:
+        for status, fields in outcomes.items():
+            rid = store.create_round(0, settings.model, dict(FAST), status="queued")
+
+            def written_then_raises(store_, parent_id, rid=rid, fields=fields):
+                store_.update_round(rid, **fields)
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(jobs, "adapter_lineage", written_then_raises)
+            assert jobs.run_round(rid, settings.home) == 1
+            row = store.get_round(rid)
+            assert row["status"] == status and row["error"] == fields.get("error"), row
+        rid = store.create_round(0, settings.model, dict(FAST), status="queued")
+        monkeypatch.setattr(jobs, "adapter_lineage", lambda *a: (_ for _ in ()).throw(OSError(28, "disk full")))
+        assert jobs.run_round(rid, settings.home) == 1
+        assert store.get_round(rid)["status"] == "failed" and "disk full" in store.get_round(rid)["error"]
+    finally:
+        store.close()
+
+
+def test_a_round_whose_process_cannot_start_fails_and_blocks_nothing(tmp_path, monkeypatch):
+    """A start that fails after its round row is created (the run folder cannot be made, the
+    process cannot be spawned) ends that round failed with the reason; it used to stay 'queued'
+    and refuse every start for the next two minutes."""
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    (settings.runs_dir / "round-1").write_text("a file where the run folder goes")
+    with pytest.raises(jobs.JobError, match="could not start the training process: .*File exists"):
+        jobs.start_round(settings, FAST)
+    row = jobs.status(settings, 1)
+    assert row["status"] == "failed" and row["error"].startswith("could not start the job: "), row
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with pytest.raises(jobs.JobError, match="Resource temporarily unavailable"):
+        jobs.start_round(settings, FAST)  # not "round 1 is already queued"
+    assert jobs.status(settings, 2)["status"] == "failed"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.start_round(settings, FAST)
+    assert jobs.status(settings, 3)["status"] == "failed"
+    store = Store.open(settings)
+    try:
+        assert store.current_round() is None and store.integrity()["integrity_check"] == ["ok"]
+    finally:
+        store.close()
+
+
 def test_stic_stage_two_round_describes_then_fine_tunes_then_describes_first(tmp_path):
     """STIC's stage 2 as a round: the parent model describes each instruction image, the round
     fine-tunes (SFT + LoRA, loss on the answer) on "Image description: ... + question" -> the
