@@ -298,6 +298,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
             training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
+            check_evaluation_choice(store, cfg)
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
             try:
                 proc = _spawn(settings, store, round_id, cfg.num_processes)
@@ -427,6 +428,30 @@ def eval_items_for(store, cfg) -> list[dict]:
         if cfg.eval_limit is not None and len(items) >= cfg.eval_limit:
             break
     return items
+
+
+def check_evaluation_choice(store, cfg) -> None:
+    """Refuse, before a round exists, an evaluation set chosen by hand (``eval_dataset``,
+    ``eval_split`` or ``eval_kinds`` not the default) that selects no item: a mistyped name gave a
+    round that ended 'done' with no evaluation. The defaults may select nothing: a store without a
+    test split trains, and the round says it was not evaluated."""
+    from lvlm_studio.training import DPORoundConfig
+
+    default = DPORoundConfig()
+    chosen = (cfg.eval_dataset is not None or cfg.eval_split != default.eval_split
+              or list(cfg.eval_kinds) != default.eval_kinds)
+    if not chosen or eval_items_for(store, cfg):
+        return
+    where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
+    items = store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split)
+    if not items:
+        splits = sorted({split for by_split in store.stats()["datasets"].values() for split in by_split})
+        found = f"no item is in {where} (splits in the store: {', '.join(splits) or 'none'})"
+    else:
+        kinds = sorted({(it.get("meta") or {}).get("kind") or "describe" for it in items if it.get("objects") is not None})
+        found = (f"no item of {where} with ground-truth objects is of a kind in eval_kinds {list(cfg.eval_kinds)} "
+                 f"(kinds there: {', '.join(kinds) or 'none: no item there has ground-truth objects'})")
+    raise JobError(f"the evaluation set is empty: {found}")
 
 
 def choose_extractor(name: str, items: list[dict]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -674,6 +675,29 @@ def test_round_material_for_dpo_and_stic_rounds(tmp_path):
         assert chosen == ids and blank not in chosen and derived not in chosen
         assert [it["id"] for it in jobs.infusion_items(store, DPORoundConfig(infusion_dataset="shapesworld",
                                                                              infusion_limit=1))] == ids[:1]
+
+
+def test_an_evaluation_set_chosen_by_hand_that_selects_nothing_is_refused_before_the_round(tmp_path):
+    """A mistyped eval_split / eval_kinds / eval_dataset gave a round that ended 'done' with no
+    evaluation; the defaults selecting nothing (no test split) still train, unevaluated."""
+    from lvlm_studio.training import DPORoundConfig
+
+    with _bare_store(tmp_path) as (settings, store):
+        _populate(settings)  # train pairs; test items: describe and pope, with objects
+        refusals = {
+            "no item is in split 'tset' (splits in the store: test, train)": {"eval_split": "tset"},
+            "no item is in split 'test' of dataset 'coco' (splits in the store: test, train)": {"eval_dataset": "coco"},
+            "no item of split 'test' with ground-truth objects is of a kind in eval_kinds ['descibe'] "
+            "(kinds there: describe, pope)": {"eval_kinds": ["descibe"]},
+        }
+        for message, change in refusals.items():
+            with pytest.raises(jobs.JobError, match="the evaluation set is empty: " + re.escape(message)):
+                jobs.start_round(settings, {**FAST, **change})
+        assert [r["id"] for r in store.list_rounds()] == [0]  # no round row was created
+        jobs.check_evaluation_choice(store, DPORoundConfig(eval_kinds=["pope"]))  # a subset that selects items
+        store.db.execute("UPDATE items SET split = 'val' WHERE split = 'test'")
+        jobs.check_evaluation_choice(store, DPORoundConfig())  # the default selecting nothing: allowed
+        jobs.check_evaluation_choice(store, DPORoundConfig(eval_split="val"))
 
 
 def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):
