@@ -1225,4 +1225,21 @@ def main(argv: list[str] | None = None) -> None:
         # follow ours: none in a pipe or a log; set before they are imported, which read it once
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="lvlm-studio")
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--json" not in args:
+        app(args=args, prog_name="lvlm-studio")
+        return
+    # With --json every failure gives the JSON error object on stdout, the parser's usage errors (an
+    # unknown option, a value out of range) included: click prints those itself in standalone mode.
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(args=args, prog_name="lvlm-studio", standalone_mode=False)
+    except TyperException as exc:  # typer's click: UsageError, BadParameter, NoSuchOption, ...
+        emit({"ok": False, "error": exc.format_message()}, True)
+        say(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        say("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -134,6 +134,33 @@ def test_main_entry_point(home):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--n", "20001"], "Invalid value for '--n': Input should be less than or equal to 20000"),
+    (["compare", "0"], "Missing argument 'b'"),
+    (["review", "decide", "abc", "accept"], "Invalid value for 'pair_id': Input should be a valid integer"),
+    (["stats", "--nope"], "No such option: --nope"),
+])
+def test_json_usage_errors_from_the_parser_are_json_too(home, capsys, args, message):
+    """The parser's own usage errors printed a box on stderr and nothing on stdout under --json."""
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    result = json.loads(out)
+    assert result["ok"] is False and result["error"].startswith(message), result
+    assert err.strip() == f"error: {result['error']}"
+
+
+def test_json_mode_keeps_exit_codes_and_help(home, capsys):
+    for args, code in ((["init", "--json"], 0), (["stats", "--json"], 0), (["init", "--help", "--json"], 0), (["rounds", "--json"], 0),
+                       (["compare", "5", "6", "--json"], 1)):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == code, (args, capsys.readouterr())
+    out = capsys.readouterr().out
+    assert "Usage:" in out and '"error": "round 5 does not exist' in out
+
+
 def test_usage_errors_exit_2_and_failures_say_so_on_stderr(home, tmp_path, monkeypatch):
     """Bad option values are usage errors (exit 2, as the README says); a failed import says so on
     stderr under --json too; a data root that is a file is one error line, not a traceback."""
