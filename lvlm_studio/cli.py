@@ -895,8 +895,13 @@ def review_agreement_cmd(
         if result["cohen"]:
             lines.append(table(["reviewer A", "reviewer B", "shared pairs", "Cohen's kappa"],
                                [[c["a"], c["b"], c["n"], c["kappa"]] for c in result["cohen"]]))
-        lines.append(f"override rate (swap, reject both, edit): {_fmt(result['override_rate'])}")
+        lines.append(f"override rate (swap, reject both, edit): {_fmt(result['override_rate'])} "
+                     f"of {counted(result['override_pairs'], 'reviewed pair')}")
+        if result["override_by_method"]:
+            lines.append(table(["method", "reviewed pairs", "override rate"],
+                               [[m, r["n"], r["override_rate"]] for m, r in result["override_by_method"].items()]))
         if result["override_by_margin"]:
+            lines.append("by automatic margin (the pairs that have one, such as CSR's)")
             lines.append(table(["automatic margin", "pairs", "override rate"],
                                [[b["bucket"], b["n"], b["override_rate"]] for b in result["override_by_margin"]]))
         return "\n".join(lines)

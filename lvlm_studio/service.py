@@ -870,14 +870,19 @@ class Studio:
                                      "kappa": cohen_kappa([matrix[p][a] for p in shared],
                                                           [matrix[p][b] for p in shared])})
         multi = [list(by.values()) for by in matrix.values() if len(by) >= 2]
-        # Override rate: the effective (latest live) decision of each reviewed pair vs its margin.
-        rows = []
+        # Override rate: the effective (latest live) decision of each reviewed pair, over every
+        # method; by margin bucket over the pairs that have an automatic margin (CSR's; POVID's and
+        # STIC's labels come from how the pair was made, with no margin).
+        rows, by_method = [], {}
         for pid in matrix:
-            label = self.store.effective_label(pid)
             pair = self.store.get_pair(pid)
-            if pair is None or pair.get("margin") is None:
+            if pair is None:
                 continue
-            rows.append((pair["method"], float(pair["margin"]), label["status"] in OVERRIDES))
+            overruled = pair["label"]["status"] in OVERRIDES
+            by_method.setdefault(pair["method"], []).append(overruled)
+            if pair.get("margin") is not None:
+                rows.append((pair["method"], float(pair["margin"]), overruled))
+        decided = [o for outcomes in by_method.values() for o in outcomes]
         by_bucket = []
         rows.sort(key=lambda r: r[1])
         start = 0
@@ -894,7 +899,9 @@ class Studio:
             "fleiss_kappa": fleiss_kappa(multi),
             "items_multi_rated": len(multi),
             "override_by_margin": by_bucket,
-            "override_rate": (sum(o for _, _, o in rows) / len(rows)) if rows else None,
+            "override_rate": (sum(decided) / len(decided)) if decided else None,
+            "override_pairs": len(decided),
+            "override_by_method": {m: {"n": len(o), "override_rate": sum(o) / len(o)} for m, o in sorted(by_method.items())},
         }
 
     # ---------------------------------------------------------------- training rounds

@@ -769,7 +769,10 @@ def test_review_commands_walk_a_queue_and_store_every_decision(env, store, make_
     agreement = ok_json("review", "agreement")
     assert agreement["reviewers"] == ["amy", "bob"] and agreement["cohen"][0]["n"] == 1
     assert agreement["override_rate"] == 0.5  # bob accepted the CSR pair, edited the POVID one
-    assert "amy         bob         1" in run("review", "agreement").stdout
+    shown_agreement = run("review", "agreement").stdout
+    assert "amy         bob         1" in shown_agreement
+    assert "override rate (swap, reject both, edit): 0.500 of 2 reviewed pairs" in shown_agreement
+    assert agreement["override_by_method"] == {"csr": {"n": 1, "override_rate": 0.0}, "povid": {"n": 1, "override_rate": 1.0}}
     assert run("review", "progress").stdout.splitlines() == [
         "2 of 2 pairs decided by someone", "amy: 1 decided", "  amy: 1 decided", "  bob: 2 decided"]
 

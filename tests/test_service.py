@@ -489,13 +489,15 @@ def test_override_rate_follows_the_margin_counts_edits_and_skips_pairs_without_o
     """Buckets follow the margin, not the pair id; an edit overrules the automatic label; a
     reviewed pair without a margin is left out of the margin buckets (and does not crash them)."""
     high, low = make_pairs([0.9, 0.1])
-    [no_margin] = make_pairs([None])
+    [no_margin] = make_pairs([None], method="povid")
     studio.decide(low, "ann", "edit", edited_text="A red circle.")
     studio.decide(high, "ann", "accept")
     studio.decide(no_margin, "ann", "swap")
     ag = studio.agreement(buckets=2)
     assert [(b["lo"], b["n"], b["override_rate"]) for b in ag["override_by_margin"]] == [(0.1, 1, 1.0), (0.9, 1, 0.0)]
-    assert ag["override_rate"] == 0.5
+    # the overall rate counts every reviewed pair (POVID's and STIC's have no margin): 2 of 3 overruled
+    assert ag["override_rate"] == pytest.approx(2 / 3) and ag["override_pairs"] == 3
+    assert ag["override_by_method"] == {"csr": {"n": 2, "override_rate": 0.5}, "povid": {"n": 1, "override_rate": 1.0}}
 
 
 def test_reviewed_counts_per_method(studio, make_pairs):

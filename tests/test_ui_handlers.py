@@ -349,8 +349,11 @@ def test_data_tab_escapes_reviewer_names_and_report_values():
     from lvlm_studio.ui.data import agreement_html
 
     html = agreement_html({"reviewers": [HOSTILE, "ann"], "fleiss_kappa": None, "items_multi_rated": 0,
-                           "override_rate": 0.5, "cohen": [{"a": HOSTILE, "b": f"b{HOSTILE}", "kappa": 0.5, "n": 3}]})
-    assert "<img" not in html and html.count("&lt;img") == 3
+                           "override_rate": 0.5, "override_pairs": 4,
+                           "override_by_method": {"csr": {"n": 3, "override_rate": 2 / 3}, HOSTILE: {"n": 1, "override_rate": 0.0}},
+                           "cohen": [{"a": HOSTILE, "b": f"b{HOSTILE}", "kappa": 0.5, "n": 3}]})
+    assert "<img" not in html and html.count("&lt;img") == 4  # an imported file names its own methods
+    assert "0.500 over 4 reviewed pairs; csr 0.667 (3); &lt;img" in html
     from markdown_it import MarkdownIt
 
     render = MarkdownIt().render

@@ -20,7 +20,10 @@ def agreement_html(ag: dict) -> str:
 
     lines = [f"<b>Reviewers</b>: {escape_text(', '.join(ag['reviewers']) or 'none yet')}",
              f"<b>Fleiss' κ</b> (pairs rated by ≥ 2): {k(ag['fleiss_kappa'])} over {ag['items_multi_rated']} pairs",
-             f"<b>Override rate</b> (swap / reject both / edit): {k(ag['override_rate'])}"]
+             f"<b>Override rate</b> (swap / reject both / edit): {k(ag['override_rate'])} over "
+             f"{ag['override_pairs']} reviewed pairs"
+             + "".join(f"; {escape_text(m)} {k(r['override_rate'])} ({r['n']})"
+                       for m, r in ag["override_by_method"].items())]
     for rec in ag["cohen"]:
         lines.append(f"<b>Cohen's κ</b> {escape_text(rec['a'])} vs {escape_text(rec['b'])}: {k(rec['kappa'])} "
                      f"({rec['n']} shared pairs)")
