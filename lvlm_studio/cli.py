@@ -941,6 +941,7 @@ def train_cmd(
     DPORoundConfig.from_dict(cfg)  # bad values fail here, before a process starts
     s = studio(model=model, existing=True)
     try:
+        s.require_admin(user, "starting a training round")  # before anything about pairs is said
         require_round(s.store, from_round)
         # A misspelt method (service.UnknownMethodError) or a round with nothing to train on is refused (JobError) here, before it is created.
         n_material = s.training_material_count(cfg)

@@ -1094,12 +1094,16 @@ def _export_rows(store: Store, methods, include_auto: bool, round: int | None) -
     rows = store.training_pairs(methods=methods, include_auto=include_auto, round=round)
     if not rows:
         total = store.count_pairs()
-        hint = (
-            ""
-            if include_auto or total == 0
-            else " (no reviewed pairs; include unreviewed pairs to export automatic labels: CLI --include-auto)"
-        )
-        raise DataExportError(f"nothing to export: 0 of {total} pairs qualify{hint}")
+        filters = ([f"of method {', '.join(methods)}"] if methods else []) + ([f"of round {round}"] if round is not None else [])
+        named = " and ".join(filters)
+        scope = (sum(store.count_pairs(m, round=round) for m in methods) if methods
+                 else store.count_pairs(round=round))
+        if scope == 0:  # the filter alone left nothing: say so, not "no reviewed pairs"
+            raise DataExportError(f"nothing to export: 0 of {total} pairs qualify" + (f" (none is {named})" if named else ""))
+        why = ("each was rejected on both sides by its reviewer" if include_auto else
+               "none is reviewed; include unreviewed pairs to export automatic labels: CLI --include-auto")
+        of = f"of the {scope} pairs {named}" if named else f"of {total} pairs"
+        raise DataExportError(f"nothing to export: 0 {of} qualify ({why})")
     return rows
 
 

@@ -249,6 +249,8 @@ def test_train_refusals_and_roles(env, tiny, monkeypatch):
     fails("cancel", "5", message="round 5 does not exist")
     monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
     fails("train", "--model", vlm, "--include-auto", "--user", "bob", message="needs the admin role; 'bob' has the reviewer role")
+    # the role is checked first: a reviewer is not told about pairs (it said "no training pairs" here)
+    fails("train", "--model", vlm, "--methods", "stic", "--user", "bob", message="needs the admin role")
     monkeypatch.setenv("LVLM_STUDIO_USER", "bob")
     fails("cancel", "0", message="needs the admin role")
     assert [r["id"] for r in open_store(env).list_rounds()] == [0]  # nothing was started

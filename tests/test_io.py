@@ -316,6 +316,15 @@ def test_export_nothing_is_a_clear_error(store, make_pairs, tmp_path):
     make_pairs([0.1])
     with pytest.raises(io.DataExportError, match="0 of 1 pairs qualify.*include unreviewed pairs"):
         io.export_pairs(store, "trl", tmp_path / "out")
+    # a filter that alone leaves nothing says so (it said "no reviewed pairs" with reviewed pairs there)
+    with pytest.raises(io.DataExportError, match=r"^nothing to export: 0 of 1 pairs qualify \(none is of round 2\)$"):
+        io.export_pairs(store, "trl", tmp_path / "out", round=2, include_auto=True)
+    with pytest.raises(io.DataExportError, match=r"0 of the 1 pairs of method csr and of round 0 qualify \(none is reviewed"):
+        io.export_pairs(store, "trl", tmp_path / "out", methods=["csr"], round=0)
+    [pid] = store.pair_ids()
+    store.add_review(pid, "ann", "reject_both")
+    with pytest.raises(io.DataExportError, match=r"0 of 1 pairs qualify \(each was rejected on both sides"):
+        io.export_pairs(store, "trl", tmp_path / "out", include_auto=True)
     assert not (tmp_path / "out").exists()
 
 
