@@ -33,7 +33,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, debug_enabled, listen_address
+from lvlm_studio.config import (
+    MAX_ID,
+    MAX_SEED,
+    MAX_WORLD_SCENES,
+    Settings,
+    counted,
+    debug_enabled,
+    listen_address,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -402,7 +410,7 @@ def parse_pairs(values: list[str] | None, option: str, allowed: set[str] | None 
         key, sep, value = raw.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CLIError(f"{option} {raw!r}: expected key=value (e.g. {option} num_candidates=4)", EXIT_USAGE)
+            raise CLIError(f"{option} {raw!r}: expected key=value (e.g. {option} {key or 'name'}=VALUE)", EXIT_USAGE)
         if allowed is not None and key not in allowed:
             raise CLIError(f"{option} {key!r}: unknown {owner} option; valid: {', '.join(sorted(allowed))}",
                            EXIT_USAGE)
@@ -464,11 +472,6 @@ def method_params(method: str, values: list[str] | None) -> dict[str, Any]:
     from lvlm_studio.methods import METHOD_CONFIGS
 
     return config_options(METHOD_CONFIGS[method], values, "--param", method)
-
-
-def counted(n: Any, noun: str) -> str:
-    """'1 item', '3 items' (a count that is not a number is shown as it is)."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -639,7 +642,8 @@ def demo_build_cmd(
 def demo_seed_cmd(
     train: Annotated[int, typer.Option(help="Train-split scenes to add.", min=0, max=MAX_WORLD_SCENES)] = 24,
     test: Annotated[int, typer.Option(help="Test-split scenes to add.", min=0, max=MAX_WORLD_SCENES)] = 24,
-    pairs: Annotated[int, typer.Option(help="Pairs per method to generate with the demo model (0: none).", min=0)] = 2,
+    pairs: Annotated[int, typer.Option(help="Train items per method to pair with the demo model (POVID pairs each twice: injected "
+                                       "text and a noisy image; CSR adds yes/no pairs; 0: none).", min=0)] = 2,
     seed: Annotated[int, typer.Option(help="World seed.", min=0, max=MAX_SEED)] = 0,
     as_json: JsonOption = False,
 ) -> None:
@@ -873,7 +877,7 @@ def review_progress_cmd(
     def human() -> str:
         lines = [f"{result['done']} of {counted(result['total'], 'pair')} decided by someone"]
         if "reviewer" in result:
-            lines.append(f"{result['reviewer']}: {result['reviewer_done']} decided")
+            lines.append(f"you ({result['reviewer']}): {result['reviewer_done']} decided")
         lines += [f"  {name}: {n['done']} decided" for name, n in sorted(result["per_reviewer"].items())]
         return "\n".join(lines)
 
@@ -1150,8 +1154,9 @@ def eval_cmd(
 
     if split not in SPLITS:
         raise CLIError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}", EXIT_USAGE)
-    if n < 1 or max_new_tokens < 1:
-        raise CLIError("--n and --max-new-tokens must be at least 1", EXIT_USAGE)
+    for option, value in (("--n", n), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise CLIError(f"{option} must be at least 1, not {value}", EXIT_USAGE)
     s = studio(model=model)
     try:
         require_round(s.store, round)
@@ -1161,7 +1166,7 @@ def eval_cmd(
     finally:
         s.store.close()
     result = {"ok": True, **res}
-    emit(result, as_json, lambda: (f"round {round} on {res['items']} items of shapesworld/{split} ({n} scenes, seed "
+    emit(result, as_json, lambda: (f"round {round} on {res['items']} items of shapesworld/{split} ({counted(n, 'scene')}, seed "
                                    f"{seed}; {res['added']} items added), model {res['metrics'].get('model')}\n"
                                    + eval_table(res["metrics"])))
 

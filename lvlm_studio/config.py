@@ -130,6 +130,12 @@ def data_root_lock(settings: Settings, name: str) -> collections.abc.Iterator[No
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def counted(n: Any, noun: str) -> str:
+    """'1 item', '3 items' (a count that is not a number is shown as it is): the CLI's, the app's
+    and the round log's wording."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def round_dirname(round_id: int) -> str:
     """A round's folder under adapters/, runs/ and merged/: round-N."""
     return f"round-{int(round_id)}"

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import QUANTIZATIONS
+from lvlm_studio.config import QUANTIZATIONS, counted
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -331,8 +331,8 @@ def povid_stage1_pairs(pairs: Sequence[dict]) -> list[dict]:
 
 def describe_povid_stages(stages: Sequence[Any]) -> str:
     """One line on a two-stage POVID round's stages (``metrics["povid_stages"]``), "" for others."""
-    parts = [f"{s.get('stage')}: {s.get('n_pairs')} pairs, {s.get('steps')} steps" for s in stages or []
-             if isinstance(s, dict)]
+    parts = [f"{s.get('stage')}: {counted(s.get('n_pairs'), 'pair')}, {counted(s.get('steps'), 'step')}"
+             for s in stages or [] if isinstance(s, dict)]
     return "POVID stages: " + "; ".join(parts) if parts else ""
 
 

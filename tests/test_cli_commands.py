@@ -156,7 +156,7 @@ def test_generate_user_errors(env, tiny):
     assert "HF_HUB_OFFLINE" in line
     fails("generate", "--method", "stic", "--model", "./not/here", message="No model directory at './not/here'")
     fails("generate", "--method", "dpo", message="unknown method 'dpo'", code=2)
-    fails("generate", "--method", "csr", "--param", "num_candidates", message="expected key=value", code=2)
+    fails("generate", "--method", "csr", "--param", "num_candidates", message="expected key=value (e.g. --param num_candidates=VALUE)", code=2)
     fails("generate", "--method", "csr", "--param", "candidates=3", message="unknown csr option", code=2)
     fails("generate", "--method", "csr", "--param", "num_candidates=many", message='num_candidates="many": expected int', code=2)
     fails("generate", "--method", "povid", "--items", "1,x", message="comma-separated integers", code=2)
@@ -516,7 +516,7 @@ def test_train_options_reach_start_round(env, monkeypatch):
     assert started == {"ok": True, "round": 1, "parent": 0, "status": "queued", "pid": 4242, "pairs": 2,
                        "log": "/tmp/round.log"}
     # only csr pairs: nothing to train on, refused before a round is created
-    fails("train", "--methods", "csr", "--include-auto", message="no training pairs")
+    fails("train", "--methods", "csr", "--include-auto", "--user", "alice", message="no training pairs")
     assert len(calls) == 1
 
 
@@ -627,7 +627,8 @@ def test_eval_and_compare_option_errors(env):
     before any model loads; compare --limit 0 is allowed; rounds with no stored answers get a hint."""
     ok_json("init")
     fails("eval", "--split", "val", message="unknown split 'val'", code=2)
-    fails("eval", "--n", "0", message="--n and --max-new-tokens must be at least 1", code=2)
+    fails("eval", "--n", "0", message="--n must be at least 1, not 0", code=2)
+    fails("eval", "--max-new-tokens", "0", message="--max-new-tokens must be at least 1, not 0", code=2)
     fails("eval", "--round", "7", "--n", "1", "--max-new-tokens", "1", message="round 7 does not exist", code=1)
     fails("compare", "0", "9", message="round 9 does not exist", code=1)
     assert ok_json("compare", "0", "0", "--limit", "0")["rows"] == []
@@ -776,7 +777,7 @@ def test_review_commands_walk_a_queue_and_store_every_decision(env, store, make_
     assert "override rate (swap, reject both, edit): 0.500 of 2 reviewed pairs" in shown_agreement
     assert agreement["override_by_method"] == {"csr": {"n": 1, "override_rate": 0.0}, "povid": {"n": 1, "override_rate": 1.0}}
     assert run("review", "progress").stdout.splitlines() == [
-        "2 of 2 pairs decided by someone", "amy: 1 decided", "  amy: 1 decided", "  bob: 2 decided"]
+        "2 of 2 pairs decided by someone", "you (amy): 1 decided", "  amy: 1 decided", "  bob: 2 decided"]
 
     undone = ok_json("review", "undo")
     assert undone["undone"]["pair_id"] == csr_pair and undone["undone"]["label"]["status"] == "accept"

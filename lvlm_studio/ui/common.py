@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from lvlm_studio.config import counted
 from lvlm_studio.service import Studio, whole_number
 
 # The project's own error classes a user's input can raise (by name: importing them all here would
@@ -115,7 +116,7 @@ def report_markdown(report: dict | None) -> str:
     from lvlm_studio.ui.highlight import escape_markdown as esc
 
     def n(count: Any, noun: str) -> str:  # "1 pair", "2 pairs"
-        return f"{esc(count)} {noun}{'' if count == 1 else 's'}"
+        return esc(counted(count, noun))
 
     if not isinstance(report, dict) or not report:
         return ""
