@@ -489,10 +489,24 @@ def materialize_round_model(
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        _publish_merged(tmp, out)
+    return model.to(device), processor
+
+
+def _publish_merged(tmp: Path, out: Path) -> None:
+    """Move a saved merged model into place. Two processes (the app generating with a round, the
+    CLI evaluating it) may build the same one at once: the first complete save stays (a reader may
+    be loading it) and a later one is dropped; only a partial folder is replaced."""
+    if not (out / "config.json").is_file():
         if out.exists():
             shutil.rmtree(out)
-        os.replace(tmp, out)
-    return model.to(device), processor
+        try:
+            os.replace(tmp, out)
+            return
+        except OSError:  # the other process's save landed in between (a folder that is not empty)
+            if not (out / "config.json").is_file():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def lora_target_modules(model, target: str | list[str]) -> str | list[str]:

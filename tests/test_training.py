@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +120,15 @@ def test_round_trains_saves_and_lineage(tiny, tmp_path):
     m_a = sequence_logprobs(model2, proc2, pairs[:3], "chosen")
     m_b = sequence_logprobs(reloaded, proc2, pairs[:3], "chosen")
     assert m_a == pytest.approx(m_b, abs=1e-4)
+    # Another process's complete save is kept (a reader may be loading it), this one dropped; a
+    # partial folder (no config.json) is replaced.
+    (tmp_path / "merged2" / "reader-marker").write_text("in use")
+    materialize_round_model(tiny, adapter_chain(r2.adapter_path), tmp_path / "merged2")
+    assert (tmp_path / "merged2" / "reader-marker").is_file()
+    (tmp_path / "merged2" / "config.json").unlink()
+    materialize_round_model(tiny, adapter_chain(r2.adapter_path), tmp_path / "merged2")
+    assert (tmp_path / "merged2" / "config.json").is_file() and not (tmp_path / "merged2" / "reader-marker").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged2")]  # no temporary copy left
 
     with pytest.raises(FileExistsError):
         train_round(pairs, tiny, None, tmp_path / "round_1", cfg)
@@ -588,3 +599,23 @@ def test_trainer_arguments_let_a_nan_loss_reach_the_log(tmp_path):
     assert args["logging_nan_inf_filter"] is False
     built = DPOConfig(**args, beta=0.3)
     assert built.logging_nan_inf_filter is False and built.gradient_checkpointing is True
+
+
+def test_a_merged_model_saved_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch):
+    """The other process's save lands between the check and the move: the move fails (a folder that
+    is not empty) and this save is dropped, not raised as an error nor left behind."""
+    from lvlm_studio import training
+
+    out, tmp = tmp_path / "round-2", tmp_path / ".round-2.tmp-1"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    real_replace = os.replace
+
+    def theirs_first(src, dst):
+        Path(dst).mkdir()
+        (Path(dst) / "config.json").write_text('{"theirs": true}')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", theirs_first)
+    training._publish_merged(tmp, out)
+    assert (out / "config.json").read_text() == '{"theirs": true}' and not tmp.exists()
