@@ -828,25 +828,21 @@ class Studio:
         """Cancel ``reviewer``'s latest live decision (on ``pair_id`` when given). None when there
         is nothing to undo."""
         reviewer = _reviewer(reviewer)
-        if pair_id is None:
-            latest = None
-            for pid, by in self.store.decisions_matrix().items():
-                if reviewer in by:
-                    rec = self.store.reviewer_decision(pid, reviewer)
-                    if rec and (latest is None or rec["id"] > latest["id"]):
-                        latest = rec
-            if latest is None:
-                return None
-            pair_id = latest["pair_id"]
-        else:
+        if pair_id is not None:
             pair_id = whole_number(pair_id, "pair id")
-            if self.store.reviewer_decision(pair_id, reviewer) is None:
+        # Found and undone under one write lock: a decision the same reviewer makes in another tab
+        # meanwhile is either the one undone or made after the undo, never skipped over.
+        with self.store.transaction():
+            if pair_id is None:
+                pair_id = self.store.latest_decided_pair(reviewer)
+                if pair_id is None:
+                    return None
+            elif self.store.reviewer_decision(pair_id, reviewer) is None:
                 if self.store.get_pair(pair_id) is None:
                     raise NotFoundError(f"pair {pair_id} does not exist")
                 return None
-        review_id = self.store.add_review(pair_id, reviewer, "undo")
-        return {"review_id": review_id, "pair_id": pair_id,
-                "label": self.store.effective_label(pair_id)}
+            review_id = self.store.add_review(pair_id, reviewer, "undo")
+            return {"review_id": review_id, "pair_id": pair_id, "label": self.store.effective_label(pair_id)}
 
     def progress(self, reviewer: str | None = None, method: str | None = None) -> dict:
         _check_names(method=method)

@@ -820,6 +820,12 @@ class Store:
         rows = self._all("SELECT * FROM reviews WHERE pair_id = ? ORDER BY id", (pair_id,))
         return [_decode(r, "marked_spans") for r in rows]
 
+    def latest_decided_pair(self, reviewer: str) -> int | None:
+        """The pair of ``reviewer``'s most recent live decision (what an undo without a pair
+        cancels), or None. One indexed query: the review ids grow with time."""
+        return self._scalar(
+            "SELECT pair_id FROM review_state WHERE reviewer = ? ORDER BY review_id DESC LIMIT 1", (reviewer,))
+
     def reviewer_decision(self, pair_id: int, reviewer: str) -> dict | None:
         """This reviewer's live decision on the pair, or None."""
         return _decode(

@@ -201,6 +201,16 @@ def test_decide_undo_and_queue_order(studio, make_pairs):
     assert undone["pair_id"] == p_mid and undone["label"]["status"] == "auto"
     assert studio.undo("ann")["pair_id"] == p_lo
     assert studio.undo("ann") is None
+    # the latest decision in time, whatever the pair ids; another reviewer's later one is not hers
+    studio.decide(p_lo, "ann", "accept")
+    studio.decide(p_hi, "ann", "accept")
+    studio.decide(p_lo, "ann", "swap")  # her decision on p_lo replaced: now her latest
+    studio.decide(p_mid, "bob", "accept")
+    assert studio.undo("ann")["pair_id"] == p_lo and studio.store.live_decision(p_lo, "ann") == "accept"  # her earlier one
+    assert studio.undo("ann")["pair_id"] == p_hi  # made after that accept
+    assert studio.undo("ann")["pair_id"] == p_lo and studio.undo("ann") is None
+    assert studio.store.live_decision(p_mid, "bob") == "accept"
+    studio.undo("bob")
     prog = studio.progress("ann")
     assert prog["total"] == 3 and prog["done"] == 0
     assert studio.next_pair("ann", status="decided") is None
