@@ -5,8 +5,11 @@ and 20 concurrent reviewers x 50 decisions store exactly 1000 decisions."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +58,28 @@ def test_review_decisions_from_the_api_and_the_ui_land_in_the_store(app):
     assert prog["reviewer_done"] == 1 and prog["total"] == studio.store.count_pairs()
     with pytest.raises(Exception, match="unknown decision"):
         client.predict(view["pair_id"], "ann", "maybe", "", "", api_name="/decide")
+
+
+def test_review_images_are_served_from_a_data_root_outside_the_working_and_temp_dirs(tmp_path):
+    """Gradio serves files from the working and temp directories and allowed_paths only: with the
+    data root elsewhere (LVLM_STUDIO_HOME=/data/studio) the Review tab could not show any image."""
+    outside = Path(tempfile.mkdtemp(prefix="lvlm-test-home-", dir=Path.home()))
+    try:
+        assert not outside.is_relative_to(tempfile.gettempdir()) and not outside.is_relative_to(Path.cwd())
+        studio = Studio(Settings(home=outside), users={}, admins=())
+        studio.seed_demo(n_train=2, n_test=1, pairs_per_method=0)
+        ids = [it["id"] for it in studio._describe_items(split="train")]
+        studio.generate("povid", item_ids=ids, params={"make_image_rejected": False})
+        demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+        try:
+            loaded = Client(url, verbose=False).predict("bob", "all", "all", "pending", api_name="/review_load")
+            image = Path(loaded[0])
+            assert image.is_file() and image.read_bytes() == Path(studio.next_pair("bob")["image_path"]).read_bytes()
+        finally:
+            demo.close()
+            studio.store.close()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 def test_compare_returns_both_rounds_answers(app):

@@ -213,11 +213,13 @@ def _json_api(studio: Studio) -> None:
 
 def launch_kwargs(studio: Studio) -> dict[str, Any]:
     """What Gradio 6 wants in ``launch()``: css, head (the shortcut script), theme, auth."""
-    exports = studio.settings.home / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
-    # Export zips are served for download from the data root's exports/ only.
+    exports, images = studio.settings.home / "exports", studio.settings.images_dir
+    for folder in (exports, images):
+        folder.mkdir(parents=True, exist_ok=True)
+    # Gradio serves files from the working and temp directories and these only: the stored images
+    # (the Review and Compare tabs show them) and the export zips, wherever the data root is.
     kwargs: dict[str, Any] = {"css": CSS, "head": shortcut_script(), "theme": gr.themes.Soft(),
-                              "allowed_paths": [str(exports)]}
+                              "allowed_paths": [str(exports), str(images)]}
     auth = launch_auth(studio)
     if auth is not None:
         kwargs["auth"] = auth
