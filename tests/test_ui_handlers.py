@@ -493,6 +493,10 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     assert f"<b>Round {r2}</b>" in refreshed[2] and refreshed[3].empty  # the newest round, no curve yet
     loss = handler(demo, "train_refresh")(str(r1))[3]
     assert loss["value"].tolist() == [0.69]
+    # a page loaded later shows the newest round, not the one that was newest when the app started
+    r3 = studio.store.create_round(r1, "m", {}, status="running")
+    on_load = handler(demo, "refresh_newest")()
+    assert f"<b>Round {r3}</b>" in on_load[2] and on_load[6].value == str(r3)
     status = handler(demo, "round_status")(r1)
     assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
     with pytest.raises(gr.Error, match="round 999 does not exist"):  # not a null round

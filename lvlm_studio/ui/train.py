@@ -252,9 +252,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     objective.input(objective_learning_rate, [objective], [lr], api_name="train_objective_lr")
     cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
-    selected.input(refresh, [selected], outs, api_name=False)
+    selected.input(refresh, [selected], outs, api_name="train_refresh")
     timer.tick(refresh, [selected], outs, api_name=False, show_progress="hidden")
     timer.tick(update_methods, [methods, known_methods], [methods, known_methods], api_name=False,
                show_progress="hidden")
-    demo.load(refresh, [selected], outs, api_name="train_refresh")
+    def refresh_newest() -> tuple:
+        # A page (re)load shows the newest round, not the Round box's value when the app was built
+        # (Gradio keeps that as the box's value for every later page load).
+        return refresh(None)
+
+    demo.load(refresh_newest, None, outs, api_name=False)
     return {}
