@@ -35,6 +35,23 @@ def test_local_path_loads_and_is_cached(model_dir):
     assert b is not a and b.dtype.is_floating_point and str(b.dtype) == "torch.bfloat16"
 
 
+def test_the_cache_keeps_the_most_recently_used_models_only(model_dir):
+    """A long-running app loads a model per round: the cache drops the least recently used one
+    beyond MAX_LOADED_BACKENDS instead of keeping every round's copy in memory."""
+    import weakref
+
+    assert registry.MAX_LOADED_BACKENDS == 2
+    a = registry.load_backend(str(model_dir), device="cpu")
+    b = registry.load_backend(str(model_dir), device="cpu", dtype="bfloat16")
+    assert registry.load_backend(str(model_dir), device="cpu") is a  # a used again: b is the oldest now
+    gone = weakref.ref(b)
+    del b
+    c = registry.load_backend(str(model_dir), device="cpu", dtype="float16")
+    assert len(registry._backends) == 2 and gone() is None  # dropped and its memory freed
+    assert registry.load_backend(str(model_dir), device="cpu") is a
+    assert registry.load_backend(str(model_dir), device="cpu", dtype="float16") is c
+
+
 def test_demo_missing_says_how_to_build(monkeypatch, tmp_path, model_dir):
     monkeypatch.setattr(registry, "DEMO_VLM_DIR", tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="lvlm-studio demo build"):

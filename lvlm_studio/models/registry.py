@@ -9,8 +9,11 @@ neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set and the Hub's hos
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -22,7 +25,11 @@ from .hf import quantization_config, resolve_dtype
 DEMO_VLM_DIR = Path(__file__).resolve().parent.parent / "world" / "artifacts" / "vlm"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
-_backends: dict[tuple, VLMBackend] = {}
+# Loaded backends, least recently used first. A long-running app loads a model per round it
+# generates or evaluates with (round t is the merged parent plus its adapter): without a bound
+# every round's copy stayed in memory. Two cover the usual back and forth (base and a round).
+MAX_LOADED_BACKENDS = 2
+_backends: collections.OrderedDict[tuple, VLMBackend] = collections.OrderedDict()
 _clips: dict[tuple, ClipScorer] = {}
 _lock = threading.Lock()
 
@@ -152,6 +159,7 @@ def load_backend(
     key = (ref, backend, str(adapter) if adapter else None, device, dtype, quantization)
     with _lock:
         if key in _backends:
+            _backends.move_to_end(key)
             return _backends[key]
         path, local = resolve_model_ref(ref)
         if adapter is not None and not Path(adapter).is_dir():
@@ -161,7 +169,19 @@ def load_backend(
         else:
             loaded = _load_hf(ref, path, local, device, dtype, adapter, quantization)
         _backends[key] = loaded
+        if len(_backends) > MAX_LOADED_BACKENDS:
+            while len(_backends) > MAX_LOADED_BACKENDS:
+                _backends.popitem(last=False)
+            _release_memory()
         return loaded
+
+
+def _release_memory() -> None:
+    """Give the memory of dropped models back (a caller still holding one keeps it alive)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _load_hf(ref, path, local, device, dtype, adapter, quantization):
