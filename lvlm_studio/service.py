@@ -280,6 +280,14 @@ class Studio:
                 raise PermissionError(f"{action} needs the admin role: sign in as an admin (no user was given)")
             raise PermissionError(f"{action} needs the admin role; {user!r} has the {role} role")
 
+    def require_model_choice(self, model: str | None, user: str | None) -> None:
+        """In the app, a model other than the studio's own (``demo``, ``LVLM_STUDIO_MODEL``) is an
+        admin's choice: a typed path would let anyone probe which paths exist on the server (as an
+        import from a path would), a Hub id make the server download any model. The CLI trusts its
+        shell and does not ask."""
+        if model and model.strip() not in ("demo", self.settings.model):
+            self.require_admin(user, f"generating with a model other than {self.settings.model!r}")
+
     def auth_summary(self) -> str:
         if self.open_mode:
             return "open mode: no accounts configured"

@@ -453,6 +453,39 @@ def test_generate_tab_passes_its_fields(open_studio, monkeypatch):
     assert calls[-1][1]["split"] == "test"
 
 
+def test_with_accounts_generate_upload_export_and_evaluate_need_a_signed_in_user(accounts_studio, tmp_path):
+    """They were open to anyone who had the page, and the Model box let a reviewer probe which server
+    paths exist ("exists but is not a saved transformers model" / "No model directory") or make the
+    server download any Hub model: another model than the studio's own is an admin's choice."""
+    from conftest import write_image
+
+    studio = accounts_studio
+    studio.seed_demo(n_train=2, n_test=1, pairs_per_method=0)
+    demo = build_app(studio)
+    bob, alice = signed_in("bob"), signed_in("alice")
+    gen = handler(demo, "generate_run")
+    text_only = '{"make_image_rejected": false}'
+    write_image(tmp_path / "a.png", seed=81)
+    anonymous = [lambda: gen("povid", "demo", "0", "shapesworld", "train", 1, 0, text_only, request=None),
+                 lambda: handler(demo, "generate")("povid", "demo", params={"make_image_rejected": False}),
+                 lambda: handler(demo, "upload_images")([str(tmp_path / "a.png")], "Describe.", "mine"),
+                 lambda: handler(demo, "export")("trl", ["povid"], True),
+                 lambda: handler(demo, "evaluate_round")("0", 1)]
+    for call in anonymous:
+        with pytest.raises(gr.Error, match="sign in first"):
+            call()
+    assert studio.store.count_pairs() == 0 and studio.store.count_items(dataset="mine") == 0
+    for model in ("/etc", "/no/such/dir", "org/any-model"):
+        with pytest.raises(gr.Error, match="needs the admin role; 'bob' has the reviewer role"):
+            gen("povid", model, "0", "shapesworld", "train", 1, 0, text_only, request=bob)
+        with pytest.raises(gr.Error, match="needs the admin role"):
+            handler(demo, "generate")("povid", model, params={"make_image_rejected": False}, request=bob)
+    assert gen("povid", "demo", "0", "shapesworld", "train", 1, 0, text_only, request=bob)["pairs"] == 1
+    with pytest.raises(gr.Error, match="'/etc' exists but is not a saved transformers model"):  # an admin may
+        gen("stic", "/etc", "0", "shapesworld", "train", 1, 0, "{}", request=alice)
+    assert handler(demo, "upload_images")([str(tmp_path / "a.png")], "Describe.", "mine", request=bob)["items"]
+
+
 def test_train_tab_start_and_cancel_pass_the_fields_and_the_signed_in_user(accounts_studio, monkeypatch):
     """Start with the default parent ("the current round") and a fractional epoch count; start and
     cancel act as the signed-in admin; a client that sends no LoRA α gets the config's default."""

@@ -172,7 +172,8 @@ def _json_api(studio: Studio) -> None:
     @user_errors
     def generate(method: str, model: str = "demo", round: int = 0, item_ids: list[int] | None = None,
                  dataset: str = "", split: str = "", n: int = 0, params: dict | None = None,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, request: gr.Request = None) -> dict:
+        studio.require_model_choice(model, acting_user(studio, request, None))
         return studio.generate(method, model=model or studio.settings.model, round=round or None,
                                item_ids=item_ids, dataset=dataset or None, split=split or None,
                                n=n or None, params=params or None, seed=seed)

@@ -12,6 +12,7 @@ import pandas as pd
 from lvlm_studio.config import MAX_WORLD_SCENES
 from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
+from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, rounded, user_errors
 from lvlm_studio.ui.highlight import compare_html, escape_text
 
@@ -116,7 +117,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
 
     @user_errors
-    def evaluate(round_v: str, n_v: Any, progress=gr.Progress()) -> tuple:  # noqa: B008 - Gradio's idiom
+    def evaluate(round_v: str, n_v: Any, progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
+                 request: gr.Request = None) -> tuple:
+        acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
         round_id = parse_round(round_v)
         if round_id is None:
             raise ValueError("pick a round to evaluate")

@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.service import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, METHODS, Studio
-from lvlm_studio.ui.auth import request_user
+from lvlm_studio.ui.auth import acting_user, request_user
 from lvlm_studio.ui.common import clear_on_click, report_markdown, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
@@ -83,7 +83,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                   height=260, y_lim=[0, 1], elem_id="data-override-plot", sort=None)
 
     @user_errors
-    def on_upload(paths, prompt_v, dataset_v) -> dict:
+    def on_upload(paths, prompt_v, dataset_v, request: gr.Request = None) -> dict:
+        acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
         if not paths:
             raise ValueError("choose image files first")
         return studio.upload_images(list(paths), prompt=prompt_v or "Describe the image.",
@@ -105,7 +106,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
-    def on_export(fmt_v, methods_v, auto_v) -> tuple:
+    def on_export(fmt_v, methods_v, auto_v, request: gr.Request = None) -> tuple:
+        acting_user(studio, request, None)  # every label and edit goes into the zip: signed-in users only
         if not methods_v:
             raise ValueError("tick at least one method to export")
         rep = studio.export(fmt_v, methods=list(methods_v), include_auto=bool(auto_v), zip_=True)

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from lvlm_studio.service import METHODS, Studio
+from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import (
     MODEL_JOBS,
     clear_on_click,
@@ -49,7 +50,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     @user_errors
     def on_run(method_v, model_v, round_v, dataset_v, split_v, n_v, seed_v, params_v,
-               progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio's progress idiom
+               progress=gr.Progress(), request: gr.Request = None) -> dict:  # noqa: B008 - Gradio's progress idiom
+        studio.require_model_choice(model_v, acting_user(studio, request, None))  # signed in; another model: admin
         try:
             p = json.loads(params_v or "{}")
         except json.JSONDecodeError as exc:
