@@ -530,6 +530,15 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     r3 = studio.store.create_round(r1, "m", {}, status="running")
     on_load = handler(demo, "refresh_newest")()
     assert f"<b>Round {r3}</b>" in on_load[2] and on_load[6].value == str(r3)
+    # one poll reads the rounds once: each read checks the active rounds' processes under the write lock
+    reads = []
+    real_rounds = studio.rounds
+    studio.rounds = lambda: reads.append(1) or real_rounds()
+    try:
+        polled = handler(demo, "train_refresh")(str(r3))
+    finally:
+        studio.rounds = real_rounds
+    assert len(reads) == 1 and f"<b>Round {r3}</b>" in polled[2]
     status = handler(demo, "round_status")(r1)
     assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
     with pytest.raises(gr.Error, match="round 999 does not exist"):  # not a null round

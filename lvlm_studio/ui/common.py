@@ -68,9 +68,12 @@ def rounded(value: Any, digits: int = 4) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
 
-def round_choices(studio: Studio, with_all: bool = False, done_only: bool = False) -> list[tuple[str, str]]:
+def round_choices(studio: Studio, with_all: bool = False, done_only: bool = False,
+                  rounds: list[dict] | None = None) -> list[tuple[str, str]]:
+    """The rounds as dropdown choices; ``rounds``: ``studio.rounds()`` when the caller has it already
+    (each call checks the active rounds' processes under the write lock)."""
     out = [("all rounds", "all")] if with_all else []
-    for r in studio.rounds():
+    for r in studio.rounds() if rounds is None else rounds:
         if done_only and r["status"] != "done":
             continue
         name = "round 0 (base model)" if r["id"] == 0 else f"round {r['id']} ({r['status']})"

@@ -41,9 +41,9 @@ def counts_frame(studio: Studio) -> pd.DataFrame:
     )
 
 
-def rounds_frame(studio: Studio) -> pd.DataFrame:
+def rounds_frame(studio: Studio, rounds: list[dict] | None = None) -> pd.DataFrame:
     rows = []
-    for r in studio.rounds():
+    for r in studio.rounds() if rounds is None else rounds:
         cfg = r.get("config") or {}
         metrics = (r.get("metrics") or {}).get("eval") or {}
         rows.append({
@@ -84,8 +84,8 @@ def curve_frames(curve: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
 CURRENT = "current"
 
 
-def parent_choices(studio: Studio) -> list[tuple[str, str]]:
-    return [("the current round", CURRENT), *round_choices(studio, done_only=True)]
+def parent_choices(studio: Studio, rounds: list[dict] | None = None) -> list[tuple[str, str]]:
+    return [("the current round", CURRENT), *round_choices(studio, done_only=True, rounds=rounds)]
 
 
 def status_html(rnd: dict | None, curve: list[dict] | None = None) -> str:
@@ -194,14 +194,16 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             rid = -1
         if rid is None:
             rid = trained[-1]["id"] if trained else None
-        rnd = studio.get_round(rid) if rid is not None and rid >= 0 else None
+        # Every poll reads the rounds once: each read checks the active rounds' processes under the
+        # store's write lock, and every open tab polls every few seconds while a round trains.
+        rnd = next((r for r in rounds if r["id"] == rid), None) if rid is not None and rid >= 0 else None
         curve = studio.round_curve(rid) if rnd is not None else []
         status = status_html(rnd, curve) if rnd is not None or rid is None else (
             f'<div class="round-status">No round {escape_text(round_value)}: pick one from the list.</div>')
         loss, margins, acc = curve_frames(curve)
-        return (counts_frame(studio), rounds_frame(studio), status, loss, margins, acc,
-                gr.Dropdown(choices=round_choices(studio), value=str(rid) if rnd is not None else round_value),
-                gr.Dropdown(choices=parent_choices(studio)))
+        return (counts_frame(studio), rounds_frame(studio, rounds), status, loss, margins, acc,
+                gr.Dropdown(choices=round_choices(studio, rounds=rounds), value=str(rid) if rnd is not None else round_value),
+                gr.Dropdown(choices=parent_choices(studio, rounds)))
 
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
 
