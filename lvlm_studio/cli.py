@@ -234,18 +234,20 @@ def import_cmd(
     s = settings()
     store = open_store(s)
     try:
-        report = io.import_path(
-            store,
-            s,
-            path,
-            format,
-            dataset=dataset,
-            split=split,
-            prompt=prompt or io.DEFAULT_PROMPT,
-            images_dir=images,
-            method=method,
-            limit=limit,
-        )
+        with Progress("import", unit="record") as bar:
+            report = io.import_path(
+                store,
+                s,
+                path,
+                format,
+                dataset=dataset,
+                split=split,
+                prompt=prompt or io.DEFAULT_PROMPT,
+                images_dir=images,
+                method=method,
+                limit=limit,
+                progress=bar,
+            )
     finally:
         store.close()
     result = {"ok": report.status == "ok", **report.to_dict()}

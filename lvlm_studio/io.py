@@ -516,6 +516,7 @@ def _land_all(
     report: ImportReport,
     source_label: str,
     limit: int | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> ImportReport:
     for rec in records:
         if limit is not None and report.imported >= limit:
@@ -524,6 +525,8 @@ def _land_all(
             report.fail(f"{rec.label}: {rec.reason}")
         else:
             _land(store, settings, rec, report, source_label)
+        if progress is not None:
+            progress()
     if report.imported == 0 and not report.errors:
         report.errors.append(f"{report.source}: nothing to import")
     return report
@@ -1025,10 +1028,12 @@ def import_path(
     images_dir: str | Path | None = None,
     method: str | None = None,
     limit: int | None = None,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> ImportReport:
     """Import ``path`` in ``format`` (or detect it). ``dataset``/``split`` override what the file
     says (defaults 'default'/'train'); ``images_dir`` is the root image paths are resolved against
-    (default: the file's directory); ``method`` names pairs whose file does not say."""
+    (default: the file's directory); ``method`` names pairs whose file does not say. ``progress``
+    is called after each record with (records read, None: the total is not known ahead, message)."""
     path = Path(path)
     if not path.exists():
         raise DataImportError(f"{path}: no such file or directory")
@@ -1040,13 +1045,20 @@ def import_path(
         raise DataImportError(f"limit must be a whole number of records, 1 or more, not {limit!r}")
     fmt = detect_format(path) if format == "auto" else format
     settings.ensure_dirs()
+    read = [0]
+
+    def tick() -> None:
+        read[0] += 1
+        if progress is not None:
+            progress(read[0], None, f"{read[0]} records read")
+
     report = ImportReport(source=str(path), format=fmt)
     root = Path(images_dir) if images_dir is not None else (path if path.is_dir() else path.parent)
     if fmt == "folder":
         if not path.is_dir():
             raise DataImportError(f"{path}: a folder import needs a directory")
         records = _read_folder(path, dataset or "default", split or "train", prompt, report)
-        return _land_all(store, settings, records, report, "folder", limit)
+        return _land_all(store, settings, records, report, "folder", limit, tick)
     if fmt == "coco":
         sources = _coco_files(path)
         if not sources:
@@ -1064,27 +1076,27 @@ def import_path(
             left = None if limit is None else limit - report.imported  # the limit counts the whole import
             if left is not None and left <= 0:
                 break
-            _land_all(store, settings, records, part, "coco", left)
+            _land_all(store, settings, records, part, "coco", left, tick)
             report.merge(part)
         return report
     if fmt == "jsonl":
         if not path.is_file():
             raise DataImportError(f"{path}: a JSONL import needs a file")
         records = _read_jsonl(path, root, dataset, split, prompt, method)
-        return _land_all(store, settings, records, report, "jsonl", limit)
+        return _land_all(store, settings, records, report, "jsonl", limit, tick)
     if fmt in ("hf", "trl"):
         if not path.is_dir():
             raise DataImportError(f"{path}: an HF dataset is a directory written by save_to_disk")
-        return _land_all(store, settings, _read_hf(path, dataset, split, prompt, method), report, fmt, limit)
+        return _land_all(store, settings, _read_hf(path, dataset, split, prompt, method), report, fmt, limit, tick)
     if fmt == "llava":
         file = _json_in_dir(path, LLAVA_FILE)
         root = Path(images_dir) if images_dir is not None else file.parent
         records = _read_llava(file, root, dataset, split, method)
-        return _land_all(store, settings, records, report, "llava", limit)
+        return _land_all(store, settings, records, report, "llava", limit, tick)
     file = _json_in_dir(path, LLAMAFACTORY_FILE)
     root = Path(images_dir) if images_dir is not None else file.parent
     records = _read_llamafactory(file, root, dataset, split, method)
-    return _land_all(store, settings, records, report, "llamafactory", limit)
+    return _land_all(store, settings, records, report, "llamafactory", limit, tick)
 
 
 # ============================================================================================

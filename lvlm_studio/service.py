@@ -307,7 +307,7 @@ class Studio:
 
     def upload_images(
         self, paths: Sequence[str | Path], prompt: str = DEFAULT_PROMPT,
-        dataset: str = "uploads", split: str = "train",
+        dataset: str = "uploads", split: str = "train", progress: ProgressFn | None = None,
     ) -> dict:
         """Ingest image files (validated by media.py) and make one item per image."""
         from lvlm_studio.media import ImageRejected
@@ -318,19 +318,22 @@ class Studio:
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"the uploaded images' items need a {name} name, not {value!r}")
         added, rejected = [], []
-        for path in paths:
+        for done, path in enumerate(paths, 1):
             try:
                 with self._ingested(path, Path(path).name, "upload") as image_id:  # the image with its item, or neither
                     added.append(self.store.add_item(image_id, prompt, dataset=dataset, split=split))
             except ImageRejected as exc:
                 rejected.append({"file": Path(path).name, "reason": exc.reason})  # the file is named beside
+            if progress is not None:
+                progress(done, len(paths), f"{done}/{len(paths)} images")
         return {"items": added, "rejected": rejected}
 
     def import_path(self, path: str | Path, kind: str = "auto", dataset: str | None = None,
                     split: str | None = None, user: str | None = None, **kw: Any) -> dict:
         """Import an image folder, COCO JSON, JSONL, LLaVA / LLaMA-Factory JSON or a saved HF
         dataset (io.py) from a path on the server; admin only (``user``), since it reads any file
-        the server can (in open mode everyone is an admin). Returns the ImportReport as a dict."""
+        the server can (in open mode everyone is an admin). ``kw`` go to ``io.import_path``
+        (``progress`` included). Returns the ImportReport as a dict."""
         from lvlm_studio import io
 
         self.require_admin(user, "importing from a path on the server")

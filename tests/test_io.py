@@ -164,7 +164,9 @@ def test_jsonl_import_with_bad_lines_and_escapes(store, settings, tmp_path):
     ]
     text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n\n"
     (root / "data.jsonl").write_text(text)
-    report = io.import_path(store, settings, root / "data.jsonl")
+    calls = []
+    report = io.import_path(store, settings, root / "data.jsonl", progress=lambda *a: calls.append(a))
+    assert calls == [(k, None, f"{k} records read") for k in range(1, 9)]  # every record, refused ones too
     assert report.format == "jsonl" and report.imported == 2 and report.pairs == 1
     assert report.skipped == 6 and report.status == "partial"
     errors = "\n".join(report.errors)
@@ -714,6 +716,9 @@ def test_coco_limit_counts_the_whole_import(store, settings, tmp_path):
     (root / "annotations" / "captions_train2017.json").write_text(json.dumps(train))
     report = io.import_path(store, settings, root, limit=1)
     assert report.imported == 1 and store.count_items() == 1
+    calls = []  # the count runs on across COCO's split files
+    whole = io.import_path(store, settings, root, progress=lambda done, total, message: calls.append(done))
+    assert calls == list(range(1, whole.imported + whole.skipped + 1)) and whole.imported >= 2
 
 
 def test_an_export_never_replaces_the_data_root(store, make_pairs, settings, tmp_path):

@@ -431,7 +431,10 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     with pytest.raises(ValueError, match="a prompt is needed"):
         studio.upload_images([tmp_path / "a.png"], prompt="   ")
     assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
-    res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?")
+    calls = []
+    res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?",
+                               progress=lambda *a: calls.append(a))
+    assert calls == [(1, 2, "1/2 images"), (2, 2, "2/2 images")]
     assert len(res["items"]) == 1 and res["rejected"][0]["file"] == "bad.png"
     assert res["rejected"][0]["reason"].startswith("not a recognised image")  # the file is named once, beside
 

@@ -484,6 +484,18 @@ def test_with_accounts_generate_upload_export_and_evaluate_need_a_signed_in_user
     with pytest.raises(gr.Error, match="'/etc' exists but is not a saved transformers model"):  # an admin may
         gen("stic", "/etc", "0", "shapesworld", "train", 1, 0, "{}", request=alice)
     assert handler(demo, "upload_images")([str(tmp_path / "a.png")], "Describe.", "mine", request=bob)["items"]
+    # the Data tab's upload and import draw a bar (they showed nothing, however long they ran)
+    shown = []
+
+    def progress(value, desc=None):
+        shown.append((value, desc))
+
+    write_image(tmp_path / "b.png", seed=82)
+    handler(demo, "upload_images")([str(tmp_path / "b.png")], "Describe.", "mine", request=bob, progress=progress)
+    write_image(tmp_path / "imp" / "c.png", seed=83)
+    write_image(tmp_path / "imp" / "d.png", seed=84)
+    handler(demo, "import_path")(str(tmp_path / "imp"), "folder", "", alice, progress=progress)
+    assert shown == [((1, 1), "1/1 images"), ((1, None), "1 records read"), ((2, None), "2 records read")]
 
 
 def test_train_tab_start_and_cancel_pass_the_fields_and_the_signed_in_user(accounts_studio, monkeypatch):

@@ -113,6 +113,11 @@ def parse_round(value: Any) -> int | None:
         raise ValueError(f"no round {str(value)[:40]!r}: pick a round from the list (a round number)") from None
 
 
+def bar(progress: Any) -> Callable[[int, int | None, str], None]:
+    """A ``gr.Progress`` as the service's progress callback (done, total or None, message)."""
+    return lambda done, total, message: progress((done, total), desc=message)
+
+
 def report_markdown(report: dict | None) -> str:
     """A few readable lines for the reports the Generate and Data tabs get back (generate, import,
     upload, export); the JSON stays one click away. Every value from the report is escaped for Markdown."""

@@ -13,7 +13,15 @@ from lvlm_studio.config import MAX_WORLD_SCENES
 from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.auth import acting_user
-from lvlm_studio.ui.common import MODEL_JOBS, number_field, parse_round, round_choices, rounded, user_errors
+from lvlm_studio.ui.common import (
+    MODEL_JOBS,
+    bar,
+    number_field,
+    parse_round,
+    round_choices,
+    rounded,
+    user_errors,
+)
 from lvlm_studio.ui.highlight import compare_html, escape_text
 
 # The plot's series say which way is better: hallucination rates down, recall and F1 up.
@@ -126,7 +134,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         n = evaluation_scenes(n_v)
         progress(0, desc="loading the model")
         res = studio.evaluate_world(round_id, split="test", n=n,
-                                    progress=lambda done, total, msg: progress((done, total), desc=msg))
+                                    progress=bar(progress))
         ch = round_choices(studio)
         return (evaluation_summary(res), *metrics_plot(studio), gr.Dropdown(choices=ch),
                 gr.Dropdown(choices=ch, value=str(round_id)))

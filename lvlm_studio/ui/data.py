@@ -10,7 +10,7 @@ import pandas as pd
 
 from lvlm_studio.service import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, METHODS, Studio
 from lvlm_studio.ui.auth import acting_user, request_user
-from lvlm_studio.ui.common import clear_on_click, report_markdown, ticked_methods, user_errors
+from lvlm_studio.ui.common import bar, clear_on_click, report_markdown, ticked_methods, user_errors
 from lvlm_studio.ui.highlight import escape_text
 
 
@@ -83,26 +83,31 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                   height=260, y_lim=[0, 1], elem_id="data-override-plot", sort=None)
 
     @user_errors
-    def on_upload(paths, prompt_v, dataset_v, request: gr.Request = None) -> dict:
+    def on_upload(paths, prompt_v, dataset_v, request: gr.Request = None,
+                  progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio's progress idiom
         acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
         if not paths:
             raise ValueError("choose image files first")
         return studio.upload_images(list(paths), prompt=prompt_v or "Describe the image.",
-                                    dataset=dataset_v or "uploads")
+                                    dataset=dataset_v or "uploads", progress=bar(progress))
 
-    upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images").then(
+    # The bars show on the summary: the report they fill sits in a closed accordion.
+    upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images",
+                 show_progress_on=[summary]).then(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
-    def on_import(path_v, kind_v, dataset_v, request: gr.Request) -> dict:
+    def on_import(path_v, kind_v, dataset_v, request: gr.Request,
+                  progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio's progress idiom
         # Admin only (checked by the service): a reviewer could otherwise pull any readable file on
         # the server into the store and probe which paths exist. Uploads stay open to reviewers.
         if not (path_v or "").strip():
             raise ValueError("type a path first")
         return studio.import_path(path_v.strip(), kind=kind_v, dataset=dataset_v or None,
-                                  user=request_user(request))
+                                  user=request_user(request), progress=bar(progress))
 
-    imported = do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path").then(
+    imported = do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path",
+                               show_progress_on=[summary]).then(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors

@@ -11,6 +11,7 @@ from lvlm_studio.service import METHODS, Studio
 from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import (
     MODEL_JOBS,
+    bar,
     clear_on_click,
     parse_round,
     report_markdown,
@@ -59,13 +60,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if not isinstance(p, dict):
             raise ValueError("parameters must be a JSON object")
         progress(0, desc="loading the model")
-
-        def report(done: int, total: int, msg: str) -> None:
-            progress((done, total), desc=msg)
-
         return studio.generate(method_v, model=model_v or studio.settings.model, round=parse_round(round_v),
                                dataset=dataset_v or None, split=None if split_v == "all" else split_v,
-                               n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=report)
+                               n=None if n_v in (None, "") else int(n_v), params=p, seed=int(seed_v or 0), progress=bar(progress))
 
     # The bar shows on the summary: the JSON it fills sits in a closed accordion, where the bar was
     # hidden too.
