@@ -31,8 +31,9 @@ def handler(demo: gr.Blocks, name: str):
     """A handler of the built app by its api_name (or its function's name when it has none)."""
     fns = list(demo.fns.values())
     found = [f for f in fns if f.api_name == name] or [f for f in fns if f.fn and f.fn.__name__ == name]
-    assert len(found) == 1, (name, len(found))
-    return found[0].fn
+    distinct = list({id(f.fn): f.fn for f in found}.values())  # one function may serve several events
+    assert len(distinct) == 1, (name, len(distinct))
+    return distinct[0]
 
 
 def add_pairs(studio: Studio, margins: list[float], method: str = "csr", round: int = 0) -> list[int]:
@@ -524,6 +525,28 @@ def test_train_tab_start_and_cancel_pass_the_fields_and_the_signed_in_user(accou
     handler(demo, "start_round")({"methods": ["povid"]}, "bob", request=alice)
     handler(demo, "cancel_round")(0, "bob", request=alice)
     assert started[-1] == ({"methods": ["povid"]}, "alice") and cancelled == [(0, "alice"), (0, "alice")]
+
+
+def test_opening_a_tab_again_offers_the_rounds_and_methods_made_since(open_studio):
+    """The Generate, Review and Compare dropdowns were filled on page load only: a round that
+    finished while the page was open (or an import's new method) was not offered until a reload."""
+    studio = open_studio
+    demo = build_app(studio)
+    selects = [f for f in demo.fns.values() if any(t[1] == "select" for t in f.targets)]
+    on_show = {f.fn.__name__: f.fn for f in selects}
+    assert sorted(on_show) == ["compare_rounds", "generate_rounds", "refresh_filters"]
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    add_pairs(studio, [0.5], method="imported-dpo")
+
+    def values(dropdown) -> list[str]:
+        return [value for _, value in dropdown.choices]
+
+    assert str(r1) in values(on_show["generate_rounds"]())
+    rounds, methods = on_show["refresh_filters"]()
+    assert str(r1) in values(rounds) and "imported-dpo" in values(methods)
+    a, b, _plot, _note, evaluated = on_show["compare_rounds"]()
+    assert all(str(r1) in values(d) for d in (a, b, evaluated))
+    assert all("value" not in d._constructor_args[0] for d in (a, b))  # choices only: A and B stay as picked
 
 
 def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio):

@@ -120,16 +120,15 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         if on_space():
             gr.LoginButton()
         with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Review", id="review", elem_id="tab-review"):
-                review_tab.build(studio, demo)
-            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                generate_tab.build(studio, demo)
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
-                train_tab.build(studio, demo)
-            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                compare_tab.build(studio, demo)
-            with gr.Tab("Data", id="data", elem_id="tab-data"):
-                data_tab.build(studio, demo)
+            for title, module in (("Review", review_tab), ("Generate", generate_tab), ("Train", train_tab),
+                                  ("Compare", compare_tab), ("Data", data_tab)):
+                with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
+                    built = module.build(studio, demo)
+                if "on_show" in built:
+                    # Rounds and methods made since the page loaded (a round that finished in the
+                    # Train tab, an import's new method) are offered when the tab is opened again.
+                    fn, outputs = built["on_show"]
+                    tab.select(fn, None, outputs, api_name=False, show_progress="hidden")
 
         def on_header(request: gr.Request) -> str:
             return _header_html(studio, request)

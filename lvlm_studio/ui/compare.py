@@ -151,8 +151,13 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=newest(done)),
                 *metrics_plot(studio), gr.Dropdown(choices=done))
 
+    def compare_rounds() -> tuple:
+        # Coming back to the tab: rounds made since are offered; what A and B hold is left as picked.
+        ch, done = round_choices(studio), round_choices(studio, done_only=True)
+        return gr.Dropdown(choices=ch), gr.Dropdown(choices=ch), *metrics_plot(studio), gr.Dropdown(choices=done)
+
     demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
-    return {}
+    return {"on_show": (compare_rounds, [a, b, plot, plot_note, eval_round])}
 
 
 def newest(choices: list[tuple[str, str]]) -> str:

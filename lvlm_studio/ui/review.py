@@ -276,4 +276,4 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return gr.Dropdown(choices=round_choices(studio, with_all=True)), gr.Dropdown(choices=method_filter_choices(studio))
 
     demo.load(refresh_filters, None, [round_, method], api_name=False)
-    return {"name": name, "round": round_}
+    return {"name": name, "round": round_, "on_show": (refresh_filters, [round_, method])}
