@@ -1323,8 +1323,17 @@ def _metrics_from_outputs(rows: list[dict]) -> dict:
         return {}
     mentions = sum(len(r.get("objects") or []) for r in rows)
     hallu = sum(len(r.get("hallucinated") or []) for r in rows)
-    gt = sum(len(set(map(str, r.get("gt_objects") or []))) for r in rows)
-    hit = sum(len(set(map(str, r.get("gt_objects") or [])) & set(map(str, r.get("objects") or []))) for r in rows)
+    gt = hit = 0
+    for r in rows:
+        meta = r.get("meta") or {}
+        if isinstance(meta.get("gt"), list) and isinstance(meta.get("recalled"), list):
+            # what the evaluation scored against: the canonical truth (COCO: instance labels plus the
+            # categories the human captions name, synonyms resolved; the world: sizes dropped)
+            truth, found = set(map(str, meta["gt"])), set(map(str, meta["recalled"]))
+        else:  # answers stored without it (an older evaluation): the image's objects as written
+            truth = set(map(str, r.get("gt_objects") or []))
+            found = truth & set(map(str, r.get("objects") or []))
+        gt, hit = gt + len(truth), hit + len(found & truth)
     return {"chair_s": sum(bool(r.get("hallucinated")) for r in rows) / len(rows),
             "chair_i": hallu / mentions if mentions else 0.0,
             "recall": hit / gt if gt else None}

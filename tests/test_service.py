@@ -325,6 +325,12 @@ def test_compare_measures_both_rounds_again_on_the_items_both_answered(studio, m
     assert list(frame["round"]) == ["0", str(r1), "0 (on the 2 items both answered)",
                                     f"{r1} (on the 2 items both answered)"]
     assert studio.compare(r1, r1)["common_metrics"] == []  # the same items: nothing to add
+    # Recall is measured against the truth the evaluation scored with (stored in the answer's meta:
+    # COCO adds the categories the human captions name), not the image's objects as written.
+    scored = {"kind": "caption", "gt": ["couch", "dog"], "recalled": ["couch"]}
+    studio.store.add_eval_outputs(0, [{"item_id": items[0], "answer": "A couch.", "objects": ["couch"],
+                                       "hallucinated": [], "meta": scored}])
+    assert {m["round"]: m["recall"] for m in studio.compare(0, r1)["common_metrics"]}[0] == 0.5
     # The same items answered, but round r1's metrics come from a later, smaller evaluation
     # (n_items 2 of its 4 stored answers): its figures are not comparable, so both are measured again.
     r2 = studio.store.create_round(r1, "m", {}, status="done")
