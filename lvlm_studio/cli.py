@@ -989,6 +989,8 @@ def train_cmd(
             lines.append(stages)
         ev = eval_metrics(row)
         lines.append(eval_table(ev) if ev else f"no evaluation: {metrics.get('eval_note', 'no evaluation items')}")
+        if ev and metrics.get("eval_note"):
+            lines.append(f"note: {metrics['eval_note']}")
         return "\n".join(lines)
 
     emit(result, as_json, human)

@@ -423,6 +423,7 @@ def eval_items_for(store, cfg) -> list[dict]:
             {
                 "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
                 "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
+                "dataset": it.get("dataset"),
             }
         )
         if cfg.eval_limit is not None and len(items) >= cfg.eval_limit:
@@ -456,17 +457,36 @@ def check_evaluation_choice(store, cfg) -> None:
 
 def choose_extractor(name: str, items: list[dict]):
     """'auto': ShapesWorld when its vocabulary parses every ground-truth list, else COCO."""
+    return evaluation_plan(name, items)[0]
+
+
+def evaluation_plan(name: str, items: list[dict]) -> tuple[Any, list[dict], str | None]:
+    """(extractor, the items it scores, a note or None). 'auto': ShapesWorld when its vocabulary
+    parses every item's ground truth, else COCO when CHAIR's table does. A split that mixes the two
+    (the demo world's test scenes beside an imported COCO test split) is evaluated on the larger
+    group only, and the note says so: one CHAIR figure cannot mix two vocabularies, and COCO's
+    extractor refused the world's objects, failing the round after it had trained."""
     from lvlm_studio.evaluation import CocoExtractor, ShapesWorldExtractor, get_extractor
 
     if name != "auto":
-        return get_extractor(name)
-    world = ShapesWorldExtractor.from_world()
-    try:
+        return get_extractor(name), items, None
+    groups = []
+    for extractor in (ShapesWorldExtractor.from_world(), CocoExtractor()):
+        parsed = []
         for it in items:
-            world.ground_truth(it["objects"])
-        return world
-    except ValueError:
-        return CocoExtractor()
+            try:
+                extractor.ground_truth(it["objects"])
+            except ValueError:
+                continue
+            parsed.append(it)
+        if len(parsed) == len(items):
+            return extractor, items, None
+        groups.append((extractor, parsed))
+    extractor, kept = max(groups, key=lambda group: len(group[1]))  # ties: ShapesWorld, listed first
+    datasets = sorted({str(it.get("dataset")) for it in items if it not in kept})
+    note = (f"the evaluation items mix vocabularies: scored {len(kept)} of {len(items)} with the {extractor.name} "
+            f"extractor; left out the items of dataset(s) {', '.join(datasets)} (set eval_dataset to pick one)")
+    return extractor, kept, note
 
 
 def refuse_broken_round(diverged: bool, eval_rows: list[dict]) -> None:
@@ -667,7 +687,10 @@ def run_round(round_id: int, home: str | Path) -> int:
         else:
             from lvlm_studio.evaluation import EvaluationCancelled
 
-            extractor = choose_extractor(cfg.extractor, items)
+            extractor, items, mixed = evaluation_plan(cfg.extractor, items)
+            if mixed:
+                metrics["eval_note"] = mixed
+                log(mixed)
             device = resolve_device(cfg.device)
             try:
                 parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None

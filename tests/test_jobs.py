@@ -653,8 +653,19 @@ def test_evaluation_set_and_extractor(tmp_path):
             == [empty, caption]
         assert len(jobs.eval_items_for(store, DPORoundConfig(eval_dataset=None))) == 4
     assert jobs.choose_extractor("auto", chosen).name == "shapesworld"
-    assert jobs.choose_extractor("auto", [*chosen, {"objects": ["dog", "surfboard"]}]).name == "coco"
+    assert jobs.choose_extractor("auto", [{"objects": []}, {"objects": ["dog", "surfboard"]}]).name == "coco"
     assert jobs.choose_extractor("coco", chosen).name == "coco"
+    # A split mixing the world's scenes and COCO items: the larger group is scored and the note says
+    # so (COCO's extractor refused the world's objects, failing a round after it had trained).
+    coco = [{"objects": ["dog", "surfboard"], "dataset": "coco"}] * 4
+    world = [{**it, "dataset": "shapesworld"} for it in chosen if it["objects"]]  # ("nothing there" parses in both)
+    extractor, kept, note = jobs.evaluation_plan("auto", [*world, *coco])
+    assert extractor.name == "coco" and kept == coco
+    assert note == ("the evaluation items mix vocabularies: scored 4 of 6 with the coco extractor; left out the "
+                    "items of dataset(s) shapesworld (set eval_dataset to pick one)")
+    extractor, kept, note = jobs.evaluation_plan("auto", [*world, *coco[:1]])
+    assert extractor.name == "shapesworld" and kept == world and "dataset(s) coco" in note
+    assert jobs.evaluation_plan("auto", world)[1:] == (world, None)
 
 
 def test_round_material_for_dpo_and_stic_rounds(tmp_path):
