@@ -215,10 +215,8 @@ class ShapesWorldExtractor:
             if isinstance(obj, dict):
                 colour = obj.get("colour") or obj.get("color")
                 shape = obj.get("shape")
-                if colour and shape:
-                    out.add(f"{str(colour).lower()} {str(shape).lower()}")
-                    continue
-                obj = obj.get("name") or obj.get("object") or ""
+                # parsed as the text form is (plural shapes singular, unknown words refused)
+                obj = f"{colour} {shape}" if colour and shape else obj.get("name") or obj.get("object") or ""
             found = self.extract(str(obj))
             if not found:
                 raise ValueError(f"ground-truth object {obj!r} is not a ShapesWorld '<colour> <shape>' object")

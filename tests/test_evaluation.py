@@ -112,6 +112,10 @@ def test_world_ground_truth_formats(world):
     assert gt == {"red circle", "blue star"}
     with pytest.raises(ValueError):
         world.ground_truth(["a dog"])
+    # the object form is read as the text form is: a plural shape is singular, an unknown word refused
+    assert world.ground_truth([{"color": "red", "shape": "circles"}]) == {"red circle"}
+    with pytest.raises(ValueError, match="not a ShapesWorld"):
+        world.ground_truth([{"colour": "purple", "shape": "hexagon"}])
 
 
 def test_chair_counts_every_occurrence_and_recall(world):
