@@ -636,12 +636,18 @@ def build_pope_questions(
     return out
 
 
+_NEGATIONS = frozenset({"no", "not", "none", "nope", "cannot"})
+
+
 def parse_yes_no(answer: str) -> str:
     """POPE's parser: keep the first sentence; "no" or "not" as a word, in any case and with any
-    punctuation around it, means "no", else "yes" (POPE's script: exact "No"/"no"/"not")."""
-    first = (answer or "").strip().split(".")[0]
-    words = set(re.findall(r"[a-z]+", first.lower()))
-    return "no" if words & {"no", "not"} else "yes"
+    punctuation around it, means "no", else "yes" (POPE's script: exact "No"/"no"/"not"). Beyond
+    the script, a contraction ("isn't", "don't") and "none", "nope", "cannot" say no too: the
+    script read "There isn't a dog." as yes."""
+    first = (answer or "").strip().split(".")[0].lower()
+    first = re.sub(r"n[’']t\b", " not", first)
+    words = set(re.findall(r"[a-z]+", first))
+    return "no" if words & _NEGATIONS else "yes"
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:

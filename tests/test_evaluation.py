@@ -157,6 +157,13 @@ def test_score_caption_coco(coco):
         ("Yes. There is no cat.", "yes"),  # only the first sentence counts
         ("Nothing like that", "yes"),  # 'nothing' is not the word 'no'
         ("", "yes"),
+        # beyond POPE's script, which read these as yes
+        ("There isn't a red circle in the image.", "no"),
+        ("I don’t see one.", "no"),
+        ("None.", "no"),
+        ("Nope", "no"),
+        ("I cannot see a dog.", "no"),
+        ("Yes, it's a tent.", "yes"),  # "nt" inside a word is not a contraction
     ],
 )
 def test_pope_parsing(answer, parsed):
