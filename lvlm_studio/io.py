@@ -368,9 +368,15 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
             if len(reviewed_by) > REVIEWER_MAX_CHARS or any(not ch.isprintable() for ch in reviewed_by):
                 raise ValueError(f"'reviewer' must be a name of at most {REVIEWER_MAX_CHARS} printable "
                                  f"characters, not {reviewed_by[:40]!r}")
+    stored = info.get("stored")
+    if isinstance(stored, dict) and all(isinstance(stored.get(k), str) and stored[k].strip() for k in ("chosen", "rejected")):
+        stored = (stored["chosen"], stored["rejected"])
+    else:  # not an export of this project's (or not one naming its pair): matched by the texts alone
+        stored = None
     return {
         "chosen": chosen_text,
         "rejected": rejected_text,
+        "stored": stored,
         "method": pair_method,
         "round": _round_number(info.get("round")),
         "margin": _finite_number(info.get("margin"), "margin"),
@@ -426,24 +432,35 @@ def _merge_into_existing(store: Store, item_id: int, p: dict) -> bool:
     same pair (an accept), the texts swapped are that pair swapped, the same rejected side with
     status "edit" is that pair edited; a pair whose effective label already says ``p`` (an export of
     this store coming back) takes nothing new. A reviewer's live decision is never overwritten."""
-    chosen, rejected = p["chosen"], p["rejected"]
-    rows = store.related_pairs(item_id, p["method"], chosen, rejected)
-    # the same texts first, then the swap, then an edit
-    rows.sort(key=lambda r: (r["chosen_text"], r["rejected_text"]) != (chosen, rejected))
+    chosen, rejected, named = p["chosen"], p["rejected"], p.get("stored")
+    # Only pairs of the same round: each round's pairs are its own, even with the same texts.
+    rows = store.related_pairs(item_id, p["method"], chosen, rejected, round=p["round"])
+    labels = {row["id"]: store.effective_label(row["id"]) for row in rows}
+
+    def already(row: dict) -> bool:
+        label = labels[row["id"]]
+        return (label["chosen_text"], label["rejected_text"]) == (chosen, rejected)
+
+    # The pair the record names, then one whose label already says it, then the same texts, then
+    # the swap, then an edit.
+    rows.sort(key=lambda r: ((r["chosen_text"], r["rejected_text"]) != named, not already(r),
+                             (r["chosen_text"], r["rejected_text"]) != (chosen, rejected)))
     for row in rows:
         stored = (row["chosen_text"], row["rejected_text"])
-        label = store.effective_label(row["id"])
-        already = (label["chosen_text"], label["rejected_text"]) == (chosen, rejected)
+        if named is not None and stored not in (named, (chosen, rejected)):
+            continue  # the record names its pair: another one that shares the rejected side is not it
+        is_named = stored == named
         if stored == (chosen, rejected):
             decision = {"decision": "accept"}
-        elif stored == (rejected, chosen) and (p["reviewed_by"] or already):
+        elif stored == (rejected, chosen) and (p["reviewed_by"] or already(row) or is_named):
             decision = {"decision": "swap"}
-        elif stored[1] == rejected and (p["status"] == "edit" or already):
+        elif stored[1] == rejected and (p["status"] == "edit" or already(row) or is_named):
             decision = {"decision": "edit", "edited_text": chosen}
         else:
             continue  # an unreviewed reversed pair, or another pair that shares the rejected side
+        label = labels[row["id"]]
         reviewer = p["reviewed_by"]
-        if reviewer and store.live_decision(row["id"], reviewer) is None and not (already and label["status"] != "auto"):
+        if reviewer and store.live_decision(row["id"], reviewer) is None and not (already(row) and label["status"] != "auto"):
             store.add_review(row["id"], reviewer, note=f"imported ({p['status']})", **decision)
         return True
     return False
@@ -1245,6 +1262,10 @@ def _provenance(row: dict) -> dict:
         "margin": row["margin"],
         "status": row["status"],
         "reviewer": row.get("reviewer"),
+        # The pair's own texts before a swap or an edit: a re-import finds exactly this pair, not
+        # another of the item that shares the rejected side (an edit's original chosen text is
+        # nowhere else in the record).
+        "stored": {"chosen": row.get("stored_chosen", row["chosen"]), "rejected": row.get("stored_rejected", row["rejected"])},
         "dataset": row["dataset"],
         "split": row["split"],
         "reference": row["reference"],
@@ -1289,6 +1310,7 @@ def trl_features():
             "margin": datasets.Value("float64"),
             "status": string,
             "reviewer": string,
+            "stored": {"chosen": string, "rejected": string},
             "dataset": string,
             "split": string,
             "reference": string,

@@ -647,15 +647,19 @@ class Store:
             (item_id, method, chosen_text, rejected_text),
         )
 
-    def related_pairs(self, item_id: int, method: str, chosen_text: str, rejected_text: str) -> list[dict]:
-        """Pairs of the item and method that an incoming (chosen, rejected) may be a version of:
-        the same texts, the two swapped, or the same rejected text (an edit of the chosen side).
-        Each as ``{"id", "chosen_text", "rejected_text"}`` (the stored texts), in id order."""
+    def related_pairs(self, item_id: int, method: str, chosen_text: str, rejected_text: str,
+                      round: int | None = None) -> list[dict]:
+        """Pairs of the item and method (and ``round``) that an incoming (chosen, rejected) may be a
+        version of: the same texts, the two swapped, or the same rejected text (an edit of the
+        chosen side). Each as ``{"id", "chosen_text", "rejected_text"}`` (the stored texts), in id
+        order."""
+        where, params = self._where(("p.round", round))
         return self._all(
             "SELECT p.id, c.text AS chosen_text, r.text AS rejected_text FROM pairs p "
             "JOIN candidates c ON c.id = p.chosen_id JOIN candidates r ON r.id = p.rejected_id "
-            "WHERE p.item_id = ? AND p.method = ? AND (r.text = ? OR (c.text = ? AND r.text = ?)) ORDER BY p.id",
-            (item_id, method, rejected_text, rejected_text, chosen_text),
+            "WHERE p.item_id = ? AND p.method = ? AND (r.text = ? OR (c.text = ? AND r.text = ?))"
+            + where.replace(" WHERE ", " AND ", 1) + " ORDER BY p.id",
+            (item_id, method, rejected_text, rejected_text, chosen_text, *params),
         )
 
     def live_decision(self, pair_id: int, reviewer: str) -> str | None:
@@ -1189,6 +1193,9 @@ class Store:
                     "item_prompt": row["prompt"],  # so an export re-imports to the same item
                     "chosen": label["chosen_text"],
                     "rejected": label["rejected_text"],
+                    # the pair's own texts, before a swap or an edit: an export names its pair exactly
+                    "stored_chosen": row["chosen_text"],
+                    "stored_rejected": row["rejected_text"],
                     "method": row["method"],
                     "round": row["round"],
                     "margin": row["margin"],

@@ -387,6 +387,50 @@ def test_round_trip_import_export_import(fmt, settings, tmp_path):
     b.close()
 
 
+@pytest.mark.parametrize("fmt", ["llava", "trl", "llamafactory"])
+def test_decisions_land_on_the_pair_they_are_about_when_pairs_share_texts(fmt, store, make_items, settings, tmp_path):
+    """Pairs of one item and method that share texts: the same pair in two rounds, an edit whose
+    rejected side another pair shares, two pairs with the same texts of which one was edited. An
+    export re-imported into a fresh root keeps them apart, and into its own store adds nothing; it
+    merged them, losing pairs and flipping or inventing decisions, with an 'ok' report."""
+    [item] = make_items(1)
+
+    def pair(chosen: str, rejected: str, round: int = 0) -> int:
+        ids = store.write_generation(item, [{"text": chosen, "source": "csr"}, {"text": rejected, "source": "csr"}],
+                                     [{"chosen": 0, "rejected": 1, "method": "csr", "round": round}])
+        return store.find_pair(item, chosen, rejected, "csr") if ids else None
+
+    r1 = pair("Yes.", "No.", round=1)
+    r2 = store.add_pair(item, store.find_candidate(item, "Yes."), store.find_candidate(item, "No."), "csr", round=2)
+    store.add_review(r1, "alice", "accept")
+    store.add_review(r2, "bob", "swap")
+    x = pair("Opt A.", "Shared bad.")
+    y = pair("Opt Y.", "Shared bad.")
+    store.add_review(x, "alice", "accept")
+    store.add_review(y, "bob", "edit", edited_text="Opt B.")
+    twin = store.add_pair(item, store.find_candidate(item, "Opt Y."), store.find_candidate(item, "Shared bad."), "csr")
+    before = sorted((p["pair_id"], p["chosen"], p["rejected"], p["status"], p["reviewer"]) for p in store.training_pairs())
+    assert len(before) == 4 and store.count_pairs() == 5  # the twin is unreviewed
+
+    out = tmp_path / f"export-{fmt}"
+    io.export_pairs(store, fmt, out)
+    again = io.import_path(store, settings, out)  # into its own store: nothing new, nothing changed
+    assert again.status == "ok" and again.pairs == 0 and store.count_pairs() == 5
+    after = sorted((p["pair_id"], p["chosen"], p["rejected"], p["status"], p["reviewer"]) for p in store.training_pairs())
+    assert after == before and store.live_decision(twin, "bob") is None
+
+    fresh = Store(tmp_path / "fresh" / "studio.db")
+    try:
+        report = io.import_path(fresh, settings, out)
+        assert report.status == "ok" and report.pairs == 4 and fresh.count_pairs() == 4
+        landed = sorted((p["round"], p["chosen"], p["rejected"], p["reviewer"]) for p in fresh.training_pairs())
+        assert landed == [(0, "Opt A.", "Shared bad.", "alice"), (0, "Opt B.", "Shared bad.", "bob"),
+                          (1, "Yes.", "No.", "alice"), (2, "No.", "Yes.", "bob")]
+        assert io.import_path(fresh, settings, out).pairs == 0 and fresh.count_pairs() == 4
+    finally:
+        fresh.close()
+
+
 # ============================================================================ TRL
 def test_trl_export_trains_with_dpo_trainer(store, make_pairs, tmp_path):
     import datasets
