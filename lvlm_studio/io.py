@@ -226,6 +226,18 @@ def _read_json(path: Path) -> Any:
     return _json_loads(path.read_text(encoding="utf-8-sig"))
 
 
+IMAGE_TOKEN = "<image>"  # LLaVA's and LLaMA-Factory's placeholder; a chat template's image slot in TRL
+
+
+def refuse_image_token(text: str | None, what: str) -> None:
+    """A text the studio stores as a prompt or an answer must not hold the image placeholder: the
+    exports put one before the prompt, and every tool that trains on them (LLaMA-Factory, TRL, LLaVA)
+    would count a second image, refusing the dataset or failing on the first batch."""
+    if text and IMAGE_TOKEN in text:
+        raise ValueError(f"{what} contains the image placeholder {IMAGE_TOKEN!r}, which the exports' training tools "
+                         "would read as a second image; remove it")
+
+
 def _strip_image_token(text: str) -> str:
     if text.startswith("<image>\n"):
         return text[len("<image>\n") :]
@@ -349,6 +361,8 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
     chosen_text, rejected_text = _answer_text(chosen), _answer_text(rejected)
     if not chosen_text.strip() or not rejected_text.strip():
         raise ValueError("chosen and rejected answers must not be empty")
+    refuse_image_token(chosen_text, "the chosen answer")
+    refuse_image_token(rejected_text, "the rejected answer")
     if chosen_text == rejected_text:
         raise ValueError("chosen and rejected answers are identical")
     meta = _meta_json(info.get("meta"), "meta")
@@ -1060,6 +1074,10 @@ def import_path(
         )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataImportError(f"limit must be a whole number of records, 1 or more, not {limit!r}")
+    try:
+        refuse_image_token(prompt, "the prompt")  # given for images without one (folders, COCO)
+    except ValueError as exc:
+        raise DataImportError(str(exc)) from None
     fmt = detect_format(path) if format == "auto" else format
     settings.ensure_dirs()
     read = [0]

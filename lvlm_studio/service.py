@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, stored_image
+from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, refuse_image_token, stored_image
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, NotFoundError, Store, live_decisions
 
 METHODS = ("csr", "povid", "stic")
@@ -314,6 +314,7 @@ class Studio:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("a prompt is needed for the uploaded images' items")  # before any image is stored
+        refuse_image_token(prompt, "the prompt")
         for name, value in (("dataset", dataset), ("split", split)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"the uploaded images' items need a {name} name, not {value!r}")
@@ -829,6 +830,8 @@ class Studio:
         note = _text(note, "a note", NOTE_MAX_CHARS)
         if decision == "edit" and not (edited_text or "").strip():
             raise ValueError("an edit needs the edited text")
+        if decision == "edit":
+            refuse_image_token(edited_text, "the edited answer")
         review_id = self.store.add_review(pair_id, reviewer, decision,
                                           edited_text=edited_text if decision == "edit" else None,
                                           marked_spans=marked_spans, note=(note or None))

@@ -431,6 +431,26 @@ def test_decisions_land_on_the_pair_they_are_about_when_pairs_share_texts(fmt, s
         fresh.close()
 
 
+def test_the_image_placeholder_in_an_answer_or_a_given_prompt_is_refused(store, settings, tmp_path):
+    """The exports put one '<image>' before the prompt; a second one inside an answer made
+    LLaMA-Factory refuse the whole dataset and TRL's collator fail on the first batch."""
+    root = tmp_path / "ph"
+    write_image(root / "a.png", seed=91)
+    lines = [{"image": "a.png", "prompt": "<image>\nDescribe.", "chosen": "A bird <image> here.", "rejected": "A cat."},
+             {"image": "a.png", "prompt": "Describe.", "chosen": "A bird.", "rejected": "A <image>."},
+             {"image": "a.png", "prompt": "<image>\nDescribe.", "chosen": "A bird.", "rejected": "A cat."}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 1 and report.pairs == 1, report.errors  # the prompt's own placeholder is the format's
+    assert report.errors == [
+        "d.jsonl line 1: the chosen answer contains the image placeholder '<image>', which the exports' training "
+        "tools would read as a second image; remove it",
+        "d.jsonl line 2: the rejected answer contains the image placeholder '<image>', which the exports' training "
+        "tools would read as a second image; remove it"]
+    with pytest.raises(io.DataImportError, match="the prompt contains the image placeholder"):
+        io.import_path(store, settings, root, "folder", prompt="<image> What is here?")
+
+
 # ============================================================================ TRL
 def test_trl_export_trains_with_dpo_trainer(store, make_pairs, tmp_path):
     import datasets

@@ -195,6 +195,8 @@ def test_decide_undo_and_queue_order(studio, make_pairs):
         studio.decide(p_mid, "ann", "maybe")
     with pytest.raises(ValueError, match="reviewer"):
         studio.decide(p_mid, " ", "accept")
+    with pytest.raises(ValueError, match="the edited answer contains the image placeholder"):
+        studio.decide(p_mid, "ann", "edit", edited_text="There is a <image> circle.")
     studio.decide(p_mid, "ann", "edit", edited_text="There is a red circle.")
     assert studio.store.effective_label(p_mid)["chosen_text"] == "There is a red circle."
     undone = studio.undo("ann")
@@ -436,6 +438,8 @@ def test_upload_refuses_a_blank_prompt_before_storing_any_image(studio, tmp_path
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="a prompt is needed"):
         studio.upload_images([tmp_path / "a.png"], prompt="   ")
+    with pytest.raises(ValueError, match="the prompt contains the image placeholder '<image>'"):
+        studio.upload_images([tmp_path / "a.png"], prompt="<image> What is here?")
     assert studio.store.stats()["tables"]["images"] == 0 and not list(studio.settings.images_dir.rglob("*.*"))
     calls = []
     res = studio.upload_images([tmp_path / "a.png", tmp_path / "bad.png"], prompt="What is here?",
