@@ -832,6 +832,10 @@ class Studio:
             raise ValueError("an edit needs the edited text")
         if decision == "edit":
             refuse_image_token(edited_text, "the edited answer")
+            pair = self.store.get_pair(pair_id)
+            if pair is not None and edited_text == pair["rejected"]["text"]:  # an edit keeps the pair's rejected side
+                raise ValueError("the edited answer is the rejected answer: the pair would teach nothing "
+                                 "(reject both instead, or write the better answer)")
         review_id = self.store.add_review(pair_id, reviewer, decision,
                                           edited_text=edited_text if decision == "edit" else None,
                                           marked_spans=marked_spans, note=(note or None))

@@ -197,6 +197,9 @@ def test_decide_undo_and_queue_order(studio, make_pairs):
         studio.decide(p_mid, " ", "accept")
     with pytest.raises(ValueError, match="the edited answer contains the image placeholder"):
         studio.decide(p_mid, "ann", "edit", edited_text="There is a <image> circle.")
+    rejected = studio.store.get_pair(p_mid)["rejected"]["text"]
+    with pytest.raises(ValueError, match="the edited answer is the rejected answer"):  # chosen == rejected
+        studio.decide(p_mid, "ann", "edit", edited_text=rejected)
     studio.decide(p_mid, "ann", "edit", edited_text="There is a red circle.")
     assert studio.store.effective_label(p_mid)["chosen_text"] == "There is a red circle."
     undone = studio.undo("ann")
