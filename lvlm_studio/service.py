@@ -711,7 +711,8 @@ class Studio:
             for vocab in {id(v): v for v in groups}.values():
                 sub = [it for it, v in zip(chunk, groups, strict=True) if v is vocab]
                 inputs = [povid.POVIDItem(self._open_image(it), it["prompt"], it["reference"], it["image_id"],
-                                          list(it.get("objects") or []) or None) for it in sub]
+                                          list(it.get("objects") or []) or None, item_seed(seed, it))
+                          for it in sub]
                 results = povid.build_povid_pairs(backend, inputs, config, vocabulary=vocab)
                 for it, res in zip(sub, results, strict=True):
                     cands, pairs = _povid_rows(res, model, round_id, seed, config)
@@ -757,8 +758,8 @@ class Studio:
         step = max(1, config.batch_size)
         for lo in range(0, len(items), step):
             chunk = items[lo:lo + step]
-            results = stic.build_stic_pairs(backend, [(self._open_image(it), it["image_id"]) for it in chunk],
-                                            config)
+            results = stic.build_stic_pairs(
+                backend, [(self._open_image(it), it["image_id"], item_seed(seed, it)) for it in chunk], config)
             for it, res in zip(chunk, results, strict=True):
                 if not res.has_pair:
                     report["no_pair"] += 1
@@ -1318,6 +1319,13 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
         return None
     return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],
                           [bool(out_b[i].get("hallucinated")) for i in common])
+
+
+def item_seed(seed: int, item: dict) -> int:
+    """An item's own draw seed in a run (STIC's rejection draw, POVID's injection and noise): the
+    methods counted items from 0 in each chunk of 8, so every 8th item drew the same, and a resumed
+    run drew differently; keyed by the item's id, a draw is the item's whatever run it falls in."""
+    return seed * 1_000_003 + int(item["id"])
 
 
 def _metrics_from_outputs(rows: list[dict]) -> dict:

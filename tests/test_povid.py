@@ -246,6 +246,10 @@ def test_build_povid_pairs_provenance_and_noisy_side():
     assert r.rejected_image.params["sqrt_alpha_bar"] == pytest.approx(0.863, abs=1e-3)
     assert r.rejected_image.params["model"] == "echo"
     assert [res[0].rejected_image.seed, res[1].rejected_image.seed] == [0, 1]
+    # an item's own seed (the service gives each stored item one) decides its injection and its noise
+    own = build_povid_pairs(EchoBackend(), [POVIDItem(img, "Describe.", "Two dogs play.", "k2", None, 4242)],
+                            POVIDConfig(n_injections=1))
+    assert own[0].rejected_text.seed == own[0].rejected_image.seed == 4242
     # seeded: same config -> same output
     again = build_povid_pairs(EchoBackend(), items, POVIDConfig(n_injections=1))
     assert [x.rejected_text.text for x in again] == [x.rejected_text.text for x in res]

@@ -100,6 +100,21 @@ def test_a_run_racing_another_and_repeated_ids_store_each_items_pairs_once(studi
     assert studio.store.db.execute("SELECT count(*) FROM eval_outputs WHERE round_id = 0").fetchone()[0] == 1
 
 
+def test_each_item_draws_with_its_own_seed_whatever_chunk_it_falls_in(studio):
+    """The methods counted items from 0 in each chunk of 8, so items 0, 8, 16, ... drew the same
+    injection (and STIC's rejection draw, POVID's noise); a resumed run drew differently."""
+    from lvlm_studio.service import item_seed
+
+    studio.seed_demo(n_train=12, n_test=1, pairs_per_method=0)
+    items = _world_describe(studio)[:12]
+    studio.generate("povid", item_ids=[it["id"] for it in items[5:]], seed=3, params={"make_image_rejected": False})
+    studio.generate("povid", item_ids=[it["id"] for it in items], seed=3, params={"make_image_rejected": False})  # resumed
+    stored = dict(studio.store.db.execute(
+        "SELECT p.item_id, c.seed FROM pairs p JOIN candidates c ON c.id = p.rejected_id WHERE p.method = 'povid'"
+    ).fetchall())
+    assert stored == {it["id"]: item_seed(3, it) for it in items}
+
+
 def test_a_model_that_cannot_load_is_refused_even_with_nothing_left_to_do(studio, monkeypatch):
     """Every item done: a run that would load the model still checks it (a bogus id used to
     'succeed' with 0 items); POVID's text-only pairs load no model, so they do not."""

@@ -112,6 +112,13 @@ def test_build_stic_pairs_records_and_applies_the_draws():
         assert r.has_pair
     again = build_stic_pairs(RecordingBackend(), [(im, f"k{i}") for i, im in enumerate(imgs)], cfg)
     assert [r.draw for r in again] == [r.draw for r in res]
+    # An item's own seed decides its draw, whatever its place in the call (the service gives each
+    # stored item one: counted from 0 in each chunk, every chunk drew the same few draws).
+    own = build_stic_pairs(RecordingBackend(), [(im, f"k{i}", 7000 + i) for i, im in enumerate(imgs)], cfg)
+    assert [r.draw for r in own] == [draw_rejection(random.Random(7000 + i), cfg) for i in range(12)]
+    assert [r.chosen.seed for r in own] == list(range(7000, 7012))
+    moved = build_stic_pairs(RecordingBackend(), [(imgs[11], "k11", 7011)], cfg)
+    assert moved[0].draw == own[11].draw
 
 
 def test_prompts_are_overridable_for_a_demo_model():

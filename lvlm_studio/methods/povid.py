@@ -586,6 +586,10 @@ class POVIDItem:
     reference: str
     image_key: str | None = None
     objects: list[str] | None = None  # ground-truth objects, when known
+    # The item's own seed for its injection and its noise: the service gives one per stored item,
+    # so an item draws the same in whatever run and chunk it falls (None: the config's seed plus
+    # the item's position in this call).
+    seed: int | None = None
 
 
 @dataclass
@@ -647,7 +651,7 @@ def build_povid_pairs(backend: VLMBackend | None, items: SeqType[Any], config: P
                       "generation": injector.params.as_dict()}
             seeds: list[int | None] = [injector.params.seed] * len(its)
         else:
-            seeds = [cfg.seed + k for k in range(len(its))]
+            seeds = [i.seed if i.seed is not None else cfg.seed + k for k, i in enumerate(its)]
             injections = [injector.inject(i.reference, i.objects, seed=s) for i, s in zip(its, seeds, strict=True)]
             params = {"method": "povid", "injector": "rules", "n_injections": injector.n_injections,
                       "categories": list(injector.categories), "cooccur_top_k": injector.cooccur_top_k}
@@ -661,7 +665,7 @@ def build_povid_pairs(backend: VLMBackend | None, items: SeqType[Any], config: P
     if cfg.make_image_rejected:
         for lo in range(0, len(its), cfg.batch_size):
             chunk = its[lo: lo + cfg.batch_size]
-            seeds_n = [cfg.seed + lo + j for j in range(len(chunk))]
+            seeds_n = [i.seed if i.seed is not None else cfg.seed + lo + j for j, i in enumerate(chunk)]
             noisy = [add_diffusion_noise(i.image, cfg.noise_step, s, **cfg.noise_schedule())
                      for i, s in zip(chunk, seeds_n, strict=True)]
             gen = cfg.generation_params(cfg.seed + lo)

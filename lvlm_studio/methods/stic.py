@@ -190,20 +190,22 @@ class STICResult:
         return self.chosen is not None and self.rejected is not None and self.chosen.text != self.rejected.text
 
 
-def _as_image_item(item: Any) -> tuple[Image.Image, str | None]:
+def _as_image_item(item: Any) -> tuple[Image.Image, str | None, int | None]:
     if isinstance(item, Image.Image):
-        return item, None
+        return item, None, None
     if isinstance(item, dict):
-        return item["image"], item.get("image_key")
+        return item["image"], item.get("image_key"), item.get("seed")
     image, *rest = item
-    return image, (rest[0] if rest else None)
+    return image, (rest[0] if rest else None), (rest[1] if len(rest) > 1 else None)
 
 
 def build_stic_pairs(backend: VLMBackend, items: SeqType[Any], config: STICConfig | None = None) -> list[STICResult]:
-    """Stage-1 preference pairs for images (``Image``, ``(image, image_key)`` or ``{"image", "image_key"}``).
+    """Stage-1 preference pairs for images (``Image``, ``(image, image_key[, seed])`` or
+    ``{"image", "image_key", "seed"}``).
 
-    Each item's draw uses ``random.Random(config.seed * 1_000_003 + index)``, so a run is
-    reproducible and any single item can be redone alone. Generation is batched by ``batch_size``.
+    Each item's draw uses ``random.Random(seed)``: the item's own seed when given (the service
+    gives one per stored item, so an item draws the same in whatever run and chunk it falls), else
+    ``config.seed * 1_000_003 + index``. Generation is batched by ``batch_size``.
     """
     cfg = config or STICConfig()
     its = [_as_image_item(i) for i in items]
@@ -211,14 +213,14 @@ def build_stic_pairs(backend: VLMBackend, items: SeqType[Any], config: STICConfi
     results: list[STICResult] = []
     for lo in range(0, len(its), cfg.batch_size):
         chunk = its[lo: lo + cfg.batch_size]
-        seeds = [cfg.seed * 1_000_003 + lo + j for j in range(len(chunk))]
+        seeds = [own if own is not None else cfg.seed * 1_000_003 + lo + j for j, (_, _, own) in enumerate(chunk)]
         draws = [draw_rejection(random.Random(s), cfg) for s in seeds]
         bad_images = [apply_corruption(img, d["corruption"]) if d["branch"] == "corrupted" else img
-                      for (img, _), d in zip(chunk, draws, strict=True)]
-        gen = cfg.generation_params(cfg.seed + lo)
-        good = backend.sample([img for img, _ in chunk], [cfg.good_prompt] * len(chunk), n=1, params=gen)
+                      for (img, _, _), d in zip(chunk, draws, strict=True)]
+        gen = cfg.generation_params(seeds[0] if chunk[0][2] is not None else cfg.seed + lo)
+        good = backend.sample([img for img, _, _ in chunk], [cfg.good_prompt] * len(chunk), n=1, params=gen)
         bad = backend.sample(bad_images, [d["prompt"] for d in draws], n=1, params=gen)
-        for j, ((_img, key), draw) in enumerate(zip(chunk, draws, strict=True)):
+        for j, ((_img, key, _seed), draw) in enumerate(zip(chunk, draws, strict=True)):
             common = {"method": "stic", "model": model_id, "generation": gen.as_dict()}
             good_text = good[j][0].text.strip() if good[j] else ""
             bad_text = bad[j][0].text.strip() if bad[j] else ""
