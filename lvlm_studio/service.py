@@ -1192,7 +1192,7 @@ class Studio:
 # each; with 3 candidates most searches end in one distinct answer and make no pair.
 _DEMO_SEED_PARAMS: dict[str, dict] = {"csr": {}, "povid": {}, "stic": {}}
 _NO_PAIR_WHY = {
-    "csr": "fewer than two distinct complete answers in the search",
+    "csr": "fewer than two distinct complete answers in the search, or all of them scored the same",
     "povid": "no reference answer to inject hallucinations into, or no rejected answer",
     "stic": "the preferred and dispreferred descriptions came out the same",
 }

@@ -275,6 +275,14 @@ def test_single_answer_gives_no_pair():
     assert res.chosen == 0 and res.rejected is None and res.margin is None and not res.has_pair
 
 
+def test_a_tie_gives_no_pair():
+    """Every answer scored the same (rank-based rewards make ties likely): which is better is not
+    known, so no pair with margin 0 is made from the first two."""
+    table = {"": [("A cat sits.", -0.5, True), ("A dog runs.", -0.5, True)]}
+    [res] = run_csr(TableBackend(table), TableScorer({"A cat sits.": 30, "A dog runs.": 30}), [(IMG, "p", "k")])
+    assert len(res.candidates) == 2 and res.margin == 0 and not res.has_pair
+
+
 def test_several_items_are_searched_together():
     backend, scorer = TableBackend(TABLE), TableScorer(CLIP)
     results = run_csr(backend, scorer, [(IMG, "first", "a"), (IMG, "second", "b")], CSRConfig(item_batch=2))

@@ -271,7 +271,9 @@ class CSRResult:
 
     @property
     def has_pair(self) -> bool:
-        return self.chosen is not None and self.rejected is not None
+        # A tie (every answer scored the same, as rank-based rewards can) says nothing about which
+        # answer is better: no pair, rather than an arbitrary one with margin 0.
+        return self.chosen is not None and self.rejected is not None and bool(self.margin)
 
 
 @dataclass
