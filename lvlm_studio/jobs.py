@@ -530,9 +530,13 @@ def _describe_for_infusion(items: list[dict], base_path: str, chain: list[str], 
     stic_cfg = STICConfig(description_prompt=cfg.describe_prompt, max_new_tokens=cfg.eval_max_new_tokens,
                           temperature=0.0, batch_size=cfg.eval_batch_size, seed=cfg.seed)
     rows = build_description_sft_data(backend, inputs, stic_cfg)
+    if not rows:
+        raise JobError(f"the parent model described none of the {len(inputs)} instruction images (every "
+                       "description came out empty): stage 2 has nothing to infuse")
     for row in rows:
         row["item_id"] = row["image_key"]
-    log(f"described {len(rows)} instruction images; e.g. {rows[0]['prompt'][:160]!r} -> {rows[0]['answer'][:60]!r}")
+    left_out = f" ({len(inputs) - len(rows)} described with nothing, left out)" if len(rows) < len(inputs) else ""
+    log(f"described {len(rows)} instruction images{left_out}; e.g. {rows[0]['prompt'][:160]!r} -> {rows[0]['answer'][:60]!r}")
     del model, backend
     return rows
 

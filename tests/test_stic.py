@@ -180,3 +180,16 @@ def test_stage2_describes_with_the_good_prompt_by_default():  # S19
     backend = RecordingBackend()
     [row] = build_description_sft_data(backend, [(Image.new("RGB", (4, 4)), "Q?", "A")])
     assert backend.calls[0][1] == [GOOD_PROMPT] and row["params"]["description_prompt"] == GOOD_PROMPT
+
+
+def test_stage2_leaves_out_an_image_described_with_nothing():
+    """An empty description gave a row whose prompt infused nothing ("Image description:\n\n\nQ?")."""
+    class Blank:
+        model_id = "blank"
+
+        def sample(self, images, prompts, n=1, params=None):
+            return [[Sequence("" if im.size == (4, 4) else "A red circle.", [1], [-0.1], "eos")] for im in images]
+
+    rows = build_description_sft_data(Blank(), [(Image.new("RGB", (4, 4)), "Q1?", "A1", "a"),
+                                                (Image.new("RGB", (8, 8)), "Q2?", "A2", "b")])
+    assert [r["image_key"] for r in rows] == ["b"] and "A red circle." in rows[0]["prompt"]

@@ -244,7 +244,8 @@ def infuse_description(description: str, question: str, template: str = SFT_TEMP
 def build_description_sft_data(backend: VLMBackend, items: SeqType[Any], config: STICConfig | None = None
                                ) -> list[dict[str, Any]]:
     """Stage-2 SFT rows from ``(image, question, answer[, image_key])`` items: the model describes
-    the image, and the description is prepended to the question; the target is the original answer."""
+    the image, and the description is prepended to the question; the target is the original answer.
+    An item the model describes with nothing gives no row: its prompt would infuse no description."""
     cfg = config or STICConfig()
     prompt = cfg.description_prompt or cfg.good_prompt
     rows: list[dict[str, Any]] = []
@@ -255,6 +256,8 @@ def build_description_sft_data(backend: VLMBackend, items: SeqType[Any], config:
         for it, seqs in zip(chunk, outs, strict=True):
             image, question, answer = it[0], it[1], it[2]
             description = seqs[0].text.strip() if seqs else ""
+            if not description:
+                continue
             rows.append({
                 "image": image,
                 "image_key": it[3] if len(it) > 3 else None,
