@@ -24,6 +24,10 @@ def test_abbreviations_do_not_split():
         "Apples, pears, etc. are fruit.", "Apples etc.", "The end"
     ]
     assert texts("Ask J. Smith today. Ok.") == ["Ask J. Smith today.", "Ok."]
+    # "No." is an abbreviation before a number only; an answer's "No." ends its sentence
+    assert texts("See No. 5 and Fig. 3 there. No. There is no cat.") == ["See No. 5 and Fig. 3 there.", "No.",
+                                                                         "There is no cat."]
+    assert texts("The answer is no. There is a cat.") == ["The answer is no.", "There is a cat."]
 
 
 def test_decimals_ellipses_and_unterminated_text():

@@ -24,11 +24,14 @@ class Span(NamedTuple):
 # ``_MAY_END`` ones do when the next word is capitalised ("... and so on, etc. The dog ...").
 _NEVER_END = {
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "e.g", "i.e", "cf",
-    "approx", "fig", "figs", "no", "nos", "vol", "p", "pp", "ca", "u.s", "u.k", "u.n", "a.m", "p.m",
+    "approx", "vol", "p", "pp", "ca", "u.s", "u.k", "u.n", "a.m", "p.m",
     "dept", "est", "gen", "gov", "lt", "col", "capt", "sgt", "rev", "hon", "inc", "ltd", "co",
     "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
 }
 _MAY_END = {"etc", "u.s", "u.k", "a.m", "p.m", "inc", "ltd", "co", "corp"}
+# Abbreviations only before a number ("No. 5", "Fig. 3"); else the word itself ends a sentence, as
+# "No." does in an answer ("No. There is no cat.", "The answer is no. There is a cat.").
+_BEFORE_NUMBER = {"no", "nos", "fig", "figs"}
 # After a _MAY_END abbreviation a capitalised word still may be a name ("the U.S. Army"), so only
 # these common sentence openers end the sentence ("... in the U.S. It is ...").
 _OPENERS = {
@@ -67,6 +70,8 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     if low in _MAY_END:
         next_word = re.match(r"[A-Za-z']+", rest)
         return next_char.isupper() and bool(next_word) and next_word.group(0).lower() in _OPENERS
+    if low in _BEFORE_NUMBER:
+        return not next_char.isdigit()
     if low in _NEVER_END:
         return False
     if len(word) == 1 and word.isupper():
