@@ -195,6 +195,10 @@ def test_reasoning_answers_get_a_wrong_step_or_a_wrong_final_answer():
     assert r.text == "No. So there are not 1,200 birds at 10:45, each 2.5 cm."
     r = inj.inject("Yes. It is 2.5 m tall, so about 14.", seed=0)
     assert r.text.startswith("No. It is 2.5 m tall, so about ") and r.text.split()[-1].rstrip(".") in {"12", "13", "15", "16"}
+    # the clause whose number changed is not negated too: "so the answer is not 3" would be true
+    for seed in range(50):
+        r = inj.inject("There are two rows of two, so the answer is 4.", seed=seed)
+        assert "is not" not in r.text and r.text.split()[-1].rstrip(".") in {"2", "3", "5", "6"}, r.text
     text = "Two dogs play with a red frisbee to the left of a large tree."
     with_it, without = HallucinationInjector(n_injections=2), HallucinationInjector(
         n_injections=2, categories=("object", "attribute", "count", "relation"))

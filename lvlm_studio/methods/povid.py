@@ -306,6 +306,7 @@ class HallucinationInjector:
             edits.append(_Edit(lead.start(1), lead.end(1), _match_case(lead.group(1), new), "reasoning"))
         # Sentences end at . ! ? but not at a decimal point ("1.5 m").
         sentences = list(re.finditer(r"(?:[^.!?]|[.!?](?=\d))+[.!?]*", text))
+        number_changed_in = None
         if sentences:
             last = sentences[-1]
             # A number with separators (1,200, 10:45, 2.5) is one token and left alone.
@@ -315,8 +316,13 @@ class HallucinationInjector:
                 wrong = [v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]
                 start = last.start() + m.start()
                 edits.append(_Edit(start, start + len(m.group(0)), str(rng.choice(wrong)), "reasoning"))
+                number_changed_in = last
         if self._cue_re and self._flip_re:
             for sentence in sentences:
+                if sentence is number_changed_in:
+                    # negating the clause whose number changed makes it true again: "so the answer
+                    # is 4" -> "so the answer is not 3"
+                    continue
                 cue = self._cue_re.search(sentence.group(0))
                 flip = cue and self._flip_re.search(sentence.group(0), cue.end())
                 if flip:
