@@ -225,6 +225,16 @@ def test_prompted_injector_asks_the_backend_and_labels_spans():
     assert "A dog sits on a mat." in backend.seen[0][1]
     with pytest.raises(ValueError):
         PromptedInjector(backend, prompt_template="no placeholder")
+    # an echo that changes no word (a dropped period, capitals, spacing) hallucinates nothing: it is
+    # no rejected side, not a near-copy of the chosen answer
+    for echo in ("A dog sits on a mat", "a DOG sits on a mat.", "A dog  sits on a mat."):
+        r = PromptedInjector(EchoBackend(lambda img, p, e=echo: e), vocabulary=SMALL).inject(
+            Image.new("RGB", (8, 8)), "A dog sits on a mat.")
+        assert r.text == r.original and r.spans == []
+    items = [POVIDItem(Image.new("RGB", (8, 8)), "Describe.", "A dog sits on a mat.")]
+    cfg = POVIDConfig(injector="prompted", make_image_rejected=False)
+    [res] = build_povid_pairs(EchoBackend(lambda img, p: "A dog sits on a mat"), items, cfg)
+    assert res.rejected_text is None
 
 
 def test_build_povid_pairs_provenance_and_noisy_side():

@@ -465,6 +465,10 @@ class PromptedInjector:
         for answer, seqs in zip(answers, outs, strict=True):
             new = seqs[0].text.strip() if seqs else ""
             spans = diff_spans(answer, new)
+            if not spans:
+                # The same words (a dropped period, other capitals or spacing): nothing hallucinated,
+                # so no rejected side rather than a near-copy of the chosen answer.
+                new = answer
             for s in spans:
                 s["category"] = self._category(s["injected"])
             results.append(Injection(answer, new, spans))
