@@ -195,6 +195,14 @@ def test_reasoning_answers_get_a_wrong_step_or_a_wrong_final_answer():
     assert r.text == "No. So there are not 1,200 birds at 10:45, each 2.5 cm."
     r = inj.inject("Yes. It is 2.5 m tall, so about 14.", seed=0)
     assert r.text.startswith("No. It is 2.5 m tall, so about ") and r.text.split()[-1].rstrip(".") in {"12", "13", "15", "16"}
+    # a digit of a decimal is no count; an object sentence added to an open last sentence closes it first
+    counts = HallucinationInjector(categories=["count"], n_injections=1)
+    for seed in range(20):
+        assert counts.inject("There are 3.5 apples and 2 pears.", seed=seed).text.startswith("There are 3.5 apples and ")
+    added = [r for r in (HallucinationInjector(categories=["object"], n_injections=1).inject(
+        "A dog sits under a tall tree", seed=seed) for seed in range(30)) if "There is also" in r.text]
+    assert added and all(r.text.startswith("A dog sits under a tall tree. There is also") for r in added)
+    assert all(r.text[x["start"]:x["end"]] == x["injected"] for r in added for x in r.spans)
     # the clause whose number changed is not negated too: "so the answer is not 3" would be true
     for seed in range(50):
         r = inj.inject("There are two rows of two, so the answer is 4.", seed=seed)

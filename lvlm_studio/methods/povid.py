@@ -253,7 +253,8 @@ class HallucinationInjector:
                     anchor = f" next to the {self._anchor_name(text, mentions[0])}" if mentions else ""
                     sentence = f"There is also {_article(new)} {new}{anchor}."
                     pos = len(text.rstrip())
-                    sep = "" if pos == 0 else " "
+                    # a new sentence: the answer's last one closed first if it was left open
+                    sep = "" if pos == 0 else " " if text.rstrip()[-1] in ".!?" else ". "
                     edits.append(_Edit(pos, pos, sep + sentence, "object"))
         elif category == "attribute":
             for regex, pool in ((self._colour_re, self.vocab.colours), (self._size_re, self.vocab.sizes)):
@@ -272,6 +273,8 @@ class HallucinationInjector:
                     edits.append(self._with_article(text, start, end, f"{colour} {text[start:end]}", "attribute"))
         elif category == "count" and self._count_re:
             for m in self._count_re.finditer(text):
+                if re.search(r"\d[.,:]$", text[:m.start()]) or re.match(r"[.,:]\d", text[m.end():]):
+                    continue  # a digit of 3.5, 1,200 or 10:45 is no count
                 word = m.group(0).lower()
                 options = [w for w in self.vocab.counts if w.lower() != word]
                 if word.isdigit():
