@@ -122,7 +122,11 @@ def test_demo_seed_then_resumable_povid_generation(env):
     assert "nothing to do" in text and "4 items already have povid pairs" in text
     pair = store.get_pair(store.pair_ids()[0])
     rejected = store.get_candidate(pair["rejected"]["id"])
-    assert rejected["seed"] == 7 and rejected["params"]["method"] == "povid"
+    # the run's seed on the pair; the candidate's own draw seed is the item's in that run
+    from lvlm_studio.service import item_seed
+
+    assert pair["meta"]["seed"] == 7 and rejected["seed"] == item_seed(7, {"id": pair["item_id"]})
+    assert rejected["params"]["method"] == "povid"
     store.close()
 
 
