@@ -144,17 +144,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                   concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[eval_summary]
                   ).success(run, [a, b, only_diff], outputs, api_name=False)
 
-    def refresh() -> tuple:
-        # On page load: rounds made since the app started are offered, and B is the newest finished
-        # one (a failed, cancelled or running round has no answers to compare).
-        ch, done = round_choices(studio), round_choices(studio, done_only=True)
-        return (gr.Dropdown(choices=ch), gr.Dropdown(choices=ch, value=newest(done)),
-                *metrics_plot(studio), gr.Dropdown(choices=done))
+    def compare_rounds(pick_newest: bool = False) -> tuple:
+        # The rounds made since are offered; coming back to the tab leaves A and B as picked, a page
+        # load sets B to the newest finished round (a failed, cancelled or running round has no
+        # answers to compare). The rounds are read once (a read checks active rounds' processes).
+        rounds = studio.rounds()
+        ch, done = round_choices(studio, rounds=rounds), round_choices(studio, done_only=True, rounds=rounds)
+        b_update = gr.Dropdown(choices=ch, value=newest(done)) if pick_newest else gr.Dropdown(choices=ch)
+        return gr.Dropdown(choices=ch), b_update, *metrics_plot(studio), gr.Dropdown(choices=done)
 
-    def compare_rounds() -> tuple:
-        # Coming back to the tab: rounds made since are offered; what A and B hold is left as picked.
-        ch, done = round_choices(studio), round_choices(studio, done_only=True)
-        return gr.Dropdown(choices=ch), gr.Dropdown(choices=ch), *metrics_plot(studio), gr.Dropdown(choices=done)
+    def refresh() -> tuple:
+        return compare_rounds(pick_newest=True)
 
     demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
     return {"on_show": (compare_rounds, [a, b, plot, plot_note, eval_round])}
