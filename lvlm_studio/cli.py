@@ -178,11 +178,16 @@ def cli_command(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def fail(message: str, code: int, as_json: bool) -> None:
-    """One 'error:' line on stderr (and the JSON error object on stdout with --json), then exit."""
+def show_failure(message: str, as_json: bool) -> None:
+    """One 'error:' line on stderr, and the JSON error object on stdout with --json."""
     if as_json:
         emit({"ok": False, "error": message}, True)
     say(f"error: {message}", err=True)
+
+
+def fail(message: str, code: int, as_json: bool) -> None:
+    """``show_failure``, then exit with ``code``."""
+    show_failure(message, as_json)
     raise typer.Exit(code) from None
 
 
@@ -1251,8 +1256,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=args, prog_name="lvlm-studio", standalone_mode=False)
     except TyperException as exc:  # typer's click: UsageError, BadParameter, NoSuchOption, ...
-        emit({"ok": False, "error": exc.format_message()}, True)
-        say(f"error: {exc.format_message()}", err=True)
+        show_failure(exc.format_message(), as_json=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         say("Aborted!", err=True)
