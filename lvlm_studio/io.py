@@ -1283,7 +1283,7 @@ def _provenance(row: dict) -> dict:
         # The pair's own texts before a swap or an edit: a re-import finds exactly this pair, not
         # another of the item that shares the rejected side (an edit's original chosen text is
         # nowhere else in the record).
-        "stored": {"chosen": row.get("stored_chosen", row["chosen"]), "rejected": row.get("stored_rejected", row["rejected"])},
+        "stored": {"chosen": row["stored_chosen"], "rejected": row["stored_rejected"]},
         "dataset": row["dataset"],
         "split": row["split"],
         "reference": row["reference"],

@@ -653,13 +653,12 @@ class Store:
         version of: the same texts, the two swapped, or the same rejected text (an edit of the
         chosen side). Each as ``{"id", "chosen_text", "rejected_text"}`` (the stored texts), in id
         order."""
-        where, params = self._where(("p.round", round))
         return self._all(
             "SELECT p.id, c.text AS chosen_text, r.text AS rejected_text FROM pairs p "
             "JOIN candidates c ON c.id = p.chosen_id JOIN candidates r ON r.id = p.rejected_id "
-            "WHERE p.item_id = ? AND p.method = ? AND (r.text = ? OR (c.text = ? AND r.text = ?))"
-            + where.replace(" WHERE ", " AND ", 1) + " ORDER BY p.id",
-            (item_id, method, rejected_text, rejected_text, chosen_text, *params),
+            "WHERE p.item_id = ? AND p.method = ? AND (r.text = ? OR (c.text = ? AND r.text = ?)) "
+            "AND (? IS NULL OR p.round = ?) ORDER BY p.id",
+            (item_id, method, rejected_text, rejected_text, chosen_text, round, round),
         )
 
     def live_decision(self, pair_id: int, reviewer: str) -> str | None:
