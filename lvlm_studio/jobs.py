@@ -455,11 +455,6 @@ def check_evaluation_choice(store, cfg) -> None:
     raise JobError(f"the evaluation set is empty: {found}")
 
 
-def choose_extractor(name: str, items: list[dict]):
-    """'auto': ShapesWorld when its vocabulary parses every ground-truth list, else COCO."""
-    return evaluation_plan(name, items)[0]
-
-
 def evaluation_plan(name: str, items: list[dict]) -> tuple[Any, list[dict], str | None]:
     """(extractor, the items it scores, a note or None). 'auto': ShapesWorld when its vocabulary
     parses every item's ground truth, else COCO when CHAIR's table does. A split that mixes the two

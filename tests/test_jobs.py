@@ -652,9 +652,9 @@ def test_evaluation_set_and_extractor(tmp_path):
         assert [it["item_id"] for it in jobs.eval_items_for(store, DPORoundConfig(eval_dataset="d", eval_limit=2))] \
             == [empty, caption]
         assert len(jobs.eval_items_for(store, DPORoundConfig(eval_dataset=None))) == 4
-    assert jobs.choose_extractor("auto", chosen).name == "shapesworld"
-    assert jobs.choose_extractor("auto", [{"objects": []}, {"objects": ["dog", "surfboard"]}]).name == "coco"
-    assert jobs.choose_extractor("coco", chosen).name == "coco"
+    assert jobs.evaluation_plan("auto", chosen)[0].name == "shapesworld"
+    assert jobs.evaluation_plan("auto", [{"objects": []}, {"objects": ["dog", "surfboard"]}])[0].name == "coco"
+    assert jobs.evaluation_plan("coco", chosen)[0].name == "coco"
     # A split mixing the world's scenes and COCO items: the larger group is scored and the note says
     # so (COCO's extractor refused the world's objects, failing a round after it had trained).
     coco = [{"objects": ["dog", "surfboard"], "dataset": "coco"}] * 4
