@@ -309,7 +309,7 @@ class Loop:
         row["train_eval_seconds"] = time.perf_counter() - t0
         # Reap the job (it may still be exiting after writing 'done') so RUSAGE_CHILDREN counts it.
         end = time.monotonic() + 30
-        while jobs.pid_alive(rnd.get("pid")) and time.monotonic() < end:
+        while jobs.round_process_alive(rnd) and time.monotonic() < end:  # polls (reaps) our child
             time.sleep(0.1)
         children_after = children_peak_mb()
         # The reaped-children maximum is exact for this job when it rose; /proc sampling otherwise.

@@ -970,7 +970,13 @@ def train_cmd(
     if not as_json:
         typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {counted(n_material, 'pair')}); following it "
                    f"(Ctrl-C stops following, not the round)")
-    row = follow_round(round_id, timeout)
+    try:
+        row = follow_round(round_id, timeout)
+    except StoppedFollowing as exc:  # the round goes on: say which one, in JSON too
+        if as_json:
+            emit({"ok": False, "round": round_id, "status": exc.row["status"], "error": str(exc)}, True)
+        say(f"error: {exc}" if exc.code != 130 else str(exc), err=True)
+        raise typer.Exit(exc.code) from None
     summary = round_summary(row)
     ok = row["status"] == "done"
     result = {"ok": ok, "round": round_id, **summary, "metrics": row.get("metrics") or {}}
@@ -1013,6 +1019,7 @@ def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5)
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = tqdm(total=100, desc=f"round {round_id}", unit="%", file=sys.stderr, disable=None,
                bar_format="{desc}: {percentage:3.0f}%|{bar}|")
+    row: dict = {"status": "unknown"}  # until the first read
     try:
         while True:
             row = jobs.status(s, round_id)
@@ -1021,23 +1028,30 @@ def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5)
             if row["status"] in jobs.TERMINAL:
                 return row
             if deadline is not None and time.monotonic() > deadline:
-                raise CLIError(f"round {round_id} is still {row['status']} after {timeout:g} s; it keeps running "
-                               f"in the background (lvlm-studio rounds / lvlm-studio cancel {round_id})")
+                raise StoppedFollowing(
+                    f"round {round_id} is still {row['status']} after {timeout:g} s; it keeps running in the "
+                    f"background (lvlm-studio rounds / lvlm-studio cancel {round_id})", row)
             time.sleep(poll)
     except KeyboardInterrupt:
-        bar.close()
-        typer.echo(f"stopped following; round {round_id} keeps running (lvlm-studio cancel {round_id} stops it)",
-                   err=True)
-        raise typer.Exit(130) from None
+        raise StoppedFollowing(f"stopped following; round {round_id} keeps running (lvlm-studio cancel {round_id} "
+                               "stops it)", row, code=130) from None
     finally:
         bar.close()
+
+
+class StoppedFollowing(CLIError):
+    """``follow_round`` gave up (timeout, Ctrl-C) while the round goes on; ``row`` as last read."""
+
+    def __init__(self, message: str, row: dict, code: int = EXIT_FAILURE):
+        super().__init__(message, code)
+        self.row = row
 
 
 @cli_command
 def cancel_cmd(
     round_id: Annotated[int, typer.Argument(metavar="ROUND", help="The round to stop.")],
     user: UserOption = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop before killing it.", min=0)] = 30.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop before killing it (0: ask and return at once, never kill).", min=0)] = 30.0,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a queued or running round (SIGTERM, then SIGKILL after --timeout)."""
@@ -1058,6 +1072,12 @@ def cancel_cmd(
     result = {"ok": True, "round": round_id, "was": was, "status": row["status"], "error": row.get("error")}
     if was not in ACTIVE:
         emit(result, as_json, f"round {round_id} is already {was}: nothing to cancel")
+    elif row["status"] == "done":  # it finished between the two reads: the cancel came too late
+        result.update(ok=False, error=f"round {round_id} finished before the cancel reached it")
+        if as_json:
+            emit(result, True)
+        say(f"error: {result['error']}", err=True)
+        raise typer.Exit(EXIT_FAILURE)
     elif row["status"] in ACTIVE:  # the stop signal is sent; the process has not ended yet
         emit(result, as_json, f"round {round_id}: cancel requested, still {row['status']} (see lvlm-studio rounds)")
     else:

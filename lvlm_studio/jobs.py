@@ -13,10 +13,13 @@ whose process is gone (SIGKILL, OOM, crash, reboot) while the store still says q
 "stale": the next ``status``/``reattach``/``start_round`` marks it 'failed' with the reason. Its
 adapter was never marked current (that happens only in the final transaction), so the previous
 round stays current and the store stays consistent. Liveness is checked by pid, excluding zombies
-and pids reused by another program (``/proc/PID/cmdline`` must name this module).
+and pids reused by another program or another round's job (``/proc/PID/cmdline`` must run this
+module for this round and data root).
 
-Cancelling sends SIGTERM: the job's handler sets a flag that the trainer checks after each step
-(and the evaluation before each batch); the round ends 'cancelled' and no adapter becomes current.
+Cancelling records the request on the round (``cancel_requested``), then sends SIGTERM: the job's
+handler sets a flag that the trainer checks after each step (and the evaluation before each
+batch). Once asked, the round ends 'cancelled' however it stops (cleanly, killed, or reaching its
+end), and no adapter becomes current; what it left on disk is removed.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ from lvlm_studio.config import Settings, data_root_lock, round_dirname
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
+CANCELLED_BY_REQUEST = "cancelled by request"
 # A 'queued' row without a pid older than this is a start that died before spawning its process.
 QUEUED_GRACE_S = 120.0
 # Training takes this share of the progress bar, evaluation the rest.
 TRAIN_SHARE = 0.8
 
-# Processes started by this process: poll() reaps them (a dead child stays a zombie, which
-# os.kill(pid, 0) would still report alive) and tells how they ended.
+# Round id -> the process this process started for it: poll() reaps it (a dead child stays a
+# zombie, which os.kill(pid, 0) would still report alive) and tells how it ended. Keyed by round,
+# not pid: once reaped, its pid may be reused by another round's job (started by the CLI, say).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
@@ -87,13 +92,11 @@ def process_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def pid_alive(pid: int | None) -> bool:
-    """Is ``pid`` a live round process (not a zombie, not a reused pid of another program)?"""
+def pid_alive(pid: int | None, round_id: int | None = None, home: str | Path | None = None) -> bool:
+    """Is ``pid`` a live round process (not a zombie, not a reused pid of another program)? With
+    ``round_id`` (and ``home``), the job of that round (of that data root), not another one's."""
     if not pid:
         return False
-    proc = _CHILDREN.get(pid)
-    if proc is not None:
-        return proc.poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -106,13 +109,59 @@ def pid_alive(pid: int | None) -> bool:
     if not cmdline.parent.is_dir():
         return True  # no /proc here: alive as far as we can tell
     try:
-        return b"lvlm_studio.jobs" in cmdline.read_bytes()  # else the pid was reused by another program
+        args = cmdline.read_bytes().split(b"\0")
     except OSError:
         return False
+    return _runs_round_job(args, round_id, home)  # else the pid was reused by another program
 
 
-def _exit_reason(pid: int | None) -> str:
-    proc = _CHILDREN.get(pid) if pid else None
+def _runs_round_job(args: list[bytes], round_id: int | None, home: str | Path | None) -> bool:
+    """Does a command line (``job_command``'s, maybe under torchrun) run ``lvlm_studio.jobs``, for
+    round ``round_id`` and the data root ``home`` when given?"""
+    if b"lvlm_studio.jobs" not in args:
+        return False
+    if round_id is None:
+        return True
+    tail = args[args.index(b"lvlm_studio.jobs") + 1:]
+    if tail[:2] != [b"run", str(round_id).encode()]:
+        return False
+    if home is not None and b"--home" in tail[:-1]:
+        value = os.fsdecode(tail[tail.index(b"--home") + 1])
+        if os.path.isabs(value):  # job_command writes it absolute; a relative one is left unchecked
+            try:
+                return os.path.samefile(value, home)
+            except OSError:
+                return False
+    return True
+
+
+def _child(row: dict) -> subprocess.Popen | None:
+    """The process this process started for the round, if that is still the round's pid."""
+    proc = _CHILDREN.get(row["id"])
+    return proc if proc is not None and proc.pid == row.get("pid") else None
+
+
+def round_process_alive(row: dict, home: str | Path | None = None) -> bool:
+    """Is the round's recorded process (its job, not a program that reused the pid) running?"""
+    proc = _child(row)
+    if proc is not None:
+        return proc.poll() is None
+    return pid_alive(row.get("pid"), row["id"], home)
+
+
+def _forget_ended_children(store) -> None:
+    """Reap every child process that has exited (no zombie per finished round), and forget those
+    whose round has an outcome; a child whose round is still active is kept for ``_exit_reason``."""
+    for round_id, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            row = store.get_round(round_id)
+            if row is None or row["status"] not in ACTIVE:
+                _CHILDREN.pop(round_id, None)
+
+
+def _exit_reason(row: dict) -> str:
+    pid = row.get("pid")
+    proc = _child(row)
     code = proc.poll() if proc is not None else None
     if code is None:
         return f"the training process (pid {pid}) is gone: killed or crashed before finishing"
@@ -126,8 +175,9 @@ def _exit_reason(pid: int | None) -> str:
 
 
 def _mark_if_stale(store, row: dict) -> dict:
-    """Mark an active round whose process is gone 'failed' (under the write lock, re-reading the
-    row, so a job that just finished cleanly is never overwritten)."""
+    """Mark an active round whose process is gone 'failed', or 'cancelled' when a cancel was asked
+    for (under the write lock, re-reading the row, so a job that just finished cleanly is never
+    overwritten), and remove what its process left on disk."""
     if row["status"] not in ACTIVE:
         return row
     with store.transaction():
@@ -137,26 +187,35 @@ def _mark_if_stale(store, row: dict) -> dict:
         pid = row.get("pid")
         if pid is None:
             created = calendar.timegm(time.strptime(row["created"][:19], "%Y-%m-%dT%H:%M:%S"))  # UTC
-            if time.time() - created < QUEUED_GRACE_S:
+            if time.time() - created < QUEUED_GRACE_S and not row.get("cancel_requested"):
                 return row
             reason = "the round was queued but its process never started"
-        elif pid_alive(pid):
+        elif round_process_alive(row, store.root):
             return row
         else:
-            reason = _exit_reason(pid)
-        log = f"; see the log {row['log_path']}" if row.get("log_path") else ""
-        store.update_round(row["id"], status="failed", error=f"{reason}{log}")
-    # A killed trainer leaves its scratch dirs (.round-N.run-PID / .tmp-PID) beside the adapters
-    # (.round_N.* before folders were named round-N).
-    for name in (round_dirname(row["id"]), f"round_{row['id']}"):
+            reason = _exit_reason(row)
+        if row.get("cancel_requested"):
+            store.update_round(row["id"], status="cancelled", error=CANCELLED_BY_REQUEST)
+        else:
+            log = f"; see the log {row['log_path']}" if row.get("log_path") else ""
+            store.update_round(row["id"], status="failed", error=f"{reason}{log}")
+    remove_leftovers(store, row["id"])
+    return store.get_round(row["id"])
+
+
+def remove_leftovers(store, round_id: int) -> None:
+    """What a round that ended without becoming current left beside the adapters: a killed
+    trainer's scratch dirs (.round-N.run-PID / .tmp-PID; .round_N.* before folders were named
+    round-N), and an adapter saved but never made current (no round points at it: killed or
+    cancelled while evaluating, or failed after saving), which would only hold disk (hundreds of
+    MB for a 7B LoRA)."""
+    row = store.get_round(round_id)
+    if row is None or row["status"] not in ("failed", "cancelled") or row.get("adapter_path"):
+        return
+    for name in (round_dirname(round_id), f"round_{round_id}"):
         for scratch in (store.root / "adapters").glob(f".{name}.*"):
             shutil.rmtree(scratch, ignore_errors=True)
-    # Killed after its adapter was saved but before it was evaluated: that adapter never becomes
-    # current (no round points at it) and would only hold disk (hundreds of MB for a 7B LoRA).
-    orphan = store.root / "adapters" / round_dirname(row["id"])
-    if orphan.is_dir() and not store.get_round(row["id"]).get("adapter_path"):
-        shutil.rmtree(orphan, ignore_errors=True)
-    return store.get_round(row["id"])
+    shutil.rmtree(store.root / "adapters" / round_dirname(round_id), ignore_errors=True)
 
 
 def refresh(settings: Settings) -> list[dict]:
@@ -166,6 +225,7 @@ def refresh(settings: Settings) -> list[dict]:
         for row in store.list_rounds():
             if row["status"] in ACTIVE:
                 _mark_if_stale(store, row)
+        _forget_ended_children(store)
         return store.list_rounds()
     finally:
         store.close()
@@ -242,6 +302,14 @@ def training_material(store: Any, cfg: Any) -> list[dict]:
     return pairs
 
 
+def _site_dirs() -> set[str]:
+    """site-packages folders: never put on PYTHONPATH (ahead of the standard library)."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return {str(Path(d).resolve()) for d in dirs}
+
+
 def _spawn(settings: Settings, store: Any, round_id: int, num_processes: int) -> subprocess.Popen:
     """Start round ``round_id``'s process, its output appended to ``runs/round-N/train.log``."""
     run_dir = settings.runs_dir / round_dirname(round_id)
@@ -258,11 +326,13 @@ def _spawn(settings: Settings, store: Any, round_id: int, num_processes: int) ->
         LVLM_STUDIO_MODEL=settings.model,
         LVLM_STUDIO_CLIP=settings.clip,
         LVLM_STUDIO_DEVICE=settings.device,
-        # The package may run from a checkout that is not installed.
-        PYTHONPATH=os.pathsep.join(
-            p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
-        ),
+        # `python -m` would put the working directory first on the import path: a folder holding
+        # another checkout (or a stray torch.py) would run instead of this package. Python >= 3.11.
+        PYTHONSAFEPATH="1",
     )
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    if package_parent not in _site_dirs():  # a checkout that is not installed: make it importable
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             job_command(round_id, settings.home, num_processes),
@@ -310,7 +380,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 if isinstance(exc, Exception):
                     raise JobError(f"could not start the training process: {exc}") from exc
                 raise
-            _CHILDREN[proc.pid] = proc
+            _CHILDREN[round_id] = proc
             store.update_round(round_id, pid=proc.pid)
             return round_id
         finally:
@@ -321,7 +391,8 @@ def job_command(round_id: int, home: str | Path, num_processes: int = 1) -> list
     """The round process's command line: this module directly, or under torchrun (what
     ``accelerate launch --multi_gpu`` runs underneath) with ``num_processes`` data-parallel workers.
     Either way ``lvlm_studio.jobs`` is on the command line, which ``pid_alive`` checks."""
-    job = ["-m", "lvlm_studio.jobs", "run", str(round_id), "--home", str(home)]
+    # An absolute --home: pid_alive compares it with the data root of whoever checks.
+    job = ["-m", "lvlm_studio.jobs", "run", str(round_id), "--home", os.path.abspath(home)]
     if num_processes <= 1:
         return [sys.executable, *job]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}", *job]
@@ -349,7 +420,9 @@ def status(settings: Settings, round_id: int) -> dict:
         row = store.get_round(round_id)
         if row is None:
             raise JobError(f"round {round_id} does not exist")
-        return _mark_if_stale(store, row)
+        row = _mark_if_stale(store, row)
+        _forget_ended_children(store)
+        return row
     finally:
         store.close()
 
@@ -377,33 +450,32 @@ def wait(round_id: int, timeout: float = 600.0, settings: Settings | None = None
 
 
 def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force: bool = True) -> dict:
-    """Ask a round to stop (SIGTERM → clean stop → 'cancelled'). Waits up to ``timeout`` s for
-    the process to end (0 = return at once); if it has not ended and ``force``, SIGKILL. A round
-    whose process ended without recording an outcome (e.g. SIGTERM before its handler was
-    installed) is marked 'cancelled', since we asked for it."""
-    row = status(settings, round_id)
-    if row["status"] not in ACTIVE:
-        return row
-    pid = row.get("pid")
-    if pid and pid_alive(pid):
-        _signal_job(pid, signal.SIGTERM)
-    if timeout <= 0:
-        return row
-    deadline = time.monotonic() + timeout
-    while pid and pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if pid and pid_alive(pid) and force:
-        _signal_job(pid, signal.SIGKILL)
-        end = time.monotonic() + 10
-        while pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.1)
+    """Ask a round to stop: the request is recorded on the round, then its process gets SIGTERM
+    (clean stop → 'cancelled'). Waits up to ``timeout`` s for the process to end (0 = return at
+    once); if it has not ended and ``force``, SIGKILL. Once asked, the round ends 'cancelled'
+    however it stops: cleanly, killed, dead of the SIGTERM before its handler was installed, or
+    reaching its end (its adapter is then not made current), whoever notices first."""
     store = _store(settings)
     try:
-        with store.transaction():
-            row = store.get_round(round_id)
-            if row["status"] in ACTIVE and not pid_alive(row.get("pid")):
-                store.update_round(round_id, status="cancelled", error="cancelled by request")
-        return store.get_round(round_id)
+        row = store.request_round_cancel(round_id)
+        if row is None:
+            raise JobError(f"round {round_id} does not exist")
+        if row["status"] not in ACTIVE:
+            return row
+        if round_process_alive(row, store.root):
+            _signal_job(row["pid"], signal.SIGTERM)
+        if timeout > 0:
+            deadline = time.monotonic() + timeout
+            while round_process_alive(row, store.root) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if force and round_process_alive(row, store.root):
+                _signal_job(row["pid"], signal.SIGKILL)
+                end = time.monotonic() + 10
+                while round_process_alive(row, store.root) and time.monotonic() < end:
+                    time.sleep(0.1)
+        row = _mark_if_stale(store, row)  # 'cancelled' once the process is gone
+        _forget_ended_children(store)
+        return row
     finally:
         store.close()
 
@@ -574,6 +646,9 @@ def run_round(round_id: int, home: str | Path) -> int:
         if row["status"] not in (("queued",) if main else ACTIVE):
             print(f"round {round_id} is {row['status']}, not queued: nothing to do", flush=True)
             return 0
+        if main and row.get("cancel_requested"):  # cancelled before its process got here
+            store.update_round(round_id, status="cancelled", error=f"{CANCELLED_BY_REQUEST} before it started")
+            return 0
         if main:
             # Under a launcher the recorded pid stays the launcher's: cancel signals its group.
             pid = os.getpid() if world_size == 1 else (row["pid"] or os.getppid())
@@ -595,6 +670,7 @@ def run_round(round_id: int, home: str | Path) -> int:
             with store.transaction():
                 if store.get_round(round_id)["status"] == "running":  # a failure already recorded stands
                     store.update_round(round_id, status="failed" if orphaned else "cancelled", error=msg)
+            remove_leftovers(store, round_id)
         log(msg)
         return 1 if orphaned else 0
 
@@ -719,14 +795,20 @@ def run_round(round_id: int, home: str | Path) -> int:
         refuse_if_broken(False, rows)
         # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
         with store.transaction():
-            current = store.get_round(round_id)["status"]
-            if current != "running":
-                # e.g. the launcher was killed and the round marked failed while this worker ran on
-                log(f"the round is {current} now, not running: its outcome stands, the adapter is not made current")
-                return 1
-            if rows:
-                store.add_eval_outputs(round_id, rows)
-            store.update_round(round_id, status="done", adapter_path=str(out_dir), metrics=metrics, progress=1.0)
+            current = store.get_round(round_id)
+            finished = current["status"] == "running" and not current.get("cancel_requested")
+            if finished:
+                if rows:
+                    store.add_eval_outputs(round_id, rows)
+                store.update_round(round_id, status="done", adapter_path=str(out_dir), metrics=metrics, progress=1.0)
+            elif current["status"] == "running":  # a cancel asked for after the last check of the stop flag
+                store.update_round(round_id, status="cancelled",
+                                   error=f"{CANCELLED_BY_REQUEST} as it finished; the adapter was not made current")
+        if not finished:  # or e.g. the launcher was killed and the round marked failed while this worker ran on
+            log(f"the round is {store.get_round(round_id)['status']} now: that outcome stands, the adapter is not "
+                "made current")
+            remove_leftovers(store, round_id)
+            return 1
         log("done")
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
@@ -737,6 +819,8 @@ def run_round(round_id: int, home: str | Path) -> int:
             with store.transaction():  # an outcome already written (done, or failed by the launcher) stands
                 if store.get_round(round_id)["status"] not in TERMINAL:
                     store.update_round(round_id, status="failed", error=message[:2000])
+            if main:
+                remove_leftovers(store, round_id)
         except Exception:  # noqa: BLE001 - the store itself failed; the log has the traceback
             traceback.print_exc()
         return 1

@@ -196,6 +196,13 @@ def m002_studio_meta(db: Database) -> None:
     db.execute("CREATE TABLE studio_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+@migrations()
+def m003_round_cancel_requested(db: Database) -> None:
+    # When a cancel was asked for: a job that then dies or finishes ends 'cancelled', whoever
+    # notices first (the job, the canceller, or a status check finding its process gone).
+    db.execute("ALTER TABLE rounds ADD COLUMN cancel_requested TEXT")
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -1310,6 +1317,7 @@ class Store:
         "error",
         "started",
         "finished",
+        "cancel_requested",
     }
 
     def update_round(self, id: int, **fields: Any) -> None:
@@ -1334,6 +1342,17 @@ class Store:
         with self.transaction() as db:
             self._require("rounds", id)
             db.execute(f"UPDATE rounds SET {', '.join(sets)} WHERE id = ?", [*params, id])
+
+    def request_round_cancel(self, id: int) -> dict | None:
+        """Record that a cancel was asked for, if the round is still queued or running (a first
+        request's time stands); the round row after it (None: no such round)."""
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE rounds SET cancel_requested = coalesce(cancel_requested, {_NOW}) "
+                "WHERE id = ? AND status IN ('queued', 'running')",
+                [id],
+            )
+            return self.get_round(id)
 
     def get_round(self, id: int) -> dict | None:
         return _decode(self._one("SELECT * FROM rounds WHERE id = ?", (id,)), "config", "metrics")

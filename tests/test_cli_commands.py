@@ -558,13 +558,24 @@ def test_train_wait_timeout_stops_following(env, monkeypatch):
     result = run("train", "--include-auto", "--wait", "--timeout", "0")
     assert result.exit_code == 1 and "round 1 is still running after 0 s" in result.stderr, result.output
     assert open_store(env).get_round(1)["status"] == "running"
+    # --json says which round keeps running, so a script can follow or cancel it
+    sleeps.clear()
+    result = run("train", "--include-auto", "--wait", "--timeout", "0", "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and data["ok"] is False and data["round"] == 2 and data["status"] == "running"
+    assert "round 2 is still running after 0 s" in data["error"]
 
     # Ctrl-C while following: exit 130, the round is left running and the message says how to stop it.
     monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
     result = run("train", "--include-auto", "--wait")
     assert result.exit_code == 130, result.output
-    assert "stopped following; round 2 keeps running (lvlm-studio cancel 2 stops it)" in result.stderr
-    assert open_store(env).get_round(2)["status"] == "running"
+    assert "stopped following; round 3 keeps running (lvlm-studio cancel 3 stops it)" in result.stderr
+    assert open_store(env).get_round(3)["status"] == "running"
+    result = run("train", "--include-auto", "--wait", "--json")
+    data = json.loads(result.stdout)  # JSON even when interrupted
+    assert result.exit_code == 130 and data == {"ok": False, "round": 4, "status": "running",
+                                                "error": "stopped following; round 4 keeps running "
+                                                         "(lvlm-studio cancel 4 stops it)"}
 
 
 def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
@@ -599,6 +610,18 @@ def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
     assert run("cancel", slow).stdout.strip() == (
         f"round {slow}: cancel requested, still running (see lvlm-studio rounds)")
     assert ok_json("cancel", slow)["status"] == "running"
+
+    # A round that finished between the CLI's read and the cancel: the cancel failed, and says so.
+    def finished(self, round_id, user, timeout=30.0):
+        self.store.update_round(round_id, status="done")
+        return self.store.get_round(round_id)
+
+    monkeypatch.setattr(Studio, "cancel_round", finished)
+    result = run("cancel", slow, "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and data["ok"] is False and data["status"] == "done" and data["was"] == "running"
+    assert data["error"] == f"round {slow} finished before the cancel reached it"
+    assert f"error: round {slow} finished before the cancel reached it" in result.stderr
 
 
 def test_rounds_lists_stored_rounds(env):

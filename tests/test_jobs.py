@@ -150,9 +150,8 @@ def test_sigkill_leaves_round_failed_and_store_consistent(trained):
     pid = jobs.status(settings, rid)["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while jobs.pid_alive(pid) and time.monotonic() < deadline:
+    while (row := jobs.status(settings, rid))["status"] in jobs.ACTIVE and time.monotonic() < deadline:
         time.sleep(0.1)
-    row = jobs.status(settings, rid)
     assert row["status"] == "failed" and "SIGKILL" in row["error"], row
     assert row["parent_id"] == trained["round_id"] and row["adapter_path"] is None
     assert not (settings.adapters_dir / f"round-{rid}").exists()
@@ -305,6 +304,45 @@ def test_a_round_whose_model_answers_nothing_fails_and_is_not_current(tmp_path, 
         assert row["status"] == "failed" and "evaluation items with nothing" in row["error"], row
         assert store.current_round() is None and store.eval_outputs(rid) == []
         assert not (settings.adapters_dir / f"round-{rid}").exists()  # the refused adapter is removed
+    finally:
+        store.close()
+
+
+def test_a_cancel_or_failure_after_the_adapter_is_saved_leaves_no_adapter(tmp_path, monkeypatch):
+    """The job body (in this process) trains for real. A cancel asked for during the evaluation,
+    after the job's last look at its stop flag, ends the round 'cancelled', not 'done'; an error
+    while evaluating ends it 'failed'. Neither becomes current, and the saved adapter is removed."""
+    import signal
+
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    store.ensure_base_round(settings.model)
+    late_cancel = store.create_round(0, settings.model, {**FAST, "num_epochs": 1, "eval_parent": False})
+    store.close()
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    real_evaluate = jobs._evaluate
+
+    def cancel_asked_meanwhile(*args):
+        assert (settings.adapters_dir / f"round-{late_cancel}" / "adapter_config.json").is_file()
+        _request_cancel(settings, late_cancel)  # as cancel_round records it (its SIGTERM came too late)
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(jobs, "_evaluate", cancel_asked_meanwhile)
+    assert jobs.run_round(late_cancel, settings.home) == 1
+    broken = _active_round(settings, status="queued")
+    _set_round(settings, broken, config={**FAST, "num_epochs": 1, "eval_parent": False}, base_model=settings.model)
+    monkeypatch.setattr(jobs, "_evaluate", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert jobs.run_round(broken, settings.home) == 1
+    store = Store.open(settings)
+    try:
+        row = store.get_round(late_cancel)
+        assert row["status"] == "cancelled" and row["error"] == (
+            "cancelled by request as it finished; the adapter was not made current"), row
+        row = store.get_round(broken)
+        assert row["status"] == "failed" and "No space left on device" in row["error"], row
+        assert store.current_round() is None and store.eval_outputs(late_cancel) == []
+        assert not list(settings.adapters_dir.glob("*round*"))  # neither adapter, nor scratch
     finally:
         store.close()
 
@@ -497,8 +535,8 @@ def test_a_dead_child_round_says_how_its_process_ended(tmp_path, monkeypatch):
     killed.kill()
     for proc in (exited, killed):
         proc.wait()
-        monkeypatch.setitem(jobs._CHILDREN, proc.pid, proc)  # as start_round records its children
     rid = _active_round(settings, pid=exited.pid)
+    monkeypatch.setitem(jobs._CHILDREN, rid, exited)  # as start_round records its children
     # the trainer's scratch dirs (and those of the older round_N naming) are removed with it
     scratch = [settings.adapters_dir / f".round-{rid}.run-{exited.pid}", settings.adapters_dir / f".round_{rid}.tmp-1"]
     keep = settings.adapters_dir / f".round-{rid + 1}.run-1"  # another round's: left alone
@@ -510,7 +548,9 @@ def test_a_dead_child_round_says_how_its_process_ended(tmp_path, monkeypatch):
     assert row["error"] == (f"the training process (pid {exited.pid}) exited with code 3 before finishing; "
                             f"see the log {settings.runs_dir / f'round-{rid}.log'}")
     rid = _active_round(settings, pid=killed.pid)
+    monkeypatch.setitem(jobs._CHILDREN, rid, killed)
     assert f"(pid {killed.pid}) was killed by SIGKILL" in jobs.status(settings, rid)["error"]
+    assert rid not in jobs._CHILDREN  # forgotten once its round has an outcome
 
 
 def test_a_zombie_is_not_a_running_process():
@@ -557,13 +597,37 @@ def test_a_stale_pid_reused_by_another_users_program_is_not_a_running_round(tmp_
         other.wait()
 
 
+def _fake_job(settings: Settings, code: str, **popen) -> tuple[int, subprocess.Popen]:
+    """A running round whose process runs ``code`` under a round job's command line (its round id
+    and data root), as pid_alive checks it."""
+    rid = _active_round(settings)
+    job = subprocess.Popen([sys.executable, "-c", code, *jobs.job_command(rid, settings.home)[2:]],
+                           start_new_session=True, **popen)
+    _set_round(settings, rid, pid=job.pid)
+    return rid, job
+
+
+def _request_cancel(settings: Settings, rid: int) -> None:
+    store = Store.open(settings)
+    try:
+        assert store.request_round_cancel(rid)["cancel_requested"]
+    finally:
+        store.close()
+
+
+def _set_round(settings: Settings, rid: int, **fields) -> None:
+    store = Store.open(settings)
+    try:
+        store.update_round(rid, **fields)
+    finally:
+        store.close()
+
+
 def test_another_users_round_job_is_alive_and_cancel_says_whose_it_is(tmp_path, monkeypatch):
     settings = _bare_home(tmp_path)
-    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "lvlm_studio.jobs"],
-                           start_new_session=True)
+    rid, job = _fake_job(settings, "import time; time.sleep(60)")
     try:
         _other_users_process(monkeypatch, job)
-        rid = _active_round(settings, pid=job.pid)
         assert jobs.pid_alive(job.pid) is True and jobs.status(settings, rid)["status"] == "running"
         with pytest.raises(jobs.JobError, match=f"pid {job.pid}.* belongs to another user"):
             jobs.cancel_round(settings, rid, timeout=1)
@@ -582,18 +646,22 @@ def test_cancel_waits_for_the_job_and_kills_only_when_forced(tmp_path, monkeypat
     settings = _bare_home(tmp_path)
     # A job that does not stop on SIGTERM (e.g. stuck in a long step); its command line names
     # lvlm_studio.jobs, as a round process's does.
-    stuck = subprocess.Popen([sys.executable, "-c", _IGNORES_SIGTERM, "lvlm_studio.jobs"], stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    rid, stuck = _fake_job(settings, _IGNORES_SIGTERM, stdout=subprocess.PIPE, text=True)
+    # what a trainer killed mid-save leaves: scratch dirs, and an adapter no round points at
+    leftovers = [settings.adapters_dir / f".round-{rid}.run-{stuck.pid}", settings.adapters_dir / f"round-{rid}"]
+    for path in leftovers:
+        path.mkdir(parents=True)
     try:
         assert stuck.stdout.readline().strip() == "ready"
-        rid = _active_round(settings, pid=stuck.pid)
         # timeout 0: ask, then return at once (no SIGKILL, no waiting)
         assert jobs.cancel_round(settings, rid, timeout=0)["status"] == "running"
         assert jobs.cancel_round(settings, rid, timeout=0.3, force=False)["status"] == "running"
         assert stuck.poll() is None and jobs.pid_alive(stuck.pid)
+        assert all(path.exists() for path in leftovers)  # nothing removed while it runs
         row = jobs.cancel_round(settings, rid, timeout=0.3)  # force: SIGKILL after the timeout
         assert row["status"] == "cancelled" and row["error"] == "cancelled by request"
         assert stuck.wait(5) == -signal.SIGKILL
+        assert not any(path.exists() for path in leftovers)
         assert jobs.cancel_round(settings, rid, timeout=0)["status"] == "cancelled"  # ended: left as it is
     finally:
         if stuck.poll() is None:
@@ -601,11 +669,78 @@ def test_cancel_waits_for_the_job_and_kills_only_when_forced(tmp_path, monkeypat
         stuck.wait()
     # A job that dies of the SIGTERM before recording anything (its handler not installed yet).
     quiet = subprocess.Popen(["sleep", "30"])
-    monkeypatch.setitem(jobs._CHILDREN, quiet.pid, quiet)
     rid = _active_round(settings, pid=quiet.pid)
+    monkeypatch.setitem(jobs._CHILDREN, rid, quiet)
     row = jobs.cancel_round(settings, rid, timeout=10, force=False)
     assert row["status"] == "cancelled" and row["error"] == "cancelled by request"
     assert quiet.wait(5) == -signal.SIGTERM
+    # The same asked with timeout 0 (return at once): whoever sees it dead next records the cancel,
+    # not a failure.
+    quiet = subprocess.Popen(["sleep", "30"])
+    rid = _active_round(settings, pid=quiet.pid)
+    monkeypatch.setitem(jobs._CHILDREN, rid, quiet)
+    jobs.cancel_round(settings, rid, timeout=0)
+    assert quiet.wait(5) == -signal.SIGTERM
+    row = jobs.status(settings, rid)
+    assert row["status"] == "cancelled" and row["error"] == "cancelled by request" and row["cancel_requested"]
+
+
+def test_a_queued_round_cancelled_before_its_process_runs_stays_cancelled(tmp_path, monkeypatch):
+    import signal as signal_module
+
+    settings = _bare_home(tmp_path)
+    rid = _active_round(settings, status="queued")  # no pid yet: created, its process not started
+    row = jobs.cancel_round(settings, rid, timeout=0)
+    assert row["status"] == "cancelled" and row["error"] == "cancelled by request"
+    monkeypatch.setattr(signal_module, "signal", lambda *args: None)  # keep pytest's own handlers
+    assert jobs.run_round(rid, settings.home) == 0  # the process that starts late does nothing
+    assert jobs.status(settings, rid)["status"] == "cancelled"
+    # asked while its process was starting: the job itself ends it before training
+    rid = _active_round(settings, status="queued")
+    _request_cancel(settings, rid)
+    assert jobs.run_round(rid, settings.home) == 0
+    row = jobs.status(settings, rid)
+    assert row["status"] == "cancelled" and row["error"] == "cancelled by request before it started"
+
+
+def test_a_round_is_alive_only_while_its_own_job_runs(tmp_path):
+    """The recorded pid must run this round's job of this data root: a pid reused by another
+    round's job (another data root's, say) is not it, and the round is marked failed."""
+    settings = _bare_home(tmp_path)
+    other_home = tmp_path / "other"
+    other_home.mkdir()
+    sleep = "import time; time.sleep(60)"
+    rid, job = _fake_job(settings, sleep)
+    others = [subprocess.Popen([sys.executable, "-c", sleep, *jobs.job_command(*args)[2:]], start_new_session=True)
+              for args in ((rid + 100, settings.home), (rid, other_home))]
+    try:
+        assert jobs.status(settings, rid)["status"] == "running"
+        assert jobs.pid_alive(job.pid, rid, settings.home) and jobs.pid_alive(job.pid)
+        for other in others:
+            assert jobs.pid_alive(other.pid)  # a round job...
+            assert not jobs.pid_alive(other.pid, rid, settings.home)  # ...but not this round's
+            wrong = _active_round(settings, pid=other.pid)
+            row = jobs.status(settings, wrong)
+            assert row["status"] == "failed" and f"pid {other.pid}" in row["error"]
+            assert other.poll() is None  # and nothing was signalled
+    finally:
+        for proc in (job, *others):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_finished_child_is_reaped_and_forgotten(tmp_path, monkeypatch):
+    """The app starts each round's process: once it has exited and its round has an outcome, it
+    is reaped (no zombie per round) and forgotten (its pid may later be another round's)."""
+    settings = _bare_home(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    rid = _active_round(settings, pid=child.pid)
+    monkeypatch.setitem(jobs._CHILDREN, rid, child)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it has exited, nobody reaped it yet
+    _set_round(settings, rid, status="done")  # as the job writes before it exits
+    assert jobs.status(settings, rid)["status"] == "done"
+    assert child.returncode == 0 and rid not in jobs._CHILDREN
+    assert not Path(f"/proc/{child.pid}").exists() or jobs.process_running(child.pid)  # not a zombie of ours
 
 
 @pytest.mark.timeout(60)
@@ -720,3 +855,24 @@ def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):
     assert jobs.status(settings, rid)["status"] == "cancelled"
     missing = subprocess.run(jobs.job_command(99, settings.home), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "round 99 does not exist" in missing.stderr
+
+
+def test_the_job_runs_this_package_whatever_the_working_directory(tmp_path, monkeypatch):
+    """`python -m` puts the working directory first on the import path: started from a folder
+    holding another lvlm_studio (an old checkout), the job would run that code instead."""
+    settings = _bare_home(tmp_path)
+    shadow = tmp_path / "elsewhere" / "lvlm_studio"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("print('SHADOW package')\n")
+    (shadow / "jobs.py").write_text("print('SHADOW jobs')\n")
+    monkeypatch.chdir(shadow.parent)
+    rid = _active_round(settings, status="queued")
+    monkeypatch.setattr(jobs, "job_command", lambda *args: [sys.executable, "-m", "lvlm_studio.jobs", "--help"])
+    store = Store.open(settings)
+    try:
+        proc = jobs._spawn(settings, store, rid, 1)
+        assert proc.wait(60) == 0
+        log = Path(store.get_round(rid)["log_path"]).read_text()
+    finally:
+        store.close()
+    assert "SHADOW" not in log and "usage: python -m lvlm_studio.jobs" in log, log

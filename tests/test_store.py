@@ -11,6 +11,8 @@ import pytest
 
 from lvlm_studio.store import NotFoundError, Store, StoreError, live_decisions
 
+MIGRATIONS = ["m001_initial_schema", "m002_studio_meta", "m003_round_cancel_requested"]
+
 
 # ------------------------------------------------------------------------- schema and pragmas
 def test_pragmas_and_migrations(store, settings):
@@ -18,7 +20,7 @@ def test_pragmas_and_migrations(store, settings):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
-    assert store.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
+    assert store.applied_migrations() == MIGRATIONS
     tables = set(db.table_names())
     assert {
         "images",
@@ -33,7 +35,7 @@ def test_pragmas_and_migrations(store, settings):
     # Reopening applies nothing twice and keeps data.
     store.add_image("a" * 64, settings.images_dir / "x.png", 2, 2, "t")
     again = Store(settings.db_path)
-    assert again.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
+    assert again.applied_migrations() == MIGRATIONS
     assert again.get_image("a" * 64)["width"] == 2
     again.close()
 
@@ -571,13 +573,19 @@ def test_a_failed_nested_transaction_undoes_only_its_own_writes(store, settings)
 
 def test_a_data_root_from_before_studio_meta_migrates_and_keeps_its_data(settings, make_pairs, store):
     [pid] = make_pairs([0.5])
+    rid = store.create_round(store.ensure_base_round("m"), "m", {"beta": 0.3}, status="done")
     with store.transaction() as db:  # what a data root written before m002 looks like
         db.execute("DROP TABLE studio_meta")
-        db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm002_studio_meta'")
+        db.execute("ALTER TABLE rounds DROP COLUMN cancel_requested")
+        db.execute("DELETE FROM _sqlite_migrations WHERE name IN ('m002_studio_meta', 'm003_round_cancel_requested')")
     store.close()
     reopened = Store(settings.db_path)
     try:
-        assert reopened.applied_migrations() == ["m001_initial_schema", "m002_studio_meta"]
+        assert reopened.applied_migrations() == MIGRATIONS
+        round_row = reopened.get_round(rid)
+        assert round_row["config"] == {"beta": 0.3} and round_row["cancel_requested"] is None
+        reopened.update_round(rid, cancel_requested="2026-01-01T00:00:00")
+        assert reopened.get_round(rid)["cancel_requested"] == "2026-01-01T00:00:00"
         assert reopened.get_pair(pid) is not None and reopened.get_meta("demo_seed") is None
         reopened.set_meta("demo_seed", {"done": True})
         reopened.set_meta("demo_seed", {"done": False, "seed": 3})  # replaced, not duplicated
