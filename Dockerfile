@@ -1,10 +1,12 @@
 # GPU image: CUDA runtime, the project with its gpu extra (vLLM), the app on port 7860.
-# Build: docker build -t lvlm-studio .   Run: docker run --gpus all -p 7860:7860 -v $PWD/storage:/app/storage lvlm-studio
+# Build: docker build -t lvlm-studio .   Run: docker run --gpus all -p 7860:7860 -v lvlm-data:/app/storage lvlm-studio
+# (a named volume; a bind-mounted folder must be writable by uid 1000, the user the app runs as)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
+# The Hub cache lives in the data root (the volume): a model downloads once, not on every start.
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     GRADIO_ANALYTICS_ENABLED=False GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 \
-    LVLM_STUDIO_HOME=/app/storage
+    LVLM_STUDIO_HOME=/app/storage HF_HOME=/app/storage/hf-cache
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
@@ -16,6 +18,10 @@ RUN pip install -r requirements-gpu.txt
 COPY lvlm_studio ./lvlm_studio
 COPY app.py ./
 RUN pip install --no-deps -e .
+# Hugging Face Docker Spaces run the container as uid 1000 (the base image's user "ubuntu"): the
+# data root must be its own. On a Space with persistent storage set LVLM_STUDIO_HOME=/data.
+RUN mkdir -p /app/storage && chown -R 1000:1000 /app/storage
+USER 1000
 
 EXPOSE 7860
 VOLUME ["/app/storage"]

@@ -1,4 +1,4 @@
-"""The backend is not LLaVA-specific: tiny random LLaVA, Qwen2-VL (M-RoPE) and Idefics3 (SmolVLM),
+"""The backend is not LLaVA-specific: tiny random LLaVA, Qwen2-VL (M-RoPE), Idefics3 and SmolVLM,
 each built locally with its own processor and chat template, saved, loaded through
 `HFBackend.from_pretrained`, and checked against the model's own full forward pass."""
 
@@ -18,7 +18,7 @@ TOL = 1e-4
 PROMPTS = ["describe the image", "what colour is the small circle at the top ?"]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "idefics3"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "idefics3", "smolvlm"])
 def be(request, tmp_path_factory):
     path = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
     backend = HFBackend.from_pretrained(str(path), device="cpu", dtype="float32")

@@ -54,6 +54,15 @@ def test_dockerfile_copies_existing_files_and_starts_the_app():
     assert "-r requirements.txt" in gpu and re.search(r"^vllm", gpu, re.M)
     assert instructions[-1] == 'CMD ["python", "app.py"]'
     assert "EXPOSE 7860" in instructions
+    # A Docker Space runs the image as uid 1000, which must own the data root (and the Hub cache in it).
+    env = " ".join(ln for ln in instructions if ln.startswith(("ENV", "LVLM", "GRADIO", "HF_")))
+    home = re.search(r"LVLM_STUDIO_HOME=(\S+)", env)[1]
+    assert re.search(rf"HF_HOME={re.escape(home)}/", env), env
+    user = instructions.index("USER 1000")
+    assert any(f"chown -R 1000:1000 {home}" in ln for ln in instructions[:user]), "the data root must be uid 1000's"
+    # the build context leaves out a local data root (user data) and the git history
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "storage/" in ignored and ".git" in ignored
 
 
 def test_relative_links_in_readme_and_docs_point_to_files_in_the_repo():

@@ -356,7 +356,8 @@ class HFBackend:
         # A template that writes BOS itself must not get a second one from the tokenizer.
         add_special = not (bos is not None and texts[0].startswith(bos))
         enc = self.processor(
-            images=[im.convert("RGB") for im in images],
+            # One list per prompt: SmolVLM's processor reads a flat list as one prompt's images.
+            images=[[im.convert("RGB")] for im in images],
             text=texts,
             padding=True,
             return_tensors="pt",

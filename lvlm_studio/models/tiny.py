@@ -348,18 +348,63 @@ def build_idefics3(words: Iterable[str], spec: TinyLlavaSpec | None = None):
     return model, processor
 
 
+def build_smolvlm(words: Iterable[str], spec: TinyLlavaSpec | None = None):
+    """Return (model, processor) of a randomly initialised SmolVLM (SmolVLM-256M/500M's own model
+    and processor classes, which group a batch's images unlike Idefics3's). No image splitting."""
+    import torch
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    spec = spec or TinyLlavaSpec()
+    tok = _word_tokenizer_with(words, IDEFICS3_SPECIAL, IDEFICS3_CHAT_TEMPLATE, eos="<end_of_utterance>")
+    scale = 2
+    image_seq_len = ((spec.image_size // spec.patch_size) ** 2) // (scale * scale)
+    size = {"longest_edge": spec.image_size}
+    processor = SmolVLMProcessor(  # needs the num2words package (requirements.txt)
+        image_processor=SmolVLMImageProcessor(do_image_splitting=False, size=size, max_image_size=size,
+                                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+        tokenizer=tok,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=image_seq_len,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = SmolVLMConfig(
+        vision_config=dict(
+            hidden_size=spec.vision_width,
+            intermediate_size=spec.vision_width * 4,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config=dict(model_type="llama", **_text_config(spec, tok)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = SmolVLMForConditionalGeneration(config)
+    _set_generation_ids(model, tok)
+    return model, processor
+
+
 def _set_generation_ids(model, tok) -> None:
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
 
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "idefics3": build_idefics3}
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "idefics3": build_idefics3, "smolvlm": build_smolvlm}
 
 
 def build_tiny(arch: str, path: str | Path, words: Iterable[str] | None = None, spec: TinyLlavaSpec | None = None) -> Path:
     """Build, save and return the directory of a random tiny model of architecture ``arch``
-    ("llava", "qwen2_vl" or "idefics3")."""
+    ("llava", "qwen2_vl", "idefics3" or "smolvlm")."""
     import json
 
     if arch not in BUILDERS:
