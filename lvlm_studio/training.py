@@ -45,6 +45,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -83,7 +84,11 @@ class DPORoundConfig:
     # α=32 (same α/r = 2), as in the first ShapesWorld experiment (docs/EXPERIMENTS.md).
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # STIC stage-2 (SFT) rounds; DPO rounds only with disable_dropout=False
+    # TRL's DPO default: every dropout, LoRA's included, is off in DPO rounds, so the policy's and
+    # the reference's log-probs of a pair are the same model's at step 0 (margin exactly 0). The
+    # demo's measured rounds trained so. False applies lora_dropout (and the model's own dropout).
+    disable_dropout: bool = True
     # "all-linear" = every linear layer of the *language model* (not the vision tower, projector or
     # lm_head), as the CSR reference's find_all_linear_names. A list is passed to PEFT verbatim.
     target_modules: str | list[str] = "all-linear"
@@ -461,16 +466,59 @@ def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = Fals
     return model, processor
 
 
-def merge_chain(model, chain: Sequence[str]):
+def merge_chain(model, chain: Sequence[str], errors: list | None = None):
     """Merge each adapter of ``chain`` into ``model`` in order (each was trained on the previous
-    ones merged, so sequential merging rebuilds that round's model)."""
+    ones merged, so sequential merging rebuilds that round's model). With ``errors``, each
+    adapter's ``merge_rounding_error`` is appended to it."""
     from peft import PeftModel
 
     for adapter in chain:
         if not Path(adapter).is_dir():
             raise FileNotFoundError(f"adapter directory {adapter!r} is missing")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        if errors is not None:
+            errors.append(merge_rounding_error(peft_model))
+        model = peft_model.merge_and_unload()
     return model
+
+
+# Above this, rounding noise outweighs half of an adapter's update once merged (merge_rounding_error).
+MERGE_ERROR_WARN = 0.5
+
+
+def merge_rounding_error(peft_model, max_layers: int = 8, seed: int = 0) -> float | None:
+    """How far merging the adapter into the model's low-precision weights lands from its exact
+    update: over up to ``max_layers`` of its LoRA layers and random inputs x,
+    ‖(round(W + ΔW) − W)·x − ΔW·x‖ / ‖ΔW·x‖ with ΔW in float32. bfloat16 keeps 8 bits of a
+    weight: an update far below that resolution (a 7B at the papers' lr 1e-7 changes a weight by
+    ~1e-6, against a resolution of ~1e-4 at |W| ~ 0.02) is lost (error 1) or survives only as
+    noise (error > 1). None for float32 (exact) or quantized weights."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    generator = torch.Generator().manual_seed(seed)
+    num = den = 0.0
+    measured = 0
+    for module in peft_model.modules():
+        if measured >= max_layers:
+            break
+        if not isinstance(module, LoraLinear) or "default" not in module.lora_A:
+            continue
+        weight = module.base_layer.weight
+        if weight.dtype == torch.float32 or not weight.dtype.is_floating_point:
+            return None
+        a = module.lora_A["default"].weight.float()
+        b = module.lora_B["default"].weight.float()
+        delta = (b @ a) * module.scaling["default"]
+        if module.fan_in_fan_out:
+            delta = delta.T
+        exact = weight.float()
+        x = torch.randn(exact.shape[1], 16, generator=generator).to(exact.device)
+        rounded = (exact + delta).to(weight.dtype).float() - exact
+        num += float(((rounded - delta) @ x).square().sum())
+        den += float((delta @ x).square().sum())
+        measured += 1
+    return (num / den) ** 0.5 if den > 0 else None
 
 
 def materialize_round_model(
@@ -723,8 +771,10 @@ def train_round(
     trl_sft = row_sft[0] > 0 and not weighted  # TRL's own term on every row
     types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
     trainer_class = weighted_dpo_trainer_class() if weighted else DPOTrainer
+    lineage["lora_dropout_applied"] = 0.0 if config.disable_dropout else config.lora_dropout
     return _run_round(trainer_class, lambda common: DPOConfig(**common, beta=config.beta, loss_type=types,
-                                                              loss_weights=weights),
+                                                              loss_weights=weights,
+                                                              disable_dropout=config.disable_dropout),
                       dataset, pairs, base_model_path, chain, out, config, lineage, t0, on_log, should_stop)
 
 
@@ -1003,8 +1053,18 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
     bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
+    lineage["bos_written_by_template"] = match_generation_bos(processor)
     lineage["lengths"] = check_sequence_lengths(processor, rows, config.max_length)  # fails fast, clearly
-    model = merge_chain(model, chain)
+    errors: list[float | None] = []
+    model = merge_chain(model, chain, errors)
+    lineage["parent_merge_error"] = errors
+    worst = max((e for e in errors if e is not None), default=None)
+    if worst is not None and worst > MERGE_ERROR_WARN:
+        warnings.warn(
+            f"merging the parent rounds into {model.dtype} weights kept their updates only up to a rounding error "
+            f"of {worst:.2f} (0 = exact; 1 = the update lost): updates this small (a low learning "
+            "rate) fall below the dtype's resolution, and this round trains from, and against, a noisy parent. "
+            "--config bf16=false trains in float32 (about twice the memory)", stacklevel=2)
     base_dtype = model.dtype
     if config.quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -1062,23 +1122,59 @@ def _encode_turns(processor, image, prompt_text: str, answer: str | None = None)
     return enc, comp
 
 
+def _pair_pixels(pair: dict) -> int:
+    """The pair's image size in pixels, read from the file's header (no decoding)."""
+    image = pair.get("image")
+    if image is None:
+        from PIL import Image
+
+        with Image.open(pair["image_path"]) as opened:
+            width, height = opened.size
+    else:
+        width, height = image.size
+    return width * height
+
+
 def _pair_image(pair: dict):
     from lvlm_studio.media import load_image
 
     return pair["image"] if pair.get("image") is not None else load_image(pair["image_path"])
 
 
+def match_generation_bos(processor) -> bool:
+    """Make a round train on the prompts the model is asked with. TRL tokenises the chat
+    template's text without special tokens, while generation (``HFBackend._inputs``) lets the
+    tokenizer add its BOS when the template does not write one: llava-hf's LLaVA-1.5 template
+    writes none and its tokenizer adds <s>, so rounds trained on prompts without the BOS that
+    every answer is generated and evaluated with. Such a template gets the BOS written in front.
+    Returns whether it changed."""
+    tok = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None)
+    if tok.bos_token is None or tok.bos_token_id is None or not isinstance(template, str):
+        return False
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    if processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False).startswith(tok.bos_token):
+        return False
+    ids = tok("x", add_special_tokens=True)["input_ids"]
+    if not ids or ids[0] != tok.bos_token_id:
+        return False  # the tokenizer adds no BOS either: generation has none
+    processor.chat_template = tok.bos_token + template
+    return True
+
+
 def check_sequence_lengths(processor, pairs: Sequence[dict], max_length: int | None) -> dict[str, Any]:
     """Before training: does the prompt, image tokens included, fit in ``max_length``? A prompt that
     does not fit is a ValueError that says what to set (TRL would fail at the first step, or
-    train on rows whose image was cut). Measured on the first pair and the one with the longest
-    prompt text; every answer's length is counted. Returns the figures for the lineage, with how
-    many pairs will have an answer cut."""
+    train on rows whose image was cut). Measured on the first pair, the one with the longest
+    prompt text and the one with the largest image (models of dynamic resolution, Qwen2-VL's or
+    LLaVA-1.6's, give a larger image more tokens); every answer's length is counted. Returns the
+    figures for the lineage, with how many pairs will have an answer cut."""
     if not pairs:
         return {}
     longest_prompt = max(range(len(pairs)), key=lambda i: len(str(pairs[i]["prompt"])))
+    largest_image = max(range(len(pairs)), key=lambda i: _pair_pixels(pairs[i]))
     prompt_tokens = max(int(_encode_turns(processor, _pair_image(pairs[i]), pairs[i]["prompt"])[0]["input_ids"].shape[1])
-                        for i in {0, longest_prompt})
+                        for i in {0, longest_prompt, largest_image})
     tok = processor.tokenizer
     answers = [max(len(tok(str(p[k]), add_special_tokens=False)["input_ids"])  # pairs, or SFT rows' "answer"
                    for k in ("chosen", "rejected", "answer") if p.get(k) is not None) for p in pairs]

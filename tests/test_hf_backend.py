@@ -406,9 +406,11 @@ def test_eos_and_banned_token_ids():
     from lvlm_studio.models.hf import banned_token_ids, eos_token_ids
 
     tok = NS(eos_token_id=2, unk_token_id=0, convert_tokens_to_ids=lambda t: {"<image>": 32000}.get(t, 0))
-    # every EOS of the generation config and the tokenizer's, sorted, once each
-    assert eos_token_ids(NS(eos_token_id=[151645, 2, 151643]), tok) == [2, 151643, 151645]
-    assert eos_token_ids(NS(eos_token_id=7), tok) == [2, 7]
+    # every EOS of the generation config in its order (Qwen2.5-VL: <|im_end|>, the end of a turn,
+    # before <|endoftext|>), then the tokenizer's, once each
+    assert eos_token_ids(NS(eos_token_id=[151645, 2, 151643]), tok) == [151645, 2, 151643]
+    assert eos_token_ids(NS(eos_token_id=[151645, 151643]), tok) == [151645, 151643, 2]
+    assert eos_token_ids(NS(eos_token_id=7), tok) == [7, 2]
     assert eos_token_ids(NS(eos_token_id=None), tok) == [2] and eos_token_ids(None, tok) == [2]
     assert eos_token_ids(NS(eos_token_id=[5]), NS(eos_token_id=None)) == [5]
     # the config's placeholders and the processor's image token; never unk nor a negative id

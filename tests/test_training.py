@@ -619,3 +619,122 @@ def test_a_merged_model_saved_by_another_process_meanwhile_is_kept(tmp_path, mon
     monkeypatch.setattr(training.os, "replace", theirs_first)
     training._publish_merged(tmp, out)
     assert (out / "config.json").read_text() == '{"theirs": true}' and not tmp.exists()
+
+
+def _llava_hf_like(processor):
+    """Make the tiny processor tokenise as llava-hf/llava-1.5-7b-hf's does: a chat template that
+    writes no BOS, and a tokenizer that adds <s> itself."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = processor.tokenizer
+    processor.chat_template = processor.chat_template.replace("{{ bos_token }}", "", 1)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return processor
+
+
+def test_a_round_trains_on_the_prompt_ids_the_model_is_asked_with(tiny):
+    """TRL tokenises the chat template's text without special tokens; HFBackend lets the tokenizer
+    add its BOS when the template writes none (llava-hf's LLaVA-1.5). The round's processor gets
+    the BOS into its template, so TRL's prompt ids are the generation's, token for token."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from lvlm_studio.models.hf import HFBackend
+    from lvlm_studio.training import match_generation_bos
+
+    backend = HFBackend.from_pretrained(tiny, device="cpu", dtype="float32")
+    _llava_hf_like(backend.processor)
+    pair = _pairs(1)[0]
+    asked = backend._inputs([pair["image"]], [backend.chat_text(pair["prompt"])])["input_ids"][0].tolist()
+    assert asked[0] == backend.tokenizer.bos_token_id  # generation: the tokenizer's BOS
+
+    def trained_prompt(processor) -> list[int]:
+        row = build_dpo_dataset([pair])[0]
+        batch = DataCollatorForVisionPreference(processor)([row])
+        prompt = (batch["attention_mask"][0] == 1) & (batch["completion_mask"][0] == 0)
+        return batch["input_ids"][0][prompt].tolist()
+
+    assert trained_prompt(backend.processor) == asked[1:]  # TRL as it is: the BOS is missing
+    assert match_generation_bos(backend.processor) is True
+    assert trained_prompt(backend.processor) == asked
+    assert match_generation_bos(backend.processor) is False  # written once
+    from transformers import AutoProcessor
+
+    assert match_generation_bos(AutoProcessor.from_pretrained(tiny)) is False  # the demo template writes its own
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_lora_dropout_applies_to_dpo_rounds_only_when_dropout_is_not_disabled(tiny, tmp_path, monkeypatch,
+                                                                           disable_dropout):
+    """TRL's DPO switches every dropout off by default (LoRA's too): lora_dropout reached a DPO round
+    only as a number in its lineage. Now the lineage says what was applied, and disable_dropout=False
+    applies it."""
+    import trl
+
+    seen: list[set[float]] = []
+
+    class Recording(trl.DPOTrainer):
+        def train(self, *args, **kwargs):
+            seen.append({m.p for name, m in self.model.named_modules()
+                         if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name})
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Recording)
+    cfg = DPORoundConfig(max_steps=1, lora_dropout=0.05, disable_dropout=disable_dropout, sft_weight=0.0)
+    result = train_round(_pairs(4), tiny, None, tmp_path / "a", cfg)
+    assert seen == [{0.0} if disable_dropout else {0.05}]
+    assert result.lineage["lora_dropout_applied"] == (0.0 if disable_dropout else 0.05)
+
+
+def test_the_length_check_measures_the_largest_image_of_a_dynamic_resolution_model(tmp_path):
+    """Qwen2-VL gives a larger image more tokens: the pair whose prompt is longest in tokens can be
+    neither the first nor the one with the longest prompt text."""
+    from transformers import AutoProcessor
+
+    from lvlm_studio.models.tiny import build_tiny
+
+    processor = AutoProcessor.from_pretrained(build_tiny("qwen2_vl", tmp_path / "qwen"))
+    processor.image_processor.size = {"shortest_edge": 8 * 8, "longest_edge": 128 * 128}  # dynamic, up to 128²
+    pairs = _pairs(3)
+    pairs[1] = {**pairs[1], "prompt": "Describe the image in great detail, every object."}
+    pairs[2] = {**pairs[2], "image": Image.new("RGB", (128, 128), (9, 90, 200))}
+    small = check_sequence_lengths(processor, pairs[:2], None)["prompt_tokens"]
+    large = check_sequence_lengths(processor, pairs, None)["prompt_tokens"]
+    assert large > small + 20  # the 128² image's tokens, not the 32² ones'
+    with pytest.raises(ValueError, match="too short"):
+        check_sequence_lengths(processor, pairs, small + 10)
+
+
+def _scaled_lora(tiny: str, out, scale: float) -> str:
+    """A random LoRA whose B factors are multiplied by ``scale`` (how small a round's update is)."""
+    from peft import PeftModel
+
+    path = _random_lora(tiny, out, r=4, alpha=8, seed=3)
+    model, _ = load_base_model(tiny)
+    peft = PeftModel.from_pretrained(model, path)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    peft.save_pretrained(path)
+    return path
+
+
+def test_merging_a_tiny_update_into_bf16_weights_is_measured_and_warned_about(tiny, tmp_path):
+    """A parent round's update far below bf16's resolution survives its merge only as rounding
+    noise: the round records how far off the merge is and warns; float32 merges exactly."""
+    from peft import PeftModel
+
+    from lvlm_studio.training import MERGE_ERROR_WARN, merge_rounding_error
+
+    small, large = _scaled_lora(tiny, tmp_path / "small", 1e-5), _scaled_lora(tiny, tmp_path / "large", 1.0)
+    errors = {}
+    for name, path in (("small", small), ("large", large)):
+        model, _ = load_base_model(tiny, bf16=True)
+        errors[name] = merge_rounding_error(PeftModel.from_pretrained(model, path))
+    assert errors["small"] > 0.9 and errors["large"] < MERGE_ERROR_WARN < 0.9  # 1: the update is lost
+    assert merge_rounding_error(PeftModel.from_pretrained(load_base_model(tiny)[0], small)) is None  # float32: exact
+    cfg = DPORoundConfig(max_steps=1, bf16=True, sft_weight=0.0)
+    with pytest.warns(UserWarning, match=r"rounding error of \d+\.\d\d .* --config bf16=false"):
+        result = train_round(_pairs(4), tiny, [small], tmp_path / "round", cfg)
+    assert result.lineage["parent_merge_error"] == [pytest.approx(errors["small"])]

@@ -187,14 +187,15 @@ def _stack_states(states: list[_State], config) -> _State:
 
 
 def eos_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the generation config's EOS ids (Qwen lists several) and
-    the tokenizer's, sorted (the first is the one ``score(add_eos=True)`` appends)."""
+    """Every token that ends an answer, once each: the generation config's EOS ids in its order
+    (Qwen lists <|im_end|>, the end of an assistant turn, before <|endoftext|>), then the
+    tokenizer's. The first is the one ``score(add_eos=True)`` appends."""
     eos = getattr(generation_config, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
     if tokenizer.eos_token_id is not None:
         eos_list = [*eos_list, tokenizer.eos_token_id]
-    return sorted({int(e) for e in eos_list if e is not None})
+    return list(dict.fromkeys(int(e) for e in eos_list if e is not None))
 
 
 def banned_token_ids(config: Any, processor: Any, tokenizer: Any) -> list[int]:
