@@ -4,10 +4,11 @@ Identity: an image's id is the SHA-256 of its decoded RGB pixels (``b"RGB <w>x<h
 bytes), not of the file. The same picture therefore has one id whether it arrives as the original
 JPEG, as the PNG an export embedded, or from an HF dataset; exports round-trip to the same ids.
 
-Stored file: ``images/<id[:2]>/<id>.<ext>``. The original bytes are kept when they already are a
-plain RGB JPEG or PNG that needs no change (no re-encoding loss, no size blow-up); anything else
-(palette, alpha, grey, 16-bit, EXIF-rotated, GIF/WebP/BMP/TIFF) is converted to RGB and stored as
-PNG. Alpha is composited onto white. The write is atomic (temporary file + rename), and an image
+Stored file: ``images/<id[:2]>/<id>.<ext>``. A plain RGB JPEG or PNG that needs no change keeps
+its compressed pixel data byte for byte (no re-encoding loss, no size blow-up), without its
+metadata (EXIF with a GPS position or a camera serial, XMP, text chunks: they would travel into
+every export); a phone's multi-picture JPEG (MPO) keeps its first picture. Anything else (palette,
+alpha, grey, 16-bit, EXIF-rotated, GIF/WebP/BMP/TIFF) is converted to RGB and stored as PNG. Alpha is composited onto white. The write is atomic (temporary file + rename), and an image
 already stored (same pixels) is not written again.
 
 Checks, in order, each failing with an :class:`ImageRejected` that names the file: missing or
@@ -170,16 +171,96 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     convert clips: a 0..65535 gradient would become 0 then 255 everywhere)."""
     import numpy as np
 
-    a = np.asarray(im).astype(np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    raw = np.asarray(im)
+    if im.mode.startswith("I;16"):  # the full 16-bit range onto 0..255, in integers (no float copy)
+        scaled = (raw.astype(np.uint32) * 255 + 32767) // 65535
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    # float32 in place: a float64 copy of a 40-megapixel image took ~1 GB for a 77 KB upload
+    a = raw.astype(np.float32)
+    np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if im.mode.startswith("I;16"):
-        a = a / 257.0  # the full 16-bit range onto 0..255
-    elif im.mode == "F" and lo >= 0.0 and hi <= 1.0:
-        a = a * 255.0  # a float image in [0, 1]
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        a *= 255.0  # a float image in [0, 1]
     elif lo < 0.0 or hi > 255.0:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # any other range: stretch
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        if hi > lo:  # any other range: stretch
+            a -= lo
+            a *= 255.0 / (hi - lo)
+        else:
+            a[...] = 0.0
+    np.rint(a, out=a)
+    np.clip(a, 0, 255, out=a)
+    return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
+
+
+# JPEG segments that carry metadata, not pixels: APP1 (EXIF, with GPS position, camera serials;
+# XMP), APP13 (Photoshop / IPTC) and comments. APP2 stays when it is the ICC colour profile; an
+# APP2 "MPF" (a phone's multi-picture index) goes with the pictures it indexes.
+_JPEG_METADATA = {0xE1, 0xED, 0xFE}
+# PNG chunks that carry metadata: EXIF, text (XMP lives in iTXt), the modification time.
+_PNG_METADATA = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+
+
+def strip_metadata(data: bytes, fmt: str) -> bytes | None:
+    """``data`` (a JPEG, a phone's MPO, or a PNG) without its metadata, losslessly: the pixel data
+    is copied byte for byte, segments or chunks of metadata are dropped, and an MPO ends after its
+    first (primary) picture. None when the file's structure is not what the walker expects."""
+    try:
+        return _strip_png(data) if fmt == "PNG" else _strip_jpeg(data)
+    except (IndexError, ValueError):
+        return None
+
+
+def _strip_jpeg(data: bytes) -> bytes | None:
+    if data[:2] != b"\xff\xd8":
+        return None
+    out, pos = bytearray(b"\xff\xd8"), 2
+    while True:
+        if data[pos] != 0xFF:
+            return None
+        while data[pos + 1] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI: the first picture ends here (an MPO's others follow)
+            out += b"\xff\xd9"
+            return bytes(out)
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            out += data[pos:pos + 2]
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return None
+        end = pos + 2 + length
+        segment = data[pos:end]
+        if len(segment) != 2 + length:
+            return None
+        drop = marker in _JPEG_METADATA or (marker == 0xE2 and segment[4:8] == b"MPF\x00")
+        if not drop:
+            out += segment
+        pos = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            scan = pos
+            while not (data[pos] == 0xFF and data[pos + 1] != 0x00 and not 0xD0 <= data[pos + 1] <= 0xD7):
+                pos += 1
+            out += data[scan:pos]
+
+
+def _strip_png(data: bytes) -> bytes | None:
+    signature = b"\x89PNG\r\n\x1a\n"
+    if not data.startswith(signature):
+        return None
+    out, pos = bytearray(signature), len(signature)
+    while True:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if len(kind) != 4 or end > len(data):
+            return None
+        if kind not in _PNG_METADATA:
+            out += data[pos:end]
+        pos = end
+        if kind == b"IEND":
+            return bytes(out)
 
 
 def pixel_id(im: Image.Image) -> str:
@@ -237,11 +318,13 @@ def ingest_image(
         raise ImageRejected(name, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
     image_id = pixel_id(rgb)
 
+    # A phone's JPEG often opens as MPO (the photo plus a preview or depth picture): its first
+    # picture is a plain JPEG, kept as one.
     keep = (
-        original_format in _KEEP_AS_IS
+        (original_format in _KEEP_AS_IS or original_format == "MPO")
         and original_mode == "RGB"
         and not rotated
-        and n_frames == 1
+        and (n_frames == 1 or original_format == "MPO")
     )
     directory = settings.images_dir / image_id[:2]
     directory.mkdir(parents=True, exist_ok=True)
@@ -249,8 +332,12 @@ def ingest_image(
     if existing is not None:
         fmt = "JPEG" if existing.suffix == ".jpg" else "PNG"
         return ImageRecord(image_id, existing, rgb.width, rgb.height, source_label, fmt, created=False)
-    if keep:
-        ext, payload, fmt = _KEEP_AS_IS[original_format], data, original_format
+    stripped = strip_metadata(data, original_format) if keep else None
+    if stripped is not None and not _decodes_to(stripped, image_id):
+        stripped = None  # the walker misread the file: re-encode it instead
+    if stripped is not None:
+        fmt = "PNG" if original_format == "PNG" else "JPEG"
+        ext, payload = _KEEP_AS_IS[fmt], stripped
     else:
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")
@@ -258,6 +345,18 @@ def ingest_image(
     dest = directory / f"{image_id}{ext}"
     _atomic_write(dest, payload)
     return ImageRecord(image_id, dest, rgb.width, rgb.height, source_label, fmt, created=True)
+
+
+def _decodes_to(data: bytes, image_id: str) -> bool:
+    """Do these bytes decode to the picture with this id?"""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # its size was checked
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                return pixel_id(im) == image_id
+    except Exception:  # noqa: BLE001 - any decoder error means "not the same picture"
+        return False
 
 
 def _orientation(im: Image.Image) -> int | None:

@@ -510,3 +510,26 @@ def test_train_tab_offers_and_ticks_imported_methods(tmp_path):
         studio.store.close()
     assert ticked_methods(["csr", "povid", "stic", "new"], ["csr"], ["csr", "povid", "stic"]) == ["csr", "new"]
     assert ticked_methods(["csr", "povid"], ["csr", "gone"], ["csr", "gone"]) == ["csr", "povid"]
+
+
+def test_an_upload_over_the_image_limit_is_refused_before_it_reaches_the_disk(home, tmp_path):
+    """Gradio writes an upload to its cache before any handler runs: the app caps it there at the
+    image limit (a multi-GB upload used to fill the disk before being refused)."""
+    from gradio_client import handle_file
+
+    studio = Studio(Settings(home=home, max_file_bytes=30_000), users={}, admins=())
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    big.write_bytes(image_bytes(1, "PNG", (300, 300)))  # ~270 KB of noise
+    small.write_bytes(image_bytes(2, "PNG", (40, 40)))
+    assert big.stat().st_size > 30_000 > small.stat().st_size
+    demo, url = launch(studio, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="(?i)size|large|limit|413"):
+            client.predict([handle_file(str(big))], "Describe.", "up", api_name="/upload_images")
+        assert studio.store.count_items() == 0
+        report = client.predict([handle_file(str(small))], "Describe.", "up", api_name="/upload_images")
+        assert len(report["items"]) == 1 and not report["rejected"] and studio.store.count_items() == 1
+    finally:
+        demo.close()
+        studio.store.close()

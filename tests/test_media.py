@@ -257,13 +257,80 @@ def test_converted_images_are_stored_as_single_frame_rgb(settings):
     assert ingest_image(settings, animated.getvalue(), name="a.png").id == pixel_id(frames[0])
 
 
-def test_exif_orientation_one_keeps_the_original_bytes(settings):
+def _jpeg_scan(data: bytes) -> bytes:
+    """A JPEG's compressed pixel data: from its start-of-scan marker to the end of the picture."""
+    start = data.index(b"\xff\xda")
+    return data[start:data.index(b"\xff\xd9", start) + 2]
+
+
+def test_exif_orientation_one_keeps_the_compressed_pixels(settings):
     exif = Image.Exif()
     exif[0x0112] = 1  # "normal": nothing to rotate, so nothing to re-encode
     buffer = io.BytesIO()
     noise_image(18, (40, 20)).save(buffer, "JPEG", exif=exif)
     rec = ingest_image(settings, buffer.getvalue(), name="upright.jpg")
-    assert rec.format == "JPEG" and rec.path.read_bytes() == buffer.getvalue()
+    stored = rec.path.read_bytes()
+    assert rec.format == "JPEG" and _jpeg_scan(stored) == _jpeg_scan(buffer.getvalue())
+    assert len(stored) < len(buffer.getvalue()) and not Image.open(rec.path).getexif()
+
+
+def test_photo_metadata_is_not_stored_and_the_pixels_are_kept_byte_for_byte(settings):
+    """A photo's EXIF (GPS position, camera serial), XMP and comments would travel into every export:
+    they are dropped without re-encoding; the colour profile stays."""
+    exif = Image.Exif()
+    exif[0x8825] = {2: (48.0, 51.0, 29.0), 4: (2.0, 17.0, 40.0)}  # GPS latitude / longitude
+    exif[0xA431] = "SERIAL-12345"  # body serial number
+    icc = b"\x00\x00\x02\x0cICC-profile-bytes" + bytes(500)
+    buffer = io.BytesIO()
+    noise_image(31, (48, 32)).save(buffer, "JPEG", exif=exif, icc_profile=icc, comment=b"shot at home")
+    data = buffer.getvalue()
+    assert b"SERIAL-12345" in data and b"shot at home" in data
+    rec = ingest_image(settings, data, name="photo.jpg")
+    stored = rec.path.read_bytes()
+    assert rec.format == "JPEG" and rec.id == pixel_id(Image.open(io.BytesIO(data)))
+    assert b"SERIAL-12345" not in stored and b"shot at home" not in stored and b"Exif" not in stored
+    assert _jpeg_scan(stored) == _jpeg_scan(data)  # no re-encoding loss
+    with Image.open(rec.path) as im:
+        assert not im.getexif() and im.info.get("icc_profile") == icc
+    # A PNG's EXIF and text chunks (XMP lives in iTXt) go too; the pixels are the same picture.
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Author", "Jane Doe, 12 Home Street")
+    text.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>GPS 48.86</x:xmpmeta>")
+    png = io.BytesIO()
+    noise_image(32, (30, 30)).save(png, "PNG", pnginfo=text, exif=exif)
+    rec = ingest_image(settings, png.getvalue(), name="photo.png")
+    stored = rec.path.read_bytes()
+    assert rec.format == "PNG" and b"Jane Doe" not in stored and b"xmpmeta" not in stored
+    assert b"SERIAL-12345" not in stored and len(stored) < len(png.getvalue())
+    assert rec.id == pixel_id(Image.open(io.BytesIO(png.getvalue()))) == pixel_id(Image.open(rec.path))
+
+
+def test_a_phones_multi_picture_jpeg_keeps_its_first_picture_as_a_jpeg(settings):
+    """Phones write MPO (the photo plus a preview or depth picture), which Pillow opens as two
+    frames: it was stored as a PNG several times its size."""
+    first, second = noise_image(33, (64, 48)), noise_image(34, (64, 48))
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    rec = ingest_image(settings, data, name="phone.jpg")
+    assert rec.format == "JPEG" and rec.path.suffix == ".jpg" and len(rec.path.read_bytes()) < len(data)
+    with Image.open(rec.path) as im:
+        assert im.format == "JPEG" and getattr(im, "n_frames", 1) == 1
+        assert pixel_id(im) == rec.id == pixel_id(Image.open(io.BytesIO(data)))  # the first picture
+
+
+def test_a_file_the_metadata_walker_cannot_follow_is_not_kept_as_it_is():
+    from lvlm_studio.media import strip_metadata
+
+    data = image_bytes(35, "JPEG", (20, 20))
+    assert strip_metadata(data, "JPEG") == data  # nothing to drop: the same bytes
+    assert strip_metadata(data[:40], "JPEG") is None  # cut inside its headers
+    assert strip_metadata(b"\xff\xd8\xff\xe1\x00\x01", "JPEG") is None  # a length below its own 2 bytes
+    png = image_bytes(36, "PNG", (20, 20))
+    assert strip_metadata(png, "PNG") == png and strip_metadata(png[:-8], "PNG") is None
 
 
 def test_stored_images_are_found_again_whatever_their_format(settings):

@@ -216,3 +216,13 @@ def test_report_values_render_as_text_in_markdown():
     assert "http://" not in md and "www." not in md and "$$" not in md  # no autolink or formula can start
     up = MarkdownIt().render(report_markdown({"items": [], "rejected": [{"file": f"{name}<b>", "reason": "_x_"}]}))
     assert "<img" not in up and "<em>" not in up and "<b>" not in up and "&lt;b&gt;: _x_" in up
+
+
+def test_the_evaluation_summary_shows_a_model_id_as_typed():
+    """The Compare tab's summary is Markdown: a model id (a local path an admin typed) is shown as
+    typed, neither formatted nor turned into a link or HTML."""
+    from lvlm_studio.ui.compare import evaluation_summary
+
+    line = evaluation_summary({"metrics": {"model": "org/*bold*[x](javascript:alert(1))<b>", "chair_s": 0.25},
+                               "round": 0, "items": 3, "added": 0})
+    assert r"model org/\*bold\*\[x\]\(javascript\:alert\(1\)\)&lt;b&gt;: CHAIR_s **0.250**" in line

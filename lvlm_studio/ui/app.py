@@ -219,7 +219,10 @@ def launch_kwargs(studio: Studio) -> dict[str, Any]:
     # Gradio serves files from the working and temp directories and these only: the stored images
     # (the Review and Compare tabs show them) and the export zips, wherever the data root is.
     kwargs: dict[str, Any] = {"css": CSS, "head": shortcut_script(), "theme": gr.themes.Soft(),
-                              "allowed_paths": [str(exports), str(images)]}
+                              "allowed_paths": [str(exports), str(images)],
+                              # Gradio writes an upload to disk before any handler runs: refuse one
+                              # over the image limit there, not after it filled the disk.
+                              "max_file_size": studio.settings.max_file_bytes}
     auth = launch_auth(studio)
     if auth is not None:
         kwargs["auth"] = auth

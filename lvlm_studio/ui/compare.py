@@ -22,7 +22,7 @@ from lvlm_studio.ui.common import (
     rounded,
     user_errors,
 )
-from lvlm_studio.ui.highlight import compare_html, escape_text
+from lvlm_studio.ui.highlight import compare_html, escape_markdown
 
 # The plot's series say which way is better: hallucination rates down, recall and F1 up.
 METRIC_NAMES = {k: f"{label} {'↓' if k.startswith('chair') else '↑'}" for k, label in METRIC_LABELS.items()}
@@ -179,7 +179,7 @@ def evaluation_summary(res: dict) -> str:
     figures = ", ".join(f"{label} **{value:.3f}**" for key, label in METRIC_LABELS.items()
                         if (value := _figure(ev, key)) is not None)
     return (f"Round {res['round']} on {res['items']} items ({ev.get('scenes', '?')} test scenes, "
-            f"{res['added']} items added), model {escape_text(str(ev.get('model')))}: {figures or 'no figures'}")
+            f"{res['added']} items added), model {escape_markdown(ev.get('model'))}: {figures or 'no figures'}")
 
 
 def _figure(ev: dict, key: str) -> float | None:

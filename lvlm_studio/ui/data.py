@@ -92,8 +92,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                     dataset=dataset_v or "uploads", progress=bar(progress))
 
     # The bars show on the summary: the report they fill sits in a closed accordion.
+    # Decoding a large image takes hundreds of MB: a few uploads at a time, the rest queue.
     upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images",
-                 show_progress_on=[summary]).then(
+                 show_progress_on=[summary], concurrency_limit=2, concurrency_id="image_intake").then(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
@@ -107,7 +108,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                   user=request_user(request), progress=bar(progress))
 
     imported = do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path",
-                               show_progress_on=[summary]).then(
+                               show_progress_on=[summary], concurrency_limit=2,
+                               concurrency_id="image_intake").then(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
