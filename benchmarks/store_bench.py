@@ -8,8 +8,11 @@ by bulk insert, then measures, over ``--calls`` calls each (default 300):
                   the hardest case for a "skip what I decided" query),
       - "random": has decided N pairs spread at random,
       - "new":    has decided nothing,
-  * decision-write latency (``Store.add_review``: one BEGIN IMMEDIATE transaction, fsync per
-    WAL policy), interleaved with the reads as a reviewer works through the queue.
+  * decision-write latency (``Store.add_review``: one BEGIN IMMEDIATE transaction; WAL with
+    synchronous=NORMAL, so a commit is not fsync'd: it survives a crash of the process, and reaches
+    the disk at the next checkpoint), interleaved with the reads as a reviewer works through the queue,
+  * other reads: progress, stats, review_counts (cold and cached), the agreement statistics,
+    training_pairs.
 Prints p50 / p95 / max in ms. Goals: next-pair p95 ≤ 20 ms, decision write p95 ≤ 10 ms.
 
 Usage: python benchmarks/store_bench.py [--pairs 100000] [--reviews 200000] [--calls 300]
@@ -184,9 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     results.append(summary("next_pair [all]", all_reads))
     results.append(summary("add_review (decision write)", all_writes))
 
+    # What the Data tab (agreement) and the Train tab's 2 s poll (review_counts) read.
+    studio = None
+    if args.db.name == "studio.db":
+        from lvlm_studio.config import Settings
+        from lvlm_studio.service import Studio
+
+        studio = Studio(Settings(home=args.db.parent), users={}, admins=())
+    store.add_review(order[0], "front-a", "accept")  # a new review: review_counts' cache is stale
     for name, fn, n in (
         ("progress(reviewer) [other]", lambda: store.progress(reviewer="front-a"), 20),
         ("stats() [other]", store.stats, 5),
+        ("review_counts() after a new review [other]", store.review_counts, 1),
+        ("review_counts() unchanged store [other]", store.review_counts, 20),
+        *((("Studio.agreement() [other]", studio.agreement, 3),) if studio is not None else ()),
         ("training_pairs(include_auto) [other]", lambda: store.training_pairs(include_auto=True), 2),
     ):
         times = []
@@ -196,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t0)
         results.insert(len(results), summary(name, times))
 
-    print(f"{'measurement':45s} {'n':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'max ms':>8s}")
+    print(f"{'measurement':48s} {'n':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'max ms':>8s}")
     for r in results:
-        print(f"{r['name']:45s} {r['n']:5d} {r['p50']:8.2f} {r['p95']:8.2f} {r['max']:8.2f}")
+        print(f"{r['name']:48s} {r['n']:5d} {r['p50']:8.2f} {r['p95']:8.2f} {r['max']:8.2f}")
     by_name = {r["name"]: r for r in results}
     read_p95 = by_name["next_pair [all]"]["p95"]
     write_p95 = by_name["add_review (decision write)"]["p95"]
@@ -208,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'OK' if ok else 'MISSED'}"
     )
     store.close()
+    if studio is not None:
+        studio.store.close()
     if tmp is not None:
         tmp.cleanup()
     return 0 if ok else 1

@@ -98,7 +98,7 @@ def check_methods(store: Any, names: Iterable[str] | None) -> None:
     names = list(names)
     if not names:  # an explicit empty list used to mean every method
         raise ValueError("no method named: name at least one, or leave methods unset for every method")
-    known = list(dict.fromkeys([*METHODS, *store.review_counts()]))
+    known = list(dict.fromkeys([*METHODS, *store.method_names()]))
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UnknownMethodError(f"unknown method {', '.join(map(repr, unknown))}; "
@@ -875,27 +875,28 @@ class Studio:
         """Inter-reviewer agreement over live decisions and how often people overrule the
         automatic label, by automatic-margin bucket (low margin should be overruled more)."""
         matrix = self.store.decisions_matrix()
-        reviewers = sorted({r for by in matrix.values() for r in by})
+        by_reviewer: dict[str, dict[int, str]] = {}
+        for pid, by in matrix.items():
+            for reviewer, decision in by.items():
+                by_reviewer.setdefault(reviewer, {})[pid] = decision
+        reviewers = sorted(by_reviewer)
         pairwise = []
         for i, a in enumerate(reviewers):
             for b in reviewers[i + 1:]:
-                shared = [p for p, by in matrix.items() if a in by and b in by]
+                shared = sorted(by_reviewer[a].keys() & by_reviewer[b].keys())
                 if shared:
                     pairwise.append({"a": a, "b": b, "n": len(shared),
-                                     "kappa": cohen_kappa([matrix[p][a] for p in shared],
-                                                          [matrix[p][b] for p in shared])})
+                                     "kappa": cohen_kappa([by_reviewer[a][p] for p in shared],
+                                                          [by_reviewer[b][p] for p in shared])})
         multi = [list(by.values()) for by in matrix.values() if len(by) >= 2]
         # Override rate: the effective (latest live) decision of each reviewed pair, over every
         # method; by margin bucket over the pairs that have an automatic margin (CSR's; POVID's and
         # STIC's labels come from how the pair was made, with no margin).
         rows, by_method = [], {}
-        for pid in matrix:
-            pair = self.store.get_pair(pid)
-            if pair is None:
-                continue
-            overruled = pair["label"]["status"] in OVERRIDES
+        for pair in self.store.reviewed_pair_labels():
+            overruled = pair["decision"] in OVERRIDES
             by_method.setdefault(pair["method"], []).append(overruled)
-            if pair.get("margin") is not None:
+            if pair["margin"] is not None:
                 rows.append((pair["method"], float(pair["margin"]), overruled))
         decided = [o for outcomes in by_method.values() for o in outcomes]
         by_bucket = []
@@ -927,6 +928,11 @@ class Studio:
         it for its table and its methods box."""
         zero = {"pairs": 0, "reviewed": 0, "usable": 0}
         return {**{m: dict(zero) for m in METHODS}, **self.store.review_counts()}
+
+    def method_names(self) -> list[str]:
+        """The three generators, then every other method the store's pairs carry (an import names
+        its own): ``reviewed_counts``' keys, without counting anything."""
+        return list(dict.fromkeys([*METHODS, *self.store.method_names()]))
 
     def start_round(self, config: dict | None, user: str | None, parent_id: int | None = None) -> int:
         """Start a DPO round in a subprocess (jobs.py); admin only. ``config``: fields of

@@ -206,6 +206,12 @@ def m003_round_cancel_requested(db: Database) -> None:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+# Each reviewed pair's effective decision: its latest live one. SQLite takes a bare column of a
+# max() aggregate from the row holding the max, so one pass over review_state does it (a
+# correlated max() per pair took 2.6x as long at 100k pairs).
+_LATEST_DECISIONS = "SELECT pair_id, decision, max(review_id) AS review_id FROM review_state GROUP BY pair_id"
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -265,6 +271,7 @@ class Store:
         self._lock = threading.Lock()
         # Review-queue cursors: (reviewer, method, round) → ((key, pair id), validity tokens).
         self._cursors: dict[tuple, _Cursor] = {}
+        self._counts: tuple[tuple, dict] | None = None  # review_counts' last answer and its token
         self._migrate()
 
     # ---------------------------------------------------------------- connections, transactions
@@ -1121,15 +1128,37 @@ class Store:
     def review_counts(self) -> dict[str, dict[str, int]]:
         """Per method (in the order methods first appear among the pairs): pairs, pairs whose effective label is a human one
         ("reviewed"), and of those the ones DPO can use (all but reject_both). One grouped query
-        over the review cache, so a poll does not stream every pair through labelled_pairs."""
-        rows = self.db.execute(
-            "SELECT p.method, count(*), count(s.decision), "
-            "coalesce(sum(s.decision IS NOT NULL AND s.decision != 'reject_both'), 0) "
-            "FROM pairs p LEFT JOIN review_state s ON s.pair_id = p.id AND s.review_id = "
-            "(SELECT max(t.review_id) FROM review_state t WHERE t.pair_id = p.id) "
-            "GROUP BY p.method ORDER BY min(p.id)"
+        over the review cache, so a poll does not stream every pair through labelled_pairs; kept
+        until a pair or a review is added (pairs and reviews are append-only): the Train tab polls
+        it every 2 s per open page, and at 100k pairs the query takes ~0.2 s."""
+        with self._snapshot():
+            token = tuple(self.db.execute("SELECT (SELECT max(id) FROM pairs), (SELECT max(id) FROM reviews)").fetchone())
+            with self._lock:
+                if self._counts is not None and self._counts[0] == token:
+                    return {m: dict(c) for m, c in self._counts[1].items()}
+            rows = self.db.execute(
+                "SELECT p.method, count(*), count(l.decision), "
+                "coalesce(sum(l.decision IS NOT NULL AND l.decision != 'reject_both'), 0) "
+                f"FROM pairs p LEFT JOIN ({_LATEST_DECISIONS}) l ON l.pair_id = p.id "
+                "GROUP BY p.method ORDER BY min(p.id)"
+            ).fetchall()
+        counts = {m: {"pairs": n, "reviewed": reviewed, "usable": usable} for m, n, reviewed, usable in rows}
+        with self._lock:
+            self._counts = (token, counts)
+        return {m: dict(c) for m, c in counts.items()}
+
+    def method_names(self) -> list[str]:
+        """The methods the pairs carry, in the order they first appear."""
+        return [m for (m,) in self.db.execute("SELECT method FROM pairs GROUP BY method ORDER BY min(id)")]
+
+    def reviewed_pair_labels(self) -> list[dict]:
+        """Every pair some reviewer has a live decision on, with its method, automatic margin and
+        effective decision (the latest live one), in pair order: one query, for the agreement and
+        override statistics."""
+        return self._all(
+            f"SELECT p.id AS pair_id, p.method, p.margin, l.decision FROM ({_LATEST_DECISIONS}) l "
+            "JOIN pairs p ON p.id = l.pair_id ORDER BY p.id"
         )
-        return {m: {"pairs": n, "reviewed": reviewed, "usable": usable} for m, n, reviewed, usable in rows}
 
     def labelled_pairs(
         self, methods: Iterable[str] | None = None, round: int | None = None

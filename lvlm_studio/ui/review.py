@@ -136,7 +136,7 @@ def restore_reviewer(saved: str | None, shown: str | None) -> str:
 def method_filter_choices(studio: Studio) -> list[tuple[str, str]]:
     """The Method filter: the three methods and every method the store's pairs carry (an import
     names its own, e.g. "imported"), so any pair can be reached without skipping through the rest."""
-    return [("all methods", "all"), *[(m.upper() if m in METHODS else m, m) for m in studio.reviewed_counts()]]
+    return [("all methods", "all"), *[(m.upper() if m in METHODS else m, m) for m in studio.method_names()]]
 
 
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:

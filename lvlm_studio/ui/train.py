@@ -119,7 +119,7 @@ def methods_update(studio: Studio, current: list[str] | None, known: list[str] |
     """The timer's update of the methods box: only when the store's methods changed (an import
     named a new one: offered and ticked); otherwise no update, so a poll never undoes a box the
     user just clicked. Returns (the box's update, the methods now known)."""
-    now = list(studio.reviewed_counts())
+    now = studio.method_names()
     if now == list(known or []):
         return gr.skip(), gr.skip()
     return gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now
@@ -132,7 +132,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     with gr.Row():
         # The generators and whatever else the store holds (an import names its own method), all
         # ticked: the same pairs as the CLI's `train` without --methods.
-        method_names = list(studio.reviewed_counts())
+        method_names = studio.method_names()
         methods = gr.CheckboxGroup(method_names, value=method_names, label="Methods", elem_id="train-methods")
         known_methods = gr.State(method_names)
         parent = gr.Dropdown(parent_choices(studio), value=CURRENT, label="Start from round",
