@@ -69,6 +69,8 @@ GOAL_CHAIR_S_REL = -0.45
 GOAL_RECALL_DROP_POINTS = 3.0
 GOAL_ROUND_SECONDS = 600.0
 GOAL_ROUND_MB = 4096.0
+# Float slack for the thresholds: a cut of exactly 45% (0.5 -> 0.275) computes as -0.4499999...
+EPS = 1e-9
 # World answers end at EOS after <= 4 sentences of ~12 tokens; this only bounds a runaway answer of
 # POVID's noisy-image / STIC's corrupted-image branch (their defaults, 256-512, are sized for real
 # VLMs). Same cap as benchmarks/pair_quality.py.
@@ -346,14 +348,18 @@ def compare_to_base(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
     mem = max(row.get("job_peak_rss_mb") or 0.0, row.get("parent_peak_rss_mb") or 0.0)
 
     def goal(value: float | None, ok) -> bool | None:
-        return None if value is None or not done else bool(ok(value))
+        # A round that failed, was cancelled or timed out misses every goal; a finished one
+        # without the figure is not measurable.
+        if not done:
+            return False
+        return None if value is None else bool(ok(value))
 
     out["goals"] = {
-        "chair_s_45pct_lower": goal(out["chair_s_rel_change"], lambda v: v <= GOAL_CHAIR_S_REL),
-        "recall_drop_le_3": goal(out["recall_drop_points"], lambda v: v <= GOAL_RECALL_DROP_POINTS),
-        "pope_f1_not_lower": goal(out["pope_f1_delta"], lambda v: v >= 0.0),
-        "round_le_10min": None if not done else row["round_seconds"] <= GOAL_ROUND_SECONDS,
-        "round_le_4gb": None if not done or not mem else mem <= GOAL_ROUND_MB,
+        "chair_s_45pct_lower": goal(out["chair_s_rel_change"], lambda v: v <= GOAL_CHAIR_S_REL + EPS),
+        "recall_drop_le_3": goal(out["recall_drop_points"], lambda v: v <= GOAL_RECALL_DROP_POINTS + EPS),
+        "pope_f1_not_lower": goal(out["pope_f1_delta"], lambda v: v >= -EPS),
+        "round_le_10min": goal(row.get("round_seconds"), lambda v: v <= GOAL_ROUND_SECONDS),
+        "round_le_4gb": goal(mem or None, lambda v: v <= GOAL_ROUND_MB),
     }
     return out
 
@@ -375,22 +381,41 @@ def pick_lr(tries: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
 # ---- output -------------------------------------------------------------------------------------
 
 
+def _below_parent(a: dict, b: dict, key: str, strict: bool) -> bool | None:
+    """Round ``b`` against its parent ``a`` on ``key``: MISS when ``b`` did not finish, n/a when a
+    figure is missing."""
+    if b.get("status") != "done":
+        return False
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    return b[key] < a[key] if strict else b[key] <= a[key] + EPS
+
+
 def falls_every_round(rounds: list[dict]) -> bool | None:
     """The paper's rounds 2-3 keep CHAIR_s falling: each trained round below the one before
-    (n/a with fewer than two trained rounds or a round without CHAIR_s)."""
-    return all_goals(None if a.get("chair_s") is None or b.get("chair_s") is None else b["chair_s"] < a["chair_s"]
-                     for a, b in zip(rounds, rounds[1:], strict=False))
+    (n/a with fewer than two trained rounds or a round without CHAIR_s; MISS if a round failed)."""
+    return all_goals(_below_parent(a, b, "chair_s", strict=True) for a, b in zip(rounds, rounds[1:], strict=False))
+
+
+def pope_f1_never_falls(rounds: list[dict]) -> bool | None:
+    """The stricter reading of "POPE F1 does not fall": no round below its parent (round 0
+    included), where ``pope_f1_not_lower`` compares each round with round 0 only."""
+    flipped = [{**r, "pope_f1": None if r.get("pope_f1") is None else -r["pope_f1"]} for r in rounds]
+    return all_goals(_below_parent(a, b, "pope_f1", strict=False) for a, b in zip(flipped, flipped[1:], strict=False))
 
 
 def falls_beyond_noise(rounds: list[dict], alpha: float = 0.05) -> bool | None:
     """The stricter reading of "keep it falling": each of ``rounds`` hallucinates in fewer captions
     than its parent, caption by caption, at McNemar p < ``alpha`` (n/a without the paired counts)."""
-    def beyond(paired: dict | None) -> bool | None:
+    def beyond(row: dict) -> bool | None:
+        paired = row.get("paired_vs_parent")
+        if row.get("status") != "done":
+            return False
         if not paired:
             return None
         return paired["only_b"] < paired["only_a"] and paired["p_value"] < alpha
 
-    return all_goals(beyond(r.get("paired_vs_parent")) for r in rounds)
+    return all_goals(beyond(r) for r in rounds)
 
 
 def all_goals(values) -> bool | None:
@@ -624,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "chair_s_falls_beyond_noise_every_round": falls_beyond_noise(rounds[2:]),
         "recall_drop_le_3": all_goals(r["goals"]["recall_drop_le_3"] for r in rounds[1:]),
         "pope_f1_not_lower": all_goals(r["goals"]["pope_f1_not_lower"] for r in rounds[1:]),
+        "pope_f1_never_below_parent": pope_f1_never_falls(rounds),
         "each_round_le_10min": all_goals(r["goals"]["round_le_10min"] for r in trained),
         "each_round_le_4gb": all_goals(r["goals"]["round_le_4gb"] for r in trained),
     }

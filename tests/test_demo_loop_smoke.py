@@ -93,16 +93,34 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert record["goals"]["round1_chair_s_45pct_lower"] == r1["goals"]["chair_s_45pct_lower"]
     assert record["goals"]["chair_s_falls_every_round"] is None  # one trained round: nothing to compare
     falls = demo_loop.falls_every_round
-    assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.05}]) is True
-    assert falls([{"chair_s": 0.2}, {"chair_s": 0.1}, {"chair_s": 0.1}]) is False  # flat is not falling
-    assert falls([{"chair_s": 0.2}, {"chair_s": None}]) is None
+
+    def rnd(status="done", **figures):
+        return {"status": status, **figures}
+
+    assert falls([rnd(chair_s=0.2), rnd(chair_s=0.1), rnd(chair_s=0.05)]) is True
+    assert falls([rnd(chair_s=0.2), rnd(chair_s=0.1), rnd(chair_s=0.1)]) is False  # flat is not falling
+    assert falls([rnd(chair_s=0.2), rnd(chair_s=None)]) is None
+    assert falls([rnd(chair_s=0.2), rnd("failed", chair_s=None)]) is False  # a failed round misses it
     assert record["goals"]["chair_s_falls_beyond_noise_every_round"] is None  # no round 2
     beyond = demo_loop.falls_beyond_noise
-    fell = {"paired_vs_parent": {"only_a": 17, "only_b": 1, "p_value": 1.5e-4}}
-    flat = {"paired_vs_parent": {"only_a": 5, "only_b": 3, "p_value": 0.73}}
-    rose = {"paired_vs_parent": {"only_a": 1, "only_b": 17, "p_value": 1.5e-4}}
+    fell = rnd(paired_vs_parent={"only_a": 17, "only_b": 1, "p_value": 1.5e-4})
+    flat = rnd(paired_vs_parent={"only_a": 5, "only_b": 3, "p_value": 0.73})
+    rose = rnd(paired_vs_parent={"only_a": 1, "only_b": 17, "p_value": 1.5e-4})
     assert beyond([fell]) is True and beyond([fell, flat]) is False and beyond([rose]) is False
-    assert beyond([fell, {"paired_vs_parent": None}]) is None
+    assert beyond([fell, rnd(paired_vs_parent=None)]) is None
+    assert beyond([fell, rnd("cancelled")]) is False
+    # "POPE F1 does not fall", read round by round: the README's seed-1 rounds 0.783 -> 0.819 -> 0.810
+    never = demo_loop.pope_f1_never_falls
+    assert never([rnd(pope_f1=0.783), rnd(pope_f1=0.819), rnd(pope_f1=0.819)]) is True
+    assert never([rnd(pope_f1=0.783), rnd(pope_f1=0.819), rnd(pope_f1=0.810)]) is False
+    assert record["goals"]["pope_f1_never_below_parent"] == (r1["pope_f1"] >= base["pope_f1"])
+    # Goals of a round that did not finish are MISS, not n/a; thresholds hold at their exact edges.
+    failed = demo_loop.compare_to_base(rnd("failed", chair_s=None, recall=None, pope_f1=None), base)
+    assert set(failed["goals"].values()) == {False}
+    edge = demo_loop.compare_to_base(
+        rnd(chair_s=0.275, recall=0.958, pope_f1=0.7, round_seconds=600.0, job_peak_rss_mb=4096.0),
+        {"chair_s": 0.5, "recall": 0.988, "pope_f1": 0.7})
+    assert set(edge["goals"].values()) == {True}, edge
     assert math.isfinite(record["seconds"])
     # Round 1 against its parent, caption by caption, on the 4 test captions both answered.
     paired = r1["paired_vs_parent"]
