@@ -1375,7 +1375,8 @@ def export_trl(
     features = trl_features()
     with _staged_out(store, out, overwrite) as o:
         arrow = o.tmp / "_build.arrow"
-        # Stream to an Arrow file so 100k pairs never sit in memory at once.
+        # Stream to an Arrow file so the images of 100k pairs never sit in memory at once (the
+        # rows, texts and provenance, do).
         with ArrowWriter(features=features, path=str(arrow)) as writer:
             for row in rows:
                 image = {"bytes": Path(row["image_path"]).read_bytes(), "path": None}

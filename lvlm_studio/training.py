@@ -12,8 +12,9 @@ Losses (``DPORoundConfig``):
   * plain DPO: TRL ``loss_type=["sigmoid"]``, β = 0.1 (all three papers).
   * STIC's DPO + SFT on the chosen answer: ``sft_weight`` > 0 → ``loss_type=["sigmoid", "sft"]``,
     ``loss_weights=[1, sft_weight]``. TRL's SFT term is the *mean* token NLL of the chosen answers
-    in the batch; STIC's reference uses the *summed* NLL / 1024. We use TRL's mean (length-
-    independent, so one weight fits short demo answers and long COCO descriptions alike).
+    in the batch; STIC's reference uses the *summed* NLL / 1024. TRL's mean is the default
+    (length-independent, so one weight fits short demo answers and long COCO descriptions alike);
+    ``sft_normalization="sum_1024"`` trains with the reference's, through the weighted subclass.
     Where a method marked some chosen answers unfit to imitate (pair meta ``"sft": false``, CSR
     below ``CSRConfig.sft_min_reward``), those rows get DPO only: ``weighted_dpo_trainer_class``
     adds the same token-mean term over the other rows, from the policy forward TRL runs anyway.
@@ -67,6 +68,9 @@ MAX_LORA_R = 4096  # the papers use 128 on 7B models; a rank above a layer's wid
 TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
+
+SFT_NORMALIZATIONS = ("token_mean", "sum_1024")  # DPORoundConfig.sft_normalization
+SFT_SUM_SCALE = 1024.0  # STIC's reference divides each answer's summed NLL by this
 
 DPO_LEARNING_RATE = 2e-4  # the demo's DPO lr (DPORoundConfig.learning_rate says why)
 # STIC's stage 2 (arXiv 2405.19716) fine-tunes at 2e-5. On the demo the DPO lr, 2e-4, makes plain
@@ -131,6 +135,12 @@ class DPORoundConfig:
     # (meta "sft": false; CSR does so below CSRConfig.sft_min_reward) gets DPO only, unless a
     # person accepted, swapped or edited it (pair_sft_weight, weighted_dpo_trainer_class).
     sft_weight: float = 1.0
+    # How the SFT term is normalised. "token_mean" (default): TRL's, the mean token NLL of the
+    # batch's chosen answers, length-independent, so one weight fits short demo answers and long
+    # COCO descriptions. "sum_1024": STIC's reference code, each chosen answer's summed NLL / 1024,
+    # averaged over the batch (a 300-token description then pulls ~3x as hard as under token_mean
+    # at the same weight, a 50-token answer ~20x less).
+    sft_normalization: str = "token_mean"
     # POVID's two-term loss (the paper's 0.5·DPO(text-hallucinated) + 0.5·DPO(noisy-image)):
     # each term's pairs weigh half of the POVID loss (povid_row_weights; module docstring). POVID's
     # generator makes one pair of each kind per item, so the weights are all 1 (plain DPO, TRL's own
@@ -193,6 +203,9 @@ class DPORoundConfig:
             raise ValueError(f"quantization must be None, '4bit' or '8bit', not {self.quantization!r}")
         if self.sft_weight < 0:
             raise ValueError("sft_weight must be >= 0")
+        if self.sft_normalization not in SFT_NORMALIZATIONS:
+            raise ValueError(f"sft_normalization must be one of {', '.join(SFT_NORMALIZATIONS)}, "
+                             f"not {self.sft_normalization!r}")
         if self.batch_size < 1 or self.lora_r < 1:
             raise ValueError("batch_size and lora_r must be >= 1")
         if self.lora_r > MAX_LORA_R:  # r = 1e9 failed only in the job, allocating 512 GB
@@ -624,11 +637,12 @@ WEIGHT_COLUMNS = ("dpo_weight", "sft_weight")
 
 
 @functools.cache
-def weighted_dpo_trainer_class():
+def weighted_dpo_trainer_class(sft_normalization: str = "token_mean"):
     """``DPOTrainer`` with per-row weights from the dataset's ``dpo_weight`` and ``sft_weight``
     columns (a missing column = 1 and 0 per row):
 
-        loss = mean_i(d_i·l_i) + Σ_i d_i·s_i·NLL_i / Σ_{i: s_i > 0} d_i·T_i
+        loss = mean_i(d_i·l_i) + Σ_i d_i·s_i·NLL_i / Σ_{i: s_i > 0} d_i·T_i     ("token_mean")
+        loss = mean_i(d_i·l_i) + mean_i(d_i·s_i·NLL_i / 1024)                  ("sum_1024", STIC's)
 
     l_i is row i's sigmoid DPO loss, NLL_i / T_i the summed token NLL / token count of its chosen
     answer. With every d_i = 1 and s_i = s this is TRL's own ``loss_type=["sigmoid", "sft"]``,
@@ -707,8 +721,11 @@ def weighted_dpo_trainer_class():
                 chosen_mask = chosen_mask.to(policy.dtype)
                 s_ = sft_w.to(policy.device, policy.dtype)
                 nll = -(chosen_tok * chosen_mask).sum(dim=1)
-                tokens = (d * chosen_mask.sum(dim=1) * (s_ > 0)).sum().clamp_min(1)
-                sft = (d * s_ * nll).sum() / tokens
+                if sft_normalization == "sum_1024":
+                    sft = (d * s_ * nll).mean() / SFT_SUM_SCALE
+                else:
+                    tokens = (d * chosen_mask.sum(dim=1) * (s_ > 0)).sum().clamp_min(1)
+                    sft = (d * s_ * nll).sum() / tokens
                 # This rank's value, not gathered: a collective here would be reached only by the
                 # ranks whose batch has a weighted row and would desynchronise DDP.
                 self._metrics[mode]["sft_loss"].append(sft.detach().item())
@@ -753,7 +770,9 @@ def train_round(
     if len(set(row_dpo)) > 1 and config.loss_type != "sigmoid":  # before any model is loaded
         raise ValueError(f"POVID's two-term loss weights the sigmoid DPO loss per row; loss_type is "
                          f"{config.loss_type!r} and the POVID pairs are unequal in kind: set povid_two_term=false")
-    weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1  # uniform weights: TRL's own losses
+    # Uniform weights with TRL's token-mean SFT term: TRL's own losses; else the weighted subclass.
+    weighted = len(set(row_sft)) > 1 or len(set(row_dpo)) > 1 or (
+        config.sft_normalization != "token_mean" and any(w > 0 for w in row_sft))
     dataset = build_dpo_dataset(pairs, row_sft if weighted else None, row_dpo if weighted else None)
     _, _, world_size = distributed_rank()
     lineage = {
@@ -770,7 +789,7 @@ def train_round(
     }
     trl_sft = row_sft[0] > 0 and not weighted  # TRL's own term on every row
     types, weights = config.loss_types() if trl_sft else ([config.loss_type], [1.0])
-    trainer_class = weighted_dpo_trainer_class() if weighted else DPOTrainer
+    trainer_class = weighted_dpo_trainer_class(config.sft_normalization) if weighted else DPOTrainer
     lineage["lora_dropout_applied"] = 0.0 if config.disable_dropout else config.lora_dropout
     return _run_round(trainer_class, lambda common: DPOConfig(**common, beta=config.beta, loss_type=types,
                                                               loss_weights=weights,

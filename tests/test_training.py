@@ -738,3 +738,33 @@ def test_merging_a_tiny_update_into_bf16_weights_is_measured_and_warned_about(ti
     with pytest.warns(UserWarning, match=r"rounding error of \d+\.\d\d .* --config bf16=false"):
         result = train_round(_pairs(4), tiny, [small], tmp_path / "round", cfg)
     assert result.lineage["parent_merge_error"] == [pytest.approx(errors["small"])]
+
+
+def test_the_sft_term_can_be_normalised_as_stics_reference_code_does(tiny, tmp_path):
+    """sft_normalization "sum_1024": each chosen answer's summed NLL / 1024, averaged over the batch
+    (STIC's code); the default "token_mean" is TRL's mean token NLL. At step 1 the policy is the
+    reference, so the DPO term is log 2 and the rest of the loss is the SFT term, checked against
+    the chosen answers' log-probs under the untrained model."""
+    from transformers import AutoProcessor
+
+    pairs = _pairs(4)
+    model, processor = load_base_model(tiny)
+    nll = [-lp for lp in sequence_logprobs(model, processor, pairs, "chosen")]
+    tok = AutoProcessor.from_pretrained(tiny).tokenizer
+    steps = {}
+    for form in ("sum_1024", "token_mean"):
+        cfg = DPORoundConfig(max_steps=1, batch_size=4, max_length=None, sft_weight=1.0, sft_normalization=form)
+        result = train_round(pairs, tiny, None, tmp_path / form, cfg)
+        steps[form] = next(rec for rec in result.curve if "loss" in rec and "rewards/margins" in rec)
+    assert steps["sum_1024"]["sft_loss"] == pytest.approx(sum(nll) / len(nll) / 1024, rel=1e-3)
+    assert steps["sum_1024"]["loss"] == pytest.approx(math.log(2) + steps["sum_1024"]["sft_loss"], abs=1e-5)
+    tokens = sum(len(_encode_turns_completion(tok, processor, p)) for p in pairs)
+    assert steps["token_mean"]["loss"] == pytest.approx(math.log(2) + sum(nll) / tokens, rel=1e-3)
+    with pytest.raises(ValueError, match="sft_normalization must be one of token_mean, sum_1024"):
+        DPORoundConfig(sft_normalization="sum")
+
+
+def _encode_turns_completion(tok, processor, pair) -> list[int]:
+    from lvlm_studio.training import _encode_turns
+
+    return _encode_turns(processor, pair["image"], pair["prompt"], pair["chosen"])[1][0].tolist()
