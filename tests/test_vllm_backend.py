@@ -128,6 +128,7 @@ def test_greedy_n_seeds_banned_tokens_and_end_ids(fake_vllm, model_dir):
     assert len(sampled[0]) == 2 and llm.calls[-1][1][0].n == 2 and llm.calls[-1][1][0].kwargs["seed"] is None
     # The end-of-answer ids are HFBackend's: the generation config's and the tokenizer's.
     assert {7, 3} <= set(backend.eos_ids) and len(set(backend.eos_ids)) == len(backend.eos_ids)
+    assert sampling[0].kwargs["stop_token_ids"] == backend.eos_ids  # vLLM ends answers where HFBackend does
 
 
 def test_group_search_never_picks_an_image_placeholder(fake_vllm, model_dir):

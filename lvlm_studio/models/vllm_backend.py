@@ -137,6 +137,9 @@ class VLLMBackend:
             max_tokens=params.max_new_tokens,
             seed=seed,
             stop=list(params.stop) or None,
+            # HFBackend's end-of-answer ids (the generation config's and the tokenizer's), not
+            # only what vLLM reads from the model's config
+            stop_token_ids=list(self.eos_ids) or None,
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's own log-prob
             # never pick an image placeholder (HFBackend masks them); log-probs stay raw
