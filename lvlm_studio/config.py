@@ -46,6 +46,16 @@ def _env_count(name: str, default: int) -> int:
     return value
 
 
+def model_image_pixels() -> int | None:
+    """``LVLM_STUDIO_MODEL_IMAGE_PIXELS``: at most this many pixels of an image reach a
+    dynamic-resolution model (Qwen2-VL / Qwen2.5-VL: one token per 28×28 pixels, so 1,003,520 is
+    about 1280 tokens). Unset: the model processor's own limit (Qwen2.5-VL's Hub configuration
+    allows 12.8 MP, about 16k tokens per image). Fixed-resolution models ignore it."""
+    if not os.environ.get("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "").strip():
+        return None
+    return _env_count("LVLM_STUDIO_MODEL_IMAGE_PIXELS", 1_003_520)
+
+
 def listen_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
     """Where the app listens: the given host and port, else ``GRADIO_SERVER_NAME`` (127.0.0.1;
     0.0.0.0 on a Space, where ``SPACE_ID`` is set) and ``PORT`` (a Space's or a PaaS's), then

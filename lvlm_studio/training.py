@@ -474,8 +474,11 @@ def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = Fals
 
         kwargs["quantization_config"] = quantization_config(quantization, kwargs["dtype"])
         kwargs["device_map"] = {"": device}
+    from lvlm_studio.models.hf import cap_image_pixels
+
     model = AutoModelForImageTextToText.from_pretrained(str(base_model_path), **kwargs)
     processor = AutoProcessor.from_pretrained(str(base_model_path))
+    cap_image_pixels(processor)  # the image tokens generation uses (LVLM_STUDIO_MODEL_IMAGE_PIXELS)
     return model, processor
 
 

@@ -526,3 +526,36 @@ def test_kv_budget_counts_keys_and_values_at_the_final_length(be):
     assert unknown._rows_per_chunk(100) == 5
     assert [len(c) for c in tight._chunks(partials, 40, 1, GP(max_new_tokens=50))] == [3, 3, 1]
     assert [len(c) for c in tight._chunks(partials, 40, 3, GP(max_new_tokens=50))] == [1] * 7
+
+
+def test_a_dynamic_resolution_models_image_tokens_are_capped_everywhere_it_loads(tmp_path, monkeypatch):
+    """LVLM_STUDIO_MODEL_IMAGE_PIXELS caps what a Qwen2-VL-family processor keeps of an image (its
+    Hub config allows 12.8 MP, ~16k tokens): generation and training load the same cap, so a
+    round trains on the image tokens it generates with. A fixed-resolution LLaVA is left alone."""
+    from transformers import AutoProcessor
+
+    from lvlm_studio.models.hf import cap_image_pixels
+    from lvlm_studio.models.tiny import build_tiny
+    from lvlm_studio.training import load_base_model
+
+    path = build_tiny("qwen2_vl", tmp_path / "qwen")
+    saved = AutoProcessor.from_pretrained(path)
+    saved.image_processor.size = {"shortest_edge": 64, "longest_edge": 256 * 256}  # dynamic, up to 256²
+    saved.save_pretrained(path)
+    image = Image.new("RGB", (256, 256), (200, 30, 30))
+
+    def prompt_tokens(processor) -> int:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return int(processor(images=[[image]], text=[text], return_tensors="pt")["input_ids"].shape[1])
+
+    uncapped = prompt_tokens(HFBackend.from_pretrained(str(path), device="cpu", dtype="float32").processor)
+    monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", str(64 * 64))
+    generated = prompt_tokens(HFBackend.from_pretrained(str(path), device="cpu", dtype="float32").processor)
+    trained = prompt_tokens(load_base_model(str(path))[1])
+    assert uncapped > generated + 200 and generated == trained  # 1024 image tokens -> 64
+    llava = AutoProcessor.from_pretrained(build_tiny("llava", tmp_path / "llava"))
+    assert cap_image_pixels(llava) is None
+    monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="LVLM_STUDIO_MODEL_IMAGE_PIXELS must be a positive whole number"):
+        cap_image_pixels(saved)

@@ -152,3 +152,16 @@ def test_group_search_never_picks_an_image_placeholder(fake_vllm, model_dir):
     assert all(placeholder not in g.token_ids for g in groups)
     assert groups[0].token_ids == [11, 12, end] and groups[0].finish_reason == "eos"
     assert llm.calls[0][1][0].kwargs["logprobs"] == 2 + len(backend.banned_ids)
+
+
+def test_the_image_pixel_cap_reaches_vllm_for_qwen_family_processors_only(fake_vllm, model_dir, tmp_path, monkeypatch):
+    from lvlm_studio.models.tiny import build_tiny
+
+    monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "256")
+    VLLMBackend(model_dir)  # a LLaVA: fixed resolution, nothing to pass
+    assert "mm_processor_kwargs" not in fake_vllm[-1].kwargs
+    VLLMBackend(str(build_tiny("qwen2_vl", tmp_path / "qwen")))
+    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"max_pixels": 256}  # below the processor's own 1024
+    monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "4096")
+    VLLMBackend(str(tmp_path / "qwen"))
+    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"max_pixels": 1024}  # a cap never raises its limit

@@ -63,6 +63,26 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def cap_image_pixels(processor: Any, max_pixels: int | None = None) -> int | None:
+    """Cap the pixels a Qwen2-VL-family image processor keeps of an image (its size's
+    ``longest_edge`` is a pixel count there; ``temporal_patch_size`` and ``merge_size`` mark the
+    family) at ``max_pixels``, default ``LVLM_STUDIO_MODEL_IMAGE_PIXELS``. Every loader of a model
+    (generation, training, evaluation) applies it, so a round trains on the image tokens it
+    generates with. Returns the cap applied, or None (no cap set, or not such a processor)."""
+    from lvlm_studio.config import model_image_pixels
+
+    cap = max_pixels if max_pixels is not None else model_image_pixels()
+    image_processor = getattr(processor, "image_processor", None)
+    if cap is None or not (hasattr(image_processor, "temporal_patch_size") and hasattr(image_processor, "merge_size")):
+        return None
+    size = image_processor.size
+    longest, shortest = (size.get(k) if isinstance(size, dict) else getattr(size, k, None)
+                         for k in ("longest_edge", "shortest_edge"))
+    cap = min(cap, longest) if longest else cap
+    image_processor.size = {"shortest_edge": min(shortest, cap) if shortest else cap, "longest_edge": cap}
+    return cap
+
+
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for "4bit" (QLoRA's NF4, computing in ``compute_dtype``)
     or "8bit". bitsandbytes >= 0.50 runs both on CPU too (tests/test_quantized.py); its CPU
@@ -315,6 +335,7 @@ class HFBackend:
             kwargs["device_map"] = {"": device}
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
+        cap_image_pixels(processor)
         model_id = str(path_or_id)
         if adapter is not None:
             from peft import PeftModel

@@ -83,6 +83,11 @@ class VLLMBackend:
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        self.processor = AutoProcessor.from_pretrained(model)
+        from .hf import cap_image_pixels
+
+        if (cap := cap_image_pixels(self.processor)) is not None:  # a Qwen2-VL-family processor's option
+            kwargs["mm_processor_kwargs"] = {"max_pixels": cap}
         self._lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
@@ -92,7 +97,6 @@ class VLLMBackend:
             self._lora = LoRARequest("adapter", 1, str(adapter))
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
-        self.processor = AutoProcessor.from_pretrained(model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.model_id = model if adapter is None else f"{model}+{adapter}"
         self.backend_id = f"vllm:{self.model_id}:{next(_counter)}"
