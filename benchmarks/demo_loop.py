@@ -418,6 +418,14 @@ def falls_beyond_noise(rounds: list[dict], alpha: float = 0.05) -> bool | None:
     return all_goals(beyond(r) for r in rounds)
 
 
+def later_rounds_goals(rounds: list[dict], wanted: int) -> dict[str, bool | None]:
+    """"Rounds 2-3 keep it falling", both readings, over the CSR loop's rows (round 0 first). A loop
+    that stopped before its ``wanted`` rounds (a round failed) misses both."""
+    stopped = len(rounds) - 1 < wanted
+    return {"chair_s_falls_every_round": False if stopped else falls_every_round(rounds[1:]),
+            "chair_s_falls_beyond_noise_every_round": False if stopped else falls_beyond_noise(rounds[2:])}
+
+
 def all_goals(values) -> bool | None:
     """MISS if any round misses; n/a if none measured or some could not be measured."""
     values = list(values)
@@ -645,8 +653,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = rounds[1:] + compare
     summary = {
         "round1_chair_s_45pct_lower": r1["goals"]["chair_s_45pct_lower"] if r1 else None,
-        "chair_s_falls_every_round": falls_every_round(rounds[1:]),
-        "chair_s_falls_beyond_noise_every_round": falls_beyond_noise(rounds[2:]),
+        **later_rounds_goals(rounds, args.rounds),
         "recall_drop_le_3": all_goals(r["goals"]["recall_drop_le_3"] for r in rounds[1:]),
         "pope_f1_not_lower": all_goals(r["goals"]["pope_f1_not_lower"] for r in rounds[1:]),
         "pope_f1_never_below_parent": pope_f1_never_falls(rounds),

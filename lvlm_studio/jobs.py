@@ -327,7 +327,8 @@ def _spawn(settings: Settings, store: Any, round_id: int, num_processes: int) ->
         LVLM_STUDIO_CLIP=settings.clip,
         LVLM_STUDIO_DEVICE=settings.device,
         # `python -m` would put the working directory first on the import path: a folder holding
-        # another checkout (or a stray torch.py) would run instead of this package. Python >= 3.11.
+        # another checkout (or a stray torch.py) would run instead of this package (Python >= 3.11,
+        # as pyproject requires).
         PYTHONSAFEPATH="1",
     )
     package_parent = str(Path(__file__).resolve().parent.parent)

@@ -175,8 +175,9 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16"):  # the full 16-bit range onto 0..255, in integers (no float copy)
         scaled = (raw.astype(np.uint32) * 255 + 32767) // 65535
         return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
-    # float32 in place: a float64 copy of a 40-megapixel image took ~1 GB for a 77 KB upload
-    a = raw.astype(np.float32)
+    # One float64 array, worked in place (the copies of each step took ~1 GB for a 40 MP upload).
+    # float64 as before: the same picture keeps the id it was stored under.
+    a = raw.astype(np.float64)
     np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
@@ -240,8 +241,12 @@ def _strip_jpeg(data: bytes) -> bytes | None:
         pos = end
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
             scan = pos
-            while not (data[pos] == 0xFF and data[pos + 1] != 0x00 and not 0xD0 <= data[pos + 1] <= 0xD7):
-                pos += 1
+            while True:  # jump from 0xFF to 0xFF (bytes.index, not a Python loop over every byte)
+                pos = data.index(b"\xff", pos)
+                if data[pos + 1] == 0x00 or 0xD0 <= data[pos + 1] <= 0xD7:  # stuffed byte, restart marker
+                    pos += 2
+                    continue
+                break
             out += data[scan:pos]
 
 
@@ -332,6 +337,10 @@ def ingest_image(
     if existing is not None:
         fmt = "JPEG" if existing.suffix == ".jpg" else "PNG"
         return ImageRecord(image_id, existing, rgb.width, rgb.height, source_label, fmt, created=False)
+    width, height = rgb.width, rgb.height
+    if keep:
+        del rgb, oriented  # one decoded copy at a time: _decodes_to decodes the file again
+        im.close()
     stripped = strip_metadata(data, original_format) if keep else None
     if stripped is not None and not _decodes_to(stripped, image_id):
         stripped = None  # the walker misread the file: re-encode it instead
@@ -339,22 +348,29 @@ def ingest_image(
         fmt = "PNG" if original_format == "PNG" else "JPEG"
         ext, payload = _KEEP_AS_IS[fmt], stripped
     else:
+        if keep:  # the walker misread it: decode again to re-encode
+            rgb = _to_rgb(_decoded(data))
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")
         ext, payload, fmt = ".png", buffer.getvalue(), "PNG"
     dest = directory / f"{image_id}{ext}"
     _atomic_write(dest, payload)
-    return ImageRecord(image_id, dest, rgb.width, rgb.height, source_label, fmt, created=True)
+    return ImageRecord(image_id, dest, width, height, source_label, fmt, created=True)
+
+
+def _decoded(data: bytes) -> Image.Image:
+    """The first picture of bytes whose size was already checked, decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
 
 
 def _decodes_to(data: bytes, image_id: str) -> bool:
     """Do these bytes decode to the picture with this id?"""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # its size was checked
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return pixel_id(im) == image_id
+        return pixel_id(_decoded(data)) == image_id
     except Exception:  # noqa: BLE001 - any decoder error means "not the same picture"
         return False
 

@@ -463,8 +463,10 @@ def resolve_device(device: str = "auto") -> str:
     return _resolve(device)
 
 
-def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = False, quantization: str | None = None):
-    """(model, processor) of the base model, in the training dtype."""
+def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = False, quantization: str | None = None,
+                    cap_pixels: bool = True):
+    """(model, processor) of the base model, in the training dtype; the processor with the image
+    cap generation uses (``cap_image_pixels``) unless ``cap_pixels`` is False."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -478,7 +480,8 @@ def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = Fals
 
     model = AutoModelForImageTextToText.from_pretrained(str(base_model_path), **kwargs)
     processor = AutoProcessor.from_pretrained(str(base_model_path))
-    cap_image_pixels(processor)  # the image tokens generation uses (LVLM_STUDIO_MODEL_IMAGE_PIXELS)
+    if cap_pixels:
+        cap_image_pixels(processor)  # the image tokens generation uses (LVLM_STUDIO_MODEL_IMAGE_PIXELS)
     return model, processor
 
 
@@ -545,7 +548,11 @@ def materialize_round_model(
 ):
     """The model of a round = base + its adapter chain merged in order. Returns (model, processor);
     with ``out_dir`` also saves both there (atomically) so any loader can open the merged model."""
-    model, processor = load_base_model(base_model_path, device=device)
+    from lvlm_studio.models.hf import cap_image_pixels
+
+    # The saved folder keeps the base processor's own image size: a cap written into it would
+    # outlive a later change of LVLM_STUDIO_MODEL_IMAGE_PIXELS (a cap can lower a limit, not raise it).
+    model, processor = load_base_model(base_model_path, device=device, cap_pixels=False)
     model = merge_chain(model, _as_chain(adapter_chain))
     if out_dir is not None:
         out = Path(out_dir)
@@ -554,6 +561,7 @@ def materialize_round_model(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _publish_merged(tmp, out)
+    cap_image_pixels(processor)
     return model.to(device), processor
 
 

@@ -109,6 +109,11 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert beyond([fell]) is True and beyond([fell, flat]) is False and beyond([rose]) is False
     assert beyond([fell, rnd(paired_vs_parent=None)]) is None
     assert beyond([fell, rnd("cancelled")]) is False
+    # A loop asked for 3 rounds whose round 1 failed (it stops there) misses the later-rounds goals.
+    later = demo_loop.later_rounds_goals
+    assert set(later([rnd(chair_s=0.25), rnd("failed")], 3).values()) == {False}
+    assert later([rnd(chair_s=0.25), rnd(chair_s=0.1)], 1) == {"chair_s_falls_every_round": None,
+                                                              "chair_s_falls_beyond_noise_every_round": None}
     # "POPE F1 does not fall", read round by round: the README's seed-1 rounds 0.783 -> 0.819 -> 0.810
     never = demo_loop.pope_f1_never_falls
     assert never([rnd(pope_f1=0.783), rnd(pope_f1=0.819), rnd(pope_f1=0.819)]) is True

@@ -554,6 +554,13 @@ def test_a_dynamic_resolution_models_image_tokens_are_capped_everywhere_it_loads
     generated = prompt_tokens(HFBackend.from_pretrained(str(path), device="cpu", dtype="float32").processor)
     trained = prompt_tokens(load_base_model(str(path))[1])
     assert uncapped > generated + 200 and generated == trained  # 1024 image tokens -> 64
+    # A merged parent saved for generation keeps the base's own size (the cap applies on loading),
+    # so unsetting or raising the cap later is not undone by an old folder.
+    from lvlm_studio.training import materialize_round_model
+
+    _, processor = materialize_round_model(str(path), [], out_dir=tmp_path / "merged")
+    assert prompt_tokens(processor) == generated
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").image_processor.size["longest_edge"] == 256 * 256
     llava = AutoProcessor.from_pretrained(build_tiny("llava", tmp_path / "llava"))
     assert cap_image_pixels(llava) is None
     monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "lots")

@@ -322,6 +322,42 @@ def test_a_phones_multi_picture_jpeg_keeps_its_first_picture_as_a_jpeg(settings)
         assert pixel_id(im) == rec.id == pixel_id(Image.open(io.BytesIO(data)))  # the first picture
 
 
+def test_stripped_bytes_that_decode_to_another_picture_are_not_stored(settings, monkeypatch):
+    """The walker's output must decode to the same pixels; if it did not, the image is stored as a
+    PNG re-encoded from the original, under the original's id."""
+    from lvlm_studio import media
+
+    data = image_bytes(37, "JPEG", (24, 24))
+    monkeypatch.setattr(media, "strip_metadata", lambda raw, fmt: image_bytes(38, "JPEG", (24, 24)))
+    rec = ingest_image(settings, data, name="odd.jpg")
+    assert rec.format == "PNG" and rec.id == pixel_id(Image.open(io.BytesIO(data)))
+    assert pixel_id(Image.open(rec.path)) == rec.id and (rec.width, rec.height) == (24, 24)
+
+
+def test_float_and_32_bit_greyscale_keep_the_ids_they_were_stored_under():
+    """The in-place conversion gives the very pixels the earlier, copying one gave (float64 both):
+    an image stored before keeps its id when it arrives again."""
+    import numpy as np
+
+    from lvlm_studio.media import _high_depth_to_rgb
+
+    def earlier(im):  # the conversion as it was written before (one copy per step)
+        a = np.asarray(im).astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0
+        elif lo < 0.0 or hi > 255.0:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+    rng = np.random.default_rng(5)
+    for values in (rng.random((300, 300)), rng.normal(0, 1000, (300, 300)), rng.uniform(0, 255, (300, 300))):
+        for mode, dtype in (("F", np.float32), ("I", np.int32)):
+            im = Image.fromarray(values.astype(dtype), mode=mode)
+            assert _high_depth_to_rgb(im).tobytes() == earlier(im).tobytes(), mode
+
+
 def test_a_file_the_metadata_walker_cannot_follow_is_not_kept_as_it_is():
     from lvlm_studio.media import strip_metadata
 

@@ -633,3 +633,15 @@ def test_review_counts_are_cached_until_a_pair_or_a_review_is_added(store, make_
     make_pairs([0.5], method="stic")
     assert store.review_counts() == {"csr": {"pairs": 2, "reviewed": 1, "usable": 1},
                                      "stic": {"pairs": 1, "reviewed": 0, "usable": 0}}
+    # A hit: a change the token does not see (pairs are never updated by the store; this test
+    # does it by hand) leaves the cached answer, while a fresh store reads the table.
+    with store.transaction() as db:
+        db.execute("UPDATE pairs SET method = 'povid' WHERE method = 'stic'")
+    assert "stic" in store.review_counts()
+    other = Store(store.path)
+    try:
+        assert "povid" in other.review_counts() and "stic" not in other.review_counts()
+        other.add_review(a, "carol", "swap")  # another process reviews: the first store's cache is stale
+    finally:
+        other.close()
+    assert store.review_counts()["povid"] == {"pairs": 1, "reviewed": 0, "usable": 0}

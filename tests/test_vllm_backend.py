@@ -161,7 +161,8 @@ def test_the_image_pixel_cap_reaches_vllm_for_qwen_family_processors_only(fake_v
     VLLMBackend(model_dir)  # a LLaVA: fixed resolution, nothing to pass
     assert "mm_processor_kwargs" not in fake_vllm[-1].kwargs
     VLLMBackend(str(build_tiny("qwen2_vl", tmp_path / "qwen")))
-    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"max_pixels": 256}  # below the processor's own 1024
+    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"size": {"shortest_edge": 256, "longest_edge": 256}}
     monkeypatch.setenv("LVLM_STUDIO_MODEL_IMAGE_PIXELS", "4096")
     VLLMBackend(str(tmp_path / "qwen"))
-    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"max_pixels": 1024}  # a cap never raises its limit
+    # a cap never raises the processor's own limit (1024 pixels for the tiny model)
+    assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"size": {"shortest_edge": 1024, "longest_edge": 1024}}

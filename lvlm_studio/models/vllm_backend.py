@@ -86,8 +86,8 @@ class VLLMBackend:
         self.processor = AutoProcessor.from_pretrained(model)
         from .hf import cap_image_pixels
 
-        if (cap := cap_image_pixels(self.processor)) is not None:  # a Qwen2-VL-family processor's option
-            kwargs["mm_processor_kwargs"] = {"max_pixels": cap}
+        if cap_image_pixels(self.processor) is not None:  # a Qwen2-VL-family processor: the same size
+            kwargs["mm_processor_kwargs"] = {"size": dict(self.processor.image_processor.size)}
         self._lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
