@@ -306,7 +306,6 @@ def build_idefics3(words: Iterable[str], spec: TinyLlavaSpec | None = None):
     No image splitting: one ``image_size``² image, pixel-shuffled by scale_factor 2 into
     (image_size / patch_size / 2)² image tokens.
     """
-    import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -314,44 +313,16 @@ def build_idefics3(words: Iterable[str], spec: TinyLlavaSpec | None = None):
         Idefics3Processor,
     )
 
-    spec = spec or TinyLlavaSpec()
-    tok = _word_tokenizer_with(words, IDEFICS3_SPECIAL, IDEFICS3_CHAT_TEMPLATE, eos="<end_of_utterance>")
-    scale = 2
-    image_seq_len = ((spec.image_size // spec.patch_size) ** 2) // (scale * scale)
-    image_processor = Idefics3ImageProcessor(
-        do_image_splitting=False,
-        size={"longest_edge": spec.image_size},
-        max_image_size={"longest_edge": spec.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE
-    )
-    config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=spec.vision_width,
-            intermediate_size=spec.vision_width * 4,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ),
-        text_config=dict(model_type="llama", **_text_config(spec, tok)),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=scale,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(spec.seed)
-    model = Idefics3ForConditionalGeneration(config)
-    _set_generation_ids(model, tok)
-    return model, processor
+    def processor(tok, image_processor_kwargs, image_seq_len):
+        return Idefics3Processor(image_processor=Idefics3ImageProcessor(**image_processor_kwargs), tokenizer=tok,
+                                 image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE)
+
+    return _build_idefics_family(words, spec, processor, Idefics3Config, Idefics3ForConditionalGeneration)
 
 
 def build_smolvlm(words: Iterable[str], spec: TinyLlavaSpec | None = None):
     """Return (model, processor) of a randomly initialised SmolVLM (SmolVLM-256M/500M's own model
     and processor classes, which group a batch's images unlike Idefics3's). No image splitting."""
-    import torch
     from transformers import (
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
@@ -360,20 +331,27 @@ def build_smolvlm(words: Iterable[str], spec: TinyLlavaSpec | None = None):
         SmolVLMVideoProcessor,
     )
 
+    def processor(tok, image_processor_kwargs, image_seq_len):
+        return SmolVLMProcessor(  # needs the num2words package (requirements.txt)
+            image_processor=SmolVLMImageProcessor(**image_processor_kwargs), tokenizer=tok,
+            video_processor=SmolVLMVideoProcessor(), image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE)
+
+    return _build_idefics_family(words, spec, processor, SmolVLMConfig, SmolVLMForConditionalGeneration)
+
+
+def _build_idefics_family(words: Iterable[str], spec: TinyLlavaSpec | None, make_processor, config_cls, model_cls):
+    """What Idefics3 and SmolVLM share: the tokenizer, one unsplit image of ``image_size``²
+    pixel-shuffled by scale_factor 2, the config, and a seeded random model."""
+    import torch
+
     spec = spec or TinyLlavaSpec()
     tok = _word_tokenizer_with(words, IDEFICS3_SPECIAL, IDEFICS3_CHAT_TEMPLATE, eos="<end_of_utterance>")
     scale = 2
     image_seq_len = ((spec.image_size // spec.patch_size) ** 2) // (scale * scale)
     size = {"longest_edge": spec.image_size}
-    processor = SmolVLMProcessor(  # needs the num2words package (requirements.txt)
-        image_processor=SmolVLMImageProcessor(do_image_splitting=False, size=size, max_image_size=size,
-                                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
-        tokenizer=tok,
-        video_processor=SmolVLMVideoProcessor(),
-        image_seq_len=image_seq_len,
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
-    )
-    config = SmolVLMConfig(
+    processor = make_processor(tok, dict(do_image_splitting=False, size=size, max_image_size=size,
+                                         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]), image_seq_len)
+    config = config_cls(
         vision_config=dict(
             hidden_size=spec.vision_width,
             intermediate_size=spec.vision_width * 4,
@@ -388,7 +366,7 @@ def build_smolvlm(words: Iterable[str], spec: TinyLlavaSpec | None = None):
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = SmolVLMForConditionalGeneration(config)
+    model = model_cls(config)
     _set_generation_ids(model, tok)
     return model, processor
 
