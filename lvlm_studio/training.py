@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import QUANTIZATIONS, counted
+from lvlm_studio.models.base import chat_messages, system_prompt
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -402,6 +403,12 @@ def pair_sft_weight(pair: dict, config: DPORoundConfig) -> float:
     return float(config.sft_weight)
 
 
+def _prompt_turns(prompt: str) -> list[dict]:
+    """A row's prompt in TRL's conversational format (string contents; TRL puts the image before
+    the user text): the system turn the backends ask with (``system_prompt``), then the user's."""
+    return [{"role": m["role"], "content": m["content"][-1]["text"]} for m in chat_messages(prompt, image=False)]
+
+
 def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None = None,
                       dpo_weights: Sequence[float] | None = None):
     """TRL's conversational vision preference format (the same as the TRL export):
@@ -429,7 +436,7 @@ def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None
         if not str(p.get("chosen") or "").strip() or not str(p.get("rejected") or "").strip():
             raise ValueError(f"pair {p.get('pair_id')}: chosen and rejected must be non-empty")
         rows["images"].append([image])
-        rows["prompt"].append([{"role": "user", "content": p["prompt"]}])
+        rows["prompt"].append(_prompt_turns(p["prompt"]))
         rows["chosen"].append([{"role": "assistant", "content": p["chosen"]}])
         rows["rejected"].append([{"role": "assistant", "content": p["rejected"]}])
     return Dataset.from_dict(rows, features=features)
@@ -934,7 +941,7 @@ def build_sft_dataset(rows: Sequence[dict]):
         if not str(r.get("answer") or "").strip():
             raise ValueError(f"SFT row {r.get('item_id')}: empty answer")
         data["images"].append([r.get("image") if r.get("image") is not None else str(r["image_path"])])
-        data["prompt"].append([{"role": "user", "content": r["prompt"]}])
+        data["prompt"].append(_prompt_turns(r["prompt"]))
         data["completion"].append([{"role": "assistant", "content": r["answer"]}])
     return Dataset.from_dict(data, features=Features({"images": List(Image()), "prompt": turn, "completion": turn}))
 
@@ -1020,6 +1027,7 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     from peft import LoraConfig
 
     n, curve = len(rows), []
+    lineage["system_prompt"] = system_prompt()  # asked with in training; generation must ask alike
 
     def result(adapter: str | None, stopped: bool, steps: int) -> TrainResult:
         return TrainResult(adapter, stopped, steps, n, n, curve, time.perf_counter() - t0, lineage)
@@ -1141,7 +1149,7 @@ def _encode_turns(processor, image, prompt_text: str, answer: str | None = None)
     """The chat prompt with its image, encoded by the processor (image tokens expanded), and the
     answer's completion ids, the way TRL tokenises them: prompt and completion separately, the
     completion being what the chat template puts after the prompt."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text}]}]
+    msgs = chat_messages(prompt_text)
     prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
     enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
     if answer is None:

@@ -74,9 +74,12 @@ def stand_ins(tmp_path_factory):
 
 def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_ins, monkeypatch):
     lines = readme_recipe()
-    export, *commands = lines
-    assert export.startswith("export ")
-    assert dict(kv.split("=", 1) for kv in shlex.split(export)[1:]) == HUB_IDS
+    exports = [line for line in lines if line.startswith("export ")]
+    commands = lines[len(exports):]
+    env = dict(kv.split("=", 1) for line in exports for kv in shlex.split(line)[1:])
+    system = env.pop("LVLM_STUDIO_SYSTEM_PROMPT")
+    assert env == HUB_IDS and system.startswith("A chat between a curious human and an artificial intelligence")
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", system)  # LLaVA-1.5's vicuna_v1 system line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LVLM_STUDIO_THREADS", "1")
     for var in HUB_IDS:
@@ -106,7 +109,7 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         adapter = Path(rnd["adapter_path"])
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 128
         lineage = json.loads((adapter / "lineage.json").read_text())
-        assert lineage["base_model"] == stand_ins["LVLM_STUDIO_MODEL"]
+        assert lineage["base_model"] == stand_ins["LVLM_STUDIO_MODEL"] and lineage["system_prompt"] == system
         # ... with room for the 576 image tokens and every answer (none cut),
         assert lineage["lengths"]["prompt_tokens"] > 576 and lineage["lengths"]["answers_cut"] == 0
         # ... trained in bf16 with gradient checkpointing, as read off the trained model,

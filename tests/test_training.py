@@ -768,3 +768,41 @@ def _encode_turns_completion(tok, processor, pair) -> list[int]:
     from lvlm_studio.training import _encode_turns
 
     return _encode_turns(processor, pair["image"], pair["prompt"], pair["chosen"])[1][0].tolist()
+
+
+LLAVA_HF_STYLE_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's form: a system turn's text, then USER: / ASSISTANT:
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }} "
+    "{% elif message['role'] == 'user' %}USER: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def test_a_system_prompt_is_asked_alike_in_generation_and_training(tiny, tmp_path, monkeypatch):
+    """LVLM_STUDIO_SYSTEM_PROMPT (LLaVA-1.5's vicuna_v1 system line) reaches every prompt: the
+    backend's chat text and TRL's prompt ids are the same tokens, and the round's lineage says
+    which system prompt it trained with. Unset, nothing changes."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from lvlm_studio.models.hf import HFBackend
+    from lvlm_studio.training import _encode_turns
+
+    backend = HFBackend.from_pretrained(tiny, device="cpu", dtype="float32")
+    backend.processor.chat_template = LLAVA_HF_STYLE_TEMPLATE
+    pair = _pairs(1)[0]
+    plain = backend.chat_text(pair["prompt"])
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "a chat between a red circle and a blue square .")
+    asked = backend.chat_text(pair["prompt"])
+    assert asked == "a chat between a red circle and a blue square . " + plain
+    ids = backend._inputs([pair["image"]], [asked])["input_ids"][0].tolist()
+    batch = DataCollatorForVisionPreference(backend.processor)([build_dpo_dataset([pair])[0]])
+    prompt = (batch["attention_mask"][0] == 1) & (batch["completion_mask"][0] == 0)
+    assert batch["input_ids"][0][prompt].tolist() == ids  # what TRL trains on
+    assert _encode_turns(backend.processor, pair["image"], pair["prompt"])[0]["input_ids"][0].tolist() == ids
+    result = train_round([pair], tiny, None, tmp_path / "round", DPORoundConfig(max_steps=1, sft_weight=0.0))
+    assert result.lineage["system_prompt"] == "a chat between a red circle and a blue square ."
+    monkeypatch.delenv("LVLM_STUDIO_SYSTEM_PROMPT")
+    assert backend.chat_text(pair["prompt"]) == plain and build_dpo_dataset([pair])[0]["prompt"] == [
+        {"role": "user", "content": pair["prompt"]}]

@@ -13,10 +13,29 @@ on the same text.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+
+def system_prompt() -> str | None:
+    """``LVLM_STUDIO_SYSTEM_PROMPT``: a system turn before every question, in generation, training
+    and evaluation alike, as the model's chat template renders one. LLaVA-1.5 was fine-tuned with
+    vicuna_v1's "A chat between a curious human and an artificial intelligence assistant. ..."
+    before each conversation, and the CSR reference asks it so; llava-hf's template adds none
+    unless given one. Unset or blank: no system turn."""
+    text = os.environ.get("LVLM_STUDIO_SYSTEM_PROMPT", "").strip()
+    return text or None
+
+
+def chat_messages(prompt: str, image: bool = True) -> list[dict]:
+    """One question as chat messages: the system turn when set (``system_prompt``), then the user
+    turn, its image first."""
+    user = {"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": prompt}]}
+    system = system_prompt()
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, user] if system else [user]
 
 
 class ModelLoadError(RuntimeError):

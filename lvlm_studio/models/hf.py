@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from ..config import QUANTIZATIONS, resolve_device
-from .base import GenerationParams, MissingDependencyError, ModelLoadError, Prefix, Sequence
+from .base import GenerationParams, MissingDependencyError, ModelLoadError, Prefix, Sequence, chat_messages
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _backend_counter = itertools.count()
@@ -368,9 +368,9 @@ class HFBackend:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def chat_text(self, prompt: str) -> str:
-        """The user turn (image first, then ``prompt``) and the assistant turn's opening."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The system turn when set, the user turn (image first, then ``prompt``) and the assistant
+        turn's opening."""
+        return self.processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
 
     # --- model calls ------------------------------------------------------------------------
     def _inputs(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:

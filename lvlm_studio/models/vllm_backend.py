@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from .base import GenerationParams, MissingDependencyError, Prefix, Sequence
+from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_messages
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
 _counter = itertools.count()
@@ -122,8 +122,7 @@ class VLLMBackend:
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Chat prompt as token ids with ONE (unexpanded) image placeholder: vLLM's multimodal
         processor expands it in token space."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         add_special = not (bos is not None and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
