@@ -20,7 +20,7 @@ COPY app.py ./
 RUN pip install --no-deps -e .
 # Hugging Face Docker Spaces run the container as uid 1000 (the base image's user "ubuntu"): the
 # data root must be its own (one written by an older image, which ran as root, needs
-# `chown -R 1000:1000` first). On a Space with persistent storage set LVLM_STUDIO_HOME=/data and
+# `docker run --user 0 -v <volume>:/app/storage lvlm-studio chown -R 1000:1000 /app/storage` first). On a Space with persistent storage set LVLM_STUDIO_HOME=/data and
 # HF_HOME=/data/hf-cache.
 RUN mkdir -p /app/storage && chown -R 1000:1000 /app/storage
 USER 1000

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import QUANTIZATIONS, counted
-from lvlm_studio.models.base import chat_messages, system_prompt
+from lvlm_studio.models.base import chat_messages, system_prompt, system_turn_rendered
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -1027,7 +1027,6 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     from peft import LoraConfig
 
     n, curve = len(rows), []
-    lineage["system_prompt"] = system_prompt()  # asked with in training; generation must ask alike
 
     def result(adapter: str | None, stopped: bool, steps: int) -> TrainResult:
         return TrainResult(adapter, stopped, steps, n, n, curve, time.perf_counter() - t0, lineage)
@@ -1092,6 +1091,13 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
     lineage["bos_written_by_template"] = match_generation_bos(processor)
+    # The system turn trained with (generation must ask alike); one the template drops is not.
+    rendered = system_turn_rendered(processor)
+    lineage["system_prompt"] = system_prompt() if rendered else None
+    if rendered is False:
+        lineage["system_prompt_dropped_by_template"] = system_prompt()
+        warnings.warn("LVLM_STUDIO_SYSTEM_PROMPT is set, but this model's chat template writes no system turn: "
+                      "the round trains without it", stacklevel=2)
     lineage["lengths"] = check_sequence_lengths(processor, rows, config.max_length)  # fails fast, clearly
     errors: list[float | None] = []
     model = merge_chain(model, chain, errors)

@@ -352,7 +352,9 @@ def test_float_and_32_bit_greyscale_keep_the_ids_they_were_stored_under():
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
     rng = np.random.default_rng(5)
-    for values in (rng.random((300, 300)), rng.normal(0, 1000, (300, 300)), rng.uniform(0, 255, (300, 300))):
+    grid = np.linspace(0.0, 1.0, 300 * 300).reshape(300, 300)  # float32 arithmetic rounds ~11k of these otherwise
+    wide = rng.integers(-(2**31), 2**31 - 1, (300, 300))
+    for values in (grid, wide, rng.random((300, 300)), rng.normal(0, 1000, (300, 300)), rng.uniform(0, 255, (300, 300))):
         for mode, dtype in (("F", np.float32), ("I", np.int32)):
             im = Image.fromarray(values.astype(dtype), mode=mode)
             assert _high_depth_to_rgb(im).tobytes() == earlier(im).tobytes(), mode

@@ -801,8 +801,15 @@ def test_a_system_prompt_is_asked_alike_in_generation_and_training(tiny, tmp_pat
     prompt = (batch["attention_mask"][0] == 1) & (batch["completion_mask"][0] == 0)
     assert batch["input_ids"][0][prompt].tolist() == ids  # what TRL trains on
     assert _encode_turns(backend.processor, pair["image"], pair["prompt"])[0]["input_ids"][0].tolist() == ids
-    result = train_round([pair], tiny, None, tmp_path / "round", DPORoundConfig(max_steps=1, sft_weight=0.0))
-    assert result.lineage["system_prompt"] == "a chat between a red circle and a blue square ."
+    # The tiny model's own template (the demo's) has no system branch: the round says it trained
+    # without the system turn, and warns, rather than claim it.
+    with pytest.warns(UserWarning, match="writes no system turn: the round trains without it"):
+        result = train_round([pair], tiny, None, tmp_path / "round", DPORoundConfig(max_steps=1, sft_weight=0.0))
+    assert result.lineage["system_prompt"] is None
+    assert result.lineage["system_prompt_dropped_by_template"] == "a chat between a red circle and a blue square ."
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "look at <image> now")  # every prompt would have 2 images
+    with pytest.raises(ValueError, match="LVLM_STUDIO_SYSTEM_PROMPT contains the image placeholder"):
+        backend.chat_text(pair["prompt"])
     monkeypatch.delenv("LVLM_STUDIO_SYSTEM_PROMPT")
     assert backend.chat_text(pair["prompt"]) == plain and build_dpo_dataset([pair])[0]["prompt"] == [
         {"role": "user", "content": pair["prompt"]}]

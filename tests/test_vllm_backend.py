@@ -166,3 +166,18 @@ def test_the_image_pixel_cap_reaches_vllm_for_qwen_family_processors_only(fake_v
     VLLMBackend(str(tmp_path / "qwen"))
     # a cap never raises the processor's own limit (1024 pixels for the tiny model)
     assert fake_vllm[-1].kwargs["mm_processor_kwargs"] == {"size": {"shortest_edge": 1024, "longest_edge": 1024}}
+
+
+def test_vllm_asks_with_the_system_turn_hfbackend_asks_with(fake_vllm, model_dir, monkeypatch):
+    from lvlm_studio.models.hf import HFBackend
+
+    llava_hf_style = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+                      "{{ message['content'][0]['text'] }} {% else %}USER: {% for part in message['content'] %}"
+                      "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+                      "{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "a red circle .")
+    backend, hf = VLLMBackend(model_dir), HFBackend.from_pretrained(model_dir, device="cpu", dtype="float32")
+    backend.processor.chat_template = hf.processor.chat_template = llava_hf_style
+    ids = backend._prompt_ids("describe the image")
+    assert backend.tokenizer.decode(ids).startswith("a red circle .")
+    assert ids == backend.tokenizer(hf.chat_text("describe the image"), add_special_tokens=False)["input_ids"]

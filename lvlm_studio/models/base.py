@@ -27,7 +27,21 @@ def system_prompt() -> str | None:
     before each conversation, and the CSR reference asks it so; llava-hf's template adds none
     unless given one. Unset or blank: no system turn."""
     text = os.environ.get("LVLM_STUDIO_SYSTEM_PROMPT", "").strip()
+    if text:
+        from lvlm_studio.io import refuse_image_token
+
+        refuse_image_token(text, "LVLM_STUDIO_SYSTEM_PROMPT")  # every prompt would count a second image
     return text or None
+
+
+def system_turn_rendered(processor: Any) -> bool | None:
+    """Does the processor's chat template write the system turn (None: no system prompt set)? A
+    template without a system branch (the demo model's) drops it without a word."""
+    text = system_prompt()
+    if text is None:
+        return None
+    rendered = processor.apply_chat_template(chat_messages("x"), add_generation_prompt=True, tokenize=False)
+    return text in rendered
 
 
 def chat_messages(prompt: str, image: bool = True) -> list[dict]:

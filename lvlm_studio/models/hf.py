@@ -29,6 +29,7 @@ import copy
 import hashlib
 import inspect
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,15 @@ import torch
 from PIL import Image
 
 from ..config import QUANTIZATIONS, resolve_device
-from .base import GenerationParams, MissingDependencyError, ModelLoadError, Prefix, Sequence, chat_messages
+from .base import (
+    GenerationParams,
+    MissingDependencyError,
+    ModelLoadError,
+    Prefix,
+    Sequence,
+    chat_messages,
+    system_turn_rendered,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _backend_counter = itertools.count()
@@ -78,8 +87,10 @@ def cap_image_pixels(processor: Any, max_pixels: int | None = None) -> int | Non
     size = image_processor.size
     longest, shortest = (size.get(k) if isinstance(size, dict) else getattr(size, k, None)
                          for k in ("longest_edge", "shortest_edge"))
-    cap = min(cap, longest) if longest else cap
-    image_processor.size = {"shortest_edge": min(shortest, cap) if shortest else cap, "longest_edge": cap}
+    if not (longest and shortest):  # a family member that limits images otherwise (max_image_tokens)
+        return None
+    cap = min(cap, longest)
+    image_processor.size = {"shortest_edge": min(shortest, cap), "longest_edge": cap}
     return cap
 
 
@@ -336,6 +347,9 @@ class HFBackend:
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
         cap_image_pixels(processor)
+        if system_turn_rendered(processor) is False:
+            warnings.warn(f"LVLM_STUDIO_SYSTEM_PROMPT is set, but the chat template of {path_or_id} writes no "
+                          "system turn: the model is asked without it", stacklevel=2)
         model_id = str(path_or_id)
         if adapter is not None:
             from peft import PeftModel
