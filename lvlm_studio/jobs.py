@@ -450,6 +450,14 @@ def wait(round_id: int, timeout: float = 600.0, settings: Settings | None = None
         time.sleep(poll)
 
 
+def _gone_within(row: dict, home: Path, seconds: float, poll: float) -> bool:
+    """Wait up to ``seconds`` for the round's process to end; whether it has."""
+    deadline = time.monotonic() + seconds
+    while round_process_alive(row, home) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return not round_process_alive(row, home)
+
+
 def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force: bool = True) -> dict:
     """Ask a round to stop: the request is recorded on the round, then its process gets SIGTERM
     (clean stop → 'cancelled'). Waits up to ``timeout`` s for the process to end (0 = return at
@@ -465,15 +473,9 @@ def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force
             return row
         if round_process_alive(row, store.root):
             _signal_job(row["pid"], signal.SIGTERM)
-        if timeout > 0:
-            deadline = time.monotonic() + timeout
-            while round_process_alive(row, store.root) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if force and round_process_alive(row, store.root):
-                _signal_job(row["pid"], signal.SIGKILL)
-                end = time.monotonic() + 10
-                while round_process_alive(row, store.root) and time.monotonic() < end:
-                    time.sleep(0.1)
+        if timeout > 0 and not _gone_within(row, store.root, timeout, poll=0.2) and force:
+            _signal_job(row["pid"], signal.SIGKILL)
+            _gone_within(row, store.root, 10.0, poll=0.1)
         row = _mark_if_stale(store, row)  # 'cancelled' once the process is gone
         _forget_ended_children(store)
         return row
@@ -721,14 +723,8 @@ def run_round(round_id: int, home: str | Path) -> int:
         if not main:
             return 0  # rank 0 saved the adapter; it alone evaluates and records the outcome
 
-        def refuse_if_broken(diverged: bool, eval_rows: list[dict]) -> None:
-            try:
-                refuse_broken_round(diverged, eval_rows)
-            except JobError:
-                shutil.rmtree(out_dir, ignore_errors=True)  # never current: its adapter is only disk used
-                raise
-
-        refuse_if_broken(result.diverged, [])  # before the evaluation: a diverged model is not worth it
+        # A refusal fails the round below, where remove_leftovers deletes its never-current adapter.
+        refuse_broken_round(result.diverged, [])  # before the evaluation: a diverged model is not worth it
         dropped = result.lineage.get("n_dropped_by_balance", 0)
         sft_rows = result.lineage.get("n_sft_rows", 0)
         hardware = result.lineage.get("hardware") or {}
@@ -793,7 +789,7 @@ def run_round(round_id: int, home: str | Path) -> int:
             log(f"evaluation: {em}")
         if stop.is_set():
             return cancelled("cancelled after training; the adapter was not made current")
-        refuse_if_broken(False, rows)
+        refuse_broken_round(False, rows)
         # Outputs and 'done' in one transaction: a crash leaves either nothing or the finished round.
         with store.transaction():
             current = store.get_round(round_id)
