@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import QUANTIZATIONS, counted
-from lvlm_studio.models.base import chat_messages, system_prompt, system_turn_rendered
+from lvlm_studio.models.base import chat_messages, chat_prompt, system_prompt, system_turn_rendered
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -1196,8 +1196,7 @@ def match_generation_bos(processor) -> bool:
     template = getattr(processor, "chat_template", None)
     if tok.bos_token is None or tok.bos_token_id is None or not isinstance(template, str):
         return False
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
-    if processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False).startswith(tok.bos_token):
+    if chat_prompt(processor, "x").startswith(tok.bos_token):
         return False
     ids = tok("x", add_special_tokens=True)["input_ids"]
     if not ids or ids[0] != tok.bos_token_id:

@@ -40,8 +40,7 @@ def system_turn_rendered(processor: Any) -> bool | None:
     text = system_prompt()
     if text is None:
         return None
-    rendered = processor.apply_chat_template(chat_messages("x"), add_generation_prompt=True, tokenize=False)
-    return text in rendered
+    return text in chat_prompt(processor, "x")
 
 
 def chat_messages(prompt: str, image: bool = True) -> list[dict]:
@@ -50,6 +49,12 @@ def chat_messages(prompt: str, image: bool = True) -> list[dict]:
     user = {"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": prompt}]}
     system = system_prompt()
     return [{"role": "system", "content": [{"type": "text", "text": system}]}, user] if system else [user]
+
+
+def chat_prompt(processor: Any, prompt: str) -> str:
+    """One question's chat text as the model is asked it: ``chat_messages`` through the processor's
+    template, the assistant turn opened."""
+    return processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
 class ModelLoadError(RuntimeError):

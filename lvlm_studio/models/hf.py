@@ -43,7 +43,7 @@ from .base import (
     ModelLoadError,
     Prefix,
     Sequence,
-    chat_messages,
+    chat_prompt,
     system_turn_rendered,
 )
 
@@ -91,6 +91,16 @@ def cap_image_pixels(processor: Any, max_pixels: int | None = None) -> int | Non
         return None
     cap = min(cap, longest)
     image_processor.size = {"shortest_edge": min(shortest, cap), "longest_edge": cap}
+    return cap
+
+
+def prepare_processor(processor: Any, model_name: str) -> int | None:
+    """What every generation backend does to a model's processor once loaded: the image cap
+    (``cap_image_pixels``, returned) and a warning when the template would drop the system turn."""
+    cap = cap_image_pixels(processor)
+    if system_turn_rendered(processor) is False:
+        warnings.warn(f"LVLM_STUDIO_SYSTEM_PROMPT is set, but the chat template of {model_name} writes no "
+                      "system turn: the model is asked without it", stacklevel=3)
     return cap
 
 
@@ -346,10 +356,7 @@ class HFBackend:
             kwargs["device_map"] = {"": device}
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
-        cap_image_pixels(processor)
-        if system_turn_rendered(processor) is False:
-            warnings.warn(f"LVLM_STUDIO_SYSTEM_PROMPT is set, but the chat template of {path_or_id} writes no "
-                          "system turn: the model is asked without it", stacklevel=2)
+        prepare_processor(processor, path_or_id)
         model_id = str(path_or_id)
         if adapter is not None:
             from peft import PeftModel
@@ -384,7 +391,7 @@ class HFBackend:
     def chat_text(self, prompt: str) -> str:
         """The system turn when set, the user turn (image first, then ``prompt``) and the assistant
         turn's opening."""
-        return self.processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return chat_prompt(self.processor, prompt)
 
     # --- model calls ------------------------------------------------------------------------
     def _inputs(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:

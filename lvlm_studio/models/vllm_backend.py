@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_messages
+from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_prompt
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
 _counter = itertools.count()
@@ -84,9 +84,9 @@ class VLLMBackend:
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         self.processor = AutoProcessor.from_pretrained(model)
-        from .hf import cap_image_pixels
+        from .hf import prepare_processor
 
-        if cap_image_pixels(self.processor) is not None:  # a Qwen2-VL-family processor: the same size
+        if prepare_processor(self.processor, model) is not None:  # a Qwen2-VL-family processor: the same size
             kwargs["mm_processor_kwargs"] = {"size": dict(self.processor.image_processor.size)}
         self._lora = None
         if adapter is not None:
@@ -122,7 +122,7 @@ class VLLMBackend:
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Chat prompt as token ids with ONE (unexpanded) image placeholder: vLLM's multimodal
         processor expands it in token space."""
-        text = self.processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+        text = chat_prompt(self.processor, prompt)
         bos = self.tokenizer.bos_token
         add_special = not (bos is not None and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
