@@ -178,16 +178,17 @@ def cli_command(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def show_failure(message: str, as_json: bool) -> None:
-    """One 'error:' line on stderr, and the JSON error object on stdout with --json."""
+def show_failure(message: str, as_json: bool, result: dict | None = None) -> None:
+    """One 'error:' line on stderr, and with --json the JSON error object on stdout: ``result`` when
+    the command has more to report (a round's id and status), else ``{"ok": false, "error": ...}``."""
     if as_json:
-        emit({"ok": False, "error": message}, True)
+        emit({"ok": False, "error": message} if result is None else result, True)
     say(f"error: {message}", err=True)
 
 
-def fail(message: str, code: int, as_json: bool) -> None:
+def fail(message: str, code: int, as_json: bool, result: dict | None = None) -> None:
     """``show_failure``, then exit with ``code``."""
-    show_failure(message, as_json)
+    show_failure(message, as_json, result)
     raise typer.Exit(code) from None
 
 
@@ -981,10 +982,8 @@ def train_cmd(
     ok = row["status"] == "done"
     result = {"ok": ok, "round": round_id, **summary, "metrics": row.get("metrics") or {}}
     if not ok:
-        if as_json:
-            emit(result, True)
-        say(f"error: round {round_id} {row['status']}: {row.get('error') or 'no reason recorded'}", err=True)
-        raise typer.Exit(EXIT_FAILURE)
+        fail(f"round {round_id} {row['status']}: {row.get('error') or 'no reason recorded'}", EXIT_FAILURE, as_json,
+             result)
 
     def human() -> str:
         metrics = row.get("metrics") or {}
@@ -1074,10 +1073,7 @@ def cancel_cmd(
         emit(result, as_json, f"round {round_id} is already {was}: nothing to cancel")
     elif row["status"] == "done":  # it finished between the two reads: the cancel came too late
         result.update(ok=False, error=f"round {round_id} finished before the cancel reached it")
-        if as_json:
-            emit(result, True)
-        say(f"error: {result['error']}", err=True)
-        raise typer.Exit(EXIT_FAILURE)
+        fail(result["error"], EXIT_FAILURE, as_json, result)
     elif row["status"] in ACTIVE:  # the stop signal is sent; the process has not ended yet
         emit(result, as_json, f"round {round_id}: cancel requested, still {row['status']} (see lvlm-studio rounds)")
     else:
