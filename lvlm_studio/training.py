@@ -1,12 +1,14 @@
 """A DPO round: reviewed preference pairs → a new LoRA adapter (TRL ``DPOTrainer`` + PEFT).
 
-Round lineage (CSR's iterations): round t starts from the model of round t−1 *merged* (the base
-with every earlier round's adapter merged in order) and trains a fresh LoRA on top. With PEFT,
-TRL's reference model is the policy with the adapter disabled, which is exactly that merged
-parent, so the reference of round t is the model of round t−1, as the CSR reference does it.
-An adapter is therefore only meaningful on top of its parents: each adapter directory carries
-``lineage.json`` (base model + the parent adapter chain), and ``materialize_round_model(base,
-chain)`` rebuilds a round's model by merging the chain in order.
+Round lineage (CSR's iterations): round t starts from the model of round t−1 (the base with
+every earlier round's adapter added in order) and trains a fresh LoRA on top. With PEFT, TRL's
+reference model is the policy with the adapter disabled, which is exactly that parent, so the
+reference of round t is the model of round t−1, as the CSR reference does it. The parents are
+merged into float32 weights (exact) and stacked beside bf16, fp16 or quantized ones
+(``DPORoundConfig.parent_lineage``, ``models.lora.stack_loras``), where merging would round small
+updates into noise. An adapter is only meaningful on top of its parents: each adapter directory
+carries ``lineage.json`` (base model + the parent adapter chain), and
+``materialize_round_model(base, chain)`` rebuilds a round's model by merging the chain in order.
 
 Losses (``DPORoundConfig``):
   * plain DPO: TRL ``loss_type=["sigmoid"]``, β = 0.1 (all three papers).
@@ -34,8 +36,8 @@ Hardware: on CUDA the config's None picks bf16 and gradient checkpointing, on CP
 what a round actually ran with is read off the trained model into ``lineage["hardware"]``. bf16,
 gradient checkpointing (tests/test_gpu_recipe.py) and 4/8-bit QLoRA (tests/test_quantized.py) are
 tested on CPU; the CUDA device itself is not (the development machines have no GPU). With
-quantization, round t's parent chain is merged into the quantized base (PEFT re-quantizes the merged
-weights, so the reference carries that rounding).
+quantization, round t's parent chain is stacked on the quantized base ("auto"; merging it would
+re-quantize the weights, so the reference would carry that rounding).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust
 
 
 SFT_NORMALIZATIONS = ("token_mean", "sum_1024")  # DPORoundConfig.sft_normalization
+PARENT_LINEAGES = ("auto", "merged", "stacked")  # DPORoundConfig.parent_lineage
 SFT_SUM_SCALE = 1024.0  # STIC's reference divides each answer's summed NLL by this
 
 DPO_LEARNING_RATE = 2e-4  # the demo's DPO lr (DPORoundConfig.learning_rate says why)
@@ -163,6 +166,13 @@ class DPORoundConfig:
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
     quantization: str | None = None  # "4bit" | "8bit" (QLoRA; bitsandbytes; tested on CPU, not on CUDA)
+    # How round t holds its parent rounds while it trains (the model it starts from and its DPO
+    # reference). "merged": added into the weights, exact in float32. "stacked": kept beside the
+    # weights as frozen low-rank updates each adapted layer adds to its output (models/lora.py), so
+    # updates below bf16's or 4/8-bit weights' resolution are not rounded away (a 7B at the papers'
+    # lr 1e-7 changes a weight by ~1e-6 against a bf16 resolution of ~1e-4). "auto": stacked when
+    # the weights are not float32 (bf16, fp16, quantized), merged otherwise (the CPU demo).
+    parent_lineage: str = "auto"
     device: str = "auto"
     # Data-parallel training: > 1 starts the round job under torchrun (the launcher `accelerate
     # launch --multi_gpu` runs underneath) with one worker per device; each worker trains on its
@@ -246,6 +256,8 @@ class DPORoundConfig:
             raise ValueError(f"loss_type must be one of TRL's {', '.join(TRL_DPO_LOSS_TYPES)}; not {self.loss_type!r}")
         if self.extractor not in ("auto", "shapesworld", "coco"):
             raise ValueError(f"extractor must be 'auto', 'shapesworld' or 'coco', not {self.extractor!r}")
+        if self.parent_lineage not in PARENT_LINEAGES:
+            raise ValueError(f"parent_lineage must be one of {', '.join(PARENT_LINEAGES)}, not {self.parent_lineage!r}")
         if self.objective not in ("dpo", "stic_infusion"):
             raise ValueError(f"objective must be 'dpo' or 'stic_infusion', not {self.objective!r}")
         if self.povid_stage1_epochs and self.loss_type != "sigmoid":
@@ -493,19 +505,11 @@ def load_base_model(base_model_path: str, device: str = "cpu", bf16: bool = Fals
 
 
 def merge_chain(model, chain: Sequence[str], errors: list | None = None):
-    """Merge each adapter of ``chain`` into ``model`` in order (each was trained on the previous
-    ones merged, so sequential merging rebuilds that round's model). With ``errors``, each
-    adapter's ``merge_rounding_error`` is appended to it."""
-    from peft import PeftModel
+    """Merge each adapter of ``chain`` into ``model`` in order (``models.lora.merge_loras``). With
+    ``errors``, each adapter's ``merge_rounding_error`` is appended to it."""
+    from lvlm_studio.models.lora import merge_loras
 
-    for adapter in chain:
-        if not Path(adapter).is_dir():
-            raise FileNotFoundError(f"adapter directory {adapter!r} is missing")
-        peft_model = PeftModel.from_pretrained(model, adapter)
-        if errors is not None:
-            errors.append(merge_rounding_error(peft_model))
-        model = peft_model.merge_and_unload()
-    return model
+    return merge_loras(model, chain, None if errors is None else lambda peft: errors.append(merge_rounding_error(peft)))
 
 
 # Above this, rounding noise outweighs half of an adapter's update once merged (merge_rounding_error).
@@ -901,31 +905,27 @@ def concatenate_loras(adapter_dirs: Sequence[str | os.PathLike], out_dir: str | 
     The adapters must target the same modules with plain LoRA (no DoRA, rank or alpha patterns,
     modules_to_save)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    configs = [json.loads((Path(d) / "adapter_config.json").read_text()) for d in adapter_dirs]
-    weights = [load_file(str(Path(d) / "adapter_model.safetensors")) for d in adapter_dirs]
-    for d, cfg, w in zip(adapter_dirs, configs, weights, strict=True):
-        unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)]
-        if unsupported or set(w) != set(weights[0]):
-            raise ValueError(f"cannot concatenate LoRA adapter {d}: "
-                             f"{', '.join(unsupported) or 'it adapts other modules than the first'}")
-    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
+    from lvlm_studio.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lora
+
+    configs, weights, scales = zip(*(read_lora(d) for d in adapter_dirs), strict=True)
+    for d, w in zip(adapter_dirs, weights, strict=True):
+        if set(w) != set(weights[0]):
+            raise ValueError(f"cannot concatenate LoRA adapter {d}: it adapts other modules than the first")
     merged: dict[str, torch.Tensor] = {}
     for key in weights[0]:
-        if ".lora_A." in key:
+        if key.endswith(".lora_A.weight"):
             merged[key] = torch.cat([s * w[key].float() for s, w in zip(scales, weights, strict=True)], dim=0)
-        elif ".lora_B." in key:
+        else:  # lora_B (read_lora refuses any other tensor)
             merged[key] = torch.cat([w[key].float() for w in weights], dim=1)
-        else:
-            raise ValueError(f"cannot concatenate LoRA adapters: unexpected tensor {key!r}")
         merged[key] = merged[key].to(weights[0][key].dtype).contiguous()
     rank = sum(int(c["r"]) for c in configs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=False)
-    save_file(merged, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(merged, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {**configs[0], "r": rank, "lora_alpha": rank, "use_rslora": False}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -1077,7 +1077,7 @@ def _warmup_leaves_a_step(trainer_class):
 
 def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, rows: Sequence[dict],
                     lineage: dict) -> tuple[Any, Any, dict[str, Any]]:
-    """The model a round trains (base + parent chain merged, quantized and prepared when asked) on
+    """The model a round trains (base + parent chain merged or stacked, quantized and prepared when asked) on
     this worker's device, its processor, and the hardware it resolved. The rows' sequence lengths
     are checked first (``check_sequence_lengths``, into ``lineage["lengths"]``)."""
     import torch
@@ -1099,16 +1099,22 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
         warnings.warn("LVLM_STUDIO_SYSTEM_PROMPT is set, but this model's chat template writes no system turn: "
                       "the round trains without it", stacklevel=2)
     lineage["lengths"] = check_sequence_lengths(processor, rows, config.max_length)  # fails fast, clearly
-    errors: list[float | None] = []
-    model = merge_chain(model, chain, errors)
-    lineage["parent_merge_error"] = errors
-    worst = max((e for e in errors if e is not None), default=None)
-    if worst is not None and worst > MERGE_ERROR_WARN:
-        warnings.warn(
-            f"merging the parent rounds into {model.dtype} weights kept their updates only up to a rounding error "
-            f"of {worst:.2f} (0 = exact; 1 = the update lost): updates this small (a low learning "
-            "rate) fall below the dtype's resolution, and this round trains from, and against, a noisy parent. "
-            "--config bf16=false trains in float32 (about twice the memory)", stacklevel=2)
+    lineage["parent_lineage"] = parent_lineage(config, model) if chain else None
+    if lineage["parent_lineage"] == "stacked":
+        from lvlm_studio.models.lora import stack_loras
+
+        stack_loras(model, chain)
+    else:
+        errors: list[float | None] = []
+        model = merge_chain(model, chain, errors)
+        lineage["parent_merge_error"] = errors
+        worst = max((e for e in errors if e is not None), default=None)
+        if worst is not None and worst > MERGE_ERROR_WARN:
+            warnings.warn(
+                f"merging the parent rounds into {model.dtype} weights kept their updates only up to a rounding "
+                f"error of {worst:.2f} (0 = exact; 1 = the update lost): updates this small (a low learning "
+                "rate) fall below the dtype's resolution, and this round trains from, and against, a noisy "
+                "parent. --config parent_lineage=stacked keeps them (the default for such weights)", stacklevel=2)
     base_dtype = model.dtype
     if config.quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -1116,6 +1122,16 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
     return model, processor, {"device": device, "cuda": cuda, "bf16": bf16, "grad_ckpt": grad_ckpt,
                               "base_dtype": base_dtype}
+
+
+def parent_lineage(config: DPORoundConfig, model) -> str:
+    """"merged" or "stacked": how ``model`` (the loaded base) takes the parent chain
+    (``DPORoundConfig.parent_lineage``; "auto" stacks unless the weights are float32)."""
+    from lvlm_studio.models.lora import merges_exactly
+
+    if config.parent_lineage != "auto":
+        return config.parent_lineage
+    return "merged" if merges_exactly(model) else "stacked"
 
 
 def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: float, setup: dict) -> None:

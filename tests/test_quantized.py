@@ -12,6 +12,7 @@ from test_training import _mean_margin, _pairs
 
 from lvlm_studio.models.base import GenerationParams, MissingDependencyError
 from lvlm_studio.models.hf import HFBackend, quantization_config
+from lvlm_studio.models.lora import stack_loras
 from lvlm_studio.models.tiny import TinyLlavaSpec, build_tiny_llava
 from lvlm_studio.training import (
     DPORoundConfig,
@@ -58,16 +59,19 @@ def test_qlora_rounds_on_a_4bit_base_train_chain_and_generate(tiny64, tmp_path):
     before = _mean_margin(base, processor, pairs)
     assert _mean_margin(merge_chain(base, [r1.adapter_path]), processor, pairs) > before + 1.0
 
-    # Round 2 starts from round 1 merged into the 4-bit base, which is also its reference: its
-    # first step (one batch = all pairs) sees round 1's chosen-minus-rejected margin, not the base's.
+    # Round 2 starts from round 1 stacked on the 4-bit base (parent_lineage "auto": merging would
+    # re-quantize round 1's update into the 4-bit weights), which is also its reference: its first
+    # step (one batch = all pairs) sees round 1's chosen-minus-rejected margin, not the base's.
     r2 = train_round(pairs, tiny64, [r1.adapter_path], tmp_path / "r2", _config("4bit", num_epochs=1, batch_size=16))
     first = next(c for c in r2.curve if "loss" in c)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert r2.lineage["parent_lineage"] == "stacked"
     base_q, _ = load_base_model(tiny64, "cpu", quantization="4bit")
     base_margin = _mean_margin(base_q, processor, pairs)
-    merged_margin = _mean_margin(merge_chain(base_q, [r1.adapter_path]), processor, pairs)
-    assert merged_margin > base_margin + 1.0
-    assert first["logps/chosen"] - first["logps/rejected"] == pytest.approx(merged_margin, abs=0.2)
+    stack_loras(base_q, [r1.adapter_path])
+    stacked_margin = _mean_margin(base_q, processor, pairs)
+    assert stacked_margin > base_margin + 1.0
+    assert first["logps/chosen"] - first["logps/rejected"] == pytest.approx(stacked_margin, abs=0.01)
     assert adapter_chain(r2.adapter_path) == [r1.adapter_path, r2.adapter_path]
     assert r2.lineage["hardware"]["quantization"] == "4bit"
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from lvlm_studio.models.tiny import build_tiny_llava
+from lvlm_studio.models.tiny import TinyLlavaSpec, build_tiny_llava
 from lvlm_studio.training import (
     CURVE_KEYS,
     DPORoundConfig,
@@ -734,10 +735,11 @@ def test_merging_a_tiny_update_into_bf16_weights_is_measured_and_warned_about(ti
         errors[name] = merge_rounding_error(PeftModel.from_pretrained(model, path))
     assert errors["small"] > 0.9 and errors["large"] < MERGE_ERROR_WARN < 0.9  # 1: the update is lost
     assert merge_rounding_error(PeftModel.from_pretrained(load_base_model(tiny)[0], small)) is None  # float32: exact
-    cfg = DPORoundConfig(max_steps=1, bf16=True, sft_weight=0.0)
-    with pytest.warns(UserWarning, match=r"rounding error of \d+\.\d\d .* --config bf16=false"):
+    cfg = DPORoundConfig(max_steps=1, bf16=True, sft_weight=0.0, parent_lineage="merged")
+    with pytest.warns(UserWarning, match=r"rounding error of \d+\.\d\d .* --config parent_lineage=stacked"):
         result = train_round(_pairs(4), tiny, [small], tmp_path / "round", cfg)
     assert result.lineage["parent_merge_error"] == [pytest.approx(errors["small"])]
+    assert result.lineage["parent_lineage"] == "merged"
 
 
 def test_the_sft_term_can_be_normalised_as_stics_reference_code_does(tiny, tmp_path):
@@ -813,3 +815,75 @@ def test_a_system_prompt_is_asked_alike_in_generation_and_training(tiny, tmp_pat
     monkeypatch.delenv("LVLM_STUDIO_SYSTEM_PROMPT")
     assert backend.chat_text(pair["prompt"]) == plain and build_dpo_dataset([pair])[0]["prompt"] == [
         {"role": "user", "content": pair["prompt"]}]
+
+
+def test_a_stacked_parent_keeps_an_update_that_merging_into_bf16_turns_into_noise(capsys):
+    """benchmarks/lineage_precision.py: a 2048-wide bf16 layer and a LoRA update of mean size 2e-5
+    (a weight's bf16 resolution is ~1e-4 there). Merged into the weights, the layer's output moves
+    by rounding noise larger than the update itself; stacked, by the update, up to the bf16
+    output's own rounding."""
+    from benchmarks import lineage_precision
+
+    errors = lineage_precision.main(["--sizes", "2e-5"])[2e-5]
+    assert errors["merged"] > 1.2  # worse than no update at all
+    assert errors["stacked"] < 0.85 and errors["stacked"] < errors["merged"] / 1.5
+    assert "merged  stacked" in capsys.readouterr().out
+
+
+def test_stacking_a_chain_computes_what_merging_it_does_in_float32(tiny, tmp_path):
+    """Adapters that adapt different modules stack into one update per module; in float32 the
+    stacked model's logits are the merged chain's. A chain for another model, a second stack on the
+    same layers and a DoRA adapter are refused."""
+    from lvlm_studio.models.lora import stack_loras
+
+    first = _random_lora(tiny, tmp_path / "a", r=4, alpha=16, seed=1)
+    second = _random_lora(tiny, tmp_path / "b", r=8, alpha=8, seed=2, target=r".*\blanguage_model\b.*\.(k_proj|q_proj)")
+    model, processor = load_base_model(tiny)
+    pairs = _pairs(3)
+    merged = sequence_logprobs(merge_chain(load_base_model(tiny)[0], [first, second]), processor, pairs, "chosen")
+    base = sequence_logprobs(model, processor, pairs, "chosen")
+    assert stack_loras(model, [first, second]) == 3  # q, k and v of the one text layer
+    stacked = sequence_logprobs(model, processor, pairs, "chosen")
+    assert max(abs(m - b) for m, b in zip(merged, base, strict=True)) > 0.05  # the chain does something
+    assert stacked == pytest.approx(merged, abs=1e-4)
+    assert not any("stacked" in key for key in model.state_dict())  # the chain is not saved with the model
+    with pytest.raises(ValueError, match="already holds"):
+        stack_loras(model, [first])
+    other = build_tiny_llava(tmp_path / "other", spec=TinyLlavaSpec(text_width=48))
+    with pytest.raises(ValueError, match="the layer is"):
+        stack_loras(load_base_model(str(other))[0], [first])
+    config = json.loads((Path(first) / "adapter_config.json").read_text())
+    (Path(first) / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="not plain LoRA .*use_dora"):
+        stack_loras(load_base_model(tiny)[0], [first])
+
+
+def test_a_round_trains_from_and_against_its_stacked_parent_chain(tiny, tmp_path):
+    """parent_lineage "stacked": the round's first step sees the parent chain's log-probs (policy
+    and reference are both base + chain: margin 0), and its adapter goes on top of the chain like
+    a merged-lineage one. "auto" stacks on bf16 weights and merges on float32 ones."""
+    pairs = _pairs(4)
+    parent = _random_lora(tiny, tmp_path / "parent", r=4, alpha=16, seed=1)
+    model, processor = load_base_model(tiny)
+    base = sequence_logprobs(model, processor, pairs, "chosen")
+    chain_logps = sequence_logprobs(merge_chain(model, [parent]), processor, pairs, "chosen")
+    assert max(abs(c - b) for c, b in zip(chain_logps, base, strict=True)) > 0.1  # the parent matters
+    cfg = DPORoundConfig(max_steps=2, batch_size=4, max_length=None, sft_weight=0.0, learning_rate=5e-3,
+                         parent_lineage="stacked")
+    result = train_round(pairs, tiny, [parent], tmp_path / "round", cfg)
+    first = next(rec for rec in result.curve if "rewards/margins" in rec)
+    assert first["logps/chosen"] == pytest.approx(sum(chain_logps) / len(pairs), abs=1e-3)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert result.lineage["parent_lineage"] == "stacked" and "parent_merge_error" not in result.lineage
+    assert adapter_chain(result.adapter_path) == [parent, result.adapter_path]
+    trained, _ = materialize_round_model(tiny, adapter_chain(result.adapter_path))
+    assert sequence_logprobs(trained, processor, pairs, "chosen") != pytest.approx(chain_logps, abs=1e-4)
+
+    auto = DPORoundConfig(max_steps=1, sft_weight=0.0)
+    bf16 = train_round(pairs, tiny, [parent], tmp_path / "bf16", replace(auto, bf16=True))
+    fp32 = train_round(pairs, tiny, [parent], tmp_path / "fp32", auto)
+    first_round = train_round(pairs, tiny, None, tmp_path / "first", replace(auto, bf16=True))
+    assert (bf16.lineage["parent_lineage"], fp32.lineage["parent_lineage"]) == ("stacked", "merged")
+    assert first_round.lineage["parent_lineage"] is None
+    with pytest.raises(ValueError, match="parent_lineage must be one of auto, merged, stacked"):
+        DPORoundConfig(parent_lineage="unmerged")

@@ -1,0 +1,139 @@
+"""LoRA adapters as low-rank factors: read a PEFT adapter folder, and stack a chain of adapters on a
+model without merging them.
+
+Merging an adapter adds its update ΔW = s·B·A into the weights, which is exact in float32 but rounds
+the update to the weights' resolution in bfloat16 (8 bits of a weight) or 4/8-bit weights: an update
+far below it is lost or turns into noise (``training.merge_rounding_error``). Stacking keeps the
+weights as they are and adds the chain's update to each adapted layer's output instead, computed in
+float32 from the factors (x·Wᵀ + x·Aᵀ·Bᵀ, the form PEFT computes an unmerged adapter in), so the
+update never passes through the weights' rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's saved keys: "base_model.model.<module path>.lora_A.weight" (and lora_B).
+_KEY_PREFIX = "base_model.model."
+# adapter_config.json options whose update is not s·B·A on a plain linear layer's output.
+_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "lora_bias",
+                "layer_replication", "trainable_token_indices", "target_parameters")
+# Buffer names on a stacked layer (not saved with the model: persistent=False).
+STACKED_A, STACKED_B = "stacked_lora_A", "stacked_lora_B"
+
+
+def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], float]:
+    """(adapter_config, weights, scaling) of a plain-LoRA PEFT adapter folder; scaling is PEFT's
+    α/r (α/√r with rsLoRA). Anything else (DoRA, per-module ranks, extra trained modules, LoRA
+    biases) is refused: its update is not the one this module computes."""
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"adapter directory {str(adapter_dir)!r} is missing or holds no "
+                                f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    unsupported = [k for k in _UNSUPPORTED if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"LoRA adapter {str(adapter_dir)!r} is not plain LoRA "
+                         f"({', '.join(unsupported) or config.get('peft_type')})")
+    weights = load_file(str(folder / ADAPTER_WEIGHTS))
+    for key in weights:
+        if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+            raise ValueError(f"LoRA adapter {str(adapter_dir)!r}: unexpected tensor {key!r}")
+    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    return config, weights, scaling
+
+
+def lora_factors(adapter_dirs: Sequence[str | os.PathLike]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per adapted module path, float32 factors (A, B) of the chain's summed update: A = [s1·A1; s2·A2; …],
+    B = [B1, B2, …], so B·A = Σ sᵢ·Bᵢ·Aᵢ. The adapters may adapt different modules."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for adapter_dir in adapter_dirs:
+        _, weights, scaling = read_lora(adapter_dir)
+        for key, a in weights.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            stem = key[: -len(".lora_A.weight")]
+            b = weights.get(f"{stem}.lora_B.weight")
+            if b is None:
+                raise ValueError(f"LoRA adapter {str(adapter_dir)!r}: {key!r} has no lora_B")
+            path = stem[len(_KEY_PREFIX):] if stem.startswith(_KEY_PREFIX) else stem
+            parts.setdefault(path, []).append((scaling * a.float(), b.float()))
+    return {path: (torch.cat([a for a, _ in ab], dim=0), torch.cat([b for _, b in ab], dim=1))
+            for path, ab in parts.items()}
+
+
+def _add_stacked_update(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    a, b = getattr(module, STACKED_A), getattr(module, STACKED_B)
+    x = args[0]
+    update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b)
+    return output + update.to(output.dtype)
+
+
+def stack_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike]) -> int:
+    """Add the chain's update to ``model`` without merging it: each adapted layer keeps its weights
+    and gets the chain's float32 factors as buffers (they follow ``.to(device)``, are not saved) and
+    a forward hook adding x·Aᵀ·Bᵀ to its output. A PEFT adapter trained on top wraps these layers and
+    calls them, so its "adapter disabled" model (TRL's reference) is base + chain. Returns the number
+    of layers stacked."""
+    factors = lora_factors(adapter_dirs)
+    modules = dict(model.named_modules())
+    for path, (a, b) in factors.items():
+        module = modules.get(path)
+        if module is None:
+            raise ValueError(f"the LoRA chain adapts {path!r}, which this model does not have "
+                             "(was it trained on another base model?)")
+        if hasattr(module, STACKED_A):
+            raise ValueError(f"{path!r} already holds a stacked LoRA chain")
+        weight = getattr(module, "weight", None)
+        in_features = getattr(module, "in_features", None)
+        out_features = getattr(module, "out_features", None)
+        if weight is None or (in_features, out_features) != (a.shape[1], b.shape[0]):
+            raise ValueError(f"the LoRA chain's update for {path!r} is {b.shape[0]}×{a.shape[1]}, "
+                             f"the layer is {out_features}×{in_features}")
+        module.register_buffer(STACKED_A, a.to(weight.device), persistent=False)
+        module.register_buffer(STACKED_B, b.to(weight.device), persistent=False)
+        module.register_forward_hook(_add_stacked_update)
+    return len(factors)
+
+
+def merge_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike], on_each=None) -> torch.nn.Module:
+    """Merge each adapter of the chain into ``model`` in order (each was trained on the previous
+    ones, so sequential merging rebuilds that round's model); exact in float32. ``on_each(peft_model)``
+    is called with each adapter loaded, before its merge."""
+    from peft import PeftModel
+
+    for adapter in adapter_dirs:
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory {str(adapter)!r} is missing")
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        if on_each is not None:
+            on_each(peft_model)
+        model = peft_model.merge_and_unload()
+    return model
+
+
+def merges_exactly(model: torch.nn.Module) -> bool:
+    """Whether merging an adapter into ``model``'s weights keeps its update: float32 weights, not
+    quantized ones (bf16 keeps 8 bits of a weight; 4/8-bit weights are re-quantized)."""
+    quantized = getattr(model, "hf_quantizer", None) is not None or any(
+        not p.dtype.is_floating_point for p in model.parameters())
+    return not quantized and next(model.parameters()).dtype == torch.float32
+
+
+def add_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike]) -> tuple[torch.nn.Module, str]:
+    """``model`` with the chain added the way its weights keep it: merged into float32 weights
+    (exact), stacked beside bf16, fp16 or quantized ones. Returns (model, "merged" | "stacked")."""
+    if merges_exactly(model):
+        return merge_loras(model, adapter_dirs), "merged"
+    stack_loras(model, adapter_dirs)
+    return model, "stacked"
