@@ -480,14 +480,19 @@ class Studio:
         return rnd["adapter_path"]
 
     def backend(self, model: str = "demo", round_id: int | None = None) -> Any:
-        """A loaded backend (models/registry caches it per ref + adapter). A round's model is the
-        base + every adapter of its lineage merged in order: from round 2 on, the parent chain is
-        merged once into ``merged/round_<parent>`` and the round's own adapter goes on top."""
+        """A loaded backend (models/registry caches it per ref + adapters). A round's model is the
+        base + every adapter of its lineage, in order: the hf backend takes the whole chain (merged
+        into float32 weights, stacked beside bf16 or quantized ones, as training holds a round's
+        parents); vLLM serves one adapter, so from round 2 on its parent chain is merged once into
+        ``merged/round_<parent>`` and the round's own adapter goes on top."""
+        from lvlm_studio import jobs
         from lvlm_studio.models.registry import load_backend
 
-        adapter = self._round_adapter(round_id)
-        if adapter is not None:
+        adapter: str | list[str] | None = self._round_adapter(round_id)
+        if adapter is not None and self.settings.backend == "vllm":
             model = self._merged_parent(model, int(round_id))
+        elif adapter is not None:
+            adapter = jobs.adapter_lineage(self.store, int(round_id))
         return load_backend(model, backend=self.settings.backend, device=self.settings.device, adapter=adapter)
 
     def _merged_parent(self, model: str, round_id: int) -> str:

@@ -227,39 +227,75 @@ def test_pick_lr_keeps_recall_then_chair():
     assert demo_loop.pick_lr([t(1e-3, None, None, "failed")])[0] is None
 
 
+def _two_rounds(studio, vlm, tmp_path) -> tuple[int, list[str]]:
+    """Rounds 1 and 2 (done) with random, non-zero adapters: (round 2's id, its chain)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lvlm_studio.training import load_base_model, lora_target_modules
+
+    parent, chain = 0, []
+    for k in (1, 2):
+        torch.manual_seed(k)
+        model, _ = load_base_model(vlm)
+        peft_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                              target_modules=lora_target_modules(model, "all-linear"))
+        adapter = tmp_path / f"adapter_{k}"
+        get_peft_model(model, peft_cfg).save_pretrained(adapter)
+        rid = studio.store.create_round(parent, vlm, {})
+        studio.store.update_round(rid, status="done", adapter_path=str(adapter))
+        parent, chain = rid, [*chain, str(adapter)]
+    return parent, chain
+
+
 def test_studio_backend_of_a_later_round_merges_the_whole_lineage(tiny_models, tmp_path):
     """Round t's pairs come from round t−1's model = base + every adapter of its lineage merged
     (what the round job evaluates), not base + the round's own adapter only."""
-    from peft import LoraConfig, get_peft_model
-
     from lvlm_studio.config import Settings
     from lvlm_studio.service import Studio
-    from lvlm_studio.training import load_base_model, lora_target_modules, materialize_round_model
+    from lvlm_studio.training import materialize_round_model
 
     vlm, clip = tiny_models
     studio = Studio(Settings(home=tmp_path / "home", model=vlm, clip=clip, device="cpu"), users={}, admins=())
     try:
-        parent, chain = 0, []
-        for k in (1, 2):
-            torch.manual_seed(k)
-            model, _ = load_base_model(vlm)
-            peft_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # random, non-zero deltas
-                                  target_modules=lora_target_modules(model, "all-linear"))
-            adapter = tmp_path / f"adapter_{k}"
-            get_peft_model(model, peft_cfg).save_pretrained(adapter)
-            rid = studio.store.create_round(parent, vlm, {})
-            studio.store.update_round(rid, status="done", adapter_path=str(adapter))
-            parent, chain = rid, [*chain, str(adapter)]
+        last, chain = _two_rounds(studio, vlm, tmp_path)
         expected, _ = materialize_round_model(vlm, chain)
         only_own, _ = materialize_round_model(vlm, chain[-1:])
-        got = dict(studio.backend(vlm, parent).model.named_parameters())
+        got = dict(studio.backend(vlm, last).model.named_parameters())
 
         def max_diff(model) -> float:
             return max((got[n] - p).abs().max().item() for n, p in model.named_parameters())
 
         assert max_diff(expected) < 1e-5
         assert max_diff(only_own) > 1e-3  # the check can fail: the first adapter matters
-        assert (tmp_path / "home" / "merged" / "round-1" / "config.json").is_file()
+        assert not (tmp_path / "home" / "merged").exists()  # the hf backend takes the chain itself
+    finally:
+        studio.store.close()
+        clear_cache()
+
+
+def test_vllm_gets_a_later_round_as_its_merged_parent_plus_its_own_adapter(tiny_models, tmp_path, monkeypatch):
+    """vLLM serves one LoRA adapter: from round 2 on the parent chain is merged once into a saved
+    model under merged/, and the round's own adapter goes on top of it."""
+    from transformers import AutoModelForImageTextToText
+
+    from lvlm_studio.config import Settings
+    from lvlm_studio.models import registry
+    from lvlm_studio.service import Studio
+    from lvlm_studio.training import materialize_round_model
+
+    calls = []
+    monkeypatch.setattr(registry, "load_backend", lambda ref, **kw: calls.append((ref, kw)) or "loaded")
+    vlm, clip = tiny_models
+    studio = Studio(Settings(home=tmp_path / "home", model=vlm, clip=clip, device="cpu", backend="vllm"),
+                    users={}, admins=())
+    try:
+        last, chain = _two_rounds(studio, vlm, tmp_path)
+        assert studio.backend(vlm, last) == "loaded"
+        merged = tmp_path / "home" / "merged" / "round-1"
+        assert calls == [(str(merged), {"backend": "vllm", "device": "cpu", "adapter": chain[1]})]
+        saved = AutoModelForImageTextToText.from_pretrained(merged).state_dict()
+        parent = materialize_round_model(vlm, chain[:1])[0].state_dict()
+        assert max((saved[k] - v).abs().max().item() for k, v in parent.items()) < 1e-6
     finally:
         studio.store.close()
         clear_cache()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lvlm_studio.models.base import GenerationParams as GP
+from lvlm_studio.models.base import ModelLoadError
 from lvlm_studio.models.hf import HFBackend
 from lvlm_studio.models.tiny import build_tiny_llava
 
@@ -238,6 +239,38 @@ def test_bfloat16_and_lora_adapter(model_dir, be, images, tmp_path):
     # the unmerged PeftModel still decodes through the same loop
     g = unmerged.extend(unmerged.open_prefix(images[0], PROMPTS[0]), [cont[0][:2]], params=GP(max_new_tokens=4))[0][0]
     close(g.token_logprobs, unmerged.score(images[:1], PROMPTS[:1], [cont[0][:2] + g.token_ids])[0][2:])
+
+
+def test_a_round_chain_is_merged_into_float32_weights_and_stacked_beside_bf16_ones(model_dir, be, images, tmp_path):
+    """A round's model is base + its chain of adapters. In float32 they are merged (exact); in bf16
+    merging would round small updates into the weights, so the chain is stacked beside them: the
+    weights stay the base's and the scores follow the float32 chain."""
+    from peft import LoraConfig, get_peft_model
+
+    from lvlm_studio.models.lora import STACKED_A
+
+    chain = []
+    for k, targets in enumerate((["q_proj", "v_proj"], ["k_proj", "q_proj"])):
+        torch.manual_seed(k)
+        get_peft_model(copy.deepcopy(be.model), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+                       ).save_pretrained(tmp_path / f"a{k}")
+        chain.append(str(tmp_path / f"a{k}"))
+    cont = [be.encode_text("there is a red circle")]
+    fp32 = HFBackend.from_pretrained(str(model_dir), device="cpu", adapter=chain)
+    one_by_one = HFBackend.from_pretrained(str(model_dir), device="cpu", adapter=chain[0])
+    bf16 = HFBackend.from_pretrained(str(model_dir), device="cpu", dtype="bfloat16", adapter=chain)
+    assert fp32.model_id == "+".join([str(model_dir), *chain])
+    assert not any(hasattr(m, STACKED_A) for m in fp32.model.modules())
+    stacked = [n for n, m in bf16.model.named_modules() if hasattr(m, STACKED_A)]
+    assert stacked and all(n.endswith(("q_proj", "k_proj", "v_proj")) for n in stacked)
+    base_bf16 = dict(HFBackend.from_pretrained(str(model_dir), device="cpu", dtype="bfloat16").model.named_parameters())
+    assert all(torch.equal(p, base_bf16[n]) for n, p in bf16.model.named_parameters())  # nothing merged
+    lp = {name: b.score(images[:1], PROMPTS[:1], cont)[0] for name, b in
+          (("fp32", fp32), ("bf16", bf16), ("first", one_by_one), ("base", be))}
+    assert max(abs(a - b) for a, b in zip(lp["fp32"], lp["first"], strict=True)) > 1e-2  # the second adapter counts
+    close(lp["bf16"], lp["fp32"], tol=0.05)
+    with pytest.raises(ModelLoadError, match="Check that the adapter was trained on this base model"):
+        HFBackend.from_pretrained(str(model_dir), device="cpu", dtype="bfloat16", adapter=[chain[0], str(model_dir)])
 
 
 # --- extend_many: several prefixes in one decode loop --------------------------------------------

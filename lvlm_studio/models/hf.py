@@ -29,6 +29,7 @@ import copy
 import hashlib
 import inspect
 import itertools
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -331,14 +332,18 @@ class HFBackend:
         path_or_id: str,
         device: str = "auto",
         dtype: str = "auto",
-        adapter: str | None = None,
+        adapter: str | list[str] | tuple[str, ...] | None = None,
         merge_adapter: bool = True,
         quantization: str | None = None,
         local_files_only: bool = False,
     ) -> HFBackend:
-        """Load model + processor (+ an optional PEFT LoRA adapter, merged by default).
+        """Load model + processor (+ an optional PEFT LoRA adapter, or a round's chain of them, oldest
+        first, each trained on the ones before).
 
-        ``quantization`` "4bit"/"8bit" needs bitsandbytes (``quantization_config``).
+        The chain is merged into float32 weights and stacked beside bf16, fp16 or quantized ones
+        (``models.lora.add_loras``: merging would round small updates away). ``merge_adapter=False``
+        keeps one adapter as an unmerged ``PeftModel``. ``quantization`` "4bit"/"8bit" needs
+        bitsandbytes (``quantization_config``).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -358,19 +363,22 @@ class HFBackend:
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
         prepare_processor(processor, path_or_id)
         model_id = str(path_or_id)
-        if adapter is not None:
+        chain = [str(adapter)] if isinstance(adapter, str | os.PathLike) else [str(a) for a in adapter or ()]
+        if chain:
             from peft import PeftModel
 
+            from .lora import add_loras
+
+            if not merge_adapter and len(chain) > 1:
+                raise ValueError("merge_adapter=False keeps one adapter unmerged; a chain is merged or stacked")
             try:
-                model = PeftModel.from_pretrained(model, str(adapter))
+                model = add_loras(model, chain)[0] if merge_adapter else PeftModel.from_pretrained(model, chain[0])
             except Exception as exc:  # peft raises ValueError/OSError/KeyError depending on the fault
                 raise ModelLoadError(
-                    f"Could not load the LoRA adapter {adapter!r} onto {path_or_id!r}: {exc}. "
-                    "Check that the adapter was trained on this base model."
+                    f"Could not load the LoRA adapter{'s' if len(chain) > 1 else ''} {', '.join(chain)} onto "
+                    f"{path_or_id!r}: {exc}. Check that the adapter was trained on this base model."
                 ) from exc
-            if merge_adapter and quantization is None:
-                model = model.merge_and_unload()
-            model_id = f"{model_id}+{adapter}"
+            model_id = "+".join([model_id, *chain])
         if quantization is None:
             model = model.to(device)
         return cls(model, processor, model_id, device)

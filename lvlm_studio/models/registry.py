@@ -144,10 +144,11 @@ def load_backend(
     backend: str = "hf",
     device: str = "auto",
     dtype: str = "auto",
-    adapter: str | None = None,
+    adapter: str | list[str] | tuple[str, ...] | None = None,
     quantization: str | None = None,
 ) -> VLMBackend:
-    """A loaded backend, cached per (ref, backend, adapter, device, dtype, quantization)."""
+    """A loaded backend, cached per (ref, backend, adapter, device, dtype, quantization). ``adapter``
+    is one LoRA adapter folder or, for the hf backend, a round's chain of them (oldest first)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     device = resolve_device(device)
@@ -156,14 +157,19 @@ def load_backend(
         if backend == "vllm":
             raise ValueError("quantization applies to the hf backend; vLLM takes a pre-quantized checkpoint instead")
         quantization_config(quantization, resolve_dtype(dtype, device))  # bad value or no bitsandbytes: now
-    key = (ref, backend, str(adapter) if adapter else None, device, dtype, quantization)
+    chain = (str(adapter),) if isinstance(adapter, str | os.PathLike) else tuple(str(a) for a in adapter or ())
+    if backend == "vllm" and len(chain) > 1:
+        raise ValueError("the vllm backend serves one LoRA adapter: merge the parent chain into the model first")
+    key = (ref, backend, chain or None, device, dtype, quantization)
     with _lock:
         if key in _backends:
             _backends.move_to_end(key)
             return _backends[key]
         path, local = resolve_model_ref(ref)
-        if adapter is not None and not Path(adapter).is_dir():
-            raise ModelLoadError(f"Adapter directory {adapter!r} does not exist.")
+        for folder in chain:
+            if not Path(folder).is_dir():
+                raise ModelLoadError(f"Adapter directory {folder!r} does not exist.")
+        adapter = (chain[0] if len(chain) == 1 else list(chain)) if chain else None
         if backend == "vllm":
             loaded = _load_vllm(ref, path, dtype, adapter)
         else:
