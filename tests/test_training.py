@@ -880,7 +880,7 @@ def test_a_round_trains_from_and_against_its_stacked_parent_chain(tiny, tmp_path
     assert sequence_logprobs(trained, processor, pairs, "chosen") != pytest.approx(chain_logps, abs=1e-4)
 
     auto = DPORoundConfig(max_steps=1, sft_weight=0.0)
-    bf16 = train_round(pairs, tiny, [parent], tmp_path / "bf16", replace(auto, bf16=True))
+    bf16 = train_round(pairs, tiny, [parent], tmp_path / "bf16", replace(auto, bf16=True, gradient_checkpointing=True))
     fp32 = train_round(pairs, tiny, [parent], tmp_path / "fp32", auto)
     first_round = train_round(pairs, tiny, None, tmp_path / "first", replace(auto, bf16=True))
     assert (bf16.lineage["parent_lineage"], fp32.lineage["parent_lineage"]) == ("stacked", "merged")
