@@ -1242,7 +1242,7 @@ def _commit_out(o: _Out) -> None:
 
 # What a data root holds besides its database that an export must never replace (an export folder
 # elsewhere inside it is fine).
-_DATA_ROOT_PARTS = ("images", "adapters", "runs", "merged", ".jobs.lock", ".seed.lock")
+_DATA_ROOT_PARTS = ("images", "adapters", "runs", "merged", "chains", ".jobs.lock", ".seed.lock")
 
 
 def _refuse_data_root(store: Store, out: Path) -> None:

@@ -23,6 +23,7 @@ import operator
 import os
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -483,17 +484,39 @@ class Studio:
         """A loaded backend (models/registry caches it per ref + adapters). A round's model is the
         base + every adapter of its lineage, in order: the hf backend takes the whole chain (merged
         into float32 weights, stacked beside bf16 or quantized ones, as training holds a round's
-        parents); vLLM serves one adapter, so from round 2 on its parent chain is merged once into
-        ``merged/round_<parent>`` and the round's own adapter goes on top."""
+        parents); vLLM takes one adapter (``_vllm_round``)."""
         from lvlm_studio import jobs
         from lvlm_studio.models.registry import load_backend
 
         adapter: str | list[str] | None = self._round_adapter(round_id)
         if adapter is not None and self.settings.backend == "vllm":
-            model = self._merged_parent(model, int(round_id))
+            model, adapter = self._vllm_round(model, int(round_id))
         elif adapter is not None:
             adapter = jobs.adapter_lineage(self.store, int(round_id))
         return load_backend(model, backend=self.settings.backend, device=self.settings.device, adapter=adapter)
+
+    def _vllm_round(self, model: str, round_id: int) -> tuple[str, str]:
+        """(model, adapter) vLLM serves for a round; it applies one LoRA adapter, unmerged. From round
+        2 on that adapter is the round's whole chain concatenated into one (``chains/round-N``, built
+        once: exactly the sum of the updates, so vLLM adds them as training and the hf backend do).
+        A chain that cannot be one adapter (its rounds adapt different modules, or its summed rank is
+        above vLLM's largest) falls back to the parent chain merged into a saved model, which vLLM
+        loads in its dtype, and the round's own adapter on top."""
+        from lvlm_studio import jobs
+        from lvlm_studio.models.lora import lora_rank
+        from lvlm_studio.models.vllm_backend import vllm_lora_rank
+        from lvlm_studio.training import chain_adapter
+
+        chain = jobs.adapter_lineage(self.store, round_id)
+        if len(chain) == 1:
+            return model, chain[0]
+        try:
+            vllm_lora_rank(sum(lora_rank(a) for a in chain))
+            return model, str(chain_adapter(chain, self.settings.home / "chains" / round_dirname(round_id)))
+        except ValueError as exc:
+            warnings.warn(f"round {round_id}'s adapters cannot be served as one ({exc}): vLLM gets its parent "
+                          "rounds merged into a saved model", stacklevel=2)
+            return self._merged_parent(model, round_id), chain[-1]
 
     def _merged_parent(self, model: str, round_id: int) -> str:
         """``model`` when the round's parent is the base model, else a saved directory holding the

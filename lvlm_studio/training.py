@@ -571,23 +571,39 @@ def materialize_round_model(
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        _publish_merged(tmp, out)
+        _publish_folder(tmp, out, "config.json")
     cap_image_pixels(processor)
     return model.to(device), processor
 
 
-def _publish_merged(tmp: Path, out: Path) -> None:
-    """Move a saved merged model into place. Two processes (the app generating with a round, the
-    CLI evaluating it) may build the same one at once: the first complete save stays (a reader may
-    be loading it) and a later one is dropped; only a partial folder is replaced."""
-    if not (out / "config.json").is_file():
+def chain_adapter(adapter_chain: Sequence[str], out_dir: str | os.PathLike) -> Path:
+    """A round's whole adapter chain as one adapter (``concatenate_loras``: exactly the sum of the
+    updates), for a server that applies one LoRA adapter (vLLM); saved once at ``out_dir``."""
+    from lvlm_studio.models.lora import ADAPTER_CONFIG
+
+    out = Path(out_dir)
+    if not (out / ADAPTER_CONFIG).is_file():
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        concatenate_loras(adapter_chain, tmp)
+        _publish_folder(tmp, out, ADAPTER_CONFIG)
+    return out
+
+
+def _publish_folder(tmp: Path, out: Path, marker: str) -> None:
+    """Move a saved folder (a merged model, a chain adapter) into place; ``marker`` is the file a
+    complete one holds. Two processes (the app generating with a round, the CLI evaluating it) may
+    build the same one at once: the first complete save stays (a reader may be loading it) and a
+    later one is dropped; only a partial folder is replaced."""
+    if not (out / marker).is_file():
         if out.exists():
             shutil.rmtree(out)
         try:
             os.replace(tmp, out)
             return
         except OSError:  # the other process's save landed in between (a folder that is not empty)
-            if not (out / "config.json").is_file():
+            if not (out / marker).is_file():
                 raise
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -227,18 +227,18 @@ def test_pick_lr_keeps_recall_then_chair():
     assert demo_loop.pick_lr([t(1e-3, None, None, "failed")])[0] is None
 
 
-def _two_rounds(studio, vlm, tmp_path) -> tuple[int, list[str]]:
-    """Rounds 1 and 2 (done) with random, non-zero adapters: (round 2's id, its chain)."""
+def _two_rounds(studio, vlm, tmp_path, targets=("all-linear", "all-linear")) -> tuple[int, list[str]]:
+    """Rounds 1 and 2 (done) with random, non-zero adapters on ``targets``: (round 2's id, its chain)."""
     from peft import LoraConfig, get_peft_model
 
     from lvlm_studio.training import load_base_model, lora_target_modules
 
     parent, chain = 0, []
-    for k in (1, 2):
+    for k, target in zip((1, 2), targets, strict=True):
         torch.manual_seed(k)
         model, _ = load_base_model(vlm)
         peft_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                              target_modules=lora_target_modules(model, "all-linear"))
+                              target_modules=lora_target_modules(model, target))
         adapter = tmp_path / f"adapter_{k}"
         get_peft_model(model, peft_cfg).save_pretrained(adapter)
         rid = studio.store.create_round(parent, vlm, {})
@@ -273,9 +273,11 @@ def test_studio_backend_of_a_later_round_merges_the_whole_lineage(tiny_models, t
         clear_cache()
 
 
-def test_vllm_gets_a_later_round_as_its_merged_parent_plus_its_own_adapter(tiny_models, tmp_path, monkeypatch):
-    """vLLM serves one LoRA adapter: from round 2 on the parent chain is merged once into a saved
-    model under merged/, and the round's own adapter goes on top of it."""
+def test_vllm_gets_a_later_round_as_one_adapter_holding_its_whole_chain(tiny_models, tmp_path, monkeypatch):
+    """vLLM applies one LoRA adapter, unmerged: from round 2 on it gets the base and the round's
+    chain concatenated into one adapter (chains/round-N), which adds exactly what merging the chain
+    does. Rounds that adapt different modules cannot be one adapter: then the parent chain is merged
+    into a saved model (merged/round-<parent>) and the round's own adapter goes on top, with a warning."""
     from transformers import AutoModelForImageTextToText
 
     from lvlm_studio.config import Settings
@@ -286,16 +288,34 @@ def test_vllm_gets_a_later_round_as_its_merged_parent_plus_its_own_adapter(tiny_
     calls = []
     monkeypatch.setattr(registry, "load_backend", lambda ref, **kw: calls.append((ref, kw)) or "loaded")
     vlm, clip = tiny_models
-    studio = Studio(Settings(home=tmp_path / "home", model=vlm, clip=clip, device="cpu", backend="vllm"),
-                    users={}, admins=())
+
+    def studio_in(home):
+        return Studio(Settings(home=home, model=vlm, clip=clip, device="cpu", backend="vllm"), users={}, admins=())
+
+    def max_diff(a, b) -> float:
+        return max((a[k] - v).abs().max().item() for k, v in b.items())
+
+    studio = studio_in(tmp_path / "home")
     try:
         last, chain = _two_rounds(studio, vlm, tmp_path)
         assert studio.backend(vlm, last) == "loaded"
-        merged = tmp_path / "home" / "merged" / "round-1"
+        one = tmp_path / "home" / "chains" / "round-2"
+        assert calls == [(vlm, {"backend": "vllm", "device": "cpu", "adapter": str(one)})]
+        expected = materialize_round_model(vlm, chain)[0].state_dict()
+        assert max_diff(materialize_round_model(vlm, [str(one)])[0].state_dict(), expected) < 1e-5
+        assert not (tmp_path / "home" / "merged").exists()
+    finally:
+        studio.store.close()
+    calls.clear()
+    studio = studio_in(tmp_path / "home2")
+    try:
+        last, chain = _two_rounds(studio, vlm, tmp_path / "other", targets=("all-linear", ["q_proj"]))
+        with pytest.warns(UserWarning, match="cannot be served as one .*other modules"):
+            studio.backend(vlm, last)
+        merged = tmp_path / "home2" / "merged" / "round-1"
         assert calls == [(str(merged), {"backend": "vllm", "device": "cpu", "adapter": chain[1]})]
         saved = AutoModelForImageTextToText.from_pretrained(merged).state_dict()
-        parent = materialize_round_model(vlm, chain[:1])[0].state_dict()
-        assert max((saved[k] - v).abs().max().item() for k, v in parent.items()) < 1e-6
+        assert max_diff(saved, materialize_round_model(vlm, chain[:1])[0].state_dict()) < 1e-6
     finally:
         studio.store.close()
         clear_cache()

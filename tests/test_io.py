@@ -965,7 +965,7 @@ def test_an_export_never_replaces_the_data_root_through_a_link_nor_its_wal_or_me
     home = settings.home
     alias = tmp_path / "alias"
     alias.symlink_to(home)
-    for target in (alias, alias / "images", home / "merged", home / "studio.db-wal"):
+    for target in (alias, alias / "images", home / "merged", home / "chains", home / "studio.db-wal"):
         with pytest.raises(io.DataExportError, match="data root"):
             io.export_pairs(store, "llava", target, overwrite=True)
     assert store.count_pairs() == 6 and any((home / "images").iterdir())

@@ -618,7 +618,7 @@ def test_a_merged_model_saved_by_another_process_meanwhile_is_kept(tmp_path, mon
         return real_replace(src, dst)
 
     monkeypatch.setattr(training.os, "replace", theirs_first)
-    training._publish_merged(tmp, out)
+    training._publish_folder(tmp, out, "config.json")
     assert (out / "config.json").read_text() == '{"theirs": true}' and not tmp.exists()
 
 

@@ -30,6 +30,11 @@ _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", 
 STACKED_A, STACKED_B = "stacked_lora_A", "stacked_lora_B"
 
 
+def lora_rank(adapter_dir: str | os.PathLike) -> int:
+    """The adapter's LoRA rank r, from its adapter_config.json."""
+    return int(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["r"])
+
+
 def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], float]:
     """(adapter_config, weights, scaling) of a plain-LoRA PEFT adapter folder; scaling is PEFT's
     α/r (α/√r with rsLoRA). Anything else (DoRA, per-module ranks, extra trained modules, LoRA

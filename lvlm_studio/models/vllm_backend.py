@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_prompt
+from .lora import lora_rank
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
 _counter = itertools.count()
@@ -39,7 +39,11 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 def max_lora_rank(adapter_dir: str | Path) -> int:
     """The smallest rank vLLM accepts that holds the adapter's: a rank-128 adapter (the GPU recipe)
     fails to load under vLLM's default 16."""
-    rank = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
+    return vllm_lora_rank(lora_rank(adapter_dir))
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds ``rank`` (ValueError above its largest)."""
     fits = [r for r in VLLM_LORA_RANKS if r >= rank]
     if not fits:
         raise ValueError(f"the adapter's LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
