@@ -6,9 +6,10 @@ a random rank-``--rank`` PEFT LoRA adapter rescaled so its update ΔW has the gi
 size, the layer's output moves from the bf16 base's by d; the figure is ‖d − ΔW·x‖ / ‖ΔW·x‖ over
 random inputs x (0 = the update exactly; 1 = the update lost; above 1 = noise larger than it):
   * merged: ``models.lora.merge_loras`` (PEFT merges ΔW into the bf16 weights),
-  * stacked: ``models.lora.stack_loras`` (the weights stay; the layer adds x·Aᵀ·Bᵀ, computed in float32).
+  * stacked: ``models.lora.stack_loras`` (the weights stay; the layer adds x·Aᵀ·Bᵀ in bf16, as PEFT
+    computes an unmerged adapter).
 
-Usage: python benchmarks/lineage_precision.py [--width 2048] [--rank 8] [--sizes 3e-6 2e-5 2e-4] [--seed 0]
+Usage: python benchmarks/lineage_precision.py [--width 2048] [--rank 8] [--sizes 1e-6 3e-6 2e-5 2e-4] [--seed 0]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[3e-6, 2e-5, 2e-4])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e-6, 3e-6, 2e-5, 2e-4])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"bf16 layer {args.width}x{args.width}, LoRA rank {args.rank}: error of the output's move "

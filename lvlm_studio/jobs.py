@@ -241,7 +241,8 @@ def resolve_model_path(ref: str) -> str:
 
 
 def adapter_lineage(store, round_id: int | None) -> list[str]:
-    """The adapter chain of a round (oldest first): round t's model = base + this chain merged."""
+    """The adapter chain of a round (oldest first): round t's model = base + this chain, in order
+    (the round job evaluates it merged in float32; training and generation hold it per dtype, models/lora.py)."""
     chain: list[str] = []
     seen: set[int] = set()
     while round_id is not None:

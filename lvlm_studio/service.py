@@ -246,6 +246,7 @@ class Studio:
         self.users = users_from_env() if users is None else dict(users)
         self.admins = admins_from_env() if admins is None else set(admins)
         self._extractors: dict[str, Any] = {}  # object extractors by name, built on first use
+        self._vllm_rounds: dict[tuple[str, int], tuple[str, str]] = {}  # (model, adapter) per (base, round)
 
     # ---------------------------------------------------------------- roles
     @property
@@ -507,16 +508,20 @@ class Studio:
         from lvlm_studio.models.vllm_backend import vllm_lora_rank
         from lvlm_studio.training import chain_adapter
 
+        if (model, round_id) in self._vllm_rounds:  # decided once (a refused chain is read whole)
+            return self._vllm_rounds[model, round_id]
         chain = jobs.adapter_lineage(self.store, round_id)
         if len(chain) == 1:
             return model, chain[0]
         try:
             vllm_lora_rank(sum(lora_rank(a) for a in chain))
-            return model, str(chain_adapter(chain, self.settings.home / "chains" / round_dirname(round_id)))
+            served = model, str(chain_adapter(chain, self.settings.home / "chains" / round_dirname(round_id)))
         except ValueError as exc:
             warnings.warn(f"round {round_id}'s adapters cannot be served as one ({exc}): vLLM gets its parent "
                           "rounds merged into a saved model", stacklevel=2)
-            return self._merged_parent(model, round_id), chain[-1]
+            served = self._merged_parent(model, round_id), chain[-1]
+        self._vllm_rounds[model, round_id] = served
+        return served
 
     def _merged_parent(self, model: str, round_id: int) -> str:
         """``model`` when the round's parent is the base model, else a saved directory holding the

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -168,10 +169,12 @@ class DPORoundConfig:
     quantization: str | None = None  # "4bit" | "8bit" (QLoRA; bitsandbytes; tested on CPU, not on CUDA)
     # How round t holds its parent rounds while it trains (the model it starts from and its DPO
     # reference). "merged": added into the weights, exact in float32. "stacked": kept beside the
-    # weights as frozen low-rank updates each adapted layer adds to its output (models/lora.py), so
-    # updates below bf16's or 4/8-bit weights' resolution are not rounded away (a 7B at the papers'
-    # lr 1e-7 changes a weight by ~1e-6 against a bf16 resolution of ~1e-4). "auto": stacked when
-    # the weights are not float32 (bf16, fp16, quantized), merged otherwise (the CPU demo).
+    # weights as frozen low-rank updates each adapted layer adds to its output (models/lora.py), as
+    # the parent trained them. Merged into bf16 or 4/8-bit weights, an update below their resolution
+    # turns into rounding noise larger than itself; stacked adds no noise, though in bf16 the part
+    # below the layer output's resolution is still lost (benchmarks/lineage_precision.py: a 7B at the
+    # papers' lr 1e-7 changes a weight by ~1e-6, lost either way: train such rounds in float32).
+    # "auto": stacked when the weights are not float32 (bf16, fp16, quantized), else merged (the demo).
     parent_lineage: str = "auto"
     device: str = "auto"
     # Data-parallel training: > 1 starts the round job under torchrun (the launcher `accelerate
@@ -567,7 +570,7 @@ def materialize_round_model(
     model = merge_chain(model, _as_chain(adapter_chain))
     if out_dir is not None:
         out = Path(out_dir)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -583,7 +586,7 @@ def chain_adapter(adapter_chain: Sequence[str], out_dir: str | os.PathLike) -> P
 
     out = Path(out_dir)
     if not (out / ADAPTER_CONFIG).is_file():
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         concatenate_loras(adapter_chain, tmp)
@@ -1026,6 +1029,9 @@ def _trainer_args(config: DPORoundConfig, setup: dict, work: Path) -> dict[str, 
         # A NaN/inf step loss is logged as it is, not replaced by the window's mean (0.0 once every
         # step is NaN): TrainResult.diverged must see it.
         logging_nan_inf_filter=False,
+        # A stacked parent chain's factors are module buffers, the same on every worker: DDP would
+        # broadcast them all before every forward (~1 GB per rank-128 round of a 7B).
+        ddp_broadcast_buffers=False if setup["stacked"] else None,
         max_length=config.max_length,
         seed=config.seed,
         disable_tqdm=True,
@@ -1137,7 +1143,7 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
     return model, processor, {"device": device, "cuda": cuda, "bf16": bf16, "grad_ckpt": grad_ckpt,
-                              "base_dtype": base_dtype}
+                              "base_dtype": base_dtype, "stacked": lineage["parent_lineage"] == "stacked"}
 
 
 def parent_lineage(config: DPORoundConfig, model) -> str:
@@ -1160,7 +1166,7 @@ def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: 
 def _write_adapter(out: Path, write_weights: Callable[[Path], Any], lineage: dict, curve: list) -> None:
     """Write an adapter (``write_weights(folder)``) with its lineage and curve to ``out`` atomically:
     into a temporary sibling renamed when complete, so a reader sees no adapter or a whole one."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     write_weights(tmp)
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))

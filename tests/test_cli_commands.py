@@ -695,8 +695,8 @@ def test_generate_from_a_round_whose_parent_adapter_is_gone(env, tiny):
     r2 = store.create_round(r1, vlm, {}, status="done")
     store.update_round(r2, adapter_path=str(env / "adapters" / "gone-2"))
     store.close()
-    fails("generate", "--method", "stic", "--model", vlm, "--round", r2, "--n", "1", message="adapter directory",
-          code=1)
+    fails("generate", "--method", "stic", "--model", vlm, "--round", r2, "--n", "1",
+          message=f"Adapter directory {str(env / 'adapters' / 'gone-1')!r} does not exist", code=1)
 
 
 def test_options_that_cannot_run_are_refused_and_out_of_memory_is_one_line(env, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -312,8 +313,12 @@ def test_vllm_gets_a_later_round_as_one_adapter_holding_its_whole_chain(tiny_mod
         last, chain = _two_rounds(studio, vlm, tmp_path / "other", targets=("all-linear", ["q_proj"]))
         with pytest.warns(UserWarning, match="cannot be served as one .*other modules"):
             studio.backend(vlm, last)
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            studio.backend(vlm, last)  # decided once: not read, nor warned about, again
+        assert not [w for w in again if "cannot be served" in str(w.message)]
         merged = tmp_path / "home2" / "merged" / "round-1"
-        assert calls == [(str(merged), {"backend": "vllm", "device": "cpu", "adapter": chain[1]})]
+        assert calls == [(str(merged), {"backend": "vllm", "device": "cpu", "adapter": chain[1]})] * 2
         saved = AutoModelForImageTextToText.from_pretrained(merged).state_dict()
         assert max_diff(saved, materialize_round_model(vlm, chain[:1])[0].state_dict()) < 1e-6
     finally:

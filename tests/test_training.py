@@ -596,8 +596,11 @@ def test_trainer_arguments_let_a_nan_loss_reach_the_log(tmp_path):
 
     from lvlm_studio.training import _trainer_args
 
-    args = _trainer_args(DPORoundConfig(), {"cuda": False, "bf16": False, "grad_ckpt": True}, tmp_path)
-    assert args["logging_nan_inf_filter"] is False
+    args = _trainer_args(DPORoundConfig(), {"cuda": False, "bf16": False, "grad_ckpt": True, "stacked": False},
+                         tmp_path)
+    assert args["logging_nan_inf_filter"] is False and args["ddp_broadcast_buffers"] is None
+    stacked = {"cuda": False, "bf16": True, "grad_ckpt": False, "stacked": True}
+    assert _trainer_args(DPORoundConfig(), stacked, tmp_path)["ddp_broadcast_buffers"] is False  # buffers: the chain
     built = DPOConfig(**args, beta=0.3)
     assert built.logging_nan_inf_filter is False and built.gradient_checkpointing is True
 
@@ -833,8 +836,9 @@ def test_a_stacked_parent_keeps_an_update_that_merging_into_bf16_turns_into_nois
 def test_stacking_a_chain_computes_what_merging_it_does_in_float32(tiny, tmp_path):
     """Adapters that adapt different modules stack into one update per module; in float32 the
     stacked model's logits are the merged chain's. A chain for another model, a second stack on the
-    same layers and a DoRA adapter are refused."""
-    from lvlm_studio.models.lora import stack_loras
+    same layers and a DoRA adapter are refused. Merging is exact only where every linear layer
+    holds float32 weights."""
+    from lvlm_studio.models.lora import merges_exactly, stack_loras
 
     first = _random_lora(tiny, tmp_path / "a", r=4, alpha=16, seed=1)
     second = _random_lora(tiny, tmp_path / "b", r=8, alpha=8, seed=2, target=r".*\blanguage_model\b.*\.(k_proj|q_proj)")
@@ -847,6 +851,13 @@ def test_stacking_a_chain_computes_what_merging_it_does_in_float32(tiny, tmp_pat
     assert max(abs(m - b) for m, b in zip(merged, base, strict=True)) > 0.05  # the chain does something
     assert stacked == pytest.approx(merged, abs=1e-4)
     assert not any("stacked" in key for key in model.state_dict())  # the chain is not saved with the model
+    q_proj = model.get_submodule("model.language_model.layers.0.self_attn.q_proj")
+    x = torch.randn(2, q_proj.in_features)
+    assert torch.equal(q_proj(input=x), q_proj(x)) and not torch.equal(q_proj(x), torch.nn.functional.linear(
+        x, q_proj.weight, q_proj.bias))  # the update is added however the layer is called
+    assert merges_exactly(model)
+    model.model.language_model.layers[0].mlp.to(torch.bfloat16)  # one block kept in another dtype
+    assert not merges_exactly(model)
     with pytest.raises(ValueError, match="already holds"):
         stack_loras(model, [first])
     other = build_tiny_llava(tmp_path / "other", spec=TinyLlavaSpec(text_width=48))
@@ -861,7 +872,10 @@ def test_stacking_a_chain_computes_what_merging_it_does_in_float32(tiny, tmp_pat
 def test_a_round_trains_from_and_against_its_stacked_parent_chain(tiny, tmp_path):
     """parent_lineage "stacked": the round's first step sees the parent chain's log-probs (policy
     and reference are both base + chain: margin 0), and its adapter goes on top of the chain like
-    a merged-lineage one. "auto" stacks on bf16 weights and merges on float32 ones."""
+    a merged-lineage one. "auto" stacks on bf16 weights (here with gradient checkpointing) and
+    merges on float32 ones."""
+    from lvlm_studio.models.lora import stack_loras
+
     pairs = _pairs(4)
     parent = _random_lora(tiny, tmp_path / "parent", r=4, alpha=16, seed=1)
     model, processor = load_base_model(tiny)
@@ -884,6 +898,12 @@ def test_a_round_trains_from_and_against_its_stacked_parent_chain(tiny, tmp_path
     fp32 = train_round(pairs, tiny, [parent], tmp_path / "fp32", auto)
     first_round = train_round(pairs, tiny, None, tmp_path / "first", replace(auto, bf16=True))
     assert (bf16.lineage["parent_lineage"], fp32.lineage["parent_lineage"]) == ("stacked", "merged")
+    bf16_parent, _ = load_base_model(tiny, bf16=True)
+    stack_loras(bf16_parent, [parent])
+    first = next(rec for rec in bf16.curve if "rewards/margins" in rec)
+    bf16_logps = sequence_logprobs(bf16_parent, processor, pairs, "chosen")
+    assert first["logps/chosen"] == pytest.approx(sum(bf16_logps) / len(pairs), abs=0.3)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert first_round.lineage["parent_lineage"] is None
     with pytest.raises(ValueError, match="parent_lineage must be one of auto, merged, stacked"):
         DPORoundConfig(parent_lineage="unmerged")

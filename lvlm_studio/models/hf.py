@@ -341,7 +341,7 @@ class HFBackend:
         first, each trained on the ones before).
 
         The chain is merged into float32 weights and stacked beside bf16, fp16 or quantized ones
-        (``models.lora.add_loras``: merging would round small updates away). ``merge_adapter=False``
+        (``models.lora.add_loras``: merged there, small updates would turn into rounding noise). ``merge_adapter=False``
         keeps one adapter as an unmerged ``PeftModel``. ``quantization`` "4bit"/"8bit" needs
         bitsandbytes (``quantization_config``).
         """

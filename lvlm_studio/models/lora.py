@@ -3,10 +3,11 @@ model without merging them.
 
 Merging an adapter adds its update ΔW = s·B·A into the weights, which is exact in float32 but rounds
 the update to the weights' resolution in bfloat16 (8 bits of a weight) or 4/8-bit weights: an update
-far below it is lost or turns into noise (``training.merge_rounding_error``). Stacking keeps the
-weights as they are and adds the chain's update to each adapted layer's output instead, computed in
-float32 from the factors (x·Wᵀ + x·Aᵀ·Bᵀ, the form PEFT computes an unmerged adapter in), so the
-update never passes through the weights' rounding.
+far below it turns into rounding noise, larger than the update itself
+(``training.merge_rounding_error``, ``benchmarks/lineage_precision.py``). Stacking keeps the weights
+as they are and adds the chain's update to each adapted layer's output instead (x·Wᵀ + x·Aᵀ·Bᵀ, the
+form PEFT computes an unmerged adapter in, and the one each round trained in), so no rounding noise
+is added; what stays lost in bf16 is the part of the update below the bf16 output's own resolution.
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it is used: vllm_backend reads ranks here, and importing it must stay light.
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's saved keys: "base_model.model.<module path>.lora_A.weight" (and lora_B).
 _KEY_PREFIX = "base_model.model."
-# adapter_config.json options whose update is not s·B·A on a plain linear layer's output.
+# adapter_config.json options whose update is not s·B·A on a plain linear layer's output (PEFT 0.21's
+# LoraConfig; initialisation methods such as PiSSA, EVA or CorDA still train a plain B·A).
 _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "lora_bias",
-                "layer_replication", "trainable_token_indices", "target_parameters")
+                "layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+                "use_qalora", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
+                "megatron_config")
 # Buffer names on a stacked layer (not saved with the model: persistent=False).
 STACKED_A, STACKED_B = "stacked_lora_A", "stacked_lora_B"
 
@@ -61,6 +68,8 @@ def read_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
 def lora_factors(adapter_dirs: Sequence[str | os.PathLike]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted module path, float32 factors (A, B) of the chain's summed update: A = [s1·A1; s2·A2; …],
     B = [B1, B2, …], so B·A = Σ sᵢ·Bᵢ·Aᵢ. The adapters may adapt different modules."""
+    import torch
+
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for adapter_dir in adapter_dirs:
         _, weights, scaling = read_lora(adapter_dir)
@@ -77,26 +86,29 @@ def lora_factors(adapter_dirs: Sequence[str | os.PathLike]) -> dict[str, tuple[t
             for path, ab in parts.items()}
 
 
-def _add_stacked_update(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    a, b = getattr(module, STACKED_A), getattr(module, STACKED_B)
-    x = args[0]
-    update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b)
-    return output + update.to(output.dtype)
+def _add_stacked_update(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    x = args[0] if args else kwargs["input"]
+    a, b = getattr(module, STACKED_A).to(x.dtype), getattr(module, STACKED_B).to(x.dtype)
+    return output + ((x @ a.mT) @ b.mT).to(output.dtype)
 
 
 def stack_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike]) -> int:
     """Add the chain's update to ``model`` without merging it: each adapted layer keeps its weights
-    and gets the chain's float32 factors as buffers (they follow ``.to(device)``, are not saved) and
-    a forward hook adding x·Aᵀ·Bᵀ to its output. A PEFT adapter trained on top wraps these layers and
-    calls them, so its "adapter disabled" model (TRL's reference) is base + chain. Returns the number
-    of layers stacked."""
+    and gets the chain's factors as buffers (in the weights' dtype, float32 beside quantized ones;
+    they follow ``.to(device)`` and are not saved) and a forward hook adding x·Aᵀ·Bᵀ to its output,
+    computed in the input's dtype as PEFT computes an unmerged adapter. A PEFT adapter trained on top
+    wraps these layers and calls them, so its "adapter disabled" model (TRL's reference) is base +
+    chain. Returns the number of layers stacked."""
+    import torch
+
     factors = lora_factors(adapter_dirs)
     modules = dict(model.named_modules())
     for path, (a, b) in factors.items():
         module = modules.get(path)
         if module is None:
-            raise ValueError(f"the LoRA chain adapts {path!r}, which this model does not have "
-                             "(was it trained on another base model?)")
+            raise ValueError(f"the LoRA chain adapts {path!r}, which this model does not have: an adapter for "
+                             "another base model, or one saved under other module names (an older transformers "
+                             "version; load it with PEFT and save it again)")
         if hasattr(module, STACKED_A):
             raise ValueError(f"{path!r} already holds a stacked LoRA chain")
         weight = getattr(module, "weight", None)
@@ -105,9 +117,10 @@ def stack_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike
         if weight is None or (in_features, out_features) != (a.shape[1], b.shape[0]):
             raise ValueError(f"the LoRA chain's update for {path!r} is {b.shape[0]}×{a.shape[1]}, "
                              f"the layer is {out_features}×{in_features}")
-        module.register_buffer(STACKED_A, a.to(weight.device), persistent=False)
-        module.register_buffer(STACKED_B, b.to(weight.device), persistent=False)
-        module.register_forward_hook(_add_stacked_update)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        module.register_buffer(STACKED_A, a.to(weight.device, dtype), persistent=False)
+        module.register_buffer(STACKED_B, b.to(weight.device, dtype), persistent=False)
+        module.register_forward_hook(_add_stacked_update, with_kwargs=True)
     return len(factors)
 
 
@@ -128,11 +141,12 @@ def merge_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike
 
 
 def merges_exactly(model: torch.nn.Module) -> bool:
-    """Whether merging an adapter into ``model``'s weights keeps its update: float32 weights, not
-    quantized ones (bf16 keeps 8 bits of a weight; 4/8-bit weights are re-quantized)."""
-    quantized = getattr(model, "hf_quantizer", None) is not None or any(
-        not p.dtype.is_floating_point for p in model.parameters())
-    return not quantized and next(model.parameters()).dtype == torch.float32
+    """Whether merging an adapter into ``model``'s linear layers keeps its update: every one holds
+    float32 weights (bf16 keeps 8 bits of a weight; 4/8-bit weights, which bitsandbytes' layers
+    hold as integers, are re-quantized)."""
+    import torch
+
+    return all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def add_loras(model: torch.nn.Module, adapter_dirs: Sequence[str | os.PathLike]) -> tuple[torch.nn.Module, str]:
