@@ -322,8 +322,9 @@ class Loop:
                    **eval_metrics(metrics))
         if rnd["status"] != "done":
             row["log_path"] = rnd.get("log_path")
-        else:  # the change from the parent, caption by caption (McNemar): is it beyond noise?
-            row["paired_vs_parent"] = self.studio.compare(parent_id, rid)["paired"]
+        else:  # the change from the parent, caption by caption (McNemar), probe by probe (bootstrap)
+            paired = self.studio.compare(parent_id, rid)
+            row["paired_vs_parent"], row["paired_pope_vs_parent"] = paired["paired"], paired["paired_pope"]
             row["objectless"] = objectless_sentences(self.studio.store.eval_outputs(rid))
         return self._finish(row)
 
@@ -404,6 +405,20 @@ def pope_f1_never_falls(rounds: list[dict]) -> bool | None:
     return all_goals(_below_parent(a, b, "pope_f1", strict=False) for a, b in zip(flipped, flipped[1:], strict=False))
 
 
+def pope_f1_never_falls_beyond_noise(rounds: list[dict], alpha: float = 0.05) -> bool | None:
+    """The noise-aware reading of ``pope_f1_never_below_parent``: no round's POPE F1 falls below its
+    parent's at a paired bootstrap p < ``alpha`` over the probes both answered (n/a without them)."""
+    def holds(row: dict) -> bool | None:
+        if row.get("status") != "done":
+            return False
+        paired = row.get("paired_pope_vs_parent")
+        if not paired or not paired["n"]:
+            return None
+        return not (paired["f1_b"] < paired["f1_a"] and paired["p_value"] < alpha)
+
+    return all_goals(holds(r) for r in rounds)
+
+
 def falls_beyond_noise(rounds: list[dict], alpha: float = 0.05) -> bool | None:
     """The stricter reading of "keep it falling": each of ``rounds`` hallucinates in fewer captions
     than its parent, caption by caption, at McNemar p < ``alpha`` (n/a without the paired counts)."""
@@ -445,7 +460,7 @@ def fmt_num(v: Any, pct: bool = False) -> Any:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    from lvlm_studio.evaluation import paired_chair_s_summary
+    from lvlm_studio.evaluation import paired_chair_s_summary, paired_pope_f1_summary
 
     cols = ["row", "round", "status", "lr", "pairs", "SFT rows", "CHAIR_s", "CHAIR_i", "recall", "silent", "no-object sent.", "POPE F1",
             "POPE acc", "yes", "dCHAIR_s",
@@ -461,9 +476,11 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
                         r["gen_seconds"], fmt_num(r["train_eval_seconds"]), fmt_num(r["job_peak_rss_mb"]),
                         fmt_num(r["parent_peak_rss_mb"])] for r in rows]))
     for r in rows:
+        parent = "base" if not r["parent_id"] else f"round {r['parent_id']}"
         if r.get("paired_vs_parent"):
-            parent = "base" if not r["parent_id"] else f"round {r['parent_id']}"
             print(f"  {r['label']}: {paired_chair_s_summary(r['paired_vs_parent'], parent, r['label'])}")
+        if r.get("paired_pope_vs_parent"):
+            print(f"  {r['label']}: {paired_pope_f1_summary(r['paired_pope_vs_parent'], parent, r['label'])}")
     for r in rows:
         if r.get("goals"):
             g = r["goals"]
@@ -657,6 +674,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "recall_drop_le_3": all_goals(r["goals"]["recall_drop_le_3"] for r in rounds[1:]),
         "pope_f1_not_lower": all_goals(r["goals"]["pope_f1_not_lower"] for r in rounds[1:]),
         "pope_f1_never_below_parent": pope_f1_never_falls(rounds),
+        "pope_f1_never_below_parent_beyond_noise": pope_f1_never_falls_beyond_noise(rounds[1:]),
         "each_round_le_10min": all_goals(r["goals"]["round_le_10min"] for r in trained),
         "each_round_le_4gb": all_goals(r["goals"]["round_le_4gb"] for r in trained),
     }

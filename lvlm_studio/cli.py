@@ -1117,7 +1117,7 @@ def compare_cmd(
 ) -> None:
     """Two rounds' evaluation metrics side by side, then their answers per item (hallucinated
     objects marked in square brackets)."""
-    from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
+    from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary, paired_pope_f1_summary
 
     if limit is not None and limit < 0:
         raise CLIError(f"--limit must be 0 or more, not {limit}", EXIT_USAGE)
@@ -1131,7 +1131,7 @@ def compare_cmd(
     total = len(res["rows"])
     rows = res["rows"][:limit] if limit is not None else res["rows"]
     result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "common_metrics": res["common_metrics"],
-              "paired": res["paired"], "items": total, "rows": rows}
+              "paired": res["paired"], "paired_pope": res["paired_pope"], "items": total, "rows": rows}
     if as_json:
         emit(result, True)
         return
@@ -1151,6 +1151,8 @@ def compare_cmd(
         lines.append(side_by_side(*res["common_metrics"]))
     if res["paired"]:
         lines.append(paired_chair_s_summary(res["paired"], f"round {a}", f"round {b}"))
+    if res["paired_pope"]:
+        lines.append(paired_pope_f1_summary(res["paired_pope"], f"round {a}", f"round {b}"))
     missing = [rid for rid, answered in zip((a, b), res["answered"], strict=True) if not answered]
     if missing:
         lines.append("no evaluation answers stored for round(s) " + ", ".join(map(str, missing))

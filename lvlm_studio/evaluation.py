@@ -671,6 +671,53 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     }
 
 
+def paired_pope_f1(predictions_a: Sequence[str | None], predictions_b: Sequence[str | None], labels: Sequence[str],
+                   resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """POPE F1 of two models on the same probes, and a paired bootstrap p-value for their difference:
+    the probes are resampled with replacement ``resamples`` times, both models' F1 recomputed on each
+    resample, and p is the share of resamples whose difference lies at least as far from the observed
+    one as the observed one lies from 0 (two-sided, the null centred on the observed difference), plus
+    one in numerator and denominator. F1 is not a mean over probes, so McNemar does not apply; the
+    bootstrap keeps each probe's pair of answers together."""
+    import numpy as np
+
+    if not len(predictions_a) == len(predictions_b) == len(labels):
+        raise ValueError(f"{len(predictions_a)} and {len(predictions_b)} predictions for {len(labels)} labels")
+    n = len(labels)
+    f1_a = pope_metrics(list(predictions_a), list(labels))["f1"]
+    f1_b = pope_metrics(list(predictions_b), list(labels))["f1"]
+    if n == 0:
+        return {"n": 0, "f1_a": None, "f1_b": None, "p_value": 1.0, "resamples": 0}
+    truth = np.array([t == "yes" for t in labels])
+    yes_a = np.array([p == "yes" for p in predictions_a])
+    yes_b = np.array([p == "yes" for p in predictions_b])
+    rng = np.random.default_rng(seed)
+
+    def f1(yes: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        said, true = yes[picks], truth[picks]
+        tp = (said & true).sum(1)
+        wrong = (said != true).sum(1)  # false positives + false negatives
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(tp > 0, 2 * tp / (2 * tp + wrong), 0.0)  # F1 = 2TP / (2TP + FP + FN)
+
+    observed = f1_b - f1_a
+    far = 0
+    for start in range(0, resamples, 1000):  # in chunks: 1000 x n indices at a time
+        picks = rng.integers(0, n, size=(min(1000, resamples - start), n))
+        diffs = f1(yes_b, picks) - f1(yes_a, picks)
+        far += int((np.abs(diffs - observed) >= abs(observed) - 1e-12).sum())
+    return {"n": n, "f1_a": f1_a, "f1_b": f1_b, "p_value": (far + 1) / (resamples + 1), "resamples": resamples}
+
+
+def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b: str, alpha: float = 0.05) -> str:
+    """One line for people: the paired POPE F1 change and whether it is beyond noise at ``alpha``."""
+    if not paired or not paired["n"]:
+        return "no POPE probes answered by both: nothing to compare probe by probe"
+    verdict = ("a real change" if paired["p_value"] < alpha else "within noise") + f" at p < {alpha:g}"
+    return (f"POPE F1 on the same {paired['n']} probes: {paired['f1_a']:.3f} ({label_a}) -> {paired['f1_b']:.3f} "
+            f"({label_b}); paired bootstrap p = {paired['p_value']:.3g} ({paired['resamples']} resamples): {verdict}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Running a backend over an evaluation set
 # ----------------------------------------------------------------------------------------------

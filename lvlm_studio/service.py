@@ -1221,7 +1221,8 @@ class Studio:
                 common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common),
                                        "pope_f1": _pope_f1_from_outputs(rows_common), "answers": len(common)})
         return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
-                "paired": _paired_chair_s(out_a, out_b), "answered": (len(out_a), len(out_b))}
+                "paired": _paired_chair_s(out_a, out_b), "paired_pope": _paired_pope_f1(out_a, out_b),
+                "answered": (len(out_a), len(out_b))}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -1358,6 +1359,21 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
         return None
     return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],
                           [bool(out_b[i].get("hallucinated")) for i in common])
+
+
+def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:
+    """evaluation.paired_pope_f1 over the POPE probes both rounds answered."""
+    from lvlm_studio.evaluation import paired_pope_f1
+
+    def probe(row: dict) -> dict | None:
+        meta = row.get("meta") or {}
+        return meta if meta.get("kind") == "pope" and meta.get("label") in ("yes", "no") else None
+
+    common = [i for i in sorted(set(out_a) & set(out_b)) if probe(out_a[i]) and probe(out_b[i])]
+    if not common:
+        return None
+    return paired_pope_f1([probe(out_a[i]).get("prediction") for i in common],
+                          [probe(out_b[i]).get("prediction") for i in common], [probe(out_a[i])["label"] for i in common])
 
 
 def item_seed(seed: int, item: dict) -> int:

@@ -279,6 +279,25 @@ def test_start_busy_and_cancel_a_running_round(env, tiny):
     store.close()
 
 
+def test_compare_reports_pope_f1_probe_by_probe(env):
+    """POPE probes both rounds answered: their F1s and the paired bootstrap line, in text and JSON."""
+    from lvlm_studio.service import Studio
+
+    seed(train=1, test=2)
+    studio = Studio(Settings(), users={}, admins=())
+    probes = studio.eval_items(kinds=("pope",))[:2]
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    for rid, answers in ((0, ("yes", "yes")), (r1, ("yes", "no"))):  # labels yes / no
+        studio.store.add_eval_outputs(rid, [
+            {"item_id": item["item_id"], "answer": said, "meta": {"kind": "pope", "label": label, "prediction": said}}
+            for item, label, said in zip(probes, ("yes", "no"), answers, strict=True)])
+    studio.store.close()
+    text = run("compare", "0", str(r1)).stdout
+    assert f"POPE F1 on the same 2 probes: 0.667 (round 0) -> 1.000 (round {r1}); paired bootstrap p = " in text
+    paired = ok_json("compare", "0", str(r1))["paired_pope"]
+    assert (paired["n"], paired["f1_a"], paired["f1_b"]) == (2, pytest.approx(2 / 3), 1.0)
+
+
 def test_compare_marks_hallucinated_objects(env):
     """Evaluation rows scored by the real ShapesWorld extractor, stored as evaluate stores them."""
     from lvlm_studio.evaluation import ShapesWorldExtractor, score_caption
@@ -313,6 +332,7 @@ def test_compare_marks_hallucinated_objects(env):
             f"in 1, only round {r1} in 0, both in 0; McNemar exact p = 1: within noise") in text
     diff = ok_json("compare", "0", str(r1), "--only-diff")
     assert diff["paired"]["n"] == 2 and diff["paired"]["only_a"] == 1  # over every caption, not only the shown
+    assert diff["paired_pope"] is None and "POPE F1 on the same" not in text  # no POPE probes answered
     assert [r["item_id"] for r in diff["rows"]] == [items[0]["item_id"]]
     assert "1 item(s) both rounds answered, differently" in run("compare", "0", str(r1), "--only-diff").stdout
     # A round whose metrics name their items but whose answers are gone still gets the hint.

@@ -120,6 +120,15 @@ def test_demo_loop_one_round_on_tiny_models(tiny_models, tmp_path, capsys):
     assert never([rnd(pope_f1=0.783), rnd(pope_f1=0.819), rnd(pope_f1=0.819)]) is True
     assert never([rnd(pope_f1=0.783), rnd(pope_f1=0.819), rnd(pope_f1=0.810)]) is False
     assert record["goals"]["pope_f1_never_below_parent"] == (r1["pope_f1"] >= base["pope_f1"])
+    # ... and beyond noise: a dip counts only at a paired bootstrap p < 0.05 over the probes.
+    assert r1["paired_pope_vs_parent"]["n"] > 0 and record["goals"]["pope_f1_never_below_parent_beyond_noise"] == (
+        not (r1["pope_f1"] < base["pope_f1"] and r1["paired_pope_vs_parent"]["p_value"] < 0.05))
+    never_beyond = demo_loop.pope_f1_never_falls_beyond_noise
+    dip = {"n": 1000, "f1_a": 0.819, "f1_b": 0.810}
+    assert never_beyond([rnd(paired_pope_vs_parent={**dip, "p_value": 0.3})]) is True  # a dip within noise
+    assert never_beyond([rnd(paired_pope_vs_parent={**dip, "p_value": 0.01})]) is False
+    assert never_beyond([rnd(paired_pope_vs_parent={**dip, "f1_b": 0.83, "p_value": 0.01})]) is True  # a rise
+    assert never_beyond([rnd(paired_pope_vs_parent=None)]) is None and never_beyond([rnd("failed")]) is False
     # Goals of a round that did not finish are MISS, not n/a; thresholds hold at their exact edges.
     failed = demo_loop.compare_to_base(rnd("failed", chair_s=None, recall=None, pope_f1=None), base)
     assert set(failed["goals"].values()) == {False}

@@ -14,6 +14,8 @@ from lvlm_studio.evaluation import (
     evaluate_backend,
     paired_chair_s,
     paired_chair_s_summary,
+    paired_pope_f1,
+    paired_pope_f1_summary,
     parse_yes_no,
     pope_label,
     pope_metrics,
@@ -369,3 +371,25 @@ def test_pope_label_recognises_probe_kinds():  # E25
     assert pope_label({"meta": {"kind": "existence"}, "reference": " Yes "}) == "yes"
     assert pope_label({"meta": {"kind": "pope"}, "reference": "No."}) == "no"  # answers end with a period
     assert pope_label({"meta": {"kind": "describe"}, "reference": "yes"}) is None
+
+
+def test_paired_pope_f1_tells_a_real_change_from_noise():
+    """The same 400 probes: B fixes 40 of A's false "yes" answers (F1 up beyond noise); C differs from
+    A by one probe (noise); the figures are the F1 pope_metrics gives, and the draw is seeded."""
+    labels = ["yes", "no"] * 200
+    a = ["yes"] * 400  # says yes to everything: F1 2/3
+    b = [("no" if i % 2 and i < 80 else p) for i, p in enumerate(a)]
+    c = ["no"] + a[1:]
+    res = paired_pope_f1(a, b, labels)
+    assert (res["n"], res["f1_a"], res["f1_b"]) == (400, pytest.approx(pope_metrics(a, labels)["f1"]),
+                                                    pytest.approx(pope_metrics(b, labels)["f1"]))
+    assert res["f1_b"] > res["f1_a"] and res["p_value"] < 0.001
+    assert paired_pope_f1(b, a, labels)["p_value"] == res["p_value"]  # two-sided
+    assert paired_pope_f1(a, c, labels)["p_value"] > 0.3
+    assert paired_pope_f1(a, a, labels)["p_value"] == 1.0
+    assert paired_pope_f1(a, c, labels, seed=3) == paired_pope_f1(a, c, labels, seed=3)
+    assert "a real change at p < 0.05" in paired_pope_f1_summary(res, "round 0", "round 1")
+    assert "within noise" in paired_pope_f1_summary(paired_pope_f1(a, c, labels), "A", "B")
+    assert "nothing to compare" in paired_pope_f1_summary(None, "A", "B")
+    with pytest.raises(ValueError, match="predictions for"):
+        paired_pope_f1(a, b[:-1], labels)

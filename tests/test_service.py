@@ -269,6 +269,8 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert res["paired"] == {"n": 2, "chair_s_a": 0.5, "chair_s_b": 0.0, "only_a": 1, "only_b": 0, "both": 0,
                              "p_value": 1.0}
     assert studio.compare(r1, r1)["paired"]["n"] == 3
+    assert res["paired_pope"] is None  # no POPE probes answered
+
     # Answers CHAIR does not score (a count question) are not captions.
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     studio.store.add_eval_outputs(r2, [
@@ -845,3 +847,23 @@ def test_an_interrupted_top_up_and_a_split_csr_pair_are_completed(studio, home, 
         assert reference.store.count_pairs("csr") > 1  # the caption pair and its yes/no pairs
     finally:
         reference.store.close()
+
+
+def test_compare_pairs_pope_probes_answered_by_both_rounds(studio, make_items):
+    """POPE F1 compared probe by probe (paired bootstrap) over the probes both rounds answered; a
+    probe only one round answered, or one without a yes/no label, is left out."""
+    from lvlm_studio.evaluation import paired_pope_f1
+
+    items = make_items(6)
+    labels = ["yes", "no", "yes", "no", "yes"]
+    said = {0: ["yes", "yes", "yes", "yes", "yes"], 1: ["yes", "no", "yes", "no", "no"]}
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    for rid in (0, r1):
+        studio.store.add_eval_outputs(rid, [
+            {"item_id": item, "answer": p.capitalize() + ".", "meta": {"kind": "pope", "label": t, "prediction": p}}
+            for item, t, p in zip(items, labels, said[0 if rid == 0 else 1], strict=False)])
+    studio.store.add_eval_outputs(r1, [{"item_id": items[5], "answer": "Yes.",
+                                        "meta": {"kind": "pope", "label": "yes", "prediction": "yes"}}])
+    res = studio.compare(0, r1)["paired_pope"]
+    assert res == paired_pope_f1(said[0], said[1], labels)
+    assert res["n"] == 5 and res["f1_a"] == pytest.approx(0.75) and res["f1_b"] == pytest.approx(0.8)

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from lvlm_studio.config import MAX_WORLD_SCENES
-from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary
+from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary, paired_pope_f1_summary
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import (
@@ -105,6 +105,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                  else NO_ANSWERS)
         html = compare_html(res["rows"], f"round {res['a']}", f"round {res['b']}", empty=empty)
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
+        if res["paired_pope"]:
+            line += "\n\n" + paired_pope_f1_summary(res["paired_pope"], f"round {res['a']}", f"round {res['b']}")
         return frame, line, html, *metrics_plot(studio)
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
