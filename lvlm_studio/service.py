@@ -638,7 +638,7 @@ class Studio:
         if not pairs:
             report["no_pair"] += 1
             return False
-        if self.store.write_generation(item["id"], candidates, pairs, only_if_unpaired=True) is None:
+        if self.store.write_generation(item["id"], _asked_under(candidates), pairs, only_if_unpaired=True) is None:
             report["skipped"] += 1
             report["items"] -= 1
             return False
@@ -708,7 +708,7 @@ class Studio:
             cands = [{"text": text, "source": "csr_existence", **prov} for text in (ep.chosen, ep.rejected)]
             pair = {"chosen": 0, "rejected": 1, "method": "csr", "margin": res.margin, "round": round_id,
                     "meta": {"derived": "existence", "object": ep.object, "from_item": item["id"], "seed": seed}}
-            self.store.write_generation(qid, cands, [pair])
+            self.store.write_generation(qid, _asked_under(cands), [pair])
             report["existence_pairs"] = report.get("existence_pairs", 0) + 1
 
     def _extractor(self, item: dict) -> Any:
@@ -1359,6 +1359,18 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
         return None
     return paired_chair_s([bool(out_a[i].get("hallucinated")) for i in common],
                           [bool(out_b[i].get("hallucinated")) for i in common])
+
+
+def _asked_under(candidates: list[dict]) -> list[dict]:
+    """The candidates with the system prompt the model was asked under (LVLM_STUDIO_SYSTEM_PROMPT)
+    in their params, when one is set: a round trains with the system prompt set then, so pairs
+    made under another one can be told apart."""
+    from lvlm_studio.models.base import system_prompt
+
+    system = system_prompt()
+    if system is None:
+        return candidates
+    return [{**c, "params": {**(c.get("params") or {}), "system_prompt": system}} for c in candidates]
 
 
 def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:

@@ -135,7 +135,7 @@ def test_a_model_that_cannot_load_is_refused_even_with_nothing_left_to_do(studio
     assert text_only["items"] == 0 and text_only["skipped"] == 2
 
 
-def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
+def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models, monkeypatch):
     vlm, clip = tiny_models
     studio = Studio(Settings(home=home, model=vlm, clip=clip, device="cpu"), users={}, admins=())
     studio.seed_demo(n_train=4, n_test=1, pairs_per_method=0)
@@ -151,12 +151,17 @@ def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models):
     assert cand["params"]["method"] == "csr" and cand["params"]["num_candidates"] == 2
     assert cand["params"]["baseline_cap"] is None  # the demo CLIP's ceiling is not for other CLIPs
     assert cand["sentences"] and all(s["reward"] is not None for s in cand["sentences"])
+    assert "system_prompt" not in cand["params"]  # none set
     # Greedy good and bad answers of a random model coincide on some items (no pair): use four.
+    # A system prompt set while generating is recorded with each candidate.
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "a red circle .")
     stic = studio.generate("stic", model=vlm, item_ids=all_ids, params={"max_new_tokens": 6})
     assert stic["items"] == 4 and stic["pairs"] >= 1
     pair = studio.next_pair("ann", method="stic")
     assert {pair["chosen"]["source"], pair["rejected"]["source"]} == {"stic_good", "stic_bad"}
     assert "draw" in pair["meta"] and pair["meta"]["model"] == vlm
+    assert {studio.store.get_candidate(pair[side]["id"])["params"]["system_prompt"] for side in ("chosen", "rejected")
+            } == {"a red circle ."}
     studio.store.close()
 
 
