@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,23 @@ def resolve_model_path(ref: str) -> str:
     except ImportError:  # registry not present: local paths only
         return ref
     return resolve_model_ref(ref)[0]
+
+
+def pairs_under_other_system_prompt(store, pairs: list[dict], log: Callable[[str], None]) -> int:
+    """How many of the round's pairs were generated under another system prompt than the one it
+    trains with (LVLM_STUDIO_SYSTEM_PROMPT now), logged as a warning: the model learns answers to a
+    conversation it was not asked in. Pairs that record none (imported ones) are not counted."""
+    from lvlm_studio.models.base import system_prompt
+
+    now = system_prompt()
+    other = {prompt: n for prompt, n in store.pairs_system_prompts(p["pair_id"] for p in pairs).items()
+             if prompt != now}
+    if other:
+        said = "; ".join(f"{n} under {prompt!r}" if prompt is not None else f"{n} under none"
+                         for prompt, n in sorted(other.items(), key=lambda kv: -kv[1]))
+        log(f"warning: {sum(other.values())} of the {len(pairs)} pairs were generated under another system "
+            f"prompt than this round trains with ({'none' if now is None else repr(now)}): {said}")
+    return sum(other.values())
 
 
 def adapter_lineage(store, round_id: int | None) -> list[str]:
@@ -701,6 +719,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         pairs = training_material(store, cfg)  # again: pairs may have changed since the round was queued
         what = "instruction items (STIC stage 2)" if cfg.objective == "stic_infusion" else "pairs"
         log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}")
+        other_prompt = 0 if cfg.objective == "stic_infusion" else pairs_under_other_system_prompt(store, pairs, log)
         out_dir = settings.adapters_dir / round_dirname(round_id)
         last_progress = [0.0]
 
@@ -739,6 +758,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         metrics: dict[str, Any] = {
             "train": {k: v for k, v in result.final.items() if k != "max_steps"},
             "n_pairs": result.n_pairs,
+            "n_pairs_other_system_prompt": other_prompt,
             "n_rows": result.n_rows,
             "n_dropped_by_balance": dropped,
             "n_sft_rows": sft_rows,

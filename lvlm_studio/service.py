@@ -1362,14 +1362,12 @@ def _paired_chair_s(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
 
 
 def _asked_under(candidates: list[dict]) -> list[dict]:
-    """The candidates with the system prompt the model was asked under (LVLM_STUDIO_SYSTEM_PROMPT)
-    in their params, when one is set: a round trains with the system prompt set then, so pairs
-    made under another one can be told apart."""
+    """The candidates with the system prompt the model was asked under (LVLM_STUDIO_SYSTEM_PROMPT;
+    None when unset) in their params: a round trains with the system prompt set then, and says how
+    many of its pairs were made under another one (``jobs``, ``Store.pairs_system_prompts``)."""
     from lvlm_studio.models.base import system_prompt
 
     system = system_prompt()
-    if system is None:
-        return candidates
     return [{**c, "params": {**(c.get("params") or {}), "system_prompt": system}} for c in candidates]
 
 

@@ -1204,6 +1204,23 @@ class Store:
             row["label"] = self._label_from(row, review)
             yield row
 
+    def pairs_system_prompts(self, pair_ids: Iterable[int]) -> dict[str | None, int]:
+        """How many of the pairs were generated under each system prompt, as their chosen candidate
+        recorded it (``params.system_prompt``: None = generated with none). Pairs whose candidates
+        record nothing (imported, or generated before the prompt was recorded) are not counted."""
+        ids = list(dict.fromkeys(int(i) for i in pair_ids))
+        counts: dict[str | None, int] = {}
+        for lo in range(0, len(ids), 900):  # SQLite's bound on a statement's parameters
+            chunk = ids[lo:lo + 900]
+            for row in self.db.query(
+                "SELECT json_extract(c.params, '$.system_prompt') AS prompt, count(*) AS n FROM pairs p "
+                "JOIN candidates c ON c.id = p.chosen_id WHERE p.id IN (" + ", ".join("?" * len(chunk)) + ") "
+                "AND json_valid(c.params) AND json_type(c.params, '$.system_prompt') IS NOT NULL GROUP BY prompt",
+                chunk,
+            ):
+                counts[row["prompt"]] = counts.get(row["prompt"], 0) + row["n"]
+        return counts
+
     def training_pairs(
         self, methods: Iterable[str] | None = None, include_auto: bool = False, round: int | None = None
     ) -> list[dict]:

@@ -125,6 +125,7 @@ def test_full_round_through_subprocess(trained):
         assert metrics["n_dropped_by_balance"] == 0  # caption pairs: nothing to balance
         assert "0 left out by balance_answers" in Path(row["log_path"]).read_text()
         assert metrics["n_sft_rows"] == 0  # sft_weight 0: no row has the term
+        assert metrics["n_pairs_other_system_prompt"] == 0 and "generated under another system prompt" not in log
         assert f"SFT term on 0 of {metrics['n_rows']} rows; float32 on cpu, gradient checkpointing off" in Path(
             row["log_path"]).read_text()
         assert metrics["hardware"]["dtype"] == "float32" and metrics["hardware"]["gradient_checkpointing"] is False

@@ -151,7 +151,7 @@ def test_csr_and_stic_generate_pairs_with_a_tiny_model(home, tiny_models, monkey
     assert cand["params"]["method"] == "csr" and cand["params"]["num_candidates"] == 2
     assert cand["params"]["baseline_cap"] is None  # the demo CLIP's ceiling is not for other CLIPs
     assert cand["sentences"] and all(s["reward"] is not None for s in cand["sentences"])
-    assert "system_prompt" not in cand["params"]  # none set
+    assert cand["params"]["system_prompt"] is None  # generated with none
     # Greedy good and bad answers of a random model coincide on some items (no pair): use four.
     # A system prompt set while generating is recorded with each candidate.
     monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "a red circle .")

@@ -645,3 +645,28 @@ def test_review_counts_are_cached_until_a_pair_or_a_review_is_added(store, make_
     finally:
         other.close()
     assert store.review_counts()["povid"] == {"pairs": 1, "reviewed": 0, "usable": 0}
+
+
+def test_pairs_count_the_system_prompt_their_candidates_were_generated_under(store, make_items, monkeypatch):
+    """Store.pairs_system_prompts counts pairs by the prompt their chosen candidate recorded (None =
+    generated with none); a candidate that records nothing (imported) is not counted. A round job
+    warns about, and counts, the pairs made under another prompt than the one it trains with."""
+    from lvlm_studio import jobs
+
+    items = make_items(4)
+    recorded = [{"system_prompt": "be brief ."}, {"system_prompt": "be brief ."}, {"system_prompt": None}, None]
+    pair_ids = []
+    for item, params in zip(items, recorded, strict=True):
+        chosen = store.add_candidate(item, "a", "model", params=params)
+        pair_ids.append(store.add_pair(item, chosen, store.add_candidate(item, "b", "model", params=params), "csr"))
+    assert store.pairs_system_prompts(pair_ids) == {"be brief .": 2, None: 1}
+    assert store.pairs_system_prompts(pair_ids[3:]) == {} and store.pairs_system_prompts([]) == {}
+    pairs = [{"pair_id": pid} for pid in pair_ids]
+    said = []
+    monkeypatch.setenv("LVLM_STUDIO_SYSTEM_PROMPT", "be brief .")
+    assert jobs.pairs_under_other_system_prompt(store, pairs, said.append) == 1
+    assert said == ["warning: 1 of the 4 pairs were generated under another system prompt than this round trains "
+                    "with ('be brief .'): 1 under none"]
+    monkeypatch.delenv("LVLM_STUDIO_SYSTEM_PROMPT")
+    assert jobs.pairs_under_other_system_prompt(store, pairs, said.append) == 2
+    assert said[-1].endswith("(none): 2 under 'be brief .'")
