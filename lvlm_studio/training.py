@@ -57,6 +57,7 @@ from typing import Any
 
 from lvlm_studio.config import QUANTIZATIONS, counted
 from lvlm_studio.models.base import chat_messages, chat_prompt, system_prompt, system_turn_rendered
+from lvlm_studio.models.lora import as_chain
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -460,14 +461,6 @@ def build_dpo_dataset(pairs: Sequence[dict], sft_weights: Sequence[float] | None
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def _as_chain(adapters: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
-    if adapters is None:
-        return []
-    if isinstance(adapters, (str, os.PathLike)):
-        return [str(adapters)]
-    return [str(a) for a in adapters]
-
-
 def read_lineage(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / LINEAGE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -567,7 +560,7 @@ def materialize_round_model(
     # The saved folder keeps the base processor's own image size: a cap written into it would
     # outlive a later change of LVLM_STUDIO_MODEL_IMAGE_PIXELS (a cap can lower a limit, not raise it).
     model, processor = load_base_model(base_model_path, device=device, cap_pixels=False)
-    model = merge_chain(model, _as_chain(adapter_chain))
+    model = merge_chain(model, as_chain(adapter_chain))
     if out_dir is not None:
         out = Path(out_dir)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
@@ -801,7 +794,7 @@ def train_round(
         raise ValueError("no training pairs: review some pairs (or allow automatic labels) first")
     if config.povid_stage1_epochs > 0:
         return _train_povid_stages(pairs, base_model_path, parent_adapter, out, config, on_log, should_stop)
-    chain = _as_chain(parent_adapter)
+    chain = as_chain(parent_adapter)
     dropped = 0
     if config.balance_answers:
         pairs, dropped = balance_answer_prior(pairs, config.seed)
@@ -851,7 +844,7 @@ def _train_povid_stages(pairs: Sequence[dict], base_model_path, parent_adapter, 
     if config.balance_answers:  # once for both stages, so they see the same pairs
         pairs, dropped = balance_answer_prior(pairs, config.seed)
     text_pairs = povid_stage1_pairs(pairs)
-    chain = _as_chain(parent_adapter)
+    chain = as_chain(parent_adapter)
     one_stage = replace(config, povid_stage1_epochs=0.0, balance_answers=False)
     stages = [(text_pairs, replace(one_stage, num_epochs=config.povid_stage1_epochs)),
               (pairs, replace(one_stage, povid_two_term=True))]
@@ -985,7 +978,7 @@ def train_sft_round(
     out = _new_adapter_dir(out_dir)
     if not rows:
         raise ValueError("no instruction items to fine-tune on (items with a reference answer)")
-    chain = _as_chain(parent_adapter)
+    chain = as_chain(parent_adapter)
     dataset = build_sft_dataset(rows)
     lineage = {"base_model": str(base_model_path), "parents": chain, "config": config.to_dict(),
                "objective": "stic_infusion", "n_pairs": len(rows), "n_rows": len(rows), "n_sft_rows": len(rows),

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import inspect
 import itertools
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -363,7 +362,9 @@ class HFBackend:
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
         prepare_processor(processor, path_or_id)
         model_id = str(path_or_id)
-        chain = [str(adapter)] if isinstance(adapter, str | os.PathLike) else [str(a) for a in adapter or ()]
+        from .lora import as_chain
+
+        chain = as_chain(adapter)
         if chain:
             from peft import PeftModel
 

@@ -37,6 +37,15 @@ _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", 
 STACKED_A, STACKED_B = "stacked_lora_A", "stacked_lora_B"
 
 
+def as_chain(adapters: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """One adapter folder, a chain of them (oldest first) or None, as a list of folder names."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, str | os.PathLike):
+        return [str(adapters)]
+    return [str(a) for a in adapters]
+
+
 def lora_rank(adapter_dir: str | os.PathLike) -> int:
     """The adapter's LoRA rank r, from its adapter_config.json."""
     return int(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["r"])

@@ -21,6 +21,7 @@ from ..config import BACKENDS, resolve_device
 from .base import MissingDependencyError, ModelLoadError, VLMBackend
 from .clip import ClipScorer, _one_line
 from .hf import quantization_config, resolve_dtype
+from .lora import as_chain
 
 DEMO_VLM_DIR = Path(__file__).resolve().parent.parent / "world" / "artifacts" / "vlm"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -157,7 +158,7 @@ def load_backend(
         if backend == "vllm":
             raise ValueError("quantization applies to the hf backend; vLLM takes a pre-quantized checkpoint instead")
         quantization_config(quantization, resolve_dtype(dtype, device))  # bad value or no bitsandbytes: now
-    chain = (str(adapter),) if isinstance(adapter, str | os.PathLike) else tuple(str(a) for a in adapter or ())
+    chain = tuple(as_chain(adapter))
     if backend == "vllm" and len(chain) > 1:
         raise ValueError("the vllm backend serves one LoRA adapter: merge the parent chain into the model first")
     key = (ref, backend, chain or None, device, dtype, quantization)
@@ -169,11 +170,10 @@ def load_backend(
         for folder in chain:
             if not Path(folder).is_dir():
                 raise ModelLoadError(f"Adapter directory {folder!r} does not exist.")
-        adapter = (chain[0] if len(chain) == 1 else list(chain)) if chain else None
         if backend == "vllm":
-            loaded = _load_vllm(ref, path, dtype, adapter)
+            loaded = _load_vllm(ref, path, dtype, chain[0] if chain else None)
         else:
-            loaded = _load_hf(ref, path, local, device, dtype, adapter, quantization)
+            loaded = _load_hf(ref, path, local, device, dtype, list(chain) or None, quantization)
         _backends[key] = loaded
         if len(_backends) > MAX_LOADED_BACKENDS:
             while len(_backends) > MAX_LOADED_BACKENDS:
