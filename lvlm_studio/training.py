@@ -563,8 +563,7 @@ def materialize_round_model(
     model = merge_chain(model, as_chain(adapter_chain))
     if out_dir is not None:
         out = Path(out_dir)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _fresh_tmp_sibling(out)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _publish_folder(tmp, out, "config.json")
@@ -579,12 +578,19 @@ def chain_adapter(adapter_chain: Sequence[str], out_dir: str | os.PathLike) -> P
 
     out = Path(out_dir)
     if not (out / ADAPTER_CONFIG).is_file():
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _fresh_tmp_sibling(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         concatenate_loras(adapter_chain, tmp)
         _publish_folder(tmp, out, ADAPTER_CONFIG)
     return out
+
+
+def _fresh_tmp_sibling(out: Path) -> Path:
+    """An empty-to-be temporary sibling of ``out`` to write into before renaming it into place; its
+    name carries the process and thread, so two writers of the same folder never share one."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed attempt
+    return tmp
 
 
 def _publish_folder(tmp: Path, out: Path, marker: str) -> None:
@@ -1159,8 +1165,7 @@ def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: 
 def _write_adapter(out: Path, write_weights: Callable[[Path], Any], lineage: dict, curve: list) -> None:
     """Write an adapter (``write_weights(folder)``) with its lineage and curve to ``out`` atomically:
     into a temporary sibling renamed when complete, so a reader sees no adapter or a whole one."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp_sibling(out)
     write_weights(tmp)
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
     (tmp / "curve.json").write_text(json.dumps(curve))
