@@ -1371,19 +1371,23 @@ def _asked_under(candidates: list[dict]) -> list[dict]:
     return [{**c, "params": {**(c.get("params") or {}), "system_prompt": system}} for c in candidates]
 
 
+def _pope_probe(row: dict) -> dict | None:
+    """A stored answer's POPE probe record (its meta holds label and prediction), if it is one with
+    a yes/no label."""
+    meta = row.get("meta") or {}
+    return meta if meta.get("kind") == "pope" and meta.get("label") in ("yes", "no") else None
+
+
 def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:
     """evaluation.paired_pope_f1 over the POPE probes both rounds answered."""
     from lvlm_studio.evaluation import paired_pope_f1
 
-    def probe(row: dict) -> dict | None:
-        meta = row.get("meta") or {}
-        return meta if meta.get("kind") == "pope" and meta.get("label") in ("yes", "no") else None
-
-    common = [i for i in sorted(set(out_a) & set(out_b)) if probe(out_a[i]) and probe(out_b[i])]
-    if not common:
+    both = [(pa, pb) for i in sorted(set(out_a) & set(out_b))
+            if (pa := _pope_probe(out_a[i])) is not None and (pb := _pope_probe(out_b[i])) is not None]
+    if not both:
         return None
-    return paired_pope_f1([probe(out_a[i]).get("prediction") for i in common],
-                          [probe(out_b[i]).get("prediction") for i in common], [probe(out_a[i])["label"] for i in common])
+    return paired_pope_f1([pa.get("prediction") for pa, _ in both], [pb.get("prediction") for _, pb in both],
+                          [pa["label"] for pa, _ in both])
 
 
 def item_seed(seed: int, item: dict) -> int:
@@ -1423,8 +1427,7 @@ def _pope_f1_from_outputs(rows: list[dict]) -> float | None:
     """POPE F1 recomputed from stored probe answers (their meta holds label and prediction)."""
     from lvlm_studio.evaluation import pope_metrics
 
-    probes = [r["meta"] for r in rows if (r.get("meta") or {}).get("kind") == "pope"
-              and r["meta"].get("label") in ("yes", "no")]
+    probes = [probe for probe in map(_pope_probe, rows) if probe is not None]
     if not probes:
         return None
     return pope_metrics([p.get("prediction") for p in probes], [p["label"] for p in probes])["f1"]
