@@ -1135,7 +1135,8 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
                 f"merging the parent rounds into {model.dtype} weights kept their updates only up to a rounding "
                 f"error of {worst:.2f} (0 = exact; 1 = the update lost): updates this small (a low learning "
                 "rate) fall below the dtype's resolution, and this round trains from, and against, a noisy "
-                "parent. --config parent_lineage=stacked keeps them (the default for such weights)", stacklevel=2)
+                "parent. --config parent_lineage=stacked adds them without that noise (the default for such "
+                "weights); only float32 training (--config bf16=false) keeps updates this small", stacklevel=2)
     base_dtype = model.dtype
     if config.quantization is not None:
         from peft import prepare_model_for_kbit_training
