@@ -159,12 +159,17 @@ def test_config_defaults_follow_the_reference():
     cfg = CSRConfig()
     p = cfg.generation_params()
     assert (p.num_beam_groups, p.diversity_penalty, p.temperature, p.max_new_tokens, p.stop) == (5, 3.0, 0.0, 70, (".",))
+    # a project fix over the reference's stop at every period ("1." of a list is no sentence)
+    assert p.stop_rule == cfg.stop_rule == "sentence" and p.as_dict()["stop_rule"] == "sentence"
+    assert CSRConfig(stop_rule="any", expansion="sample").generation_params(seed=1).stop_rule == "any"
     assert (cfg.keep_top, cfg.keep_bottom, cfg.lam, cfg.clip_alpha) == (1, 2, 0.9, 0.9)
     assert (cfg.answer_score, cfg.existence_pairs) == ("centered_sum", False)  # project choices
     s = CSRConfig(expansion="sample", temperature=0.8).generation_params(seed=7)
     assert (s.temperature, s.num_beam_groups, s.seed) == (0.8, 1, 7)
     with pytest.raises(ValueError):
         CSRConfig(reward_mode="magic")
+    with pytest.raises(ValueError, match="stop_rule"):
+        CSRConfig(stop_rule="period")
 
 
 def test_search_tree_pruning_and_pair():

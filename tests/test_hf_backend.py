@@ -460,6 +460,39 @@ def test_check_stop_cuts_after_the_earliest_stop():
     assert HFBackend._check_stop(fake, [1], ("@@",)) is None
 
 
+def test_find_stop_under_the_sentence_rule():
+    from lvlm_studio.models.base import find_stop
+
+    assert find_stop("1. A red car. It", (".",)) == 2  # "any": every period, as vLLM and HF stop
+    assert find_stop("1. A red car. It", (".",), "sentence") == 13
+    assert find_stop("Fruit, e.g. a pear. x", (".",), "sentence") == 19
+    assert find_stop("Mr. Smith is here. x", (".",), "sentence") == 18
+    assert find_stop("There is a. x", (".",), "sentence") == 11  # the demo model's fragment still stops
+    assert find_stop("1. A red car\n", (".", "\n"), "sentence") == 13  # the earliest stop that counts
+    assert find_stop("1. e.g.", (".",), "sentence") is None
+    assert find_stop("Mr. X!", ("!",), "sentence") == 6  # a stop without a period is never held back
+    with pytest.raises(ValueError, match="stop_rule"):
+        GP(stop_rule="never")
+
+
+def test_decode_loop_stops_where_the_stop_rule_says(be, images, monkeypatch):
+    # The decode loop with scripted picks and a tokenizer that can write "1.": under "sentence" a
+    # numbered-list marker does not end the sentence; under "any" it does (the CSR reference).
+    from lvlm_studio.models.tiny import GENERIC_WORDS, build_word_tokenizer
+
+    lister = copy.copy(be)
+    lister.tokenizer, lister._stop_cache = build_word_tokenizer([*GENERIC_WORDS, "1", "car"]), {}
+    script = lister.encode_text("1. A red car. It is")
+    assert max(script) < be.model.config.get_text_config().vocab_size
+    for rule, expected in (("any", "1."), ("sentence", "1. A red car.")):
+        step = iter(script)
+        monkeypatch.setattr(HFBackend, "_choose",
+                            lambda self, logprobs, *a, step=step: torch.tensor([next(step)] * len(logprobs)))
+        out = lister.sample(images[:1], PROMPTS[:1], params=GP(max_new_tokens=12, stop=(".",), stop_rule=rule))[0][0]
+        assert (out.text, out.finish_reason) == (expected, "stop")
+        assert out.token_ids == script[: len(out.token_ids)] and len(out.token_logprobs) == len(out.token_ids)
+
+
 def test_chat_text_and_a_single_bos(be, images):
     text = be.chat_text("what is it?")
     assert text.index(be.processor.image_token) < text.index("what is it?")  # the image comes first

@@ -1,4 +1,10 @@
-from lvlm_studio.methods.sentences import clean_reason, is_clean_sentence, segment_sentences, sentence_records
+from lvlm_studio.methods.sentences import (
+    clean_reason,
+    is_clean_sentence,
+    period_may_end_sentence,
+    segment_sentences,
+    sentence_records,
+)
 
 
 def texts(s: str) -> list[str]:
@@ -77,3 +83,18 @@ def test_cleaning_filter_thresholds_and_scripts():  # T10, T11, T12, T15, T18
     assert clean_reason("A cat ねこ sits.") == "foreign_script"  # hiragana
     assert clean_reason("A cat&nbsp;&nbsp;sits.") == "foreign_script"
     assert clean_reason("A cat&nbsp;sits.") is None
+
+
+def test_generation_may_stop_only_where_a_period_may_end_a_sentence():
+    # What a model has written when a period arrives; what follows is not written yet.
+    for written in ["1.", "Objects:\n2.", "\n 3.", "e.", "Fruit, e.g.", "i.", "i.e.", "Mr.", "Ask Dr.", "J."]:
+        assert not period_may_end_sentence(written), written
+    for written in ["There is a.", "There are 3.", "It is big.", "Apples etc.", "No.", "The U.S.", "Wait...",
+                    "In 1.", "no period at all", "1. A red car."]:
+        assert period_may_end_sentence(written), written
+    # Where segment_sentences cuts after a period, generation may stop there too.
+    for text in ["Mr. Smith met Dr. Jones. They talked.", "1. The dog.\n2. The cat. It ran.",
+                 "See No. 5 and Fig. 3 there. No. There is no cat.", "He lives in the U.S. It is nice."]:
+        for span in segment_sentences(text):
+            if span.text.endswith("."):
+                assert period_may_end_sentence(text[: span.end]), span.text

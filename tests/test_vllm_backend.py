@@ -181,3 +181,57 @@ def test_vllm_asks_with_the_system_turn_hfbackend_asks_with(fake_vllm, model_dir
     ids = backend._prompt_ids("describe the image")
     assert backend.tokenizer.decode(ids).startswith("a red circle .")
     assert ids == backend.tokenizer(hf.chat_text("describe the image"), add_special_tokens=False)["input_ids"]
+
+
+def _list_tokenizer_backend(model_dir):
+    """A backend whose tokenizer also knows "1" and "car", to write a numbered list."""
+    from lvlm_studio.models.tiny import GENERIC_WORDS, build_word_tokenizer
+
+    backend = VLLMBackend(model_dir)
+    backend.tokenizer = build_word_tokenizer([*GENERIC_WORDS, "1", "car"])
+    return backend
+
+
+def test_sampling_goes_on_past_a_period_that_ends_no_sentence(fake_vllm, model_dir):
+    # vLLM stops at every "."; under stop_rule="sentence" the backend asks again from "1." on.
+    backend = _list_tokenizer_backend(model_dir)
+    llm = fake_vllm[-1]
+    prompt = backend._prompt_ids("Describe.")
+    first, rest = backend.encode_text("1."), backend.encode_text(" A red car.")
+
+    def reply(request, sampling):
+        ids = first if request["prompt_token_ids"] == prompt else rest
+        return RequestOutput([Completion(backend.decode(ids), ids, [{t: Logprob(-0.5)} for t in ids],
+                                         finish_reason="stop", stop_reason=".")])
+
+    llm.reply = reply
+    image = Image.new("RGB", (32, 32))
+    params = GenerationParams(max_new_tokens=10, stop=(".",), stop_rule="sentence", temperature=0.7, seed=4)
+    out = backend.sample([image], ["Describe."], params=params)[0][0]
+    assert out.text == "1. A red car." and out.finish_reason == "stop"
+    assert out.token_ids == first + rest and out.token_logprobs == [-0.5] * len(first + rest)
+    assert len(llm.calls) == 2
+    (again,), (sampling,), _ = llm.calls[1]
+    assert again["prompt_token_ids"] == prompt + first  # continued from the ids, never re-tokenised
+    assert sampling.kwargs["max_tokens"] == 10 - len(first) and sampling.kwargs["seed"] != 4
+    llm.calls.clear()
+    plain = backend.sample([image], ["Describe."], params=GenerationParams(max_new_tokens=10, stop=(".",), seed=4))
+    assert plain[0][0].text == "1." and len(llm.calls) == 1  # "any": vLLM's own stop, as before
+
+
+def test_group_search_stops_by_the_sentence_rule(fake_vllm, model_dir):
+    backend = _list_tokenizer_backend(model_dir)
+    script = backend.encode_text("1. A red car. It is")
+    prompt = backend._prompt_ids("Describe.")
+
+    def reply(request, sampling):
+        step = len(request["prompt_token_ids"]) - len(prompt)
+        top = {script[step]: Logprob(-0.1), 99: Logprob(-5.0)}
+        return RequestOutput([Completion("", [script[step]], [top])])
+
+    fake_vllm[-1].reply = reply
+    for rule, expected in (("any", "1."), ("sentence", "1. A red car.")):
+        params = GenerationParams(temperature=0.0, num_beam_groups=2, diversity_penalty=0.0, max_new_tokens=8,
+                                  stop=(".",), stop_rule=rule)
+        groups = backend.sample([Image.new("RGB", (32, 32))], ["Describe."], params=params)[0]
+        assert [g.text for g in groups] == [expected] * 2 and groups[0].finish_reason == "stop"

@@ -47,7 +47,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from lvlm_studio.methods.sentences import clean_reason
-from lvlm_studio.models.base import GenerationParams, Sequence, VLMBackend, check_temperature
+from lvlm_studio.models.base import STOP_RULES, GenerationParams, Sequence, VLMBackend, check_temperature
 
 
 @runtime_checkable
@@ -76,6 +76,12 @@ class CSRConfig:
     top_p: float = 1.0  # "sample" only
     max_new_tokens: int = 70  # per sentence (reference)
     stop: tuple[str, ...] = (".",)  # the reference stops a sentence at the period token
+    # "sentence" (default, a project fix): not at a period that cannot end a sentence ("1."
+    # opening a numbered list, "e.g.", "Mr.", an initial; models.base.find_stop). "any": at every
+    # period, as the reference does; it cuts "1." off as a sentence of its own, which the cleaning
+    # filter then drops as too short, so a model that answers in numbered lists never gets past
+    # its first item. ShapesWorld's phrasing has none of these, so the demo's searches are the same.
+    stop_rule: Literal["any", "sentence"] = "sentence"
     # Caps that make a node final. The reference caps the decoded text at 1024 characters and
     # has no depth cap; we cap sentences (depth) and answer tokens, so a model that never ends an
     # answer cannot grow the tree without bound. 8 sentences: twice the demo's longest caption (4
@@ -153,6 +159,8 @@ class CSRConfig:
             raise ValueError(f"reward_mode must be 'paper' or 'reference', not {self.reward_mode!r}")
         if self.answer_score not in ANSWER_SCORES:
             raise ValueError(f"answer_score must be one of {ANSWER_SCORES}, not {self.answer_score!r}")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {STOP_RULES}, not {self.stop_rule!r}")
         if self.prune_by not in ("text", "reward"):
             raise ValueError(f"prune_by must be 'text' or 'reward', not {self.prune_by!r}")
         if self.num_candidates < 1 or self.max_sentences < 1:
@@ -175,12 +183,14 @@ class CSRConfig:
                 num_beam_groups=self.num_candidates,
                 diversity_penalty=self.diversity_penalty,
                 stop=self.stop,
+                stop_rule=self.stop_rule,
             )
         return GenerationParams(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=self.stop,
+            stop_rule=self.stop_rule,
             seed=seed,
         )
 

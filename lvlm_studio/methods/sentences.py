@@ -41,6 +41,10 @@ _OPENERS = {
     "many", "most", "all", "one", "two", "each", "every", "no", "not", "what", "why", "how",
 }
 
+# The first letter of a dotted _NEVER_END abbreviation ("e.g", "i.e"): while generating, "e." is all
+# that is written of "e.g." when the period arrives.
+_ABBREVIATION_OPENINGS = {"e", "i"}
+
 _TERMINATOR = re.compile(r"[.!?]+[\"')\]]*")
 _WORD_BEFORE = re.compile(r"([A-Za-z](?:[A-Za-z.]*[A-Za-z])?|\d+)$")
 
@@ -62,23 +66,56 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     match = _WORD_BEFORE.search(text[:start])
     if not match:
         return True
+    if _never_ends(text, start):
+        return False
     word = match.group(1)
     low = word.lower()
-    line_start = text.rfind("\n", 0, match.start()) + 1
-    if word.isdigit() and not text[line_start:match.start()].strip():
-        return False  # "1. The dog": a numbered-list marker at the start of a line
     if low in _MAY_END:
         next_word = re.match(r"[A-Za-z']+", rest)
         return next_char.isupper() and bool(next_word) and next_word.group(0).lower() in _OPENERS
     if low in _BEFORE_NUMBER:
         return not next_char.isdigit()
-    if low in _NEVER_END:
-        return False
-    if len(word) == 1 and word.isupper():
-        return False  # an initial: "J. Smith"
     if "." in word and len(word) <= 6:
         return next_char.isupper()  # "a.k.a. the", other dotted abbreviations
     return True
+
+
+def _never_ends(text: str, start: int) -> bool:
+    """Whatever follows, the period at ``text[start]`` ends no sentence: it closes a numbered-list
+    marker at the start of a line ("1. The dog"), a title or Latin abbreviation ("Mr.", "e.g.") or
+    an initial ("J. Smith"). False also when no word precedes it."""
+    match = _WORD_BEFORE.search(text[:start])
+    if not match:
+        return False
+    word = match.group(1)
+    low = word.lower()
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    if word.isdigit() and not text[line_start:match.start()].strip():
+        return True
+    if low in _MAY_END or low in _BEFORE_NUMBER:
+        return False  # these depend on the next word
+    return low in _NEVER_END or (len(word) == 1 and word.isupper())
+
+
+def period_may_end_sentence(text: str) -> bool:
+    """May the last period of ``text`` end a sentence, whatever is written next? False for the
+    cases ``segment_sentences`` never cuts at ("1." opening a line, "e.g.", "Mr.", "J.") and for
+    the "e." or "i." that opens an "e.g." or "i.e." not yet written; True otherwise ("There is a."
+    included), and when ``text`` holds no period. Generation uses it to stop a sentence only where
+    one can end (``GenerationParams.stop_rule = "sentence"``): what comes next is not written yet,
+    so a period that a following word would decide ("3.5", "etc.", "No. 5") still stops."""
+    i = text.rfind(".")
+    if i < 0:
+        return True
+    j = i
+    while j > 0 and text[j - 1] == ".":
+        j -= 1
+    if j < i:
+        return True  # an ellipsis
+    word = _WORD_BEFORE.search(text[:i])
+    if word and word.group(1) in _ABBREVIATION_OPENINGS:
+        return False  # the "e." of an "e.g." not yet written
+    return not _never_ends(text, i)
 
 
 def segment_sentences(text: str) -> list[Span]:

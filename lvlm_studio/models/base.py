@@ -90,6 +90,36 @@ def check_temperature(value: float) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, not {value}")
 
 
+STOP_RULES = ("any", "sentence")
+
+
+def find_stop(text: str, stops: tuple[str, ...] | list[str], rule: str = "any") -> int | None:
+    """Where ``text`` ends at its earliest stop: the index just past that stop string, or None.
+
+    Under ``rule="sentence"`` an occurrence that ends in a period counts only where the period may
+    end a sentence (``sentences.period_may_end_sentence``): a model writing "1. A dog runs." or
+    "e.g. a cat." is not cut at "1." or "e.g.". Every backend stops through this one function."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s)
+        while i >= 0 and (best is None or i + len(s) < best):
+            end = i + len(s)
+            if rule != "sentence" or not s.endswith(".") or _period_may_end_sentence(text[:end]):
+                best = end
+                break
+            i = text.find(s, i + 1)
+    return best
+
+
+def _period_may_end_sentence(text: str) -> bool:
+    # Pure text; imported here, not at the top: lvlm_studio.methods imports this module.
+    from lvlm_studio.methods.sentences import period_may_end_sentence
+
+    return period_may_end_sentence(text)
+
+
 @dataclass
 class GenerationParams:
     """Decoding parameters. temperature 0 means greedy.
@@ -107,6 +137,10 @@ class GenerationParams:
     diversity_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Which occurrences of a stop string end the text: "any" (every one, as HF's and vLLM's stop
+    # strings do) or "sentence" (a stop ending in "." counts only where that period may end a
+    # sentence: not after "1." opening a line, "e.g.", "Mr.", an initial; see find_stop).
+    stop_rule: str = "any"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.num_beam_groups < 1:
@@ -114,6 +148,9 @@ class GenerationParams:
                              f"{self.num_beam_groups}): an answer needs at least one token")
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.diversity_penalty >= 0):
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and diversity_penalty >= 0")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {STOP_RULES}, not {self.stop_rule!r}")
+        self.stop = tuple(self.stop)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +160,7 @@ class GenerationParams:
             "num_beam_groups": self.num_beam_groups,
             "diversity_penalty": self.diversity_penalty,
             "stop": list(self.stop),
+            "stop_rule": self.stop_rule,
             "seed": self.seed,
         }
 

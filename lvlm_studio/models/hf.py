@@ -44,6 +44,7 @@ from .base import (
     Prefix,
     Sequence,
     chat_prompt,
+    find_stop,
     system_turn_rendered,
 )
 
@@ -553,15 +554,11 @@ class HFBackend:
             self._stop_cache[stops] = [(not t) or ("\ufffd" in t) or any(c in t for c in last) for t in texts]
         return self._stop_cache[stops]
 
-    def _check_stop(self, ids: list[int], stops: tuple[str, ...]) -> str | None:
-        """The text cut right after the earliest stop string, or None."""
+    def _check_stop(self, ids: list[int], stops: tuple[str, ...], rule: str = "any") -> str | None:
+        """The text cut right after the earliest stop string (``find_stop``), or None."""
         text = self.decode(ids)
-        best = None
-        for s in stops:
-            i = text.find(s)
-            if i >= 0 and (best is None or i + len(s) < best):
-                best = i + len(s)
-        return None if best is None else text[:best]
+        end = find_stop(text, stops, rule)
+        return None if end is None else text[:end]
 
     @torch.no_grad()
     def _decode(self, state: _State, k: int, params: GenerationParams, gen) -> list[list[Sequence]]:
@@ -599,7 +596,7 @@ class HFBackend:
                     done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "eos")
                     continue
                 if may_stop is not None and (t >= len(may_stop) or may_stop[t]):
-                    cut = self._check_stop(toks[row], params.stop)
+                    cut = self._check_stop(toks[row], params.stop, params.stop_rule)
                     if cut is not None:
                         done[row] = Sequence(cut, toks[row], lps[row], "stop")
                         continue

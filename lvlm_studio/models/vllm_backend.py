@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_prompt
+from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_prompt, find_stop
 from .lora import lora_rank
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
@@ -177,7 +177,38 @@ class VLLMBackend:
                     for k in range(len(requests))]
         outs = self._generate(requests, sampling)
         repeat = n if params.temperature <= 0 else 1
-        return [[self._to_sequence(c) for c in o.outputs] * repeat for o in outs]
+        seqs = [[self._to_sequence(c) for c in o.outputs] for o in outs]
+        if params.stop and params.stop_rule != "any":
+            seqs = self._past_false_stops(prompt_ids, images, seqs, params)
+        return [row * repeat for row in seqs]
+
+    def _past_false_stops(self, prompt_ids, images, seqs: list[list[Sequence]], params) -> list[list[Sequence]]:
+        """vLLM stops at every occurrence of a stop string; a sequence it stopped where
+        ``params.stop_rule`` says no stop is (the "1." of a list) is continued, one request per
+        sequence, until it stops for real, ends or runs out of ``max_new_tokens``."""
+        for _round in range(params.max_new_tokens):
+            todo = [(r, k) for r, row in enumerate(seqs) for k, s in enumerate(row)
+                    if s.finish_reason == "stop" and len(s.token_ids) < params.max_new_tokens
+                    and find_stop(s.text, params.stop, params.stop_rule) is None]
+            if not todo:
+                break
+            requests, sampling = [], []
+            for j, (r, k) in enumerate(todo):
+                s = seqs[r][k]
+                requests.append(self._request(prompt_ids[r] + list(s.token_ids), images[r]))
+                left = params.max_new_tokens - len(s.token_ids)
+                seed = None if params.seed is None else params.seed + 7919 * (_round + 1) + j
+                sampling.append(self._sampling(GenerationParams(
+                    max_new_tokens=left, temperature=params.temperature, top_p=params.top_p,
+                    stop=params.stop, stop_rule=params.stop_rule), 1, seed))
+            for (r, k), out in zip(todo, self._generate(requests, sampling), strict=True):
+                s, more = seqs[r][k], self._to_sequence(out.outputs[0])
+                ids = list(s.token_ids) + list(more.token_ids)
+                text = self.decode(ids)
+                end = find_stop(text, params.stop, params.stop_rule) if more.finish_reason == "stop" else None
+                seqs[r][k] = Sequence(text if end is None else text[:end], ids,
+                                      list(s.token_logprobs) + list(more.token_logprobs), more.finish_reason)
+        return seqs
 
     def sample(self, images, prompts, n: int = 1, params: GenerationParams | None = None):
         params = params or GenerationParams()
@@ -234,13 +265,12 @@ class VLLMBackend:
                 lps[g].append(float(cands[t].logprob))
                 if t in self.eos_ids:
                     reason[g] = "eos"
-                elif params.stop and any(s in self.decode(toks[g]) for s in params.stop):
+                elif params.stop and find_stop(self.decode(toks[g]), params.stop, params.stop_rule) is not None:
                     reason[g] = "stop"
         result = []
         for g in range(g_count):
             text = self.decode(toks[g])
             if reason[g] == "stop":
-                ends = [text.find(s) + len(s) for s in params.stop if s in text]
-                text = text[: min(ends)]
+                text = text[: find_stop(text, params.stop, params.stop_rule)]
             result.append(Sequence(text, toks[g], lps[g], reason[g] or "length"))
         return result
