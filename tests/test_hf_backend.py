@@ -451,13 +451,13 @@ def test_eos_and_banned_token_ids():
     assert banned_token_ids(NS(image_token_index=9), NS(image_token="<img>"), tok) == [9]  # "<img>" is unk here
 
 
-def test_check_stop_cuts_after_the_earliest_stop():
-    from types import SimpleNamespace as NS
+def test_find_stop_cuts_after_the_earliest_stop():
+    from lvlm_studio.models.base import find_stop
 
-    fake = NS(decode=lambda ids: "a red circle. Then a star\n and more")
-    assert HFBackend._check_stop(fake, [1], ("\n", ".")) == "a red circle."
-    assert HFBackend._check_stop(fake, [1], ("star", "circle")) == "a red circle"
-    assert HFBackend._check_stop(fake, [1], ("@@",)) is None
+    text = "a red circle. Then a star\n and more"
+    assert text[: find_stop(text, ("\n", "."))] == "a red circle."
+    assert text[: find_stop(text, ("star", "circle"))] == "a red circle"
+    assert find_stop(text, ("@@",)) is None
 
 
 def test_find_stop_under_the_sentence_rule():
@@ -471,6 +471,24 @@ def test_find_stop_under_the_sentence_rule():
     assert find_stop("1. A red car\n", (".", "\n"), "sentence") == 13  # the earliest stop that counts
     assert find_stop("1. e.g.", (".",), "sentence") is None
     assert find_stop("Mr. X!", ("!",), "sentence") == 6  # a stop without a period is never held back
+    assert find_stop("It is 3.5 m. x", (".",), "sentence") == 12  # a decimal point, once its digit is written
+    assert find_stop("There are 3. x", (".",), "sentence") == 12
+
+
+def test_a_stop_after_a_digit_waits_for_the_next_token():
+    from lvlm_studio.models.base import StopCheck
+
+    words = {1: "It", 2: " is", 3: " 3", 4: ".", 5: "5", 6: " m", 7: " There"}
+    check = StopCheck((".",), "sentence", lambda ids: "".join(words[i] for i in ids))
+    assert check.check(0, [1, 2, 3, 4]) is None and check.waiting(0)  # "It is 3." : 3.5 or the end?
+    assert check.check(0, [1, 2, 3, 4, 5]) is None and not check.waiting(0)  # "3.5": no stop there
+    assert check.check(0, [1, 2, 3, 4, 5, 6, 4]) == ("It is 3.5 m.", 7)
+    assert check.check(1, [1, 2, 3, 4]) is None
+    assert check.check(1, [1, 2, 3, 4, 7]) == ("It is 3.", 4)  # the stop holds; " There" is dropped
+    assert check.check(2, [1, 2, 3, 4]) is None and check.at_end(2, [1, 2, 3, 4]) == ("It is 3.", 4)
+    assert check.at_end(3, [1, 2]) is None
+    plain = StopCheck((".",), "any", lambda ids: "".join(words[i] for i in ids))
+    assert plain.check(0, [1, 2, 3, 4]) == ("It is 3.", 4)  # the reference: every period, at once
     with pytest.raises(ValueError, match="stop_rule"):
         GP(stop_rule="never")
 
@@ -491,6 +509,32 @@ def test_decode_loop_stops_where_the_stop_rule_says(be, images, monkeypatch):
         out = lister.sample(images[:1], PROMPTS[:1], params=GP(max_new_tokens=12, stop=(".",), stop_rule=rule))[0][0]
         assert (out.text, out.finish_reason) == (expected, "stop")
         assert out.token_ids == script[: len(out.token_ids)] and len(out.token_logprobs) == len(out.token_ids)
+
+
+def test_decode_loop_holds_a_stop_after_a_digit_for_one_token(be, images, monkeypatch):
+    # "It is 3." may go on as "3.5": under "sentence" the next token decides, and is dropped when the
+    # stop holds. Scripted picks; the texts are mapped onto ids of the tiny vocabulary (real "." id).
+    dot = be.encode_text(".")[0]
+    others = [i for i in range(5, 60) if "." not in be.decode([i]) and i != dot][:6]
+    words = dict(zip(others, ["It", " is", " 3", "5", " m", " There"], strict=True)) | {dot: "."}
+    it, is_, three, five, m, there = others
+    mapped = copy.copy(be)
+    mapped.decode = lambda ids: "".join(words[i] for i in ids)
+
+    def run(script, rule, max_new_tokens=12):
+        step = iter(script)
+        monkeypatch.setattr(HFBackend, "_choose",
+                            lambda self, logprobs, *a: torch.tensor([next(step)] * len(logprobs)))
+        params = GP(max_new_tokens=max_new_tokens, stop=(".",), stop_rule=rule)
+        out = mapped.sample(images[:1], PROMPTS[:1], params=params)[0][0]
+        return out.text, out.finish_reason, out.token_ids
+
+    decimal = [it, is_, three, dot, five, m, dot, there]
+    assert run(decimal, "sentence") == ("It is 3.5 m.", "stop", decimal[:7])
+    assert run(decimal, "any") == ("It is 3.", "stop", decimal[:4])
+    ended = [it, is_, three, dot, there, is_]
+    assert run(ended, "sentence") == ("It is 3.", "stop", ended[:4])  # " There" decided it, and is dropped
+    assert run(ended, "sentence", max_new_tokens=4) == ("It is 3.", "stop", ended[:4])  # out of tokens: it holds
 
 
 def test_chat_text_and_a_single_bos(be, images):

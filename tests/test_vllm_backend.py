@@ -235,3 +235,58 @@ def test_group_search_stops_by_the_sentence_rule(fake_vllm, model_dir):
                                   stop=(".",), stop_rule=rule)
         groups = backend.sample([Image.new("RGB", (32, 32))], ["Describe."], params=params)[0]
         assert [g.text for g in groups] == [expected] * 2 and groups[0].finish_reason == "stop"
+
+
+def _mapped_backend(model_dir, words: dict[int, str]):
+    backend = VLLMBackend(model_dir)
+    assert not set(words) & {*backend.eos_ids, *backend.banned_ids}
+    backend.decode = lambda ids: "".join(words[i] for i in ids)
+    return backend
+
+
+def test_sampling_after_a_digit_and_a_period_lets_the_next_token_decide(fake_vllm, model_dir):
+    words = {41: "It", 42: " is", 43: " 3", 44: ".", 45: "5", 46: " m", 47: " There", 48: " is"}
+    backend = _mapped_backend(model_dir, words)
+    llm = fake_vllm[-1]
+    prompt = backend._prompt_ids("Describe.")
+    image = Image.new("RGB", (32, 32))
+    params = GenerationParams(max_new_tokens=10, stop=(".",), stop_rule="sentence", temperature=0.7, seed=1)
+
+    def scripted(first, rest):
+        def reply(request, sampling):
+            ids = first if request["prompt_token_ids"] == prompt else rest
+            return RequestOutput([Completion(backend.decode(ids), ids, [{t: Logprob(-0.5)} for t in ids],
+                                             finish_reason="stop", stop_reason=".")])
+        return reply
+
+    llm.reply = scripted([41, 42, 43, 44], [45, 46, 44])  # "It is 3." then "5 m.": a decimal point
+    out = backend.sample([image], ["Describe."], params=params)[0][0]
+    assert (out.text, out.token_ids, out.finish_reason) == ("It is 3.5 m.", [41, 42, 43, 44, 45, 46, 44], "stop")
+    llm.reply = scripted([41, 42, 43, 44], [47, 48, 44])  # "It is 3." then " There is.": the stop held
+    llm.calls.clear()
+    out = backend.sample([image], ["Describe."], params=params)[0][0]
+    assert (out.text, out.token_ids, out.token_logprobs) == ("It is 3.", [41, 42, 43, 44], [-0.5] * 4)
+    assert len(llm.calls) == 2  # asked once more, and not again once the stop held
+
+
+def test_group_search_holds_a_stop_after_a_digit_for_one_token(fake_vllm, model_dir):
+    words = {41: "It", 42: " is", 43: " 3", 44: ".", 45: "5", 46: " m", 47: " There", 99: "x"}
+    backend = _mapped_backend(model_dir, words)
+    prompt = backend._prompt_ids("Describe.")
+
+    def search(script, rule):
+        def reply(request, sampling):
+            t = script[len(request["prompt_token_ids"]) - len(prompt)]
+            return RequestOutput([Completion("", [t], [{t: Logprob(-0.1), 99: Logprob(-5.0)}])])
+
+        fake_vllm[-1].reply = reply
+        params = GenerationParams(temperature=0.0, num_beam_groups=2, diversity_penalty=0.0, max_new_tokens=7,
+                                  stop=(".",), stop_rule=rule)
+        g = backend.sample([Image.new("RGB", (32, 32))], ["Describe."], params=params)[0][0]
+        return g.text, g.token_ids, g.finish_reason
+
+    assert search([41, 42, 43, 44, 45, 46, 44, 47], "sentence") == ("It is 3.5 m.", [41, 42, 43, 44, 45, 46, 44], "stop")
+    assert search([41, 42, 43, 44, 45, 46, 44, 47], "any") == ("It is 3.", [41, 42, 43, 44], "stop")
+    assert search([41, 42, 43, 44, 47, 42, 42, 42], "sentence") == ("It is 3.", [41, 42, 43, 44], "stop")
+    capped = [41, 42, 41, 42, 41, 43, 44, 47]  # "3." is the 7th token, the last one allowed: the stop holds
+    assert search(capped, "sentence") == ("It isIt isIt 3.", capped[:7], "stop")

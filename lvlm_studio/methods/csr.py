@@ -77,7 +77,8 @@ class CSRConfig:
     max_new_tokens: int = 70  # per sentence (reference)
     stop: tuple[str, ...] = (".",)  # the reference stops a sentence at the period token
     # "sentence" (default, a project fix): not at a period that cannot end a sentence ("1."
-    # opening a numbered list, "e.g.", "Mr.", an initial; models.base.find_stop). "any": at every
+    # opening a numbered list, "e.g.", "Mr.", an initial; models.base.find_stop), and after a digit
+    # only once the next token shows it is no decimal point ("3.5"). "any": at every
     # period, as the reference does; it cuts "1." off as a sentence of its own, which the cleaning
     # filter then drops as too short, so a model that answers in numbered lists never gets past
     # its first item. ShapesWorld's phrasing has none of these, so the demo's searches are the same.

@@ -98,7 +98,8 @@ def find_stop(text: str, stops: tuple[str, ...] | list[str], rule: str = "any") 
 
     Under ``rule="sentence"`` an occurrence that ends in a period counts only where the period may
     end a sentence (``sentences.period_may_end_sentence``): a model writing "1. A dog runs." or
-    "e.g. a cat." is not cut at "1." or "e.g.". Every backend stops through this one function."""
+    "e.g. a cat." is not cut at "1." or "e.g.", nor "3.5" at "3." once the "5" is written (before
+    that, see ``stop_awaits_next_token``). Every backend stops through this one function."""
     best = None
     for s in stops:
         if not s:
@@ -106,11 +107,59 @@ def find_stop(text: str, stops: tuple[str, ...] | list[str], rule: str = "any") 
         i = text.find(s)
         while i >= 0 and (best is None or i + len(s) < best):
             end = i + len(s)
-            if rule != "sentence" or not s.endswith(".") or _period_may_end_sentence(text[:end]):
+            if rule != "sentence" or not s.endswith(".") or (
+                    _period_may_end_sentence(text[:end]) and not _decimal_point(text, end)):
                 best = end
                 break
             i = text.find(s, i + 1)
     return best
+
+
+def _decimal_point(text: str, end: int) -> bool:
+    """Is the period just before ``end`` a decimal point: a digit on both sides of it?"""
+    return 2 <= end < len(text) and text[end - 2].isdigit() and text[end].isdigit()
+
+
+def stop_awaits_next_token(text: str, end: int | None, rule: str = "any") -> bool:
+    """Does the stop that ``find_stop`` found at ``end`` wait for the next token? Under the sentence
+    rule a period right after a digit at the very end of the text may be a decimal point ("3." of
+    "3.5"): the next token decides (a digit: no stop there; anything else, or none: the stop holds)."""
+    return (rule == "sentence" and end is not None and end == len(text) and end >= 2
+            and text[end - 1] == "." and text[end - 2].isdigit())
+
+
+@dataclass
+class StopCheck:
+    """Where each row of a decode loop stops, by ``find_stop`` under ``rule``, holding back a stop
+    that waits for the next token (``stop_awaits_next_token``). HFBackend's loop and vLLM's group
+    search share it. ``check`` gives (text cut after the stop, number of tokens kept) once a row
+    stops, None while it goes on; the token after a held stop is dropped when the stop holds."""
+
+    stops: tuple[str, ...]
+    rule: str
+    decode: Any  # token ids -> text
+    held: dict[int, tuple[int, int]] = field(default_factory=dict)  # row -> (tokens kept, text end)
+
+    def waiting(self, row: int) -> bool:
+        return row in self.held
+
+    def check(self, row: int, ids: list[int]) -> tuple[str, int] | None:
+        text = self.decode(ids)
+        end = find_stop(text, self.stops, self.rule)
+        held = self.held.pop(row, None)
+        if held is not None and end == held[1]:
+            return text[:end], held[0]  # the token after "3." was no digit: the stop holds
+        if end is None:
+            return None
+        if stop_awaits_next_token(text, end, self.rule):
+            self.held[row] = (len(ids), end)
+            return None
+        return text[:end], len(ids)
+
+    def at_end(self, row: int, ids: list[int]) -> tuple[str, int] | None:
+        """The row ran out of tokens or ended: a stop still held counts."""
+        held = self.held.pop(row, None)
+        return None if held is None else (self.decode(ids[: held[0]])[: held[1]], held[0])
 
 
 def _period_may_end_sentence(text: str) -> bool:

@@ -43,8 +43,8 @@ from .base import (
     ModelLoadError,
     Prefix,
     Sequence,
+    StopCheck,
     chat_prompt,
-    find_stop,
     system_turn_rendered,
 )
 
@@ -546,19 +546,13 @@ class HFBackend:
         must end inside the newly decoded text, so the new token's own text holds the stop's last
         character; tokens that decode alone to nothing or to a partial character (U+FFFD, a byte
         piece) may complete one together with earlier bytes, so they count too. Only these tokens
-        pay for a full decode of the row (``_check_stop``); cached per stop tuple."""
+        pay for a full decode of the row (``StopCheck``); cached per stop tuple."""
         if stops not in self._stop_cache:
             size = max(len(self.tokenizer), int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0))
             last = {st[-1] for st in stops if st}
             texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
             self._stop_cache[stops] = [(not t) or ("\ufffd" in t) or any(c in t for c in last) for t in texts]
         return self._stop_cache[stops]
-
-    def _check_stop(self, ids: list[int], stops: tuple[str, ...], rule: str = "any") -> str | None:
-        """The text cut right after the earliest stop string (``find_stop``), or None."""
-        text = self.decode(ids)
-        end = find_stop(text, stops, rule)
-        return None if end is None else text[:end]
 
     @torch.no_grad()
     def _decode(self, state: _State, k: int, params: GenerationParams, gen) -> list[list[Sequence]]:
@@ -578,6 +572,7 @@ class HFBackend:
         done: dict[int, Sequence] = {}
         eos = torch.tensor(self.eos_ids, device=self.device)
         may_stop = self._stop_candidates(tuple(params.stop)) if params.stop else None
+        stops = StopCheck(tuple(params.stop), params.stop_rule, self.decode)
         for _step in range(params.max_new_tokens):
             all_live = len(live) == len(present)
             live_idx = None if all_live else torch.tensor(live, device=self.device)
@@ -593,12 +588,16 @@ class HFBackend:
                 toks[row].append(t)
                 lps[row].append(picked_lp[j])
                 if is_eos[j]:
+                    stops.held.pop(row, None)  # "... 3." then the end: the answer ended there
                     done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "eos")
                     continue
-                if may_stop is not None and (t >= len(may_stop) or may_stop[t]):
-                    cut = self._check_stop(toks[row], params.stop, params.stop_rule)
-                    if cut is not None:
-                        done[row] = Sequence(cut, toks[row], lps[row], "stop")
+                if may_stop is not None and (stops.waiting(row) or t >= len(may_stop) or may_stop[t]):
+                    # Only tokens that may complete a stop pay for a decode of the row, and a row
+                    # whose stop waits for this token (the "5" of "3.5").
+                    stopped = stops.check(row, toks[row])
+                    if stopped is not None:
+                        cut, kept = stopped
+                        done[row] = Sequence(cut, toks[row][:kept], lps[row][:kept], "stop")
                         continue
                 keep.append(j)
             if not keep:
@@ -624,7 +623,12 @@ class HFBackend:
                 self._step(state, tokens, tmask)
         for b in live:
             row = present[b]
-            done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "length")
+            held = stops.at_end(row, toks[row])
+            if held is not None:  # out of tokens right after "3.": the stop holds
+                cut, kept = held
+                done[row] = Sequence(cut, toks[row][:kept], lps[row][:kept], "stop")
+            else:
+                done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "length")
         return [[done[r * k + j] for j in range(k)] for r in range(n_rows // k)]
 
     # --- protocol ---------------------------------------------------------------------------

@@ -27,7 +27,16 @@ from typing import Any
 
 from PIL import Image
 
-from .base import GenerationParams, MissingDependencyError, Prefix, Sequence, chat_prompt, find_stop
+from .base import (
+    GenerationParams,
+    MissingDependencyError,
+    Prefix,
+    Sequence,
+    StopCheck,
+    chat_prompt,
+    find_stop,
+    stop_awaits_next_token,
+)
 from .lora import lora_rank
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt"
@@ -183,13 +192,21 @@ class VLLMBackend:
         return [row * repeat for row in seqs]
 
     def _past_false_stops(self, prompt_ids, images, seqs: list[list[Sequence]], params) -> list[list[Sequence]]:
-        """vLLM stops at every occurrence of a stop string; a sequence it stopped where
+        """vLLM stops at every occurrence of a stop string. A sequence it stopped where
         ``params.stop_rule`` says no stop is (the "1." of a list) is continued, one request per
-        sequence, until it stops for real, ends or runs out of ``max_new_tokens``."""
+        sequence, until it stops for real, ends or runs out of ``max_new_tokens``; one stopped
+        right after a digit ("3.") is continued too, and kept as it was when what follows shows
+        the period ended the sentence (not "3.5")."""
+        settled: set[tuple[int, int]] = set()
+
+        def undecided(key, s: Sequence) -> bool:
+            if s.finish_reason != "stop" or key in settled or len(s.token_ids) >= params.max_new_tokens:
+                return False
+            end = find_stop(s.text, params.stop, params.stop_rule)
+            return end is None or stop_awaits_next_token(s.text, end, params.stop_rule)
+
         for _round in range(params.max_new_tokens):
-            todo = [(r, k) for r, row in enumerate(seqs) for k, s in enumerate(row)
-                    if s.finish_reason == "stop" and len(s.token_ids) < params.max_new_tokens
-                    and find_stop(s.text, params.stop, params.stop_rule) is None]
+            todo = [(r, k) for r, row in enumerate(seqs) for k, s in enumerate(row) if undecided((r, k), s)]
             if not todo:
                 break
             requests, sampling = [], []
@@ -205,9 +222,13 @@ class VLLMBackend:
                 s, more = seqs[r][k], self._to_sequence(out.outputs[0])
                 ids = list(s.token_ids) + list(more.token_ids)
                 text = self.decode(ids)
-                end = find_stop(text, params.stop, params.stop_rule) if more.finish_reason == "stop" else None
-                seqs[r][k] = Sequence(text if end is None else text[:end], ids,
-                                      list(s.token_logprobs) + list(more.token_logprobs), more.finish_reason)
+                end = find_stop(text, params.stop, params.stop_rule) if more.finish_reason != "eos" else None
+                if end is not None and end == find_stop(self.decode(list(s.token_ids)), params.stop, params.stop_rule):
+                    settled.add((r, k))  # "3." then no digit: the stop held; what followed is dropped
+                    continue
+                if more.finish_reason == "stop" and end is not None:
+                    text = text[:end]
+                seqs[r][k] = Sequence(text, ids, list(s.token_logprobs) + list(more.token_logprobs), more.finish_reason)
         return seqs
 
     def sample(self, images, prompts, n: int = 1, params: GenerationParams | None = None):
@@ -247,6 +268,8 @@ class VLLMBackend:
         toks: list[list[int]] = [[] for _ in range(g_count)]
         lps: list[list[float]] = [[] for _ in range(g_count)]
         reason: list[str | None] = [None] * g_count
+        stops = StopCheck(tuple(params.stop), params.stop_rule, self.decode)
+        cuts: dict[int, tuple[str, int]] = {}  # group -> (text cut after its stop, tokens kept)
         # G + len(banned) candidates, so G remain after dropping image placeholders
         one = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=g_count + len(self.banned_ids))
         for _ in range(params.max_new_tokens):
@@ -265,12 +288,16 @@ class VLLMBackend:
                 lps[g].append(float(cands[t].logprob))
                 if t in self.eos_ids:
                     reason[g] = "eos"
-                elif params.stop and find_stop(self.decode(toks[g]), params.stop, params.stop_rule) is not None:
-                    reason[g] = "stop"
+                    stops.held.pop(g, None)
+                elif params.stop and (cut := stops.check(g, toks[g])) is not None:
+                    reason[g], cuts[g] = "stop", cut
         result = []
         for g in range(g_count):
-            text = self.decode(toks[g])
+            if reason[g] is None and (cut := stops.at_end(g, toks[g])) is not None:
+                reason[g], cuts[g] = "stop", cut
             if reason[g] == "stop":
-                text = text[: find_stop(text, params.stop, params.stop_rule)]
-            result.append(Sequence(text, toks[g], lps[g], reason[g] or "length"))
+                text, kept = cuts[g]
+                result.append(Sequence(text, toks[g][:kept], lps[g][:kept], "stop"))
+            else:
+                result.append(Sequence(self.decode(toks[g]), toks[g], lps[g], reason[g] or "length"))
         return result
