@@ -473,6 +473,21 @@ def test_find_stop_under_the_sentence_rule():
     assert find_stop("Mr. X!", ("!",), "sentence") == 6  # a stop without a period is never held back
     assert find_stop("It is 3.5 m. x", (".",), "sentence") == 12  # a decimal point, once its digit is written
     assert find_stop("There are 3. x", (".",), "sentence") == 12
+    assert find_stop("See www.a.com now.", (".",), "sentence") == 18  # a letter right after: no sentence end
+    with pytest.raises(ValueError, match="non-empty"):
+        GP(stop=("",))  # an empty stop string would end every answer before its first token
+
+
+def test_which_stops_wait_for_the_next_token():
+    from lvlm_studio.models.base import find_stop, stop_awaits_next_token
+
+    def waits(text, rule="sentence"):
+        return stop_awaits_next_token(text, find_stop(text, (".",), rule), rule)
+
+    assert waits("It is 3.") and waits("Fruit, e.") and waits("x i.")  # "3.5", "e.g.", "i.e." may follow
+    assert not waits("There is a.") and not waits("It is big.") and not waits("I see the.")
+    assert not waits("It is 3.", "any") and not waits("It is 3. x") and not waits("no stop")
+    assert find_stop("Fruit, e.g", (".",), "sentence") is None  # the "g" came: "e." was no sentence end
 
 
 def test_a_stop_after_a_digit_waits_for_the_next_token():
@@ -535,6 +550,37 @@ def test_decode_loop_holds_a_stop_after_a_digit_for_one_token(be, images, monkey
     ended = [it, is_, three, dot, there, is_]
     assert run(ended, "sentence") == ("It is 3.", "stop", ended[:4])  # " There" decided it, and is dropped
     assert run(ended, "sentence", max_new_tokens=4) == ("It is 3.", "stop", ended[:4])  # out of tokens: it holds
+
+
+def test_held_stops_follow_their_rows_through_compaction(be, images, monkeypatch):
+    # Six rows of one request, each with its own script: one ends at once (so the batch is compacted,
+    # COMPACT_SHARE), the others hold a stop after a digit across later compactions.
+    dot, eos = be.encode_text(".")[0], be.eos_ids[0]
+    others = [i for i in range(5, 60) if "." not in be.decode([i]) and i not in (dot, *be.eos_ids)][:6]
+    it, is_, three, five, m, there = others
+    words = dict(zip(others, ["It", " is", " 3", "5", " m", " There"], strict=True)) | {dot: "."}
+    mapped = copy.copy(be)
+    mapped.decode = lambda ids: "".join(words.get(i, "") for i in ids)
+    scripts = [[eos], [it, three, dot, five, m, dot, there, there], [it, is_, three, dot, there, is_, is_],
+               [it, is_, is_, three, dot, five, dot, there], [three, dot, eos], [it, is_, is_, is_, is_, three, dot]]
+    picked = [0] * len(scripts)
+
+    def choose(self, logprobs, groups, *a):
+        out = []
+        for g in groups.tolist():
+            out.append(scripts[g][picked[g]])
+            picked[g] += 1
+        return torch.tensor(out)
+
+    monkeypatch.setattr(HFBackend, "_choose", choose)
+    params = GP(max_new_tokens=7, temperature=1.0, seed=0, stop=(".",), stop_rule="sentence")
+    rows = mapped.sample(images[:1], PROMPTS[:1], n=len(scripts), params=params)[0]
+    assert [(r.text, r.finish_reason) for r in rows] == [
+        ("", "eos"), ("It 3.5 m.", "stop"), ("It is 3.", "stop"), ("It is is 3.5.", "stop"), (" 3.", "eos"),
+        ("It is is is is 3.", "stop")]
+    assert [r.token_ids for r in rows] == [scripts[0], scripts[1][:6], scripts[2][:4], scripts[3][:7], scripts[4],
+                                           scripts[5]]
+    assert all(len(r.token_logprobs) == len(r.token_ids) for r in rows)
 
 
 def test_chat_text_and_a_single_bos(be, images):

@@ -269,6 +269,50 @@ def test_sampling_after_a_digit_and_a_period_lets_the_next_token_decide(fake_vll
     assert len(llm.calls) == 2  # asked once more, and not again once the stop held
 
 
+def test_vllm_sampling_ends_as_hfbackend_after_a_held_stop(fake_vllm, model_dir):
+    end = 7  # an end-of-answer id of the fixture's generation config
+    words = {41: "It", 42: " is", 43: " 3", 44: ".", 47: " There", 48: " is", 49: ".\n", end: ""}
+    backend = _mapped_backend(model_dir, {k: v for k, v in words.items() if k != end})
+    backend.decode = lambda ids: "".join(words[i] for i in ids)
+    llm = fake_vllm[-1]
+    prompt = backend._prompt_ids("Describe.")
+    image = Image.new("RGB", (32, 32))
+    params = GenerationParams(max_new_tokens=10, stop=(".",), stop_rule="sentence", temperature=0.7, seed=1)
+
+    def answer(first, rest, rest_reason, first_text=None):
+        def reply(request, sampling):
+            is_first = request["prompt_token_ids"] == prompt
+            ids = first if is_first else rest
+            reason = "stop" if is_first else rest_reason
+            text = first_text if is_first and first_text else backend.decode(ids)
+            return RequestOutput([Completion(text, ids, [{t: Logprob(-0.5)} for t in ids], finish_reason="stop",
+                                             stop_reason="." if reason == "stop" else end)])
+        llm.reply = reply
+        llm.calls.clear()
+        out = backend.sample([image], ["Describe."], params=params)[0][0]
+        return out.text, out.token_ids, out.finish_reason, len(llm.calls)
+
+    # "3." then words and the end: the words decided the stop, as in HFBackend, and are dropped
+    assert answer([41, 42, 43, 44], [47, 48, end], "eos") == ("It is 3.", [41, 42, 43, 44], "stop", 2)
+    # "3." then the end at once: the answer ended there (HFBackend: "eos", the end token kept)
+    assert answer([41, 42, 43, 44], [end], "eos") == ("It is 3.", [41, 42, 43, 44, end], "eos", 2)
+    # vLLM cuts its text at the stop inside ".\n"; the token already shows the newline: asked once
+    assert answer([41, 42, 43, 49], [47], "stop", first_text="It is 3.")[2:] == ("stop", 1)
+
+
+def test_vllm_false_stop_at_the_token_cap_ends_by_length(fake_vllm, model_dir):
+    backend = _list_tokenizer_backend(model_dir)
+    first = backend.encode_text("1.")
+
+    def reply(request, sampling):
+        return RequestOutput([Completion("1.", first, [{t: Logprob(-0.5)} for t in first], stop_reason=".")])
+
+    fake_vllm[-1].reply = reply
+    params = GenerationParams(max_new_tokens=len(first), stop=(".",), stop_rule="sentence", temperature=0.7)
+    out = backend.sample([Image.new("RGB", (32, 32))], ["Describe."], params=params)[0][0]
+    assert (out.text, out.finish_reason, len(fake_vllm[-1].calls)) == ("1.", "length", 1)  # as HFBackend says
+
+
 def test_group_search_holds_a_stop_after_a_digit_for_one_token(fake_vllm, model_dir):
     words = {41: "It", 42: " is", 43: " 3", 44: ".", 45: "5", 46: " m", 47: " There", 99: "x"}
     backend = _mapped_backend(model_dir, words)

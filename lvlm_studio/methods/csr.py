@@ -78,10 +78,11 @@ class CSRConfig:
     stop: tuple[str, ...] = (".",)  # the reference stops a sentence at the period token
     # "sentence" (default, a project fix): not at a period that cannot end a sentence ("1."
     # opening a numbered list, "e.g.", "Mr.", an initial; models.base.find_stop), and after a digit
-    # only once the next token shows it is no decimal point ("3.5"). "any": at every
-    # period, as the reference does; it cuts "1." off as a sentence of its own, which the cleaning
-    # filter then drops as too short, so a model that answers in numbered lists never gets past
-    # its first item. ShapesWorld's phrasing has none of these, so the demo's searches are the same.
+    # or a lone "e"/"i" only once the next token shows no letter or digit follows ("3.5", "e.g.").
+    # "any": at every period, as the reference does; it cuts "1." off as a sentence of its own,
+    # which the cleaning filter then drops as too short, so a model that answers in numbered lists
+    # never gets past its first item. ShapesWorld's phrasing has none of these, so the demo's
+    # searches are the same.
     stop_rule: Literal["any", "sentence"] = "sentence"
     # Caps that make a node final. The reference caps the decoded text at 1024 characters and
     # has no depth cap; we cap sentences (depth) and answer tokens, so a model that never ends an

@@ -41,10 +41,6 @@ _OPENERS = {
     "many", "most", "all", "one", "two", "each", "every", "no", "not", "what", "why", "how",
 }
 
-# The first letter of a dotted _NEVER_END abbreviation ("e.g", "i.e"): while generating, "e." is all
-# that is written of "e.g." when the period arrives.
-_ABBREVIATION_OPENINGS = {"e", "i"}
-
 _TERMINATOR = re.compile(r"[.!?]+[\"')\]]*")
 _WORD_BEFORE = re.compile(r"([A-Za-z](?:[A-Za-z.]*[A-Za-z])?|\d+)$")
 
@@ -99,11 +95,11 @@ def _never_ends(text: str, start: int) -> bool:
 
 def period_may_end_sentence(text: str) -> bool:
     """May the last period of ``text`` end a sentence, whatever is written next? False for the
-    cases ``segment_sentences`` never cuts at ("1." opening a line, "e.g.", "Mr.", "J.") and for
-    the "e." or "i." that opens an "e.g." or "i.e." not yet written; True otherwise ("There is a."
-    included), and when ``text`` holds no period. Generation uses it to stop a sentence only where
-    one can end (``GenerationParams.stop_rule = "sentence"``): what comes next is not written yet,
-    so a period that a following word would decide ("3.5", "etc.", "No. 5") still stops."""
+    cases ``segment_sentences`` never cuts at ("1." opening a line, "e.g.", "Mr.", "J."); True
+    otherwise ("There is a." included), and when ``text`` holds no period. Generation uses it to
+    stop a sentence only where one can end (``GenerationParams.stop_rule = "sentence"``, through
+    ``models.base.find_stop``): what comes next is not written yet, so a period that the next word
+    would decide ("etc.", "No. 5") stops; the next character ("3.5", "e.g.") is waited for there."""
     i = text.rfind(".")
     if i < 0:
         return True
@@ -112,9 +108,6 @@ def period_may_end_sentence(text: str) -> bool:
         j -= 1
     if j < i:
         return True  # an ellipsis
-    word = _WORD_BEFORE.search(text[:i])
-    if word and word.group(1) in _ABBREVIATION_OPENINGS:
-        return False  # the "e." of an "e.g." not yet written
     return not _never_ends(text, i)
 
 

@@ -14,6 +14,7 @@ on the same text.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,36 +97,43 @@ STOP_RULES = ("any", "sentence")
 def find_stop(text: str, stops: tuple[str, ...] | list[str], rule: str = "any") -> int | None:
     """Where ``text`` ends at its earliest stop: the index just past that stop string, or None.
 
-    Under ``rule="sentence"`` an occurrence that ends in a period counts only where the period may
-    end a sentence (``sentences.period_may_end_sentence``): a model writing "1. A dog runs." or
-    "e.g. a cat." is not cut at "1." or "e.g.", nor "3.5" at "3." once the "5" is written (before
-    that, see ``stop_awaits_next_token``). Every backend stops through this one function."""
+    Under ``rule="sentence"`` an occurrence that ends in a period counts only where that period may
+    end a sentence: not when a letter or digit follows it at once ("3.5", "e.g", "www.a.com", as
+    ``segment_sentences`` reads them), nor where ``sentences.period_may_end_sentence`` says no
+    whatever follows ("1." opening a line, "e.g.", "Mr.", an initial). A period at the very end of
+    the text that the next character decides waits for it: ``stop_awaits_next_token``. HFBackend
+    and vLLM's group search stop through this function; vLLM's sampling applies vLLM's own stop
+    strings and, under "sentence", this function after them."""
     best = None
     for s in stops:
-        if not s:
-            continue
         i = text.find(s)
         while i >= 0 and (best is None or i + len(s) < best):
             end = i + len(s)
             if rule != "sentence" or not s.endswith(".") or (
-                    _period_may_end_sentence(text[:end]) and not _decimal_point(text, end)):
+                    not _glued(text, end) and _period_may_end_sentence(text[:end])):
                 best = end
                 break
             i = text.find(s, i + 1)
     return best
 
 
-def _decimal_point(text: str, end: int) -> bool:
-    """Is the period just before ``end`` a decimal point: a digit on both sides of it?"""
-    return 2 <= end < len(text) and text[end - 2].isdigit() and text[end].isdigit()
+def _glued(text: str, end: int) -> bool:
+    """Is a letter or digit written right after the period before ``end`` ("3.5", "e.g")?"""
+    return end < len(text) and text[end].isalnum()
+
+
+_LONE_E_OR_I = re.compile(r"(?:^|[^A-Za-z])[ei]$")  # "e." of "e.g.", "i." of "i.e."
 
 
 def stop_awaits_next_token(text: str, end: int | None, rule: str = "any") -> bool:
     """Does the stop that ``find_stop`` found at ``end`` wait for the next token? Under the sentence
-    rule a period right after a digit at the very end of the text may be a decimal point ("3." of
-    "3.5"): the next token decides (a digit: no stop there; anything else, or none: the stop holds)."""
-    return (rule == "sentence" and end is not None and end == len(text) and end >= 2
-            and text[end - 1] == "." and text[end - 2].isdigit())
+    rule, a period at the very end of the text right after a digit ("3." of "3.5") or a lone "e" or
+    "i" ("e." of "e.g.") is decided by what follows: a letter or digit right after it means no stop
+    there; anything else, or nothing (the end, the token cap), and the stop holds."""
+    if not (rule == "sentence" and end is not None and end == len(text) and end >= 2 and text[end - 1] == "."):
+        return False
+    before = text[: end - 1]
+    return before[-1].isdigit() or _LONE_E_OR_I.search(before) is not None
 
 
 @dataclass
@@ -148,7 +156,7 @@ class StopCheck:
         end = find_stop(text, self.stops, self.rule)
         held = self.held.pop(row, None)
         if held is not None and end == held[1]:
-            return text[:end], held[0]  # the token after "3." was no digit: the stop holds
+            return text[:end], held[0]  # "3." then no digit: the stop holds
         if end is None:
             return None
         if stop_awaits_next_token(text, end, self.rule):
@@ -200,6 +208,8 @@ class GenerationParams:
         if self.stop_rule not in STOP_RULES:
             raise ValueError(f"stop_rule must be one of {STOP_RULES}, not {self.stop_rule!r}")
         self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, not {self.stop!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -194,16 +194,21 @@ class VLLMBackend:
     def _past_false_stops(self, prompt_ids, images, seqs: list[list[Sequence]], params) -> list[list[Sequence]]:
         """vLLM stops at every occurrence of a stop string. A sequence it stopped where
         ``params.stop_rule`` says no stop is (the "1." of a list) is continued, one request per
-        sequence, until it stops for real, ends or runs out of ``max_new_tokens``; one stopped
-        right after a digit ("3.") is continued too, and kept as it was when what follows shows
-        the period ended the sentence (not "3.5")."""
+        sequence, until it stops for real, ends or runs out of ``max_new_tokens`` (then it ended by
+        length, as HFBackend reports it). One stopped where the next token decides ("3.") is
+        continued too, and kept as it was when what follows shows the period ended the sentence
+        (not "3.5"); what followed is dropped then, as HFBackend drops it."""
         settled: set[tuple[int, int]] = set()
+
+        def stop_in(ids: list[int]) -> int | None:
+            return find_stop(self.decode(list(ids)), params.stop, params.stop_rule)
 
         def undecided(key, s: Sequence) -> bool:
             if s.finish_reason != "stop" or key in settled or len(s.token_ids) >= params.max_new_tokens:
                 return False
-            end = find_stop(s.text, params.stop, params.stop_rule)
-            return end is None or stop_awaits_next_token(s.text, end, params.stop_rule)
+            text = self.decode(list(s.token_ids))  # vLLM's text ends at the stop; the token may hold more
+            end = find_stop(text, params.stop, params.stop_rule)
+            return end is None or stop_awaits_next_token(text, end, params.stop_rule)
 
         for _round in range(params.max_new_tokens):
             todo = [(r, k) for r, row in enumerate(seqs) for k, s in enumerate(row) if undecided((r, k), s)]
@@ -222,13 +227,19 @@ class VLLMBackend:
                 s, more = seqs[r][k], self._to_sequence(out.outputs[0])
                 ids = list(s.token_ids) + list(more.token_ids)
                 text = self.decode(ids)
-                end = find_stop(text, params.stop, params.stop_rule) if more.finish_reason != "eos" else None
-                if end is not None and end == find_stop(self.decode(list(s.token_ids)), params.stop, params.stop_rule):
-                    settled.add((r, k))  # "3." then no digit: the stop held; what followed is dropped
+                end = find_stop(text, params.stop, params.stop_rule)
+                ended_at_once = more.finish_reason == "eos" and all(t in self.eos_ids for t in more.token_ids)
+                held = stop_in(s.token_ids)
+                if held is not None and end == held and not ended_at_once:
+                    settled.add((r, k))  # "3." then no digit: the stop held
                     continue
                 if more.finish_reason == "stop" and end is not None:
                     text = text[:end]
                 seqs[r][k] = Sequence(text, ids, list(s.token_logprobs) + list(more.token_logprobs), more.finish_reason)
+        for row in seqs:
+            for k, s in enumerate(row):
+                if s.finish_reason == "stop" and stop_in(s.token_ids) is None:  # a false stop at the cap
+                    row[k] = Sequence(self.decode(list(s.token_ids)), s.token_ids, s.token_logprobs, "length")
         return seqs
 
     def sample(self, images, prompts, n: int = 1, params: GenerationParams | None = None):
