@@ -70,6 +70,20 @@ def test_sample_score_and_reference_agree(be, images):
         close(s.token_logprobs, reference_logprobs(be, images[i], PROMPTS[i], s.token_ids))
 
 
+def test_a_text_answer_is_read_as_the_model_writes_it_after_each_template(be, images):
+    from lvlm_studio.models.base import answer_opening, backend_answer_ids
+
+    # llava's " ASSISTANT:" and SmolVLM's "Assistant:" are followed by " " in an assistant turn; Qwen's
+    # "assistant\n" by the answer itself.
+    assert answer_opening(be.processor) == ("" if "qwen" in type(be.processor).__name__.lower() else " ")
+    answer = "There is a red circle at the top left ."
+    ids = backend_answer_ids(be, PROMPTS[0], answer)
+    # the word vocabulary writes every word with its space mark, so in context = alone, and the
+    # prompt's ids end where the answer's begin under every template (image tokens, BOS, system)
+    assert ids == be.encode_text(answer) and be.decode(ids).strip() == answer
+    close(be.score(images[:1], PROMPTS[:1], [answer])[0], reference_logprobs(be, images[0], PROMPTS[0], ids))
+
+
 def test_extend_from_cached_prefix(be, images):
     greedy = be.sample(images[1:], PROMPTS[1:], params=GP(max_new_tokens=8))[0][0]
     prefix = be.open_prefix(images[1], PROMPTS[1])

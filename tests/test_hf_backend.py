@@ -478,6 +478,50 @@ def test_find_stop_under_the_sentence_rule():
         GP(stop=("",))  # an empty stop string would end every answer before its first token
 
 
+def test_a_text_answer_gets_its_in_context_tokens_on_a_byte_level_bpe_vocabulary():
+    # SmolVLM's vocabulary is byte-level BPE: "A" alone and " A" after "Assistant:" are different
+    # tokens, and the model writes the second. Trained here on a few lines (no download).
+    from tokenizers import ByteLevelBPETokenizer
+
+    from lvlm_studio.models.base import answer_token_ids
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["User: Describe the image.\nAssistant: A red circle at the top. A blue square."] * 20,
+                            vocab_size=300, min_frequency=1, show_progress=False)
+
+    def tokenize(text):
+        return bpe.encode(text).ids
+
+    asked = "User: Describe the image.\nAssistant:"
+    ids = answer_token_ids(tokenize, asked, " ", "A red circle.")
+    assert tokenize(asked) + ids == tokenize(asked + " A red circle.") and bpe.decode(ids) == " A red circle."
+    assert ids[0] != tokenize("A red circle.")[0]  # what the answer alone would have been scored as
+    assert answer_token_ids(tokenize, asked, " ", " A red circle.") == ids  # a stored leading space is not doubled
+    assert answer_token_ids(tokenize, asked, "", "") == []
+
+
+def test_answer_opening_reads_the_template():
+    from types import SimpleNamespace as NS
+
+    from jinja2 import Template
+
+    from lvlm_studio.models.base import answer_opening
+
+    def processor(template):
+        def apply(messages, add_generation_prompt=False, tokenize=False):
+            return Template(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return NS(apply_chat_template=apply)
+
+    smolvlm_hub = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+                   "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                   "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                   "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                   "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    assert answer_opening(processor(smolvlm_hub)) == " "
+    refuses = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise('no') }}{% endif %}{% endfor %}"
+    assert answer_opening(processor(refuses)) == ""  # a template without assistant turns: nothing assumed
+
+
 def test_which_stops_wait_for_the_next_token():
     from lvlm_studio.models.base import find_stop, stop_awaits_next_token
 

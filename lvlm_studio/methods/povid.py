@@ -588,8 +588,8 @@ def teacher_forced_rejected(backend: Any, noisy: list[Image.Image], prompts: lis
     if not hasattr(backend, "argmax_tokens"):
         raise ValueError(f"noise_answer='teacher_forced_argmax' needs a backend with argmax_tokens "
                          f"(the HF backend); {type(backend).__name__} has none")
-    ids = [backend.encode_text(c) for c in chosen]
-    return [backend.decode(t).strip() for t in backend.argmax_tokens(noisy, prompts, ids)]
+    # the texts, not ids: the backend tokenises each answer as the model writes it after its prompt
+    return [backend.decode(t).strip() for t in backend.argmax_tokens(noisy, prompts, list(chosen))]
 
 
 @dataclass

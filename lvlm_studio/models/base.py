@@ -58,6 +58,53 @@ def chat_prompt(processor: Any, prompt: str) -> str:
     return processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
+_ANSWER_MARK = "\u2063ANSWER\u2063"  # an answer text no template writes by itself
+
+
+def answer_opening(processor: Any) -> str:
+    """What the chat template writes between the opened assistant turn (``chat_prompt``) and an
+    answer's text: " " for llava-hf's "ASSISTANT:" and SmolVLM's "Assistant:" (whose assistant
+    turns render as "ASSISTANT: {answer}"), "" for Qwen's "assistant\n". A model asked with
+    ``chat_prompt`` writes it before its answer. "" when the template renders no assistant turn
+    around the opened one."""
+    msgs = chat_messages("x")
+    try:
+        opened = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(
+            [*msgs, {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_MARK}]}], tokenize=False)
+    except Exception:  # a template that refuses an assistant turn (a jinja error of any kind)
+        return ""
+    if not full.startswith(opened) or _ANSWER_MARK not in full:
+        return ""
+    return full[len(opened) : full.index(_ANSWER_MARK)]
+
+
+def answer_token_ids(tokenize: Any, asked: str, opening: str, answer: str) -> list[int]:
+    """The token ids of a text ``answer`` as the model would write them after the chat text
+    ``asked`` (``chat_prompt``): ``asked + opening + answer`` tokenised together, less the ids of
+    ``asked``. The first word then takes its in-context form: on a byte-level BPE vocabulary
+    (SmolVLM's) "A" alone and " A" after "Assistant:" are different tokens, and a model scored on
+    the first reads a word it never writes. The answer alone (with the opening) when the joint ids
+    do not begin with the prompt's (a token across the boundary). ``tokenize``: text -> ids
+    without special tokens added."""
+    if not answer:
+        return []
+    text = opening + (answer.lstrip() if opening[-1:].isspace() else answer)
+    head = tokenize(asked)
+    joint = tokenize(asked + text)
+    return joint[len(head) :] if joint[: len(head)] == head else tokenize(text)
+
+
+def backend_answer_ids(backend: Any, prompt: str, answer: str) -> list[int]:
+    """``answer_token_ids`` for a backend with ``processor`` and ``encode_text`` (HFBackend, vLLM):
+    the ids its teacher-forced scoring of a text answer reads. The template's opening is read once
+    per backend."""
+    opening = getattr(backend, "_answer_opening", None)
+    if opening is None:
+        opening = backend._answer_opening = answer_opening(backend.processor)
+    return answer_token_ids(backend.encode_text, chat_prompt(backend.processor, prompt), opening, answer)
+
+
 class ModelLoadError(RuntimeError):
     """A model reference that cannot be resolved or loaded (unknown id, offline, corrupt files)."""
 

@@ -44,6 +44,7 @@ from .base import (
     Prefix,
     Sequence,
     StopCheck,
+    backend_answer_ids,
     chat_prompt,
     system_turn_rendered,
 )
@@ -660,7 +661,8 @@ class HFBackend:
         continuations: list[str] | list[list[int]],
         add_eos: bool = False,
     ) -> list[list[float]]:
-        """Teacher-forced per-token log-probs of each continuation (text, or token ids as given).
+        """Teacher-forced per-token log-probs of each continuation (token ids as given, or text,
+        tokenised as the model writes it after the prompt: ``base.answer_token_ids``).
 
         ``add_eos`` appends the model's EOS token and scores it too.
         """
@@ -679,7 +681,8 @@ class HFBackend:
         results: list[list] = []
         for start in range(0, len(prompts), self.max_batch):
             sl = slice(start, start + self.max_batch)
-            conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations[sl]]
+            conts = [c if isinstance(c, list) else backend_answer_ids(self, p, c)
+                     for c, p in zip(continuations[sl], prompts[sl], strict=True)]
             if add_eos:
                 conts = [[*c, self.eos_ids[0]] for c in conts]
             state = self._prefill(images[sl], [self.chat_text(p) for p in prompts[sl]])

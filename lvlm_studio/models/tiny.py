@@ -202,6 +202,8 @@ QWEN2VL_CHAT_TEMPLATE = (
 )
 # Idefics3 / SmolVLM: "<|im_start|>User:<image>text<end_of_utterance>\nAssistant:"; the processor
 # expands <image> into <fake_token_around_image><global-img><image>*k<fake_token_around_image>.
+# As the Hub models' template, a turn that opens with text gets ": " ("Assistant: an answer"), one
+# that opens with an image ":" alone.
 IDEFICS3_SPECIAL = [
     "<|im_start|>",
     "<end_of_utterance>",
@@ -210,7 +212,8 @@ IDEFICS3_SPECIAL = [
     *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
 ]
 IDEFICS3_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string or message['content'][0]['type'] != 'image' %}: {% else %}:{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"

@@ -33,6 +33,7 @@ from .base import (
     Prefix,
     Sequence,
     StopCheck,
+    backend_answer_ids,
     chat_prompt,
     find_stop,
     stop_awaits_next_token,
@@ -247,7 +248,8 @@ class VLLMBackend:
         return self._run([self._prompt_ids(p) for p in prompts], list(images), n, params)
 
     def score(self, images, prompts, continuations, add_eos: bool = False) -> list[list[float]]:
-        conts = [c if isinstance(c, list) else self.encode_text(c) for c in continuations]
+        conts = [c if isinstance(c, list) else backend_answer_ids(self, p, c)
+                 for c, p in zip(continuations, prompts, strict=True)]
         if add_eos:
             conts = [[*c, self.eos_ids[0]] for c in conts]
         reqs = [self._request(self._prompt_ids(p) + c, im) for im, p, c in zip(images, prompts, conts, strict=True)]
