@@ -4,6 +4,8 @@ Not skipped: if `lvlm_studio.models.hf` or `lvlm_studio.models.tiny` is missing,
 The CLIP side is a deterministic in-test scorer (the CLIP model is not under test here).
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,42 @@ def test_csr_fast_and_reference_paths_agree(backend):
                 assert x["clip_score"] == pytest.approx(y["clip_score"], abs=1e-6)
             assert a.score == pytest.approx(b.score, abs=1e-4)
         assert (f.chosen, f.rejected) == (s.chosen, s.rejected)
+
+
+def test_csr_gets_past_a_numbered_list_marker_under_the_sentence_rule(backend, monkeypatch):
+    # A model that answers "1. There is a red circle." (scripted picks, one script per beam group):
+    # the reference's stop at every period cuts "1." off, the cleaning filter drops it as too short
+    # and the search ends with nothing; stop_rule="sentence" keeps the item whole.
+    from lvlm_studio.models.tiny import GENERIC_WORDS, build_word_tokenizer
+
+    lister = copy.copy(backend)
+    lister.tokenizer, lister._stop_cache = build_word_tokenizer([*GENERIC_WORDS, "1"]), {}
+    scripts = [lister.encode_text(t) for t in ("1. There is a red circle.", "1. There is a blue square.")]
+    assert max(max(s) for s in scripts) < backend.model.config.get_text_config().vocab_size
+    step = {"n": 0}
+    decode_loop = HFBackend._decode
+
+    def decode(self, *args, **kwargs):  # a new sentence: the scripts start over
+        step["n"] = 0
+        return decode_loop(self, *args, **kwargs)
+
+    def choose(self, logprobs, groups, *args):
+        picks = torch.tensor([scripts[g][min(step["n"], len(scripts[g]) - 1)] for g in groups.tolist()])
+        step["n"] += 1
+        return picks
+
+    monkeypatch.setattr(HFBackend, "_decode", decode)
+    monkeypatch.setattr(HFBackend, "_choose", choose)
+    items = [(IMAGES[0], "Describe the image.", None)]
+    found = {}
+    for rule in ("any", "sentence"):
+        cfg = CSRConfig(num_candidates=2, max_sentences=1, max_new_tokens=12, stop_rule=rule)
+        found[rule] = run_csr(lister, LengthScorer(), items, cfg)[0]
+    assert found["any"].candidates == [] and found["any"].stats["dropped"] == {"too_short": 2}
+    result = found["sentence"]
+    assert sorted(c.text.strip() for c in result.candidates) == ["1. There is a blue square.",
+                                                                 "1. There is a red circle."]
+    assert result.has_pair and all(len(c.sentences) == 1 for c in result.candidates)
 
 
 def test_povid_pairs_on_a_real_model(backend):
