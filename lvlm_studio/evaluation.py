@@ -784,6 +784,7 @@ def evaluate_backend(
     scores: list[CaptionScore] = []
     preds: list[str] = []
     labels: list[str] = []
+    n_empty_pope = 0
     n_words = 0
     for start in range(0, total, max(1, batch_size)):
         if should_stop is not None and should_stop():
@@ -809,6 +810,7 @@ def evaluate_backend(
             label = pope_label(item)
             if label is not None:
                 pred = parse_yes_no(answer)
+                n_empty_pope += not answer
                 preds.append(pred)
                 labels.append(label)
                 meta = {"kind": "pope", "label": label, "prediction": pred, "correct": pred == label}
@@ -852,5 +854,8 @@ def evaluate_backend(
         metrics["mean_words"] = n_words / len(scores)
     if labels:
         metrics.update({f"pope_{k}": v for k, v in pope_metrics(preds, labels).items()})
+        # POPE's parser reads an empty answer as "yes" (the reference does): a model that learned to
+        # answer nothing would look like one that says yes; this count shows it.
+        metrics["pope_n_empty"] = n_empty_pope
     metrics["seconds"] = time.perf_counter() - t0
     return metrics, rows

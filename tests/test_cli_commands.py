@@ -216,6 +216,7 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     # 3 scenes: 2 were seeded, the third is added (a describe item and its POPE probes).
     assert ev["added"] > 0 and ev["items"] == ev["metrics"]["n_items"] == 3 * 3
     assert ev["metrics"]["n_captions"] == 3 and ev["metrics"]["pope_n"] == 6
+    assert 0 <= ev["metrics"]["pope_n_empty"] <= 6  # counted (POPE reads an empty answer as yes)
     # One answer per item: the 4 the round job answered are answered again (replaced), 5 are new.
     after = [r["item_id"] for r in store.eval_outputs(round_id)]
     assert len(after) == len(set(after)) == 9 and set(before) < set(after)
@@ -224,6 +225,7 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     assert store.get_round(round_id)["metrics"]["n_pairs"] == 4  # training metrics kept
     human = run("eval", "--round", "0", "--model", vlm, "--n", "3", "--max-new-tokens", "6")
     assert human.exit_code == 0 and "POPE yes-ratio" in human.stdout and "0 items added" in human.stdout
+    assert "POPE empty answers (read as yes)" in human.stdout
     assert store.get_round(0)["metrics"]["eval"]["n_items"] == 9
 
     cmp = ok_json("compare", "0", str(round_id))

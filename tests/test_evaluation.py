@@ -242,6 +242,7 @@ def test_evaluate_backend_captions_and_pope(world):
     assert metrics["chair_i"] == pytest.approx(1 / 3) and metrics["chair_s"] == pytest.approx(0.5)
     assert metrics["recall"] == 1.0
     assert metrics["pope_accuracy"] == 0.5 and metrics["pope_yes_ratio"] == 1.0
+    assert metrics["pope_n_empty"] == 0
     assert [r["item_id"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["hallucinated"] == ["green triangle"]
     spans = rows[0]["meta"]["spans"]
@@ -371,6 +372,17 @@ def test_pope_label_recognises_probe_kinds():  # E25
     assert pope_label({"meta": {"kind": "existence"}, "reference": " Yes "}) == "yes"
     assert pope_label({"meta": {"kind": "pope"}, "reference": "No."}) == "no"  # answers end with a period
     assert pope_label({"meta": {"kind": "describe"}, "reference": "yes"}) is None
+
+
+def test_an_empty_pope_answer_reads_as_yes_and_is_counted(world):
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8))
+    items = [{"item_id": i, "image": img, "prompt": p, "label": "no"} for i, p in enumerate(["q1", "q2", "q3"])]
+    metrics, rows = evaluate_backend(_CannedBackend({"q1": "", "q2": "  ", "q3": "No."}), items, world,
+                                     GenerationParams())
+    assert [r["meta"]["prediction"] for r in rows] == ["yes", "yes", "no"]  # POPE's parser, as the reference
+    assert metrics["pope_n_empty"] == 2 and metrics["pope_yes_ratio"] == pytest.approx(2 / 3)
 
 
 def test_paired_pope_f1_tells_a_real_change_from_noise():
