@@ -500,6 +500,25 @@ def test_a_text_answer_gets_its_in_context_tokens_on_a_byte_level_bpe_vocabulary
     assert answer_token_ids(tokenize, asked, "", "") == []
 
 
+def test_answer_opening_of_llava_hf_and_qwen_templates(be):
+    from lvlm_studio.models.base import answer_opening
+
+    llava_hf = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+                "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+                "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+                "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+                "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    qwen = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+            "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = copy.copy(be.processor)
+    for template, opening in ((llava_hf, " "), (qwen, "")):
+        processor.chat_template = template
+        assert answer_opening(processor) == opening
+
+
 def test_answer_opening_reads_the_template():
     from types import SimpleNamespace as NS
 
