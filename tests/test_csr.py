@@ -170,6 +170,10 @@ def test_config_defaults_follow_the_reference():
         CSRConfig(reward_mode="magic")
     with pytest.raises(ValueError, match="stop_rule"):
         CSRConfig(stop_rule="period")
+    with pytest.raises(ValueError, match="non-empty"):
+        CSRConfig(stop=("",))  # refused when the config is made, not when the search starts
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        CSRConfig(max_new_tokens=0)
 
 
 def test_search_tree_pruning_and_pair():

@@ -176,6 +176,7 @@ class CSRConfig:
             raise ValueError("existence_absent_share must be in (0, 1]")
         if len(self.existence_answers) != 2 or "{object}" not in self.existence_template:
             raise ValueError("existence_answers must be (yes, no) and existence_template must hold '{object}'")
+        self.generation_params()  # its checks (stop strings, lengths) at construction, not mid-run
 
     def generation_params(self, seed: int | None = None) -> GenerationParams:
         if self.expansion == "diverse_beam":
