@@ -130,6 +130,8 @@ def test_prompts_are_overridable_for_a_demo_model():
     assert backend.calls[1][1] == ["Describe the image and its other objects."]
     with pytest.raises(ValueError):
         STICConfig(misleading_prompts=[])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        STICConfig(max_new_tokens=0)  # refused when the config is made, not after the first item
 
 
 def test_stage2_description_infused_rows():

@@ -93,6 +93,7 @@ class STICConfig:
         check_temperature(self.temperature)
         if "{description}" not in self.sft_template or "{question}" not in self.sft_template:
             raise ValueError("sft_template must contain {description} and {question}")
+        self.generation_params()  # its checks (max_new_tokens >= 1) at construction, not mid-run
 
     def generation_params(self, seed: int | None = None) -> GenerationParams:
         return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
