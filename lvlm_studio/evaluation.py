@@ -644,10 +644,19 @@ def parse_yes_no(answer: str) -> str:
     punctuation around it, means "no", else "yes" (POPE's script: exact "No"/"no"/"not"). Beyond
     the script, a contraction ("isn't", "don't") and "none", "nope", "cannot" say no too: the
     script read "There isn't a dog." as yes."""
+    return "no" if _first_sentence_words(answer) & _NEGATIONS else "yes"
+
+
+def pope_says_nothing(answer: str) -> bool:
+    """Does the part of ``answer`` that POPE's parser reads (its first sentence) hold no word: "",
+    ".", "..."? ``parse_yes_no`` reads such an answer as yes, as POPE's script does."""
+    return not _first_sentence_words(answer)
+
+
+def _first_sentence_words(answer: str) -> set[str]:
     first = (answer or "").strip().split(".")[0].lower()
     first = re.sub(r"n[’']t\b", " not", first)
-    words = set(re.findall(r"[a-z]+", first))
-    return "no" if words & _NEGATIONS else "yes"
+    return set(re.findall(r"[a-z]+", first))
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:
@@ -810,7 +819,7 @@ def evaluate_backend(
             label = pope_label(item)
             if label is not None:
                 pred = parse_yes_no(answer)
-                n_empty_pope += not answer
+                n_empty_pope += pope_says_nothing(answer)
                 preds.append(pred)
                 labels.append(label)
                 meta = {"kind": "pope", "label": label, "prediction": pred, "correct": pred == label}
@@ -854,8 +863,8 @@ def evaluate_backend(
         metrics["mean_words"] = n_words / len(scores)
     if labels:
         metrics.update({f"pope_{k}": v for k, v in pope_metrics(preds, labels).items()})
-        # POPE's parser reads an empty answer as "yes" (the reference does): a model that learned to
-        # answer nothing would look like one that says yes; this count shows it.
+        # POPE's parser reads an answer with no word ("", ".") as "yes" (the reference does): a model
+        # that learned to answer nothing would look like one that says yes; this count shows it.
         metrics["pope_n_empty"] = n_empty_pope
     metrics["seconds"] = time.perf_counter() - t0
     return metrics, rows

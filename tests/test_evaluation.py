@@ -378,11 +378,12 @@ def test_an_empty_pope_answer_reads_as_yes_and_is_counted(world):
     from PIL import Image
 
     img = Image.new("RGB", (8, 8))
-    items = [{"item_id": i, "image": img, "prompt": p, "label": "no"} for i, p in enumerate(["q1", "q2", "q3"])]
-    metrics, rows = evaluate_backend(_CannedBackend({"q1": "", "q2": "  ", "q3": "No."}), items, world,
-                                     GenerationParams())
-    assert [r["meta"]["prediction"] for r in rows] == ["yes", "yes", "no"]  # POPE's parser, as the reference
-    assert metrics["pope_n_empty"] == 2 and metrics["pope_yes_ratio"] == pytest.approx(2 / 3)
+    answers = {"q1": "", "q2": "  ", "q3": ". No", "q4": "No.", "q5": "Yes."}
+    items = [{"item_id": i, "image": img, "prompt": p, "label": "no"} for i, p in enumerate(answers)]
+    metrics, rows = evaluate_backend(_CannedBackend(answers), items, world, GenerationParams())
+    # POPE's parser, as the reference: the first sentence of ". No" is empty, so it says yes too
+    assert [r["meta"]["prediction"] for r in rows] == ["yes", "yes", "yes", "no", "yes"]
+    assert metrics["pope_n_empty"] == 3 and metrics["pope_yes_ratio"] == pytest.approx(4 / 5)
 
 
 def test_paired_pope_f1_tells_a_real_change_from_noise():

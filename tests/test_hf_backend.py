@@ -497,7 +497,28 @@ def test_a_text_answer_gets_its_in_context_tokens_on_a_byte_level_bpe_vocabulary
     assert tokenize(asked) + ids == tokenize(asked + " A red circle.") and bpe.decode(ids) == " A red circle."
     assert ids[0] != tokenize("A red circle.")[0]  # what the answer alone would have been scored as
     assert answer_token_ids(tokenize, asked, " ", " A red circle.") == ids  # a stored leading space is not doubled
-    assert answer_token_ids(tokenize, asked, "", "") == []
+    assert answer_token_ids(tokenize, asked, "", "") == [] and answer_token_ids(tokenize, asked, " ", "  ") == []
+
+
+def test_answer_token_ids_falls_back_to_the_shorter_form_alone():
+    # When the prompt's ids do not begin the joint ids, the answer is tokenised alone, with the
+    # opening unless that costs tokens: a SentencePiece vocabulary writes " A" alone as "▁▁" "A".
+    from lvlm_studio.models.base import answer_token_ids
+
+    pieces = {"Q:": [1, 2], "Q: A": [1, 9, 5], " A": [3, 4], "A": [5]}
+    assert answer_token_ids(pieces.__getitem__, "Q:", " ", "A") == [5]
+    pieces[" A"] = [6]  # a byte-level vocabulary: " A" is one token, the one the model writes
+    assert answer_token_ids(pieces.__getitem__, "Q:", " ", "A") == [6]
+
+
+def test_the_answer_opening_follows_a_changed_template(be):
+    from lvlm_studio.models.base import backend_answer_ids
+
+    mine = copy.copy(be)
+    mine.processor = copy.copy(be.processor)
+    assert backend_answer_ids(mine, "what is it?", "a red circle") == be.encode_text("a red circle")
+    mine.processor.chat_template = mine.processor.chat_template.replace(" ASSISTANT: ", " ASSISTANT: circle ")
+    assert backend_answer_ids(mine, "what is it?", "a red circle")[0] == be.encode_text("circle")[0]
 
 
 def test_answer_opening_of_llava_hf_and_qwen_templates(be):

@@ -47,7 +47,14 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from lvlm_studio.methods.sentences import clean_reason
-from lvlm_studio.models.base import STOP_RULES, GenerationParams, Sequence, VLMBackend, check_temperature
+from lvlm_studio.models.base import (
+    STOP_RULES,
+    GenerationParams,
+    Sequence,
+    VLMBackend,
+    backend_answer_ids,
+    check_temperature,
+)
 
 
 @runtime_checkable
@@ -633,8 +640,15 @@ def _expand_from_text(backend: Any, image: Image.Image, prompt: str, partial_tex
     if hasattr(backend, "sample_from_text"):
         return list(backend.sample_from_text(image, prompt, partial_text, n, params))
     prefix = backend.open_prefix(image, prompt)
-    ids = backend.encode_text(partial_text) if partial_text else []
-    return backend.extend(prefix, [ids], n=n, params=params)[0]
+    return backend.extend(prefix, [_partial_ids(backend, prompt, partial_text)], n=n, params=params)[0]
+
+
+def _partial_ids(backend: Any, prompt: str, text: str) -> list[int]:
+    """A partial answer's text re-tokenised as the reference does, with the prompt before it
+    (``models.base.backend_answer_ids``) when the backend has a chat processor; else alone."""
+    if not text:
+        return []
+    return backend_answer_ids(backend, prompt, text) if hasattr(backend, "processor") else backend.encode_text(text)
 
 
 def run_csr_reference(
@@ -657,7 +671,7 @@ def run_csr_reference(
             expansions, bases = [], []
             for node in search.live:
                 expansions.append(_expand_from_text(backend, image, prompt, node.text, cfg.num_candidates, params))
-                bases.append(backend.encode_text(node.text) if node.text else [])
+                bases.append(_partial_ids(backend, prompt, node.text))
                 search.stats["backend_calls"] += 1
 
             def clip(texts: list[str], s: _ItemSearch = search) -> list[float]:

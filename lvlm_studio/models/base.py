@@ -85,24 +85,36 @@ def answer_token_ids(tokenize: Any, asked: str, opening: str, answer: str) -> li
     ``asked``. The first word then takes its in-context form: on a byte-level BPE vocabulary
     (SmolVLM's) "A" alone and " A" after "Assistant:" are different tokens, and a model scored on
     the first reads a word it never writes. The answer alone (with the opening) when the joint ids
-    do not begin with the prompt's (a token across the boundary). ``tokenize``: text -> ids
-    without special tokens added."""
-    if not answer:
+    do not begin with the prompt's (a token across the boundary), or the stripped answer alone when
+    that is shorter (a SentencePiece vocabulary writes " A" alone as "▁▁" "A", "A" as "▁A").
+    ``tokenize``: text -> ids without special tokens added. An answer of nothing but whitespace
+    has no tokens."""
+    if not answer.strip():
         return []
     text = opening + (answer.lstrip() if opening[-1:].isspace() else answer)
     head = tokenize(asked)
     joint = tokenize(asked + text)
-    return joint[len(head) :] if joint[: len(head)] == head else tokenize(text)
+    if joint[: len(head)] == head:
+        return joint[len(head) :]
+    with_opening, alone = tokenize(text), tokenize(answer.lstrip())
+    return with_opening if len(with_opening) <= len(alone) else alone
 
 
 def backend_answer_ids(backend: Any, prompt: str, answer: str) -> list[int]:
     """``answer_token_ids`` for a backend with ``processor`` and ``encode_text`` (HFBackend, vLLM):
     the ids its teacher-forced scoring of a text answer reads. The template's opening is read once
-    per backend."""
-    opening = getattr(backend, "_answer_opening", None)
-    if opening is None:
-        opening = backend._answer_opening = answer_opening(backend.processor)
-    return answer_token_ids(backend.encode_text, chat_prompt(backend.processor, prompt), opening, answer)
+    per backend and template."""
+    return answer_token_ids(backend.encode_text, chat_prompt(backend.processor, prompt), backend_answer_opening(backend),
+                            answer)
+
+
+def backend_answer_opening(backend: Any) -> str:
+    """``answer_opening`` of ``backend.processor``, cached on the backend per chat template."""
+    template = getattr(backend.processor, "chat_template", None)
+    cached = getattr(backend, "_answer_opening", None)
+    if cached is None or cached[0] != template:
+        cached = backend._answer_opening = (template, answer_opening(backend.processor))
+    return cached[1]
 
 
 class ModelLoadError(RuntimeError):

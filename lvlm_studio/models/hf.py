@@ -45,6 +45,7 @@ from .base import (
     Sequence,
     StopCheck,
     backend_answer_ids,
+    backend_answer_opening,
     chat_prompt,
     system_turn_rendered,
 )
@@ -813,12 +814,12 @@ class HFBackend:
         k = self._rows_per_input(n, params)
         gen = self._generator(params)
         text = self.chat_text(prompt)
-        # decode() drops the leading space of the first answer word ("ASSISTANT: There" decodes the
-        # answer as "There"); templates that end the assistant opening without whitespace need it back
-        # or word-start tokenizers read "ASSISTANT:There" as a different token.
-        if partial_text and not partial_text[0].isspace() and not text[-1:].isspace():
-            text += " "
-        text += partial_text
+        if partial_text:
+            # decode() drops the leading space of the first answer word ("ASSISTANT: There" decodes
+            # the answer as "There"): the template's own answer opening puts it back, as it does for
+            # a scored text answer (base.answer_token_ids).
+            opening = backend_answer_opening(self)
+            text += opening + (partial_text.lstrip() if opening[-1:].isspace() else partial_text)
         if params.num_beam_groups > 1:
             return self._decode(self._prefill([image], [text]).repeat(k), k, params, gen)[0]
         return [self._decode(self._prefill([image], [text]), 1, params, gen)[0][0] for _ in range(k)]
