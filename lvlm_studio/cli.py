@@ -553,7 +553,7 @@ def eval_table(ev: dict) -> str:
     keys = [("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
             ("POPE accuracy", "pope_accuracy"), ("POPE precision", "pope_precision"),
             ("POPE recall", "pope_recall"), ("POPE F1", "pope_f1"), ("POPE yes-ratio", "pope_yes_ratio"),
-            ("captions", "n_captions"), ("POPE probes", "pope_n"), ("POPE empty answers (read as yes)", "pope_n_empty"),
+            ("captions", "n_captions"), ("POPE probes", "pope_n"), ("POPE answers saying nothing (read as yes)", "pope_n_empty"),
             ("items", "n_items")]
     return table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
 

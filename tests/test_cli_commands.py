@@ -225,7 +225,7 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     assert store.get_round(round_id)["metrics"]["n_pairs"] == 4  # training metrics kept
     human = run("eval", "--round", "0", "--model", vlm, "--n", "3", "--max-new-tokens", "6")
     assert human.exit_code == 0 and "POPE yes-ratio" in human.stdout and "0 items added" in human.stdout
-    assert "POPE empty answers (read as yes)" in human.stdout
+    assert "POPE answers saying nothing (read as yes)" in human.stdout
     assert store.get_round(0)["metrics"]["eval"]["n_items"] == 9
 
     cmp = ok_json("compare", "0", str(round_id))
