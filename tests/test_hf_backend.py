@@ -695,17 +695,20 @@ def test_inputs_add_no_second_bos_when_the_template_writes_one():
     assert seen == [False, True, True]
 
 
-def test_sample_from_text_puts_the_space_after_the_assistant_opening():
-    """decode() drops an answer's leading space: the slow path puts it back after a template that
-    ends its assistant opening without whitespace (word-start tokenizers read "ASSISTANT:There"
-    differently), and adds nothing after one that ends with whitespace or to an empty partial."""
+def test_sample_from_text_puts_the_templates_answer_opening_back():
+    """decode() drops an answer's leading space: the slow path puts back what the template writes
+    between the opened assistant turn and the answer (llava's " " after "ASSISTANT:": word-start
+    tokenizers read "ASSISTANT:There" differently), nothing after Qwen's "assistant\n", and nothing
+    before an empty partial."""
     from types import SimpleNamespace as NS
 
     texts = []
     fake = NS(_rows_per_input=lambda n, params: n, _generator=lambda params: None,
-              _prefill=lambda ims, ts: texts.extend(ts), _decode=lambda state, k, params, gen: [["seq"]])
-    for opening in ("USER: <image>\nhi ASSISTANT:", "<|im_start|>assistant\n"):
-        fake.chat_text = lambda prompt, opening=opening: opening
+              _prefill=lambda ims, ts: texts.extend(ts), _decode=lambda state, k, params, gen: [["seq"]],
+              processor=NS(chat_template="template"))
+    for chat, answer_opening in (("USER: <image>\nhi ASSISTANT:", " "), ("<|im_start|>assistant\n", "")):
+        fake.chat_text = lambda prompt, chat=chat: chat
+        fake._answer_opening = ("template", answer_opening)  # what base.answer_opening read off the template
         for partial in ("There is", " There is", ""):
             HFBackend.sample_from_text(fake, None, "hi", partial, params=GP())
     assert texts == ["USER: <image>\nhi ASSISTANT: There is"] * 2 + ["USER: <image>\nhi ASSISTANT:"] + [
