@@ -579,15 +579,30 @@ def test_a_stop_after_a_digit_waits_for_the_next_token():
 
     words = {1: "It", 2: " is", 3: " 3", 4: ".", 5: "5", 6: " m", 7: " There"}
     check = StopCheck((".",), "sentence", lambda ids: "".join(words[i] for i in ids))
-    assert check.check(0, [1, 2, 3, 4]) is None and check.waiting(0)  # "It is 3." : 3.5 or the end?
-    assert check.check(0, [1, 2, 3, 4, 5]) is None and not check.waiting(0)  # "3.5": no stop there
-    assert check.check(0, [1, 2, 3, 4, 5, 6, 4]) == ("It is 3.5 m.", 7)
-    assert check.check(1, [1, 2, 3, 4]) is None
-    assert check.check(1, [1, 2, 3, 4, 7]) == ("It is 3.", 4)  # the stop holds; " There" is dropped
-    assert check.check(2, [1, 2, 3, 4]) is None and check.at_end(2, [1, 2, 3, 4]) == ("It is 3.", 4)
-    assert check.at_end(3, [1, 2]) is None
+
+    def lps(ids):
+        return [-float(i) for i in ids]  # a log-prob per token, to see which ones are kept
+
+    def stop(seq):
+        return None if seq is None else (seq.text, len(seq.token_ids), seq.token_logprobs == lps(seq.token_ids),
+                                         seq.finish_reason)
+
+    ids = [1, 2, 3, 4, 5, 6, 4]
+    assert check.check(0, ids[:4], lps(ids[:4])) is None and check.waiting(0)  # "It is 3." : 3.5 or the end?
+    assert check.check(0, ids[:5], lps(ids[:5])) is None and not check.waiting(0)  # "3.5": no stop there
+    assert stop(check.check(0, ids, lps(ids))) == ("It is 3.5 m.", 7, True, "stop")
+    assert check.check(1, [1, 2, 3, 4], lps([1, 2, 3, 4])) is None
+    # the stop holds; " There" is dropped
+    assert stop(check.check(1, [1, 2, 3, 4, 7], lps([1, 2, 3, 4, 7]))) == ("It is 3.", 4, True, "stop")
+    assert check.check(2, [1, 2, 3, 4], lps([1, 2, 3, 4])) is None
+    assert stop(check.at_end(2, [1, 2, 3, 4], lps([1, 2, 3, 4]))) == ("It is 3.", 4, True, "stop")
+    assert stop(check.at_end(3, [1, 2], lps([1, 2]))) == ("It is", 2, True, "length")  # nothing held
+    assert check.check(4, [1, 2, 3, 4], lps([1, 2, 3, 4])) is None
+    check.ended(4)  # "... 3." then the end of the answer: nothing held any more
+    assert not check.waiting(4)
     plain = StopCheck((".",), "any", lambda ids: "".join(words[i] for i in ids))
-    assert plain.check(0, [1, 2, 3, 4]) == ("It is 3.", 4)  # the reference: every period, at once
+    # the reference: every period, at once
+    assert stop(plain.check(0, [1, 2, 3, 4], lps([1, 2, 3, 4]))) == ("It is 3.", 4, True, "stop")
     with pytest.raises(ValueError, match="stop_rule"):
         GP(stop_rule="never")
 

@@ -91,13 +91,19 @@ def answer_token_ids(tokenize: Any, asked: str, opening: str, answer: str) -> li
     has no tokens."""
     if not answer.strip():
         return []
-    text = opening + (answer.lstrip() if opening[-1:].isspace() else answer)
+    text = after_opening(opening, answer)
     head = tokenize(asked)
     joint = tokenize(asked + text)
     if joint[: len(head)] == head:
         return joint[len(head) :]
     with_opening, alone = tokenize(text), tokenize(answer.lstrip())
     return with_opening if len(with_opening) <= len(alone) else alone
+
+
+def after_opening(opening: str, answer: str) -> str:
+    """``answer`` behind the template's answer opening, its own leading whitespace dropped where the
+    opening ends in whitespace (a stored answer may keep the space a decode left)."""
+    return opening + (answer.lstrip() if opening[-1:].isspace() else answer)
 
 
 def backend_answer_ids(backend: Any, prompt: str, answer: str) -> list[int]:
@@ -199,8 +205,8 @@ def stop_awaits_next_token(text: str, end: int | None, rule: str = "any") -> boo
 class StopCheck:
     """Where each row of a decode loop stops, by ``find_stop`` under ``rule``, holding back a stop
     that waits for the next token (``stop_awaits_next_token``). HFBackend's loop and vLLM's group
-    search share it. ``check`` gives (text cut after the stop, number of tokens kept) once a row
-    stops, None while it goes on; the token after a held stop is dropped when the stop holds."""
+    search share it. ``check`` gives the row's finished ``Sequence`` once it stops (cut after the
+    stop; the token after a held stop is dropped when the stop holds), None while it goes on."""
 
     stops: tuple[str, ...]
     rule: str
@@ -210,23 +216,35 @@ class StopCheck:
     def waiting(self, row: int) -> bool:
         return row in self.held
 
-    def check(self, row: int, ids: list[int]) -> tuple[str, int] | None:
+    def check(self, row: int, ids: list[int], logprobs: list[float]) -> Sequence | None:
         text = self.decode(ids)
         end = find_stop(text, self.stops, self.rule)
         held = self.held.pop(row, None)
         if held is not None and end == held[1]:
-            return text[:end], held[0]  # "3." then no digit: the stop holds
+            return self._stopped(text, end, ids, logprobs, held[0])  # "3." then no digit: the stop holds
         if end is None:
             return None
         if stop_awaits_next_token(text, end, self.rule):
             self.held[row] = (len(ids), end)
             return None
-        return text[:end], len(ids)
+        return self._stopped(text, end, ids, logprobs, len(ids))
 
-    def at_end(self, row: int, ids: list[int]) -> tuple[str, int] | None:
-        """The row ran out of tokens or ended: a stop still held counts."""
+    def ended(self, row: int) -> None:
+        """The row wrote its end-of-answer token: a stop it held ("... 3." then the end) no longer
+        waits, the answer ended there."""
+        self.held.pop(row, None)
+
+    def at_end(self, row: int, ids: list[int], logprobs: list[float]) -> Sequence:
+        """The row ran out of tokens: its ``Sequence``, stopped when a stop was still held, else cut
+        by length."""
         held = self.held.pop(row, None)
-        return None if held is None else (self.decode(ids[: held[0]])[: held[1]], held[0])
+        if held is None:
+            return Sequence(self.decode(ids), ids, logprobs, "length")
+        return self._stopped(self.decode(ids[: held[0]]), held[1], ids, logprobs, held[0])
+
+    @staticmethod
+    def _stopped(text: str, end: int, ids: list[int], logprobs: list[float], kept: int) -> Sequence:
+        return Sequence(text[:end], ids[:kept], logprobs[:kept], "stop")
 
 
 def _period_may_end_sentence(text: str) -> bool:

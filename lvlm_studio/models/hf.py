@@ -44,6 +44,7 @@ from .base import (
     Prefix,
     Sequence,
     StopCheck,
+    after_opening,
     backend_answer_ids,
     backend_answer_opening,
     chat_prompt,
@@ -590,16 +591,15 @@ class HFBackend:
                 toks[row].append(t)
                 lps[row].append(picked_lp[j])
                 if is_eos[j]:
-                    stops.held.pop(row, None)  # "... 3." then the end: the answer ended there
+                    stops.ended(row)
                     done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "eos")
                     continue
                 if may_stop is not None and (stops.waiting(row) or t >= len(may_stop) or may_stop[t]):
                     # Only tokens that may complete a stop pay for a decode of the row, and a row
                     # whose stop waits for this token (the "5" of "3.5").
-                    stopped = stops.check(row, toks[row])
+                    stopped = stops.check(row, toks[row], lps[row])
                     if stopped is not None:
-                        cut, kept = stopped
-                        done[row] = Sequence(cut, toks[row][:kept], lps[row][:kept], "stop")
+                        done[row] = stopped
                         continue
                 keep.append(j)
             if not keep:
@@ -625,12 +625,7 @@ class HFBackend:
                 self._step(state, tokens, tmask)
         for b in live:
             row = present[b]
-            held = stops.at_end(row, toks[row])
-            if held is not None:  # out of tokens right after "3.": the stop holds
-                cut, kept = held
-                done[row] = Sequence(cut, toks[row][:kept], lps[row][:kept], "stop")
-            else:
-                done[row] = Sequence(self.decode(toks[row]), toks[row], lps[row], "length")
+            done[row] = stops.at_end(row, toks[row], lps[row])
         return [[done[r * k + j] for j in range(k)] for r in range(n_rows // k)]
 
     # --- protocol ---------------------------------------------------------------------------
@@ -818,8 +813,7 @@ class HFBackend:
             # decode() drops the leading space of the first answer word ("ASSISTANT: There" decodes
             # the answer as "There"): the template's own answer opening puts it back, as it does for
             # a scored text answer (base.answer_token_ids).
-            opening = backend_answer_opening(self)
-            text += opening + (partial_text.lstrip() if opening[-1:].isspace() else partial_text)
+            text += after_opening(backend_answer_opening(self), partial_text)
         if params.num_beam_groups > 1:
             return self._decode(self._prefill([image], [text]).repeat(k), k, params, gen)[0]
         return [self._decode(self._prefill([image], [text]), 1, params, gen)[0][0] for _ in range(k)]

@@ -280,13 +280,12 @@ class VLLMBackend:
         g_count = params.num_beam_groups
         toks: list[list[int]] = [[] for _ in range(g_count)]
         lps: list[list[float]] = [[] for _ in range(g_count)]
-        reason: list[str | None] = [None] * g_count
+        done: dict[int, Sequence] = {}
         stops = StopCheck(tuple(params.stop), params.stop_rule, self.decode)
-        cuts: dict[int, tuple[str, int]] = {}  # group -> (text cut after its stop, tokens kept)
         # G + len(banned) candidates, so G remain after dropping image placeholders
         one = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=g_count + len(self.banned_ids))
         for _ in range(params.max_new_tokens):
-            live = [g for g in range(g_count) if reason[g] is None]
+            live = [g for g in range(g_count) if g not in done]
             if not live:
                 break
             outs = self._generate([self._request(ids + toks[g], image) for g in live], one)
@@ -300,17 +299,8 @@ class VLLMBackend:
                 toks[g].append(t)
                 lps[g].append(float(cands[t].logprob))
                 if t in self.eos_ids:
-                    reason[g] = "eos"
-                    stops.held.pop(g, None)
-                elif params.stop and (cut := stops.check(g, toks[g])) is not None:
-                    reason[g], cuts[g] = "stop", cut
-        result = []
-        for g in range(g_count):
-            if reason[g] is None and (cut := stops.at_end(g, toks[g])) is not None:
-                reason[g], cuts[g] = "stop", cut
-            if reason[g] == "stop":
-                text, kept = cuts[g]
-                result.append(Sequence(text, toks[g][:kept], lps[g][:kept], "stop"))
-            else:
-                result.append(Sequence(self.decode(toks[g]), toks[g], lps[g], reason[g] or "length"))
-        return result
+                    stops.ended(g)
+                    done[g] = Sequence(self.decode(toks[g]), toks[g], lps[g], "eos")
+                elif params.stop and (stopped := stops.check(g, toks[g], lps[g])) is not None:
+                    done[g] = stopped
+        return [done[g] if g in done else stops.at_end(g, toks[g], lps[g]) for g in range(g_count)]
