@@ -204,19 +204,25 @@ class VLLMBackend:
         def stop_in(ids: list[int]) -> int | None:
             return find_stop(self.decode(list(ids)), params.stop, params.stop_rule)
 
-        def undecided(key, s: Sequence) -> bool:
+        def undecided(key, s: Sequence) -> tuple[bool, int | None]:
+            """(needs another request, where its tokens stop now)."""
             if s.finish_reason != "stop" or key in settled or len(s.token_ids) >= params.max_new_tokens:
-                return False
+                return False, None
             text = self.decode(list(s.token_ids))  # vLLM's text ends at the stop; the token may hold more
             end = find_stop(text, params.stop, params.stop_rule)
-            return end is None or stop_awaits_next_token(text, end, params.stop_rule)
+            return end is None or stop_awaits_next_token(text, end, params.stop_rule), end
 
         for _round in range(params.max_new_tokens):
-            todo = [(r, k) for r, row in enumerate(seqs) for k, s in enumerate(row) if undecided((r, k), s)]
+            todo = []  # (row, sequence, where its tokens stop now)
+            for r, row in enumerate(seqs):
+                for k, s in enumerate(row):
+                    more_needed, held = undecided((r, k), s)
+                    if more_needed:
+                        todo.append((r, k, held))
             if not todo:
                 break
             requests, sampling = [], []
-            for j, (r, k) in enumerate(todo):
+            for j, (r, k, _held) in enumerate(todo):
                 s = seqs[r][k]
                 requests.append(self._request(prompt_ids[r] + list(s.token_ids), images[r]))
                 left = params.max_new_tokens - len(s.token_ids)
@@ -224,13 +230,12 @@ class VLLMBackend:
                 sampling.append(self._sampling(GenerationParams(
                     max_new_tokens=left, temperature=params.temperature, top_p=params.top_p,
                     stop=params.stop, stop_rule=params.stop_rule), 1, seed))
-            for (r, k), out in zip(todo, self._generate(requests, sampling), strict=True):
+            for (r, k, held), out in zip(todo, self._generate(requests, sampling), strict=True):
                 s, more = seqs[r][k], self._to_sequence(out.outputs[0])
                 ids = list(s.token_ids) + list(more.token_ids)
                 text = self.decode(ids)
                 end = find_stop(text, params.stop, params.stop_rule)
                 ended_at_once = more.finish_reason == "eos" and all(t in self.eos_ids for t in more.token_ids)
-                held = stop_in(s.token_ids)
                 if held is not None and end == held and not ended_at_once:
                     settled.add((r, k))  # "3." then no digit: the stop held
                     continue
