@@ -42,6 +42,7 @@ re-quantize the weights, so the reference would carry that rounding).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -56,7 +57,15 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import QUANTIZATIONS, counted
-from lvlm_studio.models.base import chat_messages, chat_prompt, system_prompt, system_turn_rendered
+from lvlm_studio.models.base import (
+    after_opening,
+    answer_closing,
+    answer_opening,
+    chat_messages,
+    chat_prompt,
+    system_prompt,
+    system_turn_rendered,
+)
 from lvlm_studio.models.lora import as_chain
 
 # Log keys streamed to on_log (TRL's names), plus step/epoch/learning_rate when present.
@@ -1066,6 +1075,8 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     trainer = _warmup_leaves_a_step(trainer_class)(model=model, args=args, train_dataset=dataset,
                                                    processing_class=processor, peft_config=peft_config,
                                                    callbacks=[stream])
+    trainer.data_collator = AnswersAsWritten(trainer.data_collator, processor)
+    lineage["answer_closing"] = trainer.data_collator.closing
     try:
         trainer.train()
         steps = int(trainer.state.global_step)
@@ -1190,17 +1201,66 @@ def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
 
 def _encode_turns(processor, image, prompt_text: str, answer: str | None = None):
     """The chat prompt with its image, encoded by the processor (image tokens expanded), and the
-    answer's completion ids, the way TRL tokenises them: prompt and completion separately, the
-    completion being what the chat template puts after the prompt."""
-    msgs = chat_messages(prompt_text)
-    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    answer's completion ids as a round trains on them (``AnswersAsWritten``)."""
+    prompt = chat_prompt(processor, prompt_text)
     enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
     if answer is None:
         return enc, None
-    full = processor.apply_chat_template([*msgs, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
-    completion = full[len(prompt) :] if full.startswith(prompt) else answer
+    completion = answer_as_written(answer, answer_opening(processor), answer_closing(processor))
     comp = processor.tokenizer([completion], return_tensors="pt", add_special_tokens=False)["input_ids"]
     return enc, comp
+
+
+def answer_as_written(answer: str, opening: str, closing: str) -> str:
+    """A completion's text as the model writes it after the opened assistant turn: the
+    template's opening, the answer without trailing whitespace, the end of turn."""
+    return after_opening(opening, answer.rstrip()) + closing
+
+
+class AnswersAsWritten:
+    """Wraps TRL's vision collators (``DataCollatorForVisionPreference``,
+    ``DataCollatorForVisionLanguageModeling``): each conversational row becomes a text row with
+    the prompt as the model is asked it (the dataset's turns through the chat template, the
+    assistant turn opened) and each answer as the model writes it (``answer_as_written``).
+
+    TRL renders a completion as whatever the template puts after the prompt. llava-hf's LLaVA-1.5
+    template ends an assistant turn with a bare " " and no EOS, so a round would train the model
+    to end every answer with a space token and never to stop (the SFT term imitates it); here the
+    answer ends with the EOS it was trained with. Templates that close the turn with a token
+    (Qwen's "<|im_end|>\n", the demo's "</s>") train that token without the newline after it,
+    which generation never writes. The demo model's rows tokenise exactly as under TRL's own
+    rendering."""
+
+    def __init__(self, inner, processor):
+        self.inner, self.processor = inner, processor
+        self.opening, self.closing = answer_opening(processor), answer_closing(processor)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return self.inner([self.render(ex) for ex in examples])
+
+    def render(self, example: dict) -> dict:
+        from trl.data_utils import is_conversational, prepare_multimodal_messages
+
+        if not is_conversational(example):
+            return example
+        images = example["images"] if "images" in example else [example["image"]]
+        turns = prepare_multimodal_messages(copy.deepcopy(example["prompt"]), images=images)
+        row = {**example, "prompt": self.processor.apply_chat_template(turns, add_generation_prompt=True,
+                                                                       tokenize=False)}
+        for key in ("chosen", "rejected", "completion"):
+            if key in example:
+                row[key] = answer_as_written(_turn_text(example[key]), self.opening, self.closing)
+        return row
+
+
+def _turn_text(turns: list[dict]) -> str:
+    """The text of a one-turn assistant answer in TRL's conversational format (string content or
+    typed parts)."""
+    if len(turns) != 1 or turns[0].get("role") != "assistant":
+        raise ValueError(f"a completion must be one assistant turn, got roles {[t.get('role') for t in turns]}")
+    content = turns[0]["content"]
+    return content if isinstance(content, str) else "".join(
+        part.get("text") or "" for part in content if part.get("type") == "text")
 
 
 def _pair_pixels(pair: dict) -> int:

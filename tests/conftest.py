@@ -15,6 +15,16 @@ from lvlm_studio.config import Settings
 from lvlm_studio.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# llava-hf/llava-1.5-7b-hf's chat template (chat_template.json): an assistant turn ends with a bare
+# " ", no EOS; no system branch of its own (a system turn's text is written as is).
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 @pytest.fixture(scope="session", autouse=True)

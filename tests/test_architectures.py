@@ -106,3 +106,40 @@ def test_batched_equals_single(be, images):
         single = be.sample([im], [pr], params=p)[0][0]
         assert row[0].token_ids == single.token_ids
         close(row[0].token_logprobs, single.token_logprobs)
+
+
+def test_a_round_trains_the_ids_the_model_is_asked_with_and_scored_on(be, images):
+    """TRL's vision collators tokenise the prompt and each completion apart. Under every template,
+    through ``AnswersAsWritten``, the ids a round trains on are the generation's prompt ids and, for
+    each answer, the ids CSR's teacher-forced scoring reads (``backend_answer_ids``) and then the
+    token that ends the turn."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from lvlm_studio.models.base import answer_closing, backend_answer_ids
+    from lvlm_studio.training import (
+        AnswersAsWritten,
+        build_dpo_dataset,
+        build_sft_dataset,
+        match_generation_bos,
+    )
+
+    match_generation_bos(be.processor)
+    closing = answer_closing(be.processor)
+    assert closing == {"llava": "</s>", "qwen2_vl": "<|im_end|>"}.get(be.model.config.model_type, "<end_of_utterance>")
+    closing_ids = be.encode_text(closing)
+    assert len(closing_ids) == 1
+    chosen, rejected = "There is a red circle at the top left .", "There is a blue square ."
+    pair = {"image": images[1], "prompt": PROMPTS[1], "chosen": chosen, "rejected": rejected}
+    asked = be._inputs([images[1]], [be.chat_text(PROMPTS[1])])["input_ids"][0].tolist()
+    dpo = AnswersAsWritten(DataCollatorForVisionPreference(be.processor), be.processor)
+    sft = AnswersAsWritten(DataCollatorForVisionLanguageModeling(be.processor, completion_only_loss=True),
+                           be.processor)
+    dpo_batch = dpo([build_dpo_dataset([pair])[0]])
+    sft_batch = sft([build_sft_dataset([{**pair, "answer": chosen}])[0]])
+    sft_batch["completion_mask"] = (sft_batch["labels"] != -100).long()  # the tokens the SFT loss covers
+    for batch, row, answer in ((dpo_batch, 0, chosen), (dpo_batch, 1, rejected), (sft_batch, 0, chosen)):
+        ids, live = batch["input_ids"][row], batch["attention_mask"][row] == 1
+        prompt, completion = live & (batch["completion_mask"][row] == 0), batch["completion_mask"][row] == 1
+        assert ids[prompt].tolist() == asked
+        assert ids[completion].tolist() == backend_answer_ids(be, PROMPTS[1], answer) + closing_ids

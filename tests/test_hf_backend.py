@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import LLAVA_HF_TEMPLATE
 from PIL import Image
 
 from lvlm_studio.models.base import GenerationParams as GP
@@ -524,13 +525,7 @@ def test_the_answer_opening_follows_a_changed_template(be):
 def test_answer_opening_of_llava_hf_and_qwen_templates(be):
     from lvlm_studio.models.base import answer_opening
 
-    llava_hf = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-                "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-                "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-                "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-                "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-                "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    llava_hf = LLAVA_HF_TEMPLATE
     qwen = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
             "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LLAVA_HF_TEMPLATE
 from PIL import Image
 
 from lvlm_studio.models.tiny import TinyLlavaSpec, build_tiny_llava
@@ -783,6 +784,43 @@ LLAVA_HF_STYLE_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's form: a system turn's 
     "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
+
+
+def test_a_round_on_llava_hf_s_template_trains_each_answer_to_end_with_eos(tiny, tmp_path):
+    """llava-hf's LLaVA-1.5 template ends an assistant turn with a bare " " and no EOS: TRL's own
+    rendering trains every answer without the </s> that LLaVA-1.5 stops with. A round's collator
+    (``AnswersAsWritten``) trains the answer as the model writes it, then </s>; a round trained
+    from a saved model with that template records the closing it trained."""
+    import shutil
+
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from lvlm_studio.models.base import answer_closing, backend_answer_ids
+    from lvlm_studio.models.hf import HFBackend
+    from lvlm_studio.training import AnswersAsWritten
+
+    backend = HFBackend.from_pretrained(tiny, device="cpu", dtype="float32")
+    backend.processor.chat_template = LLAVA_HF_TEMPLATE
+    eos = backend.tokenizer.eos_token_id
+    assert answer_closing(backend.processor) == "</s>"
+    pair = _pairs(1)[0]
+
+    def completions(collator) -> list[list[int]]:
+        batch = collator([build_dpo_dataset([pair])[0]])
+        return [batch["input_ids"][r][batch["completion_mask"][r] == 1].tolist() for r in (0, 1)]
+
+    trl_own = completions(DataCollatorForVisionPreference(backend.processor))
+    assert all(eos not in ids for ids in trl_own)
+    ours = completions(AnswersAsWritten(DataCollatorForVisionPreference(backend.processor), backend.processor))
+    assert ours == [backend_answer_ids(backend, pair["prompt"], pair[k]) + [eos] for k in ("chosen", "rejected")]
+    assert [ids[:-1] for ids in ours] == [ids[: len(o) - 1] for ids, o in zip(trl_own, ours, strict=True)]
+
+    model = tmp_path / "llava-hf-like"
+    shutil.copytree(tiny, model)
+    (model / "chat_template.jinja").write_text(LLAVA_HF_TEMPLATE)
+    result = train_round([pair], str(model), None, tmp_path / "round", DPORoundConfig(max_steps=1, sft_weight=0.0))
+    assert result.lineage["answer_closing"] == "</s>"
+    assert json.loads((Path(result.adapter_path) / "lineage.json").read_text())["answer_closing"] == "</s>"
 
 
 def test_a_system_prompt_is_asked_alike_in_generation_and_training(tiny, tmp_path, monkeypatch):

@@ -67,16 +67,37 @@ def answer_opening(processor: Any) -> str:
     turns render as "ASSISTANT: {answer}"), "" for Qwen's "assistant\n". A model asked with
     ``chat_prompt`` writes it before its answer. "" when the template renders no assistant turn
     around the opened one."""
+    around = _around_answer(processor)
+    return around[0] if around else ""
+
+
+def answer_closing(processor: Any) -> str:
+    """What ends an answer the model writes: the token the template writes after an assistant
+    text to end the turn (Qwen's "<|im_end|>", SmolVLM's "<end_of_utterance>", the demo's "</s>"),
+    without the whitespace around it, or the tokenizer's EOS where the template writes only
+    whitespace there (llava-hf's LLaVA-1.5 template ends the turn with a bare " ", while the model
+    was trained to stop with "</s>" and generation stops at it). "" when there is neither."""
+    around = _around_answer(processor)
+    closing = around[1].strip() if around else ""
+    if closing:
+        return closing
+    return getattr(getattr(processor, "tokenizer", processor), "eos_token", None) or ""
+
+
+def _around_answer(processor: Any) -> tuple[str, str] | None:
+    """(opening, rest): what the chat template writes before and after an answer's text in the
+    assistant turn that follows ``chat_prompt``; None when it renders no such turn."""
     msgs = chat_messages("x")
     try:
         opened = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         full = processor.apply_chat_template(
             [*msgs, {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_MARK}]}], tokenize=False)
     except Exception:  # a template that refuses an assistant turn (a jinja error of any kind)
-        return ""
+        return None
     if not full.startswith(opened) or _ANSWER_MARK not in full:
-        return ""
-    return full[len(opened) : full.index(_ANSWER_MARK)]
+        return None
+    at = full.index(_ANSWER_MARK)
+    return full[len(opened) : at], full[at + len(_ANSWER_MARK) :]
 
 
 def answer_token_ids(tokenize: Any, asked: str, opening: str, answer: str) -> list[int]:
