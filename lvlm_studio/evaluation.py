@@ -660,9 +660,12 @@ def _first_sentence_words(answer: str) -> set[str]:
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:
-    """Accuracy, precision, recall, F1 ("yes" positive) and yes-ratio of parsed answers."""
+    """Accuracy, precision, recall, F1 ("yes" positive) and yes-ratio of parsed answers
+    (``parse_yes_no``'s "yes" / "no"; anything else is refused, not dropped from the counts)."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    _only_yes_no(predictions, "prediction")
+    _only_yes_no(labels, "label")
     tp = sum(p == "yes" and t == "yes" for p, t in zip(predictions, labels, strict=True))
     fp = sum(p == "yes" and t == "no" for p, t in zip(predictions, labels, strict=True))
     tn = sum(p == "no" and t == "no" for p, t in zip(predictions, labels, strict=True))
@@ -680,7 +683,15 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     }
 
 
-def paired_pope_f1(predictions_a: Sequence[str | None], predictions_b: Sequence[str | None], labels: Sequence[str],
+def _only_yes_no(values: Sequence[Any], what: str) -> None:
+    """POPE counts only parsed answers: a missing or raw one would fall out of TP/FP/TN/FN while
+    staying in the total, and move recall, F1 and the yes-ratio without a word."""
+    bad = next((v for v in values if v not in ("yes", "no")), "yes")
+    if bad != "yes":
+        raise ValueError(f"a POPE {what} must be 'yes' or 'no' (parse_yes_no's output), got {bad!r}")
+
+
+def paired_pope_f1(predictions_a: Sequence[str], predictions_b: Sequence[str], labels: Sequence[str],
                    resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """POPE F1 of two models on the same probes, and a paired bootstrap p-value for their difference:
     the probes are resampled with replacement ``resamples`` times, both models' F1 recomputed on each

@@ -1218,8 +1218,7 @@ class Studio:
         if common and (set(out_a) != set(out_b) or not own_metrics_cover_all):
             for rid, out in ((a, out_a), (b, out_b)):
                 rows_common = [out[i] for i in common]
-                common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common),
-                                       "pope_f1": _pope_f1_from_outputs(rows_common), "answers": len(common)})
+                common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common), "answers": len(common)})
         return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
                 "paired": _paired_chair_s(out_a, out_b), "paired_pope": _paired_pope_f1(out_a, out_b),
                 "answered": (len(out_a), len(out_b))}
@@ -1373,9 +1372,10 @@ def _asked_under(candidates: list[dict]) -> list[dict]:
 
 def _pope_probe(row: dict) -> dict | None:
     """A stored answer's POPE probe record (its meta holds label and prediction), if it is one with
-    a yes/no label."""
+    a yes/no label and a parsed yes/no prediction."""
     meta = row.get("meta") or {}
-    return meta if meta.get("kind") == "pope" and meta.get("label") in ("yes", "no") else None
+    return meta if meta.get("kind") == "pope" and meta.get("label") in ("yes", "no") and meta.get(
+        "prediction") in ("yes", "no") else None
 
 
 def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | None:
@@ -1399,7 +1399,12 @@ def item_seed(seed: int, item: dict) -> int:
 
 def _metrics_from_outputs(rows: list[dict]) -> dict:
     """CHAIR_s / CHAIR_i / recall recomputed from stored answers (when a round has no metrics), over
-    the captions CHAIR scores: not POPE probes, nor answers like a count that list no objects."""
+    the captions CHAIR scores: not POPE probes, nor answers like a count that list no objects; and
+    POPE F1 over the probes (``_pope_f1_from_outputs``; None without any)."""
+    return {**_chair_from_outputs(rows), "pope_f1": _pope_f1_from_outputs(rows)}
+
+
+def _chair_from_outputs(rows: list[dict]) -> dict:
     from lvlm_studio.evaluation import CAPTION_KINDS
 
     rows = [r for r in rows if (r.get("meta") or {}).get("kind") in CAPTION_KINDS]

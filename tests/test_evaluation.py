@@ -342,6 +342,21 @@ def test_pope_parsing_ignores_case_and_punctuation():  # E06
     assert [parse_yes_no(a) for a in ["NO", "No!", "Not really.", "YES"]] == ["no", "no", "no", "yes"]
 
 
+def test_pope_counts_only_parsed_yes_no_answers():
+    """A missing prediction on a "yes" probe would fall out of FN while staying in the total
+    (recall 1.0 instead of 2/3), a "Yes" label out of the yes-ratio: both are refused, in the
+    metrics and in the paired bootstrap, whose resampled F1 would read them as "no"."""
+    from lvlm_studio.evaluation import paired_pope_f1
+
+    with pytest.raises(ValueError, match="prediction must be 'yes' or 'no'.*None"):
+        pope_metrics(["yes", "yes", None, "no"], ["yes", "yes", "yes", "no"])
+    with pytest.raises(ValueError, match="label must be 'yes' or 'no'.*'Yes'"):
+        pope_metrics(["yes", "no", "no"], ["Yes", "no", "yes"])
+    with pytest.raises(ValueError, match="prediction must be"):
+        paired_pope_f1(["yes", None], ["yes", "no"], ["yes", "yes"], resamples=10)
+    assert pope_metrics(["yes", "no", "no"], ["yes", "no", "yes"])["recall"] == 0.5
+
+
 def test_pope_metrics_asymmetric():  # E07, E08
     # tp=1 fp=3 tn=1 fn=0
     m = pope_metrics(["yes", "yes", "yes", "yes", "no"], ["yes", "no", "no", "no", "no"])

@@ -562,8 +562,9 @@ def test_reviewed_counts_per_method(studio, make_pairs):
 
 def test_compare_recomputes_chair_i_recall_and_pope_f1_on_the_common_items(studio, make_items):
     """common_metrics from the stored answers: CHAIR_i per mentioned object, recall over the
-    ground truth (make_items: ["circle"]), POPE F1 over the probes that carry a yes/no label."""
-    items = make_items(5)
+    ground truth (make_items: ["circle"]), POPE F1 over the probes that carry a yes/no label and a
+    parsed yes/no prediction."""
+    items = make_items(6)
     r1 = studio.store.create_round(0, "m", {}, status="done")
     answers = [
         {"item_id": items[0], "answer": "A circle and a star.", "objects": ["circle", "star"], "hallucinated": ["star"]},
@@ -571,12 +572,16 @@ def test_compare_recomputes_chair_i_recall_and_pope_f1_on_the_common_items(studi
          "hallucinated": ["square", "star", "dog"]},
         {"item_id": items[2], "answer": "Yes.", "meta": {"kind": "pope", "label": "yes", "prediction": "yes"}},
         {"item_id": items[3], "answer": "Yes.", "meta": {"kind": "pope", "prediction": "yes"}},  # no label: not scored
+        {"item_id": items[5], "answer": "Maybe.", "meta": {"kind": "pope", "label": "yes"}},  # no parse: not scored
     ]
     studio.store.add_eval_outputs(0, answers)
     studio.store.add_eval_outputs(r1, [*answers, {"item_id": items[4], "answer": "A circle.", "objects": ["circle"],
                                                    "hallucinated": []}])
-    common = {m["round"]: m for m in studio.compare(0, r1)["common_metrics"]}
-    assert common[0]["answers"] == 4
+    res = studio.compare(0, r1)
+    # neither round stored metrics: the main table's figures are recomputed too, POPE F1 included
+    assert {m["round"]: m["pope_f1"] for m in res["metrics"]} == {0: 1.0, r1: 1.0}
+    common = {m["round"]: m for m in res["common_metrics"]}
+    assert common[0]["answers"] == 5
     assert (common[0]["chair_s"], common[0]["chair_i"], common[0]["recall"], common[0]["pope_f1"]) == (
         1.0, pytest.approx(0.8), 0.5, 1.0)
 

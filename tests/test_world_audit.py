@@ -449,8 +449,9 @@ def test_describe_metrics_count_chair_recall_and_prior_driven_hallucinations():
 
 
 def test_pope_metrics_parse_answers_and_score_them(monkeypatch):
-    """An answer is "no" iff it starts with "no" (any case); precision / recall / F1 / yes ratio
-    follow from the probes' labels."""
+    """The build's POPE check reads answers as the evaluation does (``parse_yes_no``: "no" or "not"
+    in the first sentence, in any case, not only an answer starting with it); precision / recall /
+    F1 / yes ratio follow from the probes' labels."""
     from lvlm_studio.world import build, png_bytes, text
 
     seen: dict = {}
@@ -480,6 +481,9 @@ def test_pope_metrics_parse_answers_and_score_them(monkeypatch):
     perfect = build.pope_metrics(None, None, cfg, "adversarial", 8)
     assert perfect["accuracy"] == perfect["precision"] == perfect["recall"] == 1
     assert perfect["f1"] == pytest.approx(1) and perfect["yes_ratio"] == pytest.approx(share_yes)
+    monkeypatch.setattr(build, "generate_answers",
+                        answer_with(lambda label: "Yes." if label == "yes" else "There is no such shape."))
+    assert build.pope_metrics(None, None, cfg, "adversarial", 8)["accuracy"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -273,26 +273,19 @@ def describe_metrics(answers: list[str], truths: list[list[str]]) -> dict:
 
 
 def pope_metrics(model, processor, cfg: BuildConfig, mode: str, n: int) -> dict:
+    """POPE on ``n`` test probes of ``mode``, answers read as the evaluation reads them."""
+    from lvlm_studio import evaluation
+
     from .text import world_items
 
     items = world_items("test", n, cfg.seed, kinds=("pope",), pope_mode=mode, cfg=cfg.world, start=10_000)
-    preds = []
+    labels, preds = [], []
     for prompt in sorted({it["prompt"] for it in items}):
         group = [it for it in items if it["prompt"] == prompt]
         answers = generate_answers(model, processor, [it["image"] for it in group], prompt, max_new_tokens=4)
-        preds.extend((it["meta"]["label"], "no" if a.lower().startswith("no") else "yes") for it, a in zip(group, answers, strict=True))
-    tp = sum(p == "yes" and g == "yes" for g, p in preds)
-    fp = sum(p == "yes" and g == "no" for g, p in preds)
-    fn = sum(p == "no" and g == "yes" for g, p in preds)
-    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    return {
-        "n": len(preds),
-        "accuracy": sum(g == p for g, p in preds) / max(len(preds), 1),
-        "precision": prec,
-        "recall": rec,
-        "f1": 2 * prec * rec / max(prec + rec, 1e-9),
-        "yes_ratio": sum(p == "yes" for _, p in preds) / max(len(preds), 1),
-    }
+        labels.extend(it["meta"]["label"] for it in group)
+        preds.extend(map(evaluation.parse_yes_no, answers))
+    return evaluation.pope_metrics(preds, labels)
 
 
 # ----------------------------------------------------------------------------------------- CLIP
