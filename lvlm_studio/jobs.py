@@ -482,16 +482,26 @@ def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force
     (clean stop → 'cancelled'). Waits up to ``timeout`` s for the process to end (0 = return at
     once); if it has not ended and ``force``, SIGKILL. Once asked, the round ends 'cancelled'
     however it stops: cleanly, killed, dead of the SIGTERM before its handler was installed, or
-    reaching its end (its adapter is then not made current), whoever notices first."""
+    reaching its end (its adapter is then not made current), whoever notices first. A round whose
+    process had already died keeps its own end (killed, crashed); a signal the process refuses
+    (another user's) takes the request back, so the round finishes as it would have."""
     store = _store(settings)
     try:
-        row = store.request_round_cancel(round_id)
+        row = store.get_round(round_id)
         if row is None:
             raise JobError(f"round {round_id} does not exist")
+        row = _mark_if_stale(store, row)  # already gone: 'failed' with its reason, not 'cancelled'
+        if row["status"] not in ACTIVE:
+            return row
+        row = store.request_round_cancel(round_id)
         if row["status"] not in ACTIVE:
             return row
         if round_process_alive(row, store.root):
-            _signal_job(row["pid"], signal.SIGTERM)
+            try:
+                _signal_job(row["pid"], signal.SIGTERM)
+            except JobError:
+                store.withdraw_round_cancel(round_id)
+                raise
         if timeout > 0 and not _gone_within(row, store.root, timeout, poll=0.2) and force:
             _signal_job(row["pid"], signal.SIGKILL)
             _gone_within(row, store.root, 10.0, poll=0.1)

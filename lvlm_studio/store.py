@@ -49,6 +49,13 @@ _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _QUEUE_KEY = "coalesce(margin, 9e999)"
 
 
+def _close_quietly(db: Database) -> None:
+    try:
+        db.close()
+    except Exception:  # noqa: BLE001 - a connection of a finished thread, or one already closed
+        pass
+
+
 class StoreError(Exception):
     """A request the store refuses (bad value, broken reference)."""
 
@@ -267,7 +274,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.root = self.path.parent.resolve()
         self._local = threading.local()
-        self._connections: list[Database] = []
+        self._connections: list[tuple[threading.Thread, Database]] = []  # each with the thread it serves
         self._lock = threading.Lock()
         # Review-queue cursors: (reviewer, method, round) → ((key, pair id), validity tokens).
         self._cursors: dict[tuple, _Cursor] = {}
@@ -297,7 +304,13 @@ class Store:
             db.execute("PRAGMA synchronous = NORMAL")
             self._local.db = db
             with self._lock:
-                self._connections.append(db)
+                # A thread pool (Gradio's handlers run on anyio's) retires idle threads: close the
+                # connections of threads that ended, or each would hold its file handles until close().
+                ended = [c for t, c in self._connections if not t.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), db))
+            for c in ended:
+                _close_quietly(c)
         return db
 
     @staticmethod
@@ -319,11 +332,8 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
-            for db in self._connections:
-                try:
-                    db.close()
-                except Exception:  # noqa: BLE001 - closing a connection of a finished thread
-                    pass
+            for _, db in self._connections:
+                _close_quietly(db)
             self._connections.clear()
         self._local = threading.local()
 
@@ -1399,6 +1409,13 @@ class Store:
                 [id],
             )
             return self.get_round(id)
+
+    def withdraw_round_cancel(self, id: int) -> None:
+        """Take back a cancel request that could not be delivered (the process refused the signal):
+        the round goes on, and ends as it would have."""
+        with self.transaction() as db:
+            db.execute("UPDATE rounds SET cancel_requested = NULL WHERE id = ? AND status IN ('queued', 'running')",
+                       [id])
 
     def get_round(self, id: int) -> dict | None:
         return _decode(self._one("SELECT * FROM rounds WHERE id = ?", (id,)), "config", "metrics")

@@ -632,11 +632,27 @@ def test_another_users_round_job_is_alive_and_cancel_says_whose_it_is(tmp_path, 
         assert jobs.pid_alive(job.pid) is True and jobs.status(settings, rid)["status"] == "running"
         with pytest.raises(jobs.JobError, match=f"pid {job.pid}.* belongs to another user"):
             jobs.cancel_round(settings, rid, timeout=1)
-        assert jobs.status(settings, rid)["status"] == "running" and job.poll() is None
+        row = jobs.status(settings, rid)
+        assert row["status"] == "running" and job.poll() is None
+        # the refused request is taken back: the round, reaching its end, is not read as cancelled
+        assert row["cancel_requested"] is None
     finally:
         monkeypatch.undo()
         job.kill()
         job.wait()
+
+
+def test_cancelling_a_round_whose_process_already_died_keeps_its_own_end(tmp_path, monkeypatch):
+    """A job killed (the OOM killer's SIGKILL) before anyone looked: a cancel asked afterwards
+    finds it gone and records why it ended, not a cancel by request."""
+    settings = _bare_home(tmp_path)
+    rid, job = _fake_job(settings, "import time; time.sleep(60)")
+    monkeypatch.setitem(jobs._CHILDREN, rid, job)
+    job.kill()
+    job.wait()
+    row = jobs.cancel_round(settings, rid, timeout=0)
+    assert row["status"] == "failed" and not row["cancel_requested"]
+    assert row["error"].startswith(f"the training process (pid {job.pid}) was killed by SIGKILL")
 
 
 _IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -55,6 +55,29 @@ def test_connection_per_thread(store, make_items):
     assert seen[0][1] == item and seen[0][0] != id(store.db)
 
 
+def test_connections_of_ended_threads_are_closed(store, make_items):
+    """A pool that retires idle threads (Gradio's handlers run on anyio's) must not leave each one's
+    connection open: 50 short-lived threads leave one connection per live thread, not 50."""
+    import sqlite3
+    import threading
+
+    [item] = make_items(1)
+    used = []
+
+    def work():
+        used.append(store.db)
+        assert store.get_item(item)["id"] == item
+
+    for _ in range(50):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert len(store._connections) <= 2  # this thread's and the last worker's
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        used[0].execute("SELECT 1")
+    assert store.get_item(item)["id"] == item  # this thread's own is untouched
+
+
 # ------------------------------------------------------------------------- images and items
 def test_add_image_idempotent_relative_path_and_objects(store, settings):
     path = settings.images_dir / "ab" / "abc.png"
