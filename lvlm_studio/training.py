@@ -1176,13 +1176,27 @@ def _save_adapter(model, out: Path, lineage: dict, curve: list, steps: int, t0: 
 
 def _write_adapter(out: Path, write_weights: Callable[[Path], Any], lineage: dict, curve: list) -> None:
     """Write an adapter (``write_weights(folder)``) with its lineage and curve to ``out`` atomically:
-    into a temporary sibling renamed when complete, so a reader sees no adapter or a whole one."""
+    into a temporary sibling renamed when complete, so a reader sees no adapter or a whole one.
+    The files and the rename reach the disk before this returns (the round is marked done after
+    it): after a power loss a done round's adapter is whole, not truncated."""
     tmp = _fresh_tmp_sibling(out)
     write_weights(tmp)
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
     (tmp / "curve.json").write_text(json.dumps(curve))
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
+    _fsync(out.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:

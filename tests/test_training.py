@@ -606,6 +606,37 @@ def test_trainer_arguments_let_a_nan_loss_reach_the_log(tmp_path):
     assert built.logging_nan_inf_filter is False and built.gradient_checkpointing is True
 
 
+def test_an_adapter_reaches_the_disk_before_its_folder_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file of the adapter is fsynced before the rename, and the folder holding it after:
+    the round is marked done only once both are on the disk."""
+    from lvlm_studio import training
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    def weights(folder: Path):  # as PEFT's save_pretrained: the folder is made by the writer
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"w")
+        (folder / "adapter_config.json").write_text("{}")
+
+    monkeypatch.setattr(training.os, "fsync", fsync)
+    monkeypatch.setattr(training.os, "replace", replace)
+    out = tmp_path / "adapters" / "round-1"
+    training._write_adapter(out, weights, {"round": 1}, [])
+    assert events[-2:] == ["rename", "fsync adapters"]
+    assert sorted(events[:-2]) == ["fsync adapter_config.json", "fsync adapter_model.safetensors", "fsync curve.json",
+                                   "fsync lineage.json"]
+    assert json.loads((out / "lineage.json").read_text()) == {"round": 1}
+
+
 def test_a_merged_model_saved_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch):
     """The other process's save lands between the check and the move: the move fails (a folder that
     is not empty) and this save is dropped, not raised as an error nor left behind."""
