@@ -967,11 +967,37 @@ def train_cmd(
                   "pid": row.get("pid"), "pairs": n_material, "log": row.get("log_path")}
         emit(result, as_json, f"started round {round_id} (parent {row.get('parent_id')}, {counted(n_material, 'pair')}) as a "
                               f"background job, pid {row.get('pid')}; log {row.get('log_path')}\n"
-                              f"follow it: lvlm-studio rounds; stop it: lvlm-studio cancel {round_id}")
+                              f"follow it: lvlm-studio wait {round_id}; stop it: lvlm-studio cancel {round_id}")
         return
     if not as_json:
         typer.echo(f"started round {round_id} (parent {row.get('parent_id')}, {counted(n_material, 'pair')}); following it "
                    f"(Ctrl-C stops following, not the round)")
+    report_round(round_id, timeout, as_json)
+
+
+@cli_command
+def wait_cmd(
+    round_id: Annotated[int, typer.Argument(metavar="ROUND", help="The round to follow.", min=0, max=MAX_ID)],
+    timeout: Annotated[float | None, typer.Option(help="Give up following after this many seconds.", min=0)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Follow a round until it ends and print its metrics, as train --wait does (a round started
+    earlier, after Ctrl-C or from another shell; one that has ended is reported at once)."""
+    from lvlm_studio import jobs
+
+    s = existing_settings()
+    try:
+        row = jobs.status(s, round_id)
+    except jobs.JobError as exc:
+        raise CLIError(f"{exc} (see lvlm-studio rounds)") from None
+    if not as_json and row["status"] in jobs.ACTIVE:
+        typer.echo(f"following round {round_id} ({row['status']}; Ctrl-C stops following, not the round)")
+    report_round(round_id, timeout, as_json)
+
+
+def report_round(round_id: int, timeout: float | None, as_json: bool) -> None:
+    """Follow a round (``follow_round``) and print how it ended: its steps, pairs, loss and
+    evaluation when done; the reason, with a failing exit code, when not."""
     try:
         row = follow_round(round_id, timeout)
     except StoppedFollowing as exc:  # the round goes on: say which one, in JSON too
@@ -1030,11 +1056,11 @@ def follow_round(round_id: int, timeout: float | None = None, poll: float = 0.5)
             if deadline is not None and time.monotonic() > deadline:
                 raise StoppedFollowing(
                     f"round {round_id} is still {row['status']} after {timeout:g} s; it keeps running in the "
-                    f"background (lvlm-studio rounds / lvlm-studio cancel {round_id})", row)
+                    f"background (lvlm-studio wait {round_id} / lvlm-studio cancel {round_id})", row)
             time.sleep(poll)
     except KeyboardInterrupt:
-        raise StoppedFollowing(f"stopped following; round {round_id} keeps running (lvlm-studio cancel {round_id} "
-                               "stops it)", row, code=130) from None
+        raise StoppedFollowing(f"stopped following; round {round_id} keeps running (lvlm-studio wait {round_id} "
+                               f"follows it again, lvlm-studio cancel {round_id} stops it)", row, code=130) from None
     finally:
         bar.close()
 
@@ -1244,6 +1270,7 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("cancel")(cancel_cmd)
     app.command("rounds")(rounds_cmd)
+    app.command("wait")(wait_cmd)
     app.command("compare")(compare_cmd)
     app.command("eval")(eval_cmd)
     app.command("serve")(serve_cmd)

@@ -524,6 +524,41 @@ def test_train_wait_says_how_many_pairs_balancing_left_out(env, monkeypatch):
     assert ", 1 pair); following it" in text, text  # not '1 pairs'
 
 
+def test_wait_follows_a_round_started_earlier(env, monkeypatch):
+    """`lvlm-studio wait N` follows a round that `train` started without --wait (or after Ctrl-C),
+    then reports it as `train --wait` does; an ended round is reported at once, a failed one exits 1
+    with its reason, an unknown one is refused."""
+    from lvlm_studio.service import Studio
+
+    seed(train=2, test=1)
+    ok_json("generate", "--method", "povid", "--param", "make_image_rejected=false")
+    monkeypatch.setattr(Studio, "start_round", _fake_start("running")[0])
+    assert "follow it: lvlm-studio wait 1;" in run("train", "--include-auto").stdout
+    metrics = {"steps": 3, "n_pairs": 2, "train": {"loss": 0.25}, "eval": {}}
+    store = open_store(env)
+    try:
+        polls = []
+
+        def sleep(seconds):  # the round finishes while `wait` follows it
+            polls.append(seconds)
+            store.update_round(1, status="done", metrics=metrics)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        text = run("wait", "1").stdout
+        assert polls and "following round 1 (running;" in text
+        assert "round 1 done" in text and "3 steps on 2 pairs, final loss 0.2500" in text, text
+        data = ok_json("wait", "1")  # ended: reported at once
+        assert data["round"] == 1 and data["status"] == "done" and data["metrics"]["steps"] == 3
+        store.update_round(1, status="failed", error="out of memory")
+        fails("wait", "1", message="round 1 failed: out of memory", code=1, json_too=False)
+        result = run("wait", "1", "--json")
+        data = json.loads(result.stdout)
+        assert result.exit_code == 1 and data["ok"] is False and data["status"] == "failed"
+    finally:
+        store.close()
+    fails("wait", "99", message="round 99 does not exist")
+
+
 def test_train_options_reach_start_round(env, monkeypatch):
     """--from-round, --methods (spaces allowed), --include-auto, -c and --user reach
     Studio.start_round as given; --json reports the new round (no job is started here)."""
@@ -591,13 +626,15 @@ def test_train_wait_timeout_stops_following(env, monkeypatch):
     monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
     result = run("train", "--include-auto", "--wait")
     assert result.exit_code == 130, result.output
-    assert "stopped following; round 3 keeps running (lvlm-studio cancel 3 stops it)" in result.stderr
+    assert ("stopped following; round 3 keeps running (lvlm-studio wait 3 follows it again, lvlm-studio cancel 3 "
+            "stops it)") in " ".join(result.stderr.split())
     assert open_store(env).get_round(3)["status"] == "running"
     result = run("train", "--include-auto", "--wait", "--json")
     data = json.loads(result.stdout)  # JSON even when interrupted
     assert result.exit_code == 130 and data == {"ok": False, "round": 4, "status": "running",
                                                 "error": "stopped following; round 4 keeps running "
-                                                         "(lvlm-studio cancel 4 stops it)"}
+                                                         "(lvlm-studio wait 4 follows it again, lvlm-studio cancel "
+                                                         "4 stops it)"}
 
 
 def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
