@@ -609,8 +609,9 @@ class Studio:
         runner(model, round_id, todo, dict(params or {}), seed, report, progress)
         report["seconds"] = round_(time.perf_counter() - t0)
         if report["no_pair"]:
-            report["note"] = (f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
-                              "done, so the next run tries them again: another seed or other parameters may pair them")
+            report["note"] = (report["note"] + "; " if report.get("note") else "") + (
+                f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
+                "done, so the next run tries them again: another seed or other parameters may pair them")
         return report
 
     def _prov(self, method: str, model: str, round_id: int, params: dict, seed: int) -> dict:
@@ -728,12 +729,15 @@ class Studio:
         report["no_pair"] += len(items) - len(usable)
         backend = self.backend(model, round_id) if config.make_image_rejected else None
         vocabularies: dict[str | None, Any] = {}  # None: the world's; else a dataset's, built once
+        sources: dict[str, str] = {}  # dataset -> where its co-occurrence came from
 
         def vocabulary(it: dict) -> Any:
             key = None if self._is_world(it) else (it.get("dataset") or "default")
             if key not in vocabularies:
-                vocabularies[key] = (self._world_vocabulary(povid) if key is None
-                                     else self._dataset_vocabulary(povid, key))
+                if key is None:
+                    vocabularies[key] = self._world_vocabulary(povid)
+                else:
+                    vocabularies[key], sources[key] = self._dataset_vocabulary(povid, key)
             return vocabularies[key]
 
         step = max(1, config.batch_size)
@@ -753,18 +757,41 @@ class Studio:
             if progress:
                 k = min(lo + step, len(usable))
                 progress(k, len(usable), f"POVID: {k}/{len(usable)} items")
+        if "object" in config.categories:
+            report["povid_cooccurrence"] = dict(sorted(sources.items()))
+            if uniform := [d for d, source in sorted(sources.items()) if source == "none"]:
+                report["note"] = (f"POVID drew injected objects uniformly for dataset(s) {', '.join(uniform)}: no "
+                                  "annotated image and no reference names two COCO objects, so there is no "
+                                  "co-occurrence to pick a plausible absent object from (import object "
+                                  "annotations, e.g. COCO instances, for the paper's co-occurring objects)")
 
-    def _dataset_vocabulary(self, povid: Any, dataset: str) -> Any:
-        """POVID's vocabulary for an imported dataset: the default (COCO) words plus the dataset's
-        own objects, with co-occurrence counted over its annotated images, so an injected object is
-        one that co-occurs with the answer's objects (the paper's "co-occurring absent objects")
-        rather than a uniform draw. None when no image of the dataset is annotated."""
+    def _dataset_vocabulary(self, povid: Any, dataset: str) -> tuple[Any, str]:
+        """POVID's vocabulary for an imported dataset and where its co-occurrence comes from: the
+        default (COCO) words plus the dataset's own objects, with co-occurrence counted over its
+        annotated images ("annotations"), so an injected object is one that co-occurs with the
+        answer's objects (the paper's "co-occurring absent objects") rather than a uniform draw.
+        A dataset without annotations counts the COCO objects its references name together
+        ("references": a caption names fewer objects than an image holds, but the pairs it names
+        are real co-occurrences). (None, "none") when neither gives a pair of objects: the
+        injector then draws an absent object uniformly, and the run's report says so."""
+        from lvlm_studio.evaluation import get_extractor
+
+        items = self.store.list_items(dataset=dataset)
         per_image = {it["image_id"]: set(map(str, it["objects"]))  # once per image, not per prompt
-                     for it in self.store.list_items(dataset=dataset) if it.get("objects")}
+                     for it in items if it.get("objects")}
+        source = "annotations"
+        if not per_image:
+            coco = get_extractor("coco")
+            for it in items:
+                if named := set(coco.extract(it.get("reference") or "")):
+                    per_image.setdefault(it["image_id"], set()).update(named)
+            source = "references"
         sets = list(per_image.values())
-        if not sets:
-            return None
-        return povid.Vocabulary.from_object_sets(sets, objects=sorted(set(povid.COCO_OBJECTS).union(*sets)))
+        paired = any(len(objects) > 1 for objects in sets)
+        if not paired and source == "references":
+            return None, "none"
+        vocab = povid.Vocabulary.from_object_sets(sets, objects=sorted(set(povid.COCO_OBJECTS).union(*sets)))
+        return vocab, source if paired else "none"
 
     @staticmethod
     def _world_vocabulary(povid: Any) -> Any:

@@ -143,7 +143,8 @@ class DPORoundConfig:
     logging_steps: int = 1
     seed: int = 0
     # DPO + SFT on the chosen answer (TRL's token-mean SFT term, see module docstring), as STIC
-    # trains (reference weight 1 on sum/1024). Default 1 for every method: DPO alone lowers the
+    # trains, though STIC's weight 1 is on sum/1024, a weaker pull (sft_normalization). Default 1
+    # for every method: DPO alone lowers the
     # chosen answer's likelihood too (demo, yes/no pairs: agreement with the training labels fell
     # 0.60 -> 0.54 and some answers came out empty); with it, oracle pairs kept recall (docs/EXPERIMENTS.md). 0 = the
     # CSR/POVID papers' pure DPO. A pair whose method marked its chosen answer unfit to imitate
@@ -153,8 +154,8 @@ class DPORoundConfig:
     # How the SFT term is normalised. "token_mean" (default): TRL's, the mean token NLL of the
     # batch's chosen answers, length-independent, so one weight fits short demo answers and long
     # COCO descriptions. "sum_1024": STIC's reference code, each chosen answer's summed NLL / 1024,
-    # averaged over the batch (a 300-token description then pulls ~3x as hard as under token_mean
-    # at the same weight, a 50-token answer ~20x less).
+    # averaged over the batch: T/1024 of token_mean's pull at the same weight for a T-token answer
+    # (a 300-token description ~3.4x less, a 50-token answer ~20x less).
     sft_normalization: str = "token_mean"
     # POVID's two-term loss (the paper's 0.5·DPO(text-hallucinated) + 0.5·DPO(noisy-image)):
     # each term's pairs weigh half of the POVID loss (povid_row_weights; module docstring). POVID's

@@ -524,6 +524,38 @@ def test_povid_on_an_imported_dataset_injects_objects_that_co_occur_there(studio
     assert rep["pairs"] == 1
     [pair] = studio.store.training_pairs(include_auto=True, methods=["povid"])
     assert "frisbee" in pair["rejected"] and pair["chosen"] == "A dog sits on the grass."
+    assert rep["povid_cooccurrence"] == {"pets": "annotations"} and "uniformly" not in (rep.get("note") or "")
+
+
+def test_povid_without_annotations_learns_co_occurrence_from_the_references_or_says_it_draws_uniformly(
+        studio, tmp_path):
+    """A dataset with captions but no object annotations: the COCO objects its references name
+    together are its co-occurrence (dogs are captioned with frisbees), so the injected object is a
+    frisbee, not a uniform draw from 80 names. Where no reference names two objects the draw is
+    uniform, and the report says so rather than pass it off as the paper's co-occurring objects."""
+    import json
+
+    from conftest import write_image
+
+    def dataset(name: str, captions: list[str]) -> list[int]:
+        rows = []
+        for k, caption in enumerate(captions):
+            write_image(tmp_path / name / f"{k}.png", seed=80 + k + 10 * len(name))
+            rows.append({"image": f"{k}.png", "prompt": "Describe the image.", "reference": caption})
+        (tmp_path / name / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        studio.import_path(tmp_path / name / "set.jsonl", dataset=name)
+        return [it["id"] for it in studio.store.list_items(dataset=name)]
+
+    params = {"make_image_rejected": False, "categories": ("object",), "n_injections": 1}
+    pets = dataset("pets", ["A dog catches a frisbee."] * 5 + ["A dog sits on the grass."])
+    rep = studio.generate("povid", item_ids=pets[-1:], seed=3, params=params)
+    assert rep["pairs"] == 1 and rep["povid_cooccurrence"] == {"pets": "references"}
+    [pair] = studio.store.training_pairs(include_auto=True, methods=["povid"])
+    assert "frisbee" in pair["rejected"]
+    lone = dataset("lone", ["A dog sits on the grass.", "A cat sleeps."])
+    rep = studio.generate("povid", item_ids=lone[:1], seed=3, params=params)
+    assert rep["pairs"] == 1 and rep["povid_cooccurrence"] == {"lone": "none"}
+    assert "POVID drew injected objects uniformly for dataset(s) lone" in rep["note"]
 
 
 # Tests from a mutation audit of the store, service, io and training helpers: each fails on a
