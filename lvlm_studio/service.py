@@ -662,7 +662,7 @@ class Studio:
         step = max(1, config.item_batch)
         for lo in range(0, len(items), step):
             chunk = items[lo:lo + step]
-            inputs = [(self._open_image(it), it["prompt"], it["image_id"]) for it in chunk]
+            inputs = [(self._open_image(it), it["prompt"], it["image_id"], item_seed(seed, it)) for it in chunk]
             results = run_csr(backend, scorer, inputs, config)
             for it, res in zip(chunk, results, strict=True):
                 if not res.has_pair:
@@ -1418,7 +1418,8 @@ def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
 
 
 def item_seed(seed: int, item: dict) -> int:
-    """An item's own draw seed in a run (STIC's rejection draw, POVID's injection and noise): the
+    """An item's own draw seed in a run (STIC's rejection draw, POVID's injection and noise, CSR's
+    sampled expansion): the
     methods counted items from 0 in each chunk of 8, so every 8th item drew the same, and a resumed
     run drew differently; keyed by the item's id, a draw is the item's whatever run it falls in."""
     return seed * 1_000_003 + int(item["id"])

@@ -302,6 +302,29 @@ def test_several_items_are_searched_together():
     assert results[0].candidates[results[0].chosen].text == results[1].candidates[results[1].chosen].text
 
 
+def test_a_sampled_search_seeds_by_the_item_seed_not_by_its_place_in_the_call():
+    """The service calls run_csr once per chunk of items: seeded by position, items k and k+8
+    sampled alike and a resumed run drew differently. Given an item seed, an item's sampling seeds
+    are its own wherever it falls; without one, its position's (library callers)."""
+    cfg = CSRConfig(expansion="sample", temperature=1.0, item_batch=2)
+
+    def seeds(items) -> dict[str, list[int]]:
+        backend = TableBackend(TABLE)
+        run_csr(backend, TableScorer(CLIP), items, cfg)
+        out: dict[str, list[int]] = {}
+        for prompt, _, _, params in backend.extend_calls:
+            out.setdefault(prompt, []).append(params.seed)
+        return out
+
+    alone = seeds([(IMG, "x", "a", 42)])
+    second = seeds([(IMG, "y", "b", 7), (IMG, "x", "a", 42)])
+    assert alone["x"] == second["x"] and second["y"] != second["x"]
+    by_place = seeds([(IMG, "x", "a"), (IMG, "y", "b")])
+    assert by_place["x"] != by_place["y"] and by_place["x"] == seeds([(IMG, "x", "a")])["x"]
+    with pytest.raises(ValueError, match="expected \\(image, prompt"):
+        run_csr(TableBackend(TABLE), TableScorer(CLIP), [(IMG, "x", "a", 1, "extra")], cfg)
+
+
 @pytest.mark.parametrize("backend_cls", [TableBackend, TextReplayBackend])
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 def test_reference_path_agrees_with_fast_path(backend_cls, mode):

@@ -343,8 +343,10 @@ class _ItemSearch:
     """The search state of one item; the expansion and the CLIP call are injected so that the fast
     and the reference path share every score, filter and pruning decision."""
 
-    def __init__(self, index: int, image: Image.Image, prompt: str, image_key: str, config: CSRConfig):
+    def __init__(self, index: int, image: Image.Image, prompt: str, image_key: str, config: CSRConfig,
+                 item_seed: int | None = None):
         self.index = index
+        self.item_seed = item_seed
         self.image = image
         self.prompt = prompt
         self.image_key = image_key
@@ -359,6 +361,11 @@ class _ItemSearch:
         return bool(self.live)
 
     def seed(self) -> int:
+        """Sampling's seed at this depth: from the item's own seed when the caller gave one (the
+        service keys it by item id, so chunking or resuming a run does not change an item's
+        draws), else from the run's seed and the item's position in this call."""
+        if self.item_seed is not None:
+            return (self.item_seed * 1009 + self.depth) % 2**63  # torch's and vLLM's seed range
         return self.config.seed * 1_000_003 + self.index * 1009 + self.depth
 
     def absorb(
@@ -505,17 +512,17 @@ class _ItemSearch:
         return CSRResult(self.prompt, self.image_key, candidates, chosen, rejected, margin, self.stats)
 
 
-def _items(items: SeqType) -> list[tuple[Image.Image, str, str]]:
+def _items(items: SeqType) -> list[tuple[Image.Image, str, str, int | None]]:
+    """Items as (image, prompt, image_key, item_seed): an item is (image, prompt), (image, prompt,
+    key) or (image, prompt, key, seed); a missing key is the image's content hash."""
     out = []
     for i, item in enumerate(items):
-        if len(item) == 2:
-            image, prompt = item
-            key = None
-        else:
-            image, prompt, key = item
+        if not 2 <= len(item) <= 4:
+            raise ValueError(f"item {i}: expected (image, prompt[, key[, seed]]), got {len(item)} values")
+        image, prompt, key, seed = (*item, None, None)[:4]
         if not isinstance(image, Image.Image):
             raise TypeError(f"item {i}: expected a PIL image, got {type(image).__name__}")
-        out.append((image, prompt, key or image_key_of(image)))
+        out.append((image, prompt, key or image_key_of(image), seed))
     return out
 
 
@@ -564,7 +571,8 @@ def run_csr(
     config: CSRConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> list[CSRResult]:
-    """Sentence-level beam search for each ``(image, prompt, image_key)`` item (key may be None).
+    """Sentence-level beam search for each ``(image, prompt, image_key[, item_seed])`` item (key may
+    be None; ``item_seed``, when given, seeds the item's sampling instead of its position here).
 
     Up to ``config.item_batch`` items are searched together, depth by depth: per item one
     ``open_prefix``; per depth the live nodes of all items are continued together when the backend
@@ -580,12 +588,13 @@ def run_csr(
     # Greedy (diverse-beam) expansion is deterministic, so the live nodes of every item can share one
     # decode loop (a small model's per-step cost is mostly fixed overhead, paid once per depth
     # instead of once per item). Sampling keeps one call per item: its seed is per item and depth,
-    # so an item's search does not depend on which items were batched with it.
+    # so an item's search does not depend on which items were batched with it (nor, given an
+    # item seed, on where it falls in the run).
     extend_many = getattr(backend, "extend_many", None) if cfg.expansion == "diverse_beam" else None
     text_cache: dict[str, Any] = {}
     for lo in range(0, len(prepared), max(cfg.item_batch, 1)):
         chunk = prepared[lo: lo + max(cfg.item_batch, 1)]
-        searches = [_ItemSearch(lo + j, img, prompt, key, cfg) for j, (img, prompt, key) in enumerate(chunk)]
+        searches = [_ItemSearch(lo + j, img, prompt, key, cfg, seed) for j, (img, prompt, key, seed) in enumerate(chunk)]
         t0 = time.perf_counter()
         prefixes = [backend.open_prefix(s.image, s.prompt) for s in searches]
         while any(s.active for s in searches):
@@ -663,8 +672,8 @@ def run_csr_reference(
     CLIP called once per sentence with ``image_key=None`` (no image-embedding cache)."""
     cfg = config or CSRConfig()
     results: list[CSRResult] = []
-    for index, (image, prompt, key) in enumerate(_items(items)):
-        search = _ItemSearch(index, image, prompt, key, cfg)
+    for index, (image, prompt, key, seed) in enumerate(_items(items)):
+        search = _ItemSearch(index, image, prompt, key, cfg, seed)
         t0 = time.perf_counter()
         while search.active:
             params = cfg.generation_params(search.seed())
