@@ -408,6 +408,10 @@ def test_a_chosen_answer_is_fit_to_imitate_only_when_every_sentence_clears_the_b
     assert fit_for_sft(good, bar) is True and fit_for_sft(one_low, bar) is False
     assert fit_for_sft(answer(33.0), bar) is True  # at the bar counts
     assert fit_for_sft(good, CSRConfig()) is None and fit_for_sft(answer(), bar) is None  # no bar / no rewards
+    # an answer cut at a cap would teach stopping mid-answer: never imitated, bar or no bar
+    for cap in ("max_sentences", "max_tokens"):
+        cut = CSRCandidate("x", [], [{"text": "s.", "reward": 40.0}], 0.0, 0.0, cap)
+        assert fit_for_sft(cut, bar) is False and fit_for_sft(cut, CSRConfig()) is False
 
 
 # Tests from a mutation audit: each fails on a mutant the suite above let through.

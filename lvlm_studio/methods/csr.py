@@ -95,8 +95,15 @@ class CSRConfig:
     # has no depth cap; we cap sentences (depth) and answer tokens, so a model that never ends an
     # answer cannot grow the tree without bound. 8 sentences: twice the demo's longest caption (4
     # objects, one sentence each); 512 tokens: more than the reference's 1024 characters (~250 LLaMA tokens).
+    # An answer cut at a cap is still a candidate (DPO may prefer or reject it) but, as a chosen
+    # side, gets no SFT term (fit_for_sft); its finish_reason is stored with the candidate.
     max_sentences: int = 8
     max_answer_tokens: int = 512
+    # "reference": the reference's rewards (α·CLIP rank + (1−α)·text rank among siblings). Its text
+    # score is the sentence's mean log-prob; the reference's is HF's group-beam score, which also
+    # carries the diversity penalty (3.0 per token a later group shares with an earlier one), so
+    # sibling ranks and pruning can differ. The reference's pair selection needs, with it,
+    # answer_score="reference_mean" and stop_rule="any" (pruning still differs as noted below).
     reward_mode: Literal["paper", "reference"] = "paper"
     lam: float = 0.9  # paper λ on the image reward (ablation 0.1/0.5/0.9 -> CHAIR_S 40.8/28.2/21.0)
     clip_alpha: float = 0.9  # reference α on the CLIP rank (construct.py --clip_alpha 0.9)
@@ -705,8 +712,12 @@ def min_sentence_reward(candidate: CSRCandidate) -> float | None:
 
 
 def fit_for_sft(candidate: CSRCandidate, config: CSRConfig) -> bool | None:
-    """Whether a chosen answer may be imitated by a DPO round's SFT term: every sentence's reward
-    at least ``config.sft_min_reward`` (None when that is unset or there are no rewards)."""
+    """Whether a chosen answer may be imitated by a DPO round's SFT term: False for an answer cut
+    at a cap (``max_sentences``, ``max_answer_tokens``: a round trains it ending with the model's
+    stop token, so the term would teach stopping mid-answer); else every sentence's reward at least
+    ``config.sft_min_reward`` (None when that is unset or there are no rewards)."""
+    if candidate.finish_reason not in (None, "eos"):
+        return False
     low = min_sentence_reward(candidate)
     if config.sft_min_reward is None or low is None:
         return None
