@@ -20,7 +20,9 @@ Every record is validated on its own: a bad one is reported (file + reason) and 
 land. A record's image row, item and pairs are written in one transaction, and an image file
 written for a record that then fails to land is removed again. Paths inside import files are
 resolved against the import root; absolute paths, URLs and ``..`` escapes (symlinks included)
-are refused.
+are refused. A prompt, an answer, a reference or a caption is at most ``TEXT_MAX_CHARS`` characters
+and never holds the image placeholder ``<image>`` (the exports add their own); a method, dataset,
+split or object name is at most ``NAME_MAX_CHARS``: a record over a limit is refused alone.
 
 Exports (only pairs with a human effective label, unless ``include_auto``; 'reject_both' never):
   * ``trl``: ``Dataset.save_to_disk`` with ``images`` (list of one image), conversational
@@ -65,6 +67,16 @@ LLAVA_FILE = "llava_dpo.json"
 LLAMAFACTORY_FILE = "lvlm_studio_dpo.json"
 LLAMAFACTORY_NAME = "lvlm_studio_dpo"
 META_KEY = "lvlm_studio"  # provenance block inside exported JSON records
+# Imported texts are bounded as the app bounds an edited answer (service.EDIT_MAX_CHARS; service
+# imports this module, so the number is repeated here and a test keeps the two equal): a 20-million
+# character prompt bloated the database and made the Review page tens of megabytes. A prompt, an
+# answer, a reference or a caption over it refuses its record. Names (method, dataset, split, an
+# object) are shorter; a reviewer name is at most REVIEWER_MAX_CHARS (64), as in the app.
+TEXT_MAX_CHARS = 20_000
+NAME_MAX_CHARS = 200
+# A .txt caption beside an image is read no further than TEXT_MAX_CHARS characters can take in
+# UTF-8 (4 bytes each at most, plus a byte order mark): a larger file is refused unread.
+CAPTION_FILE_MAX_BYTES = 4 * TEXT_MAX_CHARS + 3
 
 
 class DataImportError(ValueError):
@@ -145,6 +157,17 @@ class _Record:
                 raise ValueError(f"'{name}' must be text, not {type(getattr(self, name)).__name__}")
         if self.reference is not None and not isinstance(self.reference, str):
             raise ValueError(f"'reference' must be text, not {type(self.reference).__name__}")
+        # The prompt and the reference reach the exports (POVID takes a reference as its chosen
+        # answer), and object names the answers POVID writes: each is bounded and free of the
+        # image placeholder, whichever reader (and field: item_prompt, a caption) it came from.
+        check_text(self.prompt, "the prompt")
+        if self.reference is not None:
+            check_text(self.reference, "the reference")
+        for name in ("dataset", "split"):
+            check_name(getattr(self, name), f"'{name}'")
+        for obj in self.objects or ():
+            check_name(obj, "an object name")
+            refuse_image_token(obj, f"the object name {obj[:40]!r}")
         _check_meta(self.meta, "item meta")
 
 
@@ -238,6 +261,31 @@ def refuse_image_token(text: str | None, what: str) -> None:
                          "would read as a second image; remove it")
 
 
+def check_text(text: str, what: str, limit: int = TEXT_MAX_CHARS) -> None:
+    """Refuse an imported prompt, answer or reference longer than ``limit`` characters or holding
+    the image placeholder (:func:`refuse_image_token`)."""
+    if len(text) > limit:
+        raise ValueError(f"{what} is {len(text):,} characters long, over the limit of {limit:,} "
+                         "for an imported text; shorten it")
+    refuse_image_token(text, what)
+
+
+def check_name(name: str, what: str, limit: int = NAME_MAX_CHARS) -> None:
+    """Refuse an imported name (a method, a dataset, a split, an object) over ``limit`` characters."""
+    if len(name) > limit:
+        raise ValueError(f"{what} is {len(name):,} characters long, over the limit of {limit} for a name "
+                         f"(it begins {name[:40]!r})")
+
+
+def safe_name(name: str) -> str:
+    """A file name as text that can be stored and shown: bytes that are not UTF-8 (which Python
+    carries as lone surrogates, ``caf\\udce9.png``, and SQLite and JSON refuse) as ``\\xe9``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _strip_image_token(text: str) -> str:
     if text.startswith("<image>\n"):
         return text[len("<image>\n") :]
@@ -250,12 +298,18 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            part.get("text") or ""
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    raise ValueError(f"unexpected message content {type(content).__name__}")
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                text = part.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"a message's text part must hold text, not {type(text).__name__} "
+                                     f"({repr(text)[:40]})")
+                texts.append(text or "")
+        return "".join(texts)
+    if content is None:
+        raise ValueError("a message has no 'content' (nor 'value')")
+    raise ValueError(f"a message's content is text or a list of parts, not {type(content).__name__}")
 
 
 def _prompt_text(value: Any, *, single_turn: bool = True) -> str:
@@ -361,8 +415,8 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
     chosen_text, rejected_text = _answer_text(chosen), _answer_text(rejected)
     if not chosen_text.strip() or not rejected_text.strip():
         raise ValueError("chosen and rejected answers must not be empty")
-    refuse_image_token(chosen_text, "the chosen answer")
-    refuse_image_token(rejected_text, "the rejected answer")
+    check_text(chosen_text, "the chosen answer")
+    check_text(rejected_text, "the rejected answer")
     if chosen_text == rejected_text:
         raise ValueError("chosen and rejected answers are identical")
     meta = _meta_json(info.get("meta"), "meta")
@@ -370,14 +424,17 @@ def _pair_from(chosen: Any, rejected: Any, info: dict, method: str | None) -> di
     pair_method = info.get("method") or method or DEFAULT_METHOD
     if not isinstance(pair_method, str):
         raise ValueError(f"'method' must be text, not {type(pair_method).__name__}")
+    check_name(pair_method, "'method'")
     # An export's pair that a person accepted, swapped or edited carries its effective texts and
     # its status: it lands reviewed (an "accept" of those texts), not as an automatic label again.
     status, reviewer = info.get("status"), info.get("reviewer")
+    if reviewer is not None and not isinstance(reviewer, str):  # a name, not a number or an object made text
+        raise ValueError(f"'reviewer' must be a name (text), not {type(reviewer).__name__}")
     reviewed_by = None
     if status in REVIEWED_STATUSES:
         reviewed_by = IMPORT_REVIEWER
-        if reviewer is not None and str(reviewer).strip():
-            reviewed_by = str(reviewer).strip()
+        if reviewer is not None and reviewer.strip():
+            reviewed_by = reviewer.strip()
             # a name the app would accept (service._reviewer), and printable
             if len(reviewed_by) > REVIEWER_MAX_CHARS or any(not ch.isprintable() for ch in reviewed_by):
                 raise ValueError(f"'reviewer' must be a name of at most {REVIEWER_MAX_CHARS} printable "
@@ -571,7 +628,7 @@ def _read_folder(
 ) -> Iterator[_Record | _Bad]:
     base = root.resolve()
     for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
+        rel = safe_name(path.relative_to(root).as_posix())  # a name that is not UTF-8 is stored escaped
         if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -588,15 +645,36 @@ def _read_folder(
         reference = None
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():  # False for a link loop
+            sidecar_name = safe_name(sidecar.relative_to(root).as_posix())
             if not sidecar.resolve().is_relative_to(base):  # a link must not read files from elsewhere
-                yield _Bad(sidecar.relative_to(root).as_posix(), "caption file points outside the import folder")
+                yield _Bad(sidecar_name, "caption file points outside the import folder")
                 continue
             try:
-                reference = sidecar.read_text(encoding="utf-8-sig").strip() or None
+                reference = _read_caption(sidecar)
             except (OSError, UnicodeDecodeError) as exc:
-                yield _Bad(sidecar.relative_to(root).as_posix(), f"caption file unreadable ({exc})")
+                yield _Bad(sidecar_name, f"caption file unreadable ({exc})")
                 continue
-        yield _Record(rel, path, rel, prompt, reference, None, dataset, split, {"file": rel})
+            except ValueError as exc:  # over the limit
+                yield _Bad(sidecar_name, str(exc))
+                continue
+        try:
+            yield _Record(rel, path, rel, prompt, reference, None, dataset, split, {"file": rel})
+        except ValueError as exc:  # a caption over the limit or holding the image placeholder
+            yield _Bad(rel, str(exc))
+
+
+def _read_caption(path: Path) -> str | None:
+    """A .txt caption's text (None when blank), read no further than CAPTION_FILE_MAX_BYTES: a
+    larger file is refused before it is read into memory."""
+    with path.open("rb") as fh:
+        raw = fh.read(CAPTION_FILE_MAX_BYTES + 1)
+    if len(raw) > CAPTION_FILE_MAX_BYTES:
+        raise ValueError(f"the caption file is {path.stat().st_size:,} bytes, more than {TEXT_MAX_CHARS:,} "
+                         "characters can take (the limit for an imported text); shorten it")
+    text = raw.decode("utf-8-sig").strip()
+    if len(text) > TEXT_MAX_CHARS:
+        check_text(text, "the caption")
+    return text or None
 
 
 def _coco_value(entry: Any, key: str, kind: type) -> Any:
@@ -721,6 +799,9 @@ def _read_coco(
             continue
         captions_here = refs.get(image_id, [])
         try:
+            for number, caption in enumerate(captions_here, start=1):  # all of them are stored (item meta)
+                if len(caption) > TEXT_MAX_CHARS:
+                    check_text(caption, f"caption {number}")
             yield _Record(
                 label,
                 safe_join(images_dir, im.get("file_name")),
@@ -853,7 +934,9 @@ def _read_conversation_json(path: Path, images_root: Path, dataset: str | None, 
                 meta=_meta_json(info.get("item_meta"), "item_meta"),
                 pairs=pairs,
             )
-        except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
+        except KeyError as exc:
+            yield _Bad(label, f"missing field {exc}")
+        except (ValueError, UnsafePathError, TypeError, AttributeError) as exc:
             yield _Bad(label, str(exc))
 
 
@@ -914,6 +997,10 @@ def _read_llamafactory(path: Path, images_root: Path, dataset: str | None, split
             images = [images]
         if not isinstance(images, list) or len(images) != 1:
             raise ValueError(f"expected exactly one image, found {len(images) if isinstance(images, list) else images!r}")
+        missing = [repr(side) for side in ("chosen", "rejected") if row.get(side) is None]
+        if missing:
+            raise ValueError(f"a LLaMA-Factory ranking record needs 'chosen' and 'rejected'; "
+                             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
         return images[0], _prompt_text(row["conversations"]), info.get("reference"), [
             _pair_from(row["chosen"], row["rejected"], info, method)]
 
@@ -953,6 +1040,11 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
     except (OSError, ValueError, FileNotFoundError) as exc:
         yield _Bad(path.name, f"not a dataset saved with save_to_disk ({exc})")
         return
+    except (TypeError, KeyError, AttributeError, IndexError) as exc:  # datasets reads its JSON unchecked
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        yield _Bad(path.name, "not a dataset saved with save_to_disk (its state.json or dataset_dict.json "
+                              f"is malformed: {detail})")
+        return
     parts = list(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     for part_name, ds in parts:
         image_column = (
@@ -989,7 +1081,9 @@ def _read_hf(path: Path, dataset: str | None, split: str | None, prompt: str, me
                     meta=_meta_json(row.get("item_meta"), "item_meta"),
                     pairs=pairs,
                 )
-            except (ValueError, UnsafePathError, TypeError, KeyError, AttributeError) as exc:
+            except KeyError as exc:
+                yield _Bad(label, f"missing field {exc}")
+            except (ValueError, UnsafePathError, TypeError, AttributeError) as exc:
                 yield _Bad(label, str(exc))
 
 
@@ -1075,7 +1169,10 @@ def import_path(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataImportError(f"limit must be a whole number of records, 1 or more, not {limit!r}")
     try:
-        refuse_image_token(prompt, "the prompt")  # given for images without one (folders, COCO)
+        check_text(prompt, "the prompt")  # given for images without one (folders, COCO)
+        for name, value in (("dataset", dataset), ("split", split), ("method", method)):
+            if isinstance(value, str):
+                check_name(value, f"the {name} name")
     except ValueError as exc:
         raise DataImportError(str(exc)) from None
     fmt = detect_format(path) if format == "auto" else format
@@ -1209,7 +1306,10 @@ def _refuse_enclosing(out: Path | str) -> Path:
 
 
 def _begin_out(out: Path, overwrite: bool) -> _Out:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():  # --overwrite would replace a file with a folder
+        raise DataExportError(f"{out} exists and is a file, not a folder: an export is a folder; "
+                              "choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataExportError(f"{out} exists and is not empty; choose another path or allow replacing it (CLI: --overwrite)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

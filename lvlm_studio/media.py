@@ -5,9 +5,11 @@ bytes), not of the file. The same picture therefore has one id whether it arrive
 JPEG, as the PNG an export embedded, or from an HF dataset; exports round-trip to the same ids.
 
 Stored file: ``images/<id[:2]>/<id>.<ext>``. A plain RGB JPEG or PNG that needs no change keeps
-its compressed pixel data byte for byte (no re-encoding loss, no size blow-up), without its
-metadata (EXIF with a GPS position or a camera serial, XMP, text chunks: they would travel into
-every export); a phone's multi-picture JPEG (MPO) keeps its first picture. Anything else (palette,
+its compressed pixel data byte for byte (no re-encoding loss, no size blow-up), and of the rest
+only what decoding and displaying the picture needs (an allow-list: see ``strip_metadata``); EXIF
+with a GPS position or a camera serial, XMP, C2PA credentials, text chunks and any other metadata
+would travel into every export, and are dropped. A phone's multi-picture JPEG (MPO) keeps its first
+picture. Anything else (palette,
 alpha, grey, 16-bit, EXIF-rotated, GIF/WebP/BMP/TIFF) is converted to RGB and stored as PNG. Alpha is composited onto white. The write is atomic (temporary file + rename), and an image
 already stored (same pixels) is not written again.
 
@@ -193,22 +195,48 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
 
 
-# JPEG segments that carry metadata, not pixels: APP1 (EXIF, with GPS position, camera serials;
-# XMP), APP13 (Photoshop / IPTC) and comments. APP2 stays when it is the ICC colour profile; an
-# APP2 "MPF" (a phone's multi-picture index) goes with the pictures it indexes.
-_JPEG_METADATA = {0xE1, 0xED, 0xFE}
-# PNG chunks that carry metadata: EXIF, text (XMP lives in iTXt), the modification time.
-_PNG_METADATA = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+# What a stored JPEG or PNG keeps besides its pixel data: an allow-list, so metadata in a segment or
+# chunk nobody listed (C2PA credentials in JPEG APP11 or PNG caBX, APP12 "Ducky", a camera maker's
+# APPn block, JPEG comments, PNG text) cannot slip through into the store and every export.
+#
+# JPEG: the frame, table and scan markers the decoder reads (SOF0-15 except the reserved JPG
+# marker 0xC8, DHT 0xC4, DAC 0xCC, DQT, DNL, DRI, DHP, EXP; SOS), restart markers, and three
+# application segments that change how the pixels decode or look: APP0 "JFIF" (its embedded
+# thumbnail dropped: an uncropped preview of the picture), APP2 "ICC_PROFILE" (colours) and APP14
+# "Adobe" (whether the components are YCbCr or RGB).
+_JPEG_KEEP = (set(range(0xC0, 0xD0)) - {0xC8}) | {0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF}
+_JPEG_KEEP_APP = {0xE0: b"JFIF\x00", 0xE2: b"ICC_PROFILE\x00", 0xEE: b"Adobe"}
+# PNG: every critical chunk (upper-case first letter: IHDR, PLTE, IDAT, IEND; a decoder must read
+# them) and the ancillary chunks that change how the picture renders: transparency (tRNS) and its
+# background (bKGD), colour and gamma (gAMA, cHRM, sRGB, iCCP, cICP and its HDR companions
+# mDCV / cLLI, under either spelling of the drafts), the significant bits (sBIT) and the pixel
+# aspect ratio (pHYs). None of them holds text.
+_PNG_KEEP = {b"tRNS", b"bKGD", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"cICP", b"mDCV", b"mDCv", b"cLLI",
+             b"cLLi", b"sBIT", b"pHYs"}
 
 
 def strip_metadata(data: bytes, fmt: str) -> bytes | None:
-    """``data`` (a JPEG, a phone's MPO, or a PNG) without its metadata, losslessly: the pixel data
-    is copied byte for byte, segments or chunks of metadata are dropped, and an MPO ends after its
-    first (primary) picture. None when the file's structure is not what the walker expects."""
+    """``data`` (a JPEG, a phone's MPO, or a PNG) reduced to what decoding and displaying it needs,
+    losslessly: the pixel data is copied byte for byte, every segment or chunk outside the
+    allow-list above is dropped, and an MPO ends after its first (primary) picture. None when the
+    file's structure is not what the walker expects."""
     try:
         return _strip_png(data) if fmt == "PNG" else _strip_jpeg(data)
     except (IndexError, ValueError):
         return None
+
+
+def _jpeg_segment_kept(marker: int, segment: bytes) -> bytes | None:
+    """The segment as stored (``segment`` is the marker, its length and its payload), or None when
+    the allow-list drops it."""
+    if marker in _JPEG_KEEP:
+        return segment
+    signature = _JPEG_KEEP_APP.get(marker)
+    if signature is None or not segment[4:].startswith(signature):
+        return None
+    if marker == 0xE0 and len(segment) > 18:  # JFIF with a thumbnail: keep its 14-byte header, 0x0 thumbnail
+        return b"\xff\xe0\x00\x10" + segment[4:16] + b"\x00\x00"
+    return segment
 
 
 def _strip_jpeg(data: bytes) -> bytes | None:
@@ -235,9 +263,9 @@ def _strip_jpeg(data: bytes) -> bytes | None:
         segment = data[pos:end]
         if len(segment) != 2 + length:
             return None
-        drop = marker in _JPEG_METADATA or (marker == 0xE2 and segment[4:8] == b"MPF\x00")
-        if not drop:
-            out += segment
+        kept = _jpeg_segment_kept(marker, segment)
+        if kept is not None:
+            out += kept
         pos = end
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
             scan = pos
@@ -261,7 +289,7 @@ def _strip_png(data: bytes) -> bytes | None:
         end = pos + 12 + length
         if len(kind) != 4 or end > len(data):
             return None
-        if kind not in _PNG_METADATA:
+        if kind[0] & 0x20 == 0 or kind in _PNG_KEEP:  # critical (bit 5 of its first letter clear), or listed
             out += data[pos:end]
         pos = end
         if kind == b"IEND":

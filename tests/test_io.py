@@ -1270,3 +1270,224 @@ def test_coco_whole_float_ids_and_empty_captions_import(store, settings, tmp_pat
     (root / "annotations" / "instances_val2017.json").unlink()
     report = io.import_path(store, settings, root)
     assert report.errors == ["captions_val2017.json: not a readable COCO captions file ('images' must be a list, not NoneType)"]
+
+
+# ============================================================================ review: guards on every imported text
+_PLACEHOLDER = "contains the image placeholder '<image>'"
+_REFUSED = f"{_PLACEHOLDER}, which the exports' training tools would read as a second image; remove it"
+
+
+def test_the_image_placeholder_is_refused_in_item_prompts_and_references_of_every_reader(store, settings, tmp_path):
+    """An item_prompt (LLaVA / LLaMA-Factory / HF) and a reference (JSONL, COCO caption, .txt
+    caption, a LLaVA-Instruct answer, an export's 'reference') reach the exports; POVID takes a
+    reference as its chosen answer, and the export then held two image tokens."""
+    import datasets
+
+    root = tmp_path / "ph2"
+    write_image(root / "a.png", seed=501)
+    write_image(root / "b.png", seed=502)
+    bad = "A bird <image> here."
+    # JSONL: a reference, an object name, a prompt that keeps a second placeholder after its leading one
+    lines = [{"image": "a.png", "prompt": "Describe.", "reference": bad},
+             {"image": "a.png", "prompt": "<image>\nWhat is <image>?"},
+             {"image": "a.png", "prompt": "Describe.", "objects": ["<image>"]},
+             {"image": "b.png", "prompt": "Describe.", "reference": "A bird."}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 1 and report.skipped == 3, report.errors
+    assert report.errors[0].startswith(f"d.jsonl line 1: the reference {_PLACEHOLDER}")
+    assert report.errors[1].startswith(f"d.jsonl line 2: the prompt {_PLACEHOLDER}")
+    assert report.errors[2].startswith("d.jsonl line 3: the object name '<image>' contains")
+    # LLaVA: an item_prompt, a reference in the info block, and a LLaVA-Instruct answer
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]
+    rejected = [turns[0], {"from": "gpt", "value": "A circle."}]
+    llava = [{"image": "a.png", "conversations": turns, "rejected_conversations": rejected,
+              "lvlm_studio": {"item_prompt": "Describe <image>."}},
+             {"image": "a.png", "conversations": turns, "rejected_conversations": rejected,
+              "lvlm_studio": {"reference": bad}},
+             {"image": "a.png", "conversations": [turns[0], {"from": "gpt", "value": bad}]}]
+    (root / "llava_dpo.json").write_text(json.dumps(llava))
+    report = io.import_path(store, settings, root / "llava_dpo.json", "llava")
+    assert report.imported == 0 and [e.split(": ", 1)[1] for e in report.errors] == [
+        f"the prompt {_REFUSED}", f"the reference {_REFUSED}", f"the reference {_REFUSED}"], report.errors
+    # LLaMA-Factory: an item_prompt
+    lf = [{"images": ["a.png"], "conversations": [{"from": "human", "value": "<image>Describe."}],
+           "chosen": {"from": "gpt", "value": "A square."}, "rejected": {"from": "gpt", "value": "A star."},
+           "lvlm_studio": {"item_prompt": "<image> Describe."}}]
+    (root / "lf.json").write_text(json.dumps(lf))
+    report = io.import_path(store, settings, root / "lf.json", "llamafactory")
+    assert report.imported == 0 and _PLACEHOLDER in report.errors[0] and "the prompt" in report.errors[0]
+    # HF: item_prompt and reference columns
+    datasets.Dataset.from_dict({"image": ["a.png", "b.png", "a.png"], "prompt": ["P1", "P2", "P3"],
+                                "item_prompt": ["<image>\nP1 <image>", None, None],
+                                "reference": [None, bad, "fine"]}).save_to_disk(str(root / "hf"))
+    write_image(root / "hf" / "a.png", seed=501)
+    write_image(root / "hf" / "b.png", seed=502)
+    report = io.import_path(store, settings, root / "hf", "hf")
+    assert report.imported == 1 and [e.split(": ", 1)[1] for e in report.errors] == [
+        f"the prompt {_REFUSED}", f"the reference {_REFUSED}"], report.errors
+    # Folder: a .txt caption; COCO: a caption
+    folder = tmp_path / "folder"
+    write_image(folder / "c.png", seed=503)
+    (folder / "c.txt").write_text(bad)
+    write_image(folder / "d.png", seed=504)
+    report = io.import_path(store, settings, folder, "folder")
+    assert report.imported == 1 and report.errors == [f"c.png: the reference {_REFUSED}"]
+    coco = tmp_path / "coco"
+    write_image(coco / "e.png", seed=505)
+    (coco / "captions_train.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "e.png"}], "annotations": [{"image_id": 1, "caption": bad}]}))
+    report = io.import_path(store, settings, coco / "captions_train.json", "coco")
+    assert report.imported == 0 and f"the reference {_PLACEHOLDER}" in report.errors[0]
+    assert not any("<image>" in (it["prompt"] + (it["reference"] or "")) for it in store.list_items())
+    assert_consistent(store, settings)
+
+
+def test_imported_texts_and_names_are_bounded_record_by_record(store, settings, tmp_path):
+    """A 20-million character prompt or a 30 MB .txt caption imported whole; now a prompt, an
+    answer or a reference over TEXT_MAX_CHARS, or a method / dataset / split / object name over
+    NAME_MAX_CHARS, refuses its own record, and the records around it land."""
+    from lvlm_studio.service import EDIT_MAX_CHARS
+
+    assert io.TEXT_MAX_CHARS == EDIT_MAX_CHARS  # the app's own bound on an answer
+    root = tmp_path / "long"
+    for k in range(9):
+        write_image(root / f"i{k}.png", seed=520 + k)
+    limit, name = io.TEXT_MAX_CHARS, io.NAME_MAX_CHARS
+    good = {"prompt": "Q?", "chosen": "a", "rejected": "b"}
+    lines = [{"image": "i0.png", **good, "prompt": "p" * (limit + 1)},
+             {"image": "i1.png", **good, "chosen": "c" * (limit + 1)},
+             {"image": "i2.png", "prompt": "Q?", "reference": "r" * (limit + 1)},
+             {"image": "i3.png", **good, "method": "m" * (name + 1)},
+             {"image": "i4.png", **good, "dataset": "d" * (name + 1)},
+             {"image": "i5.png", **good, "split": "s" * (name + 1)},
+             {"image": "i6.png", "prompt": "Q?", "objects": ["o" * (name + 1)]},
+             {"image": "i7.png", "prompt": "p" * limit, "reference": "r" * limit, "chosen": "c" * limit,
+              "rejected": "b" * limit, "method": "m" * name, "dataset": "d" * name, "objects": ["o" * name]}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 1 and report.pairs == 1 and report.skipped == 7, report.errors
+    over = f"{limit + 1:,} characters long, over the limit of {limit:,} for an imported text"
+    assert report.errors[:3] == [f"d.jsonl line 1: the prompt is {over}; shorten it",
+                                 f"d.jsonl line 2: the chosen answer is {over}; shorten it",
+                                 f"d.jsonl line 3: the reference is {over}; shorten it"]
+    for line, what in ((4, "'method'"), (5, "'dataset'"), (6, "'split'"), (7, "an object name")):
+        assert report.errors[line - 1].startswith(
+            f"d.jsonl line {line}: {what} is {name + 1} characters long, over the limit of {name} for a name")
+    [item] = store.list_items()
+    assert len(item["prompt"]) == limit and len(item["reference"]) == limit
+    with pytest.raises(io.DataImportError, match="the dataset name is 201 characters long"):
+        io.import_path(store, settings, root / "d.jsonl", dataset="d" * (name + 1))
+    with pytest.raises(io.DataImportError, match="the prompt is 20,001 characters long"):
+        io.import_path(store, settings, root, "folder", prompt="p" * (limit + 1))
+    assert_consistent(store, settings)
+
+
+def test_a_huge_caption_file_is_refused_without_being_read(store, settings, tmp_path, monkeypatch):
+    root = tmp_path / "captions"
+    write_image(root / "a.png", seed=540)
+    write_image(root / "b.png", seed=541)
+    write_image(root / "c.png", seed=542)
+    with open(root / "a.txt", "wb") as fh:  # 30 MB, sparse: nothing to write
+        fh.truncate(30_000_000)
+    (root / "b.txt").write_text("x" * (io.TEXT_MAX_CHARS + 1))  # under the byte bound, over the characters
+    (root / "c.txt").write_text("é" * io.TEXT_MAX_CHARS)  # the limit is characters, not bytes
+    read_sizes = []
+    real_open = Path.open
+
+    def tracked_open(self, *args, **kwargs):
+        fh = real_open(self, *args, **kwargs)
+        if self.suffix == ".txt":
+            real_read = fh.read
+
+            def read(n=-1):
+                read_sizes.append(n)
+                return real_read(n)
+            fh.read = read
+        return fh
+
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("a caption read whole"))
+    monkeypatch.setattr(Path, "open", tracked_open)
+    report = io.import_path(store, settings, root, "folder")
+    assert report.imported == 1 and report.skipped == 2, report.errors
+    assert report.errors == [
+        "a.txt: the caption file is 30,000,000 bytes, more than 20,000 characters can take (the limit for an "
+        "imported text); shorten it",
+        "b.txt: the caption is 20,001 characters long, over the limit of 20,000 for an imported text; shorten it"]
+    assert read_sizes and all(0 < n <= io.CAPTION_FILE_MAX_BYTES + 1 for n in read_sizes)
+    [item] = store.list_items()
+    assert item["reference"] == "é" * io.TEXT_MAX_CHARS
+
+
+def test_malformed_save_to_disk_folders_are_one_clear_refusal(store, settings, tmp_path):
+    """state.json / dataset_dict.json that parse but have the wrong shape escaped as a TypeError or
+    KeyError traceback out of the import."""
+    import datasets
+
+    made = tmp_path / "made"
+    datasets.Dataset.from_dict({"image": ["a.png"], "prompt": ["P"]}).save_to_disk(str(made))
+    cases = {"state_int": ("state.json", {"_data_files": 5}), "state_empty": ("state.json", {}),
+             "dict_int": ("dataset_dict.json", {"splits": 5})}
+    for name, (file, content) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in made.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        if file == "dataset_dict.json":
+            (folder / "state.json").unlink()
+        (folder / file).write_text(json.dumps(content))
+        assert io.detect_format(folder) == "hf"
+        report = io.import_path(store, settings, folder)
+        assert report.status == "failed" and len(report.errors) == 1, report.errors
+        assert report.errors[0].startswith(f"{name}: not a dataset saved with save_to_disk (its state.json or "
+                                           "dataset_dict.json is malformed: "), report.errors
+    assert report.errors[0].endswith("TypeError: 'int' object is not iterable)")
+
+
+def test_an_image_whose_file_name_is_not_utf8_imports_with_its_name_escaped(store, settings, tmp_path):
+    root = tmp_path / "names"
+    root.mkdir()
+    raw = os.fsencode(root)
+    (Path(os.fsdecode(raw + b"/caf\xe9.png"))).write_bytes(image_bytes(550, "PNG"))
+    Path(os.fsdecode(raw + b"/caf\xe9.txt")).write_text("A café.")
+    write_image(root / "plain.png", seed=551)
+    report = io.import_path(store, settings, root, "folder")
+    assert report.status == "ok" and report.imported == 2, report.errors
+    files = {it["meta"]["file"]: it for it in store.list_items()}
+    assert set(files) == {"caf\\xe9.png", "plain.png"} and files["caf\\xe9.png"]["reference"] == "A café."
+    assert io.safe_name("caf\udce9.png") == "caf\\xe9.png" and io.safe_name("x\ud800") == "x\\ud800"
+    assert_consistent(store, settings)
+
+
+def test_missing_fields_and_values_of_the_wrong_type_are_named(store, settings, tmp_path):
+    root = tmp_path / "types"
+    write_image(root / "a.png", seed=560)
+    write_image(root / "b.png", seed=561)
+    lf = [{"images": ["a.png"], "conversations": [{"from": "human", "value": "<image>Describe."}],
+           "rejected": {"from": "gpt", "value": "A star."}},
+          {"images": ["b.png"], "conversations": [{"from": "human", "value": "<image>Describe."}],
+           "chosen": {"from": "gpt", "value": "A star."}, "rejected": {"from": "gpt", "value": "A dot."}}]
+    (root / "lf.json").write_text(json.dumps(lf))
+    report = io.import_path(store, settings, root / "lf.json", "llamafactory")
+    assert report.imported == 1 and report.errors == [
+        "lf.json record 0: a LLaMA-Factory ranking record needs 'chosen' and 'rejected'; 'chosen' is missing"]
+    row = {"image": "a.png", "prompt": "Q?", "chosen": "A.", "rejected": "B.", "status": "accept"}
+    lines = [{**row, "reviewer": {"name": "bob"}}, {**row, "reviewer": 7},
+             {"image": "a.png", "prompt": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+             {"image": "a.png", "prompt": [{"role": "user"}]}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.errors == ["d.jsonl line 1: 'reviewer' must be a name (text), not dict",
+                             "d.jsonl line 2: 'reviewer' must be a name (text), not int",
+                             "d.jsonl line 3: a message's text part must hold text, not int (5)",
+                             "d.jsonl line 4: a message has no 'content' (nor 'value')"]
+    assert store.count_pairs() == 1  # the LLaMA-Factory record's only
+
+
+def test_an_export_onto_a_file_is_refused_even_with_overwrite(store, make_pairs, tmp_path):
+    make_pairs([0.5])
+    (tmp_path / "afile").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(io.DataExportError, match="afile exists and is a file, not a folder"):
+            io.export_pairs(store, "llava", tmp_path / "afile", include_auto=True, overwrite=overwrite)
+        assert (tmp_path / "afile").is_file() and (tmp_path / "afile").read_text() == "x"

@@ -445,3 +445,91 @@ def test_the_pixel_limit_variable_is_checked_by_name(home, monkeypatch):
         monkeypatch.setenv("LVLM_STUDIO_MAX_PIXELS", bad)
         with pytest.raises(ValueError, match=f"LVLM_STUDIO_MAX_PIXELS must be a positive whole number .*'{bad}'"):
             Settings()
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    import struct
+
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _jpeg_markers(data: bytes) -> list[tuple[int, bytes]]:
+    """(marker, first bytes of its payload) of each segment before the first scan."""
+    out, pos = [], 2
+    while data[pos + 1] != 0xDA:
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        out.append((data[pos + 1], data[pos + 4:pos + 4 + min(length - 2, 12)]))
+        pos += 2 + length
+    return out
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    kinds, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kinds.append(data[pos + 4:pos + 8])
+        pos += 12 + length
+    return kinds
+
+
+def test_jpeg_keeps_only_the_segments_needed_to_decode_and_display(settings):
+    """An allow-list, not a list of known metadata: C2PA credentials (APP11, with a GPS position),
+    APP12 "Ducky", a maker's APP3 and a JFIF thumbnail (an uncropped preview) went through before;
+    the colour profile, the Adobe transform flag and the compressed pixels stay as they were."""
+    icc = b"\x00\x00\x02\x0cICC-profile-bytes" + bytes(200)
+    buffer = io.BytesIO()
+    noise_image(61, (40, 24)).save(buffer, "JPEG", icc_profile=icc)
+    plain = buffer.getvalue()
+    assert plain[2:4] == b"\xff\xe0"  # Pillow's JFIF segment first
+    jfif_len = int.from_bytes(plain[4:6], "big")
+    jfif = plain[6:6 + jfif_len - 2]
+    thumbnail = jfif[:12] + b"\x02\x01" + b"THUMB!"  # a 2x1 RGB thumbnail
+    c2pa = b"JP\x00\x00c2pa {\"exif:GPSLatitude\": \"48,51.4N\", \"tiff:Make\": \"Pixel\"}"
+    extra = (_jpeg_segment(0xEB, c2pa) + _jpeg_segment(0xEC, b"Ducky SERIAL=123")
+             + _jpeg_segment(0xE3, b"MAKER GPS 48.86") + _jpeg_segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01")
+             + _jpeg_segment(0xFE, b"a comment") + _jpeg_segment(0xE0, b"JFXX\x00\x10THUMB2"))
+    data = plain[:2] + _jpeg_segment(0xE0, thumbnail) + extra + plain[6 + jfif_len - 2:]
+    rec = ingest_image(settings, data, name="credentials.jpg")
+    stored = rec.path.read_bytes()
+    assert rec.format == "JPEG" and rec.id == pixel_id(Image.open(io.BytesIO(plain)))
+    for secret in (b"GPSLatitude", b"SERIAL", b"MAKER", b"a comment", b"THUMB"):
+        assert secret not in stored, secret
+    markers = _jpeg_markers(stored)
+    apps = [(m, head) for m, head in markers if 0xE0 <= m <= 0xEF or m == 0xFE]
+    assert sorted(m for m, _ in apps) == [0xE0, 0xE2, 0xEE]  # JFIF, ICC profile, Adobe: nothing else
+    assert apps[0][1] == jfif[:12] and stored[4:6] == b"\x00\x10"  # the JFIF header, its thumbnail 0x0
+    assert _jpeg_scan(stored) == _jpeg_scan(plain)  # no re-encoding
+    assert {m for m, _ in markers} >= {0xDB, 0xC0, 0xC4}  # the tables and the frame
+    with Image.open(rec.path) as im:
+        assert im.info.get("icc_profile") == icc and im.info.get("adobe_transform") == 1
+
+
+def test_png_keeps_only_critical_and_rendering_chunks(settings):
+    """C2PA (caBX), a private chunk, EXIF and text go; the chunks that change how the picture looks
+    (gamma, colour primaries, sRGB intent, significant bits, pixel aspect) stay, and the pixels
+    are the same bytes."""
+    buffer = io.BytesIO()
+    noise_image(62, (20, 16)).save(buffer, "PNG", dpi=(72, 72))
+    plain = buffer.getvalue()
+    ihdr_end = 8 + 25
+    rendering = (_png_chunk(b"gAMA", (45455).to_bytes(4, "big")) + _png_chunk(b"sRGB", b"\x00")
+                 + _png_chunk(b"cHRM", bytes(32)) + _png_chunk(b"sBIT", b"\x08\x08\x08"))
+    private = (_png_chunk(b"caBX", b'{"exif:GPSLatitude": "48,51.4N"}') + _png_chunk(b"prVt", b"SERIAL=123")
+               + _png_chunk(b"tEXt", b"Author\x00Jane Doe") + _png_chunk(b"eXIf", b"MM\x00*GPS"))
+    data = plain[:ihdr_end] + rendering + private + plain[ihdr_end:]
+    rec = ingest_image(settings, data, name="credentials.png")
+    stored = rec.path.read_bytes()
+    assert rec.format == "PNG" and rec.id == pixel_id(Image.open(io.BytesIO(plain)))
+    assert b"GPSLatitude" not in stored and b"SERIAL" not in stored and b"Jane" not in stored
+    kinds = _png_chunks(stored)
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
+    assert {b"caBX", b"prVt", b"tEXt", b"eXIf"}.isdisjoint(kinds)
+    assert {b"gAMA", b"sRGB", b"cHRM", b"sBIT", b"pHYs"} <= set(kinds)
+    assert plain[plain.index(b"IDAT") - 4:plain.index(b"IEND") - 4] in stored  # pixel data byte for byte

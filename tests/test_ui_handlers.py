@@ -648,3 +648,20 @@ def test_huge_and_mistyped_values_from_json_clients_get_clear_refusals(open_stud
         with pytest.raises(gr.Error, match=message):
             handler(demo, name)(*args)
     assert studio.store.pair_reviews(pid) == [] and studio.store.count_pairs() == 1
+
+
+def test_refusal_messages_show_what_the_user_typed_as_text_not_html(open_studio):
+    """gr.Error renders its message as HTML: a refusal quoting a typed id, a path or a file's text
+    showed markup (an <img onerror> ran in the toast). Escaped, it reads as typed; quotes stay."""
+    from lvlm_studio.ui.common import user_errors
+
+    def refuse():
+        raise ValueError(f"no pair {HOSTILE} & 'bob' <b>here</b>")
+
+    with pytest.raises(gr.Error) as refused:
+        user_errors(refuse)()
+    assert refused.value.message == "no pair &lt;img src=x onerror=alert(1)&gt; &amp; 'bob' &lt;b&gt;here&lt;/b&gt;"
+    with pytest.raises(gr.Error) as refused:  # through a real handler: a typed pair id
+        handler(build_app(open_studio), "get_pair")(HOSTILE)
+    assert "<" not in refused.value.message and "&lt;img src=x onerror=alert(1)&gt;" in refused.value.message
+    assert refused.value.message.startswith("pair id must be a whole number, not '")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import math
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +54,10 @@ def user_errors(fn: Callable) -> Callable:
 
 def _refusal(message: str) -> gr.Error:
     # The user sees the message; the server log is no place for a traceback of their typo.
-    return gr.Error(message, print_exception=False)
+    # gr.Error renders its message as HTML, and messages quote what the user typed or a file held
+    # (a reviewer name, a path, a record's text): escaped, it shows as the text it is. Quotes need
+    # no escaping in element text, so "'bob'" reads (and matches) as it did.
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
 def clear_on_click(button: gr.Button, summary: gr.Markdown) -> None:
