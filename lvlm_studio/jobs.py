@@ -280,6 +280,31 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
     return chain
 
 
+def require_same_base(store, round_id: int | None, model: str) -> None:
+    """A round's adapters fit only the base model they were trained on: refuse to continue from,
+    or generate with, a round of ``round_id``'s chain trained on another base than ``model`` (a
+    changed LVLM_STUDIO_MODEL or --model on the same data root). Round 0 (the base itself, no
+    adapter) fits any; a round that recorded no base is not checked."""
+    while round_id is not None:
+        row = store.get_round(round_id)
+        if row is None:
+            return
+        base = row.get("base_model")
+        if row["id"] != 0 and base is not None and not _same_model(base, model):
+            raise JobError(f"round {row['id']} was trained on {base!r}, not on {model!r}: its adapter does not fit "
+                           f"this model; start from round 0 (--from-round 0) or use the model {base!r} "
+                           "(LVLM_STUDIO_MODEL / --model)")
+        round_id = row["parent_id"]
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same model reference: equal, or two spellings of one local folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API (UI / CLI / service)
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +412,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
                 current = store.current_round()
                 parent_id = current["id"] if current else base
             adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
+            require_same_base(store, parent_id, settings.model)
             training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             check_evaluation_choice(store, cfg)
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())

@@ -490,6 +490,8 @@ class Studio:
         from lvlm_studio.models.registry import load_backend
 
         adapter: str | list[str] | None = self._round_adapter(round_id)
+        if adapter is not None:
+            jobs.require_same_base(self.store, int(round_id), model)
         if adapter is not None and self.settings.backend == "vllm":
             model, adapter = self._vllm_round(model, int(round_id))
         elif adapter is not None:
@@ -894,7 +896,8 @@ class Studio:
         if decision == "edit":
             refuse_image_token(edited_text, "the edited answer")
             pair = self.store.get_pair(pair_id)
-            if pair is not None and edited_text == pair["rejected"]["text"]:  # an edit keeps the pair's rejected side
+            # An edit keeps the pair's rejected side; training reads both without trailing whitespace.
+            if pair is not None and edited_text.strip() == pair["rejected"]["text"].strip():
                 raise ValueError("the edited answer is the rejected answer: the pair would teach nothing "
                                  "(reject both instead, or write the better answer)")
         review_id = self.store.add_review(pair_id, reviewer, decision,
@@ -1178,6 +1181,10 @@ class Studio:
         Returns ``{"round", "metrics", "items", "added"}``."""
         if whole_number(n, "the number of evaluation scenes", high=MAX_WORLD_SCENES) < 1:  # an empty evaluation would replace the metrics
             raise ValueError(f"the number of evaluation scenes must be at least 1, not {n}")
+        round_id = whole_number(round_id, "round")
+        if self.store.get_round(round_id) is None:  # before thousands of scenes are rendered and stored
+            raise NotFoundError(f"round {round_id} does not exist")
+        self._round_adapter(round_id)  # a round without a finished adapter is refused here too
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
                                 max_new_tokens=max_new_tokens,

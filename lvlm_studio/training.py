@@ -79,8 +79,16 @@ MAX_LEARNING_RATE = 1.0
 MAX_STEPS = 1_000_000  # optimizer steps in one round (a 7B DPO epoch on 20k pairs is ~600 at batch 32)
 MAX_LORA_R = 4096  # the papers use 128 on 7B models; a rank above a layer's width adds nothing
 # The loss types TRL 1.16's DPOTrainer knows (it refuses others only once training has started).
-TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+# exo_pair and robust are left out: they need label_smoothing > 0 (TRL refuses exo_pair without it,
+# robust without it is sigmoid), which a round does not expose.
+TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# transformers' schedulers that need no lr_scheduler_kwargs (cosine_with_min_lr needs min_lr,
+# warmup_stable_decay its phase lengths, reduce_lr_on_plateau an evaluation metric).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+MAX_SEED = 2**32 - 1  # transformers' set_seed refuses more (and negative seeds)
+MAX_PROCESSES = 64  # data-parallel workers of one round (torchrun --nproc_per_node): one per GPU
 
 
 SFT_NORMALIZATIONS = ("token_mean", "sum_1024")  # DPORoundConfig.sft_normalization
@@ -231,7 +239,7 @@ class DPORoundConfig:
         if self.sft_normalization not in SFT_NORMALIZATIONS:
             raise ValueError(f"sft_normalization must be one of {', '.join(SFT_NORMALIZATIONS)}, "
                              f"not {self.sft_normalization!r}")
-        if self.batch_size < 1 or self.lora_r < 1:
+        if not (self.batch_size >= 1 and self.lora_r >= 1):  # NaN too
             raise ValueError("batch_size and lora_r must be >= 1")
         if self.lora_r > MAX_LORA_R:  # r = 1e9 failed only in the job, allocating 512 GB
             raise ValueError(f"lora_r must be at most {MAX_LORA_R}, not {self.lora_r}")
@@ -240,7 +248,7 @@ class DPORoundConfig:
         if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ValueError(f"learning_rate must be a number > 0 and at most {MAX_LEARNING_RATE:g}, "
                              f"not {self.learning_rate}")
-        for name in ("num_epochs", "beta", "sft_weight", "lora_dropout", "warmup_ratio"):
+        for name in ("num_epochs", "beta", "sft_weight", "lora_dropout", "warmup_ratio", "lora_alpha"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, not {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.eval_max_new_tokens < 1:
@@ -264,8 +272,14 @@ class DPORoundConfig:
             raise ValueError("max_length must be >= 1 (or None: no cut)")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError("eval_limit must be >= 1 (or None: the whole evaluation split)")
-        if self.num_processes < 1:
-            raise ValueError("num_processes must be >= 1")
+        if not 1 <= self.num_processes <= MAX_PROCESSES:
+            raise ValueError(f"num_processes must be between 1 and {MAX_PROCESSES} (one per GPU), not {self.num_processes}")
+        if self.infusion_limit is not None and not self.infusion_limit >= 1:
+            raise ValueError(f"infusion_limit must be >= 1 (or None: every instruction item), not {self.infusion_limit}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}, not {self.seed}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler_type!r}")
         if self.loss_type not in TRL_DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of TRL's {', '.join(TRL_DPO_LOSS_TYPES)}; not {self.loss_type!r}")
         if self.extractor not in ("auto", "shapesworld", "coco"):

@@ -269,6 +269,39 @@ def test_a_failed_or_cancelled_round_cannot_be_a_parent(tmp_path):
     store.close()
 
 
+def test_a_round_trained_on_another_base_model_is_not_continued_nor_generated_with(tmp_path):
+    """A data root whose model changed (LVLM_STUDIO_MODEL, --model): the current round's adapter
+    was trained on the old base and does not fit the new one. Continuing from it, or from a
+    round above it, and generating with it are refused, nothing is created; round 0 (the base,
+    no adapter) and the same model spelt as another path to its folder are fine."""
+    from lvlm_studio.service import Studio
+
+    (tmp_path / "llava").mkdir()
+    settings = Settings(home=tmp_path / "home", model=str(tmp_path / "llava"), device="cpu").ensure_dirs()
+    store = Store(settings.db_path)
+    base = store.ensure_base_round("demo")
+    old = store.create_round(base, "demo", {}, status="done")
+    store.update_round(old, adapter_path=str(tmp_path / "adapters" / "round-1"))
+    above = store.create_round(old, str(tmp_path / "llava"), {}, status="done")
+    store.close()
+    for parent in (None, old, above):  # None: the current round, `above`
+        with pytest.raises(jobs.JobError, match=f"round {old} was trained on 'demo', not on '{settings.model}'"):
+            jobs.start_round(settings, {"include_auto": True}, parent_id=parent)
+    store = Store(settings.db_path)
+    assert len(store.list_rounds()) == 3
+    jobs.require_same_base(store, base, settings.model)  # the base round fits any model
+    store.update_round(old, base_model=f"{tmp_path}/home/../llava")
+    jobs.require_same_base(store, above, str(tmp_path / "llava"))  # one folder, two spellings
+    store.update_round(old, base_model="demo")
+    store.close()
+    studio = Studio(settings)
+    try:
+        with pytest.raises(jobs.JobError, match="its adapter does not fit this model"):
+            studio.backend(settings.model, old)
+    finally:
+        studio.store.close()
+
+
 def test_refuse_broken_round():
     rows = [{"item_id": 1, "answer": " "}, {"item_id": 2, "answer": ""}]
     with pytest.raises(jobs.JobError, match="answers all 2 evaluation items with nothing"):

@@ -7,6 +7,7 @@ import torch
 
 from lvlm_studio.config import Settings
 from lvlm_studio.service import Studio, User, cohen_kappa, fleiss_kappa, margin_buckets, parse_users
+from lvlm_studio.store import NotFoundError
 
 torch.set_num_threads(1)
 
@@ -220,6 +221,8 @@ def test_decide_undo_and_queue_order(studio, make_pairs):
     rejected = studio.store.get_pair(p_mid)["rejected"]["text"]
     with pytest.raises(ValueError, match="the edited answer is the rejected answer"):  # chosen == rejected
         studio.decide(p_mid, "ann", "edit", edited_text=rejected)
+    with pytest.raises(ValueError, match="the edited answer is the rejected answer"):  # the same, as trained
+        studio.decide(p_mid, "ann", "edit", edited_text=rejected + " \n")
     studio.decide(p_mid, "ann", "edit", edited_text="There is a red circle.")
     assert studio.store.effective_label(p_mid)["chosen_text"] == "There is a red circle."
     undone = studio.undo("ann")
@@ -753,6 +756,19 @@ def test_an_empty_evaluation_never_replaces_a_rounds_metrics(studio, make_items)
         with pytest.raises(ValueError, match=message):
             call()
     assert studio.store.get_round(0)["metrics"]["eval"] == {"chair_s": 0.5, "n_items": 3}
+
+
+
+def test_evaluating_a_missing_or_unfinished_round_stores_no_scenes_first(studio):
+    """Compare's Evaluate accepts a typed round: a round that does not exist, or has no finished
+    adapter, is refused before any world scene is rendered and stored."""
+    failed = studio.store.create_round(0, "m", {}, status="failed")
+    before = len(studio.store.list_items())
+    with pytest.raises(NotFoundError, match="round 99 does not exist"):
+        studio.evaluate_world(99, n=20)
+    with pytest.raises(ValueError, match=f"round {failed} has no finished adapter"):
+        studio.evaluate_world(failed, n=20)
+    assert len(studio.store.list_items()) == before
 
 
 def test_an_interrupted_first_start_is_completed_by_the_next(studio):

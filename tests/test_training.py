@@ -505,6 +505,11 @@ def test_povid_term_names_noisy_variants():
     dict(eval_max_new_tokens=0), dict(loss_type="dpo"), dict(extractor="world"), dict(num_epochs=1e9),
     dict(learning_rate=1e9), dict(learning_rate=1.5), dict(lora_r=10**9), dict(povid_stage1_epochs=1e9),
     dict(povid_stage1_epochs=float("inf")), dict(max_steps=10**15), dict(max_steps=float("nan")),
+    # each of these passed and failed only in the job, after the model loaded (or forked 10**6 workers)
+    dict(loss_type="exo_pair"), dict(lr_scheduler_type="foo"), dict(lr_scheduler_type="cosine_with_min_lr"),
+    dict(seed=-1), dict(seed=2**32), dict(num_processes=10**6), dict(infusion_limit=-1), dict(infusion_limit=0),
+    dict(lora_alpha=float("nan")), dict(lora_alpha=float("inf")), dict(batch_size=float("nan")),
+    dict(lora_r=float("nan")),
 ])
 def test_config_refuses_out_of_range_options(bad):
     with pytest.raises(ValueError):
@@ -526,11 +531,24 @@ def test_the_loss_types_allowed_are_those_trl_knows():
         assert DPORoundConfig(loss_type=loss_type).loss_type == loss_type
 
 
+def test_every_scheduler_allowed_builds_without_extra_arguments():
+    """A round passes no lr_scheduler_kwargs: each scheduler it allows must build without them."""
+    from transformers import get_scheduler
+
+    from lvlm_studio.training import LR_SCHEDULERS
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name in LR_SCHEDULERS:
+        assert get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10) is not None, name
+        assert DPORoundConfig(lr_scheduler_type=name).lr_scheduler_type == name
+
+
 def test_config_accepts_the_edges_it_means():
     """max_steps > 0 overrides epochs (so 0 epochs is fine then); no warmup, no cut, no eval limit."""
     assert DPORoundConfig(num_epochs=0, max_steps=5).max_steps == 5
     assert DPORoundConfig(num_epochs=1000).num_epochs == 1000
     assert DPORoundConfig(learning_rate=1.0, lora_r=4096).lora_r == 4096
+    assert DPORoundConfig(seed=2**32 - 1, num_processes=64, infusion_limit=None).seed == 2**32 - 1
     assert DPORoundConfig(warmup_ratio=0.0, max_length=None, eval_limit=None, lora_dropout=0.0).warmup_ratio == 0.0
 
 
