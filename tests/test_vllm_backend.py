@@ -120,12 +120,19 @@ def test_greedy_n_seeds_banned_tokens_and_end_ids(fake_vllm, model_dir):
     assert [len(o) for o in out] == [3, 3] and out[0][0].text == out[0][2].text == "A red circle."
     _, sampling, _ = llm.calls[-1]
     assert [s.n for s in sampling] == [1, 1]
-    # A seed per request: the same prompt twice in a batch draws its own samples.
-    assert [s.kwargs["seed"] for s in sampling] == [5, 6]
+    # A seed per request, n apart (vLLM seeds a request's i-th sample seed + i): the same prompt
+    # twice in a batch draws its own samples, and no two samples of the batch share a seed.
+    assert [s.kwargs["seed"] for s in sampling] == [5, 8]
     # The image placeholder is never picked (logit bias), as HFBackend masks it.
     assert backend.banned_ids and all(sampling[0].kwargs["logit_bias"][t] == -100.0 for t in backend.banned_ids)
     sampled = backend.sample([image], ["Describe."], n=2, params=GenerationParams(temperature=0.7, seed=None))
     assert len(sampled[0]) == 2 and llm.calls[-1][1][0].n == 2 and llm.calls[-1][1][0].kwargs["seed"] is None
+    backend.sample([image, image], ["Describe.", "Describe."], n=2, params=GenerationParams(temperature=0.7, seed=5))
+    seeds = [s.kwargs["seed"] + i for s in llm.calls[-1][1] for i in range(s.n)]  # what vLLM gives each sample
+    assert seeds == [5, 6, 7, 8]
+    # below vLLM's greedy threshold a temperature is greedy: asked once, not refused for n > 1
+    tiny_t = backend.sample([image], ["Describe."], n=2, params=GenerationParams(temperature=1e-6, seed=1))
+    assert len(tiny_t[0]) == 2 and llm.calls[-1][1][0].n == 1 and llm.calls[-1][1][0].temperature == 0.0
     # The end-of-answer ids are HFBackend's: the generation config's and the tokenizer's.
     assert {7, 3} <= set(backend.eos_ids) and len(set(backend.eos_ids)) == len(backend.eos_ids)
     assert sampling[0].kwargs["stop_token_ids"] == backend.eos_ids  # vLLM ends answers where HFBackend does
@@ -298,6 +305,21 @@ def test_vllm_sampling_ends_as_hfbackend_after_a_held_stop(fake_vllm, model_dir)
     assert answer([41, 42, 43, 44], [end], "eos") == ("It is 3.", [41, 42, 43, 44, end], "eos", 2)
     # vLLM cuts its text at the stop inside ".\n"; the token already shows the newline: asked once
     assert answer([41, 42, 43, 49], [47], "stop", first_text="It is 3.")[2:] == ("stop", 1)
+
+
+def test_an_end_token_on_the_last_allowed_token_ends_the_answer_as_in_hfbackend(fake_vllm, model_dir):
+    """vLLM versions that check the length cap before the end token report "length" for an answer
+    whose last allowed token is its end; HFBackend says "eos" (CSR would otherwise continue past
+    the end token). A plain cut by the cap stays "length"."""
+    backend = VLLMBackend(model_dir)
+    end = 7  # an end-of-answer id of the fixture's generation config
+    params = GenerationParams(max_new_tokens=2, temperature=0.7, seed=1)
+    image = Image.new("RGB", (32, 32))
+    for ids, expected in (([5, end], "eos"), ([5, 6], "length")):
+        fake_vllm[-1].reply = lambda r, s, ids=ids: RequestOutput(
+            [Completion("A", ids, [{t: Logprob(-0.1)} for t in ids], finish_reason="length")])
+        out = backend.sample([image], ["Describe."], params=params)[0][0]
+        assert (out.token_ids, out.finish_reason) == (ids, expected)
 
 
 def test_vllm_false_stop_at_the_token_cap_ends_by_length(fake_vllm, model_dir):

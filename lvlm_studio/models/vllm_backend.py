@@ -60,6 +60,15 @@ def vllm_lora_rank(rank: int) -> int:
     return fits[0]
 
 
+# vLLM samples greedily below this temperature and then refuses n > 1 (its _MAX_TEMP / greedy
+# check); HFBackend samples at any temperature > 0, where 1e-5 is argmax in all but ties.
+GREEDY_BELOW = 1e-5
+
+
+def _greedy(params: GenerationParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
 def _import_vllm():
     try:
         import vllm
@@ -146,10 +155,11 @@ class VLLMBackend:
 
     def _sampling(self, params: GenerationParams, n: int, seed: int | None = None):
         """One request's SamplingParams. Greedy decoding is asked for once (vLLM refuses n > 1
-        at temperature 0; ``_run`` repeats the answer n times, as HFBackend returns it)."""
+        when greedy; ``_run`` repeats the answer n times, as HFBackend returns it)."""
+        greedy = _greedy(params)
         return self._vllm.SamplingParams(
-            n=1 if params.temperature <= 0 else n,
-            temperature=params.temperature,
+            n=1 if greedy else n,
+            temperature=0.0 if greedy else params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
             seed=seed,
@@ -167,9 +177,14 @@ class VLLMBackend:
         return self.llm.generate(requests, sampling, lora_request=self._lora, use_tqdm=False)
 
     def _to_sequence(self, comp) -> Sequence:
+        """A vLLM completion as a ``Sequence``. An end-of-answer id as the last token is "eos" even
+        when the length cap came at the same token (some vLLM versions check the cap first), as
+        HFBackend reports it."""
         ids = list(comp.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(ids, comp.logprobs or [], strict=False)]
-        if comp.finish_reason == "length":
+        if ids and ids[-1] in self.eos_ids:
+            reason = "eos"
+        elif comp.finish_reason == "length":
             reason = "length"
         elif isinstance(comp.stop_reason, str):
             reason = "stop"
@@ -182,11 +197,12 @@ class VLLMBackend:
         if params.num_beam_groups > 1:
             return [self._group_search(ids, im, params) for ids, im in zip(prompt_ids, images, strict=True)]
         requests = [self._request(i, im) for i, im in zip(prompt_ids, images, strict=True)]
-        # A seed per request (seed + k): the same prompt twice in one batch still gets its own draws.
-        sampling = [self._sampling(params, n, None if params.seed is None else params.seed + k)
+        # A seed per request, n apart: vLLM seeds a request's i-th sample seed + i, so seed + k
+        # would give request k's first sample request k-1's second one's draws.
+        sampling = [self._sampling(params, n, None if params.seed is None else params.seed + k * n)
                     for k in range(len(requests))]
         outs = self._generate(requests, sampling)
-        repeat = n if params.temperature <= 0 else 1
+        repeat = n if _greedy(params) else 1
         seqs = [[self._to_sequence(c) for c in o.outputs] for o in outs]
         if params.stop and params.stop_rule != "any":
             seqs = self._past_false_stops(prompt_ids, images, seqs, params)
@@ -280,7 +296,7 @@ class VLLMBackend:
 
     def _group_search(self, ids: list[int], image: Image.Image, params: GenerationParams) -> list[Sequence]:
         """Greedy diverse group search, one beam per group (see module docstring)."""
-        if params.temperature > 0:
+        if not _greedy(params):
             raise ValueError("the vLLM backend runs diverse group search greedily only (temperature 0)")
         g_count = params.num_beam_groups
         toks: list[list[int]] = [[] for _ in range(g_count)]
