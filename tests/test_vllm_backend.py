@@ -98,6 +98,25 @@ def _adapter(tmp_path, rank: int):
     return str(tmp_path)
 
 
+def test_vllm_failing_without_a_gpu_says_so(fake_vllm, model_dir, monkeypatch):
+    """vLLM installed on a machine without a GPU fails deep in its engine; the error names the
+    model, vLLM's words and the missing GPU, with the way out."""
+    import torch
+
+    from lvlm_studio.models import registry
+    from lvlm_studio.models.base import ModelLoadError
+
+    def no_device(**kwargs):
+        raise RuntimeError("Failed to infer device type")
+
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", no_device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    registry.clear_cache()
+    with pytest.raises(ModelLoadError, match="Failed to infer device type.*CUDA GPU and torch sees none here.*"
+                                             "LVLM_STUDIO_BACKEND=hf"):
+        registry.load_backend(model_dir, backend="vllm")
+
+
 def test_lora_rank_and_request(fake_vllm, model_dir, tmp_path):
     """vLLM loads LoRA ranks up to max_lora_rank (default 16): the GPU recipe's rank 128 needs it."""
     assert [max_lora_rank(_adapter(tmp_path / str(r), r)) for r in (8, 16, 20, 128, 500)] == [8, 16, 32, 128, 512]

@@ -241,7 +241,14 @@ def _load_vllm(ref, path, dtype, adapter):
     except MissingDependencyError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"vLLM could not load model {ref!r}: {_one_line(exc)}.") from exc
+        import torch
+
+        # On a machine without a GPU, vLLM's own message (a platform or device error deep in its
+        # engine) rarely says so.
+        why = "" if torch.cuda.is_available() else (
+            " The vLLM backend runs on a CUDA GPU and torch sees none here: use the hf backend "
+            "(LVLM_STUDIO_BACKEND=hf).")
+        raise ModelLoadError(f"vLLM could not load model {ref!r}: {_one_line(exc)}.{why}") from exc
 
 
 def load_clip(ref: str, device: str = "auto") -> ClipScorer:
