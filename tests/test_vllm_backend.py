@@ -136,7 +136,7 @@ def test_greedy_n_seeds_banned_tokens_and_end_ids(fake_vllm, model_dir):
     image = Image.new("RGB", (32, 32))
     # Greedy with n = 3: asked once (vLLM refuses n > 1 at temperature 0), answered three times.
     out = backend.sample([image, image], ["Describe.", "Describe."], n=3, params=GenerationParams(temperature=0.0, seed=5))
-    assert [len(o) for o in out] == [3, 3] and out[0][0].text == out[0][2].text == "A red circle."
+    assert [len(o) for o in out] == [3, 3] and out[0][0].text == out[0][2].text == backend.decode([5, 6])
     _, sampling, _ = llm.calls[-1]
     assert [s.n for s in sampling] == [1, 1]
     # A seed per request, n apart (vLLM seeds a request's i-th sample seed + i): the same prompt
@@ -339,6 +339,23 @@ def test_an_end_token_on_the_last_allowed_token_ends_the_answer_as_in_hfbackend(
             [Completion("A", ids, [{t: Logprob(-0.1)} for t in ids], finish_reason="length")])
         out = backend.sample([image], ["Describe."], params=params)[0][0]
         assert (out.token_ids, out.finish_reason) == (ids, expected)
+
+
+def test_an_answer_text_is_decoded_from_its_ids_as_hfbackend_decodes_it(fake_vllm, model_dir):
+    """vLLM's own text is detokenised with the prompt before it (" The" after "ASSISTANT:" on a
+    SentencePiece vocabulary), HFBackend decodes the new ids alone: the text is the ids decoded,
+    cut after the stop string vLLM stopped at (its token may hold more)."""
+    backend = _list_tokenizer_backend(model_dir)
+    ids = backend.encode_text("A red circle. There")
+    image = Image.new("RGB", (32, 32))
+    for completion, expected in (
+            (Completion(" A red circle", ids[:3], [{t: Logprob(-0.1)} for t in ids[:3]], finish_reason="length"),
+             backend.decode(ids[:3])),
+            (Completion(" A red circle.", ids, [{t: Logprob(-0.1)} for t in ids], stop_reason="."),
+             "A red circle.")):
+        fake_vllm[-1].reply = lambda r, s, c=completion: RequestOutput([c])
+        out = backend.sample([image], ["Describe."], params=GenerationParams(temperature=0.7, seed=1))[0][0]
+        assert out.text == expected and out.token_ids == list(completion.token_ids)
 
 
 def test_vllm_false_stop_at_the_token_cap_ends_by_length(fake_vllm, model_dir):

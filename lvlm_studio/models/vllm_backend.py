@@ -177,20 +177,25 @@ class VLLMBackend:
         return self.llm.generate(requests, sampling, lora_request=self._lora, use_tqdm=False)
 
     def _to_sequence(self, comp) -> Sequence:
-        """A vLLM completion as a ``Sequence``. An end-of-answer id as the last token is "eos" even
-        when the length cap came at the same token (some vLLM versions check the cap first), as
-        HFBackend reports it."""
+        """A vLLM completion as HFBackend writes it. Its text is decoded from its ids, as HFBackend
+        decodes the new ids alone (vLLM's detokenizer is primed with the prompt and keeps the first
+        word's leading space: "ASSISTANT:" "▁The" gives " The"), and cut after the stop string it
+        stopped at. An end-of-answer id as the last token is "eos" even when the length cap came at
+        the same token (some vLLM versions check the cap first)."""
         ids = list(comp.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(ids, comp.logprobs or [], strict=False)]
+        text = self.decode(ids)
         if ids and ids[-1] in self.eos_ids:
             reason = "eos"
         elif comp.finish_reason == "length":
             reason = "length"
         elif isinstance(comp.stop_reason, str):
             reason = "stop"
+            end = find_stop(text, [comp.stop_reason]) if comp.stop_reason else None
+            text = text if end is None else text[:end]
         else:
             reason = "eos"
-        return Sequence(comp.text, ids, lps, reason)
+        return Sequence(text, ids, lps, reason)
 
     # --- protocol ---------------------------------------------------------------------------
     def _run(self, prompt_ids: list[list[int]], images: list[Image.Image], n: int, params) -> list[list[Sequence]]:
