@@ -258,9 +258,14 @@ def pairs_under_other_system_prompt(store, pairs: list[dict], log: Callable[[str
     return sum(other.values())
 
 
-def adapter_lineage(store, round_id: int | None) -> list[str]:
+def adapter_lineage(store, round_id: int | None, base_model: str | None = None) -> list[str]:
     """The adapter chain of a round (oldest first): round t's model = base + this chain, in order
-    (the round job evaluates it merged in float32; training and generation hold it per dtype, models/lora.py)."""
+    (the round job evaluates it merged in float32; training and generation hold it per dtype, models/lora.py).
+
+    With ``base_model``: a round's adapter fits only the base it was trained on, so a round of the
+    chain trained on another base (a changed LVLM_STUDIO_MODEL or --model on the same data root)
+    is refused, to continue from or to generate with. Round 0 (the base itself, no adapter) fits
+    any; a round that recorded no base is not checked."""
     chain: list[str] = []
     seen: set[int] = set()
     while round_id is not None:
@@ -274,27 +279,16 @@ def adapter_lineage(store, round_id: int | None) -> list[str]:
         # and skipping it would silently train from its own parent.
         if row["status"] != "done":
             raise JobError(f"round {round_id} is {row['status']}, not done: it cannot be a parent")
+        trained_on = row.get("base_model")
+        if base_model is not None and row["id"] != 0 and trained_on is not None \
+                and not _same_model(trained_on, base_model):
+            raise JobError(f"round {row['id']} was trained on {trained_on!r}, not on {base_model!r}: its adapter does "
+                           f"not fit this model; start from round 0 (--from-round 0) or use the model {trained_on!r} "
+                           "(LVLM_STUDIO_MODEL / --model)")
         if row["adapter_path"]:
             chain.insert(0, row["adapter_path"])
         round_id = row["parent_id"]
     return chain
-
-
-def require_same_base(store, round_id: int | None, model: str) -> None:
-    """A round's adapters fit only the base model they were trained on: refuse to continue from,
-    or generate with, a round of ``round_id``'s chain trained on another base than ``model`` (a
-    changed LVLM_STUDIO_MODEL or --model on the same data root). Round 0 (the base itself, no
-    adapter) fits any; a round that recorded no base is not checked."""
-    while round_id is not None:
-        row = store.get_round(round_id)
-        if row is None:
-            return
-        base = row.get("base_model")
-        if row["id"] != 0 and base is not None and not _same_model(base, model):
-            raise JobError(f"round {row['id']} was trained on {base!r}, not on {model!r}: its adapter does not fit "
-                           f"this model; start from round 0 (--from-round 0) or use the model {base!r} "
-                           "(LVLM_STUDIO_MODEL / --model)")
-        round_id = row["parent_id"]
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -411,8 +405,7 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             if parent_id is None:
                 current = store.current_round()
                 parent_id = current["id"] if current else base
-            adapter_lineage(store, parent_id)  # validates the parent chain now, not in the job
-            require_same_base(store, parent_id, settings.model)
+            adapter_lineage(store, parent_id, settings.model)  # validates the parent chain now, not in the job
             training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             check_evaluation_choice(store, cfg)
             round_id = store.create_round(parent_id, settings.model, cfg.to_dict())

@@ -491,11 +491,10 @@ class Studio:
 
         adapter: str | list[str] | None = self._round_adapter(round_id)
         if adapter is not None:
-            jobs.require_same_base(self.store, int(round_id), model)
-        if adapter is not None and self.settings.backend == "vllm":
-            model, adapter = self._vllm_round(model, int(round_id))
-        elif adapter is not None:
-            adapter = jobs.adapter_lineage(self.store, int(round_id))
+            # the chain, checked to be trained on this model (a changed LVLM_STUDIO_MODEL is refused)
+            adapter = jobs.adapter_lineage(self.store, int(round_id), model)
+            if self.settings.backend == "vllm":
+                model, adapter = self._vllm_round(model, int(round_id))
         return load_backend(model, backend=self.settings.backend, device=self.settings.device, adapter=adapter)
 
     def _vllm_round(self, model: str, round_id: int) -> tuple[str, str]:

@@ -289,9 +289,9 @@ def test_a_round_trained_on_another_base_model_is_not_continued_nor_generated_wi
             jobs.start_round(settings, {"include_auto": True}, parent_id=parent)
     store = Store(settings.db_path)
     assert len(store.list_rounds()) == 3
-    jobs.require_same_base(store, base, settings.model)  # the base round fits any model
+    jobs.adapter_lineage(store, base, settings.model)  # the base round fits any model
     store.update_round(old, base_model=f"{tmp_path}/home/../llava")
-    jobs.require_same_base(store, above, str(tmp_path / "llava"))  # one folder, two spellings
+    jobs.adapter_lineage(store, above, str(tmp_path / "llava"))  # one folder, two spellings
     store.update_round(old, base_model="demo")
     store.close()
     studio = Studio(settings)
