@@ -59,8 +59,7 @@ from typing import Any
 from lvlm_studio.config import QUANTIZATIONS, counted
 from lvlm_studio.models.base import (
     after_opening,
-    answer_closing,
-    answer_opening,
+    answer_frame,
     chat_messages,
     chat_prompt,
     system_prompt,
@@ -1228,14 +1227,16 @@ def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
     }
 
 
-def _encode_turns(processor, image, prompt_text: str, answer: str | None = None):
+def _encode_turns(processor, image, prompt_text: str, answer: str | None = None,
+                  frame: tuple[str, str] | None = None):
     """The chat prompt with its image, encoded by the processor (image tokens expanded), and the
-    answer's completion ids as a round trains on them (``AnswersAsWritten``)."""
+    answer's completion ids as a round trains on them (``AnswersAsWritten``). ``frame``: the
+    processor's ``answer_frame``, when the caller has read it already."""
     prompt = chat_prompt(processor, prompt_text)
     enc = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
     if answer is None:
         return enc, None
-    completion = answer_as_written(answer, answer_opening(processor), answer_closing(processor))
+    completion = answer_as_written(answer, *(frame or answer_frame(processor)))
     comp = processor.tokenizer([completion], return_tensors="pt", add_special_tokens=False)["input_ids"]
     return enc, comp
 
@@ -1262,7 +1263,7 @@ class AnswersAsWritten:
 
     def __init__(self, inner, processor):
         self.inner, self.processor = inner, processor
-        self.opening, self.closing = answer_opening(processor), answer_closing(processor)
+        self.opening, self.closing = answer_frame(processor)
 
     def __call__(self, examples: list[dict]) -> dict:
         return self.inner([self.render(ex) for ex in examples])
@@ -1362,10 +1363,10 @@ def sequence_logprobs(model, processor, pairs: Sequence[dict], which: str) -> li
     (teacher-forced, same chat format as training). For checks and the UI's margin display."""
     import torch
 
-    out = []
+    out, frame = [], answer_frame(processor)
     model.eval()
     for p in pairs:
-        enc, comp = _encode_turns(processor, _pair_image(p), p["prompt"], p[which])
+        enc, comp = _encode_turns(processor, _pair_image(p), p["prompt"], p[which], frame)
         ids = torch.cat([enc["input_ids"], comp], dim=1)
         with torch.no_grad():
             logits = model(

@@ -67,8 +67,7 @@ def answer_opening(processor: Any) -> str:
     turns render as "ASSISTANT: {answer}"), "" for Qwen's "assistant\n". A model asked with
     ``chat_prompt`` writes it before its answer. "" when the template renders no assistant turn
     around the opened one."""
-    around = _around_answer(processor)
-    return around[0] if around else ""
+    return answer_frame(processor)[0]
 
 
 def answer_closing(processor: Any) -> str:
@@ -77,11 +76,14 @@ def answer_closing(processor: Any) -> str:
     without the whitespace around it, or the tokenizer's EOS where the template writes only
     whitespace there (llava-hf's LLaVA-1.5 template ends the turn with a bare " ", while the model
     was trained to stop with "</s>" and generation stops at it). "" when there is neither."""
+    return answer_frame(processor)[1]
+
+
+def answer_frame(processor: Any) -> tuple[str, str]:
+    """(``answer_opening``, ``answer_closing``) from one rendering of the template."""
     around = _around_answer(processor)
-    closing = around[1].strip() if around else ""
-    if closing:
-        return closing
-    return getattr(getattr(processor, "tokenizer", processor), "eos_token", None) or ""
+    opening, closing = (around[0], around[1].strip()) if around else ("", "")
+    return opening, closing or getattr(getattr(processor, "tokenizer", processor), "eos_token", None) or ""
 
 
 def _around_answer(processor: Any) -> tuple[str, str] | None:
