@@ -264,10 +264,15 @@ def refuse_image_token(text: str | None, what: str) -> None:
 def check_text(text: str, what: str, limit: int = TEXT_MAX_CHARS) -> None:
     """Refuse an imported prompt, answer or reference longer than ``limit`` characters or holding
     the image placeholder (:func:`refuse_image_token`)."""
+    check_length(text, what, limit)
+    refuse_image_token(text, what)
+
+
+def check_length(text: str, what: str, limit: int = TEXT_MAX_CHARS) -> None:
+    """Refuse an imported text longer than ``limit`` characters."""
     if len(text) > limit:
         raise ValueError(f"{what} is {len(text):,} characters long, over the limit of {limit:,} "
                          "for an imported text; shorten it")
-    refuse_image_token(text, what)
 
 
 def check_name(name: str, what: str, limit: int = NAME_MAX_CHARS) -> None:
@@ -672,8 +677,7 @@ def _read_caption(path: Path) -> str | None:
         raise ValueError(f"the caption file is {path.stat().st_size:,} bytes, more than {TEXT_MAX_CHARS:,} "
                          "characters can take (the limit for an imported text); shorten it")
     text = raw.decode("utf-8-sig").strip()
-    if len(text) > TEXT_MAX_CHARS:
-        check_text(text, "the caption")
+    check_length(text, "the caption")
     return text or None
 
 
@@ -800,8 +804,7 @@ def _read_coco(
         captions_here = refs.get(image_id, [])
         try:
             for number, caption in enumerate(captions_here, start=1):  # all of them are stored (item meta)
-                if len(caption) > TEXT_MAX_CHARS:
-                    check_text(caption, f"caption {number}")
+                check_length(caption, f"caption {number}")
             yield _Record(
                 label,
                 safe_join(images_dir, im.get("file_name")),

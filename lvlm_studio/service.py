@@ -775,16 +775,13 @@ class Studio:
         ("references": a caption names fewer objects than an image holds, but the pairs it names
         are real co-occurrences). (None, "none") when neither gives a pair of objects: the
         injector then draws an absent object uniformly, and the run's report says so."""
-        from lvlm_studio.evaluation import get_extractor
-
         items = self.store.list_items(dataset=dataset)
         per_image = {it["image_id"]: set(map(str, it["objects"]))  # once per image, not per prompt
                      for it in items if it.get("objects")}
         source = "annotations"
         if not per_image:
-            coco = get_extractor("coco")
-            for it in items:
-                if named := set(coco.extract(it.get("reference") or "")):
+            for it in items:  # COCO's extractor: the dataset is not the world's (vocabulary())
+                if named := set(self._extractor(it).extract(it.get("reference") or "")):
                     per_image.setdefault(it["image_id"], set()).update(named)
             source = "references"
         sets = list(per_image.values())
