@@ -686,9 +686,9 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 def _only_yes_no(values: Sequence[Any], what: str) -> None:
     """POPE counts only parsed answers: a missing or raw one would fall out of TP/FP/TN/FN while
     staying in the total, and move recall, F1 and the yes-ratio without a word."""
-    bad = next((v for v in values if v not in ("yes", "no")), "yes")
-    if bad != "yes":
-        raise ValueError(f"a POPE {what} must be 'yes' or 'no' (parse_yes_no's output), got {bad!r}")
+    for value in values:
+        if value not in ("yes", "no"):
+            raise ValueError(f"a POPE {what} must be 'yes' or 'no' (parse_yes_no's output), got {value!r}")
 
 
 def paired_pope_f1(predictions_a: Sequence[str], predictions_b: Sequence[str], labels: Sequence[str],
