@@ -1091,6 +1091,8 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
                                                    callbacks=[stream])
     trainer.data_collator = AnswersAsWritten(trainer.data_collator, processor)
     lineage["answer_closing"] = trainer.data_collator.closing
+    if config.quantization is not None:
+        _adapter_in_float32(trainer.model)
     try:
         trainer.train()
         steps = int(trainer.state.global_step)
@@ -1102,6 +1104,18 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result(str(out), False, steps)
+
+
+def _adapter_in_float32(model) -> None:
+    """Keep a QLoRA round's LoRA factors in float32, as PEFT keeps them on an unquantized base. TRL
+    casts them to bf16 on a quantized model (the QLoRA paper's setting), where an Adam step of about
+    the lr is lost below bf16's resolution (2^-8 of the value): at the papers' lr 1e-7, lora_A (~1e-2)
+    never moved. The optimizer is built in ``train()``, so it steps these float32 tensors."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _warmup_leaves_a_step(trainer_class):
@@ -1216,12 +1230,14 @@ def _fsync(path: Path) -> None:
 def _hardware_record(model, base_dtype, device: str) -> dict[str, Any]:
     """What the round ran with, read off the model rather than the config's request (on CUDA the
     config's None picks bf16 and gradient checkpointing): the dtype the base was loaded in (with
-    quantization, its compute dtype; PEFT keeps the trainable and norm layers in fp32), the
-    quantized layer kind, and whether checkpointing was on."""
+    quantization, its compute dtype), the dtype the adapter trained in, the quantized layer kind, and
+    whether checkpointing was on."""
     kinds = {type(m).__name__ for m in model.modules()}
+    trained = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
     return {
         "device": device,
         "dtype": str(base_dtype).removeprefix("torch."),
+        "adapter_dtype": "/".join(trained) or None,
         "quantization": "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None,
         "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
     }

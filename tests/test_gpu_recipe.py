@@ -115,7 +115,7 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         # ... with room for the 576 image tokens and every answer (none cut),
         assert lineage["lengths"]["prompt_tokens"] > 576 and lineage["lengths"]["answers_cut"] == 0
         # ... trained in bf16 with gradient checkpointing, as read off the trained model,
-        hardware = {"device": "cpu", "dtype": "bfloat16", "quantization": None, "gradient_checkpointing": True}
+        hardware = {"device": "cpu", "dtype": "bfloat16", "adapter_dtype": "float32", "quantization": None, "gradient_checkpointing": True}
         assert metrics["hardware"] == lineage["hardware"] == hardware
         assert metrics["n_sft_rows"] == 0 and metrics["n_pairs"] == done["pairs"] >= 1
         # ... on pairs from train images only, evaluated on the val images only.

@@ -52,8 +52,14 @@ def test_qlora_rounds_on_a_4bit_base_train_chain_and_generate(tiny64, tmp_path):
     steps = [c for c in r1.curve if "loss" in c]
     assert r1.steps == 12 and steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert steps[-1]["rewards/margins"] > 0.05
-    assert r1.lineage["hardware"] == {"device": "cpu", "dtype": "float32", "quantization": "4bit",
+    assert r1.lineage["hardware"] == {"device": "cpu", "dtype": "float32", "adapter_dtype": "float32", "quantization": "4bit",
                                       "gradient_checkpointing": False}
+    # TRL casts a quantized model's LoRA factors to bf16; the round trains (and saves) them in float32,
+    # where an update the size of a low lr is not rounded away.
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{r1.adapter_path}/adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
     # The adapter trained on the 4-bit base also moves the full-precision base the right way.
     base, _ = load_base_model(tiny64)
     before = _mean_margin(base, processor, pairs)

@@ -82,7 +82,7 @@ def test_round_trains_saves_and_lineage(tiny, tmp_path):
     assert lineage["parents"] == [] and lineage["n_pairs"] == 16 and lineage["config"]["beta"] == cfg.beta
     # On CPU the config's None picks fp32 without gradient checkpointing (tests/test_gpu_recipe.py
     # forces the CUDA choice, bf16 + checkpointing, and finds it recorded).
-    assert lineage["hardware"] == {"device": "cpu", "dtype": "float32", "quantization": None,
+    assert lineage["hardware"] == {"device": "cpu", "dtype": "float32", "adapter_dtype": "float32", "quantization": None,
                                    "gradient_checkpointing": False}
 
     # The curve streamed through on_log has every key at every training step, and the reward
@@ -302,7 +302,7 @@ def test_weighted_rows_train_in_bf16_with_gradient_checkpointing(tiny, tmp_path)
                          bf16=True, gradient_checkpointing=True)
     result = train_round(pairs, tiny, None, tmp_path / "bf16", cfg)
     steps = [rec for rec in result.curve if "loss" in rec and "rewards/margins" in rec]
-    assert result.lineage["hardware"] == {"device": "cpu", "dtype": "bfloat16", "quantization": None,
+    assert result.lineage["hardware"] == {"device": "cpu", "dtype": "bfloat16", "adapter_dtype": "float32", "quantization": None,
                                           "gradient_checkpointing": True}
     assert result.lineage["dpo_row_weights"] == [0.75, 1.5] and result.lineage["n_sft_rows"] == 5
     assert len(steps) == 3 and all(rec["sft_loss"] > 0 for rec in steps)
