@@ -1140,14 +1140,14 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
     """The model a round trains (base + parent chain merged or stacked, quantized and prepared when asked) on
     this worker's device, its processor, and the hardware it resolved. The rows' sequence lengths
     are checked first (``check_sequence_lengths``, into ``lineage["lengths"]``)."""
-    import torch
+    from lvlm_studio.models.hf import cuda_has_native_bf16
 
     _, local_rank, world_size = distributed_rank()
     device = resolve_device(config.device)
     cuda = device.startswith("cuda")
     if cuda and world_size > 1:
         device = f"cuda:{local_rank}"  # one device per worker
-    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
+    bf16 = cuda and cuda_has_native_bf16(device) if config.bf16 is None else config.bf16
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
     lineage["bos_written_by_template"] = match_generation_bos(processor)

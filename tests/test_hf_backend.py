@@ -434,6 +434,26 @@ def test_resolve_dtype():
         resolve_dtype("fp8", "cpu")
 
 
+def test_auto_dtype_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100, which only emulate bf16 (far slower
+    than float16 there): 'auto' reads the device's compute capability instead."""
+    from lvlm_studio.models.hf import resolve_dtype
+
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return {0: (7, 5), 1: (8, 0)}[device.index or 0]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_dtype("auto", "cuda") == torch.float16  # a T4 (sm 7.5)
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16  # an A100 (sm 8.0): the device asked about
+    assert [str(d) for d in asked] == ["cuda", "cuda:1"]
+
+
 def test_eos_and_banned_token_ids():
     from types import SimpleNamespace as NS
 

@@ -46,8 +46,19 @@ def test_the_cache_keeps_the_most_recently_used_models_only(model_dir):
     assert registry.load_backend(str(model_dir), device="cpu") is a  # a used again: b is the oldest now
     gone = weakref.ref(b)
     del b
-    c = registry.load_backend(str(model_dir), device="cpu", dtype="float16")
+    real_load, held_while_loading = registry._load_hf, []
+
+    def load(*args):
+        held_while_loading.append(len(registry._backends))
+        return real_load(*args)
+
+    registry._load_hf = load
+    try:
+        c = registry.load_backend(str(model_dir), device="cpu", dtype="float16")
+    finally:
+        registry._load_hf = real_load
     assert len(registry._backends) == 2 and gone() is None  # dropped and its memory freed
+    assert held_while_loading == [1]  # b left before c loaded: the peak is two models, not three
     assert registry.load_backend(str(model_dir), device="cpu") is a
     assert registry.load_backend(str(model_dir), device="cpu", dtype="float16") is c
 
@@ -78,6 +89,28 @@ def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     msg = str(err.value)
     assert "some-org/not-a-real-vlm" in msg and "HF_HUB_OFFLINE" in msg and "demo" in msg
     assert "Traceback" not in msg and len(msg) < 800
+
+
+def test_a_cached_model_that_fails_to_load_is_not_reported_as_missing(monkeypatch):
+    """Only a file the cache lacks (OSError) sends the load to the Hub: a cached model that fails
+    for its own reason (not an image-text-to-text model, out of memory) says that reason, once."""
+    calls = []
+
+    def from_pretrained(path, local_files_only, **kwargs):
+        calls.append(local_files_only)
+        if path == "org/text-only":
+            raise ValueError("Unrecognized configuration class Qwen2Config for AutoModelForImageTextToText")
+        raise OSError(f"{path} does not appear to have a file named config.json")
+
+    monkeypatch.setattr(HFBackend, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="Unrecognized configuration class") as err:
+        registry.load_backend("org/text-only", device="cpu")
+    assert "not in the Hugging Face cache" not in str(err.value) and calls == [True]
+    calls.clear()
+    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        registry.load_backend("org/absent", device="cpu")
+    assert calls == [True]
 
 
 def test_adapter_missing(model_dir, tmp_path):

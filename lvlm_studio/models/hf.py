@@ -63,13 +63,22 @@ def image_key(image: Image.Image) -> str:
     return h.hexdigest()
 
 
+def cuda_has_native_bf16(device: str = "cuda") -> bool:
+    """Whether the CUDA device computes bf16 natively (compute capability 8.0 on, Ampere and later).
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (a T4, a V100),
+    where it runs far slower than float16."""
+    if torch.version.hip:  # ROCm: torch's own answer
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU that supports it, float16 on older GPUs, float32 on CPU."""
+    """'auto' is bfloat16 on a GPU that computes it natively, float16 on older GPUs, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.startswith("cuda") and torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
@@ -362,8 +371,9 @@ class HFBackend:
         if quantization is not None:
             kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
             kwargs["device_map"] = {"": device}
-        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
+        # The processor first: it is small, and a missing file fails before gigabytes of weights load.
         processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
         prepare_processor(processor, path_or_id)
         model_id = str(path_or_id)
         from .lora import as_chain

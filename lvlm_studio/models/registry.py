@@ -170,15 +170,17 @@ def load_backend(
         for folder in chain:
             if not Path(folder).is_dir():
                 raise ModelLoadError(f"Adapter directory {folder!r} does not exist.")
+        # Room first: the least recently used models go before the new one loads, so the peak is
+        # MAX_LOADED_BACKENDS models, not one more (a 7B round beside two cached ones would not fit).
+        if len(_backends) >= MAX_LOADED_BACKENDS:
+            while len(_backends) >= MAX_LOADED_BACKENDS:
+                _backends.popitem(last=False)
+            _release_memory()
         if backend == "vllm":
             loaded = _load_vllm(ref, path, dtype, chain[0] if chain else None)
         else:
             loaded = _load_hf(ref, path, local, device, dtype, list(chain) or None, quantization)
         _backends[key] = loaded
-        if len(_backends) > MAX_LOADED_BACKENDS:
-            while len(_backends) > MAX_LOADED_BACKENDS:
-                _backends.popitem(last=False)
-            _release_memory()
         return loaded
 
 
@@ -204,9 +206,7 @@ def _load_hf(ref, path, local, device, dtype, adapter, quantization):
             return attempt(local_files_only=True)
         try:
             return attempt(local_files_only=True)  # the Hub cache first: no network needed
-        except (ModelLoadError, MissingDependencyError):
-            raise
-        except Exception as cache_exc:
+        except OSError as cache_exc:  # a file the cache lacks; any other failure is the model's own
             if is_offline():
                 raise ModelLoadError(
                     f"Could not load model {ref!r}: it is not a local directory, and it is not in the "
@@ -221,7 +221,9 @@ def _load_hf(ref, path, local, device, dtype, adapter, quantization):
                     f"Download it on a connected machine (huggingface-cli download {ref}) or use 'demo' or a "
                     "local directory."
                 ) from cache_exc
-            return attempt(local_files_only=False)
+        # Outside the handler: the cache attempt's frames (and whatever it had loaded) are freed
+        # before the download loads the model again.
+        return attempt(local_files_only=False)
     except (ModelLoadError, MissingDependencyError):
         raise
     except Exception as exc:
