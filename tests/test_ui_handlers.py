@@ -6,6 +6,7 @@ documented endpoint. The same handlers over HTTP: tests/test_app.py."""
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,9 +23,10 @@ from lvlm_studio.ui.app import build_app  # noqa: E402
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
-def signed_in(name: str | None, oauth: dict | None = None) -> SimpleNamespace:
+def signed_in(name: str | None, oauth: dict | None = None, expires_at: float | None = None) -> SimpleNamespace:
     """A stand-in for gr.Request: a password-auth user name and/or an HF OAuth session."""
-    return SimpleNamespace(username=name, session={"oauth_info": {"userinfo": oauth}} if oauth else {})
+    info = {"userinfo": oauth, **({} if expires_at is None else {"expires_at": expires_at})}
+    return SimpleNamespace(username=name, session={"oauth_info": info} if oauth else {})
 
 
 def handler(demo: gr.Blocks, name: str):
@@ -102,6 +104,11 @@ def test_who_a_request_acts_as(open_studio, accounts_studio, home):
     hub = {"preferred_username": "alice", "name": "Alice Liddell"}
     assert request_user(signed_in(None, hub)) == "alice"
     assert request_user(signed_in("bob", hub)) == "bob"
+    # A Hub sign-in past its expiry is signed out (as Gradio's LoginButton shows it); a profile
+    # without its handle names nobody (a display name is anyone's to choose).
+    assert request_user(signed_in(None, hub, expires_at=time.time() + 3600)) == "alice"
+    assert request_user(signed_in(None, hub, expires_at=time.time() - 1)) is None
+    assert request_user(signed_in(None, {"name": "alice"})) is None
     assert request_user(None) is None
     # Open mode: an empty typed name is nobody in particular, not an error.
     assert acting_user(open_studio, None, "") == ""
@@ -320,6 +327,40 @@ def test_a_refused_review_action_leaves_the_panel_on_screen(open_studio):
     with pytest.raises(gr.Error, match="an edit needs the edited text") as refused:
         act["edit"](out[0], out[1], "ann", "all", "all", "pending", "   ", "", None)
     assert refused.value.print_exception is False  # a user's mistake prints no traceback in the server log
+    assert studio.store.reviewer_decision(pid, "ann") is None
+
+
+def test_an_edit_opened_for_one_pair_is_not_saved_on_the_next(open_studio):
+    """Pressing e then a fast a sends both with the same pair; when Edit's answer comes back last the
+    box holds the first pair's text while the next pair is shown. Saving it is refused, not stored on
+    the pair shown; an edit opened for the pair shown saves."""
+    studio = open_studio
+    p0, p1 = add_pairs(studio, [0.1, 0.2])
+    demo = build_app(studio)
+    load, act = _review(demo)
+    open_edit = handler(demo, "review_open_edit")
+    out = load("ann", "all", "all", "pending", None)
+    box, _, opened_for = open_edit(out[0])
+    assert opened_for == p0 and box.value == studio.get_pair(p0)["chosen"]["text"]
+    out = act["accept"](out[0], out[1], "ann", "all", "all", "pending", "", "", None)
+    assert out[0] == p1 and out[11] is None  # the next pair clears the box's owner
+    with pytest.raises(gr.Error, match=f"holds pair #{p0}'s text, but pair #{p1} is shown"):
+        act["edit"](out[0], out[1], "ann", "all", "all", "pending", box.value + " Edited.", "", None, opened_for)
+    assert studio.store.reviewer_decision(p1, "ann") is None
+    _, _, opened_for = open_edit(out[0])
+    act["edit"](out[0], out[1], "ann", "all", "all", "pending", "There is a green square.", "", None, opened_for)
+    assert studio.store.effective_label(p1)["chosen_text"] == "There is a green square."
+
+
+def test_a_bad_round_filter_is_refused_before_the_decision_is_stored(open_studio):
+    """A typed Round filter that names no round used to fail after the decision was saved: the toast
+    said the action failed, and pressing again stored a second decision."""
+    studio = open_studio
+    pid = add_pairs(studio, [0.1])[0]
+    load, act = _review(build_app(studio))
+    out = load("ann", "all", "all", "pending", None)
+    with pytest.raises(gr.Error, match="abc"):
+        act["accept"](out[0], out[1], "ann", "all", "abc", "pending", "", "", None)
     assert studio.store.reviewer_decision(pid, "ann") is None
 
 
@@ -574,6 +615,14 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     finally:
         studio.rounds = real_rounds
     assert len(reads) == 1 and f"<b>Round {r3}</b>" in polled[2]
+    # The timer's poll refreshes the Round box's choices and never its value: a tick answering after
+    # the user picked another round would put the old one back.
+    ticked = handler(demo, "poll_rounds")(str(r1))
+    assert f"<b>Round {r1}</b>" in ticked[2] and str(r3) in [c[1] for c in ticked[6].choices]
+    assert "value" not in ticked[6].constructor_args and polled[6].constructor_args["value"] == str(r3)
+    tick = next(f for f in demo.fns.values() if f.fn and f.fn.__name__ == "poll_rounds")
+    assert any(t[1] == "tick" for t in tick.targets) and not any(
+        f.fn and f.fn.__name__ == "refresh" and any(t[1] == "tick" for t in f.targets) for f in demo.fns.values())
     status = handler(demo, "round_status")(r1)
     assert status["round"]["id"] == r1 and [p["loss"] for p in status["curve"]] == [0.69]
     with pytest.raises(gr.Error, match="round 999 does not exist"):  # not a null round

@@ -6,6 +6,7 @@ Roles are enforced in ``service.Studio``; this module only works out the user na
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,11 @@ def request_user(request: Any) -> str | None:
     try:  # gr.LoginButton (HF OAuth) keeps the profile in the session
         session = request.session
         info = session.get("oauth_info") if session is not None else None
-        if info:
-            user = info.get("userinfo", {})
-            return user.get("preferred_username") or user.get("name")
+        # A sign-in past its expiry (about 8 h) counts no more, as Gradio's LoginButton shows it
+        # signed out; the session cookie itself lives two weeks.
+        if info and not (info.get("expires_at") is not None and info["expires_at"] < time.time()):
+            # The Hub handle (what an admin list names); the display name is anyone's to choose.
+            return info.get("userinfo", {}).get("preferred_username") or None
     except (AssertionError, AttributeError, KeyError, TypeError):
         pass
     return None

@@ -142,6 +142,7 @@ def method_filter_choices(studio: Studio) -> list[tuple[str, str]]:
 def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     pair_state = gr.State(None)  # current pair id
     seen_state = gr.State([])  # skipped / decided this session (kept out of the queue)
+    edit_pair = gr.State(None)  # the pair whose text the edit box was opened with
 
     with gr.Row(elem_id="review-filters"):
         method = gr.Dropdown(method_filter_choices(studio), value="all", label="Method", elem_id="review-method",
@@ -176,7 +177,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     note = gr.Textbox(label="Note (optional, saved with your next decision)", max_lines=2, elem_id="review-note")
     message = gr.HTML(elem_id="review-message")
 
-    outputs = [pair_state, seen_state, image, info, chosen, rejected, progress, edit_text, save_edit, note, message]
+    outputs = [pair_state, seen_state, image, info, chosen, rejected, progress, edit_text, save_edit, note, message,
+               edit_pair]
 
     def render(view: dict | None, seen: list, reviewer: str, msg: str = "", empty: str = "") -> tuple:
         prog = _progress_html(studio.progress(reviewer), reviewer)
@@ -184,13 +186,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if view is None:
             title_c, title_r = panel_labels(None)
             return (None, seen, None, _info_html(None, empty), gr.HighlightedText(value=None, label=title_c),
-                    gr.HighlightedText(value=None, label=title_r), prog, hidden, gr.Button(visible=False), "", msg)
+                    gr.HighlightedText(value=None, label=title_r), prog, hidden, gr.Button(visible=False), "", msg,
+                    None)
         hc, hr = pair_highlights(view["chosen"], view["rejected"])
         title_c, title_r = panel_labels(view.get("label"))
         return (view["pair_id"], seen, view["image_path"], _info_html(view),
                 gr.HighlightedText(value=hc["value"], color_map=hc["color_map"], label=title_c),
                 gr.HighlightedText(value=hr["value"], color_map=hr["color_map"], label=title_r),
-                prog, hidden, gr.Button(visible=False), "", msg)
+                prog, hidden, gr.Button(visible=False), "", msg, None)
 
     def load_next(reviewer: str, method_v: str, round_v: str, status_v: str, seen: list, msg: str = "") -> tuple:
         m = None if method_v in (None, "", "all") else method_v
@@ -206,10 +209,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     def make_action(decision: str):
         @user_errors
-        def act(pair_id, seen, typed, method_v, round_v, status_v, edit_v, note_v, request: gr.Request):
+        def act(pair_id, seen, typed, method_v, round_v, status_v, edit_v, note_v, request: gr.Request,
+                edit_for=None):
             reviewer = acting_user(studio, request, typed)
             seen = list(seen or [])
             msg = ""
+            parse_round(round_v)  # a bad filter is refused before a decision is stored, not after
+            if decision == "edit" and None not in (edit_for, pair_id) and int(edit_for) != int(pair_id):
+                # The edit box was filled for a pair an earlier action already moved past (e then a
+                # fast a): saving it would put that pair's text on the one shown now.
+                raise ValueError(f"the edit box holds pair #{int(edit_for)}'s text, but pair #{int(pair_id)} "
+                                 "is shown now: press Edit again")
             if decision == "undo":
                 res = studio.undo(reviewer)
                 if res is None:
@@ -234,7 +244,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
         return act
 
-    inputs = [pair_state, seen_state, name, method, round_, status, edit_text, note]
+    inputs = [pair_state, seen_state, name, method, round_, status, edit_text, note, edit_pair]
     # show_progress="hidden" keeps the panel on screen when an action is refused (an empty edit, a
     # pair another reviewer just changed): Gradio replaces every output of a failed event with an
     # "Error" badge unless its progress display is hidden. The actions are instant: no spinner is lost.
@@ -244,15 +254,15 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     def open_edit(pair_id):
         if pair_id is None:
-            return gr.Textbox(visible=False), gr.Button(visible=False)
+            return gr.Textbox(visible=False), gr.Button(visible=False), None
         view = studio.get_pair(int(pair_id))
         label = view["label"]  # re-editing starts from the saved edit, not from the automatic text
         text = label["chosen_text"] if label["status"] == "edit" and label.get("chosen_text") else view["chosen"]["text"]
-        return gr.Textbox(value=text, visible=True), gr.Button(visible=True)
+        return gr.Textbox(value=text, visible=True), gr.Button(visible=True), int(pair_id)
 
     focus_js = ("() => { setTimeout(() => { const t = document.querySelector('#review-edit-text textarea');"
                 " if (t) t.focus(); }, 100); }")
-    buttons["e"].click(open_edit, [pair_state], [edit_text, save_edit], api_name="review_open_edit").then(
+    buttons["e"].click(open_edit, [pair_state], [edit_text, save_edit, edit_pair], api_name="review_open_edit").then(
         None, None, None, js=focus_js)
     save_edit.click(make_action("edit"), inputs, outputs, api_name="review_edit", concurrency_limit=None,
                     show_progress="hidden")

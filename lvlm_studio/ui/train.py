@@ -183,7 +183,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     rounds_table = gr.Dataframe(rounds_frame(studio), interactive=False, elem_id="train-rounds")
     timer = gr.Timer(POLL_SECONDS)
 
-    def refresh(round_value: str | None) -> tuple:
+    def refresh(round_value: str | None, set_round: bool = True) -> tuple:
         # The timer calls this every few seconds with whatever the Round box holds (it accepts typed
         # values): an unknown round is said in the status, never raised, or it would repeat forever.
         rounds = studio.rounds()
@@ -201,9 +201,16 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         status = status_html(rnd, curve) if rnd is not None or rid is None else (
             f'<div class="round-status">No round {escape_text(round_value)}: pick one from the list.</div>')
         loss, margins, acc = curve_frames(curve)
-        return (counts_frame(studio), rounds_frame(studio, rounds), status, loss, margins, acc,
-                gr.Dropdown(choices=round_choices(studio, rounds=rounds), value=str(rid) if rnd is not None else round_value),
+        choices = round_choices(studio, rounds=rounds)
+        pick = gr.Dropdown(choices=choices, value=str(rid) if rnd is not None else round_value) if set_round else (
+            gr.Dropdown(choices=choices))
+        return (counts_frame(studio), rounds_frame(studio, rounds), status, loss, margins, acc, pick,
                 gr.Dropdown(choices=parent_choices(studio, rounds)))
+
+    def poll_rounds(round_value: str | None) -> tuple:
+        # The timer never writes the Round box: a tick sent before the user picked a round (or before
+        # Start showed the new one) can answer after it, and would put the old round back.
+        return refresh(round_value, set_round=False)
 
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
 
@@ -255,7 +262,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     objective.input(objective_learning_rate, [objective], [lr], api_name="train_objective_lr")
     cancel.click(on_cancel, [selected], outs, api_name="train_cancel")
     selected.input(refresh, [selected], outs, api_name="train_refresh")
-    timer.tick(refresh, [selected], outs, api_name=False, show_progress="hidden")
+    timer.tick(poll_rounds, [selected], outs, api_name=False, show_progress="hidden")
     timer.tick(update_methods, [methods, known_methods], [methods, known_methods], api_name=False,
                show_progress="hidden")
     def refresh_newest() -> tuple:
