@@ -204,6 +204,7 @@ def init_cmd(as_json: JsonOption = False) -> None:
     """Create the data root (LVLM_STUDIO_HOME) and its database."""
     s = settings()
     store = open_store(s)
+    store.ensure_base_round(s.model)  # round 0, the base model, as the app and the other commands make it
     result = {
         "ok": True,
         "home": str(s.home.resolve()),
@@ -296,7 +297,10 @@ def export_cmd(
     store = open_store(existing_settings())
     try:
         check_methods(store, method)  # the service's check: io.export_pairs below is called directly
-        require_round(store, round)
+        # any round a pair carries, not only the rounds table's (an import keeps its export's rounds)
+        if round is not None and store.get_round(round) is None and not store.count_pairs(round=round):
+            raise CLIError(f"no round {round}: the rounds table has none and no pair carries it (see lvlm-studio "
+                           "rounds)")
         report = io.export_pairs(
             store,
             format,
@@ -701,7 +705,9 @@ def generate_cmd(
     if n is not None and n < 1:
         raise CLIError(f"--n must be at least 1, not {n}", EXIT_USAGE)
     params = method_params(method, param)
-    s = studio(model=model, clip=clip, existing=True)
+    # --model is this run's model, passed to the call; as the studio's model it would also become
+    # round 0's base model on a fresh root, for good (a typo included).
+    s = studio(clip=clip, existing=True)
     try:
         with Progress(f"{method} pairs") as bar:
             report = s.generate(
@@ -1211,7 +1217,7 @@ def eval_cmd(
     for option, value in (("--n", n), ("--max-new-tokens", max_new_tokens)):
         if value < 1:
             raise CLIError(f"{option} must be at least 1, not {value}", EXIT_USAGE)
-    s = studio(model=model)
+    s = studio()  # --model is this evaluation's, passed to the call (not round 0's base model)
     try:
         require_round(s.store, round)
         with Progress(f"eval round {round}") as bar:

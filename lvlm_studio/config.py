@@ -76,15 +76,21 @@ def debug_enabled() -> bool:
     return os.environ.get("LVLM_STUDIO_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _env(name: str, default: str) -> str:
+    """A setting from the environment; set but empty (``LVLM_STUDIO_HOME=``) is the default, not ""
+    (an empty home was the working directory: the store landed wherever the command ran)."""
+    return os.environ.get(name, "").strip() or default
+
+
 @dataclass
 class Settings:
-    home: Path = field(default_factory=lambda: Path(os.environ.get("LVLM_STUDIO_HOME", DEFAULT_HOME)))
-    model: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_MODEL", "demo"))
-    clip: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_CLIP", "demo"))
-    device: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_DEVICE", "auto"))
+    home: Path = field(default_factory=lambda: Path(_env("LVLM_STUDIO_HOME", str(DEFAULT_HOME))))
+    model: str = field(default_factory=lambda: _env("LVLM_STUDIO_MODEL", "demo"))
+    clip: str = field(default_factory=lambda: _env("LVLM_STUDIO_CLIP", "demo"))
+    device: str = field(default_factory=lambda: _env("LVLM_STUDIO_DEVICE", "auto"))
     # Which library generates for the app, the CLI and the service: "hf" (transformers, default) or
     # "vllm" (CUDA only, an optional extra). Round jobs train and evaluate with transformers.
-    backend: str = field(default_factory=lambda: os.environ.get("LVLM_STUDIO_BACKEND", "hf"))
+    backend: str = field(default_factory=lambda: _env("LVLM_STUDIO_BACKEND", "hf"))
     max_pixels: int = field(default_factory=lambda: _env_count("LVLM_STUDIO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
     max_side: int = DEFAULT_MAX_SIDE
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES

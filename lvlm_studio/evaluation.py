@@ -765,10 +765,9 @@ def _load_image(item: dict):
     image = item.get("image")
     if image is not None:
         return image
-    from PIL import Image
+    from lvlm_studio.media import load_image  # as training reads it: transparency over white
 
-    with Image.open(item["image_path"]) as im:
-        return im.convert("RGB")
+    return load_image(item["image_path"])
 
 
 def evaluate_backend(

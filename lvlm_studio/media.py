@@ -426,7 +426,11 @@ def stored_files(settings: Settings) -> set[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open a stored image fully decoded as RGB (the file handle is closed)."""
-    with Image.open(path) as im:
-        im.load()
-        return _to_rgb(im).copy()
+    """Open a stored image fully decoded as RGB (the file handle is closed). A file that no longer
+    decodes (replaced, truncated or removed since its import) is ``ImageRejected``, naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_rgb(im).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(str(path), f"the stored image cannot be read ({type(exc).__name__}: {exc})") from exc

@@ -147,10 +147,17 @@ def parse_users(spec: str | None) -> dict[str, User]:
     else:
         if isinstance(data, dict):
             data = [{"name": k, **(v if isinstance(v, dict) else {"password": v})} for k, v in data.items()]
+        if not isinstance(data, list):
+            raise ValueError(f"users JSON is an object or a list of accounts, not {type(data).__name__}")
         for rec in data:
+            if not isinstance(rec, dict):
+                raise ValueError(f"a user entry is an object with name, password and role, not {rec!r}")
             name = rec.get("name") or rec.get("username")
             if not name:
                 raise ValueError(f"user entry without a name: {rec!r}")
+            for key in ("name", "username", "password", "role"):
+                if rec.get(key) is not None and not isinstance(rec[key], str):
+                    raise ValueError(f"user {name!r}: {key} is text, not {type(rec[key]).__name__}")
             users[name] = User(name, rec.get("password"), rec.get("role") or "reviewer")
     for user in users.values():
         if user.role not in ROLES:
@@ -609,6 +616,12 @@ class Studio:
         runner = {"csr": self._gen_csr, "povid": self._gen_povid, "stic": self._gen_stic}[method]
         runner(model, round_id, todo, dict(params or {}), seed, report, progress)
         report["seconds"] = round_(time.perf_counter() - t0)
+        if report.get("unreadable_items"):
+            ids = report["unreadable_items"]
+            report["note"] = (report["note"] + "; " if report.get("note") else "") + (
+                f"{len(ids)} item(s) skipped because their stored image can no longer be read (changed or "
+                f"damaged on disk since the import; items {', '.join(map(str, ids[:10]))}"
+                f"{', …' if len(ids) > 10 else ''}): they are not marked done")
         if report["no_pair"]:
             report["note"] = (report["note"] + "; " if report.get("note") else "") + (
                 f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
@@ -618,11 +631,21 @@ class Studio:
     def _prov(self, method: str, model: str, round_id: int, params: dict, seed: int) -> dict:
         return {"model": model, "round": round_id, "params": {"method": method, **params}, "seed": seed}
 
-    def _open_image(self, item: dict) -> Any:
-        from PIL import Image
+    @staticmethod
+    def _readable(chunk: list[dict], report: dict) -> list[tuple[dict, Any]]:
+        """The chunk's items with their images, read as training reads them (``media.load_image``:
+        transparency over white). An item whose stored image can no longer be read (changed or
+        damaged on disk since its import) is counted in the report and left for a later run, instead
+        of ending the run with it."""
+        from lvlm_studio.media import ImageRejected, load_image
 
-        with Image.open(item["image_path"]) as im:
-            return im.convert("RGB")
+        readable = []
+        for it in chunk:
+            try:
+                readable.append((it, load_image(it["image_path"])))
+            except ImageRejected:
+                report.setdefault("unreadable_items", []).append(it["id"])
+        return readable
 
     def _world_defaults(self, items: list[dict], params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
         """``params`` plus the ``defaults`` it does not set, when every item is a world item."""
@@ -662,9 +685,10 @@ class Studio:
         prov = self._prov("csr", model, round_id, csr_generation_record(config), seed)
         step = max(1, config.item_batch)
         for lo in range(0, len(items), step):
-            chunk = items[lo:lo + step]
-            inputs = [(self._open_image(it), it["prompt"], it["image_id"], item_seed(seed, it)) for it in chunk]
-            results = run_csr(backend, scorer, inputs, config)
+            readable = self._readable(items[lo:lo + step], report)
+            chunk = [it for it, _ in readable]
+            inputs = [(image, it["prompt"], it["image_id"], item_seed(seed, it)) for it, image in readable]
+            results = run_csr(backend, scorer, inputs, config) if inputs else []
             for it, res in zip(chunk, results, strict=True):
                 if not res.has_pair:
                     report["no_pair"] += 1
@@ -747,11 +771,12 @@ class Studio:
             groups = [vocabulary(it) for it in chunk]
             # one call per vocabulary (world items use the world's words and co-occurrence prior)
             for vocab in {id(v): v for v in groups}.values():
-                sub = [it for it, v in zip(chunk, groups, strict=True) if v is vocab]
-                inputs = [povid.POVIDItem(self._open_image(it), it["prompt"], it["reference"], it["image_id"],
+                readable = self._readable([it for it, v in zip(chunk, groups, strict=True) if v is vocab], report)
+                sub = [it for it, _ in readable]
+                inputs = [povid.POVIDItem(image, it["prompt"], it["reference"], it["image_id"],
                                           list(it.get("objects") or []) or None, item_seed(seed, it))
-                          for it in sub]
-                results = povid.build_povid_pairs(backend, inputs, config, vocabulary=vocab)
+                          for it, image in readable]
+                results = povid.build_povid_pairs(backend, inputs, config, vocabulary=vocab) if inputs else []
                 for it, res in zip(sub, results, strict=True):
                     cands, pairs = _povid_rows(res, model, round_id, seed, config)
                     self._write(it, cands, pairs, report)
@@ -815,9 +840,10 @@ class Studio:
         backend = self.backend(model, round_id)
         step = max(1, config.batch_size)
         for lo in range(0, len(items), step):
-            chunk = items[lo:lo + step]
-            results = stic.build_stic_pairs(
-                backend, [(self._open_image(it), it["image_id"], item_seed(seed, it)) for it in chunk], config)
+            readable = self._readable(items[lo:lo + step], report)
+            chunk = [it for it, _ in readable]
+            inputs = [(image, it["image_id"], item_seed(seed, it)) for it, image in readable]
+            results = stic.build_stic_pairs(backend, inputs, config) if inputs else []
             for it, res in zip(chunk, results, strict=True):
                 if not res.has_pair:
                     report["no_pair"] += 1
@@ -1100,6 +1126,9 @@ class Studio:
                              " (the world's test split holds none: lvlm-studio eval adds them)"))
         ref = model or rnd.get("base_model") or self.settings.model
         backend = self.backend(ref, round_id or None)
+        # A round evaluated describe-then-respond by its job (STIC's stage 2) is evaluated so again:
+        # its answers and metrics are replaced, and must stay comparable with the job's.
+        describe_prompt = self._describe_prompt(rnd)
         params = None
         if max_new_tokens:
             from lvlm_studio.models.base import GenerationParams
@@ -1107,13 +1136,26 @@ class Studio:
             params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
         metrics, rows = evaluation.evaluate_backend(
             backend, items, evaluation.get_extractor("shapesworld"), params,
-            progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None)
+            progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None,
+            describe_prompt=describe_prompt)
+        metrics["describe_first"] = describe_prompt is not None
         if meta is not None:
             metrics = {**metrics, "model": ref, **meta}
         with self.store.transaction():  # the answers and their metrics land together or not at all
             self.store.add_eval_outputs(round_id, rows)
             self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
         return metrics
+
+    @staticmethod
+    def _describe_prompt(rnd: dict) -> str | None:
+        """The prompt a round describes the image with before each question when evaluated (its
+        config's ``describes_first``: STIC's stage-2 rounds), else None."""
+        if not rnd.get("config"):  # round 0, the base model: plain answers
+            return None
+        from lvlm_studio.training import DPORoundConfig
+
+        cfg = DPORoundConfig.from_dict(rnd["config"])
+        return cfg.describe_prompt if cfg.describes_first else None
 
     def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
         return [_eval_item(it) for it in self._items_by_id(item_ids)]
@@ -1181,6 +1223,15 @@ class Studio:
         if self.store.get_round(round_id) is None:  # before thousands of scenes are rendered and stored
             raise NotFoundError(f"round {round_id} does not exist")
         self._round_adapter(round_id)  # a round without a finished adapter is refused here too
+        # The model too, before the scenes are rendered: a mistyped path or id (or a round trained
+        # on another base) used to fail only after n scenes were added to the store.
+        from lvlm_studio import jobs
+        from lvlm_studio.models.registry import check_model_ref
+
+        ref = model or self.store.get_round(round_id).get("base_model") or self.settings.model
+        check_model_ref(ref)
+        if round_id != BASE_ROUND_ID:
+            jobs.adapter_lineage(self.store, round_id, ref)
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
                                 max_new_tokens=max_new_tokens,

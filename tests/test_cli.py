@@ -240,7 +240,11 @@ def test_export_options_select_pairs_and_stats_shows_reviews(home, settings, tmp
     result = run("export", str(out), "--include-auto", "--overwrite", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == 3, result.output
     result = run("export", str(tmp_path / "r1"), "--include-auto", "--round", "1")
-    assert result.exit_code == 1 and "round 1 does not exist" in result.stderr
+    assert result.exit_code == 1 and "no round 1: the rounds table has none and no pair carries it" in result.stderr
+    # Round 0 of an import-only root is in no rounds table yet, but its pairs carry it (review next
+    # --round 0 reached them; export refused them).
+    result = run("export", str(tmp_path / "r0"), "--include-auto", "--round", "0", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == 3, result.output
 
     made = Studio(settings, users={}, admins=())  # holds the base round 0
     assert made.store.create_round(0, "demo", {}, status="done") == 1  # round 1: it exists, but made no pairs
@@ -356,3 +360,16 @@ def test_commands_that_read_the_store_refuse_a_data_root_without_one(home, tmp_p
                                               "with the demo world"), args
     assert not home.exists() and not (tmp_path / "out").exists()
     assert run("init").exit_code == 0 and run("stats").exit_code == 0
+
+
+def test_an_empty_setting_is_its_default_not_the_working_directory(monkeypatch, tmp_path):
+    """`LVLM_STUDIO_HOME= lvlm-studio init` used to make the working directory the data root
+    (studio.db, images/, adapters/ wherever the command ran); an empty model was no model."""
+    from lvlm_studio.config import DEFAULT_HOME, Settings
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("LVLM_STUDIO_HOME", "LVLM_STUDIO_MODEL", "LVLM_STUDIO_CLIP", "LVLM_STUDIO_DEVICE",
+                 "LVLM_STUDIO_BACKEND"):
+        monkeypatch.setenv(name, " ")
+    s = Settings()
+    assert s.home == tmp_path / DEFAULT_HOME and (s.model, s.clip, s.device, s.backend) == ("demo", "demo", "auto", "hf")

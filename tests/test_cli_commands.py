@@ -683,6 +683,26 @@ def test_cancel_a_finished_round_and_the_timeout_option(env, monkeypatch):
     assert f"error: round {slow} finished before the cancel reached it" in result.stderr
 
 
+def test_a_commands_model_stays_that_commands_and_eval_checks_it_before_rendering(env, tmp_path):
+    """generate/eval --model is that run's model: on a fresh root it used to become round 0's base
+    model for good (a typo included, and every later eval failed on it); eval with a model that
+    cannot load used to render and store its n scenes first."""
+    from conftest import write_image
+
+    assert ok_json("init")
+    for k in range(2):
+        write_image(tmp_path / "pics" / f"{k}.png", seed=k)
+    ok_json("import", tmp_path / "pics")
+    fails("generate", "--method", "stic", "--model", "./typo-model", message="No model directory at './typo-model'")
+    fails("eval", "--model", "./typo-model", "--n", 50, message="No model directory at './typo-model'")
+    store = open_store(env)
+    try:
+        assert store.get_round(0)["base_model"] == "demo"
+        assert store.count_items(dataset="shapesworld") == 0  # nothing rendered for the failed eval
+    finally:
+        store.close()
+
+
 def test_rounds_lists_stored_rounds(env):
     """rounds --json: config, pid, pairs, duration; a round whose process is gone is marked failed on
     the way; the table shows progress in percent and each failed round's reason."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -644,6 +646,12 @@ def test_parse_users_refuses_malformed_entries_and_defaults_to_reviewer():
             parse_users(bad)
     assert parse_users('[{"name": "erin", "password": "p"}]')["erin"] == User("erin", "p", "reviewer")
     assert parse_users('{"finn": "pw"}')["finn"] == User("finn", "pw", "reviewer")
+    # JSON of the wrong shape is a clear refusal, not a crash now (or at sign-in, for a number password)
+    for bad, message in (('["alice"]', "a user entry is an object"),
+                         ('{"alice": 123}', "password is text, not int"),
+                         ('[{"name": "bo", "role": ["admin"]}]', "role is text, not list")):
+        with pytest.raises(ValueError, match=message):
+            parse_users(bad)
 
 
 def test_a_misspelt_method_is_refused_by_export_and_rounds_alike(studio, make_pairs, tmp_path):
@@ -925,3 +933,64 @@ def test_compare_pairs_pope_probes_answered_by_both_rounds(studio, make_items):
     res = studio.compare(0, r1)["paired_pope"]
     assert res == paired_pope_f1(said[0], said[1], labels)
     assert res["n"] == 5 and res["f1_a"] == pytest.approx(0.75) and res["f1_b"] == pytest.approx(0.8)
+
+
+def test_an_item_whose_stored_image_was_damaged_is_skipped_and_named_not_fatal(studio):
+    """A stored image changed on disk after its import (truncated, overwritten) used to end a
+    generate run with PIL's traceback; the run pairs the other items, names the skipped ones and
+    leaves them undone. Evaluation says which file, as a clear error."""
+    from lvlm_studio.evaluation import _load_image
+    from lvlm_studio.media import ImageRejected
+
+    studio.seed_demo(n_train=4, n_test=0, pairs_per_method=0)
+    items = studio._describe_items(split="train")
+    broken = items[1]
+    Path(broken["image_path"]).write_bytes(b"garbage, not a PNG")
+    report = studio.generate("povid", item_ids=[it["id"] for it in items], params={"make_image_rejected": False})
+    assert report["unreadable_items"] == [broken["id"]] and report["pairs"] == 3
+    assert f"items {broken['id']}" in report["note"] and "can no longer be read" in report["note"]
+    assert broken["id"] not in studio.store.items_with_pairs("povid", 0)
+    with pytest.raises(ImageRejected, match="stored image cannot be read"):
+        _load_image(broken)
+
+
+def test_generation_and_evaluation_see_a_transparent_image_as_training_does(tmp_path):
+    """Training reads a stored RGBA PNG over white (media.load_image); generation and evaluation
+    used Pillow's convert("RGB"), which shows the hidden colour of transparent pixels instead."""
+    from PIL import Image
+
+    from lvlm_studio.evaluation import _load_image
+    from lvlm_studio.media import load_image
+
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(path)
+    report: dict = {}
+    [(_, generated)] = Studio._readable([{"id": 1, "image_path": str(path)}], report)
+    evaluated = _load_image({"image_path": str(path)})
+    assert generated.getpixel((0, 0)) == evaluated.getpixel((0, 0)) == load_image(path).getpixel((0, 0)) == (255, 255, 255)
+    assert report == {}
+
+
+def test_evaluating_a_stic_stage_2_round_again_describes_first_as_its_job_did(studio, monkeypatch):
+    """The round job evaluates STIC's stage-2 rounds describe-then-respond; `eval --round` and the
+    Compare tab's Evaluate replaced those answers and metrics with plain ones."""
+    from lvlm_studio import evaluation
+    from lvlm_studio.training import DPORoundConfig
+
+    stic = studio.store.create_round(0, "demo", {"objective": "stic_infusion"}, status="done")
+    dpo = studio.store.create_round(0, "demo", {"methods": ["csr"]}, status="done")
+    assert Studio._describe_prompt(studio.store.get_round(stic)) == DPORoundConfig().describe_prompt
+    assert Studio._describe_prompt(studio.store.get_round(dpo)) is None
+    assert Studio._describe_prompt(studio.store.get_round(0)) is None
+    studio.ensure_world_items("test", 1)
+    asked = []
+
+    def answer(backend, items, extractor, params=None, batch_size=8, progress=None, should_stop=None,
+               describe_prompt=None):
+        asked.append(describe_prompt)
+        return {"chair_s": 0.0}, []
+
+    monkeypatch.setattr(evaluation, "evaluate_backend", answer)
+    monkeypatch.setattr(studio, "backend", lambda model, round_id=None: None)
+    assert studio.evaluate(stic)["describe_first"] is True and studio.evaluate(dpo)["describe_first"] is False
+    assert asked == [DPORoundConfig().describe_prompt, None]
