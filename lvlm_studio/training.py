@@ -162,7 +162,10 @@ class DPORoundConfig:
     # batch's chosen answers, length-independent, so one weight fits short demo answers and long
     # COCO descriptions. "sum_1024": STIC's reference code, each chosen answer's summed NLL / 1024,
     # averaged over the batch: T/1024 of token_mean's pull at the same weight for a T-token answer
-    # (a 300-token description ~3.4x less, a 50-token answer ~20x less).
+    # (a 300-token description ~3.4x less, a 50-token answer ~20x less). token_mean averages over
+    # one micro-batch (batch_size rows on one device), and accumulation then averages micro-batches:
+    # batch 8 weighs every token alike, batch 1 x accumulation 8 every answer alike (a yes/no
+    # answer pulls as hard as a long description). The DPO term and sum_1024 do not depend on it.
     sft_normalization: str = "token_mean"
     # POVID's two-term loss (the paper's 0.5·DPO(text-hallucinated) + 0.5·DPO(noisy-image)):
     # each term's pairs weigh half of the POVID loss (povid_row_weights; module docstring). POVID's
