@@ -35,6 +35,7 @@ def test_space_front_matter_matches_the_checkout():
     [spec] = [r for r in specs if r.name == "gradio"]
     assert spec.specifier.contains(meta["sdk_version"]), (spec, meta["sdk_version"])
     assert meta["python_version"] == "3.11"
+    assert len(meta["short_description"]) <= 60  # the Hub refuses a longer one
     # the app shows HF's sign-in button on a Space (SPACE_ID): the Space must enable OAuth for it
     assert meta["hf_oauth"] == "true"
 
