@@ -372,6 +372,13 @@ def test_demo_build_small(env, tmp_path):
     assert (out / "vlm" / "config.json").is_file() and (out / "clip" / "open_clip_config.json").is_file()
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["build"]["train_scenes"] == 64 and recipe["seed"] == 0 and recipe["build"]["eval_scenes"] == 3
+    # A config's seed holds when no seed is passed (it was overwritten with 0), and the config is not changed.
+    from lvlm_studio.world.build import BuildConfig, build_demo
+
+    config = BuildConfig(seed=5, vlm_steps=2, clip_steps=2, train_scenes=64, eval_scenes=3, threads=1)
+    assert build_demo(tmp_path / "seeded", config=config, progress=False, evaluate=False)["seed"] == 5
+    assert build_demo(tmp_path / "seeded", seed=7, config=config, progress=False, evaluate=False)["seed"] == 7
+    assert config.seed == 5
     # Refused before anything is built (small sizes, so that a missing check fails fast, not in minutes).
     small = ["--clip-steps", "2", "--no-eval", "--quiet", "--threads", "1"]
     fails("demo", "build", "--out", tmp_path / "x", "--vlm-steps", "2", "--train-scenes", "10", *small,

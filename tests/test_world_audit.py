@@ -291,6 +291,9 @@ def test_adversarial_fallback_is_the_most_co_occurring_absent_category():
     assert tied_sets
     for present in tied_sets:
         assert negative_probe(present, "adversarial", random.Random(0)) == expected(present)[0]
+    # An empty scene (WorldConfig(min_objects=0) allows one) has no partner and no co-occurrence:
+    # its adversarial probe is the most popular object, not a crash.
+    assert negative_probe(set(), "adversarial", random.Random(0)) == negative_probe(set(), "popular", random.Random(0))
 
 
 class _IterOrder(set):
@@ -446,6 +449,10 @@ def test_describe_metrics_count_chair_recall_and_prior_driven_hallucinations():
     clean = describe_metrics(["There is a small red circle at the top."], [["red circle"]])
     assert clean["chair_s"] == clean["chair_i"] == 0 and clean["top_hallucination"] is None
     assert clean["top_is_prior_partner"] is None
+    # The recipe's CHAIR reads answers as the evaluation does: a size between colour and shape, a hyphen.
+    odd = ["There is a red large circle at the top.", "There is a red-circle at the top."]
+    m = describe_metrics(odd, [["blue square"], ["blue square"]])
+    assert m["chair_s"] == 1.0 and m["hallucinated_objects"] == {"red circle": 2}
 
 
 def test_pope_metrics_parse_answers_and_score_them(monkeypatch):

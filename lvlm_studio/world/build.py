@@ -31,7 +31,6 @@ from .vocab import (
     POSITIONS,
     PRIOR_PARTNERS,
     SIZES,
-    category_mentions,
     vocab_hash,
     world_words,
 )
@@ -242,12 +241,17 @@ def generate_answers(model, processor, images, prompt: str = DESCRIBE_PROMPT, ba
 
 
 def describe_metrics(answers: list[str], truths: list[list[str]]) -> dict:
-    """CHAIR_s, CHAIR_i, recall, and where the hallucinations come from (prior partner or not)."""
+    """CHAIR_s, CHAIR_i, recall, and where the hallucinations come from (prior partner or not).
+    Mentions are read by the evaluation's own extractor, so the recipe's figures are CHAIR as
+    ``lvlm-studio eval`` computes it (a size between colour and shape, a hyphen)."""
+    from lvlm_studio.evaluation import get_extractor
+
+    extract = get_extractor("shapesworld").extract
     n_mentions = n_halluc = n_caps_h = gt_total = gt_hit = 0
     halluc: Counter = Counter()
     prior_driven = 0
     for answer, truth in zip(answers, truths, strict=True):
-        mentions = category_mentions(answer)
+        mentions = extract(answer)
         present = set(truth)
         bad = [m for m in mentions if m not in present]
         n_mentions += len(mentions)
@@ -428,20 +432,22 @@ def _dir_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------------------- build
 def build_demo(
     out_dir: str | Path = DEMO_DIR,
-    seed: int = 0,
+    seed: int | None = None,
     vlm_steps: int | None = None,
     clip_steps: int | None = None,
     progress: bool = True,
     evaluate: bool = True,
     config: BuildConfig | None = None,
 ) -> dict:
-    """Train and save the demo VLM and CLIP into ``out_dir``; return the recipe (also recipe.json)."""
+    """Train and save the demo VLM and CLIP into ``out_dir``; return the recipe (also recipe.json).
+    ``seed`` (and the step counts) override ``config``'s, which is not changed; neither given: 0."""
     import open_clip
     import torch
     import transformers
 
-    cfg = config or BuildConfig()
-    cfg.seed = seed
+    cfg = replace(config) if config is not None else BuildConfig()
+    if seed is not None:
+        cfg.seed = seed
     if vlm_steps is not None:
         cfg.vlm_steps = vlm_steps
     if clip_steps is not None:
@@ -495,7 +501,7 @@ def build_demo(
 
     words = world_words()
     recipe = {
-        "seed": seed,
+        "seed": cfg.seed,
         "build": {k: v for k, v in asdict(cfg).items() if k != "world"},
         "world": cfg.world.to_dict(),
         "prior_partners": PRIOR_PARTNERS,

@@ -72,6 +72,8 @@ def negative_probe(present: set[str], mode: str, rng: random.Random) -> str | No
     if mode == "popular":
         return next(c for c in popularity() if c in absent)
     if mode == "adversarial":
+        if not present:  # an empty scene (WorldConfig(min_objects=0)): no partner, no co-occurrence
+            return next(c for c in popularity() if c in absent)
         partners = [PRIOR_PARTNERS[c] for c in sorted(present) if c in PRIOR_PARTNERS]
         partners = [p for p in partners if p in absent]
         if partners:
