@@ -40,7 +40,7 @@ from .base import (
 )
 from .lora import lora_rank
 
-INSTALL_HINT = "pip install -r requirements-gpu.txt"
+INSTALL_HINT = "pip install -r requirements-gpu.txt && pip install --no-deps -e . (on a CUDA machine)"
 _counter = itertools.count()
 # The LoRA ranks vLLM's engine accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks; default 16).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
