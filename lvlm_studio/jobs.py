@@ -747,7 +747,8 @@ def run_round(round_id: int, home: str | Path) -> int:
         base_path = resolve_model_path(row["base_model"] or settings.model)
         pairs = training_material(store, cfg)  # again: pairs may have changed since the round was queued
         what = "instruction items (STIC stage 2)" if cfg.objective == "stic_infusion" else "pairs"
-        log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}")
+        log(f"training on {len(pairs)} {what}; base {base_path}; parent chain {chain or '(base model)'}; "
+            f"{torch.get_num_threads()} torch thread(s)")
         other_prompt = 0 if cfg.objective == "stic_infusion" else pairs_under_other_system_prompt(store, pairs, log)
         out_dir = settings.adapters_dir / round_dirname(round_id)
         last_progress = [0.0]

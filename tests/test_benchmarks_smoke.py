@@ -66,8 +66,9 @@ def test_csr_search_benchmark(models, home, capsys):
     assert ref["clip_image_encodes"] == ref["clip_calls"] > eng["clip_calls"]
     assert ref["backend_calls"] > eng["backend_calls"]
     assert record["config"]["num_candidates"] == 5 and record["config"]["diversity_penalty"] == 3.0
-    assert isinstance(record["match"], bool)
-    assert record["match"] == (record["n_mismatches"] == 0)
+    # the engine writes the reference loop's sentences with the same scores (within float noise)
+    assert record["match"] is True and record["n_mismatches"] == 0
+    assert record["max_abs_diff"]["text_logprob"] < 1e-4
     assert ("same sentences and scores: yes" in out) == record["match"]
 
 

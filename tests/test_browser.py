@@ -25,7 +25,9 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--headless=new"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Where the review screenshot goes: a folder named by LVLM_STUDIO_TEST_ARTIFACTS, else the test's
+# temporary folder (never the working tree).
+ARTIFACTS_ENV = "LVLM_STUDIO_TEST_ARTIFACTS"
 IMG_XSS = "<img src=x onerror=alert(1)>"
 SCRIPT_XSS = "<script>alert('pwned')</script>"
 
@@ -78,7 +80,7 @@ def served(home):
     studio.store.close()
 
 
-def test_review_keyboard_accept_escaping_and_screenshot(served):
+def test_review_keyboard_accept_escaping_and_screenshot(served, tmp_path):
     studio, url, hostile, r1 = served
     with open_page(url) as (page, dialogs):
         info = page.locator("#review-info")
@@ -106,8 +108,10 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
         # the next pair (a ShapesWorld POVID pair with injected hallucinations) is up: screenshot it
         assert page.locator("#review-note textarea, #review-note input").first.input_value() == ""
         page.wait_for_timeout(700)
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
+        shots = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "review.png"), full_page=True)
+        assert (shots / "review.png").stat().st_size > 10_000
         # "u" undoes it and brings the pair back
         page.keyboard.press("u")
         expect(page.locator("#review-message")).to_contain_text("Undid", timeout=15_000)
@@ -131,8 +135,11 @@ def test_review_keyboard_accept_escaping_and_screenshot(served):
 
         # The reviewer name typed in open mode survives a reload (it used to fall back to "guest").
         page.get_by_role("tab", name="Review").click()
+        stored = page.evaluate("() => localStorage.getItem('lvlm-studio-reviewer') || ''")
         page.locator("#reviewer-name input, #reviewer-name textarea").first.fill("ann")
-        page.wait_for_timeout(500)
+        # the name is in the browser's storage (encrypted: its entry changes) before the reload
+        page.wait_for_function("(before) => (localStorage.getItem('lvlm-studio-reviewer') || '') !== before",
+                               arg=stored, timeout=15_000)
         page.reload(wait_until="domcontentloaded")
         expect(page.locator("#reviewer-name input, #reviewer-name textarea").first).to_have_value("ann", timeout=30_000)
         expect(page.locator("#review-info")).to_contain_text("pair #", timeout=30_000)
@@ -179,7 +186,8 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         items_before = studio.store.count_items()
         page.get_by_role("tab", name="Data").click()
         page.locator("#data-upload input[type=file]").set_input_files([str(good), str(bad)])
-        page.wait_for_timeout(1500)  # the upload finishes before the button reads the files
+        # the upload has finished (the box lists the files) before the button reads them
+        expect(page.locator("#data-upload")).to_contain_text("photo.png", timeout=30_000)
         page.locator("#data-upload-run").click()
         result = page.locator("#data-summary")  # the readable report (the JSON is folded away)
         expect(result).to_contain_text("1 image added, 1 refused", timeout=30_000)

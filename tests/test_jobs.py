@@ -109,6 +109,7 @@ def test_full_round_through_subprocess(trained):
     log = Path(row["log_path"]).read_text()
     assert row["status"] == "done", (row["error"], log[-3000:])
     assert "Loading weights" not in log and "it/s" not in log  # no library progress bars in a log file
+    assert os.environ["LVLM_STUDIO_THREADS"] == "1" and "; 1 torch thread(s)" in log  # the job took the setting
     assert rid == 1 and row["parent_id"] == 0 and row["progress"] == pytest.approx(1.0)
     adapter = Path(row["adapter_path"])
     assert adapter == settings.adapters_dir / f"round-{rid}"  # storage/adapters/round-N/

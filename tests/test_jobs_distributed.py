@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_jobs import FAST, LONG, _wait_for_steps, assert_store_intact, make_home
 
 from lvlm_studio import jobs
@@ -84,10 +85,12 @@ def test_two_process_round_shards_data_and_writes_once(home):
     finally:
         store.close()
     # The adapter loads on top of its parent like any single-process one.
-    from lvlm_studio.training import materialize_round_model
+    from lvlm_studio.training import load_base_model, materialize_round_model
 
     model, _ = materialize_round_model(settings.model, [str(adapter)])
-    assert model is not None
+    base = load_base_model(settings.model)[0].state_dict()
+    moved = [k for k, v in model.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert moved and all("language_model" in k for k in moved)  # the trained LoRA, merged into its layers
 
 
 def test_two_process_round_with_the_sft_term_on_some_pairs_only(home):

@@ -714,3 +714,52 @@ def test_refusal_messages_show_what_the_user_typed_as_text_not_html(open_studio)
         handler(build_app(open_studio), "get_pair")(HOSTILE)
     assert "<" not in refused.value.message and "&lt;img src=x onerror=alert(1)&gt;" in refused.value.message
     assert refused.value.message.startswith("pair id must be a whole number, not '")
+
+
+def test_each_review_shortcut_key_clicks_the_button_of_its_action(open_studio):
+    """The page's key handler clicks the button SHORTCUTS names for a key: each of those buttons
+    runs that key's action (the browser test presses a, u and k; this covers every key)."""
+    from lvlm_studio.ui.review import SHORTCUTS
+
+    demo = build_app(open_studio)
+    action = {"a": "review_accept", "s": "review_swap", "r": "review_reject_both", "e": "review_open_edit",
+              "k": "review_skip", "u": "review_undo"}
+    assert set(SHORTCUTS) == set(action)
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    for key, (elem_id, label) in SHORTCUTS.items():
+        button = blocks[elem_id]
+        assert f"[{key}]" in button.value and label in button.value
+        clicks = {f.api_name for f in demo.fns.values() if (button._id, "click") in f.targets}
+        assert action[key] in clicks, (key, clicks)
+    from lvlm_studio.ui.app import shortcut_script
+
+    script = shortcut_script()
+    for key, (elem_id, _) in SHORTCUTS.items():
+        assert f'"{key}": "{elem_id}"' in script  # the page's key handler: key -> that button
+
+
+def test_accounts_and_admins_come_from_the_environment(home, monkeypatch, tmp_path):
+    """LVLM_STUDIO_USERS (inline or a JSON file's path), LVLM_STUDIO_USERS_FILE as its fallback,
+    and LVLM_STUDIO_ADMINS (names, spaces and empty entries ignored) reach a Studio built plainly."""
+    import json
+
+    accounts = tmp_path / "users.json"
+    accounts.write_text(json.dumps({"alice": {"password": "pw", "role": "admin"}, "bob": "secret"}))
+    for var, value in (("LVLM_STUDIO_USERS", str(accounts)), ("LVLM_STUDIO_USERS_FILE", str(accounts))):
+        monkeypatch.delenv("LVLM_STUDIO_USERS", raising=False)
+        monkeypatch.delenv("LVLM_STUDIO_ADMINS", raising=False)
+        monkeypatch.setenv(var, value)
+        studio = Studio(Settings(home=home))
+        try:
+            assert studio.role("alice") == "admin" and studio.role("bob") == "reviewer" and not studio.open_mode
+            assert studio.check_password("bob", "secret") and not studio.check_password("bob", "pw")
+        finally:
+            studio.store.close()
+    monkeypatch.delenv("LVLM_STUDIO_USERS_FILE")
+    monkeypatch.setenv("LVLM_STUDIO_ADMINS", " carol , dan ,")
+    studio = Studio(Settings(home=home))
+    try:
+        assert studio.admins == {"carol", "dan"} and studio.role("carol") == "admin" and not studio.open_mode
+        assert studio.role("erin") != "admin"
+    finally:
+        studio.store.close()
