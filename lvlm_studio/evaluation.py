@@ -692,41 +692,55 @@ def _only_yes_no(values: Sequence[Any], what: str) -> None:
 
 
 def paired_pope_f1(predictions_a: Sequence[str], predictions_b: Sequence[str], labels: Sequence[str],
-                   resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+                   resamples: int = 10_000, seed: int = 0, groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """POPE F1 of two models on the same probes, and a paired bootstrap p-value for their difference:
     the probes are resampled with replacement ``resamples`` times, both models' F1 recomputed on each
     resample, and p is the share of resamples whose difference lies at least as far from the observed
     one as the observed one lies from 0 (two-sided, the null centred on the observed difference), plus
     one in numerator and denominator. F1 is not a mean over probes, so McNemar does not apply; the
-    bootstrap keeps each probe's pair of answers together."""
+    bootstrap keeps each probe's pair of answers together.
+
+    ``groups``: the unit resampled, one key per probe (the image it asks about): POPE asks a yes and
+    a no probe of each image, which share its picture and are not independent, so an image's probes
+    are drawn together (a cluster bootstrap). None: each probe on its own."""
     import numpy as np
 
     if not len(predictions_a) == len(predictions_b) == len(labels):
         raise ValueError(f"{len(predictions_a)} and {len(predictions_b)} predictions for {len(labels)} labels")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} probes")
     n = len(labels)
     f1_a = pope_metrics(list(predictions_a), list(labels))["f1"]
     f1_b = pope_metrics(list(predictions_b), list(labels))["f1"]
     if n == 0:
-        return {"n": 0, "f1_a": None, "f1_b": None, "p_value": 1.0, "resamples": 0}
+        return {"n": 0, "units": 0, "f1_a": None, "f1_b": None, "p_value": 1.0, "resamples": 0}
     truth = np.array([t == "yes" for t in labels])
-    yes_a = np.array([p == "yes" for p in predictions_a])
-    yes_b = np.array([p == "yes" for p in predictions_b])
+    index: dict[Any, int] = {}
+    unit = np.arange(n) if groups is None else np.array([index.setdefault(g, len(index)) for g in groups])
+    k = int(unit.max()) + 1
+
+    def per_unit(predictions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        said = np.array([p == "yes" for p in predictions])
+        tp = np.bincount(unit, weights=said & truth, minlength=k)
+        wrong = np.bincount(unit, weights=said != truth, minlength=k)  # false positives + false negatives
+        return tp, wrong
+
+    (tp_a, wrong_a), (tp_b, wrong_b) = per_unit(predictions_a), per_unit(predictions_b)
     rng = np.random.default_rng(seed)
 
-    def f1(yes: np.ndarray, picks: np.ndarray) -> np.ndarray:
-        said, true = yes[picks], truth[picks]
-        tp = (said & true).sum(1)
-        wrong = (said != true).sum(1)  # false positives + false negatives
+    def f1(tp: np.ndarray, wrong: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        t, w = tp[picks].sum(1), wrong[picks].sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(tp > 0, 2 * tp / (2 * tp + wrong), 0.0)  # F1 = 2TP / (2TP + FP + FN)
+            return np.where(t > 0, 2 * t / (2 * t + w), 0.0)  # F1 = 2TP / (2TP + FP + FN)
 
     observed = f1_b - f1_a
     far = 0
-    for start in range(0, resamples, 1000):  # in chunks: 1000 x n indices at a time
-        picks = rng.integers(0, n, size=(min(1000, resamples - start), n))
-        diffs = f1(yes_b, picks) - f1(yes_a, picks)
+    for start in range(0, resamples, 1000):  # in chunks: 1000 x k indices at a time
+        picks = rng.integers(0, k, size=(min(1000, resamples - start), k))
+        diffs = f1(tp_b, wrong_b, picks) - f1(tp_a, wrong_a, picks)
         far += int((np.abs(diffs - observed) >= abs(observed) - 1e-12).sum())
-    return {"n": n, "f1_a": f1_a, "f1_b": f1_b, "p_value": (far + 1) / (resamples + 1), "resamples": resamples}
+    return {"n": n, "units": k, "f1_a": f1_a, "f1_b": f1_b, "p_value": (far + 1) / (resamples + 1),
+            "resamples": resamples}
 
 
 def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b: str, alpha: float = 0.05) -> str:
@@ -734,8 +748,11 @@ def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b:
     if not paired or not paired["n"]:
         return "no POPE probes answered by both: nothing to compare probe by probe"
     verdict = ("a real change" if paired["p_value"] < alpha else "within noise") + f" at p < {alpha:g}"
+    units = paired.get("units", paired["n"])
+    over = f" over {units} images" if units != paired["n"] else ""
     return (f"POPE F1 on the same {paired['n']} probes: {paired['f1_a']:.3f} ({label_a}) -> {paired['f1_b']:.3f} "
-            f"({label_b}); paired bootstrap p = {paired['p_value']:.3g} ({paired['resamples']} resamples): {verdict}")
+            f"({label_b}); paired bootstrap{over} p = {paired['p_value']:.3g} ({paired['resamples']} resamples): "
+            f"{verdict}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1463,12 +1463,14 @@ def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
     """evaluation.paired_pope_f1 over the POPE probes both rounds answered."""
     from lvlm_studio.evaluation import paired_pope_f1
 
-    both = [(pa, pb) for i in sorted(set(out_a) & set(out_b))
+    both = [(i, pa, pb) for i in sorted(set(out_a) & set(out_b))
             if (pa := _pope_probe(out_a[i])) is not None and (pb := _pope_probe(out_b[i])) is not None]
     if not both:
         return None
-    return paired_pope_f1([pa.get("prediction") for pa, _ in both], [pb.get("prediction") for _, pb in both],
-                          [pa["label"] for pa, _ in both])
+    # An image's probes (POPE asks a yes and a no of each) are resampled together.
+    return paired_pope_f1([pa.get("prediction") for _, pa, _ in both], [pb.get("prediction") for _, _, pb in both],
+                          [pa["label"] for _, pa, _ in both],
+                          groups=[out_a[i].get("image_id", f"item-{i}") for i, _, _ in both])
 
 
 def item_seed(seed: int, item: dict) -> int:

@@ -418,6 +418,25 @@ def test_paired_pope_f1_tells_a_real_change_from_noise():
     assert paired_pope_f1(a, c, labels, seed=3) == paired_pope_f1(a, c, labels, seed=3)
     assert "a real change at p < 0.05" in paired_pope_f1_summary(res, "round 0", "round 1")
     assert "within noise" in paired_pope_f1_summary(paired_pope_f1(a, c, labels), "A", "B")
+
+
+def test_paired_pope_f1_resamples_an_images_probes_together():
+    """POPE asks a yes and a no probe of each image: with ``groups`` the bootstrap draws images, not
+    probes. A change confined to one of 10 images (40 probes each) looks certain probe by probe and
+    is noise image by image; one group per probe is the probe bootstrap, draw for draw."""
+    labels = ["yes", "no"] * 200
+    a = ["yes"] * 400
+    b = [("no" if i < 40 and i % 2 else p) for i, p in enumerate(a)]  # 20 fixes, all in image 0
+    images = [f"img-{i // 40}" for i in range(400)]
+    probe_level = paired_pope_f1(a, b, labels)
+    image_level = paired_pope_f1(a, b, labels, groups=images)
+    assert probe_level["p_value"] < 0.01 and image_level["p_value"] > 0.2
+    assert image_level["units"] == 10 and probe_level["units"] == 400
+    assert (image_level["f1_a"], image_level["f1_b"]) == (probe_level["f1_a"], probe_level["f1_b"])
+    assert paired_pope_f1(a, b, labels, groups=list(range(400))) == probe_level
+    assert "bootstrap over 10 images" in paired_pope_f1_summary(image_level, "A", "B")
+    with pytest.raises(ValueError, match="3 groups for 400 probes"):
+        paired_pope_f1(a, b, labels, groups=[1, 2, 3])
     assert "nothing to compare" in paired_pope_f1_summary(None, "A", "B")
     with pytest.raises(ValueError, match="predictions for"):
         paired_pope_f1(a, b[:-1], labels)

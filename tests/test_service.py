@@ -931,8 +931,18 @@ def test_compare_pairs_pope_probes_answered_by_both_rounds(studio, make_items):
     studio.store.add_eval_outputs(r1, [{"item_id": items[5], "answer": "Yes.",
                                         "meta": {"kind": "pope", "label": "yes", "prediction": "yes"}}])
     res = studio.compare(0, r1)["paired_pope"]
-    assert res == paired_pope_f1(said[0], said[1], labels)
+    assert res == paired_pope_f1(said[0], said[1], labels)  # five images, one probe each
     assert res["n"] == 5 and res["f1_a"] == pytest.approx(0.75) and res["f1_b"] == pytest.approx(0.8)
+    # A second probe of items[0]'s image is drawn with it (POPE asks a yes and a no of each image).
+    image = studio.store.get_item(items[0])["image_id"]
+    twin = studio.store.add_item(image, "Is there a blue square in the image?")
+    for rid, said_now in ((0, "yes"), (r1, "no")):
+        studio.store.add_eval_outputs(rid, [{"item_id": twin, "answer": said_now.capitalize() + ".",
+                                             "meta": {"kind": "pope", "label": "no", "prediction": said_now}}])
+    res = studio.compare(0, r1)["paired_pope"]
+    images = [studio.store.get_item(i)["image_id"] for i in (*items[:5], twin)]
+    assert res["n"] == 6 and res["units"] == 5
+    assert res == paired_pope_f1([*said[0], "yes"], [*said[1], "no"], [*labels, "no"], groups=images)
 
 
 def test_an_item_whose_stored_image_was_damaged_is_skipped_and_named_not_fatal(studio):
