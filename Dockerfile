@@ -35,8 +35,9 @@ USER 1000
 
 EXPOSE 7860
 VOLUME ["/app/storage"]
+# The port the app listens on (PORT first, as app.py reads it).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=5)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % (os.environ.get('PORT') or os.environ.get('GRADIO_SERVER_PORT') or '7860'), timeout=5)"
 # LVLM_STUDIO_MODEL selects the model (demo, a local path, or a Hub id). vLLM is installed:
 # LVLM_STUDIO_BACKEND=vllm makes the app generate with it; round jobs train and evaluate with
 # transformers.

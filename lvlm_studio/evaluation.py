@@ -734,6 +734,8 @@ def paired_pope_f1(predictions_a: Sequence[str], predictions_b: Sequence[str], l
             return np.where(t > 0, 2 * t / (2 * t + w), 0.0)  # F1 = 2TP / (2TP + FP + FN)
 
     observed = f1_b - f1_a
+    if k < 2:  # one image: every resample is the sample itself, and any difference would look certain
+        return {"n": n, "units": k, "f1_a": f1_a, "f1_b": f1_b, "p_value": 1.0, "resamples": 0}
     far = 0
     for start in range(0, resamples, 1000):  # in chunks: 1000 x k indices at a time
         picks = rng.integers(0, k, size=(min(1000, resamples - start), k))
@@ -749,6 +751,9 @@ def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b:
         return "no POPE probes answered by both: nothing to compare probe by probe"
     verdict = ("a real change" if paired["p_value"] < alpha else "within noise") + f" at p < {alpha:g}"
     units = paired.get("units", paired["n"])
+    if units < 2:
+        return (f"POPE F1 on the same {paired['n']} probes: {paired['f1_a']:.3f} ({label_a}) -> {paired['f1_b']:.3f} "
+                f"({label_b}); too few images ({units}) to test the change")
     over = f" over {units} images" if units != paired["n"] else ""
     return (f"POPE F1 on the same {paired['n']} probes: {paired['f1_a']:.3f} ({label_a}) -> {paired['f1_b']:.3f} "
             f"({label_b}); paired bootstrap{over} p = {paired['p_value']:.3g} ({paired['resamples']} resamples): "

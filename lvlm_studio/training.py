@@ -1094,8 +1094,8 @@ def _run_round(trainer_class, make_args: Callable[[dict], Any], dataset, rows: S
                                                    callbacks=[stream])
     trainer.data_collator = AnswersAsWritten(trainer.data_collator, processor)
     lineage["answer_closing"] = trainer.data_collator.closing
-    if config.quantization is not None:
-        _adapter_in_float32(trainer.model)
+    if config.quantization is not None or any(getattr(model, f"is_loaded_in_{b}bit", False) for b in (4, 8)):
+        _adapter_in_float32(trainer.model)  # also a checkpoint saved quantized
     try:
         trainer.train()
         steps = int(trainer.state.global_step)
@@ -1143,14 +1143,16 @@ def _training_model(base_model_path, chain: list[str], config: DPORoundConfig, r
     """The model a round trains (base + parent chain merged or stacked, quantized and prepared when asked) on
     this worker's device, its processor, and the hardware it resolved. The rows' sequence lengths
     are checked first (``check_sequence_lengths``, into ``lineage["lengths"]``)."""
-    from lvlm_studio.models.hf import cuda_has_native_bf16
+    import torch
 
     _, local_rank, world_size = distributed_rank()
     device = resolve_device(config.device)
     cuda = device.startswith("cuda")
     if cuda and world_size > 1:
         device = f"cuda:{local_rank}"  # one device per worker
-    bf16 = cuda and cuda_has_native_bf16(device) if config.bf16 is None else config.bf16
+    # bf16 on every CUDA GPU, emulated below sm 8.0 (a T4, a V100): slower there, but half of
+    # float32's memory, and this path has no fp16 mixed precision (generation uses fp16 there).
+    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
     grad_ckpt = cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     model, processor = load_base_model(str(base_model_path), device, bf16, config.quantization)
     lineage["bos_written_by_template"] = match_generation_bos(processor)

@@ -437,6 +437,11 @@ def test_paired_pope_f1_resamples_an_images_probes_together():
     assert "bootstrap over 10 images" in paired_pope_f1_summary(image_level, "A", "B")
     with pytest.raises(ValueError, match="3 groups for 400 probes"):
         paired_pope_f1(a, b, labels, groups=[1, 2, 3])
+    # One image: every resample is the sample itself, so no difference can be tested (it used to
+    # come out as p = 1/(resamples+1), "a real change").
+    one = paired_pope_f1(["yes", "yes"], ["yes", "no"], ["yes", "no"], groups=["img", "img"])
+    assert one["units"] == 1 and one["p_value"] == 1.0 and one["f1_b"] > one["f1_a"]
+    assert "too few images (1) to test the change" in paired_pope_f1_summary(one, "A", "B")
     assert "nothing to compare" in paired_pope_f1_summary(None, "A", "B")
     with pytest.raises(ValueError, match="predictions for"):
         paired_pope_f1(a, b[:-1], labels)

@@ -91,8 +91,9 @@ def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_a_cached_model_that_fails_to_load_is_not_reported_as_missing(monkeypatch):
-    """Only a file the cache lacks (OSError) sends the load to the Hub: a cached model that fails
-    for its own reason (not an image-text-to-text model, out of memory) says that reason, once."""
+    """Offline, a cached model that fails for its own reason (not an image-text-to-text model, out
+    of memory) says that reason, once, not "not in the cache"; a file the cache lacks (OSError)
+    says that. Online, any cache failure is tried again with downloads."""
     calls = []
 
     def from_pretrained(path, local_files_only, **kwargs):
@@ -110,6 +111,14 @@ def test_a_cached_model_that_fails_to_load_is_not_reported_as_missing(monkeypatc
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         registry.load_backend("org/absent", device="cpu")
     assert calls == [True]
+    # Online, any cache failure retries with downloads (a half-written cache is completed that way).
+    calls.clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(registry, "hub_unreachable", lambda: None)
+    with pytest.raises(ModelLoadError, match="Unrecognized configuration class"):
+        registry.load_backend("org/text-only", device="cpu")
+    assert calls == [True, False]
 
 
 def test_adapter_missing(model_dir, tmp_path):

@@ -620,6 +620,8 @@ def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio)
     ticked = handler(demo, "poll_rounds")(str(r1))
     assert f"<b>Round {r1}</b>" in ticked[2] and str(r3) in [c[1] for c in ticked[6].choices]
     assert "value" not in ticked[6].constructor_args and polled[6].constructor_args["value"] == str(r3)
+    # an empty box (no round when the page loaded; one started elsewhere since) is filled, so Cancel has a round
+    assert handler(demo, "poll_rounds")(None)[6].constructor_args["value"] == str(r3)
     tick = next(f for f in demo.fns.values() if f.fn and f.fn.__name__ == "poll_rounds")
     assert any(t[1] == "tick" for t in tick.targets) and not any(
         f.fn and f.fn.__name__ == "refresh" and any(t[1] == "tick" for t in f.targets) for f in demo.fns.values())

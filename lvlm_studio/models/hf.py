@@ -127,7 +127,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(
-            "quantization needs the 'bitsandbytes' package: pip install -r requirements-gpu.txt"
+            "quantization needs the 'bitsandbytes' package: pip install 'bitsandbytes>=0.50.2,<0.51'"
         ) from exc
     from transformers import BitsAndBytesConfig
 

@@ -206,7 +206,18 @@ def _load_hf(ref, path, local, device, dtype, adapter, quantization):
             return attempt(local_files_only=True)
         try:
             return attempt(local_files_only=True)  # the Hub cache first: no network needed
-        except OSError as cache_exc:  # a file the cache lacks; any other failure is the model's own
+        except (ModelLoadError, MissingDependencyError):
+            raise
+        except Exception as cache_exc:
+            # A file the cache lacks is an OSError; another failure (not an image-text-to-text model,
+            # out of memory) is the model's own, and offline it is said as it is. Online, any failure
+            # retries with downloads: a cache left half-written (a tokenizer config without its
+            # tokenizer file fails with a ValueError) is completed that way.
+            if not isinstance(cache_exc, OSError) and (is_offline() or hub_unreachable() is not None):
+                raise ModelLoadError(
+                    f"Could not load model {ref!r} from the Hugging Face cache: {_one_line(cache_exc)}. Check "
+                    "that it is an image-text-to-text model with a processor, or use 'demo' or a local directory."
+                ) from cache_exc
             if is_offline():
                 raise ModelLoadError(
                     f"Could not load model {ref!r}: it is not a local directory, and it is not in the "

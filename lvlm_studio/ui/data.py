@@ -91,10 +91,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return studio.upload_images(list(paths), prompt=prompt_v or "Describe the image.",
                                     dataset=dataset_v or "uploads", progress=bar(progress))
 
-    # The bars show on the summary: the report they fill sits in a closed accordion.
+    # The bars show on the summary: the report they fill sits in a closed accordion. The summary is
+    # written on success only (.success: a failed run leaves it cleared, not showing an old report).
     # Decoding a large image takes hundreds of MB: a few uploads at a time, the rest queue.
     upload.click(on_upload, [files, prompt, up_dataset], [result], api_name="upload_images",
-                 show_progress_on=[summary], concurrency_limit=2, concurrency_id="image_intake").then(
+                 show_progress_on=[summary], concurrency_limit=2, concurrency_id="image_intake").success(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
@@ -109,7 +110,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     imported = do_import.click(on_import, [path, kind, imp_dataset], [result], api_name="import_path",
                                show_progress_on=[summary], concurrency_limit=2,
-                               concurrency_id="image_intake").then(
+                               concurrency_id="image_intake").success(
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
@@ -122,7 +123,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         shown = {("folder" if k == "path" else k): v for k, v in rep.items()}
         return shown, rep["zip"]
 
-    export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export").then(
+    export.click(on_export, [fmt, ex_methods, ex_auto], [result, download], api_name="export").success(
         report_markdown, [result], [summary], api_name=False)
 
     def on_stats(current: list[str] | None = None, known: list[str] | None = None) -> tuple:

@@ -69,7 +69,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     clear_on_click(run, summary)
     run.click(on_run, [method, model, round_, dataset, split, n, seed, params], [result], api_name="generate_run",
               concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[summary]
-              ).then(report_markdown, [result], [summary], api_name=False)
+              ).success(report_markdown, [result], [summary], api_name=False)
 
     def generate_rounds() -> gr.Dropdown:  # a round that finished since is offered to generate with
         return gr.Dropdown(choices=round_choices(studio, done_only=True))

@@ -208,9 +208,10 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                 gr.Dropdown(choices=parent_choices(studio, rounds)))
 
     def poll_rounds(round_value: str | None) -> tuple:
-        # The timer never writes the Round box: a tick sent before the user picked a round (or before
-        # Start showed the new one) can answer after it, and would put the old round back.
-        return refresh(round_value, set_round=False)
+        # The timer writes the Round box only while it is empty (a round started elsewhere fills it,
+        # so Cancel has a round): a tick sent before the user picked a round (or before Start showed
+        # the new one) can answer after it, and would put the old round back.
+        return refresh(round_value, set_round=not round_value)
 
     outs = [counts, rounds_table, status, loss_plot, margin_plot, acc_plot, selected, parent]
 

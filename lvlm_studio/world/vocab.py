@@ -71,8 +71,8 @@ _CATEGORY_RE = re.compile(
 def category_mentions(text: str) -> list[str]:
     """Every "<colour> <shape>" in ``text``, in order (a reference extractor for world text).
 
-    evaluation.py owns the project's extraction; this is the world's own minimal version, used by
-    the demo build to measure its model.
+    evaluation.py owns the project's extraction (the demo build measures its model with it too);
+    this is the world's own minimal version, which the world's tests read their captions with.
     """
     return [f"{c.lower()} {s.lower()}" for c, s in _CATEGORY_RE.findall(text)]
 
