@@ -123,7 +123,7 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     metrics, paired, html, _plot, _note = client.predict("0", "0", False, api_name="/compare_view")
     assert captions[0]["answer"].split(".")[0] in html
     assert f"POPE F1 on the same {len(outputs) - 2} probes: {ev['pope_f1']:.3f} (round 0)" in paired  # probe by probe
-    assert "paired bootstrap p = 1 " in paired
+    assert "paired bootstrap over 2 images p = 1 " in paired  # each scene's probes drawn together
     assert metrics["data"][0][1:5] == [round(ev[k], 4) for k in ("chair_s", "chair_i", "recall", "pope_f1")]
     # What the field can get wrong is said, and nothing is evaluated.
     for n, match in ((0, "test scenes: between 1 and 5000"), (5001, "between 1 and 5000"),

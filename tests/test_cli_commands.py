@@ -287,7 +287,9 @@ def test_compare_reports_pope_f1_probe_by_probe(env):
 
     seed(train=1, test=2)
     studio = Studio(Settings(), users={}, admins=())
-    probes = studio.eval_items(kinds=("pope",))[:2]
+    # one probe of each of two images (the bootstrap draws images: one image leaves nothing to test)
+    probes = list({studio.store.get_item(p["item_id"])["image_id"]: p for p in studio.eval_items(kinds=("pope",))
+                   }.values())[:2]
     r1 = studio.store.create_round(0, "m", {}, status="done")
     for rid, answers in ((0, ("yes", "yes")), (r1, ("yes", "no"))):  # labels yes / no
         studio.store.add_eval_outputs(rid, [
@@ -296,6 +298,7 @@ def test_compare_reports_pope_f1_probe_by_probe(env):
     studio.store.close()
     text = run("compare", "0", str(r1)).stdout
     assert f"POPE F1 on the same 2 probes: 0.667 (round 0) -> 1.000 (round {r1}); paired bootstrap p = " in text
+    assert len(probes) == 2
     paired = ok_json("compare", "0", str(r1))["paired_pope"]
     assert (paired["n"], paired["f1_a"], paired["f1_b"]) == (2, pytest.approx(2 / 3), 1.0)
 
