@@ -424,17 +424,27 @@ def _interrupt(proc: subprocess.Popen) -> None:
 def test_serve_in_a_real_process(env):
     port = _free_port()
     proc_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "lvlm_studio", "serve", "--port", str(port), "--no-seed", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=proc_env)
+    import queue
+    import threading
+
+    # stderr to a file (a pipe nobody reads could fill and block the server); stdout read on a
+    # thread, so the deadline holds even if the server never prints a line
+    errors = env.parent / "serve.err"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lvlm_studio", "serve", "--port", str(port), "--no-seed",
+                                 "--json"], stdout=subprocess.PIPE, stderr=err, text=True, env=proc_env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
     try:
-        text = ""
+        text, line = "", ""
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read()
+        while not line.startswith("}"):  # the JSON's closing brace (nested ones are indented)
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"serve printed no JSON in 90 s: {text!r}\n{errors.read_text()[-2000:]}")
+            assert line, f"serve ended: {text!r}\n{errors.read_text()[-2000:]}"
             text += line
-            if line.startswith("}"):
-                break
         info = json.loads(text)
         assert info["ok"] and info["port"] == port and info["url"].startswith(f"http://127.0.0.1:{port}")
         assert info["auth"].startswith("open mode")
