@@ -627,7 +627,7 @@ def _evaluate(model, processor, model_id: str, device: str, items, extractor, cf
     backend = HFBackend(model, processor, model_id, device)
     params = GenerationParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
     metrics, rows = evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop,
-                                     describe_prompt=cfg.describe_prompt if cfg.describes_first else None)
+                                     describe_prompt=cfg.evaluation_describe_prompt)
     metrics["describe_first"] = cfg.describes_first
     return metrics, rows
 

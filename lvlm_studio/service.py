@@ -618,14 +618,12 @@ class Studio:
         report["seconds"] = round_(time.perf_counter() - t0)
         if report.get("unreadable_items"):
             ids = report["unreadable_items"]
-            report["note"] = (report["note"] + "; " if report.get("note") else "") + (
-                f"{len(ids)} item(s) skipped because their stored image can no longer be read (changed or "
-                f"damaged on disk since the import; items {', '.join(map(str, ids[:10]))}"
-                f"{', …' if len(ids) > 10 else ''}): they are not marked done")
+            _add_note(report, f"{len(ids)} item(s) skipped because their stored image can no longer be read (changed or "
+                              f"damaged on disk since the import; items {', '.join(map(str, ids[:10]))}"
+                              f"{', …' if len(ids) > 10 else ''}): they are not marked done")
         if report["no_pair"]:
-            report["note"] = (report["note"] + "; " if report.get("note") else "") + (
-                f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
-                "done, so the next run tries them again: another seed or other parameters may pair them")
+            _add_note(report, f"{report['no_pair']} item(s) gave no pair ({_NO_PAIR_WHY[method]}); they are not marked "
+                              "done, so the next run tries them again: another seed or other parameters may pair them")
         return report
 
     def _prov(self, method: str, model: str, round_id: int, params: dict, seed: int) -> dict:
@@ -786,7 +784,7 @@ class Studio:
         if "object" in config.categories:
             report["povid_cooccurrence"] = dict(sorted(sources.items()))
             if uniform := [d for d, source in sorted(sources.items()) if source == "none"]:
-                report["note"] = (f"POVID drew injected objects uniformly for dataset(s) {', '.join(uniform)}: no "
+                _add_note(report, f"POVID drew injected objects uniformly for dataset(s) {', '.join(uniform)}: no "
                                   "annotated image and no reference names two COCO objects, so there is no "
                                   "co-occurrence to pick a plausible absent object from (import object "
                                   "annotations, e.g. COCO instances, for the paper's co-occurring objects)")
@@ -1124,7 +1122,7 @@ class Studio:
         if not items:  # an empty evaluation would replace the round's metrics with nothing
             raise ValueError("no items to evaluate" + ("" if item_ids is not None else
                              " (the world's test split holds none: lvlm-studio eval adds them)"))
-        ref = model or rnd.get("base_model") or self.settings.model
+        ref = self._evaluation_model(rnd, model)
         backend = self.backend(ref, round_id or None)
         # A round evaluated describe-then-respond by its job (STIC's stage 2) is evaluated so again:
         # its answers and metrics are replaced, and must stay comparable with the job's.
@@ -1146,6 +1144,10 @@ class Studio:
             self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
         return metrics
 
+    def _evaluation_model(self, rnd: dict, model: str | None) -> str:
+        """The model a round is evaluated with: ``model`` when given, else the base it trained on."""
+        return model or rnd.get("base_model") or self.settings.model
+
     @staticmethod
     def _describe_prompt(rnd: dict) -> str | None:
         """The prompt a round describes the image with before each question when evaluated (its
@@ -1154,8 +1156,7 @@ class Studio:
             return None
         from lvlm_studio.training import DPORoundConfig
 
-        cfg = DPORoundConfig.from_dict(rnd["config"])
-        return cfg.describe_prompt if cfg.describes_first else None
+        return DPORoundConfig.from_dict(rnd["config"]).evaluation_describe_prompt
 
     def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
         return [_eval_item(it) for it in self._items_by_id(item_ids)]
@@ -1220,17 +1221,18 @@ class Studio:
         if whole_number(n, "the number of evaluation scenes", high=MAX_WORLD_SCENES) < 1:  # an empty evaluation would replace the metrics
             raise ValueError(f"the number of evaluation scenes must be at least 1, not {n}")
         round_id = whole_number(round_id, "round")
-        if self.store.get_round(round_id) is None:  # before thousands of scenes are rendered and stored
+        rnd = self.store.get_round(round_id)
+        if rnd is None:  # before thousands of scenes are rendered and stored
             raise NotFoundError(f"round {round_id} does not exist")
-        self._round_adapter(round_id)  # a round without a finished adapter is refused here too
+        adapter = self._round_adapter(round_id)  # a round without a finished adapter is refused here too
         # The model too, before the scenes are rendered: a mistyped path or id (or a round trained
         # on another base) used to fail only after n scenes were added to the store.
         from lvlm_studio import jobs
         from lvlm_studio.models.registry import check_model_ref
 
-        ref = model or self.store.get_round(round_id).get("base_model") or self.settings.model
+        ref = self._evaluation_model(rnd, model)
         check_model_ref(ref)
-        if round_id != BASE_ROUND_ID:
+        if adapter is not None:
             jobs.adapter_lineage(self.store, round_id, ref)
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
@@ -1471,6 +1473,11 @@ def _paired_pope_f1(out_a: dict[int, dict], out_b: dict[int, dict]) -> dict | No
     return paired_pope_f1([pa.get("prediction") for _, pa, _ in both], [pb.get("prediction") for _, _, pb in both],
                           [pa["label"] for _, pa, _ in both],
                           groups=[out_a[i].get("image_id", f"item-{i}") for i, _, _ in both])
+
+
+def _add_note(report: dict, text: str) -> None:
+    """Add ``text`` to a run report's note (notes join with "; ")."""
+    report["note"] = f"{report['note']}; {text}" if report.get("note") else text
 
 
 def item_seed(seed: int, item: dict) -> int:

@@ -315,6 +315,11 @@ class DPORoundConfig:
         """Whether evaluation describes the image before answering a question (STIC's inference)."""
         return self.objective == "stic_infusion" if self.eval_describe_first is None else self.eval_describe_first
 
+    @property
+    def evaluation_describe_prompt(self) -> str | None:
+        """The prompt evaluation describes the image with before each question, or None (``describes_first``)."""
+        return self.describe_prompt if self.describes_first else None
+
     def loss_types(self) -> tuple[list[str], list[float]]:
         """TRL's loss_type / loss_weights when every row has the same weights (otherwise
         ``train_round`` weights rows with ``weighted_dpo_trainer_class``)."""

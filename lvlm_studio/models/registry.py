@@ -85,6 +85,21 @@ def resolve_model_ref(ref: str) -> tuple[str, bool]:
     return ref, False
 
 
+def _no_download_reason() -> str | None:
+    """Why a Hub id the cache lacks cannot be downloaded now (offline, or the Hub unreachable: one
+    probe), or None when it can."""
+    if is_offline():
+        return "downloading is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
+    unreachable = hub_unreachable()
+    return None if unreachable is None else f"the Hub cannot be reached ({unreachable})"
+
+
+def _not_cached_message(ref: str, cause: str, why: str) -> str:
+    return (f"Could not load model {ref!r}: it is not a local directory, and it is not in the Hugging Face "
+            f"cache{cause}; {why}. Download it on a connected machine (huggingface-cli download {ref}) or use "
+            "'demo' or a local directory.")
+
+
 def check_model_ref(ref: str) -> None:
     """Refuse a model that cannot load, without loading it: a missing demo or local directory, a
     malformed id, a Hub id the cache lacks while downloading is off or the Hub cannot be reached
@@ -101,14 +116,8 @@ def check_model_ref(ref: str) -> None:
             return
     except HFValidationError as exc:  # 'org/a--b', 'x.git', ...: the Hub's own rules
         raise ModelLoadError(f"{ref!r} is not a valid Hugging Face model id ({exc})") from exc
-    why = ("downloading is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if is_offline()
-           else f"the Hub cannot be reached ({unreachable})" if (unreachable := hub_unreachable()) else None)
-    if why is not None:
-        raise ModelLoadError(
-            f"Could not load model {ref!r}: it is not a local directory, and it is not in the Hugging Face "
-            f"cache; {why}. Download it on a connected machine (huggingface-cli download {ref}) or use "
-            "'demo' or a local directory."
-        )
+    if (why := _no_download_reason()) is not None:
+        raise ModelLoadError(_not_cached_message(ref, "", why))
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -213,25 +222,14 @@ def _load_hf(ref, path, local, device, dtype, adapter, quantization):
             # out of memory) is the model's own, and offline it is said as it is. Online, any failure
             # retries with downloads: a cache left half-written (a tokenizer config without its
             # tokenizer file fails with a ValueError) is completed that way.
-            if not isinstance(cache_exc, OSError) and (is_offline() or hub_unreachable() is not None):
-                raise ModelLoadError(
-                    f"Could not load model {ref!r} from the Hugging Face cache: {_one_line(cache_exc)}. Check "
-                    "that it is an image-text-to-text model with a processor, or use 'demo' or a local directory."
-                ) from cache_exc
-            if is_offline():
-                raise ModelLoadError(
-                    f"Could not load model {ref!r}: it is not a local directory, and it is not in the "
-                    f"Hugging Face cache ({_one_line(cache_exc)}); downloading is off (HF_HUB_OFFLINE/"
-                    "TRANSFORMERS_OFFLINE is set). Download it on a connected machine "
-                    f"(huggingface-cli download {ref}) or use 'demo' or a local directory."
-                ) from cache_exc
-            if (unreachable := hub_unreachable()) is not None:
-                raise ModelLoadError(
-                    f"Could not load model {ref!r}: it is not a local directory, and it is not in the "
-                    f"Hugging Face cache ({_one_line(cache_exc)}); the Hub cannot be reached ({unreachable}). "
-                    f"Download it on a connected machine (huggingface-cli download {ref}) or use 'demo' or a "
-                    "local directory."
-                ) from cache_exc
+            if (no_download := _no_download_reason()) is not None:
+                if not isinstance(cache_exc, OSError):
+                    raise ModelLoadError(
+                        f"Could not load model {ref!r} from the Hugging Face cache: {_one_line(cache_exc)}. Check "
+                        "that it is an image-text-to-text model with a processor, or use 'demo' or a local "
+                        "directory."
+                    ) from cache_exc
+                raise ModelLoadError(_not_cached_message(ref, f" ({_one_line(cache_exc)})", no_download)) from cache_exc
         # Outside the handler: the cache attempt's frames (and whatever it had loaded) are freed
         # before the download loads the model again.
         return attempt(local_files_only=False)
