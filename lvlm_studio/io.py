@@ -47,7 +47,7 @@ import re
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,9 @@ NAME_MAX_CHARS = 200
 # A .txt caption beside an image is read no further than TEXT_MAX_CHARS characters can take in
 # UTF-8 (4 bytes each at most, plus a byte order mark): a larger file is refused unread.
 CAPTION_FILE_MAX_BYTES = 4 * TEXT_MAX_CHARS + 3
+# An imported item's or pair's meta, as JSON: room for a COCO image's captions (each up to
+# TEXT_MAX_CHARS) and what the studio's own exports carry, and no room for a 30 MB blob in a row.
+META_MAX_CHARS = 200_000
 
 
 class DataImportError(ValueError):
@@ -188,11 +191,19 @@ def _check_meta(meta: dict | None, what: str) -> None:
             raise ValueError(f"{what} {key!r} must be {' or '.join(t.__name__ for t in types)}, "
                              f"not {type(value).__name__}")
     try:
-        json.dumps(meta, allow_nan=False)
+        size = len(json.dumps(meta, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not storable as JSON ({exc})") from exc
     except RecursionError:  # json.loads accepted it a few stack frames higher up
         raise ValueError(f"{what} is not storable as JSON (nested too deeply)") from None
+    if size > META_MAX_CHARS:
+        raise ValueError(f"{what} is {size:,} characters as JSON, over the limit of {META_MAX_CHARS:,}")
+    # The values the Review tab shows are bounded as the texts and names beside them are; a pair's
+    # own prompt is what its round trains with, so it is checked as a prompt.
+    if isinstance(meta.get("pair_prompt"), str):
+        check_text(meta["pair_prompt"], f"{what} 'pair_prompt'")
+    if isinstance(meta.get("kind"), str):
+        check_name(meta["kind"], f"{what} 'kind'")
 
 
 @dataclass
@@ -206,7 +217,9 @@ class _Bad:
 # ============================================================================================
 def safe_join(root: Path, relative: Any) -> Path:
     """``root / relative``, refusing absolute paths, URLs and anything resolving outside root."""
-    if not isinstance(relative, str) or not relative.strip():
+    if relative is not None and not isinstance(relative, str):
+        raise UnsafePathError(f"the image path must be text, not {type(relative).__name__} ({repr(relative)[:40]})")
+    if not relative or not relative.strip():
         raise UnsafePathError("missing image path")
     if (
         relative.startswith(("/", "\\", "~"))
@@ -292,6 +305,12 @@ def safe_name(name: str) -> str:
 
 
 def _strip_image_token(text: str) -> str:
+    """The prompt without its one image placeholder (LLaVA writes "<image>\\n" before it, some
+    datasets after it or inside it). A prompt with several placeholders asks about several images;
+    an item holds one, and dropping the placeholders would leave "as in  the same as in ?"."""
+    if text.count(IMAGE_TOKEN) > 1:
+        raise ValueError(f"the prompt holds {text.count(IMAGE_TOKEN)} image placeholders {IMAGE_TOKEN!r}; an item "
+                         "has one image (multi-image prompts are not supported)")
     if text.startswith("<image>\n"):
         return text[len("<image>\n") :]
     if text.endswith("\n<image>"):
@@ -571,11 +590,38 @@ def stored_image(store: Store, settings: Settings, source: Path | str | bytes, *
         raise
 
 
+def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> None:
+    """A record for an item the store already holds (the same picture, prompt and dataset) lands
+    as that item, with its pairs; one that says otherwise about the item's split, reference or the
+    image's ground-truth objects is refused, since keeping either side silently would lose the
+    other (a test item turned train, CHAIR's ground truth replaced)."""
+    image = store.get_image(image_id)
+    if rec.objects is not None and image is not None and image.get("objects") is not None \
+            and sorted(image["objects"]) != sorted(rec.objects):
+        raise ValueError(f"the store holds this image with the ground-truth objects {_short(image['objects'])}, "
+                         f"and this record says {_short(rec.objects)}")
+    item = store.find_item(image_id, rec.prompt, rec.dataset)
+    if item is None:
+        return
+    if item["split"] != rec.split:
+        raise ValueError(f"the store holds this image and prompt in dataset {rec.dataset!r} as split "
+                         f"{item['split']!r}, and this record says {rec.split!r}")
+    if rec.reference is not None and item.get("reference") is not None and item["reference"] != rec.reference:
+        raise ValueError(f"the store holds this image and prompt with another reference answer "
+                         f"({item['reference'][:60]!r}, this record: {rec.reference[:60]!r})")
+
+
+def _short(objects: Sequence[str]) -> str:
+    names = sorted(objects)
+    return repr(names[:8])[:-1] + (f", … {len(names) - 8} more]" if len(names) > 8 else "]")
+
+
 def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, source_label: str) -> None:
     new_pairs = 0
     try:
         with stored_image(store, settings, rec.image, name=rec.image_name, source_label=source_label,
                           objects=rec.objects) as image_id:
+            _refuse_conflict(store, image_id, rec)
             item_id = store.add_item(image_id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
                 if _merge_into_existing(store, item_id, p):
@@ -708,13 +754,18 @@ def _coco_split(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _find_coco_images_dir(anchor: Path, split_name: str | None, sample: str | None) -> Path:
+def _find_coco_images_dir(anchor: Path, split_name: str | None, samples: Sequence[str]) -> Path:
+    """The folder beside the annotations that holds the first of ``samples`` (image file names)."""
     bases = [anchor.parent, anchor.parent.parent]
     names = ([split_name] if split_name else []) + ["images", ""]
     candidates = [b / n if n else b for b in bases for n in names]
-    for candidate in candidates:
-        if sample and (candidate / sample).is_file():
-            return candidate
+    for sample in samples:
+        for candidate in candidates:
+            try:
+                if sample and (candidate / sample).is_file():
+                    return candidate
+            except (OSError, ValueError):  # a name too long for the file system, or holding a NUL
+                break  # that name is refused with its image; the next one may find the folder
     return anchor.parent
 
 
@@ -792,9 +843,10 @@ def _read_coco(
                 objects.setdefault(image_id, set()).add(names[category_id])
     anchor = captions or instances
     split_name = _coco_split(anchor.stem.split("_", 1)[-1]) if anchor else None
-    sample = next((im.get("file_name") for im in images.values()), None)
     if images_dir is None:
-        images_dir = _find_coco_images_dir(anchor, anchor.stem.split("_", 1)[-1], sample)
+        # Found from the first few names that are text (a bad name refuses its image alone, later).
+        samples = [name for im in images.values() if isinstance(name := im.get("file_name"), str)][:10]
+        images_dir = _find_coco_images_dir(anchor, anchor.stem.split("_", 1)[-1], samples)
     for image_id in sorted(images):
         im = images[image_id]
         label = f"{anchor.name} image {image_id}"
@@ -1027,8 +1079,14 @@ def _hf_image(value: Any, root: Path, label: str) -> tuple[Path | bytes, str]:
             raise ValueError(f"expected exactly one image, found {len(value)}")
         value = value[0]
     if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"], value.get("path") or label
+        data = value.get("bytes")
+        if data:
+            # Only bytes are an image's content: a string there would be opened as a path, past
+            # safe_join, reading any file the server can (datasets.Image writes bytes or None).
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ValueError(f"the image's 'bytes' holds {type(data).__name__}, not bytes")
+            name = value.get("path")
+            return bytes(data), name if isinstance(name, str) and name else label
         value = value.get("path")
     if isinstance(value, str):
         return safe_join(root, value), value

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.io import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, refuse_image_token, stored_image
+from lvlm_studio.io import (
+    DEFAULT_PROMPT,
+    EXPORT_FORMATS,
+    IMPORT_FORMATS,
+    check_name,
+    check_text,
+    refuse_image_token,
+    stored_image,
+)
 from lvlm_studio.store import BASE_ROUND_ID, REVIEWER_MAX_CHARS, NotFoundError, Store, live_decisions
 
 METHODS = ("csr", "povid", "stic")
@@ -323,10 +331,11 @@ class Studio:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("a prompt is needed for the uploaded images' items")  # before any image is stored
-        refuse_image_token(prompt, "the prompt")
+        check_text(prompt, "the prompt")  # the import's bounds: a page-long prompt bloats every view of it
         for name, value in (("dataset", dataset), ("split", split)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"the uploaded images' items need a {name} name, not {value!r}")
+            check_name(value, f"the {name} name")
         added, rejected = [], []
         for done, path in enumerate(paths, 1):
             try:

@@ -1239,6 +1239,102 @@ def test_one_malformed_coco_entry_refuses_itself_not_the_file(store, settings, t
     assert_consistent(store, settings)
 
 
+def test_a_coco_file_name_that_is_not_a_name_refuses_its_image_alone(store, settings, tmp_path):
+    """The first image's file_name found the images folder: a number there raised a TypeError out
+    of the import (nothing landed), a 5,000-character name an OSError."""
+    root = _coco(tmp_path / "coco")
+    cap_path = root / "annotations" / "captions_val2017.json"
+    captions = json.loads(cap_path.read_text())
+    captions["images"] = [{"id": 7, "file_name": 5}, {"id": 8, "file_name": "x" * 5000},
+                          {"id": 9, "file_name": ["a.jpg"]}] + captions["images"]
+    cap_path.write_text(json.dumps(captions))
+    report = io.import_path(store, settings, root / "annotations" / "captions_val2017.json")
+    errors = "\n".join(report.errors)
+    # the fixture's two good images land; its missing (3) and escaping (4) ones are refused as before
+    assert report.imported == 2, errors
+    assert "image 7: the image path must be text, not int (5)" in errors
+    assert "image 9: the image path must be text, not list" in errors
+    assert "image 8: xxxx" in errors and "File name too long" in errors
+    assert [e.split(":", 1)[0] for e in report.errors] == [f"captions_val2017.json image {i}" for i in (3, 4, 7, 8, 9)]
+    assert_consistent(store, settings)
+
+
+def test_an_hf_image_whose_bytes_hold_a_path_is_refused_not_opened(store, settings, tmp_path):
+    """A struct image's 'bytes' holding a string was opened as a path, past safe_join: any file the
+    server could read was imported (and the message told a missing path from a present one)."""
+    import datasets
+
+    outside = tmp_path / "outside"
+    write_image(outside / "secret.png", seed=91)
+    write_image(tmp_path / "hf" / "ok.png", seed=92)
+    rows = [{"image": {"bytes": str(outside / "secret.png"), "path": "x.png"}, "prompt": "P"},
+            {"image": {"bytes": None, "path": "ok.png"}, "prompt": "P"}]
+    ds = datasets.Dataset.from_list(rows)
+    assert ds.features["image"]["bytes"] == datasets.Value("string")  # a struct column, not an Image
+    ds.save_to_disk(str(tmp_path / "hf"))
+    report = io.import_path(store, settings, tmp_path / "hf", "hf")
+    assert report.imported == 1 and len(report.errors) == 1, report.errors
+    assert "the image's 'bytes' holds str, not bytes" in report.errors[0]
+    [item] = store.list_items()
+    assert Path(item["image_path"]).read_bytes() != (outside / "secret.png").read_bytes()
+    assert_consistent(store, settings)
+
+
+def test_a_record_that_contradicts_the_stored_item_is_refused_not_dropped(store, settings, tmp_path):
+    """Items are one per (image, prompt, dataset): a second record for the same item that says
+    another split, reference or ground truth was reported imported while all it said was lost."""
+    root = tmp_path / "dup"
+    write_image(root / "a.png", seed=93)
+    first = {"image": "a.png", "prompt": "Describe.", "reference": "A red square.", "objects": ["red square"],
+             "split": "test", "chosen": "A red square.", "rejected": "A blue circle."}
+    lines = [first,
+             {**first, "split": "train"},
+             {**first, "reference": "A blue circle.", "chosen": "A red square here.", "rejected": "A circle."},
+             {**first, "objects": ["blue circle"], "chosen": "Red square.", "rejected": "Blue circle."},
+             # the same item with another pair, and a record that leaves the reference out: both land
+             {**first, "chosen": "A red square in the middle.", "rejected": "A green star."},
+             {"image": "a.png", "prompt": "Describe.", "split": "test", "chosen": "Red.", "rejected": "Blue."}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 3 and report.pairs == 3, report.errors
+    assert report.errors == [
+        "d.jsonl line 2: not stored (the store holds this image and prompt in dataset 'default' as split 'test', "
+        "and this record says 'train')",
+        "d.jsonl line 3: not stored (the store holds this image and prompt with another reference answer "
+        "('A red square.', this record: 'A blue circle.'))",
+        "d.jsonl line 4: not stored (the store holds this image with the ground-truth objects ['red square'], "
+        "and this record says ['blue circle'])"]
+    [item] = store.list_items()
+    assert (item["split"], item["reference"], item["objects"]) == ("test", "A red square.", ["red square"])
+    assert store.count_pairs() == 3
+    assert_consistent(store, settings)
+
+
+def test_imported_meta_is_bounded(store, settings, tmp_path):
+    """Meta was only checked to be JSON: 30 MB of it landed in a row, and the Review page rendered a
+    31-million-character pair_prompt."""
+    root = tmp_path / "meta"
+    write_image(root / "a.png", seed=94)
+    base = {"image": "a.png", "prompt": "Describe.", "chosen": "A square.", "rejected": "A circle."}
+    lines = [{**base, "item_meta": {"blob": "y" * 200_001}},
+             {**base, "meta": {"blob": "y" * 200_001}},
+             {**base, "meta": {"pair_prompt": "x" * 20_001}},
+             {**base, "meta": {"pair_prompt": "What is <image>?"}},
+             {**base, "meta": {"kind": "k" * 201}},
+             {**base, "meta": {"pair_prompt": "Describe it.", "kind": "object", "blob": "y" * 150_000}}]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    report = io.import_path(store, settings, root / "d.jsonl")
+    assert report.imported == 1, report.errors
+    errors = [e.split(": ", 1)[1] for e in report.errors]
+    assert errors[0].startswith("item meta is 200,0") and "over the limit of 200,000" in errors[0]
+    assert errors[1].startswith("pair meta is 200,0") and "over the limit of 200,000" in errors[1]
+    assert errors[2].startswith("pair meta 'pair_prompt' is 20,001 characters long")
+    assert errors[3].startswith("pair meta 'pair_prompt' contains the image placeholder")
+    assert errors[4].startswith("pair meta 'kind' is 201 characters long")
+    [pair] = [store.get_pair(i) for i in store.pair_ids()]
+    assert pair["meta"]["pair_prompt"] == "Describe it." and len(pair["meta"]["blob"]) == 150_000
+
+
 def test_import_limit_must_be_positive(store, settings, tmp_path):
     write_image(tmp_path / "f" / "a.png", seed=81)
     for limit in (0, -1, 1.5, True):
@@ -1296,7 +1392,9 @@ def test_the_image_placeholder_is_refused_in_item_prompts_and_references_of_ever
     report = io.import_path(store, settings, root / "d.jsonl")
     assert report.imported == 1 and report.skipped == 3, report.errors
     assert report.errors[0].startswith(f"d.jsonl line 1: the reference {_PLACEHOLDER}")
-    assert report.errors[1].startswith(f"d.jsonl line 2: the prompt {_PLACEHOLDER}")
+    # several placeholders: a multi-image prompt, said as such (dropping them garbled the question)
+    assert report.errors[1] == ("d.jsonl line 2: the prompt holds 2 image placeholders '<image>'; an item has one "
+                                "image (multi-image prompts are not supported)")
     assert report.errors[2].startswith("d.jsonl line 3: the object name '<image>' contains")
     # LLaVA: an item_prompt, a reference in the info block, and a LLaVA-Instruct answer
     turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]

@@ -495,6 +495,22 @@ def test_upload_refuses_a_missing_dataset_or_split_before_storing_any_image(stud
         studio.store.add_item("0" * 64, "Q?", dataset=None)
 
 
+def test_upload_bounds_its_prompt_and_names_as_an_import_does(studio, tmp_path):
+    """An upload is open to reviewers: it held a 5-million-character prompt and a 100,000-character
+    dataset name, where an import refuses anything over 20,000 / 200."""
+    from conftest import write_image
+
+    write_image(tmp_path / "a.png", seed=7)
+    for kw, message in (({"prompt": "x" * 20_001}, "the prompt is 20,001 characters long"),
+                        ({"dataset": "d" * 201}, "the dataset name is 201 characters long"),
+                        ({"split": "s" * 300}, "the split name is 300 characters long")):
+        with pytest.raises(ValueError, match=message):
+            studio.upload_images([tmp_path / "a.png"], **kw)
+    assert studio.store.stats()["tables"]["images"] == 0
+    res = studio.upload_images([tmp_path / "a.png"], prompt="x" * 20_000, dataset="d" * 200)
+    assert len(res["items"]) == 1
+
+
 def test_an_upload_and_a_folder_import_of_one_image_make_one_item(studio, tmp_path):
     """Items are unique on (image, prompt, dataset): the upload's default prompt is the import's,
     so the same picture uploaded in the app and imported from a folder is one item, not two."""
