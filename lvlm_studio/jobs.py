@@ -28,6 +28,7 @@ import argparse
 import calendar
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,25 @@ def _mark_if_stale(store, row: dict) -> dict:
             store.update_round(row["id"], status="failed", error=f"{reason}{log}")
     remove_leftovers(store, row["id"])
     return store.get_round(row["id"])
+
+
+# The data root's per-round folders (config.round_dirname), with a killed writer's scratch beside them.
+ROUND_FOLDER_PARENTS = ("adapters", "runs", "merged", "chains")
+_ROUND_FOLDER = re.compile(r"^\.?round[-_](\d+)(?:\..*)?$")
+
+
+def _highest_round_folder(root: Path) -> int:
+    """The highest round number any per-round folder under ``root`` is named for (0: none). A store
+    restored from a backup, or deleted beside its folders, would give a new round the id of an old
+    folder: the round then refused to overwrite it and its cleanup deleted it, and merged/ and
+    chains/ would have served the old round's weights as the new one's."""
+    highest = 0
+    for parent in ROUND_FOLDER_PARENTS:
+        with contextlib.suppress(OSError):
+            for entry in (root / parent).iterdir():
+                if (match := _ROUND_FOLDER.match(entry.name)) and entry.is_dir():
+                    highest = max(highest, int(match.group(1)))
+    return highest
 
 
 def remove_leftovers(store, round_id: int) -> None:
@@ -408,7 +428,8 @@ def start_round(settings: Settings, config: Any = None, parent_id: int | None = 
             adapter_lineage(store, parent_id, settings.model)  # validates the parent chain now, not in the job
             training_material(store, cfg)  # a round with nothing to train on is refused, not created to fail
             check_evaluation_choice(store, cfg)
-            round_id = store.create_round(parent_id, settings.model, cfg.to_dict())
+            round_id = store.create_round(parent_id, settings.model, cfg.to_dict(),
+                                          min_id=_highest_round_folder(store.root) + 1)
             try:
                 proc = _spawn(settings, store, round_id, cfg.num_processes)
             except BaseException as exc:
@@ -558,13 +579,17 @@ def check_evaluation_choice(store, cfg) -> None:
     """Refuse, before a round exists, an evaluation set chosen by hand (``eval_dataset``,
     ``eval_split`` or ``eval_kinds`` not the default) that selects no item: a mistyped name gave a
     round that ended 'done' with no evaluation. The defaults may select nothing: a store without a
-    test split trains, and the round says it was not evaluated."""
+    test split trains, and the round says it was not evaluated. A set that no extractor can score
+    (``evaluation_plan``) is refused whether chosen or not."""
     from lvlm_studio.training import DPORoundConfig
 
     default = DPORoundConfig()
     chosen = (cfg.eval_dataset is not None or cfg.eval_split != default.eval_split
               or list(cfg.eval_kinds) != default.eval_kinds)
-    if not chosen or eval_items_for(store, cfg):
+    if items := eval_items_for(store, cfg):
+        evaluation_plan(cfg.extractor, items)  # a set no extractor can score is refused now, not after training
+        return
+    if not chosen:
         return
     where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
     items = store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split)
@@ -583,26 +608,38 @@ def evaluation_plan(name: str, items: list[dict]) -> tuple[Any, list[dict], str 
     parses every item's ground truth, else COCO when CHAIR's table does. A split that mixes the two
     (the demo world's test scenes beside an imported COCO test split) is evaluated on the larger
     group only, and the note says so: one CHAIR figure cannot mix two vocabularies, and COCO's
-    extractor refused the world's objects, failing the round after it had trained."""
+    extractor refused the world's objects, failing the round after it had trained. A named
+    extractor scores the items it parses, with the same note for the rest. No item parsed is a
+    JobError: such a round was scored on nothing and made current as if evaluated."""
     from lvlm_studio.evaluation import CocoExtractor, ShapesWorldExtractor, get_extractor
 
-    if name != "auto":
-        return get_extractor(name), items, None
-    groups = []
-    for extractor in (ShapesWorldExtractor.from_world(), CocoExtractor()):
-        parsed = []
+    def parsed_by(extractor) -> list[dict]:
+        kept = []
         for it in items:
             try:
                 extractor.ground_truth(it["objects"])
             except ValueError:
                 continue
-            parsed.append(it)
+            kept.append(it)
+        return kept
+
+    candidates = [get_extractor(name)] if name != "auto" else [ShapesWorldExtractor.from_world(), CocoExtractor()]
+    groups = []
+    for extractor in candidates:
+        parsed = parsed_by(extractor)
         if len(parsed) == len(items):
             return extractor, items, None
         groups.append((extractor, parsed))
     extractor, kept = max(groups, key=lambda group: len(group[1]))  # ties: ShapesWorld, listed first
+    if not kept:
+        unknown = next((o for it in items for o in (it.get("objects") or [])), None)
+        vocabularies = " or ".join(e.name for e, _ in groups)
+        raise JobError(f"none of the {len(items)} evaluation items has ground-truth objects the {vocabularies} "
+                       f"vocabulary knows (e.g. {str(unknown)[:60]!r}), so CHAIR and POPE cannot score them: choose "
+                       "another evaluation set (eval_dataset, eval_split) or the extractor that knows them")
     datasets = sorted({str(it.get("dataset")) for it in items if it not in kept})
-    note = (f"the evaluation items mix vocabularies: scored {len(kept)} of {len(items)} with the {extractor.name} "
+    mix = "mix vocabularies" if name == "auto" else f"are not all in the {extractor.name} vocabulary"
+    note = (f"the evaluation items {mix}: scored {len(kept)} of {len(items)} with the {extractor.name} "
             f"extractor; left out the items of dataset(s) {', '.join(datasets)} (set eval_dataset to pick one)")
     return extractor, kept, note
 
@@ -707,7 +744,10 @@ def run_round(round_id: int, home: str | Path) -> int:
 
     def log(msg: str) -> None:
         if main:
-            print(f"[round {round_id}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+            # Best effort: a log that cannot be written (a full disk) must not become the round's
+            # failure, nor hide the one that is; the store holds status and reason either way.
+            with contextlib.suppress(OSError):
+                print(f"[round {round_id}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     launcher = os.getppid()
 
@@ -860,8 +900,7 @@ def run_round(round_id: int, home: str | Path) -> int:
         log("done")
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
-        traceback.print_exc()
-        sys.stdout.flush()
+        _log_traceback()
         message = f"{type(exc).__name__}: {exc}" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
         try:
             with store.transaction():  # an outcome already written (done, or failed by the launcher) stands
@@ -870,10 +909,20 @@ def run_round(round_id: int, home: str | Path) -> int:
             if main:
                 remove_leftovers(store, round_id)
         except Exception:  # noqa: BLE001 - the store itself failed; the log has the traceback
-            traceback.print_exc()
+            _log_traceback()
         return 1
     finally:
         store.close()
+
+
+def _log_traceback() -> None:
+    """The failure's traceback into the job's log, if the log can still be written: on a full disk
+    it cannot, and the failure must still reach the store (it stayed 'running' with no reason)."""
+    try:
+        traceback.print_exc()
+        sys.stdout.flush()
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

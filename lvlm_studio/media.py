@@ -362,9 +362,11 @@ def ingest_image(
     directory = settings.images_dir / image_id[:2]
     directory.mkdir(parents=True, exist_ok=True)
     existing = _existing(directory, image_id)
-    if existing is not None:
+    if existing is not None and _file_decodes_to(existing, image_id):
         fmt = "JPEG" if existing.suffix == ".jpg" else "PNG"
         return ImageRecord(image_id, existing, rgb.width, rgb.height, source_label, fmt, created=False)
+    # A stored file that no longer decodes to its picture (damaged on disk) is written again from
+    # this copy; the row that names it is pointed at the new file (Store.add_image).
     width, height = rgb.width, rgb.height
     if keep:
         del rgb, oriented  # one decoded copy at a time: _decodes_to decodes the file again
@@ -383,6 +385,8 @@ def ingest_image(
         ext, payload, fmt = ".png", buffer.getvalue(), "PNG"
     dest = directory / f"{image_id}{ext}"
     _atomic_write(dest, payload)
+    if existing is not None and existing != dest:
+        existing.unlink(missing_ok=True)
     return ImageRecord(image_id, dest, width, height, source_label, fmt, created=True)
 
 
@@ -393,6 +397,13 @@ def _decoded(data: bytes) -> Image.Image:
         im = Image.open(io.BytesIO(data))
         im.load()
         return im
+
+
+def _file_decodes_to(path: Path, image_id: str) -> bool:
+    try:
+        return _decodes_to(path.read_bytes(), image_id)
+    except OSError:
+        return False
 
 
 def _decodes_to(data: bytes, image_id: str) -> bool:

@@ -411,7 +411,8 @@ class Store:
         objects: list[str] | None = None,
     ) -> str:
         """Insert an image row; idempotent on ``id``. Known ground-truth objects fill in a row
-        that had none."""
+        that had none; a row whose file is gone (a damaged file that media.ingest_image wrote again
+        in another format) is pointed at ``path``."""
         if not id:
             raise StoreError("image id must not be empty")
         with self.transaction() as db:
@@ -420,6 +421,9 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (id, self._rel(path), int(width), int(height), source, _dumps(objects)),
             )
+            stored = self._scalar("SELECT path FROM images WHERE id = ?", (id,))
+            if stored != self._rel(path) and not Path(self._abs(stored)).is_file() and Path(path).is_file():
+                db.execute("UPDATE images SET path = ? WHERE id = ?", (self._rel(path), id))
             if objects is not None:
                 db.execute(
                     "UPDATE images SET objects = ? WHERE id = ? AND objects IS NULL", (_dumps(objects), id)
@@ -1345,15 +1349,18 @@ class Store:
         return BASE_ROUND_ID
 
     def create_round(
-        self, parent_id: int | None, base_model: str, config: dict | None = None, status: str = "queued"
+        self, parent_id: int | None, base_model: str, config: dict | None = None, status: str = "queued",
+        min_id: int = 1,
     ) -> int:
+        """A new round row; its id is above every round's and at least ``min_id`` (the caller's
+        way to skip ids whose folders a store restored from a backup no longer knows about)."""
         if status not in ROUND_STATUSES:
             raise StoreError(f"unknown round status {status!r}")
         with self.transaction() as db:
             if parent_id is not None:
                 self._require("rounds", parent_id)
             # Ids of trained rounds start at 1: id 0 is reserved for the base model.
-            next_id = max(1, int(self._scalar("SELECT coalesce(max(id), 0) FROM rounds")) + 1)
+            next_id = max(1, int(min_id), int(self._scalar("SELECT coalesce(max(id), 0) FROM rounds")) + 1)
             db.execute(
                 "INSERT INTO rounds (id, parent_id, base_model, status, config) VALUES (?, ?, ?, ?, ?)",
                 (next_id, parent_id, base_model, status, _dumps(config or {})),

@@ -1335,6 +1335,38 @@ def test_imported_meta_is_bounded(store, settings, tmp_path):
     assert pair["meta"]["pair_prompt"] == "Describe it." and len(pair["meta"]["blob"]) == 150_000
 
 
+def test_a_stored_image_damaged_on_disk_is_written_again_by_the_next_import(store, settings, tmp_path):
+    """A stored file that no longer decodes to its picture was kept as it was ("already stored"),
+    and only failed later when generation read it."""
+    import io as pyio
+
+    from PIL import Image
+
+    from lvlm_studio.media import load_image
+
+    folder = tmp_path / "f"
+    write_image(folder / "a.png", seed=95)
+    write_image(folder / "b.jpg", seed=96)
+    assert io.import_path(store, settings, folder).imported == 2
+    png_item, jpg_item = sorted(store.list_items(), key=lambda it: it["image_path"].endswith(".jpg"))
+    png_path, jpg_path = Path(png_item["image_path"]), Path(jpg_item["image_path"])
+    png_path.write_bytes(png_path.read_bytes()[:40])  # truncated in place
+    assert io.import_path(store, settings, folder).imported == 2
+    assert load_image(png_path).size == (32, 24)  # written again, same place
+    # The JPEG damaged and the same pixels brought back as a PNG (what an export embeds): the new
+    # file is a PNG, and the row follows it.
+    png_copy = pyio.BytesIO()
+    load_image(jpg_path).save(png_copy, "PNG")
+    jpg_path.write_bytes(b"\xff\xd8 damaged")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "b-copy.png").write_bytes(png_copy.getvalue())
+    assert io.import_path(store, settings, tmp_path / "g").imported == 1
+    row = store.get_image(jpg_item["image_id"])
+    assert row["path"].endswith(".png") and not jpg_path.exists()
+    assert Image.open(row["path"]).tobytes() == Image.open(pyio.BytesIO(png_copy.getvalue())).tobytes()
+    assert_consistent(store, settings)
+
+
 def test_import_limit_must_be_positive(store, settings, tmp_path):
     write_image(tmp_path / "f" / "a.png", seed=81)
     for limit in (0, -1, 1.5, True):

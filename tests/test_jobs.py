@@ -231,6 +231,21 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
     assert done.returncode != 0
     row = jobs.status(settings, rid)
     assert row["status"] == "failed" and "no training pairs" in row["error"]
+    rid_pairs = rid
+    # A log that cannot be written (a full disk; /dev/full) hid that reason: the traceback's write
+    # failed first, and the round stayed 'running' with no error until the stale check.
+    store = Store(settings.db_path)
+    rid_full = store.create_round(0, str(model), {"methods": ["csr"]})
+    store.close()
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(jobs.job_command(rid_full, settings.home), stdout=full, stderr=full, timeout=120,
+                              env={**os.environ, "LVLM_STUDIO_MODEL": str(model), "LVLM_STUDIO_DEVICE": "cpu"})
+    assert done.returncode != 0
+    store = Store(settings.db_path)
+    row = store.get_round(rid_full)
+    store.close()
+    assert row["status"] == "failed" and "no training pairs" in row["error"], row
+    rid = rid_full
     with pytest.raises(ValueError, match="unknown DPO round option"):
         jobs.start_round(settings, {"learning_rat": 1})
     # POVID's two-stage schedule needs text-hallucinated POVID pairs for stage 1: refused at the
@@ -249,7 +264,7 @@ def test_job_without_pairs_fails_with_reason(tmp_path):
         with pytest.raises(ValueError, match=message):
             jobs.start_round(settings, {"include_auto": True, **bad})
     store = Store(settings.db_path)
-    assert [r["id"] for r in store.list_rounds()] == [0, rid]
+    assert [r["id"] for r in store.list_rounds()] == [0, rid_pairs, rid]
     store.close()
 
 
@@ -852,6 +867,18 @@ def test_evaluation_set_and_extractor(tmp_path):
     extractor, kept, note = jobs.evaluation_plan("auto", [*world, *coco[:1]])
     assert extractor.name == "shapesworld" and kept == world and "dataset(s) coco" in note
     assert jobs.evaluation_plan("auto", world)[1:] == (world, None)
+    # A named extractor scores what it parses and says what it left out (it failed the round after
+    # training); nothing parsed is refused: such a round was scored on 0 items and made current.
+    extractor, kept, note = jobs.evaluation_plan("coco", [*world, *coco])
+    assert extractor.name == "coco" and kept == coco
+    assert note.startswith("the evaluation items are not all in the coco vocabulary: scored 4 of 6")
+    unknown = [{"objects": ["widget", "gizmo"], "dataset": "custom"}] * 2
+    with pytest.raises(jobs.JobError, match=re.escape(
+            "none of the 2 evaluation items has ground-truth objects the shapesworld or coco vocabulary knows "
+            "(e.g. 'widget')")):
+        jobs.evaluation_plan("auto", unknown)
+    with pytest.raises(jobs.JobError, match="the shapesworld vocabulary knows"):
+        jobs.evaluation_plan("shapesworld", coco)
 
 
 def test_round_material_for_dpo_and_stic_rounds(tmp_path):
@@ -895,6 +922,38 @@ def test_an_evaluation_set_chosen_by_hand_that_selects_nothing_is_refused_before
         store.db.execute("UPDATE items SET split = 'val' WHERE split = 'test'")
         jobs.check_evaluation_choice(store, DPORoundConfig())  # the default selecting nothing: allowed
         jobs.check_evaluation_choice(store, DPORoundConfig(eval_split="val"))
+        # Test items whose ground truth no vocabulary knows: refused before the round, also by default
+        # (the round trained, was scored on 0 items and became current).
+        store.db.execute("UPDATE items SET split = 'test' WHERE split = 'val'")
+        store.db.execute("""UPDATE images SET objects = '["widget"]'""")
+        with pytest.raises(jobs.JobError, match="evaluation items has ground-truth objects the shapesworld or coco"):
+            jobs.start_round(settings, FAST)
+        assert [r["id"] for r in store.list_rounds()] == [0]
+
+
+def test_a_new_round_never_takes_the_id_of_a_folder_on_disk(tmp_path, monkeypatch):
+    """A store restored from a backup (or replaced) beside its data root's folders gave a new round
+    the id of an old adapter folder: the round refused to overwrite it, then its cleanup deleted it
+    (and merged/, chains/ would have served the old weights as the new round's)."""
+    with _bare_store(tmp_path) as (settings, store):
+        _populate(settings)
+        old = settings.home / "adapters" / "round-4"
+        old.mkdir(parents=True)
+        (old / "adapter_model.safetensors").write_bytes(b"an older round's weights")
+        (settings.home / "chains" / ".round-6.tmp-123-4").mkdir(parents=True)  # a killed writer's scratch
+        (settings.home / "merged" / "round-2").mkdir(parents=True)
+        (settings.home / "adapters" / "notes-round-9").mkdir()  # not a round folder
+        (settings.home / "runs" / "round-12").write_text("a file, not a round's folder")
+        assert jobs._highest_round_folder(settings.home) == 6
+        store.ensure_base_round(settings.model)
+        assert store.create_round(0, "unused", {}, status="failed", min_id=7) == 7
+        assert store.create_round(0, "unused", {}, status="failed", min_id=2) == 8  # above every round, too
+        monkeypatch.setattr(jobs, "_spawn", lambda *a, **k: subprocess.Popen(["true"]))  # no job: the id is the point
+        rid = jobs.start_round(settings, FAST)
+        assert rid == 9
+        store.update_round(rid, status="failed", error="test")
+        jobs.remove_leftovers(store, rid)
+        assert (old / "adapter_model.safetensors").read_bytes() == b"an older round's weights"
 
 
 def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):
