@@ -146,6 +146,17 @@ def data_root_lock(settings: Settings, name: str) -> collections.abc.Iterator[No
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def process_gone(pid: int) -> bool:
+    """Has process ``pid`` exited (no such process)? Another user's process is not gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process; a number no pid can be
+        return False
+    return False
+
+
 def counted(n: Any, noun: str) -> str:
     """'1 item', '3 items' (a count that is not a number is shown as it is): the CLI's, the app's
     and the round log's wording."""

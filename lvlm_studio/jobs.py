@@ -712,9 +712,12 @@ def _stop_with_parent() -> None:
 def run_round(round_id: int, home: str | Path) -> int:
     """Body of the round process. Returns the process exit code."""
     stop = threading.Event()
+    received: list[str] = []
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
-        print(f"[round {round_id}] received {signal.Signals(signum).name}: stopping cleanly", flush=True)
+        received.append(signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            print(f"[round {round_id}] received {received[-1]}: stopping cleanly", flush=True)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -757,13 +760,23 @@ def run_round(round_id: int, home: str | Path) -> int:
         orphaned = world_size > 1 and not process_running(launcher)
         if orphaned:
             msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
+        requested = True
         if main:
             with store.transaction():
-                if store.get_round(round_id)["status"] == "running":  # a failure already recorded stands
-                    store.update_round(round_id, status="failed" if orphaned else "cancelled", error=msg)
+                current = store.get_round(round_id)
+                requested = bool(current.get("cancel_requested"))
+                if not orphaned and not requested:
+                    # A signal no cancel asked for (the machine shutting down, someone's kill): the
+                    # round did not finish, and nobody chose to drop it.
+                    msg = (f"stopped by {received[-1] if received else 'a signal'}, which no cancel asked for "
+                           f"(the machine shutting down, or the process stopped by hand); "
+                           f"{msg.replace('cancelled', 'it stopped', 1)}")
+                if current["status"] == "running":  # a failure already recorded stands
+                    store.update_round(round_id, status="cancelled" if requested and not orphaned else "failed",
+                                       error=msg)
             remove_leftovers(store, round_id)
         log(msg)
-        return 1 if orphaned else 0
+        return 0 if requested and not orphaned else 1
 
     if world_size > 1:
         _stop_with_parent()

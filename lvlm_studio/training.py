@@ -42,8 +42,10 @@ re-quantize the weights, so the reference would carry that rounding).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import glob
 import json
 import math
 import os
@@ -56,7 +58,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import QUANTIZATIONS, counted
+from lvlm_studio.config import QUANTIZATIONS, counted, process_gone
 from lvlm_studio.models.base import (
     after_opening,
     answer_frame,
@@ -618,9 +620,16 @@ def chain_adapter(adapter_chain: Sequence[str], out_dir: str | os.PathLike) -> P
 
 def _fresh_tmp_sibling(out: Path) -> Path:
     """An empty-to-be temporary sibling of ``out`` to write into before renaming it into place; its
-    name carries the process and thread, so two writers of the same folder never share one."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed attempt
+    name carries the process and thread, so two writers of the same folder never share one. The
+    scratch of writers whose process is gone (killed mid-save; a merged 7B model is GBs) goes too."""
+    prefix = f".{out.name}.tmp-"
+    tmp = out.parent / f"{prefix}{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed attempt of this process id
+    with contextlib.suppress(OSError):
+        for entry in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
     return tmp
 
 
@@ -628,16 +637,21 @@ def _publish_folder(tmp: Path, out: Path, marker: str) -> None:
     """Move a saved folder (a merged model, a chain adapter) into place; ``marker`` is the file a
     complete one holds. Two processes (the app generating with a round, the CLI evaluating it) may
     build the same one at once: the first complete save stays (a reader may be loading it) and a
-    later one is dropped; only a partial folder is replaced."""
-    if not (out / marker).is_file():
-        if out.exists():
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-            return
-        except OSError:  # the other process's save landed in between (a folder that is not empty)
-            if not (out / marker).is_file():
-                raise
+    later one is dropped; only a partial folder is replaced. The check and the move hold a lock, so
+    one writer cannot take another's complete folder for a partial one and delete it."""
+    import fcntl
+
+    with open(out.parent / ".publish.lock", "a+") as lock:  # one per folder (merged/, chains/), kept
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / marker).is_file():
+            if out.exists():
+                shutil.rmtree(out)
+            try:
+                os.replace(tmp, out)
+                return
+            except OSError:  # a writer that took no lock (an older version) landed in between
+                if not (out / marker).is_file():
+                    raise
     shutil.rmtree(tmp, ignore_errors=True)
 
 

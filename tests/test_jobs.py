@@ -181,6 +181,21 @@ def test_cancel_stops_cleanly(trained):
         store.close()
 
 
+def test_a_sigterm_no_cancel_asked_for_fails_the_round_and_says_so(trained):
+    """A SIGTERM from outside (the machine shutting down, an admin's kill) was recorded as the
+    user's cancel: 'cancelled', as if someone had chosen to drop the round."""
+    settings = trained["settings"]
+    rid = jobs.start_round(settings, LONG)
+    _wait_for_steps(settings, rid, 1)
+    os.kill(jobs.status(settings, rid)["pid"], signal.SIGTERM)
+    row = jobs.wait(rid, timeout=120, settings=settings)
+    assert row["status"] == "failed", row
+    assert row["error"].startswith("stopped by SIGTERM, which no cancel asked for (the machine shutting down, or "
+                                   "the process stopped by hand); it stopped during training after "), row
+    assert not (settings.adapters_dir / f"round-{rid}").exists()
+    assert_store_intact(settings, trained["round_id"])
+
+
 def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
     settings = Settings(home=tmp_path / "home", model="unused", device="cpu").ensure_dirs()
     dead = subprocess.Popen(["true"])

@@ -675,6 +675,29 @@ def test_a_merged_model_saved_by_another_process_meanwhile_is_kept(tmp_path, mon
     assert (out / "config.json").read_text() == '{"theirs": true}' and not tmp.exists()
 
 
+def test_a_killed_writers_scratch_goes_once_its_process_is_gone(tmp_path):
+    """A save killed half-way (a merged 7B model is GBs) left .round-N.tmp-PID-THREAD for good:
+    only this process's own name was cleared."""
+    import subprocess
+    import threading
+
+    from lvlm_studio import training
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid  # exited and reaped: no process has this id now
+    out = tmp_path / "round-3"
+    gone = tmp_path / f".round-3.tmp-{dead}-1"
+    alive = tmp_path / f".round-3.tmp-{os.getppid()}-1"  # another process still writing
+    other_round = tmp_path / f".round-33.tmp-{dead}-1"
+    for folder in (gone, alive, other_round):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    tmp = training._fresh_tmp_sibling(out)
+    assert tmp.name == f".round-3.tmp-{os.getpid()}-{threading.get_ident()}"
+    assert not gone.exists() and alive.exists() and other_round.exists()
+
+
 def _llava_hf_like(processor):
     """Make the tiny processor tokenise as llava-hf/llava-1.5-7b-hf's does: a chat template that
     writes no BOS, and a tokenizer that adds <s> itself."""

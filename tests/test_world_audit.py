@@ -595,6 +595,33 @@ def test_build_demo_honours_its_arguments(tmp_path):
     assert len(moved) > len(trained) // 2
 
 
+def test_a_build_stopped_half_way_leaves_the_previous_artifacts_whole(tmp_path, monkeypatch):
+    """The build wrote vlm/ into the artifacts minutes before clip/ and recipe.json: stopped in
+    between (Ctrl-C), a new VLM sat beside the old CLIP and recipe, which the demo then loaded."""
+    import torch
+
+    from lvlm_studio.world import build
+
+    out = tmp_path / "demo"
+    cfg = build.BuildConfig(train_scenes=64, vlm_batch=4, clip_batch=2, threads=1)
+    torch.set_num_threads(2)
+    first = build.build_demo(out, seed=1, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "train_clip", stopped)  # after the new VLM is saved
+    with pytest.raises(KeyboardInterrupt):
+        build.build_demo(out, seed=2, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["clip", "recipe.json", "vlm"]  # no staging left
+    monkeypatch.undo()
+    second = build.build_demo(out, seed=2, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
+    assert json.loads((out / "recipe.json").read_text())["seed"] == second["seed"] == 2 != first["seed"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip", "recipe.json", "vlm"]
+
+
 def test_recipe_is_strict_json_even_when_a_loss_diverged(tmp_path):
     """A NaN/inf loss is written as null: the bare NaN token json.dumps would write is not JSON
     (JavaScript's JSON.parse and jq reject it)."""

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -454,6 +456,49 @@ def build_demo(
         cfg.clip_steps = clip_steps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Everything is written beside the artifacts and swapped in at the end: a build stopped after
+    # its VLM (minutes before its CLIP) left a new VLM beside the old CLIP and recipe.
+    stage = _fresh_stage(out)
+    try:
+        recipe = _build_into(stage, cfg, evaluate, progress, torch, transformers, open_clip)
+        _install(stage, out, ARTIFACT_PARTS)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return recipe
+
+
+# What a build writes into its folder; ``_install`` swaps these in together.
+ARTIFACT_PARTS = ("vlm", "clip", "recipe.json")
+_STAGE_PREFIX = ".build-"
+
+
+def _fresh_stage(out: Path) -> Path:
+    """This build's staging folder in ``out``; a killed build's (its process gone) is removed."""
+    from lvlm_studio.config import process_gone
+
+    for old in out.glob(f"{_STAGE_PREFIX}*"):
+        pid = old.name[len(_STAGE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and process_gone(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = out / f"{_STAGE_PREFIX}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def _install(stage: Path, out: Path, parts: tuple[str, ...]) -> None:
+    """Move ``parts`` from ``stage`` into ``out``, the old ones set aside first and removed after:
+    the old set stays whole until the new one is complete on disk."""
+    aside = stage / ".old"
+    aside.mkdir()
+    for name in parts:
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    for name in parts:
+        os.replace(stage / name, out / name)
+
+
+def _build_into(out: Path, cfg, evaluate, progress, torch, transformers, open_clip) -> dict:
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
