@@ -1231,6 +1231,28 @@ def eval_cmd(
                                    + eval_table(res["metrics"])))
 
 
+@cli_command
+def pope_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset of the evaluation set, e.g. coco.")],
+    split: Annotated[str, typer.Option(help="Its split, e.g. val.")],
+    strategy: Annotated[str, typer.Option(help="How absent objects are drawn: random, popular or adversarial.")] = "adversarial",
+    images: Annotated[int, typer.Option(help="Images to ask about (POPE: 500), drawn with --seed among those with enough objects.")] = 500,
+    per_image: Annotated[int, typer.Option(help="Present objects asked per image, and as many absent ones (POPE: 3).")] = 3,
+    min_objects: Annotated[int, typer.Option(help="Fewest ground-truth objects an image needs (POPE: 3).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the image and object draws.", min=0, max=MAX_SEED)] = 0,
+    user: UserOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add POPE probes ("Is there a {object} in the image?", yes/no) to an imported set with
+    ground-truth objects, so that rounds evaluated on it report POPE beside CHAIR."""
+    res = studio_call(lambda s: s.add_pope_probes(dataset, split, strategy=strategy, per_image=per_image,
+                                                  images=images, seed=seed, min_objects=min_objects, user=user))
+    emit({"ok": True, **res}, as_json, lambda: (
+        f"{res['probes']} {strategy} POPE probes ({res['yes']} yes) on {counted(res['images'], 'image')} of {dataset}/{split} "
+        f"({res['eligible_images']} with {min_objects}+ objects, {res['extractor']} vocabulary); {res['added']} new items"
+        + (f"\nnote: {res['note']}" if res["note"] else "")))
+
+
 # ------------------------------------------------------------------------------ serve
 @cli_command
 def serve_cmd(
@@ -1279,6 +1301,7 @@ def _register() -> None:
     app.command("wait")(wait_cmd)
     app.command("compare")(compare_cmd)
     app.command("eval")(eval_cmd)
+    app.command("pope")(pope_cmd)
     app.command("serve")(serve_cmd)
     for name, command in (("next", review_next_cmd), ("show", review_show_cmd), ("decide", review_decide_cmd),
                           ("undo", review_undo_cmd), ("progress", review_progress_cmd),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -557,22 +558,26 @@ def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force
 # ----------------------------------------------------------------------------------------------
 def eval_items_for(store, cfg) -> list[dict]:
     """The evaluation set: items of ``cfg.eval_split`` (and ``cfg.eval_dataset``) whose image has
-    ground-truth objects and whose kind (meta["kind"], absent = describe) is in ``cfg.eval_kinds``."""
-    items = []
+    ground-truth objects and whose kind (meta["kind"], absent = describe) is in ``cfg.eval_kinds``,
+    an image's items together (in the order the images first appear), the first ``eval_limit``. An
+    image's POPE probes added after its import (``Studio.add_pope_probes``) come with its caption
+    item, so a limit takes both, not all captions first."""
+    chosen, first_seen = [], {}
     for it in store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split):
         kind = (it.get("meta") or {}).get("kind") or "describe"
         if it.get("objects") is None or kind not in cfg.eval_kinds:
             continue
-        items.append(
-            {
-                "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
-                "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
-                "dataset": it.get("dataset"),
-            }
-        )
-        if cfg.eval_limit is not None and len(items) >= cfg.eval_limit:
-            break
-    return items
+        first_seen.setdefault(it["image_id"], len(first_seen))
+        chosen.append(it)
+    chosen.sort(key=lambda it: first_seen[it["image_id"]])  # stable: an image's items keep their order
+    return [
+        {
+            "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
+            "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
+            "dataset": it.get("dataset"),
+        }
+        for it in chosen[: cfg.eval_limit]
+    ]
 
 
 def check_evaluation_choice(store, cfg) -> None:
@@ -796,6 +801,10 @@ def run_round(round_id: int, home: str | Path) -> int:
         )
 
         cfg = DPORoundConfig.from_dict(row["config"])
+        if cfg.device == "auto" and world_size == 1:
+            # The data root's device (LVLM_STUDIO_DEVICE, passed by _spawn) is what 'auto' leaves
+            # open: with it set to cpu, the app generated on the CPU while its rounds took the GPU.
+            cfg = dataclasses.replace(cfg, device=settings.device)
         chain = adapter_lineage(store, row["parent_id"])
         base_path = resolve_model_path(row["base_model"] or settings.model)
         pairs = training_material(store, cfg)  # again: pairs may have changed since the round was queued

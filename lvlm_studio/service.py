@@ -21,6 +21,7 @@ import json
 import math
 import operator
 import os
+import random
 import time
 import uuid
 import warnings
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
+from lvlm_studio.evaluation import POPE_STRATEGIES
 from lvlm_studio.io import (
     DEFAULT_PROMPT,
     EXPORT_FORMATS,
@@ -1221,6 +1223,63 @@ class Studio:
         return {"item_ids": [i for s in range(int(n)) for i in by_scene.get(s, [])], "added": added,
                 "scenes": int(n)}
 
+    def add_pope_probes(self, dataset: str, split: str, strategy: str = "adversarial", per_image: int = 3,
+                        images: int | None = 500, seed: int = 0, min_objects: int = 3,
+                        user: str | None = None) -> dict:
+        """POPE's probes for an imported set with ground-truth objects (COCO's instances, or any
+        import that gives ``objects``), stored as items of kind "pope" beside the set's images so
+        that a round's evaluation (``eval_kinds`` holds "pope") scores POPE on them, as it does on
+        the world's test scenes. POPE (Li et al., 2023): ``images`` images with at least
+        ``min_objects`` objects (500 and 3), ``per_image`` present objects asked "yes" and as many
+        absent ones "no" (3 + 3), the absent ones drawn at random, by frequency ("popular") or by
+        co-occurrence with the present ones ("adversarial"), counted over the whole set.
+        Idempotent: a probe already stored is not added again. Admin only: it changes what every
+        later round is evaluated on."""
+        from lvlm_studio.evaluation import build_pope_questions, pope_label
+        from lvlm_studio.jobs import JobError, evaluation_plan
+
+        self.require_admin(user, "adding POPE probes to an evaluation set")
+        if strategy not in POPE_STRATEGIES:
+            raise ValueError(f"unknown POPE strategy {str(strategy)[:40]!r}; choose one of {', '.join(POPE_STRATEGIES)}")
+        per_image = whole_number(per_image, "probes per image", low=1, high=100)
+        min_objects = whole_number(min_objects, "the fewest objects an image needs", low=1, high=1000)
+        seed = whole_number(seed, "the seed", high=MAX_SEED)
+        images = None if images is None else whole_number(images, "the number of images", low=1)
+        by_image: dict[str, dict] = {}  # image id -> one non-probe item of it (its ground truth)
+        for it in self.store.list_items(dataset=dataset, split=split):
+            if it.get("objects") is not None and pope_label(it) is None:
+                by_image.setdefault(it["image_id"], it)
+        if not by_image:
+            raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to ask "
+                             "about (import COCO with its instances file, or records with 'objects')")
+        try:
+            extractor, parsed, note = evaluation_plan("auto", list(by_image.values()))
+        except JobError as exc:
+            raise ValueError(str(exc)) from None
+        truth = {it["image_id"]: sorted(extractor.ground_truth(it["objects"])) for it in parsed}
+        eligible = [image for image, objects in truth.items() if len(objects) >= min_objects]
+        if not eligible:
+            raise ValueError(f"no image of dataset {dataset!r}, split {split!r} has {min_objects} or more objects "
+                             "(POPE asks about images with at least 3; lower min_objects)")
+        chosen = eligible
+        if images is not None and images < len(eligible):
+            picked = set(random.Random(seed).sample(eligible, images))
+            chosen = [image for image in eligible if image in picked]  # in the set's own order
+        probes = build_pope_questions({image: truth[image] for image in chosen}, extractor.vocabulary, strategy,
+                                      n=per_image, seed=seed, statistics=truth)
+        before = self.store.count_items(dataset=dataset, split=split)
+        with self.store.transaction():  # all of them or none
+            for probe in probes:
+                self.store.add_item(probe["image_id"], probe["question"],
+                                    reference="Yes." if probe["label"] == "yes" else "No.", dataset=dataset,
+                                    split=split, meta={"kind": "pope", "probe": probe["object"],
+                                                       "label": probe["label"], "pope_mode": strategy,
+                                                       "pope_seed": seed})
+        return {"dataset": dataset, "split": split, "strategy": strategy, "extractor": extractor.name,
+                "images": len(chosen), "eligible_images": len(eligible), "probes": len(probes),
+                "added": self.store.count_items(dataset=dataset, split=split) - before,
+                "yes": sum(p["label"] == "yes" for p in probes), "note": note}
+
     def evaluate_world(self, round_id: int = BASE_ROUND_ID, split: str = "test", n: int = 500, seed: int = 0,
                        model: str | None = None, max_new_tokens: int | None = None,
                        progress: ProgressFn | None = None) -> dict:
@@ -1493,7 +1552,8 @@ def item_seed(seed: int, item: dict) -> int:
     """An item's own draw seed in a run (STIC's rejection draw, POVID's injection and noise, CSR's
     sampled expansion): the
     methods counted items from 0 in each chunk of 8, so every 8th item drew the same, and a resumed
-    run drew differently; keyed by the item's id, a draw is the item's whatever run it falls in."""
+    run drew differently; keyed by the item's id, a draw is the item's whatever run it falls in.
+    Sampled decoding (temperature > 0) in STIC and POVID is seeded per batch, not per item."""
     return seed * 1_000_003 + int(item["id"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -79,6 +80,25 @@ def write_image(path: Path, seed: int = 0, fmt: str | None = None, size: tuple[i
     fmt = fmt or {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
     path.write_bytes(image_bytes(seed, fmt, size))
     return path
+
+
+def write_coco(root: Path, objects: list[list[str]], split: str = "val2017") -> Path:
+    """A COCO-style set under ``root`` (annotations/ + images): image i+1 holds ``objects[i]`` as
+    instance annotations and one caption."""
+    names = sorted({o for objs in objects for o in objs})
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(names)]
+    images, captions, instances = [], [], []
+    for i, objs in enumerate(objects, start=1):
+        images.append({"id": i, "file_name": f"{i:06d}.jpg", "width": 32, "height": 24})
+        write_image(root / split / f"{i:06d}.jpg", seed=1000 + i)
+        captions.append({"id": i, "image_id": i, "caption": f"A picture of a {objs[0] if objs else 'room'}."})
+        instances += [{"id": 100 * i + j, "image_id": i, "category_id": names.index(o) + 1}
+                      for j, o in enumerate(objs)]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "categories": categories, "annotations": instances}))
+    return root
 
 
 def huge_png_bytes(width: int = 30000, height: int = 30000) -> bytes:

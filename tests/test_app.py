@@ -430,6 +430,19 @@ def test_a_typed_name_grants_nothing_once_admins_are_named(home, tmp_path):
         report = alice.predict(str(tmp_path / "outside"), "folder", "", api_name="/import_path")
         assert report["status"] == "failed" and studio.store.count_items() == items  # no image there
         assert studio.auth_summary() == "accounts on: 2 (1 admin)"
+        # POPE probes for an imported set: the Data tab's button, admins only (it changes what every
+        # later round is evaluated on).
+        from conftest import write_coco
+
+        coco = write_coco(tmp_path / "coco", [["dog", "couch", "cup"], ["person", "car", "dog", "cup"]])
+        assert alice.predict(str(coco), "coco", "", api_name="/import_path")["imported"] == 2
+        with pytest.raises(Exception, match="adding POPE probes to an evaluation set needs the admin role"):
+            bob.predict("coco", "val", "random", 500, api_name="/add_pope_probes")
+        probes = alice.predict("coco", "val", "random", 500, api_name="/add_pope_probes")
+        assert (probes["images"], probes["probes"], probes["added"]) == (2, 12, 12)
+        from lvlm_studio.ui.common import report_markdown
+
+        assert report_markdown(probes).startswith("**12 POPE probes** (random, 6 yes) on 2 images of coco/val: 12 new")
     finally:
         demo.close()
         studio.store.close()

@@ -1009,3 +1009,21 @@ def _one_pair_jsonl(folder) -> str:
     (folder / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "Describe the image.",
                                                     "chosen": "A red square.", "rejected": "A blue cat."}) + "\n")
     return str(folder / "pairs.jsonl")
+
+
+def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
+    from conftest import write_coco
+
+    root = write_coco(tmp_path / "coco", [["dog", "couch", "cup"], ["person", "car", "dog"], ["cat", "couch"]])
+    assert ok_json("import", root)["imported"] == 3
+    data = ok_json("pope", "--dataset", "coco", "--split", "val", "--strategy", "popular", "--per-image", "1")
+    assert (data["images"], data["probes"], data["yes"], data["added"], data["strategy"]) == (2, 4, 2, 4, "popular")
+    human = run("pope", "--dataset", "coco", "--split", "val", "--strategy", "popular", "--per-image", "1")
+    assert human.exit_code == 0
+    assert human.stdout.startswith("4 popular POPE probes (2 yes) on 2 images of coco/val (2 with 3+ objects, coco "
+                                   "vocabulary); 0 new items")
+    fails("pope", "--dataset", "coco", "--split", "val", "--strategy", "hard", message="unknown POPE strategy 'hard'")
+    fails("pope", "--dataset", "coco", "--split", "train", message="no item of dataset 'coco', split 'train'")
+    fails("pope", "--dataset", "coco", "--split", "val", "--images", "0", message="the number of images must be")
+    monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
+    fails("pope", "--dataset", "coco", "--split", "val", "--user", "bob", message="admin")

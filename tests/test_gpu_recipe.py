@@ -25,7 +25,7 @@ CATEGORIES = {18: "dog", 17: "cat", 63: "couch", 44: "bottle"}
 SCENES = {
     "train": [("A dog on a couch.", [18, 63]), ("A cat next to a bottle.", [17, 44]),
               ("A dog and a cat.", [18, 17]), ("A bottle on a couch.", [44, 63])],
-    "val": [("A cat on a couch.", [17, 63]), ("A dog with a bottle.", [18, 44])],
+    "val": [("A cat on a couch.", [17, 63, 44]), ("A dog with a bottle.", [18, 44, 63])],  # 3 objects: POPE's floor
 }
 
 
@@ -85,17 +85,21 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
     for var in HUB_IDS:
         monkeypatch.setenv(var, stand_ins[var])
     argvs = [shlex.split(line.replace("/data/coco", stand_ins["/data/coco"])) for line in commands]
-    assert [argv[:2] for argv in argvs] == [["lvlm-studio", "import"], ["lvlm-studio", "generate"],
+    assert [argv[:2] for argv in argvs] == [["lvlm-studio", "import"], ["lvlm-studio", "import"],
+                                            ["lvlm-studio", "pope"], ["lvlm-studio", "generate"],
                                             ["lvlm-studio", "train"]]
+    generate, train = argvs[3], argvs[4]
 
-    imported = ok_json(*argvs[0][1:])
-    assert imported["imported"] == 6 and not imported["errors"]
-    generated = ok_json(*argvs[1][1:])
+    imported = [ok_json(*argv[1:]) for argv in argvs[:2]]
+    assert [r["imported"] for r in imported] == [4, 2] and not any(r["errors"] for r in imported)
+    probes = ok_json(*argvs[2][1:])  # each val image has 3 objects: 3 asked present, 3 of COCO's 80 absent
+    assert (probes["images"], probes["probes"], probes["yes"], probes["strategy"]) == (2, 12, 6, "adversarial")
+    generated = ok_json(*generate[1:])
     assert generated["method"] == "csr" and generated["items"] == 4 and generated["pairs"] >= 1
     assert generated["model"] == stand_ins["LVLM_STUDIO_MODEL"]
 
     # What CUDA would pick by itself (DPORoundConfig's None = auto), forced on here.
-    done = ok_json(*argvs[2][1:], "--config", "bf16=true", "--config", "gradient_checkpointing=true")
+    done = ok_json(*train[1:], "--config", "bf16=true", "--config", "gradient_checkpointing=true")
     assert done["status"] == "done", done
 
     store = Store(Settings(home=home).db_path)
@@ -106,6 +110,7 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         assert (config["lora_r"], config["lora_alpha"], config["beta"], config["learning_rate"],
                 config["num_epochs"], config["sft_weight"]) == (128, 256, 0.1, 1e-7, 1, 0)
         assert config["eval_max_new_tokens"] == 512  # LLaVA's captions are not cut at the demo's 64
+        assert config["eval_limit"] is None  # the whole val set: its 500 captions and their POPE probes
         adapter = Path(rnd["adapter_path"])
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 128
         lineage = json.loads((adapter / "lineage.json").read_text())
@@ -122,16 +127,19 @@ def test_the_readme_gpu_recipe_runs_as_written_with_tiny_stand_ins(home, stand_i
         pair_items = {store.get_pair(pid)["item_id"] for pid in store.pair_ids()}
         eval_items = {row["item_id"] for row in store.eval_outputs(done["round"])}
         assert {store.get_item(i)["split"] for i in pair_items} == {"train"}
-        assert {store.get_item(i)["split"] for i in eval_items} == {"val"} and len(eval_items) == 2
+        assert {store.get_item(i)["split"] for i in eval_items} == {"val"} and len(eval_items) == 2 + 12
         assert metrics["eval"]["n_captions"] == 2 and metrics["eval"]["chair_s"] is not None
+        assert metrics["eval"]["pope_n"] == 12 and metrics["eval"]["pope_f1"] is not None  # POPE on COCO too
+        pair_params = store.get_candidate(store.get_pair(store.pair_ids()[0])["chosen_id"])["params"]
+        assert pair_params["max_sentences"] == 20
     finally:
         store.close()
 
     # The next CSR iteration, as the README words it: round 1's model writes the pairs, round 2
     # trains on those only, from round 1.
-    again = ok_json(*argvs[1][1:], "--round", "1")
+    again = ok_json(*generate[1:], "--round", "1")
     assert again["round"] == 1 and again["items"] == 4 and again["pairs"] >= 1
-    second = ok_json(*argvs[2][1:], "--config", "pair_round=1", "--config", "bf16=true",
+    second = ok_json(*train[1:], "--config", "pair_round=1", "--config", "bf16=true",
                      "--config", "gradient_checkpointing=true")
     assert second["status"] == "done" and second["parent"] == done["round"], second
     store = Store(Settings(home=home).db_path)

@@ -196,6 +196,19 @@ def test_a_sigterm_no_cancel_asked_for_fails_the_round_and_says_so(trained):
     assert_store_intact(settings, trained["round_id"])
 
 
+def test_a_round_job_takes_the_data_roots_device_when_its_own_is_auto(trained):
+    """LVLM_STUDIO_DEVICE reached the job but was never read: with it set, the app generated on
+    that device while its rounds took whatever 'auto' found. A device no machine has (cuda:99)
+    now fails the round; it trained on the CPU before."""
+    import dataclasses
+
+    settings = dataclasses.replace(trained["settings"], device="cuda:99")
+    rid = jobs.start_round(settings, {**FAST, "eval_parent": False})
+    row = jobs.wait(rid, timeout=240, settings=settings)
+    assert row["status"] == "failed" and any(w in row["error"].lower() for w in ("cuda", "nvidia", "device")), row
+    assert_store_intact(settings, trained["round_id"])
+
+
 def test_stale_running_row_of_unknown_process_is_failed(tmp_path):
     settings = Settings(home=tmp_path / "home", model="unused", device="cpu").ensure_dirs()
     dead = subprocess.Popen(["true"])

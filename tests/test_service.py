@@ -1020,3 +1020,97 @@ def test_evaluating_a_stic_stage_2_round_again_describes_first_as_its_job_did(st
     monkeypatch.setattr(studio, "backend", lambda model, round_id=None: None)
     assert studio.evaluate(stic)["describe_first"] is True and studio.evaluate(dpo)["describe_first"] is False
     assert asked == [DPORoundConfig().describe_prompt, None]
+
+
+# ---------------------------------------------------------------------------- POPE on imported sets
+_COCO_OBJECTS = [["dog", "couch", "cup"], ["person", "car", "dog", "bicycle"], ["cat", "couch"],
+                 ["person", "chair", "cup", "dining table"], ["car", "truck", "person"], ["bottle", "cup", "chair"]]
+
+
+def _probes(studio, dataset="coco", split="val") -> list[dict]:
+    return [it for it in studio.store.list_items(dataset=dataset, split=split)
+            if (it.get("meta") or {}).get("kind") == "pope"]
+
+
+def test_pope_probes_for_an_imported_set_follow_its_ground_truth(studio, tmp_path):
+    """COCO imports had no POPE probes, so rounds evaluated on them reported CHAIR only although
+    eval_kinds asks for POPE; build_pope_questions was used by nothing but tests."""
+    from conftest import write_coco
+
+    from lvlm_studio.evaluation import CocoExtractor, pope_label
+
+    studio.import_path(write_coco(tmp_path / "coco", _COCO_OBJECTS))
+    truth = {it["image_id"]: set(it["objects"]) for it in studio.store.list_items(dataset="coco")}
+    res = studio.add_pope_probes("coco", "val", strategy="adversarial", images=4, per_image=2, seed=3)
+    assert (res["eligible_images"], res["images"], res["extractor"]) == (5, 4, "coco")  # image 3 has 2 objects
+    assert res["probes"] == res["added"] == 16 and res["yes"] == 8 and res["note"] is None
+    probes = _probes(studio)
+    assert len(probes) == 16 and len({p["image_id"] for p in probes}) == 4
+    vocabulary = set(CocoExtractor().vocabulary)
+    for p in probes:
+        obj = p["meta"]["probe"]
+        assert p["prompt"] == f"Is there a {obj} in the image?" and obj in vocabulary
+        assert pope_label(p) == p["meta"]["label"] == ("yes" if obj in truth[p["image_id"]] else "no")
+        assert p["reference"] == {"yes": "Yes.", "no": "No."}[p["meta"]["label"]] and p["split"] == "val"
+        assert len(truth[p["image_id"]]) >= 3
+    # Adversarial "no" probes are objects that co-occur with the present ones in this set.
+    co_occurring = {o for objs in truth.values() for o in objs}
+    assert all(p["meta"]["probe"] in co_occurring for p in probes if p["meta"]["label"] == "no")
+    # Idempotent; another draw adds only what is new; the set's describe items are unchanged.
+    assert studio.add_pope_probes("coco", "val", images=4, per_image=2, seed=3)["added"] == 0
+    assert studio.add_pope_probes("coco", "val", images=None, per_image=2, seed=3)["images"] == 5
+    assert len(_probes(studio)) > 16
+    assert len([it for it in studio.store.list_items(dataset="coco") if pope_label(it) is None]) == 6
+
+
+def test_pope_probes_refuse_what_they_cannot_ask_about(studio, tmp_path):
+    from conftest import write_coco, write_image
+
+    for kwargs, message in (({"strategy": "hard"}, "unknown POPE strategy 'hard'"),
+                            ({"per_image": 0}, "probes per image"), ({"images": 0}, "the number of images")):
+        with pytest.raises(ValueError, match=message):
+            studio.add_pope_probes("coco", "val", **kwargs)
+    with pytest.raises(ValueError, match="no item of dataset 'coco', split 'val' has ground-truth objects"):
+        studio.add_pope_probes("coco", "val")
+    write_image(tmp_path / "f" / "a.png", seed=3)
+    studio.import_path(tmp_path / "f", dataset="plain", split="val")  # no objects
+    with pytest.raises(ValueError, match="has ground-truth objects to ask about"):
+        studio.add_pope_probes("plain", "val")
+    studio.import_path(write_coco(tmp_path / "coco", [["dog", "cat"], ["car"]]))
+    with pytest.raises(ValueError, match="no image of dataset 'coco', split 'val' has 3 or more objects"):
+        studio.add_pope_probes("coco", "val")
+    assert studio.add_pope_probes("coco", "val", min_objects=2, per_image=1)["probes"] == 2
+    with pytest.raises(Exception, match="admin"):
+        Studio(studio.settings, users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=()).add_pope_probes(
+            "coco", "val", min_objects=2, user="bob")
+
+
+def test_a_rounds_evaluation_set_takes_an_images_probes_with_its_caption(studio, tmp_path):
+    """Probes added after the import come after every caption item in the store: a limit took the
+    captions only. The evaluation set keeps an image's items together, the images in order."""
+    from conftest import write_coco
+
+    from lvlm_studio import jobs
+    from lvlm_studio.evaluation import ShapesWorldExtractor, evaluate_backend
+    from lvlm_studio.training import DPORoundConfig
+
+    studio.import_path(write_coco(tmp_path / "coco", _COCO_OBJECTS))
+    studio.add_pope_probes("coco", "val", images=None, per_image=1)
+    cfg = DPORoundConfig(eval_dataset="coco", eval_split="val", eval_limit=6)
+    items = jobs.eval_items_for(studio.store, cfg)
+    first = studio.store.list_items(dataset="coco")[0]["image_id"]
+    assert [studio.store.get_item(it["item_id"])["image_id"] for it in items[:3]] == [first] * 3
+    assert [(it["meta"] or {}).get("kind", "describe") for it in items[:3]] == ["describe", "pope", "pope"]
+    extractor, scored, note = jobs.evaluation_plan("auto", jobs.eval_items_for(studio.store, DPORoundConfig(
+        eval_dataset="coco", eval_split="val", eval_limit=None)))
+    assert extractor.name == "coco" and note is None and not isinstance(extractor, ShapesWorldExtractor)
+
+    class SaysYes:  # a model that answers yes to everything: POPE recall 1, precision 0.5
+        def sample(self, images, prompts, n=1, params=None):
+            from types import SimpleNamespace
+
+            return [[SimpleNamespace(text="Yes, there is a dog.")] for _ in prompts]
+
+    metrics, rows = evaluate_backend(SaysYes(), scored, extractor)
+    assert metrics["pope_n"] == 10 and metrics["pope_recall"] == 1.0 and metrics["pope_precision"] == 0.5
+    assert metrics["n_captions"] == 6 and "chair_s" in metrics

@@ -523,9 +523,14 @@ def add_diffusion_noise(image: Image.Image, t: int = 500, seed: int | None = 0, 
 
 @dataclass
 class POVIDConfig:
-    """POVID settings; defaults follow the paper / reference (arXiv 2402.11411, YiyangZhou/POVID)."""
+    """POVID settings: the noise schedule, the two-term loss and the categories follow the paper /
+    reference (arXiv 2402.11411, YiyangZhou/POVID); where a field says "project choice", neither
+    gives a value."""
 
     injector: Literal["rules", "prompted"] = "rules"
+    # Project choices: the paper has GPT-4V rewrite the answer with hallucinations and fixes no
+    # count; two injected spans per answer, absent objects drawn from the 5 that co-occur most
+    # with the present ones (the paper asks for "co-occurring" objects).
     n_injections: int = 2
     categories: tuple[str, ...] = CATEGORIES
     cooccur_top_k: int = 5
@@ -538,7 +543,13 @@ class POVIDConfig:
     # under the noisy image and, at each position, the model's most likely token is taken; the
     # decoded tokens are the rejected text (same length as the chosen answer, diverging wherever
     # the noise changes the model's belief). Needs a backend with ``argmax_tokens`` (HFBackend).
+    # The reference takes that argmax inside its trainer, from the policy being trained, at every
+    # step; here it is taken once, when the pair is generated, from the generating model, and
+    # stored as an ordinary rejected answer (reviewable, exportable).
     noise_answer: Literal["generate", "teacher_forced_argmax"] = "generate"
+    # Project choices, not the paper's: answer length and greedy decoding. With temperature > 0 a
+    # batch samples under one seed, so a sampled answer depends on the batch it fell in; each
+    # item's injections and noise are its own whatever the batch.
     max_new_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0

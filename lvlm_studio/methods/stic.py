@@ -76,6 +76,10 @@ class STICConfig:
     # description of a clean image is not a dispreferred answer; True redraws one corruption
     # uniformly in that case. False reproduces the independent RandomApply draws.
     require_corruption: bool = True
+    # Project choices (the paper gives no decoding settings): room for a full step-by-step
+    # description, and greedy answers. With temperature > 0 a batch samples under one seed (its
+    # first item's), so a sampled answer depends on the batch it fell in; each item's rejection
+    # draw (branch, prompt, corruption) is its own whatever the batch.
     max_new_tokens: int = 512
     temperature: float = 0.0
     seed: int = 0

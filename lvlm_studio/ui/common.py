@@ -154,6 +154,12 @@ def report_markdown(report: dict | None) -> str:
         added = len(report["items"])
         lines.append(f"**{n(added, 'image')} added**, {len(report['rejected'])} refused")
         lines += [f"- {esc(r.get('file'))}: {esc(r.get('reason'))}" for r in report["rejected"][:10]]
+    elif "probes" in report and "strategy" in report:  # POPE probes
+        lines.append(f"**{n(report['probes'], 'POPE probe')}** ({esc(report['strategy'])}, {esc(report.get('yes'))} yes) "
+                     f"on {n(report.get('images'), 'image')} of {esc(report.get('dataset'))}/{esc(report.get('split'))}: "
+                     f"{esc(report.get('added'))} new; rounds evaluated on this set now report POPE")
+        if report.get("note"):
+            lines.append(esc(report["note"]))
     elif "pairs" in report and "format" in report:  # export
         lines.append(f"Exported **{n(report['pairs'], 'pair')}** ({n(report.get('images'), 'image')}) as "
                      f"{esc(report['format'])}: download the zip beside")

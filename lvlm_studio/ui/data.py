@@ -1,5 +1,6 @@
-"""Data tab: upload images, import a dataset path, export pairs (download), statistics with
-reviewer agreement (Cohen's / Fleiss' κ) and the human override rate by automatic-margin bucket."""
+"""Data tab: upload images, import a dataset path (and add POPE probes to an imported set), export
+pairs (download), statistics with reviewer agreement (Cohen's / Fleiss' κ) and the human override
+rate by automatic-margin bucket."""
 
 from __future__ import annotations
 
@@ -8,9 +9,23 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lvlm_studio.service import DEFAULT_PROMPT, EXPORT_FORMATS, IMPORT_FORMATS, METHODS, Studio
+from lvlm_studio.service import (
+    DEFAULT_PROMPT,
+    EXPORT_FORMATS,
+    IMPORT_FORMATS,
+    METHODS,
+    POPE_STRATEGIES,
+    Studio,
+)
 from lvlm_studio.ui.auth import acting_user, request_user
-from lvlm_studio.ui.common import bar, clear_on_click, report_markdown, ticked_methods, user_errors
+from lvlm_studio.ui.common import (
+    bar,
+    clear_on_click,
+    number_field,
+    report_markdown,
+    ticked_methods,
+    user_errors,
+)
 from lvlm_studio.ui.highlight import escape_text
 
 
@@ -61,6 +76,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                                label="Format", elem_id="data-kind")
             imp_dataset = gr.Textbox(label="Dataset name (optional)", elem_id="data-imp-dataset")
             do_import = gr.Button("Import", elem_id="data-import-run")
+            with gr.Accordion("POPE probes for an imported set (admins)", open=False):
+                gr.Markdown("Yes/no probes (\"Is there a dog in the image?\") from the set's ground-truth objects, "
+                            "as POPE builds them, so that rounds evaluated on it report POPE beside CHAIR.")
+                with gr.Row():
+                    pope_dataset = gr.Textbox("coco", label="Dataset", elem_id="data-pope-dataset")
+                    pope_split = gr.Textbox("val", label="Split", elem_id="data-pope-split")
+                with gr.Row():
+                    pope_strategy = gr.Dropdown(list(POPE_STRATEGIES), value="adversarial", label="Absent objects",
+                                                elem_id="data-pope-strategy")
+                    pope_images = gr.Number(500, label="Images", precision=0, minimum=1, elem_id="data-pope-images")
+                add_probes = gr.Button("Add POPE probes", elem_id="data-pope-run")
         with gr.Column():
             gr.Markdown("### Export pairs")
             fmt = gr.Dropdown(list(EXPORT_FORMATS), value="trl", label="Format", elem_id="data-export-format")
@@ -114,6 +140,17 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         report_markdown, [result], [summary], api_name=False)
 
     @user_errors
+    def on_pope(dataset_v, split_v, strategy_v, images_v, request: gr.Request = None) -> dict:
+        if not (dataset_v or "").strip() or not (split_v or "").strip():
+            raise ValueError("name the dataset and split first")
+        return studio.add_pope_probes(dataset_v.strip(), split_v.strip(), strategy=strategy_v,
+                                      images=number_field(images_v, "images", int), user=request_user(request))
+
+    probed = add_probes.click(on_pope, [pope_dataset, pope_split, pope_strategy, pope_images], [result],
+                              api_name="add_pope_probes", show_progress_on=[summary]).success(
+        report_markdown, [result], [summary], api_name=False)
+
+    @user_errors
     def on_export(fmt_v, methods_v, auto_v, request: gr.Request = None) -> tuple:
         acting_user(studio, request, None)  # every label and edit goes into the zip: signed-in users only
         if not methods_v:
@@ -133,11 +170,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         return (stats_v, agreement_html(ag), override_frame(ag),
                 gr.CheckboxGroup(choices=now, value=ticked_methods(now, current, known)), now)
 
-    for button in (upload, do_import, export):
+    for button in (upload, do_import, add_probes, export):
         clear_on_click(button, summary)
 
     stats_outs = [stats, agreement, override, ex_methods, known_methods]
     refresh.click(on_stats, [ex_methods, known_methods], stats_outs, api_name="data_stats")
     imported.then(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)
+    probed.then(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)
     demo.load(on_stats, [ex_methods, known_methods], stats_outs, api_name=False)
     return {}
