@@ -1022,10 +1022,13 @@ def report_round(round_id: int, timeout: float | None, as_json: bool) -> None:
         metrics = row.get("metrics") or {}
         train = metrics.get("train") or {}
         dropped = metrics.get("n_dropped_by_balance")  # why fewer pairs than `train` announced
-        lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: {counted(metrics.get('steps'), 'step')} "
-                 f"on {counted(metrics.get('n_pairs'), 'pair')}"
-                 + (f" ({dropped} left out by balance_answers)" if dropped else "")
-                 + f", final loss {_fmt(train.get('loss'), 4)}"]
+        if row.get("parent_id") is None and metrics.get("steps") is None:  # round 0: the base model, never trained
+            lines = [f"round {round_id} is the base model ({row.get('base_model')}): nothing was trained"]
+        else:
+            lines = [f"round {round_id} done in {_fmt(summary['seconds'], 1)} s: "
+                     f"{counted(metrics.get('steps'), 'step')} on {counted(metrics.get('n_pairs'), 'pair')}"
+                     + (f" ({dropped} left out by balance_answers)" if dropped else "")
+                     + f", final loss {_fmt(train.get('loss'), 4)}"]
         from lvlm_studio.training import describe_povid_stages
 
         if stages := describe_povid_stages(metrics.get("povid_stages")):

@@ -577,6 +577,9 @@ def test_wait_follows_a_round_started_earlier(env, monkeypatch):
     finally:
         store.close()
     fails("wait", "99", message="round 99 does not exist")
+    # Round 0 is the base model: it was never trained ("None steps on None pairs" before).
+    text = run("wait", "0").stdout
+    assert text.startswith("round 0 is the base model (demo): nothing was trained") and "None" not in text
 
 
 def test_train_options_reach_start_round(env, monkeypatch):
