@@ -585,11 +585,12 @@ def build_pope_questions(
     template: str = POPE_TEMPLATE,
     statistics: dict[Any, Iterable[str]] | None = None,
 ) -> list[dict]:
-    """POPE probes: per image ``n`` present objects ("yes") and ``n`` absent ones ("no").
+    """POPE probes: per image ``n`` present objects ("yes") and as many absent ones ("no").
 
     ``images``: image id → canonical ground-truth objects. Popularity and co-occurrence are counted
     over ``statistics`` (default: ``images`` itself), as POPE counts them over its image pool.
-    Images with fewer than ``n`` objects give all they have (POPE itself keeps images with ≥ 3).
+    Images with fewer than ``n`` objects give all they have, and as many absent ones: POPE's probes
+    are half yes, half no (POPE itself keeps images with ≥ 3 objects and asks 3 + 3).
     Returns dicts: image_id, question, label ("yes"/"no"), object, strategy.
     """
     if strategy not in POPE_STRATEGIES:
@@ -604,10 +605,11 @@ def build_pope_questions(
         present = sorted(set(objs), key=lambda o: vocab_order.get(o, len(vocab_order)))
         absent = [o for o in vocabulary if o not in set(present)]
         positives = rng.sample(present, min(n, len(present)))
+        k = len(positives)  # as many "no" as "yes"
         if strategy == "random":
-            negatives = rng.sample(absent, min(n, len(absent)))
+            negatives = rng.sample(absent, min(k, len(absent)))
         elif strategy == "popular":
-            negatives = sorted(absent, key=lambda o: (-frequency[o], vocab_order.get(o, 0)))[:n]
+            negatives = sorted(absent, key=lambda o: (-frequency[o], vocab_order.get(o, 0)))[:k]
         else:  # adversarial, as POPE's reference: each positive brings its own top co-occurring absent object
             negatives = []
             for p in positives:
@@ -616,12 +618,12 @@ def build_pope_questions(
                 pick = next((o for o in ranked if o not in negatives), None)
                 if pick is not None:
                     negatives.append(pick)
-            score = Counter()  # fewer positives than n: top up by co-occurrence with all that is present
+            score = Counter()  # fewer partners than positives: top up by co-occurrence with all that is present
             for p in present:
                 score.update(co.get(p, Counter()))
             rest = sorted((o for o in absent if o not in negatives), key=lambda o: (-score[o], -frequency[o],
                                                                                      vocab_order.get(o, 0)))
-            negatives += rest[: max(0, n - len(negatives))]
+            negatives += rest[: max(0, k - len(negatives))]
         for label, chosen in (("yes", positives), ("no", negatives)):
             for obj in chosen:
                 out.append(

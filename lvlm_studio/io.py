@@ -577,17 +577,25 @@ def stored_image(store: Store, settings: Settings, source: Path | str | bytes, *
         with store.transaction():
             if not image.path.is_file():
                 image = ingest_image(settings, source, name=name, source_label=source_label)
-            store.add_image(image.id, image.path, image.width, image.height, source_label, objects)
+            store.add_image(image.id, image.path, image.width, image.height, source_label, objects,
+                            replaces=image.replaces)
             yield image.id
     except BaseException:
         if image.created:
             try:
                 with store.transaction():
-                    if store.get_image(image.id) is None:
+                    row = store.get_image(image.id)
+                    if row is None or Path(row["path"]).resolve() != image.path.resolve():  # no row names this file
                         discard(image)
             except Exception:  # noqa: BLE001 - the store is busy or gone: an orphan file is harmless
                 pass
         raise
+    if image.replaces is not None:
+        # The damaged file this one replaced goes once a committed row names the new file.
+        with contextlib.suppress(Exception), store.transaction():
+            row = store.get_image(image.id)
+            if row is not None and Path(row["path"]).resolve() == image.path.resolve():
+                image.replaces.unlink(missing_ok=True)
 
 
 def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> None:

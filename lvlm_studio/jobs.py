@@ -559,24 +559,28 @@ def cancel_round(settings: Settings, round_id: int, timeout: float = 60.0, force
 def eval_items_for(store, cfg) -> list[dict]:
     """The evaluation set: items of ``cfg.eval_split`` (and ``cfg.eval_dataset``) whose image has
     ground-truth objects and whose kind (meta["kind"], absent = describe) is in ``cfg.eval_kinds``,
-    an image's items together (in the order the images first appear), the first ``eval_limit``. An
-    image's POPE probes added after its import (``Studio.add_pope_probes``) come with its caption
-    item, so a limit takes both, not all captions first."""
-    chosen, first_seen = [], {}
+    by image (in the order the images first appear, an image's items together) and at most
+    ``eval_limit`` items of whole images (at least one image). An image's POPE probes added after
+    its import (``Studio.add_pope_probes``) come with its caption, and a limit never keeps some of
+    an image's probes without the rest (a POPE half of yes without its no)."""
+    by_image: dict[str, list[dict]] = {}
     for it in store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split):
         kind = (it.get("meta") or {}).get("kind") or "describe"
         if it.get("objects") is None or kind not in cfg.eval_kinds:
             continue
-        first_seen.setdefault(it["image_id"], len(first_seen))
-        chosen.append(it)
-    chosen.sort(key=lambda it: first_seen[it["image_id"]])  # stable: an image's items keep their order
+        by_image.setdefault(it["image_id"], []).append(it)
+    chosen: list[dict] = []
+    for image_items in by_image.values():
+        if cfg.eval_limit is not None and chosen and len(chosen) + len(image_items) > cfg.eval_limit:
+            break
+        chosen += image_items
     return [
         {
             "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
             "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
             "dataset": it.get("dataset"),
         }
-        for it in chosen[: cfg.eval_limit]
+        for it in chosen
     ]
 
 
@@ -584,15 +588,16 @@ def check_evaluation_choice(store, cfg) -> None:
     """Refuse, before a round exists, an evaluation set chosen by hand (``eval_dataset``,
     ``eval_split`` or ``eval_kinds`` not the default) that selects no item: a mistyped name gave a
     round that ended 'done' with no evaluation. The defaults may select nothing: a store without a
-    test split trains, and the round says it was not evaluated. A set that no extractor can score
-    (``evaluation_plan``) is refused whether chosen or not."""
+    test split trains, and the round says it was not evaluated. So does a default set that no
+    extractor can score (``evaluation_plan``); one chosen by hand is refused."""
     from lvlm_studio.training import DPORoundConfig
 
     default = DPORoundConfig()
     chosen = (cfg.eval_dataset is not None or cfg.eval_split != default.eval_split
               or list(cfg.eval_kinds) != default.eval_kinds)
     if items := eval_items_for(store, cfg):
-        evaluation_plan(cfg.extractor, items)  # a set no extractor can score is refused now, not after training
+        if chosen:  # a set chosen by hand that no extractor can score: refused now, not after training
+            evaluation_plan(cfg.extractor, items)
         return
     if not chosen:
         return
@@ -606,6 +611,17 @@ def check_evaluation_choice(store, cfg) -> None:
         found = (f"no item of {where} with ground-truth objects is of a kind in eval_kinds {list(cfg.eval_kinds)} "
                  f"(kinds there: {', '.join(kinds) or 'none: no item there has ground-truth objects'})")
     raise JobError(f"the evaluation set is empty: {found}")
+
+
+def no_evaluation_items_note(store, cfg) -> str:
+    """Why a round was not evaluated when its evaluation set is empty, with the settings that would
+    pick a set the store holds (an imported set is not the default: the world's test split is)."""
+    where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
+    sets = sorted({(it["dataset"], it["split"]) for it in store.list_items() if it.get("objects") is not None})
+    hint = ("; sets with ground-truth objects here: " + ", ".join(f"{d}/{s}" for d, s in sets[:5])
+            + " (--config eval_dataset=D --config eval_split=S)") if sets else \
+        ": import the world's test split or a dataset with objects"
+    return f"no evaluation items ({where} with ground-truth objects){hint}"
 
 
 def evaluation_plan(name: str, items: list[dict]) -> tuple[Any, list[dict], str | None]:
@@ -763,25 +779,26 @@ def run_round(round_id: int, home: str | Path) -> int:
         # A cancel signals the launcher too, but it outlives its workers; a dead (or zombie)
         # launcher means the stop came from _stop_with_parent.
         orphaned = world_size > 1 and not process_running(launcher)
-        if orphaned:
-            msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
-        requested = True
+        requested = not orphaned  # other ranks do not read the store: rank 0 decides what is recorded
         if main:
             with store.transaction():
                 current = store.get_round(round_id)
+                # A cancel also stops the launcher, which may end before this worker gets here: a
+                # round whose cancel was asked for is cancelled, launcher or not.
                 requested = bool(current.get("cancel_requested"))
-                if not orphaned and not requested:
+                if not requested and orphaned:
+                    msg = f"the launcher (pid {launcher}) died; the workers stopped ({msg})"
+                elif not requested:
                     # A signal no cancel asked for (the machine shutting down, someone's kill): the
                     # round did not finish, and nobody chose to drop it.
                     msg = (f"stopped by {received[-1] if received else 'a signal'}, which no cancel asked for "
                            f"(the machine shutting down, or the process stopped by hand); "
                            f"{msg.replace('cancelled', 'it stopped', 1)}")
                 if current["status"] == "running":  # a failure already recorded stands
-                    store.update_round(round_id, status="cancelled" if requested and not orphaned else "failed",
-                                       error=msg)
+                    store.update_round(round_id, status="cancelled" if requested else "failed", error=msg)
             remove_leftovers(store, round_id)
         log(msg)
-        return 0 if requested and not orphaned else 1
+        return 0 if requested else 1
 
     if world_size > 1:
         _stop_with_parent()
@@ -863,19 +880,21 @@ def run_round(round_id: int, home: str | Path) -> int:
             metrics["povid_stages"] = result.lineage["povid_stages"]
         items = eval_items_for(store, cfg)
         rows: list[dict] = []
+        extractor = None
         if not items:
-            metrics["eval_note"] = (
-                f"no evaluation items (split {cfg.eval_split!r} with ground-truth objects): import the "
-                "world's test split or a dataset with objects"
-            )
-            log(metrics["eval_note"])
+            metrics["eval_note"] = no_evaluation_items_note(store, cfg)
         else:
+            try:
+                extractor, items, mixed = evaluation_plan(cfg.extractor, items)
+                if mixed:
+                    metrics["eval_note"] = mixed
+            except JobError as exc:  # the default set, unscorable (one chosen by hand was refused at start)
+                metrics["eval_note"] = f"not evaluated: {exc}"
+        if metrics.get("eval_note"):
+            log(metrics["eval_note"])
+        if extractor is not None:
             from lvlm_studio.evaluation import EvaluationCancelled
 
-            extractor, items, mixed = evaluation_plan(cfg.extractor, items)
-            if mixed:
-                metrics["eval_note"] = mixed
-                log(mixed)
             device = resolve_device(cfg.device)
             try:
                 parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None

@@ -63,6 +63,9 @@ class ImageRecord:
     source: str = "upload"
     format: str = "PNG"
     created: bool = False
+    # A damaged file of the same picture that this one was written to replace, in another format:
+    # removed by the caller once the row names the new file (io.stored_image), not before.
+    replaces: Path | None = None
 
 
 def _human(n: int) -> str:
@@ -385,9 +388,8 @@ def ingest_image(
         ext, payload, fmt = ".png", buffer.getvalue(), "PNG"
     dest = directory / f"{image_id}{ext}"
     _atomic_write(dest, payload)
-    if existing is not None and existing != dest:
-        existing.unlink(missing_ok=True)
-    return ImageRecord(image_id, dest, width, height, source_label, fmt, created=True)
+    replaces = existing if existing is not None and existing != dest else None
+    return ImageRecord(image_id, dest, width, height, source_label, fmt, created=True, replaces=replaces)
 
 
 def _decoded(data: bytes) -> Image.Image:

@@ -1246,9 +1246,17 @@ class Studio:
         seed = whole_number(seed, "the seed", high=MAX_SEED)
         images = None if images is None else whole_number(images, "the number of images", low=1)
         by_image: dict[str, dict] = {}  # image id -> one non-probe item of it (its ground truth)
-        for it in self.store.list_items(dataset=dataset, split=split):
+        stored = self.store.list_items(dataset=dataset, split=split)
+        for it in stored:
             if it.get("objects") is not None and pope_label(it) is None:
                 by_image.setdefault(it["image_id"], it)
+        other_modes = Counter(mode for it in stored if (it.get("meta") or {}).get("kind") == "pope"
+                              and (mode := (it["meta"].get("pope_mode") or "?")) != strategy)
+        if other_modes:
+            held = ", ".join(f"{n} {mode}" for mode, n in sorted(other_modes.items()))
+            raise ValueError(f"{dataset}/{split} already holds POPE probes of another strategy ({held}): one POPE "
+                             f"figure over two strategies matches neither. Add {strategy} probes to a copy of the set "
+                             f"(import it again with another --dataset name)")
         if not by_image:
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to ask "
                              "about (import COCO with its instances file, or records with 'objects')")
@@ -1268,17 +1276,26 @@ class Studio:
         probes = build_pope_questions({image: truth[image] for image in chosen}, extractor.vocabulary, strategy,
                                       n=per_image, seed=seed, statistics=truth)
         before = self.store.count_items(dataset=dataset, split=split)
+        kept = []  # less the questions an item of another kind already asks (CSR's yes/no items)
         with self.store.transaction():  # all of them or none
             for probe in probes:
+                held = self.store.find_item(probe["image_id"], probe["question"], dataset)
+                if held is not None and ((held.get("meta") or {}).get("kind") != "pope" or held["split"] != split):
+                    continue
+                kept.append(probe)
                 self.store.add_item(probe["image_id"], probe["question"],
                                     reference="Yes." if probe["label"] == "yes" else "No.", dataset=dataset,
                                     split=split, meta={"kind": "pope", "probe": probe["object"],
                                                        "label": probe["label"], "pope_mode": strategy,
                                                        "pope_seed": seed})
+        if taken := len(probes) - len(kept):
+            note = "; ".join(filter(None, [note, (
+                f"{taken} of the probes' questions are already items of another kind (CSR's yes/no questions, "
+                "or another split) and are not evaluated as POPE")]))
         return {"dataset": dataset, "split": split, "strategy": strategy, "extractor": extractor.name,
-                "images": len(chosen), "eligible_images": len(eligible), "probes": len(probes),
+                "images": len(chosen), "eligible_images": len(eligible), "probes": len(kept),
                 "added": self.store.count_items(dataset=dataset, split=split) - before,
-                "yes": sum(p["label"] == "yes" for p in probes), "note": note}
+                "yes": sum(p["label"] == "yes" for p in kept), "note": note}
 
     def evaluate_world(self, round_id: int = BASE_ROUND_ID, split: str = "test", n: int = 500, seed: int = 0,
                        model: str | None = None, max_new_tokens: int | None = None,

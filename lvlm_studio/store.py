@@ -409,10 +409,11 @@ class Store:
         height: int,
         source: str | None,
         objects: list[str] | None = None,
+        replaces: str | Path | None = None,
     ) -> str:
         """Insert an image row; idempotent on ``id``. Known ground-truth objects fill in a row
-        that had none; a row whose file is gone (a damaged file that media.ingest_image wrote again
-        in another format) is pointed at ``path``."""
+        that had none. A row that names ``replaces`` (a damaged file media.ingest_image wrote again
+        in another format), or a file that is gone, is pointed at ``path``."""
         if not id:
             raise StoreError("image id must not be empty")
         with self.transaction() as db:
@@ -422,7 +423,8 @@ class Store:
                 (id, self._rel(path), int(width), int(height), source, _dumps(objects)),
             )
             stored = self._scalar("SELECT path FROM images WHERE id = ?", (id,))
-            if stored != self._rel(path) and not Path(self._abs(stored)).is_file() and Path(path).is_file():
+            if stored != self._rel(path) and Path(path).is_file() and (
+                    (replaces is not None and stored == self._rel(replaces)) or not Path(self._abs(stored)).is_file()):
                 db.execute("UPDATE images SET path = ? WHERE id = ?", (self._rel(path), id))
             if objects is not None:
                 db.execute(

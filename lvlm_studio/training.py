@@ -223,7 +223,8 @@ class DPORoundConfig:
     eval_dataset: str | None = None  # None = any dataset
     eval_split: str = "test"  # ShapesWorld's unbiased test split
     # The Train tab's evaluation budget: 200 test items keep a demo round's evaluation short; the
-    # README's table (benchmarks/demo_loop.py) evaluates 500 scenes, CHAIR's usual 500 images.
+    # README's table (benchmarks/demo_loop.py) evaluates 500 scenes, CHAIR's usual 500 images. Whole
+    # images only (jobs.eval_items_for): 200 takes 66 demo scenes, a caption and 2 probes each.
     eval_limit: int | None = 200
     eval_kinds: list[str] = field(default_factory=lambda: ["describe", "pope"])
     # Greedy answer length: the world's reference captions are at most 44 demo tokens (500 test

@@ -201,7 +201,8 @@ def test_train_wait_rounds_eval_and_compare(env, tiny):
     round_id = done["round"]
     assert round_id == 1 and done["status"] == "done" and done["parent"] == 0
     assert done["pairs"] == 4 and done["metrics"]["steps"] == 2
-    assert done["metrics"]["eval"]["n_items"] == 4 and done["chair_s"] is not None
+    # eval_limit=4 takes whole scenes (a caption and its 2 probes): one scene, not a second's caption
+    assert done["metrics"]["eval"]["n_items"] == 3 and done["chair_s"] is not None
 
     rounds = ok_json("rounds")["rounds"]
     assert [r["id"] for r in rounds] == [0, 1]

@@ -380,6 +380,11 @@ def test_pope_asks_n_present_and_n_absent_per_image():  # E23
         for image_id in images:
             labels = [q["label"] for q in qs if q["image_id"] == image_id]
             assert labels.count("yes") == 3 and labels.count("no") == 3, strategy
+    # An image with fewer objects than n gets as many "no" as it has "yes" (it got n "no": 2 + 3).
+    for strategy in ("random", "popular", "adversarial"):
+        labels = [q["label"] for q in build_pope_questions({3: {"a", "b"}}, vocab, strategy, n=3, seed=0,
+                                                           statistics=images)]
+        assert labels.count("yes") == labels.count("no") == 2, strategy
 
 
 def test_pope_label_recognises_probe_kinds():  # E25

@@ -1358,6 +1358,16 @@ def test_a_stored_image_damaged_on_disk_is_written_again_by_the_next_import(stor
     png_copy = pyio.BytesIO()
     load_image(jpg_path).save(png_copy, "PNG")
     jpg_path.write_bytes(b"\xff\xd8 damaged")
+    # A record refused after the new file was written (here: it names another split) rolls the
+    # row back to the damaged file, which must still be there, and leaves no new file behind.
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "b.png").write_bytes(png_copy.getvalue())
+    (tmp_path / "h" / "d.jsonl").write_text(json.dumps({"image": "b.png", "prompt": jpg_item["prompt"],
+                                                         "split": "test", "dataset": jpg_item["dataset"]}))
+    refused = io.import_path(store, settings, tmp_path / "h" / "d.jsonl")
+    assert refused.imported == 0 and "as split 'train', and this record says 'test'" in refused.errors[0]
+    assert store.get_image(jpg_item["image_id"])["path"] == str(jpg_path) and jpg_path.is_file()
+    assert_consistent(store, settings)
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "b-copy.png").write_bytes(png_copy.getvalue())
     assert io.import_path(store, settings, tmp_path / "g").imported == 1

@@ -950,13 +950,43 @@ def test_an_evaluation_set_chosen_by_hand_that_selects_nothing_is_refused_before
         store.db.execute("UPDATE items SET split = 'val' WHERE split = 'test'")
         jobs.check_evaluation_choice(store, DPORoundConfig())  # the default selecting nothing: allowed
         jobs.check_evaluation_choice(store, DPORoundConfig(eval_split="val"))
-        # Test items whose ground truth no vocabulary knows: refused before the round, also by default
-        # (the round trained, was scored on 0 items and became current).
+        # Test items whose ground truth no vocabulary knows: chosen by hand, refused before the round
+        # (it trained, was scored on 0 items and became current as if evaluated); the default set
+        # is allowed, and the round says it was not evaluated (tests/test_jobs.py, below).
         store.db.execute("UPDATE items SET split = 'test' WHERE split = 'val'")
         store.db.execute("""UPDATE images SET objects = '["widget"]'""")
         with pytest.raises(jobs.JobError, match="evaluation items has ground-truth objects the shapesworld or coco"):
-            jobs.start_round(settings, FAST)
+            jobs.start_round(settings, {**FAST, "eval_dataset": "shapesworld"})
         assert [r["id"] for r in store.list_rounds()] == [0]
+        jobs.check_evaluation_choice(store, DPORoundConfig())
+
+
+def test_a_round_on_a_default_set_no_vocabulary_knows_trains_and_says_it_was_not_evaluated(tmp_path):
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    try:
+        store.db.execute("""UPDATE images SET objects = '["widget"]'""")
+    finally:
+        store.close()
+    rid = jobs.start_round(settings, {**FAST, "num_epochs": 1})
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    assert row["status"] == "done", row["error"]
+    assert row["metrics"]["eval"] is None
+    assert row["metrics"]["eval_note"].startswith("not evaluated: none of the 9 evaluation items has ground-truth "
+                                                  "objects the shapesworld or coco vocabulary knows (e.g. 'widget')")
+    store = Store.open(settings)
+    try:
+        assert store.eval_outputs(rid) == []
+        # An empty evaluation set: the note names the sets that have ground truth, and how to pick one.
+        store.db.execute("UPDATE items SET split = 'val' WHERE split = 'test'")
+        from lvlm_studio.training import DPORoundConfig
+
+        assert jobs.no_evaluation_items_note(store, DPORoundConfig()) == (
+            "no evaluation items (split 'test' with ground-truth objects); sets with ground-truth objects here: "
+            "shapesworld/train, shapesworld/val (--config eval_dataset=D --config eval_split=S)")
+    finally:
+        store.close()
 
 
 def test_a_new_round_never_takes_the_id_of_a_folder_on_disk(tmp_path, monkeypatch):
@@ -973,15 +1003,14 @@ def test_a_new_round_never_takes_the_id_of_a_folder_on_disk(tmp_path, monkeypatc
         (settings.home / "adapters" / "notes-round-9").mkdir()  # not a round folder
         (settings.home / "runs" / "round-12").write_text("a file, not a round's folder")
         assert jobs._highest_round_folder(settings.home) == 6
-        store.ensure_base_round(settings.model)
-        assert store.create_round(0, "unused", {}, status="failed", min_id=7) == 7
-        assert store.create_round(0, "unused", {}, status="failed", min_id=2) == 8  # above every round, too
         monkeypatch.setattr(jobs, "_spawn", lambda *a, **k: subprocess.Popen(["true"]))  # no job: the id is the point
-        rid = jobs.start_round(settings, FAST)
-        assert rid == 9
+        rid = jobs.start_round(settings, FAST)  # the store holds round 0 only: it would have been round 1
+        assert rid == 7
         store.update_round(rid, status="failed", error="test")
         jobs.remove_leftovers(store, rid)
         assert (old / "adapter_model.safetensors").read_bytes() == b"an older round's weights"
+        assert store.create_round(0, "unused", {}, status="failed", min_id=9) == 9
+        assert store.create_round(0, "unused", {}, status="failed", min_id=2) == 10  # above every round, too
 
 
 def test_the_job_process_leaves_a_round_that_is_not_queued_alone(tmp_path):

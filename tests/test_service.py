@@ -1080,6 +1080,17 @@ def test_pope_probes_refuse_what_they_cannot_ask_about(studio, tmp_path):
     with pytest.raises(ValueError, match="no image of dataset 'coco', split 'val' has 3 or more objects"):
         studio.add_pope_probes("coco", "val")
     assert studio.add_pope_probes("coco", "val", min_objects=2, per_image=1)["probes"] == 2
+    # One POPE figure over two strategies matches neither: another strategy on the same set is refused.
+    with pytest.raises(ValueError, match=r"coco/val already holds POPE probes of another strategy \(2 adversarial\)"):
+        studio.add_pope_probes("coco", "val", strategy="random", min_objects=2, per_image=1)
+    # A question CSR's yes/no pairs already made an item of (kind csr_existence) is not a probe.
+    from lvlm_studio.evaluation import POPE_TEMPLATE
+
+    cat_item = next(it for it in studio.store.list_items(dataset="coco") if it["objects"] == ["cat", "dog"])
+    studio.store.add_item(cat_item["image_id"], POPE_TEMPLATE.format(object="cat"), "Yes.", "coco", "val",
+                          {"kind": "csr_existence"})
+    res = studio.add_pope_probes("coco", "val", min_objects=2, per_image=2, seed=4)
+    assert res["probes"] == 3 and res["yes"] == 1 and "1 of the probes' questions are already items" in res["note"]
     with pytest.raises(Exception, match="admin"):
         Studio(studio.settings, users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=()).add_pope_probes(
             "coco", "val", min_objects=2, user="bob")
@@ -1101,6 +1112,10 @@ def test_a_rounds_evaluation_set_takes_an_images_probes_with_its_caption(studio,
     first = studio.store.list_items(dataset="coco")[0]["image_id"]
     assert [studio.store.get_item(it["item_id"])["image_id"] for it in items[:3]] == [first] * 3
     assert [(it["meta"] or {}).get("kind", "describe") for it in items[:3]] == ["describe", "pope", "pope"]
+    # The limit counts items of whole images: never an image's "yes" probe without its "no" one.
+    for limit, n in ((4, 3), (1, 3), (6, 6), (8, 7)):  # image 3 has 2 objects: a caption, no probes
+        got = jobs.eval_items_for(studio.store, DPORoundConfig(eval_dataset="coco", eval_split="val", eval_limit=limit))
+        assert len(got) == n, limit
     extractor, scored, note = jobs.evaluation_plan("auto", jobs.eval_items_for(studio.store, DPORoundConfig(
         eval_dataset="coco", eval_split="val", eval_limit=None)))
     assert extractor.name == "coco" and note is None and not isinstance(extractor, ShapesWorldExtractor)

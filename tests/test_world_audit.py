@@ -6,7 +6,9 @@ answers, and the demo build's data, encoding, metrics and recipe)."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -616,7 +618,22 @@ def test_a_build_stopped_half_way_leaves_the_previous_artifacts_whole(tmp_path, 
         build.build_demo(out, seed=2, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["clip", "recipe.json", "vlm"]  # no staging left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.build-")]  # its stage removed
+    # Stopped during the swap itself (the new VLM in place, the CLIP not yet): the swap is undone.
     monkeypatch.undo()
+    real_replace, calls = os.replace, []
+
+    def stops_on_the_second_move_in(src, dst):
+        calls.append(dst)
+        if Path(dst).parent == out and len([c for c in calls if Path(c).parent == out]) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", stops_on_the_second_move_in)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_demo(out, seed=3, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     second = build.build_demo(out, seed=2, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
     assert json.loads((out / "recipe.json").read_text())["seed"] == second["seed"] == 2 != first["seed"]
     assert sorted(p.name for p in out.iterdir()) == ["clip", "recipe.json", "vlm"]

@@ -473,29 +473,42 @@ _STAGE_PREFIX = ".build-"
 
 
 def _fresh_stage(out: Path) -> Path:
-    """This build's staging folder in ``out``; a killed build's (its process gone) is removed."""
+    """This build's staging folder beside ``out`` (not in it: the artifacts' size is counted over
+    the folder); a killed build's (its process gone) is removed."""
     from lvlm_studio.config import process_gone
 
-    for old in out.glob(f"{_STAGE_PREFIX}*"):
-        pid = old.name[len(_STAGE_PREFIX):].split("-", 1)[0]
+    prefix = f".{out.name}{_STAGE_PREFIX}"
+    for old in out.parent.glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and process_gone(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    stage = out / f"{_STAGE_PREFIX}{os.getpid()}"
+    stage = out.parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     return stage
 
 
 def _install(stage: Path, out: Path, parts: tuple[str, ...]) -> None:
-    """Move ``parts`` from ``stage`` into ``out``, the old ones set aside first and removed after:
-    the old set stays whole until the new one is complete on disk."""
+    """Move ``parts`` from ``stage`` into ``out``, the old ones set aside first (removed with the
+    stage after): stopped half-way, the swap is undone, so ``out`` holds the old set or the new."""
     aside = stage / ".old"
     aside.mkdir()
-    for name in parts:
-        if (out / name).exists():
-            os.replace(out / name, aside / name)
-    for name in parts:
-        os.replace(stage / name, out / name)
+    moved: list[str] = []
+    try:
+        for name in parts:
+            if (out / name).exists():
+                os.replace(out / name, aside / name)
+                moved.append(name)
+        for name in parts:
+            os.replace(stage / name, out / name)
+    except BaseException:
+        for name in parts:  # a new part already in place (its stage copy gone) goes back to the stage
+            if (out / name).exists() and not (stage / name).exists():
+                os.replace(out / name, stage / name)
+        for name in moved:
+            if (aside / name).exists():
+                os.replace(aside / name, out / name)
+        raise
 
 
 def _build_into(out: Path, cfg, evaluate, progress, torch, transformers, open_clip) -> dict:
