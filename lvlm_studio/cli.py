@@ -555,11 +555,17 @@ def _short_time(stamp: str | None) -> str | None:
 def eval_table(ev: dict) -> str:
     """CHAIR, recall and POPE of one evaluation as a two-column table."""
     keys = [("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("recall", "recall"),
+            ("silent (captions naming no object of a non-empty image)", "silent"),
             ("POPE accuracy", "pope_accuracy"), ("POPE precision", "pope_precision"),
             ("POPE recall", "pope_recall"), ("POPE F1", "pope_f1"), ("POPE yes-ratio", "pope_yes_ratio"),
-            ("captions", "n_captions"), ("POPE probes", "pope_n"), ("POPE answers saying nothing (read as yes)", "pope_n_empty"),
-            ("items", "n_items")]
-    return table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
+            ("captions", "n_captions"), ("object mentions", "n_mentions"), ("POPE probes", "pope_n"),
+            ("POPE answers saying nothing (read as yes)", "pope_n_empty"), ("items", "n_items")]
+    out = table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
+    if ev.get("n_captions") and not ev.get("n_mentions"):
+        # CHAIR counts a caption that names nothing as clean: 0.000 would read as a perfect round.
+        out += ("\nnote: no caption names an object the extractor knows, so CHAIR_s and CHAIR_i are 0 by "
+                "default, not a clean result (is the model answering in another vocabulary?)")
+    return out
 
 
 def bracket_spans(text: str, spans: list[dict]) -> str:
@@ -1167,7 +1173,8 @@ def compare_cmd(
     total = len(res["rows"])
     rows = res["rows"][:limit] if limit is not None else res["rows"]
     result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "common_metrics": res["common_metrics"],
-              "paired": res["paired"], "paired_pope": res["paired_pope"], "items": total, "rows": rows}
+              "paired": res["paired"], "paired_pope": res["paired_pope"], "note": res.get("note"), "items": total,
+              "rows": rows}
     if as_json:
         emit(result, True)
         return
@@ -1180,6 +1187,8 @@ def compare_cmd(
                       for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])
 
     lines = [side_by_side(*res["metrics"])]
+    if res.get("note"):
+        lines.append(f"note: {res['note']}")
     if res["common_metrics"]:
         lines.append(f"these metrics cover different items (the rounds answered different items, or a later, "
                      f"smaller eval replaced one's metrics); on the {res['common_metrics'][0]['answers']} "
@@ -1248,6 +1257,13 @@ def pope_cmd(
 ) -> None:
     """Add POPE probes ("Is there a {object} in the image?", yes/no) to an imported set with
     ground-truth objects, so that rounds evaluated on it report POPE beside CHAIR."""
+    from lvlm_studio.service import POPE_STRATEGIES
+
+    if strategy not in POPE_STRATEGIES:  # bad option values are usage errors (exit 2), as elsewhere
+        raise CLIError(f"unknown POPE strategy {strategy!r}; choose one of {', '.join(POPE_STRATEGIES)}", EXIT_USAGE)
+    for option, value in (("--images", images), ("--per-image", per_image), ("--min-objects", min_objects)):
+        if value < 1:
+            raise CLIError(f"{option} must be at least 1, not {value}", EXIT_USAGE)
     res = studio_call(lambda s: s.add_pope_probes(dataset, split, strategy=strategy, per_image=per_image,
                                                   images=images, seed=seed, min_objects=min_objects, user=user))
     emit({"ok": True, **res}, as_json, lambda: (

@@ -578,10 +578,22 @@ def eval_items_for(store, cfg) -> list[dict]:
         {
             "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
             "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
-            "dataset": it.get("dataset"),
+            "dataset": it.get("dataset"), "image_id": it["image_id"],
         }
         for it in chosen
     ]
+
+
+def training_on_evaluation_images(material: list[dict], eval_items: list[dict]) -> str | None:
+    """A warning when some of a round's training rows are on its evaluation images (pairs made on
+    the evaluation split, or an evaluation set that is the training split): its figures are then
+    not held out. None when none are."""
+    images = {it.get("image_id") for it in eval_items} - {None}
+    shared = sum(1 for row in material if row.get("image_id") in images)
+    if not shared:
+        return None
+    return (f"{shared} of the round's {len(material)} training rows are on its evaluation images: its metrics "
+            "are not held out (train on another split than eval_split)")
 
 
 def check_evaluation_choice(store, cfg) -> None:
@@ -890,6 +902,8 @@ def run_round(round_id: int, home: str | Path) -> int:
                     metrics["eval_note"] = mixed
             except JobError as exc:  # the default set, unscorable (one chosen by hand was refused at start)
                 metrics["eval_note"] = f"not evaluated: {exc}"
+        if extractor is not None and (overlap := training_on_evaluation_images(pairs, items)):
+            metrics["eval_note"] = "; ".join(filter(None, [metrics.get("eval_note"), overlap]))
         if metrics.get("eval_note"):
             log(metrics["eval_note"])
         if extractor is not None:

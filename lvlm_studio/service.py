@@ -1387,12 +1387,17 @@ class Studio:
             for rid, out in ((a, out_a), (b, out_b)):
                 rows_common = [out[i] for i in common]
                 common_metrics.append({"round": rid, **_metrics_from_outputs(rows_common), "answers": len(common)})
+        disjoint = bool(out_a) and bool(out_b) and not common
         return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
                 "paired": _paired_chair_s(out_a, out_b), "paired_pope": _paired_pope_f1(out_a, out_b),
-                "answered": (len(out_a), len(out_b))}
+                "answered": (len(out_a), len(out_b)), "note": DISJOINT_NOTE if disjoint else None}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+# Compare's word when two rounds were evaluated on sets that share no item (one on the world's test
+# scenes, one on an imported set): their figures side by side would read as a change.
+DISJOINT_NOTE = ("the two rounds answered no item in common (they were evaluated on different sets): their "
+                 "metrics are not comparable, and nothing is compared item by item")
 
 
 # CSR's own defaults (5 candidates per node) pair nearly every world item in well under a second

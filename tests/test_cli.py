@@ -373,3 +373,16 @@ def test_an_empty_setting_is_its_default_not_the_working_directory(monkeypatch, 
         monkeypatch.setenv(name, " ")
     s = Settings()
     assert s.home == tmp_path / DEFAULT_HOME and (s.model, s.clip, s.device, s.backend) == ("demo", "demo", "auto", "hf")
+
+
+def test_the_evaluation_table_says_when_chair_saw_no_object():
+    """A model answering in another vocabulary (the demo model on COCO) names no object CHAIR
+    knows: CHAIR_s 0.000 read as a perfect round, with 'silent' computed but never shown."""
+    from lvlm_studio.cli import eval_table
+
+    nothing = eval_table({"chair_s": 0.0, "chair_i": 0.0, "recall": 0.0, "silent": 1.0, "n_captions": 6,
+                          "n_mentions": 0})
+    assert "silent (captions naming no object of a non-empty image)" in nothing and "1.0" in nothing
+    assert "note: no caption names an object the extractor knows" in nothing
+    named = eval_table({"chair_s": 0.0, "silent": 0.0, "n_captions": 6, "n_mentions": 9})
+    assert "note:" not in named

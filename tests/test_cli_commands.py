@@ -1026,8 +1026,11 @@ def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
     assert human.exit_code == 0
     assert human.stdout.startswith("4 popular POPE probes (2 yes) on 2 images of coco/val (2 with 3+ objects, coco "
                                    "vocabulary); 0 new items")
-    fails("pope", "--dataset", "coco", "--split", "val", "--strategy", "hard", message="unknown POPE strategy 'hard'")
-    fails("pope", "--dataset", "coco", "--split", "train", message="no item of dataset 'coco', split 'train'")
-    fails("pope", "--dataset", "coco", "--split", "val", "--images", "0", message="the number of images must be")
+    fails("pope", "--dataset", "coco", "--split", "val", "--strategy", "hard", message="unknown POPE strategy 'hard'",
+          code=2)
+    fails("pope", "--dataset", "coco", "--split", "train", message="no item of dataset 'coco', split 'train'", code=1)
+    fails("pope", "--dataset", "coco", "--split", "val", "--images", "0", message="--images must be at least 1", code=2)
+    fails("pope", "--dataset", "coco", "--split", "val", "--per-image", "-1", message="--per-image must be at least 1",
+          code=2)
     monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
     fails("pope", "--dataset", "coco", "--split", "val", "--user", "bob", message="admin")

@@ -111,6 +111,7 @@ def test_full_round_through_subprocess(trained):
     assert "Loading weights" not in log and "it/s" not in log  # no library progress bars in a log file
     assert os.environ["LVLM_STUDIO_THREADS"] == "1" and "; 1 torch thread(s)" in log  # the job took the setting
     assert rid == 1 and row["parent_id"] == 0 and row["progress"] == pytest.approx(1.0)
+    assert "evaluation images" not in (row["metrics"].get("eval_note") or "")  # train pairs, test evaluation
     adapter = Path(row["adapter_path"])
     assert adapter == settings.adapters_dir / f"round-{rid}"  # storage/adapters/round-N/
     assert (adapter / "adapter_config.json").is_file() and (adapter / "lineage.json").is_file()
@@ -194,6 +195,15 @@ def test_a_sigterm_no_cancel_asked_for_fails_the_round_and_says_so(trained):
                                    "the process stopped by hand); it stopped during training after "), row
     assert not (settings.adapters_dir / f"round-{rid}").exists()
     assert_store_intact(settings, trained["round_id"])
+
+
+def test_a_round_evaluated_on_its_training_images_says_so(tmp_path):
+    settings = make_home(tmp_path)["settings"]  # its own: a finished round here becomes current
+    rid = jobs.start_round(settings, {**FAST, "num_epochs": 1, "eval_split": "train", "eval_limit": 6,
+                                      "eval_parent": False})
+    row = jobs.wait(rid, timeout=240, settings=settings)
+    assert row["status"] == "done", row["error"]
+    assert "of the round's 12 training rows are on its evaluation images" in row["metrics"]["eval_note"]
 
 
 def test_a_round_job_takes_the_data_roots_device_when_its_own_is_auto(trained):
@@ -344,6 +354,14 @@ def test_a_round_trained_on_another_base_model_is_not_continued_nor_generated_wi
             studio.backend(settings.model, old)
     finally:
         studio.store.close()
+
+
+def test_a_round_says_when_it_trained_on_its_evaluation_images():
+    material = [{"image_id": "a"}, {"image_id": "b"}, {"image_id": "a"}]
+    assert jobs.training_on_evaluation_images(material, [{"image_id": "c"}]) is None
+    assert jobs.training_on_evaluation_images(material, [{"image_id": "a"}, {"image_id": "c"}]) == (
+        "2 of the round's 3 training rows are on its evaluation images: its metrics are not held out (train on "
+        "another split than eval_split)")
 
 
 def test_refuse_broken_round():

@@ -357,6 +357,17 @@ def test_compare_measures_both_rounds_again_on_the_items_both_answered(studio, m
     assert list(frame["round"]) == ["0", str(r1), "0 (on the 2 items both answered)",
                                     f"{r1} (on the 2 items both answered)"]
     assert studio.compare(r1, r1)["common_metrics"] == []  # the same items: nothing to add
+    assert res["note"] is None and studio.compare(r1, r1)["note"] is None
+    # Two rounds evaluated on sets that share no item (the world's scenes, an imported set): their
+    # figures side by side read as a change, and nothing said otherwise.
+    r2 = studio.store.create_round(0, "m", {}, status="done")
+    studio.store.add_eval_outputs(r2, [
+        {"item_id": items[3], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []}])
+    r3 = studio.store.create_round(0, "m", {}, status="done")
+    studio.store.add_eval_outputs(r3, [
+        {"item_id": items[2], "answer": "A red circle.", "objects": ["red circle"], "hallucinated": []}])
+    disjoint = studio.compare(r2, r3)
+    assert disjoint["common_metrics"] == [] and disjoint["note"].startswith("the two rounds answered no item in common")
     # Recall is measured against the truth the evaluation scored with (stored in the answer's meta:
     # COCO adds the categories the human captions name), not the image's objects as written.
     scored = {"kind": "caption", "gt": ["couch", "dog"], "recalled": ["couch"]}

@@ -107,6 +107,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
         if res["paired_pope"]:
             line += "\n\n" + paired_pope_f1_summary(res["paired_pope"], f"round {res['a']}", f"round {res['b']}")
+        if res.get("note"):
+            line = f"**Note:** {res['note']}\n\n{line}"
         return frame, line, html, *metrics_plot(studio)
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
