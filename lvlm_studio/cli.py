@@ -1201,7 +1201,7 @@ def compare_cmd(
     missing = [rid for rid, answered in zip((a, b), res["answered"], strict=True) if not answered]
     if missing:
         lines.append("no evaluation answers stored for round(s) " + ", ".join(map(str, missing))
-                     + ": run lvlm-studio eval --round N")
+                     + ": run lvlm-studio eval --round N (with --dataset D --split S for an imported set)")
     lines.append(f"\n{total} item(s){' both rounds answered, differently' if only_diff else ''}"
                  + (f", showing {len(rows)}" if len(rows) < total else "") + "; [x] = hallucinated object")
     for r in rows:
@@ -1214,33 +1214,48 @@ def compare_cmd(
 @cli_command
 def eval_cmd(
     model: Annotated[str | None, typer.Option(help="Model (default: the round's base model, else $LVLM_STUDIO_MODEL).")] = None,
-    split: Annotated[str, typer.Option(help="World split: test (unbiased) or train.")] = "test",
-    n: Annotated[int, typer.Option("--n", help="Scenes: each gives a describe item and its POPE probes.", max=MAX_WORLD_SCENES)] = 500,
+    dataset: Annotated[str, typer.Option(help="shapesworld (the world's scenes, made as needed) or an imported set with ground-truth objects, e.g. coco.")] = "shapesworld",
+    split: Annotated[str, typer.Option(help="Split: the world's test (unbiased) or train; an imported set's own, e.g. val.")] = "test",
+    n: Annotated[int | None, typer.Option("--n", help="World scenes (default 500: each a describe item and its POPE probes); of an imported set, its first N images (default: all).", max=MAX_WORLD_SCENES)] = None,
     seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).", min=0, max=MAX_SEED)] = 0,
     round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).", min=0, max=MAX_ID)] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding).")] = 64,
     as_json: JsonOption = False,
 ) -> None:
-    """Evaluate a round on the world's split (greedy): CHAIR, recall, POPE; stores answers and metrics."""
+    """Evaluate a round (greedy) on the world's split, or on an imported set with ground-truth
+    objects: CHAIR, recall, POPE; stores answers and metrics."""
+    from lvlm_studio.service import WORLD_DATASET
     from lvlm_studio.world.scenes import SPLITS
 
-    if split not in SPLITS:
+    world = dataset == WORLD_DATASET
+    if world and split not in SPLITS:
         raise CLIError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}", EXIT_USAGE)
     for option, value in (("--n", n), ("--max-new-tokens", max_new_tokens)):
-        if value < 1:
+        if value is not None and value < 1:
             raise CLIError(f"{option} must be at least 1, not {value}", EXIT_USAGE)
     s = studio()  # --model is this evaluation's, passed to the call (not round 0's base model)
     try:
         require_round(s.store, round)
         with Progress(f"eval round {round}") as bar:
-            res = s.evaluate_world(round, split=split, n=n, seed=seed, model=model, max_new_tokens=max_new_tokens,
-                                   progress=bar)
+            if world:
+                n = 500 if n is None else n
+                res = s.evaluate_world(round, split=split, n=n, seed=seed, model=model,
+                                       max_new_tokens=max_new_tokens, progress=bar)
+            else:
+                res = s.evaluate_set(round, dataset=dataset, split=split, images=n, model=model,
+                                     max_new_tokens=max_new_tokens, progress=bar)
     finally:
         s.store.close()
     result = {"ok": True, **res}
-    emit(result, as_json, lambda: (f"round {round} on {res['items']} items of shapesworld/{split} ({counted(n, 'scene')}, seed "
-                                   f"{seed}; {res['added']} items added), model {res['metrics'].get('model')}\n"
-                                   + eval_table(res["metrics"])))
+
+    def human() -> str:
+        where = (f"shapesworld/{split} ({counted(n, 'scene')}, seed {seed}; {res['added']} items added)" if world
+                 else f"{dataset}/{split} ({counted(res['images'], 'image')})")
+        note = f"\nnote: {res['metrics']['eval_note']}" if res["metrics"].get("eval_note") else ""
+        return (f"round {round} on {res['items']} items of {where}, model {res['metrics'].get('model')}\n"
+                + eval_table(res["metrics"]) + note)
+
+    emit(result, as_json, human)
 
 
 @cli_command

@@ -1143,11 +1143,19 @@ class Studio:
             from lvlm_studio.models.base import GenerationParams
 
             params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
+        from lvlm_studio.jobs import JobError, evaluation_plan
+
+        try:  # the world's vocabulary for its scenes, CHAIR's COCO table for an imported COCO set
+            extractor, items, note = evaluation_plan("auto", items)
+        except JobError as exc:
+            raise ValueError(str(exc)) from None
         metrics, rows = evaluation.evaluate_backend(
-            backend, items, evaluation.get_extractor("shapesworld"), params,
+            backend, items, extractor, params,
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None,
             describe_prompt=describe_prompt)
         metrics["describe_first"] = describe_prompt is not None
+        if note:
+            metrics["eval_note"] = note
         if meta is not None:
             metrics = {**metrics, "model": ref, **meta}
         with self.store.transaction():  # the answers and their metrics land together or not at all
@@ -1325,6 +1333,40 @@ class Studio:
                                 meta={"dataset": WORLD_DATASET, "split": split, "scenes": int(n), "seed": seed})
         return {"round": int(round_id), "metrics": metrics, "items": len(ensured["item_ids"]),
                 "added": ensured["added"]}
+
+    def evaluate_set(self, round_id: int = BASE_ROUND_ID, dataset: str = WORLD_DATASET, split: str = "test",
+                     images: int | None = None, model: str | None = None, max_new_tokens: int | None = None,
+                     progress: ProgressFn | None = None) -> dict:
+        """Answer an imported evaluation set (its caption items and POPE probes, as a round's job
+        picks them: ``jobs.eval_items_for``) with round ``round_id``'s model, the first ``images``
+        images (None: all), and store answers and metrics, as ``evaluate_world`` does for the
+        world's scenes. Returns ``{"round", "metrics", "items", "images"}``."""
+        from lvlm_studio import jobs
+        from lvlm_studio.models.registry import check_model_ref
+        from lvlm_studio.training import DPORoundConfig
+
+        round_id = whole_number(round_id, "round")
+        if images is not None:
+            images = whole_number(images, "the number of images", low=1)
+        rnd = self.store.get_round(round_id)
+        if rnd is None:
+            raise NotFoundError(f"round {round_id} does not exist")
+        adapter = self._round_adapter(round_id)
+        ref = self._evaluation_model(rnd, model)
+        check_model_ref(ref)
+        if adapter is not None:
+            jobs.adapter_lineage(self.store, round_id, ref)
+        items = jobs.eval_items_for(self.store, DPORoundConfig(eval_dataset=dataset, eval_split=split, eval_limit=None))
+        if images is not None:
+            keep = list(dict.fromkeys(it["image_id"] for it in items))[:images]
+            items = [it for it in items if it["image_id"] in set(keep)]
+        if not items:
+            raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on")
+        n_images = len({it["image_id"] for it in items})
+        metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=[it["item_id"] for it in items],
+                                max_new_tokens=max_new_tokens,
+                                meta={"dataset": dataset, "split": split, "images": n_images})
+        return {"round": int(round_id), "metrics": metrics, "items": len(items), "images": n_images}
 
     def round_metrics(self) -> list[dict]:
         """Evaluation metrics of every round that has them (long format for the plot)."""

@@ -1032,5 +1032,14 @@ def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
     fails("pope", "--dataset", "coco", "--split", "val", "--images", "0", message="--images must be at least 1", code=2)
     fails("pope", "--dataset", "coco", "--split", "val", "--per-image", "-1", message="--per-image must be at least 1",
           code=2)
+    # The base model evaluated on the imported set, its probes with its captions (the demo model
+    # names no COCO object: the table says CHAIR saw none, rather than a clean 0).
+    ev = ok_json("eval", "--dataset", "coco", "--split", "val", "--n", "1", "--max-new-tokens", "8")
+    assert (ev["round"], ev["images"], ev["items"]) == (0, 1, 3)
+    assert ev["metrics"]["extractor"] == "coco" and ev["metrics"]["pope_n"] == 2 and ev["metrics"]["n_captions"] == 1
+    assert (ev["metrics"]["dataset"], ev["metrics"]["split"], ev["metrics"]["images"]) == ("coco", "val", 1)
+    text = run("eval", "--dataset", "coco", "--split", "val", "--max-new-tokens", "8").stdout
+    assert text.startswith("round 0 on 7 items of coco/val (3 images), model demo") and "POPE F1" in text
+    fails("eval", "--dataset", "coco", "--split", "test", message="no item of dataset 'coco', split 'test'")
     monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
     fails("pope", "--dataset", "coco", "--split", "val", "--user", "bob", message="admin")
