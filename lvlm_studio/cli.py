@@ -261,8 +261,8 @@ def import_cmd(
 
     def human() -> str:
         lines = [
-            f"import {report.status}: {report.imported} imported, {report.skipped} refused, "
-            f"{counted(report.pairs, 'new pair')} ({report.format}: {report.source})"
+            f"import {report.status}: {report.imported} imported ({counted(report.new_items, 'new item')}), "
+            f"{report.skipped} refused, {counted(report.pairs, 'new pair')} ({report.format}: {report.source})"
         ]
         lines += [f"  - {e}" for e in report.errors]
         return "\n".join(lines)

@@ -102,6 +102,7 @@ class ImportReport:
     source: str
     format: str
     imported: int = 0  # records landed (new or already present)
+    new_items: int = 0  # items the store did not hold before (a re-import adds none)
     pairs: int = 0  # new pairs written
     skipped: int = 0  # bad records
     ignored: int = 0  # files that are not images (folder import)
@@ -119,6 +120,7 @@ class ImportReport:
 
     def merge(self, other: ImportReport) -> None:
         self.imported += other.imported
+        self.new_items += other.new_items
         self.pairs += other.pairs
         self.skipped += other.skipped
         self.ignored += other.ignored
@@ -630,6 +632,7 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
         with stored_image(store, settings, rec.image, name=rec.image_name, source_label=source_label,
                           objects=rec.objects) as image_id:
             _refuse_conflict(store, image_id, rec)
+            new_item = store.find_item(image_id, rec.prompt, rec.dataset) is None
             item_id = store.add_item(image_id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
                 if _merge_into_existing(store, item_id, p):
@@ -653,6 +656,7 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
         report.fail(f"{rec.label}: not stored ({exc})")
         return
     report.imported += 1
+    report.new_items += new_item
     report.pairs += new_pairs
 
 

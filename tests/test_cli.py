@@ -42,7 +42,7 @@ def test_partial_import_exit_code_in_a_real_process(home, settings, tmp_path):
     folder = issue_folder(tmp_path / "upload")
     proc = _cli_process(["import", str(folder)], home)
     assert proc.returncode == EXIT_PARTIAL == 3
-    assert "partial" in proc.stdout and "1 imported, 4 refused" in proc.stdout
+    assert "partial" in proc.stdout and "1 imported (1 new item), 4 refused" in proc.stdout
     for name in ("truncated.jpg", "notes.png", "empty.jpg", "huge.png"):
         assert f"- {name}: " in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

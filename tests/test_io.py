@@ -122,7 +122,9 @@ def test_coco_import(store, settings, tmp_path):
     root = _coco(tmp_path / "coco")
     assert io.detect_format(root) == "coco"
     report = io.import_path(store, settings, root)
-    assert report.imported == 2 and report.status == "partial"
+    assert report.imported == report.new_items == 2 and report.status == "partial"
+    again = io.import_path(store, settings, root)  # nothing new: the records land on the items they are
+    assert (again.imported, again.new_items, again.pairs) == (2, 0, 0)
     assert any("image 3" in e and "000003.jpg" in e and "file not found" in e for e in report.errors)
     assert any("image 4" in e and "escapes the import root" in e for e in report.errors)
     items = {i["meta"]["coco_id"]: i for i in store.list_items()}

@@ -144,7 +144,8 @@ def report_markdown(report: dict | None) -> str:
             lines.append(esc(report["note"]))
     elif "imported" in report:  # import
         lines.append(f"Import **{esc(report.get('status'))}** ({esc(report.get('format'))}): "
-                     f"{esc(report['imported'])} records, {esc(report.get('pairs'))} new pairs, "
+                     f"{esc(report['imported'])} records ({esc(report.get('new_items'))} new items), "
+                     f"{esc(report.get('pairs'))} new pairs, "
                      f"{esc(report.get('skipped'))} refused, {esc(report.get('ignored'))} files ignored")
         errors = report.get("errors") or []
         lines += [f"- {esc(e)}" for e in errors[:10]]
