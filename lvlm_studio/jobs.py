@@ -606,7 +606,7 @@ def check_evaluation_choice(store, cfg) -> None:
 
     default = DPORoundConfig()
     chosen = (cfg.eval_dataset is not None or cfg.eval_split != default.eval_split
-              or list(cfg.eval_kinds) != default.eval_kinds)
+              or list(cfg.eval_kinds) != default.eval_kinds or cfg.extractor != default.extractor)
     if items := eval_items_for(store, cfg):
         if chosen:  # a set chosen by hand that no extractor can score: refused now, not after training
             evaluation_plan(cfg.extractor, items)
@@ -657,16 +657,18 @@ def evaluation_plan(name: str, items: list[dict]) -> tuple[Any, list[dict], str 
         return kept
 
     candidates = [get_extractor(name)] if name != "auto" else [ShapesWorldExtractor.from_world(), CocoExtractor()]
+    if name == "auto" and items and not any(it.get("dataset") == "shapesworld" for it in items):
+        candidates.reverse()  # an imported set: COCO first, where both parse (images without objects)
     groups = []
     for extractor in candidates:
         parsed = parsed_by(extractor)
         if len(parsed) == len(items):
             return extractor, items, None
         groups.append((extractor, parsed))
-    extractor, kept = max(groups, key=lambda group: len(group[1]))  # ties: ShapesWorld, listed first
+    extractor, kept = max(groups, key=lambda group: len(group[1]))  # ties: the one listed first
     if not kept:
         unknown = next((o for it in items for o in (it.get("objects") or [])), None)
-        vocabularies = " or ".join(e.name for e, _ in groups)
+        vocabularies = " or ".join(sorted((e.name for e, _ in groups), reverse=True))  # shapesworld or coco
         raise JobError(f"none of the {len(items)} evaluation items has ground-truth objects the {vocabularies} "
                        f"vocabulary knows (e.g. {str(unknown)[:60]!r}), so CHAIR and POPE cannot score them: choose "
                        "another evaluation set (eval_dataset, eval_split) or the extractor that knows them")

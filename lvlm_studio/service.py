@@ -1145,8 +1145,8 @@ class Studio:
             params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
         from lvlm_studio.jobs import JobError, evaluation_plan
 
-        try:  # the world's vocabulary for its scenes, CHAIR's COCO table for an imported COCO set
-            extractor, items, note = evaluation_plan("auto", items)
+        try:  # the round's extractor (its job's; 'auto': the world's vocabulary, else CHAIR's COCO table)
+            extractor, items, note = evaluation_plan(_round_extractor(rnd), items)
         except JobError as exc:
             raise ValueError(str(exc)) from None
         metrics, rows = evaluation.evaluate_backend(
@@ -1258,13 +1258,7 @@ class Studio:
         for it in stored:
             if it.get("objects") is not None and pope_label(it) is None:
                 by_image.setdefault(it["image_id"], it)
-        other_modes = Counter(mode for it in stored if (it.get("meta") or {}).get("kind") == "pope"
-                              and (mode := (it["meta"].get("pope_mode") or "?")) != strategy)
-        if other_modes:
-            held = ", ".join(f"{n} {mode}" for mode, n in sorted(other_modes.items()))
-            raise ValueError(f"{dataset}/{split} already holds POPE probes of another strategy ({held}): one POPE "
-                             f"figure over two strategies matches neither. Add {strategy} probes to a copy of the set "
-                             f"(import it again with another --dataset name)")
+
         if not by_image:
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to ask "
                              "about (import COCO with its instances file, or records with 'objects')")
@@ -1284,24 +1278,33 @@ class Studio:
         probes = build_pope_questions({image: truth[image] for image in chosen}, extractor.vocabulary, strategy,
                                       n=per_image, seed=seed, statistics=truth)
         before = self.store.count_items(dataset=dataset, split=split)
-        kept = []  # less the questions an item of another kind already asks (CSR's yes/no items)
-        with self.store.transaction():  # all of them or none
-            for probe in probes:
-                held = self.store.find_item(probe["image_id"], probe["question"], dataset)
-                if held is not None and ((held.get("meta") or {}).get("kind") != "pope" or held["split"] != split):
-                    continue
-                kept.append(probe)
+        with self.store.transaction():  # all of them or none, the strategy checked under the write lock
+            stored = self.store.list_items(dataset=dataset, split=split)
+            other_modes = Counter(mode for it in stored if (it.get("meta") or {}).get("kind") == "pope"
+                                  and (mode := it["meta"].get("pope_mode")) and mode != strategy)
+            if other_modes:
+                held = ", ".join(f"{n} {mode}" for mode, n in sorted(other_modes.items()))
+                raise ValueError(f"{dataset}/{split} already holds POPE probes of another strategy ({held}): one "
+                                 f"POPE figure over two strategies matches neither. Add {strategy} probes to a copy "
+                                 "of the set (import it again with another --dataset name)")
+            # An image one of whose questions an item of another kind already asks (CSR's yes/no
+            # items) gets no probes: leaving that one out would unbalance its yes and no.
+            taken_images = {p["image_id"] for p in probes
+                            if (held := self.store.find_item(p["image_id"], p["question"], dataset)) is not None
+                            and ((held.get("meta") or {}).get("kind") != "pope" or held["split"] != split)}
+            kept = [p for p in probes if p["image_id"] not in taken_images]
+            for probe in kept:
                 self.store.add_item(probe["image_id"], probe["question"],
                                     reference="Yes." if probe["label"] == "yes" else "No.", dataset=dataset,
                                     split=split, meta={"kind": "pope", "probe": probe["object"],
                                                        "label": probe["label"], "pope_mode": strategy,
                                                        "pope_seed": seed})
-        if taken := len(probes) - len(kept):
+        if taken_images:
             note = "; ".join(filter(None, [note, (
-                f"{taken} of the probes' questions are already items of another kind (CSR's yes/no questions, "
-                "or another split) and are not evaluated as POPE")]))
+                f"{len(taken_images)} image(s) got no probes: one of their questions is already an item of another "
+                "kind (CSR's yes/no questions) or split, and leaving it out would unbalance yes and no")]))
         return {"dataset": dataset, "split": split, "strategy": strategy, "extractor": extractor.name,
-                "images": len(chosen), "eligible_images": len(eligible), "probes": len(kept),
+                "images": len(chosen) - len(taken_images), "eligible_images": len(eligible), "probes": len(kept),
                 "added": self.store.count_items(dataset=dataset, split=split) - before,
                 "yes": sum(p["label"] == "yes" for p in kept), "note": note}
 
@@ -1362,10 +1365,14 @@ class Studio:
             items = [it for it in items if it["image_id"] in set(keep)]
         if not items:
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on")
+        try:  # what will be scored (a set mixing vocabularies is scored on its larger part)
+            _, items, note = jobs.evaluation_plan(_round_extractor(rnd), items)
+        except jobs.JobError as exc:
+            raise ValueError(str(exc)) from None
         n_images = len({it["image_id"] for it in items})
+        meta = {"dataset": dataset, "split": split, "images": n_images, **({"eval_note": note} if note else {})}
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=[it["item_id"] for it in items],
-                                max_new_tokens=max_new_tokens,
-                                meta={"dataset": dataset, "split": split, "images": n_images})
+                                max_new_tokens=max_new_tokens, meta=meta)
         return {"round": int(round_id), "metrics": metrics, "items": len(items), "images": n_images}
 
     def round_metrics(self) -> list[dict]:
@@ -1534,7 +1541,14 @@ def _text(value: Any, name: str, limit: int) -> str | None:
 def _eval_item(it: dict) -> dict:
     """An item as the evaluation reads it."""
     return {"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
-            "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta")}
+            "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta"),
+            "dataset": it.get("dataset"), "image_id": it.get("image_id")}
+
+
+def _round_extractor(rnd: dict) -> str:
+    """The object extractor a round's job evaluated with (its config's ``extractor``), 'auto' else."""
+    name = (rnd.get("config") or {}).get("extractor")
+    return name if isinstance(name, str) and name else "auto"
 
 
 def _cand_view(c: dict | None) -> dict:

@@ -925,6 +925,10 @@ def test_evaluation_set_and_extractor(tmp_path):
         jobs.evaluation_plan("auto", unknown)
     with pytest.raises(jobs.JobError, match="the shapesworld vocabulary knows"):
         jobs.evaluation_plan("shapesworld", coco)
+    # Images without objects parse in both vocabularies: an imported set's are read with COCO's
+    # table (its captions name COCO objects), the world's with its own.
+    assert jobs.evaluation_plan("auto", [{"objects": [], "dataset": "coco"}])[0].name == "coco"
+    assert jobs.evaluation_plan("auto", [{"objects": [], "dataset": "shapesworld"}])[0].name == "shapesworld"
 
 
 def test_round_material_for_dpo_and_stic_rounds(tmp_path):
@@ -963,6 +967,10 @@ def test_an_evaluation_set_chosen_by_hand_that_selects_nothing_is_refused_before
         for message, change in refusals.items():
             with pytest.raises(jobs.JobError, match="the evaluation set is empty: " + re.escape(message)):
                 jobs.start_round(settings, {**FAST, **change})
+        # An extractor chosen by hand that knows none of the set's objects (the world's scenes read
+        # with COCO's table): refused, not trained and then 'not evaluated'.
+        with pytest.raises(jobs.JobError, match="evaluation items has ground-truth objects the coco vocabulary knows"):
+            jobs.start_round(settings, {**FAST, "extractor": "coco"})
         assert [r["id"] for r in store.list_rounds()] == [0]  # no round row was created
         jobs.check_evaluation_choice(store, DPORoundConfig(eval_kinds=["pope"]))  # a subset that selects items
         store.db.execute("UPDATE items SET split = 'val' WHERE split = 'test'")

@@ -167,3 +167,21 @@ def test_sigkilled_launcher_stops_its_workers_and_fails_the_round(home):
     assert "launcher" in row["error"] and "died" in row["error"], row["error"]  # recorded by rank 0 itself
     assert not (settings.adapters_dir / f"round-{rid}").exists()
     assert_store_intact(settings, current)
+
+
+def test_a_cancel_whose_launcher_ends_first_is_still_a_cancel(home):
+    """A cancel signals the launcher too, which may end before rank 0 records the stop: the round
+    was then recorded 'failed: the launcher died' though a user had cancelled it."""
+    settings = home["settings"]
+    rid, launcher, workers = _start_two_workers(settings)
+    store = Store.open(settings)
+    try:
+        current = (store.current_round() or {}).get("id")
+        store.request_round_cancel(rid)  # as cancel_round records it, before its signals
+    finally:
+        store.close()
+    os.kill(launcher, signal.SIGKILL)  # the launcher gone first
+    assert _wait_gone(workers, 60)
+    row = jobs.status(settings, rid)
+    assert row["status"] == "cancelled" and "launcher" not in (row["error"] or ""), row["error"]
+    assert_store_intact(settings, current)

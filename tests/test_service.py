@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -1100,8 +1101,10 @@ def test_pope_probes_refuse_what_they_cannot_ask_about(studio, tmp_path):
     cat_item = next(it for it in studio.store.list_items(dataset="coco") if it["objects"] == ["cat", "dog"])
     studio.store.add_item(cat_item["image_id"], POPE_TEMPLATE.format(object="cat"), "Yes.", "coco", "val",
                           {"kind": "csr_existence"})
+    # ... and leaving it out would unbalance that image's yes and no: the image gets no probes.
     res = studio.add_pope_probes("coco", "val", min_objects=2, per_image=2, seed=4)
-    assert res["probes"] == 3 and res["yes"] == 1 and "1 of the probes' questions are already items" in res["note"]
+    assert (res["probes"], res["images"], res["added"]) == (0, 0, 0)
+    assert "1 image(s) got no probes: one of their questions is already an item of another kind" in res["note"]
     with pytest.raises(Exception, match="admin"):
         Studio(studio.settings, users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=()).add_pope_probes(
             "coco", "val", min_objects=2, user="bob")
@@ -1140,3 +1143,19 @@ def test_a_rounds_evaluation_set_takes_an_images_probes_with_its_caption(studio,
     metrics, rows = evaluate_backend(SaysYes(), scored, extractor)
     assert metrics["pope_n"] == 10 and metrics["pope_recall"] == 1.0 and metrics["pope_precision"] == 0.5
     assert metrics["n_captions"] == 6 and "chair_s" in metrics
+
+
+def test_evaluate_set_counts_what_it_scored_and_names_what_it_left_out(studio, tmp_path):
+    """A set mixing vocabularies is scored on its larger part: the counts said every item, and the
+    note said 'left out the items of dataset(s) None'."""
+    from conftest import write_coco, write_image
+
+    studio.import_path(write_coco(tmp_path / "coco", _COCO_OBJECTS[:2]))
+    write_image(tmp_path / "w" / "shape.png", seed=77)
+    (tmp_path / "w" / "d.jsonl").write_text(json.dumps(
+        {"image": "shape.png", "prompt": "Describe the image.", "objects": ["red circle"], "split": "val"}))
+    studio.import_path(tmp_path / "w" / "d.jsonl", dataset="coco")
+    res = studio.evaluate_set(0, dataset="coco", split="val", max_new_tokens=6)
+    assert (res["items"], res["images"]) == (2, 2) == (res["metrics"]["n_items"], res["metrics"]["images"])
+    assert res["metrics"]["extractor"] == "coco"
+    assert "scored 2 of 3 with the coco extractor; left out the items of dataset(s) coco" in res["metrics"]["eval_note"]

@@ -610,7 +610,10 @@ def test_a_build_stopped_half_way_leaves_the_previous_artifacts_whole(tmp_path, 
     first = build.build_demo(out, seed=1, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
+    staged = []
+
     def stopped(*args, **kwargs):
+        staged.extend(p.name for p in out.iterdir() if p.name.startswith(".build-"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "train_clip", stopped)  # after the new VLM is saved
@@ -618,7 +621,7 @@ def test_a_build_stopped_half_way_leaves_the_previous_artifacts_whole(tmp_path, 
         build.build_demo(out, seed=2, vlm_steps=2, clip_steps=2, progress=False, evaluate=False, config=cfg)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["clip", "recipe.json", "vlm"]  # no staging left
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.build-")]  # its stage removed
+    assert staged == [f".build-{os.getpid()}"]  # the new VLM went to the stage, not over the old one
     # Stopped during the swap itself (the new VLM in place, the CLIP not yet): the swap is undone.
     monkeypatch.undo()
     real_replace, calls = os.replace, []

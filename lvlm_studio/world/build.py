@@ -473,16 +473,16 @@ _STAGE_PREFIX = ".build-"
 
 
 def _fresh_stage(out: Path) -> Path:
-    """This build's staging folder beside ``out`` (not in it: the artifacts' size is counted over
-    the folder); a killed build's (its process gone) is removed."""
+    """This build's staging folder, inside ``out`` (on its file system, whatever is mounted where,
+    so the swap is a rename); a killed build's (its process gone) is removed."""
     from lvlm_studio.config import process_gone
 
-    prefix = f".{out.name}{_STAGE_PREFIX}"
-    for old in out.parent.glob(f"{prefix}*"):
+    prefix = _STAGE_PREFIX
+    for old in out.glob(f"{prefix}*"):
         pid = old.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and process_gone(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    stage = out.parent / f"{prefix}{os.getpid()}"
+    stage = out / f"{prefix}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     return stage
