@@ -629,7 +629,7 @@ def no_evaluation_items_note(store, cfg) -> str:
     """Why a round was not evaluated when its evaluation set is empty, with the settings that would
     pick a set the store holds (an imported set is not the default: the world's test split is)."""
     where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
-    sets = sorted({(it["dataset"], it["split"]) for it in store.list_items() if it.get("objects") is not None})
+    sets = store.ground_truth_sets()
     hint = ("; sets with ground-truth objects here: " + ", ".join(f"{d}/{s}" for d, s in sets[:5])
             + " (--config eval_dataset=D --config eval_split=S)") if sets else \
         ": import the world's test split or a dataset with objects"

@@ -1337,6 +1337,13 @@ class Studio:
         return {"round": int(round_id), "metrics": metrics, "items": len(ensured["item_ids"]),
                 "added": ensured["added"]}
 
+    def evaluation_sets(self) -> dict[str, tuple[str, str]]:
+        """What a round can be evaluated on, by label: the world's test scenes ("shapesworld/test",
+        made as needed) first, then every imported (dataset, split) with ground-truth objects."""
+        sets = {f"{WORLD_DATASET}/test": (WORLD_DATASET, "test")}
+        sets.update({f"{d}/{s}": (d, s) for d, s in self.store.ground_truth_sets() if d != WORLD_DATASET})
+        return sets
+
     def evaluate_set(self, round_id: int = BASE_ROUND_ID, dataset: str = WORLD_DATASET, split: str = "test",
                      images: int | None = None, model: str | None = None, max_new_tokens: int | None = None,
                      progress: ProgressFn | None = None) -> dict:

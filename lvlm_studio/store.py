@@ -517,6 +517,12 @@ class Store:
         rows = self._all(sql, [*params, -1 if limit is None else int(limit), int(offset)])
         return [self._item_row(r) for r in rows]
 
+    def ground_truth_sets(self) -> list[tuple[str, str]]:
+        """(dataset, split) of every item set some of whose images have ground-truth objects."""
+        rows = self._all("SELECT DISTINCT items.dataset, items.split FROM items JOIN images ON images.id = "
+                         "items.image_id WHERE images.objects IS NOT NULL ORDER BY items.dataset, items.split")
+        return [(r["dataset"], r["split"]) for r in rows]
+
     def count_items(self, dataset: str | None = None, split: str | None = None) -> int:
         where, params = self._where(("items.dataset", dataset), ("items.split", split))
         return int(self._scalar(f"SELECT count(*) FROM items{where}", params))

@@ -134,7 +134,19 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
         client.predict("", 2, api_name="/evaluate_round")
     with pytest.raises(Exception, match="round 7 does not exist"):
         client.predict("7", 2, api_name="/evaluate_round")
+    with pytest.raises(Exception, match="unknown evaluation set 'coco/val'"):
+        client.predict("0", 2, "coco/val", api_name="/evaluate_round")
     assert len(studio.store.eval_outputs(0)) == len(outputs)
+    # An imported set with ground truth is offered and evaluated: its first N images' captions and probes.
+    from conftest import write_coco
+
+    studio.import_path(write_coco(studio.settings.home.parent / "coco", [["dog", "couch", "cup"], ["cat", "car", "person"]]))
+    studio.add_pope_probes("coco", "val", per_image=1)
+    assert list(studio.evaluation_sets()) == ["shapesworld/test", "coco/val"]
+    summary, *_ = client.predict("0", 1, "coco/val", api_name="/evaluate_round")
+    ev = studio.get_round(0)["metrics"]["eval"]
+    assert (ev["dataset"], ev["split"], ev["images"], ev["extractor"]) == ("coco", "val", 1, "coco")
+    assert summary.startswith("Round 0 on 3 items (coco/val, 1 images), model demo")
 
 
 def test_train_tab_start_passes_its_fields_to_the_round(app):

@@ -460,9 +460,10 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
                    if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
-    a, b, _plot, _note, evaluate_round = on_load()
+    a, b, _plot, _note, evaluate_round, eval_set = on_load()
     assert b.value == str(r2) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
+    assert [v for _, v in eval_set.choices] == ["shapesworld/test"]  # no imported set with ground truth yet
 
 
 # ---- the Generate and Train tabs ----------------------------------------------------------------

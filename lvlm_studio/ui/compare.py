@@ -31,6 +31,7 @@ METRIC_COLUMNS = ["round", *METRIC_LABELS.values(), "answers"]
 # click on a shared app (a Space) from rendering and answering an unbounded number of scenes.
 EVAL_SCENES = 500
 EVAL_SCENES_MAX = 5000
+WORLD_SET = "shapesworld/test"  # Studio.evaluation_sets' first label: the world's test scenes
 NO_ANSWERS = ("No evaluation answers to compare yet: evaluate a round below (a training round also "
               "evaluates itself and its parent).")
 
@@ -113,14 +114,19 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
         gr.Markdown("Greedy answers on the world's unbiased test scenes (a description and its POPE "
-                    "probes per scene), scored against the drawn objects; the answers and metrics are "
-                    "stored for the round, replacing its earlier answers on the same items.")
+                    "probes per scene), or on an imported set with ground-truth objects (its captions and "
+                    "POPE probes, the first N images), scored against the objects; the answers and metrics "
+                    "are stored for the round, replacing its earlier answers on the same items.")
         with gr.Row():
             eval_round = gr.Dropdown(round_choices(studio, done_only=True), value="0", label="Round",
                                      allow_custom_value=True, elem_id="compare-eval-round")
             # No minimum/maximum here: Gradio's own refusal does not name the field; evaluation_scenes does.
-            eval_n = gr.Number(EVAL_SCENES, label=f"test scenes (1 to {EVAL_SCENES_MAX})", precision=0,
-                               elem_id="compare-eval-n")
+            eval_n = gr.Number(EVAL_SCENES, label=f"test scenes, or images of a set (1 to {EVAL_SCENES_MAX})",
+                               precision=0, elem_id="compare-eval-n")
+            # Custom values allowed, as the round lists: a set imported since the app started is
+            # offered per page (on_show) and checked by the handler, not against the start-up list.
+            eval_set = gr.Dropdown(list(studio.evaluation_sets()), value=WORLD_SET, label="evaluation set",
+                                   allow_custom_value=True, elem_id="compare-eval-set")
             eval_go = gr.Button("Evaluate", elem_id="compare-eval-run")
         eval_summary = gr.Markdown(elem_id="compare-eval-summary", min_height=48)  # room for the bar
 
@@ -129,22 +135,28 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
 
     @user_errors
-    def evaluate(round_v: str, n_v: Any, progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
+    def evaluate(round_v: str, n_v: Any, set_v: str = WORLD_SET, progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
                  request: gr.Request = None) -> tuple:
         acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
         round_id = parse_round(round_v)
         if round_id is None:
             raise ValueError("pick a round to evaluate")
         n = evaluation_scenes(n_v)
+        sets = studio.evaluation_sets()
+        if (set_v or WORLD_SET) not in sets:
+            raise ValueError(f"unknown evaluation set {str(set_v)[:60]!r}; the store has {', '.join(sets)}")
+        dataset, split = sets[set_v or WORLD_SET]
         progress(0, desc="loading the model")
-        res = studio.evaluate_world(round_id, split="test", n=n,
-                                    progress=bar(progress))
+        if (set_v or WORLD_SET) == WORLD_SET:
+            res = studio.evaluate_world(round_id, split="test", n=n, progress=bar(progress))
+        else:
+            res = studio.evaluate_set(round_id, dataset=dataset, split=split, images=n, progress=bar(progress))
         ch = round_choices(studio)
         return (evaluation_summary(res), *metrics_plot(studio), gr.Dropdown(choices=ch),
                 gr.Dropdown(choices=ch, value=str(round_id)))
 
     # The bar shows under the button's summary only; once stored, the comparison is drawn again.
-    eval_go.click(evaluate, [eval_round, eval_n], [eval_summary, plot, plot_note, a, b], api_name="evaluate_round",
+    eval_go.click(evaluate, [eval_round, eval_n, eval_set], [eval_summary, plot, plot_note, a, b], api_name="evaluate_round",
                   concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[eval_summary]
                   ).success(run, [a, b, only_diff], outputs, api_name=False)
 
@@ -155,13 +167,14 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         rounds = studio.rounds()
         ch, done = round_choices(studio, rounds=rounds), round_choices(studio, done_only=True, rounds=rounds)
         b_update = gr.Dropdown(choices=ch, value=newest(done)) if pick_newest else gr.Dropdown(choices=ch)
-        return gr.Dropdown(choices=ch), b_update, *metrics_plot(studio), gr.Dropdown(choices=done)
+        return (gr.Dropdown(choices=ch), b_update, *metrics_plot(studio), gr.Dropdown(choices=done),
+                gr.Dropdown(choices=list(studio.evaluation_sets())))  # a set imported since is offered
 
     def refresh() -> tuple:
         return compare_rounds(pick_newest=True)
 
-    demo.load(refresh, None, [a, b, plot, plot_note, eval_round], api_name=False)
-    return {"on_show": (compare_rounds, [a, b, plot, plot_note, eval_round])}
+    demo.load(refresh, None, [a, b, plot, plot_note, eval_round, eval_set], api_name=False)
+    return {"on_show": (compare_rounds, [a, b, plot, plot_note, eval_round, eval_set])}
 
 
 def newest(choices: list[tuple[str, str]]) -> str:
@@ -182,8 +195,11 @@ def evaluation_summary(res: dict) -> str:
     ev = res["metrics"]
     figures = ", ".join(f"{label} **{value:.3f}**" for key, label in METRIC_LABELS.items()
                         if (value := _figure(ev, key)) is not None)
-    return (f"Round {res['round']} on {res['items']} items ({ev.get('scenes', '?')} test scenes, "
-            f"{res['added']} items added), model {escape_markdown(ev.get('model'))}: {figures or 'no figures'}")
+    where = (f"{ev.get('scenes', '?')} test scenes, {res['added']} items added" if "added" in res else
+             f"{escape_markdown(ev.get('dataset'))}/{escape_markdown(ev.get('split'))}, {res.get('images')} images")
+    note = f" ({escape_markdown(ev['eval_note'])})" if ev.get("eval_note") else ""
+    return (f"Round {res['round']} on {res['items']} items ({where}), model {escape_markdown(ev.get('model'))}: "
+            f"{figures or 'no figures'}{note}")
 
 
 def _figure(ev: dict, key: str) -> float | None:
