@@ -586,9 +586,13 @@ def test_opening_a_tab_again_offers_the_rounds_and_methods_made_since(open_studi
     assert str(r1) in values(on_show["generate_rounds"]())
     rounds, methods = on_show["refresh_filters"]()
     assert str(r1) in values(rounds) and "imported-dpo" in values(methods)
-    a, b, _plot, _note, evaluated = on_show["compare_rounds"]()
+    from conftest import write_coco
+
+    studio.import_path(write_coco(studio.settings.home.parent / "coco-since", [["dog", "cat", "cup"]]))
+    a, b, _plot, _note, evaluated, sets = on_show["compare_rounds"]()
     assert all(str(r1) in values(d) for d in (a, b, evaluated))
     assert all("value" not in d._constructor_args[0] for d in (a, b))  # choices only: A and B stay as picked
+    assert values(sets) == ["shapesworld/test", "coco/val"]  # a set imported since is offered to Evaluate
 
 
 def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio):
