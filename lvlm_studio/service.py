@@ -723,6 +723,9 @@ class Studio:
                         self._write_existence_pairs(it, res, config, prov, round_id, seed, report)
             if progress:
                 progress(min(lo + step, len(items)), len(items), f"CSR: {min(lo + step, len(items))}/{len(items)} items")
+        if report.get("existence_on_probes"):
+            _add_note(report, f"{report['existence_on_probes']} yes/no pair(s) left out: their question is an "
+                              "evaluation probe of the item's set (lvlm-studio pope)")
 
     def _write_existence_pairs(self, item, res, config, prov, round_id, seed, report) -> None:
         """Store the yes/no pairs a CSR pair implies (``CSRConfig.existence_pairs``), each on a
@@ -735,6 +738,11 @@ class Studio:
                                   vocabulary=extractor.vocabulary)
         done = self.store.items_with_pairs("csr", round_id) if derived else set()
         for ep in derived:
+            held = self.store.find_item(item["image_id"], ep.question, item.get("dataset") or "default")
+            if held is not None and (held.get("meta") or {}).get("pope_seed") is not None:
+                # An evaluation probe `pope` added (same question, same image): never a training pair.
+                report["existence_on_probes"] = report.get("existence_on_probes", 0) + 1
+                continue
             qid = self.store.add_item(item["image_id"], ep.question, dataset=item.get("dataset") or "default",
                                       split=item.get("split") or "train",
                                       meta={"kind": "csr_existence", "object": ep.object, "from_item": item["id"]})

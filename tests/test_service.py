@@ -1159,3 +1159,26 @@ def test_evaluate_set_counts_what_it_scored_and_names_what_it_left_out(studio, t
     assert (res["items"], res["images"]) == (2, 2) == (res["metrics"]["n_items"], res["metrics"]["images"])
     assert res["metrics"]["extractor"] == "coco"
     assert "scored 2 of 3 with the coco extractor; left out the items of dataset(s) coco" in res["metrics"]["eval_note"]
+
+
+def test_csr_yes_no_pairs_never_land_on_an_evaluation_probe(studio, tmp_path):
+    """CSR's yes/no question for an object is POPE's question for it: on a split that holds `pope`
+    probes, its pair was written onto the evaluation probe (a training pair on an evaluation item)."""
+    from conftest import write_coco
+
+    from lvlm_studio.methods.csr import CSRCandidate, CSRConfig, CSRResult
+
+    studio.import_path(write_coco(tmp_path / "coco", [["dog", "couch", "cup"]]))
+    studio.add_pope_probes("coco", "val", per_image=3)
+    [caption] = [it for it in studio.store.list_items(dataset="coco") if (it.get("meta") or {}).get("kind") != "pope"]
+    probes_before = {it["id"] for it in studio.store.list_items(dataset="coco") if it["meta"].get("kind") == "pope"}
+
+    def cand(text: str) -> CSRCandidate:
+        return CSRCandidate(text, [], [], 0.0, 0.0, "eos")
+
+    res = CSRResult("Describe.", caption["image_id"], [cand("A dog on a couch."), cand("A cat on a couch.")], 0, 1, 1.0)
+    report: dict = {}
+    studio._write_existence_pairs(caption, res, CSRConfig(existence_pairs=True), {"model": "demo"}, 0, 0, report)
+    paired_items = {studio.store.get_pair(pid)["item_id"] for pid in studio.store.pair_ids()}
+    assert report["existence_on_probes"] >= 1 and not paired_items & probes_before
+    assert all(studio.store.get_item(i)["meta"]["kind"] == "csr_existence" for i in paired_items)
