@@ -1219,7 +1219,7 @@ def eval_cmd(
     n: Annotated[int | None, typer.Option("--n", help="World scenes (default 500: each a describe item and its POPE probes); of an imported set, its first N images (default: all).", max=MAX_WORLD_SCENES)] = None,
     seed: Annotated[int, typer.Option(help="World seed of the scenes (0: the scenes demo seed adds).", min=0, max=MAX_SEED)] = 0,
     round: Annotated[int, typer.Option(help="Round to evaluate (0 = the base model).", min=0, max=MAX_ID)] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding).")] = 64,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit (greedy decoding); default: the round's own eval_max_new_tokens, else 64.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate a round (greedy) on the world's split, or on an imported set with ground-truth

@@ -1147,6 +1147,11 @@ class Studio:
         # its answers and metrics are replaced, and must stay comparable with the job's.
         describe_prompt = self._describe_prompt(rnd)
         params = None
+        # Unless given, a round is answered at the length its own job evaluated it with: a round
+        # evaluated at 512 tokens re-evaluated at the default 64 would have its later
+        # hallucinations cut off, and its stored figures replaced by those.
+        own = (rnd.get("config") or {}).get("eval_max_new_tokens")
+        max_new_tokens = max_new_tokens or (own if isinstance(own, int) and not isinstance(own, bool) else None)
         if max_new_tokens:
             from lvlm_studio.models.base import GenerationParams
 
@@ -1162,6 +1167,9 @@ class Studio:
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None,
             describe_prompt=describe_prompt)
         metrics["describe_first"] = describe_prompt is not None
+        from lvlm_studio.models.base import GenerationParams
+
+        metrics["max_new_tokens"] = (params or GenerationParams()).max_new_tokens
         if note:
             metrics["eval_note"] = note
         if meta is not None:
@@ -1295,12 +1303,14 @@ class Studio:
                 raise ValueError(f"{dataset}/{split} already holds POPE probes of another strategy ({held}): one "
                                  f"POPE figure over two strategies matches neither. Add {strategy} probes to a copy "
                                  "of the set (import it again with another --dataset name)")
-            # An image one of whose questions an item of another kind already asks (CSR's yes/no
-            # items) gets no probes: leaving that one out would unbalance its yes and no.
-            taken_images = {p["image_id"] for p in probes
-                            if (held := self.store.find_item(p["image_id"], p["question"], dataset)) is not None
+            # An image that has probes keeps them (another seed or size would mix two draws and
+            # unbalance its yes and no), and one of whose questions an item of another kind already
+            # asks (CSR's yes/no items) gets none: leaving that one out would unbalance it too.
+            probed = {it["image_id"] for it in stored if (it.get("meta") or {}).get("kind") == "pope"}
+            taken_images = {p["image_id"] for p in probes if p["image_id"] not in probed
+                            and (held := self.store.find_item(p["image_id"], p["question"], dataset)) is not None
                             and ((held.get("meta") or {}).get("kind") != "pope" or held["split"] != split)}
-            kept = [p for p in probes if p["image_id"] not in taken_images]
+            kept = [p for p in probes if p["image_id"] not in taken_images | probed]
             for probe in kept:
                 self.store.add_item(probe["image_id"], probe["question"],
                                     reference="Yes." if probe["label"] == "yes" else "No.", dataset=dataset,
@@ -1311,10 +1321,16 @@ class Studio:
             note = "; ".join(filter(None, [note, (
                 f"{len(taken_images)} image(s) got no probes: one of their questions is already an item of another "
                 "kind (CSR's yes/no questions) or split, and leaving it out would unbalance yes and no")]))
+        # The probes the drawn images hold now (an image probed before keeps its own): the same
+        # call again reports the same probes, none added.
+        on_images = set(chosen) - taken_images
+        held_now = [it for it in self.store.list_items(dataset=dataset, split=split)
+                    if (it.get("meta") or {}).get("kind") == "pope" and it["image_id"] in on_images]
         return {"dataset": dataset, "split": split, "strategy": strategy, "extractor": extractor.name,
-                "images": len(chosen) - len(taken_images), "eligible_images": len(eligible), "probes": len(kept),
+                "images": len(on_images), "already_probed": len(set(chosen) & probed),
+                "eligible_images": len(eligible), "probes": len(held_now),
                 "added": self.store.count_items(dataset=dataset, split=split) - before,
-                "yes": sum(p["label"] == "yes" for p in kept), "note": note}
+                "yes": sum(pope_label(it) == "yes" for it in held_now), "note": note}
 
     def evaluate_world(self, round_id: int = BASE_ROUND_ID, split: str = "test", n: int = 500, seed: int = 0,
                        model: str | None = None, max_new_tokens: int | None = None,

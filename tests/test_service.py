@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -1072,6 +1073,9 @@ def test_pope_probes_for_an_imported_set_follow_its_ground_truth(studio, tmp_pat
     assert studio.add_pope_probes("coco", "val", images=4, per_image=2, seed=3)["added"] == 0
     assert studio.add_pope_probes("coco", "val", images=None, per_image=2, seed=3)["images"] == 5
     assert len(_probes(studio)) > 16
+    studio.add_pope_probes("coco", "val", images=None, per_image=3, seed=8)  # another size and draw
+    labels = Counter((p["image_id"], p["meta"]["label"]) for p in _probes(studio))
+    assert all(labels[(image, "yes")] == labels[(image, "no")] for image, _ in labels)  # every image balanced
     assert len([it for it in studio.store.list_items(dataset="coco") if pope_label(it) is None]) == 6
 
 
@@ -1098,13 +1102,17 @@ def test_pope_probes_refuse_what_they_cannot_ask_about(studio, tmp_path):
     # A question CSR's yes/no pairs already made an item of (kind csr_existence) is not a probe.
     from lvlm_studio.evaluation import POPE_TEMPLATE
 
-    cat_item = next(it for it in studio.store.list_items(dataset="coco") if it["objects"] == ["cat", "dog"])
-    studio.store.add_item(cat_item["image_id"], POPE_TEMPLATE.format(object="cat"), "Yes.", "coco", "val",
+    studio.import_path(write_coco(tmp_path / "coco2", [["dog", "cat"]]), dataset="coco2")
+    cat_item = next(it for it in studio.store.list_items(dataset="coco2") if it["objects"] == ["cat", "dog"])
+    studio.store.add_item(cat_item["image_id"], POPE_TEMPLATE.format(object="cat"), "Yes.", "coco2", "val",
                           {"kind": "csr_existence"})
     # ... and leaving it out would unbalance that image's yes and no: the image gets no probes.
-    res = studio.add_pope_probes("coco", "val", min_objects=2, per_image=2, seed=4)
+    res = studio.add_pope_probes("coco2", "val", min_objects=2, per_image=2, seed=4)
     assert (res["probes"], res["images"], res["added"]) == (0, 0, 0)
     assert "1 image(s) got no probes: one of their questions is already an item of another kind" in res["note"]
+    # An image that has probes keeps them: another size or seed would mix two draws on it.
+    again = studio.add_pope_probes("coco", "val", min_objects=2, per_image=2, seed=9)
+    assert (again["probes"], again["images"], again["added"], again["already_probed"]) == (2, 1, 0, 1)
     with pytest.raises(Exception, match="admin"):
         Studio(studio.settings, users=parse_users("alice:pw:admin,bob:pw:reviewer"), admins=()).add_pope_probes(
             "coco", "val", min_objects=2, user="bob")
@@ -1157,6 +1165,13 @@ def test_evaluate_set_counts_what_it_scored_and_names_what_it_left_out(studio, t
     studio.import_path(tmp_path / "w" / "d.jsonl", dataset="coco")
     res = studio.evaluate_set(0, dataset="coco", split="val", max_new_tokens=6)
     assert (res["items"], res["images"]) == (2, 2) == (res["metrics"]["n_items"], res["metrics"]["images"])
+    assert res["metrics"]["max_new_tokens"] == 6
+    # Unless told, a round is answered at the length its own job evaluated it with (a round scored
+    # at 512 tokens was re-scored at 64 from the app), else the default 64.
+    assert studio.evaluate_set(0, dataset="coco", split="val", images=1)["metrics"]["max_new_tokens"] == 64
+    studio.store.ensure_base_round("demo")
+    studio.store.update_round(0, config={"eval_max_new_tokens": 5})
+    assert studio.evaluate_set(0, dataset="coco", split="val", images=1)["metrics"]["max_new_tokens"] == 5
     assert res["metrics"]["extractor"] == "coco"
     assert "scored 2 of 3 with the coco extractor; left out the items of dataset(s) coco" in res["metrics"]["eval_note"]
 
