@@ -1237,19 +1237,15 @@ def eval_cmd(
     try:
         require_round(s.store, round)
         with Progress(f"eval round {round}") as bar:
-            if world:
-                n = 500 if n is None else n
-                res = s.evaluate_world(round, split=split, n=n, seed=seed, model=model,
-                                       max_new_tokens=max_new_tokens, progress=bar)
-            else:
-                res = s.evaluate_set(round, dataset=dataset, split=split, images=n, model=model,
-                                     max_new_tokens=max_new_tokens, progress=bar)
+            res = s.evaluate_on(round, dataset=dataset, split=split, n=n, seed=seed, model=model,
+                                max_new_tokens=max_new_tokens, progress=bar)
     finally:
         s.store.close()
     result = {"ok": True, **res}
 
     def human() -> str:
-        where = (f"shapesworld/{split} ({counted(n, 'scene')}, seed {seed}; {res['added']} items added)" if world
+        where = (f"shapesworld/{split} ({counted(res['metrics']['scenes'], 'scene')}, seed {seed}; "
+                 f"{res['added']} items added)" if world
                  else f"{dataset}/{split} ({counted(res['images'], 'image')})")
         note = f"\nnote: {res['metrics']['eval_note']}" if res["metrics"].get("eval_note") else ""
         return (f"round {round} on {res['items']} items of {where}, model {res['metrics'].get('model')}\n"

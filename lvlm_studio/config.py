@@ -157,6 +157,19 @@ def process_gone(pid: int) -> bool:
     return False
 
 
+def remove_dead_scratch(folder: Path, prefix: str) -> None:
+    """Remove the scratch folders ``<prefix><pid>[-...]`` in ``folder`` whose writing process is gone
+    (killed mid-save: a merged model can be GBs); this process's own and live writers' stay."""
+    import glob
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).glob(f"{glob.escape(prefix)}*"):
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def counted(n: Any, noun: str) -> str:
     """'1 item', '3 items' (a count that is not a number is shown as it is): the CLI's, the app's
     and the round log's wording."""

@@ -586,8 +586,7 @@ def stored_image(store: Store, settings: Settings, source: Path | str | bytes, *
         if image.created:
             try:
                 with store.transaction():
-                    row = store.get_image(image.id)
-                    if row is None or Path(row["path"]).resolve() != image.path.resolve():  # no row names this file
+                    if not _row_names(store, image):
                         discard(image)
             except Exception:  # noqa: BLE001 - the store is busy or gone: an orphan file is harmless
                 pass
@@ -595,16 +594,21 @@ def stored_image(store: Store, settings: Settings, source: Path | str | bytes, *
     if image.replaces is not None:
         # The damaged file this one replaced goes once a committed row names the new file.
         with contextlib.suppress(Exception), store.transaction():
-            row = store.get_image(image.id)
-            if row is not None and Path(row["path"]).resolve() == image.path.resolve():
+            if _row_names(store, image):
                 image.replaces.unlink(missing_ok=True)
 
 
-def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> None:
+def _row_names(store: Store, image: Any) -> bool:
+    """Does the image's committed row name this file (``image.path``)?"""
+    row = store.get_image(image.id)
+    return row is not None and Path(row["path"]).resolve() == image.path.resolve()
+
+
+def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> dict | None:
     """A record for an item the store already holds (the same picture, prompt and dataset) lands
     as that item, with its pairs; one that says otherwise about the item's split, reference or the
     image's ground-truth objects is refused, since keeping either side silently would lose the
-    other (a test item turned train, CHAIR's ground truth replaced)."""
+    other (a test item turned train, CHAIR's ground truth replaced). Returns the item held, or None."""
     image = store.get_image(image_id)
     if rec.objects is not None and image is not None and image.get("objects") is not None \
             and sorted(image["objects"]) != sorted(rec.objects):
@@ -612,13 +616,14 @@ def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> None:
                          f"and this record says {_short(rec.objects)}")
     item = store.find_item(image_id, rec.prompt, rec.dataset)
     if item is None:
-        return
+        return None
     if item["split"] != rec.split:
         raise ValueError(f"the store holds this image and prompt in dataset {rec.dataset!r} as split "
                          f"{item['split']!r}, and this record says {rec.split!r}")
     if rec.reference is not None and item.get("reference") is not None and item["reference"] != rec.reference:
         raise ValueError(f"the store holds this image and prompt with another reference answer "
                          f"({item['reference'][:60]!r}, this record: {rec.reference[:60]!r})")
+    return item
 
 
 def _short(objects: Sequence[str]) -> str:
@@ -631,8 +636,7 @@ def _land(store: Store, settings: Settings, rec: _Record, report: ImportReport, 
     try:
         with stored_image(store, settings, rec.image, name=rec.image_name, source_label=source_label,
                           objects=rec.objects) as image_id:
-            _refuse_conflict(store, image_id, rec)
-            new_item = store.find_item(image_id, rec.prompt, rec.dataset) is None
+            new_item = _refuse_conflict(store, image_id, rec) is None
             item_id = store.add_item(image_id, rec.prompt, rec.reference, rec.dataset, rec.split, rec.meta)
             for p in rec.pairs:
                 if _merge_into_existing(store, item_id, p):

@@ -613,7 +613,7 @@ def check_evaluation_choice(store, cfg) -> None:
         return
     if not chosen:
         return
-    where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
+    where = _evaluation_set_name(cfg)
     items = store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split)
     if not items:
         splits = sorted({split for by_split in store.stats()["datasets"].values() for split in by_split})
@@ -625,10 +625,15 @@ def check_evaluation_choice(store, cfg) -> None:
     raise JobError(f"the evaluation set is empty: {found}")
 
 
+def _evaluation_set_name(cfg) -> str:
+    """"split 'test'" or "split 'val' of dataset 'coco'": how messages name a round's evaluation set."""
+    return f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
+
+
 def no_evaluation_items_note(store, cfg) -> str:
     """Why a round was not evaluated when its evaluation set is empty, with the settings that would
     pick a set the store holds (an imported set is not the default: the world's test split is)."""
-    where = f"split {cfg.eval_split!r}" + (f" of dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else "")
+    where = _evaluation_set_name(cfg)
     sets = store.ground_truth_sets()
     hint = ("; sets with ground-truth objects here: " + ", ".join(f"{d}/{s}" for d, s in sets[:5])
             + " (--config eval_dataset=D --config eval_split=S)") if sets else \
@@ -975,11 +980,9 @@ def run_round(round_id: int, home: str | Path) -> int:
 def _log_traceback() -> None:
     """The failure's traceback into the job's log, if the log can still be written: on a full disk
     it cannot, and the failure must still reach the store (it stayed 'running' with no reason)."""
-    try:
+    with contextlib.suppress(OSError):
         traceback.print_exc()
         sys.stdout.flush()
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1146,6 +1146,8 @@ class Studio:
         # A round evaluated describe-then-respond by its job (STIC's stage 2) is evaluated so again:
         # its answers and metrics are replaced, and must stay comparable with the job's.
         describe_prompt = self._describe_prompt(rnd)
+        from lvlm_studio.models.base import GenerationParams
+
         params = None
         # Unless given, a round is answered at the length its own job evaluated it with: a round
         # evaluated at 512 tokens re-evaluated at the default 64 would have its later
@@ -1153,22 +1155,14 @@ class Studio:
         own = (rnd.get("config") or {}).get("eval_max_new_tokens")
         max_new_tokens = max_new_tokens or (own if isinstance(own, int) and not isinstance(own, bool) else None)
         if max_new_tokens:
-            from lvlm_studio.models.base import GenerationParams
-
             params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=0.0)
-        from lvlm_studio.jobs import JobError, evaluation_plan
-
-        try:  # the round's extractor (its job's; 'auto': the world's vocabulary, else CHAIR's COCO table)
-            extractor, items, note = evaluation_plan(_round_extractor(rnd), items)
-        except JobError as exc:
-            raise ValueError(str(exc)) from None
+        # the round's extractor (its job's; 'auto': the world's vocabulary, else CHAIR's COCO table)
+        extractor, items, note = _evaluation_plan(_round_extractor(rnd), items)
         metrics, rows = evaluation.evaluate_backend(
             backend, items, extractor, params,
             progress=(lambda d, t: progress(d, t, f"evaluating: {d}/{t}")) if progress else None,
             describe_prompt=describe_prompt)
         metrics["describe_first"] = describe_prompt is not None
-        from lvlm_studio.models.base import GenerationParams
-
         metrics["max_new_tokens"] = (params or GenerationParams()).max_new_tokens
         if note:
             metrics["eval_note"] = note
@@ -1178,6 +1172,36 @@ class Studio:
             self.store.add_eval_outputs(round_id, rows)
             self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
         return metrics
+
+    def _evaluable_round(self, round_id: int, model: str | None) -> dict:
+        """Round ``round_id``'s row, once it is known that it can be evaluated with ``model`` (its
+        base by default): a finished adapter, a model reference that loads, and an adapter chain
+        trained on that model. Checked before any scene is rendered or item answered: a mistyped
+        path or id used to fail only after n scenes were added to the store."""
+        from lvlm_studio import jobs
+        from lvlm_studio.models.registry import check_model_ref
+
+        rnd = self.store.get_round(round_id)
+        if rnd is None:
+            raise NotFoundError(f"round {round_id} does not exist")
+        adapter = self._round_adapter(round_id)  # a round without a finished adapter is refused here too
+        ref = self._evaluation_model(rnd, model)
+        check_model_ref(ref)
+        if adapter is not None:
+            jobs.adapter_lineage(self.store, round_id, ref)
+        return rnd
+
+    def evaluate_on(self, round_id: int, dataset: str = WORLD_DATASET, split: str = "test", n: int | None = None,
+                    seed: int = 0, model: str | None = None, max_new_tokens: int | None = None,
+                    progress: ProgressFn | None = None) -> dict:
+        """``evaluate_world`` for the world's scenes (``n`` scenes, 500 by default), else
+        ``evaluate_set`` on an imported set (its first ``n`` images, all by default): what the
+        CLI's ``eval`` and the Compare tab's Evaluate box run."""
+        if dataset == WORLD_DATASET:
+            return self.evaluate_world(round_id, split=split, n=500 if n is None else n, seed=seed, model=model,
+                                       max_new_tokens=max_new_tokens, progress=progress)
+        return self.evaluate_set(round_id, dataset=dataset, split=split, images=n, model=model,
+                                 max_new_tokens=max_new_tokens, progress=progress)
 
     def _evaluation_model(self, rnd: dict, model: str | None) -> str:
         """The model a round is evaluated with: ``model`` when given, else the base it trained on."""
@@ -1260,7 +1284,6 @@ class Studio:
         Idempotent: a probe already stored is not added again. Admin only: it changes what every
         later round is evaluated on."""
         from lvlm_studio.evaluation import build_pope_questions, pope_label
-        from lvlm_studio.jobs import JobError, evaluation_plan
 
         self.require_admin(user, "adding POPE probes to an evaluation set")
         if strategy not in POPE_STRATEGIES:
@@ -1278,10 +1301,7 @@ class Studio:
         if not by_image:
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to ask "
                              "about (import COCO with its instances file, or records with 'objects')")
-        try:
-            extractor, parsed, note = evaluation_plan("auto", list(by_image.values()))
-        except JobError as exc:
-            raise ValueError(str(exc)) from None
+        extractor, parsed, note = _evaluation_plan("auto", list(by_image.values()))
         truth = {it["image_id"]: sorted(extractor.ground_truth(it["objects"])) for it in parsed}
         eligible = [image for image, objects in truth.items() if len(objects) >= min_objects]
         if not eligible:
@@ -1293,7 +1313,6 @@ class Studio:
             chosen = [image for image in eligible if image in picked]  # in the set's own order
         probes = build_pope_questions({image: truth[image] for image in chosen}, extractor.vocabulary, strategy,
                                       n=per_image, seed=seed, statistics=truth)
-        before = self.store.count_items(dataset=dataset, split=split)
         with self.store.transaction():  # all of them or none, the strategy checked under the write lock
             stored = self.store.list_items(dataset=dataset, split=split)
             other_modes = Counter(mode for it in stored if (it.get("meta") or {}).get("kind") == "pope"
@@ -1310,6 +1329,7 @@ class Studio:
             taken_images = {p["image_id"] for p in probes if p["image_id"] not in probed
                             and (held := self.store.find_item(p["image_id"], p["question"], dataset)) is not None
                             and ((held.get("meta") or {}).get("kind") != "pope" or held["split"] != split)}
+            # Every kept probe is a new item: its image has none, and no item asks its question.
             kept = [p for p in probes if p["image_id"] not in taken_images | probed]
             for probe in kept:
                 self.store.add_item(probe["image_id"], probe["question"],
@@ -1321,16 +1341,16 @@ class Studio:
             note = "; ".join(filter(None, [note, (
                 f"{len(taken_images)} image(s) got no probes: one of their questions is already an item of another "
                 "kind (CSR's yes/no questions) or split, and leaving it out would unbalance yes and no")]))
-        # The probes the drawn images hold now (an image probed before keeps its own): the same
-        # call again reports the same probes, none added.
+        # The probes the drawn images hold now, those an image probed before keeps and the new
+        # ones: the same call again reports the same probes, none added.
         on_images = set(chosen) - taken_images
-        held_now = [it for it in self.store.list_items(dataset=dataset, split=split)
-                    if (it.get("meta") or {}).get("kind") == "pope" and it["image_id"] in on_images]
+        labels = [pope_label(it) for it in stored
+                  if (it.get("meta") or {}).get("kind") == "pope" and it["image_id"] in on_images]
+        labels += [p["label"] for p in kept]
         return {"dataset": dataset, "split": split, "strategy": strategy, "extractor": extractor.name,
                 "images": len(on_images), "already_probed": len(set(chosen) & probed),
-                "eligible_images": len(eligible), "probes": len(held_now),
-                "added": self.store.count_items(dataset=dataset, split=split) - before,
-                "yes": sum(pope_label(it) == "yes" for it in held_now), "note": note}
+                "eligible_images": len(eligible), "probes": len(labels), "added": len(kept),
+                "yes": labels.count("yes"), "note": note}
 
     def evaluate_world(self, round_id: int = BASE_ROUND_ID, split: str = "test", n: int = 500, seed: int = 0,
                        model: str | None = None, max_new_tokens: int | None = None,
@@ -1341,19 +1361,7 @@ class Studio:
         if whole_number(n, "the number of evaluation scenes", high=MAX_WORLD_SCENES) < 1:  # an empty evaluation would replace the metrics
             raise ValueError(f"the number of evaluation scenes must be at least 1, not {n}")
         round_id = whole_number(round_id, "round")
-        rnd = self.store.get_round(round_id)
-        if rnd is None:  # before thousands of scenes are rendered and stored
-            raise NotFoundError(f"round {round_id} does not exist")
-        adapter = self._round_adapter(round_id)  # a round without a finished adapter is refused here too
-        # The model too, before the scenes are rendered: a mistyped path or id (or a round trained
-        # on another base) used to fail only after n scenes were added to the store.
-        from lvlm_studio import jobs
-        from lvlm_studio.models.registry import check_model_ref
-
-        ref = self._evaluation_model(rnd, model)
-        check_model_ref(ref)
-        if adapter is not None:
-            jobs.adapter_lineage(self.store, round_id, ref)
+        self._evaluable_round(round_id, model)  # before thousands of scenes are rendered and stored
         ensured = self.ensure_world_items(split, n, seed, progress=progress)
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=ensured["item_ids"],
                                 max_new_tokens=max_new_tokens,
@@ -1375,31 +1383,21 @@ class Studio:
         picks them: ``jobs.eval_items_for``) with round ``round_id``'s model, the first ``images``
         images (None: all), and store answers and metrics, as ``evaluate_world`` does for the
         world's scenes. Returns ``{"round", "metrics", "items", "images"}``."""
-        from lvlm_studio import jobs
-        from lvlm_studio.models.registry import check_model_ref
+        from lvlm_studio.jobs import eval_items_for
         from lvlm_studio.training import DPORoundConfig
 
         round_id = whole_number(round_id, "round")
         if images is not None:
             images = whole_number(images, "the number of images", low=1)
-        rnd = self.store.get_round(round_id)
-        if rnd is None:
-            raise NotFoundError(f"round {round_id} does not exist")
-        adapter = self._round_adapter(round_id)
-        ref = self._evaluation_model(rnd, model)
-        check_model_ref(ref)
-        if adapter is not None:
-            jobs.adapter_lineage(self.store, round_id, ref)
-        items = jobs.eval_items_for(self.store, DPORoundConfig(eval_dataset=dataset, eval_split=split, eval_limit=None))
+        rnd = self._evaluable_round(round_id, model)
+        items = eval_items_for(self.store, DPORoundConfig(eval_dataset=dataset, eval_split=split, eval_limit=None))
         if images is not None:
-            keep = list(dict.fromkeys(it["image_id"] for it in items))[:images]
-            items = [it for it in items if it["image_id"] in set(keep)]
+            keep = set(list(dict.fromkeys(it["image_id"] for it in items))[:images])
+            items = [it for it in items if it["image_id"] in keep]
         if not items:
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on")
-        try:  # what will be scored (a set mixing vocabularies is scored on its larger part)
-            _, items, note = jobs.evaluation_plan(_round_extractor(rnd), items)
-        except jobs.JobError as exc:
-            raise ValueError(str(exc)) from None
+        # what will be scored (a set mixing vocabularies is scored on its larger part)
+        _, items, note = _evaluation_plan(_round_extractor(rnd), items)
         n_images = len({it["image_id"] for it in items})
         meta = {"dataset": dataset, "split": split, "images": n_images, **({"eval_note": note} if note else {})}
         metrics = self.evaluate(round_id, model=model, progress=progress, item_ids=[it["item_id"] for it in items],
@@ -1574,6 +1572,17 @@ def _eval_item(it: dict) -> dict:
     return {"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
             "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta"),
             "dataset": it.get("dataset"), "image_id": it.get("image_id")}
+
+
+def _evaluation_plan(extractor: str, items: list[dict]) -> tuple[Any, list[dict], str | None]:
+    """``jobs.evaluation_plan``, its refusal (a set no vocabulary knows) a ValueError, as the
+    service's callers expect of bad input."""
+    from lvlm_studio.jobs import JobError, evaluation_plan
+
+    try:
+        return evaluation_plan(extractor, items)
+    except JobError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _round_extractor(rnd: dict) -> str:

@@ -416,16 +416,17 @@ class Store:
         in another format), or a file that is gone, is pointed at ``path``."""
         if not id:
             raise StoreError("image id must not be empty")
+        rel = self._rel(path)
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO images (id, path, width, height, source, objects) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (id, self._rel(path), int(width), int(height), source, _dumps(objects)),
+                (id, rel, int(width), int(height), source, _dumps(objects)),
             )
             stored = self._scalar("SELECT path FROM images WHERE id = ?", (id,))
-            if stored != self._rel(path) and Path(path).is_file() and (
+            if stored != rel and Path(path).is_file() and (
                     (replaces is not None and stored == self._rel(replaces)) or not Path(self._abs(stored)).is_file()):
-                db.execute("UPDATE images SET path = ? WHERE id = ?", (self._rel(path), id))
+                db.execute("UPDATE images SET path = ? WHERE id = ?", (rel, id))
             if objects is not None:
                 db.execute(
                     "UPDATE images SET objects = ? WHERE id = ? AND objects IS NULL", (_dumps(objects), id)

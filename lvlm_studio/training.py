@@ -42,10 +42,8 @@ re-quantize the weights, so the reference would carry that rounding).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import glob
 import json
 import math
 import os
@@ -58,7 +56,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lvlm_studio.config import QUANTIZATIONS, counted, process_gone
+from lvlm_studio.config import QUANTIZATIONS, counted, remove_dead_scratch
 from lvlm_studio.models.base import (
     after_opening,
     answer_frame,
@@ -626,11 +624,7 @@ def _fresh_tmp_sibling(out: Path) -> Path:
     prefix = f".{out.name}.tmp-"
     tmp = out.parent / f"{prefix}{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed attempt of this process id
-    with contextlib.suppress(OSError):
-        for entry in out.parent.glob(f"{glob.escape(prefix)}*"):
-            pid = entry.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+    remove_dead_scratch(out.parent, prefix)
     return tmp
 
 

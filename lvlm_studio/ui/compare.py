@@ -142,15 +142,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if round_id is None:
             raise ValueError("pick a round to evaluate")
         n = evaluation_scenes(n_v)
-        sets = studio.evaluation_sets()
-        if (set_v or WORLD_SET) not in sets:
+        sets, label = studio.evaluation_sets(), set_v or WORLD_SET
+        if label not in sets:
             raise ValueError(f"unknown evaluation set {str(set_v)[:60]!r}; the store has {', '.join(sets)}")
-        dataset, split = sets[set_v or WORLD_SET]
+        dataset, split = sets[label]
         progress(0, desc="loading the model")
-        if (set_v or WORLD_SET) == WORLD_SET:
-            res = studio.evaluate_world(round_id, split="test", n=n, progress=bar(progress))
-        else:
-            res = studio.evaluate_set(round_id, dataset=dataset, split=split, images=n, progress=bar(progress))
+        res = studio.evaluate_on(round_id, dataset=dataset, split=split, n=n, progress=bar(progress))
         ch = round_choices(studio)
         return (evaluation_summary(res), *metrics_plot(studio), gr.Dropdown(choices=ch),
                 gr.Dropdown(choices=ch, value=str(round_id)))

@@ -443,10 +443,6 @@ def build_demo(
 ) -> dict:
     """Train and save the demo VLM and CLIP into ``out_dir``; return the recipe (also recipe.json).
     ``seed`` (and the step counts) override ``config``'s, which is not changed; neither given: 0."""
-    import open_clip
-    import torch
-    import transformers
-
     cfg = replace(config) if config is not None else BuildConfig()
     if seed is not None:
         cfg.seed = seed
@@ -456,11 +452,11 @@ def build_demo(
         cfg.clip_steps = clip_steps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Everything is written beside the artifacts and swapped in at the end: a build stopped after
+    # Everything is written into a staging folder and swapped in at the end: a build stopped after
     # its VLM (minutes before its CLIP) left a new VLM beside the old CLIP and recipe.
     stage = _fresh_stage(out)
     try:
-        recipe = _build_into(stage, cfg, evaluate, progress, torch, transformers, open_clip)
+        recipe = _build_into(stage, cfg, evaluate, progress)
         _install(stage, out, ARTIFACT_PARTS)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -475,14 +471,10 @@ _STAGE_PREFIX = ".build-"
 def _fresh_stage(out: Path) -> Path:
     """This build's staging folder, inside ``out`` (on its file system, whatever is mounted where,
     so the swap is a rename); a killed build's (its process gone) is removed."""
-    from lvlm_studio.config import process_gone
+    from lvlm_studio.config import remove_dead_scratch
 
-    prefix = _STAGE_PREFIX
-    for old in out.glob(f"{prefix}*"):
-        pid = old.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and process_gone(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    stage = out / f"{prefix}{os.getpid()}"
+    remove_dead_scratch(out, _STAGE_PREFIX)
+    stage = out / f"{_STAGE_PREFIX}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     return stage
@@ -511,7 +503,11 @@ def _install(stage: Path, out: Path, parts: tuple[str, ...]) -> None:
         raise
 
 
-def _build_into(out: Path, cfg, evaluate, progress, torch, transformers, open_clip) -> dict:
+def _build_into(out: Path, cfg: BuildConfig, evaluate: bool, progress: bool) -> dict:
+    import open_clip
+    import torch
+    import transformers
+
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
