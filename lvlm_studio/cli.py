@@ -42,6 +42,7 @@ from lvlm_studio.config import (
     debug_enabled,
     listen_address,
 )
+from lvlm_studio.evaluation import evaluation_label
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -526,6 +527,7 @@ def round_summary(row: dict) -> dict:
         "chair_i": ev.get("chair_i"),
         "recall": ev.get("recall"),
         "pope_f1": ev.get("pope_f1"),
+        "eval_set": evaluation_label(ev) if ev else None,
         "pairs": metrics.get("n_pairs"),
         "methods": config.get("methods"),
         "base_model": row.get("base_model"),
@@ -1140,11 +1142,13 @@ def rounds_cmd(as_json: JsonOption = False) -> None:
         return
     body = [[sm["id"], sm["parent"], sm["status"],
              f"{100 * sm['progress']:.0f}%" if sm["progress"] is not None else None,
-             sm["chair_s"], sm["chair_i"], sm["recall"], sm["pope_f1"], sm["pairs"],
+             sm["chair_s"], sm["chair_i"], sm["recall"], sm["pope_f1"], sm["eval_set"], sm["pairs"],
              _short_time(sm["created"]), _fmt(sm["seconds"], 0) if sm["seconds"] is not None else None]
             for sm in summaries]
-    lines = [table(["id", "parent", "status", "progress", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "pairs",
-                    "created", "seconds"], body)]
+    # The figures are each round's latest evaluation, on the set named ("compare --set" reads two
+    # rounds on the same one).
+    lines = [table(["id", "parent", "status", "progress", "CHAIR_s", "CHAIR_i", "recall", "POPE F1", "evaluated on",
+                    "pairs", "created", "seconds"], body)]
     lines += [f"round {sm['id']}: {sm['error']}" for sm in summaries if sm["status"] == "failed" and sm["error"]]
     say("\n".join(lines))
 
@@ -1155,10 +1159,11 @@ def compare_cmd(
     b: Annotated[int, typer.Argument(help="Round B.")],
     only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items both rounds answered, differently.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show at most this many items.")] = None,
+    evaluation_set: Annotated[str | None, typer.Option("--set", help="The evaluation set to compare on, as lvlm-studio rounds names it (e.g. shapesworld/test, coco/val2014); default: round B's latest evaluation, else A's, else another set both were evaluated on.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Two rounds' evaluation metrics side by side, then their answers per item (hallucinated
-    objects marked in square brackets)."""
+    """Two rounds' evaluation metrics side by side on one evaluation set, then their answers per
+    item (hallucinated objects marked in square brackets)."""
     from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary, paired_pope_f1_summary
 
     if limit is not None and limit < 0:
@@ -1167,12 +1172,13 @@ def compare_cmd(
     try:
         for rid in (a, b):
             require_round(s.store, rid)
-        res = s.compare(a, b, only_diff=only_diff)
+        res = s.compare(a, b, only_diff=only_diff, evaluation_set=evaluation_set)
     finally:
         s.store.close()
     total = len(res["rows"])
     rows = res["rows"][:limit] if limit is not None else res["rows"]
-    result = {"ok": True, "a": a, "b": b, "metrics": res["metrics"], "common_metrics": res["common_metrics"],
+    result = {"ok": True, "a": a, "b": b, "set": res["set"], "sets": res["sets"], "metrics": res["metrics"],
+              "common_metrics": res["common_metrics"],
               "paired": res["paired"], "paired_pope": res["paired_pope"], "note": res.get("note"), "items": total,
               "rows": rows}
     if as_json:
@@ -1186,7 +1192,9 @@ def compare_cmd(
                        else None]
                       for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])
 
-    lines = [side_by_side(*res["metrics"])]
+    lines = [f"on {res['set']}" + (f" (both were also evaluated on: {', '.join(x for x in res['sets'] if x != res['set'])}; "
+                                   "--set picks one)" if len(res["sets"]) > 1 else "")] if res["set"] else []
+    lines.append(side_by_side(*res["metrics"]))
     if res.get("note"):
         lines.append(f"note: {res['note']}")
     if res["common_metrics"]:

@@ -763,6 +763,56 @@ def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b:
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation sets: which (dataset, split) an evaluation answered, so a round's figures on one set
+# are never read beside another round's figures on another
+# ----------------------------------------------------------------------------------------------
+UNRECORDED_SET = "set not recorded"
+
+
+def evaluation_set_of(items: Iterable[dict]) -> list[list[str]]:
+    """The sorted (dataset, split) pairs the items come from ([] when they do not say)."""
+    pairs = {(it["dataset"], it["split"]) for it in items
+             if isinstance(it.get("dataset"), str) and isinstance(it.get("split"), str)}
+    return [list(p) for p in sorted(pairs)]
+
+
+def evaluation_set_label(pairs: Iterable[Sequence[str]]) -> str:
+    """"shapesworld/test"; "coco/val + shapesworld/test" for an evaluation over both."""
+    return " + ".join(f"{d}/{s}" for d, s in pairs) or UNRECORDED_SET
+
+
+def evaluation_label(ev: dict) -> str:
+    """The set one stored evaluation answered: its own record, else (evaluations stored before sets
+    were recorded) the dataset and split the CLI's eval kept beside the metrics."""
+    if isinstance(ev.get("set"), str):
+        return ev["set"]
+    if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
+        return f"{ev['dataset']}/{ev['split']}"
+    return UNRECORDED_SET
+
+
+def round_evaluations(metrics: dict | None) -> dict[str, dict]:
+    """A round's stored evaluations by set label, the latest last (``with_evaluation`` keeps them)."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    evals = metrics.get("evals")
+    if isinstance(evals, dict) and evals:
+        return {k: v for k, v in evals.items() if isinstance(v, dict)}
+    latest = metrics.get("eval")
+    return {evaluation_label(latest): latest} if isinstance(latest, dict) else {}
+
+
+def with_evaluation(metrics: dict | None, ev: dict) -> dict:
+    """A round's metrics with ``ev`` as its latest evaluation (``"eval"``, what the rounds tables
+    show) and as the one on its set (``"evals"``, what a plot or comparison on one set reads): an
+    evaluation on another set no longer replaces the figures on the first."""
+    metrics = dict(metrics) if isinstance(metrics, dict) else {}
+    evals = round_evaluations(metrics)
+    label = evaluation_label(ev)
+    evals.pop(label, None)  # re-inserted last: the dict's order is the order of evaluation
+    return {**metrics, "eval": ev, "evals": {**evals, label: ev}}
+
+
+# ----------------------------------------------------------------------------------------------
 # Running a backend over an evaluation set
 # ----------------------------------------------------------------------------------------------
 class EvaluationCancelled(RuntimeError):
@@ -892,6 +942,8 @@ def evaluate_backend(
         if progress is not None:
             progress(min(start + len(batch), total), total)
     metrics: dict[str, Any] = {"extractor": extractor.name, "n_items": total}
+    if sets := evaluation_set_of(eval_items):
+        metrics["eval_set"], metrics["set"] = sets, evaluation_set_label(sets)
     if scores:
         metrics.update(chair(scores))
         metrics["mean_words"] = n_words / len(scores)

@@ -578,7 +578,7 @@ def eval_items_for(store, cfg) -> list[dict]:
         {
             "item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
             "objects": it["objects"], "meta": it.get("meta"), "reference": it.get("reference"),
-            "dataset": it.get("dataset"), "image_id": it["image_id"],
+            "dataset": it.get("dataset"), "split": it.get("split"), "image_id": it["image_id"],
         }
         for it in chosen
     ]
@@ -914,19 +914,23 @@ def run_round(round_id: int, home: str | Path) -> int:
         if metrics.get("eval_note"):
             log(metrics["eval_note"])
         if extractor is not None:
-            from lvlm_studio.evaluation import EvaluationCancelled
+            from lvlm_studio.evaluation import EvaluationCancelled, with_evaluation
 
             device = resolve_device(cfg.device)
             try:
                 parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None
-                if cfg.eval_parent and parent is not None and not store.eval_outputs(parent["id"]):
-                    log(f"evaluating the parent round {parent['id']} on {len(items)} items (no stored outputs)")
+                # The parent is evaluated unless it answered every one of these items already (it may
+                # have been evaluated on another set only): compare reads both on the same set.
+                answered = {r["item_id"] for r in store.eval_outputs(parent["id"])} if parent is not None else set()
+                if cfg.eval_parent and parent is not None and not {it["item_id"] for it in items} <= answered:
+                    log(f"evaluating the parent round {parent['id']} on {len(items)} items (it has no stored "
+                        "answers to some of them)")
                     model, processor = materialize_round_model(base_path, chain, device=device)
                     pm, prow = _evaluate(model, processor, f"round {parent['id']}", device, items, extractor,
                                          cfg, None, stop.is_set)
                     with store.transaction():
                         store.add_eval_outputs(parent["id"], prow)
-                        store.update_round(parent["id"], metrics={**(parent.get("metrics") or {}), "eval": pm})
+                        store.update_round(parent["id"], metrics=with_evaluation(parent.get("metrics"), pm))
                     del model
                 log(f"evaluating round {round_id} on {len(items)} items ({extractor.name} objects)")
                 model, processor = materialize_round_model(base_path, [*chain, str(out_dir)], device=device)
@@ -938,7 +942,7 @@ def run_round(round_id: int, home: str | Path) -> int:
                                      progress, stop.is_set)
             except EvaluationCancelled as exc:
                 return cancelled(f"cancelled during evaluation ({exc}); the adapter was not made current")
-            metrics["eval"] = em
+            metrics = with_evaluation(metrics, em)
             log(f"evaluation: {em}")
         if stop.is_set():
             return cancelled("cancelled after training; the adapter was not made current")

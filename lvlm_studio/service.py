@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.evaluation import POPE_STRATEGIES
+from lvlm_studio.evaluation import POPE_STRATEGIES, round_evaluations
 from lvlm_studio.io import (
     DEFAULT_PROMPT,
     EXPORT_FORMATS,
@@ -1170,7 +1170,7 @@ class Studio:
             metrics = {**metrics, "model": ref, **meta}
         with self.store.transaction():  # the answers and their metrics land together or not at all
             self.store.add_eval_outputs(round_id, rows)
-            self.store.update_round(round_id, metrics={**(rnd.get("metrics") or {}), "eval": metrics})
+            self.store.update_round(round_id, metrics=evaluation.with_evaluation(rnd.get("metrics"), metrics))
         return metrics
 
     def _evaluable_round(self, round_id: int, model: str | None) -> dict:
@@ -1404,20 +1404,38 @@ class Studio:
                                 max_new_tokens=max_new_tokens, meta=meta)
         return {"round": int(round_id), "metrics": metrics, "items": len(items), "images": n_images}
 
-    def round_metrics(self) -> list[dict]:
-        """Evaluation metrics of every round that has them (long format for the plot)."""
+    def evaluated_sets(self) -> list[str]:
+        """The sets some round was evaluated on, by label: the one most rounds were evaluated on
+        first (on a tie, the one the newest round's latest evaluation used), then the rest."""
+        counts: Counter[str] = Counter()
+        newest = None
+        for rnd in self.store.list_rounds():  # by id: the last one evaluated is the newest
+            evals = round_evaluations(rnd.get("metrics"))
+            counts.update(evals.keys())  # a mapping would be added as counts
+            newest = list(evals)[-1] if evals else newest
+        return sorted(counts, key=lambda label: (-counts[label], label != newest, label))
+
+    def round_metrics(self, evaluation_set: str | None = None) -> list[dict]:
+        """CHAIR_s, CHAIR_i, recall and POPE F1 of every round evaluated on one set (long format for
+        the plot; default: ``evaluated_sets()``'s first): rounds evaluated on other sets are left
+        out, not drawn on the same line."""
+        if evaluation_set is None:
+            evaluation_set = next(iter(self.evaluated_sets()), None)
         rows = []
         for rnd in self.store.list_rounds():
-            ev = _round_eval(rnd)
+            ev = round_evaluations(rnd.get("metrics")).get(evaluation_set)
             for key in ("chair_s", "chair_i", "recall", "pope_f1"):
-                val = _metric(ev, key)
+                val = _metric(ev or {}, key)
                 if val is not None:
-                    rows.append({"round": rnd["id"], "metric": key, "value": val})
+                    rows.append({"round": rnd["id"], "metric": key, "value": val, "set": evaluation_set})
         return rows
 
-    def compare(self, a: int, b: int, only_diff: bool = False, include_probes: bool = False) -> dict:
+    def compare(self, a: int, b: int, only_diff: bool = False, include_probes: bool = False,
+                evaluation_set: str | None = None) -> dict:
         """Both rounds' evaluation answers side by side per item, with hallucinated objects, and a
-        metrics table."""
+        metrics table, on one evaluation set both rounds were evaluated on (``evaluation_set``, a
+        label of ``evaluated_sets``; by default round B's latest, else A's, else another they share;
+        answers on other sets are left out). Rounds that share no set are shown with a note."""
         a, b = whole_number(a, "round A"), whole_number(b, "round B")
         outputs, rounds = {}, {}
         for rid in (a, b):
@@ -1429,6 +1447,10 @@ class Studio:
                 # Say why there is nothing to show instead of an empty comparison.
                 why = f" ({row['error']})" if row.get("error") else ""
                 raise ValueError(f"round {rid} is {row['status']}{why}: it has no answers to compare")
+        evals = {rid: round_evaluations((rounds[rid] or {}).get("metrics")) for rid in (a, b)}
+        label, set_note = _comparison_set(a, b, evals, evaluation_set)
+        if label is not None:
+            outputs = {rid: _outputs_on(rows, evals[rid][label]) for rid, rows in outputs.items()}
         out_a = {r["item_id"]: r for r in outputs[a]}
         out_b = {r["item_id"]: r for r in outputs[b]}
         rows = []
@@ -1447,7 +1469,7 @@ class Studio:
         metrics = []
         own_metrics_cover_all = True
         for rid in (a, b):
-            ev = _round_eval(rounds[rid])
+            ev = evals[rid].get(label) if label is not None else _round_eval(rounds[rid])
             answered = len(out_a if rid == a else out_b)
             computed = _metrics_from_outputs(outputs[rid])
             # "answers": how many answers these figures cover (a later, smaller eval covers fewer
@@ -1468,10 +1490,42 @@ class Studio:
         disjoint = bool(out_a) and bool(out_b) and not common
         return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
                 "paired": _paired_chair_s(out_a, out_b), "paired_pope": _paired_pope_f1(out_a, out_b),
-                "answered": (len(out_a), len(out_b)), "note": DISJOINT_NOTE if disjoint else None}
+                "answered": (len(out_a), len(out_b)), "set": label,
+                "sets": [s for s in evals[b] if s in evals[a]],
+                "note": set_note or (DISJOINT_NOTE if disjoint else None)}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+def _comparison_set(a: int, b: int, evals: dict[int, dict[str, dict]], wanted: str | None) -> tuple[str | None, str | None]:
+    """The evaluation set two rounds are compared on (``Studio.compare``), and a note when they
+    share none: figures on two different sets side by side would read as a change."""
+    if wanted is not None:
+        for rid in (a, b):
+            if wanted not in evals[rid]:
+                raise ValueError(f"round {rid} was not evaluated on {wanted} "
+                                 f"(its evaluations: {', '.join(evals[rid]) or 'none'})")
+        return wanted, None
+    common = [label for label in evals[b] if label in evals[a]]
+    latest = {rid: list(evals[rid])[-1] for rid in (a, b) if evals[rid]}
+    for label in (latest.get(b), latest.get(a), *common[::-1]):
+        if label in common:
+            return label, None
+    if len(latest) == 2:
+        return None, (f"round {a} was evaluated on {latest[a]} and round {b} on {latest[b]}, no set both: their "
+                      f"figures are not comparable (evaluate both on one set)")
+    return None, None
+
+
+def _outputs_on(rows: list[dict], ev: dict) -> list[dict]:
+    """The stored answers of one evaluation's set (an evaluation stored before sets were recorded
+    keeps them all)."""
+    pairs = ev.get("eval_set")
+    if not isinstance(pairs, list) or not pairs:
+        return rows
+    wanted = {tuple(p) for p in pairs if isinstance(p, list | tuple)}
+    return [r for r in rows if (r.get("dataset"), r.get("split")) in wanted]
+
+
 # Compare's word when two rounds were evaluated on sets that share no item (one on the world's test
 # scenes, one on an imported set): their figures side by side would read as a change.
 DISJOINT_NOTE = ("the two rounds answered no item in common (they were evaluated on different sets): their "
@@ -1571,7 +1625,7 @@ def _eval_item(it: dict) -> dict:
     """An item as the evaluation reads it."""
     return {"item_id": it["id"], "prompt": it["prompt"], "image_path": it["image_path"],
             "objects": it.get("objects") or [], "reference": it.get("reference"), "meta": it.get("meta"),
-            "dataset": it.get("dataset"), "image_id": it.get("image_id")}
+            "dataset": it.get("dataset"), "split": it.get("split"), "image_id": it.get("image_id")}
 
 
 def _evaluation_plan(extractor: str, items: list[dict]) -> tuple[Any, list[dict], str | None]:

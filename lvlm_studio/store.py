@@ -1490,7 +1490,8 @@ class Store:
 
     def eval_outputs(self, round_id: int) -> list[dict]:
         rows = self._all(
-            "SELECT e.*, i.prompt, i.reference, i.image_id, im.path AS image_path, im.objects AS gt_objects "
+            "SELECT e.*, i.prompt, i.reference, i.image_id, i.dataset, i.split, im.path AS image_path, "
+            "im.objects AS gt_objects "
             "FROM eval_outputs e JOIN items i ON i.id = e.item_id JOIN images im ON im.id = i.image_id "
             "WHERE e.round_id = ? ORDER BY e.item_id, e.id",
             (round_id,),

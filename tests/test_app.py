@@ -96,7 +96,7 @@ def test_compare_returns_both_rounds_answers(app):
     res = client.predict(0, r1, False, api_name="/compare")
     assert [r["a"]["answer"] for r in res["rows"]] == ["There is a red circle.", "Same."]
     assert [r["b"]["answer"] for r in res["rows"]] == ["There is a blue square.", "Same."]
-    metrics, paired, html, _plot, _note = client.predict("0", str(r1), True, api_name="/compare_view")
+    metrics, paired, html, *_plot = client.predict("0", str(r1), True, api_name="/compare_view")
     assert f"CHAIR_s on the same 2 captions: 0.500 (round 0) -> 0.000 (round {r1})" in paired
     assert "There is a blue square." in html and "Same." not in html  # only where they differ
     assert '<mark class="hallu">red circle</mark>' in html
@@ -110,7 +110,7 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     client = Client(url, verbose=False)
     html = client.predict("0", "0", False, api_name="/compare_view")[2]
     assert "evaluate a round below" in html
-    summary, plot, note, _a, b = client.predict("0", 2, api_name="/evaluate_round")
+    summary, plot, note, plot_set, _a, b = client.predict("0", 2, api_name="/evaluate_round")
     ev = studio.get_round(0)["metrics"]["eval"]
     assert ev["scenes"] == 2 and ev["split"] == "test" and ev["model"] == "demo"
     outputs = studio.store.eval_outputs(0)
@@ -120,7 +120,8 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     assert f"Round 0 on {len(outputs)} items (2 test scenes, 0 items added)" in summary
     assert b["value"] == "0" and {row[0] for row in plot["value"]["data"]} == {"round 0"}
     assert note.startswith("Only round 0 is evaluated so far") and f"{ev['chair_s']:.3f}" in note
-    metrics, paired, html, _plot, _note = client.predict("0", "0", False, api_name="/compare_view")
+    assert plot_set["value"] == "shapesworld/test" and not plot_set["visible"]  # one set: no box to pick from
+    metrics, paired, html, *_plot = client.predict("0", "0", False, api_name="/compare_view")
     assert captions[0]["answer"].split(".")[0] in html
     assert f"POPE F1 on the same {len(outputs) - 2} probes: {ev['pope_f1']:.3f} (round 0)" in paired  # probe by probe
     assert "paired bootstrap over 2 images p = 1 " in paired  # each scene's probes drawn together
@@ -143,10 +144,21 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     studio.import_path(write_coco(studio.settings.home.parent / "coco", [["dog", "couch", "cup"], ["cat", "car", "person"]]))
     studio.add_pope_probes("coco", "val", per_image=1)
     assert list(studio.evaluation_sets()) == ["shapesworld/test", "coco/val"]
-    summary, *_ = client.predict("0", 1, "coco/val", api_name="/evaluate_round")
+    world = ev
+    summary, plot, note, plot_set, *_ = client.predict("0", 1, "coco/val", api_name="/evaluate_round")
     ev = studio.get_round(0)["metrics"]["eval"]
     assert (ev["dataset"], ev["split"], ev["images"], ev["extractor"]) == ("coco", "val", 1, "coco")
     assert summary.startswith("Round 0 on 3 items (coco/val, 1 images), model demo")
+    # The world's figures are kept beside the set's; the plot turns to the set just evaluated and
+    # offers both, and the comparison reads one set (the latest by default, the other when picked).
+    assert studio.get_round(0)["metrics"]["evals"]["shapesworld/test"] == world
+    assert plot_set["value"] == "coco/val" and plot_set["visible"] and len(plot_set["choices"]) == 2
+    assert note.startswith("On coco/val") and f"{ev['chair_s']:.3f}" in note
+    metrics, paired, html, *_ = client.predict("0", "0", False, "latest both share", api_name="/compare_view")
+    assert paired.startswith("On coco/val.") and metrics["data"][0][5] == 3
+    metrics, paired, html, *_ = client.predict("0", "0", False, "shapesworld/test", api_name="/compare_view")
+    assert paired.startswith("On shapesworld/test.") and metrics["data"][0][1] == round(world["chair_s"], 4)
+    assert captions[0]["answer"].split(".")[0] in html and "dog" not in html
 
 
 def test_train_tab_start_passes_its_fields_to_the_round(app):

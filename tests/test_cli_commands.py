@@ -1041,5 +1041,18 @@ def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
     text = run("eval", "--dataset", "coco", "--split", "val", "--max-new-tokens", "8").stdout
     assert text.startswith("round 0 on 7 items of coco/val (3 images), model demo") and "POPE F1" in text
     fails("eval", "--dataset", "coco", "--split", "test", message="no item of dataset 'coco', split 'test'")
+    # Then on the world's scenes: both sets' figures are kept; rounds names the latest's set, and
+    # compare reads one set (the latest both share, or --set).
+    ok_json("eval", "--n", "1", "--max-new-tokens", "8")
+    assert ok_json("rounds")["rounds"][0]["eval_set"] == "shapesworld/test"
+    assert "evaluated on" in run("rounds").stdout and "shapesworld/test" in run("rounds").stdout
+    cmp = ok_json("compare", "0", "0")
+    assert cmp["set"] == "shapesworld/test" and cmp["sets"] == ["coco/val", "shapesworld/test"]
+    on_coco = ok_json("compare", "0", "0", "--set", "coco/val")
+    assert on_coco["set"] == "coco/val" and on_coco["items"] == 3 and on_coco["metrics"][0]["answers"] == 7
+    assert run("compare", "0", "0").stdout.startswith("on shapesworld/test (both were also evaluated on: coco/val; "
+                                                      "--set picks one)")
+    fails("compare", "0", "0", "--set", "coco/test", message="round 0 was not evaluated on coco/test (its evaluations: "
+          "coco/val, shapesworld/test)")
     monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
     fails("pope", "--dataset", "coco", "--split", "val", "--user", "bob", message="admin")

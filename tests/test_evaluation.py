@@ -450,3 +450,35 @@ def test_paired_pope_f1_resamples_an_images_probes_together():
     assert "nothing to compare" in paired_pope_f1_summary(None, "A", "B")
     with pytest.raises(ValueError, match="predictions for"):
         paired_pope_f1(a, b[:-1], labels)
+
+
+def test_a_rounds_evaluations_are_kept_by_set_and_older_records_are_read():
+    """``with_evaluation`` keeps one evaluation per set, the latest last and as ``eval``; metrics
+    stored before sets were recorded are read under the dataset and split the CLI's eval kept, or
+    under a label that says the set was not recorded."""
+    from lvlm_studio.evaluation import (
+        UNRECORDED_SET,
+        evaluation_set_label,
+        evaluation_set_of,
+        round_evaluations,
+        with_evaluation,
+    )
+
+    items = [{"dataset": "shapesworld", "split": "test"}, {"dataset": "coco", "split": "val"},
+             {"dataset": "coco", "split": "val"}, {"dataset": None, "split": "val"}]
+    assert evaluation_set_of(items) == [["coco", "val"], ["shapesworld", "test"]]
+    assert evaluation_set_label(evaluation_set_of(items)) == "coco/val + shapesworld/test"
+    assert evaluation_set_label([]) == UNRECORDED_SET
+    world = {"chair_s": 0.2, "set": "shapesworld/test"}
+    coco = {"chair_s": 0.4, "set": "coco/val"}
+    metrics = with_evaluation(with_evaluation({"n_pairs": 3, "eval": None}, world), coco)
+    assert metrics["n_pairs"] == 3 and metrics["eval"] == coco
+    assert round_evaluations(metrics) == {"shapesworld/test": world, "coco/val": coco}
+    again = {"chair_s": 0.1, "set": "shapesworld/test"}
+    assert list(round_evaluations(with_evaluation(metrics, again)).items()) == [("coco/val", coco),
+                                                                                 ("shapesworld/test", again)]
+    # Older records: one evaluation under "eval" (with the CLI's dataset and split, or without).
+    assert round_evaluations({"eval": {"chair_s": 0.3, "dataset": "coco", "split": "val"}}) == {
+        "coco/val": {"chair_s": 0.3, "dataset": "coco", "split": "val"}}
+    assert list(round_evaluations({"eval": {"chair_s": 0.3}})) == [UNRECORDED_SET]
+    assert round_evaluations({"eval": None}) == round_evaluations(None) == {}

@@ -133,6 +133,8 @@ def test_full_round_through_subprocess(trained):
         assert metrics["hardware"]["dtype"] == "float32" and metrics["hardware"]["gradient_checkpointing"] is False
         ev = metrics["eval"]
         assert ev["extractor"] == "shapesworld" and ev["n_items"] == trained["n_eval"]
+        # The evaluation says which set it answered, and is kept under it too.
+        assert ev["set"] == "shapesworld/test" and metrics["evals"] == {"shapesworld/test": ev}
         assert {"chair_i", "chair_s", "recall", "pope_accuracy", "pope_yes_ratio"} <= set(ev)
         outputs = store.eval_outputs(rid)
         assert len(outputs) == trained["n_eval"]
@@ -1013,6 +1015,42 @@ def test_a_round_on_a_default_set_no_vocabulary_knows_trains_and_says_it_was_not
             "shapesworld/train, shapesworld/val (--config eval_dataset=D --config eval_split=S)")
     finally:
         store.close()
+
+
+def test_a_parent_evaluated_on_another_set_only_is_evaluated_on_the_rounds_set_too(tmp_path):
+    """A parent whose stored answers are on another set (here: the base model evaluated on the train
+    split) used to count as evaluated, so its child's figures on the test set had nothing to be
+    compared with. It is evaluated on the test set now, and keeps its figures on the other set."""
+    from lvlm_studio.evaluation import round_evaluations, with_evaluation
+    from lvlm_studio.service import Studio
+
+    home = make_home(tmp_path)
+    settings = home["settings"]
+    store = Store.open(settings)
+    try:
+        train_item = store.list_items(split="train")[0]
+        store.ensure_base_round(settings.model)
+        store.add_eval_outputs(0, [{"item_id": train_item["id"], "answer": "There is a red circle.",
+                                    "objects": ["red circle"], "hallucinated": []}])
+        train_eval = {"chair_s": 0.0, "n_items": 1, "set": "shapesworld/train", "eval_set": [["shapesworld", "train"]]}
+        store.update_round(0, metrics=with_evaluation(None, train_eval))
+    finally:
+        store.close()
+    rid = jobs.start_round(settings, {**FAST, "num_epochs": 1})
+    row = jobs.wait(rid, timeout=300, settings=settings)
+    assert row["status"] == "done", row["error"]
+    studio = Studio(settings, users={}, admins=())
+    try:
+        base = round_evaluations(studio.store.get_round(0)["metrics"])
+        assert list(base) == ["shapesworld/train", "shapesworld/test"] and base["shapesworld/train"] == train_eval
+        assert base["shapesworld/test"]["n_items"] == home["n_eval"]
+        assert len(studio.store.eval_outputs(0)) == home["n_eval"] + 1
+        res = studio.compare(0, rid)  # both on the round's set, the base's train answer left out
+        assert res["set"] == "shapesworld/test" and res["sets"] == ["shapesworld/test"]
+        assert res["answered"] == (home["n_eval"], home["n_eval"]) and res["note"] is None
+        assert [m["answers"] for m in res["metrics"]] == [home["n_eval"], home["n_eval"]]
+    finally:
+        studio.store.close()
 
 
 def test_a_new_round_never_takes_the_id_of_a_folder_on_disk(tmp_path, monkeypatch):

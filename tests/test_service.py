@@ -298,6 +298,58 @@ def test_compare_rounds_side_by_side(studio, make_items):
     assert {m["round"]: m["answers"] for m in studio.compare(0, r2)["metrics"]} == {0: 2, r2: 1}
 
 
+def test_each_evaluation_set_keeps_its_figures_and_a_plot_or_comparison_reads_one(studio, make_items):
+    """A round evaluated on the world's test scenes and then on an imported set used to keep only the
+    latest figures: the plot drew one round's world figures and the next one's set figures on one
+    line, and Compare set them side by side as a change. Each set's figures are kept now, and a plot
+    or a comparison reads one set."""
+    from lvlm_studio.evaluation import evaluation_set_of, round_evaluations, with_evaluation
+
+    world, coco = make_items(2, dataset="world"), make_items(2, seed0=10, dataset="coco")
+    split = studio.store.get_item(world[0])["split"]
+    on_world, on_coco = f"world/{split}", f"coco/{split}"
+    r1 = studio.store.create_round(0, "m", {}, status="done")
+    r2 = studio.store.create_round(r1, "m", {}, status="done")
+
+    def evaluate(rid: int, items: list[int], chair_s: float) -> None:
+        studio.store.add_eval_outputs(rid, [
+            {"item_id": i, "answer": f"Round {rid} on {i}.", "objects": ["circle"],
+             "hallucinated": ["circle"] if k < chair_s * len(items) else []} for k, i in enumerate(items)])
+        sets = evaluation_set_of(studio.store.get_item(i) for i in items)
+        ev = {"chair_s": chair_s, "n_items": len(items), "eval_set": sets, "set": " + ".join(f"{d}/{s}" for d, s in sets)}
+        studio.store.update_round(rid, metrics=with_evaluation(studio.store.get_round(rid)["metrics"], ev))
+
+    evaluate(0, world, 0.5)
+    evaluate(0, coco, 1.0)
+    evaluate(r1, world, 0.0)
+    evaluate(r2, coco, 0.5)
+    assert list(round_evaluations(studio.store.get_round(0)["metrics"])) == [on_world, on_coco]
+    # Two rounds on each set: the newest round's set (coco) comes first.
+    assert studio.evaluated_sets() == [on_coco, on_world]
+    assert {(r["round"], r["value"]) for r in studio.round_metrics(on_world)} == {(0, 0.5), (r1, 0.0)}
+    assert {(r["round"], r["value"]) for r in studio.round_metrics()} == {(0, 1.0), (r2, 0.5)}
+    # Round 0 vs round 1: on the world's set (round 1's only), not round 0's latest (coco, 1.0).
+    res = studio.compare(0, r1)
+    assert res["set"] == on_world and [m["chair_s"] for m in res["metrics"]] == [0.5, 0.0]
+    assert [r["item_id"] for r in res["rows"]] == world and res["paired"]["n"] == 2 and res["note"] is None
+    res = studio.compare(0, r2)
+    assert res["set"] == on_coco and [r["item_id"] for r in res["rows"]] == coco
+    assert [m["chair_s"] for m in res["metrics"]] == [1.0, 0.5]
+    # Picked by hand: a set the round was not evaluated on is refused, naming the ones it was.
+    assert studio.compare(0, 0, evaluation_set=on_world)["metrics"][0]["chair_s"] == 0.5
+    with pytest.raises(ValueError, match=f"round {r2} was not evaluated on {on_world} \\(its evaluations: {on_coco}\\)"):
+        studio.compare(0, r2, evaluation_set=on_world)
+    # Rounds with no set in common: their figures are shown with a note, and nothing item by item.
+    res = studio.compare(r1, r2)
+    assert res["set"] is None and res["paired"] is None
+    assert res["note"].startswith(f"round {r1} was evaluated on {on_world} and round {r2} on {on_coco}, no set both")
+    # A later evaluation on a set replaces that set's figures only, and is the latest.
+    evaluate(0, world, 0.0)
+    evals = round_evaluations(studio.store.get_round(0)["metrics"])
+    assert list(evals) == [on_coco, on_world] and evals[on_world]["chair_s"] == 0.0 and evals[on_coco]["chair_s"] == 1.0
+    assert studio.store.get_round(0)["metrics"]["eval"] == evals[on_world]
+
+
 def test_a_round_trained_without_evaluation_items_compares_and_plots(studio, make_items):
     """A round whose job found no evaluation items stores "eval": None; Compare and the metrics
     plot used to crash on it with an AttributeError."""

@@ -460,7 +460,7 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
                    if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
-    a, b, _plot, _note, evaluate_round, eval_set = on_load()
+    a, b, _plot, _note, _plot_set, evaluate_round, eval_set, _compare_set = on_load()
     assert b.value == str(r2) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
     assert [v for _, v in eval_set.choices] == ["shapesworld/test"]  # no imported set with ground truth yet
@@ -589,7 +589,7 @@ def test_opening_a_tab_again_offers_the_rounds_and_methods_made_since(open_studi
     from conftest import write_coco
 
     studio.import_path(write_coco(studio.settings.home.parent / "coco-since", [["dog", "cat", "cup"]]))
-    a, b, _plot, _note, evaluated, sets = on_show["compare_rounds"]()
+    a, b, _plot, _note, _plot_set, evaluated, sets, _compare_set = on_show["compare_rounds"]()
     assert all(str(r1) in values(d) for d in (a, b, evaluated))
     assert all("value" not in d._constructor_args[0] for d in (a, b))  # choices only: A and B stay as picked
     assert values(sets) == ["shapesworld/test", "coco/val"]  # a set imported since is offered to Evaluate
@@ -644,9 +644,11 @@ def test_train_status_and_rounds_table_read_as_people_need(open_studio):
     from lvlm_studio.ui.train import rounds_frame, status_html
 
     one = [{"step": 1, "loss": 0.6931471, "learning_rate": 2e-4}]
-    done = {"id": 1, "status": "done", "metrics": {"eval": {"chair_s": 2 / 7, "recall": 0.9, "n_captions": 7}}}
+    done = {"id": 1, "status": "done", "metrics": {"eval": {"chair_s": 2 / 7, "recall": 0.9, "n_captions": 7,
+                                                            "set": "coco/val"}}}
     html = status_html(done, one)
-    assert "One logged training step (loss 0.6931)" in html and "CHAIR_s 0.286" in html and "(on 7 captions)" in html
+    assert "One logged training step (loss 0.6931)" in html and "CHAIR_s 0.286" in html
+    assert "(on 7 captions of coco/val)" in html  # which set the figures are on
     assert "One logged" not in status_html(done, one + [{"step": 2, "loss": 0.5}])
     assert "One logged" not in status_html(done, [{"step": 1, "learning_rate": 0.0}])  # no loss logged yet
     studio = open_studio
@@ -655,6 +657,7 @@ def test_train_status_and_rounds_table_read_as_people_need(open_studio):
                                                                       "n_captions": 7}})
     row = rounds_frame(studio).set_index("round").loc[rid]
     assert (row["CHAIR_s"], row["recall"], row["progress"], row["captions"]) == (0.2857, 0.4267, "33%", 7)
+    assert row["evaluated on"] == "set not recorded"  # metrics stored before sets were recorded
     assert row["methods"] == "csr" and row["reason"] is None
     failed = studio.store.create_round(0, "demo", {}, status="failed")
     studio.store.update_round(failed, error="JobError: training diverged (final loss nan)")

@@ -196,8 +196,8 @@ def _json_api(studio: Studio) -> None:
         return {"round": row, "curve": studio.round_curve(row["id"])}
 
     @user_errors
-    def compare(a: int, b: int, only_diff: bool = False) -> dict:
-        return studio.compare(a, b, bool(only_diff))
+    def compare(a: int, b: int, only_diff: bool = False, evaluation_set: str | None = None) -> dict:
+        return studio.compare(a, b, bool(only_diff), evaluation_set=evaluation_set or None)
 
     def agreement() -> dict:
         return studio.agreement()

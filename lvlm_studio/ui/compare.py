@@ -32,26 +32,35 @@ METRIC_COLUMNS = ["round", *METRIC_LABELS.values(), "answers"]
 EVAL_SCENES = 500
 EVAL_SCENES_MAX = 5000
 WORLD_SET = "shapesworld/test"  # Studio.evaluation_sets' first label: the world's test scenes
+SHARED_SET = "latest both share"  # the comparison's default set (Studio.compare's evaluation_set=None)
 NO_ANSWERS = ("No evaluation answers to compare yet: evaluate a round below (a training round also "
               "evaluates itself and its parent).")
 
 
-def metrics_plot_frame(studio: Studio) -> pd.DataFrame:
-    """Long format for the plot; rounds as labels ("round 2"), so the axis has one tick per round
-    (a numeric axis draws 0.05 steps between two rounds); typed columns even when empty (an empty
-    object-typed frame makes Gradio keep category axes for the values too)."""
+def metrics_plot_frame(studio: Studio, evaluation_set: str | None = None) -> pd.DataFrame:
+    """Long format for the plot, the rounds evaluated on one set (``Studio.round_metrics``); rounds
+    as labels ("round 2"), so the axis has one tick per round (a numeric axis draws 0.05 steps
+    between two rounds); typed columns even when empty (an empty object-typed frame makes Gradio
+    keep category axes for the values too)."""
     rows = [{"round": f"round {r['round']}", "metric": METRIC_NAMES[r["metric"]], "value": float(r["value"])}
-            for r in studio.round_metrics()]
+            for r in studio.round_metrics(evaluation_set)]
     return pd.DataFrame(rows, columns=["round", "metric", "value"]).astype({"round": str, "metric": str,
                                                                           "value": float})
 
 
-def metrics_plot(studio: Studio) -> tuple[gr.LinePlot, str]:
-    """The per-round plot and the note under it: Gradio draws lines only, so a single evaluated
-    round is invisible in the plot and its figures go in the note instead."""
-    frame = metrics_plot_frame(studio)
+def metrics_plot(studio: Studio, evaluation_set: str | None = None) -> tuple[gr.LinePlot, str, gr.Dropdown]:
+    """The per-round plot on one evaluation set (the one picked, while some round has it; else the
+    set most rounds were evaluated on), the note under it, and the set box's update. Gradio draws
+    lines only, so a single evaluated round is invisible in the plot and its figures go in the note."""
+    sets = studio.evaluated_sets()
+    chosen = evaluation_set if evaluation_set in sets else next(iter(sets), None)
+    frame = metrics_plot_frame(studio, chosen)
     order = sorted(set(frame["round"]), key=lambda label: int(label.split()[-1]))
-    return gr.LinePlot(value=frame, sort=order or None), metrics_plot_note(frame)
+    note = metrics_plot_note(frame)
+    if len(sets) > 1:  # say which set the lines are on, and that others exist
+        note = f"On {escape_markdown(chosen)} (rounds evaluated on another set only are not drawn). {note}".strip()
+    return (gr.LinePlot(value=frame, sort=order or None), note,
+            gr.Dropdown(choices=sets, value=chosen, visible=len(sets) > 1))
 
 
 def metrics_plot_note(frame: pd.DataFrame) -> str:
@@ -85,22 +94,28 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         b = gr.Dropdown(choices, value=newest(round_choices(studio, done_only=True)), label="Round B",
                         allow_custom_value=True, elem_id="compare-b")
         only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff", min_width=180)
+        # Both rounds are read on one evaluation set: by default the latest one they share.
+        cmp_set = gr.Dropdown([SHARED_SET, *studio.evaluated_sets()], value=SHARED_SET, label="evaluation set",
+                              allow_custom_value=True, elem_id="compare-set")
         go = gr.Button("Compare", variant="primary", elem_id="compare-run")
     metrics = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), headers=METRIC_COLUMNS, interactive=False,
                            elem_id="compare-metrics")
     paired = gr.Markdown(elem_id="compare-paired")
-    frame = metrics_plot_frame(studio)
-    plot = gr.LinePlot(frame, x="round", y="value", color="metric", title="metrics per round",
-                       y_title="value", height=260, elem_id="compare-plot")
+    first_plot, first_note, first_sets = metrics_plot(studio)
+    plot_set = gr.Dropdown(first_sets.choices, value=first_sets.value, label="plot: metrics on",
+                           visible=len(first_sets.choices) > 1, elem_id="compare-plot-set")
+    plot = gr.LinePlot(first_plot.value, x="round", y="value", color="metric", title="metrics per round",
+                       y_title="value", height=260, sort=first_plot.sort, elem_id="compare-plot")
     # Not the plot's caption: Gradio clips a caption under a plot of fixed height.
-    plot_note = gr.Markdown(metrics_plot_note(frame), elem_id="compare-plot-note")
+    plot_note = gr.Markdown(first_note, elem_id="compare-plot-note")
     table = gr.HTML(elem_id="compare-table")
 
     @user_errors
-    def run(a_v: str, b_v: str, diff: bool) -> tuple:
+    def run(a_v: str, b_v: str, diff: bool, set_v: str = SHARED_SET, plot_v: str | None = None) -> tuple:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
-        res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff))
+        res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff),
+                             evaluation_set=None if set_v in (None, "", SHARED_SET) else str(set_v))
         frame = metrics_frame(res)
         empty = ("The two rounds answer every item both answered the same." if diff and all(res["answered"])
                  else NO_ANSWERS)
@@ -109,8 +124,11 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if res["paired_pope"]:
             line += "\n\n" + paired_pope_f1_summary(res["paired_pope"], f"round {res['a']}", f"round {res['b']}")
         if res.get("note"):
-            line = f"**Note:** {res['note']}\n\n{line}"
-        return frame, line, html, *metrics_plot(studio)
+            line = f"**Note:** {escape_markdown(res['note'])}\n\n{line}"
+        if res.get("set"):
+            line = f"On {escape_markdown(res['set'])}.\n\n{line}"
+        sets = gr.Dropdown(choices=[SHARED_SET, *studio.evaluated_sets()])
+        return frame, line, html, *metrics_plot(studio, plot_v), sets
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
         gr.Markdown("Greedy answers on the world's unbiased test scenes (a description and its POPE "
@@ -130,12 +148,16 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             eval_go = gr.Button("Evaluate", elem_id="compare-eval-run")
         eval_summary = gr.Markdown(elem_id="compare-eval-summary", min_height=48)  # room for the bar
 
-    outputs = [metrics, paired, table, plot, plot_note]
-    go.click(run, [a, b, only_diff], outputs, api_name="compare_view")
-    only_diff.change(run, [a, b, only_diff], outputs, api_name=False)
+    outputs = [metrics, paired, table, plot, plot_note, plot_set, cmp_set]
+    inputs = [a, b, only_diff, cmp_set, plot_set]
+    go.click(run, inputs, outputs, api_name="compare_view")
+    only_diff.change(run, inputs, outputs, api_name=False)
+    cmp_set.input(run, inputs, outputs, api_name=False)
+    plot_set.input(lambda v: metrics_plot(studio, v), [plot_set], [plot, plot_note, plot_set], api_name=False)
 
     @user_errors
-    def evaluate(round_v: str, n_v: Any, set_v: str = WORLD_SET, progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
+    def evaluate(round_v: str, n_v: Any, set_v: str = WORLD_SET, plot_v: str | None = None,
+                 progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
                  request: gr.Request = None) -> tuple:
         acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
         round_id = parse_round(round_v)
@@ -149,13 +171,15 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         progress(0, desc="loading the model")
         res = studio.evaluate_on(round_id, dataset=dataset, split=split, n=n, progress=bar(progress))
         ch = round_choices(studio)
-        return (evaluation_summary(res), *metrics_plot(studio), gr.Dropdown(choices=ch),
+        # The plot turns to the set just evaluated, which the comparison then reads too.
+        done = res["metrics"].get("set") or plot_v
+        return (evaluation_summary(res), *metrics_plot(studio, done), gr.Dropdown(choices=ch),
                 gr.Dropdown(choices=ch, value=str(round_id)))
 
     # The bar shows under the button's summary only; once stored, the comparison is drawn again.
-    eval_go.click(evaluate, [eval_round, eval_n, eval_set], [eval_summary, plot, plot_note, a, b], api_name="evaluate_round",
-                  concurrency_limit=1, concurrency_id=MODEL_JOBS, show_progress_on=[eval_summary]
-                  ).success(run, [a, b, only_diff], outputs, api_name=False)
+    eval_go.click(evaluate, [eval_round, eval_n, eval_set, plot_set], [eval_summary, plot, plot_note, plot_set, a, b],
+                  api_name="evaluate_round", concurrency_limit=1, concurrency_id=MODEL_JOBS,
+                  show_progress_on=[eval_summary]).success(run, inputs, outputs, api_name=False)
 
     def compare_rounds(pick_newest: bool = False) -> tuple:
         # The rounds made since are offered; coming back to the tab leaves A and B as picked, a page
@@ -165,13 +189,15 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         ch, done = round_choices(studio, rounds=rounds), round_choices(studio, done_only=True, rounds=rounds)
         b_update = gr.Dropdown(choices=ch, value=newest(done)) if pick_newest else gr.Dropdown(choices=ch)
         return (gr.Dropdown(choices=ch), b_update, *metrics_plot(studio), gr.Dropdown(choices=done),
-                gr.Dropdown(choices=list(studio.evaluation_sets())))  # a set imported since is offered
+                gr.Dropdown(choices=list(studio.evaluation_sets())),  # a set imported since is offered
+                gr.Dropdown(choices=[SHARED_SET, *studio.evaluated_sets()]))
 
     def refresh() -> tuple:
         return compare_rounds(pick_newest=True)
 
-    demo.load(refresh, None, [a, b, plot, plot_note, eval_round, eval_set], api_name=False)
-    return {"on_show": (compare_rounds, [a, b, plot, plot_note, eval_round, eval_set])}
+    shown = [a, b, plot, plot_note, plot_set, eval_round, eval_set, cmp_set]
+    demo.load(refresh, None, shown, api_name=False)
+    return {"on_show": (compare_rounds, shown)}
 
 
 def newest(choices: list[tuple[str, str]]) -> str:

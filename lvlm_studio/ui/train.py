@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lvlm_studio.evaluation import METRIC_LABELS
+from lvlm_studio.evaluation import METRIC_LABELS, evaluation_label
 from lvlm_studio.service import Studio
 from lvlm_studio.training import DPORoundConfig, describe_povid_stages
 from lvlm_studio.ui.auth import request_user
@@ -53,11 +53,13 @@ def rounds_frame(studio: Studio, rounds: list[dict] | None = None) -> pd.DataFra
             "recall": rounded(metrics.get("recall")),
             # Rounds may be evaluated on different numbers of items (eval_limit, a later Compare
             # evaluation): the count says how far two figures can be compared.
-            "captions": metrics.get("n_captions"), "created": r.get("created"),
+            "captions": metrics.get("n_captions"),
+            "evaluated on": evaluation_label(metrics) if metrics else None,  # the latest evaluation's set
+            "created": r.get("created"),
             "reason": (r.get("error") or "")[:200] or None,  # why a round failed or was cancelled
         })
     return pd.DataFrame(rows, columns=["round", "parent", "status", "methods", "progress", "CHAIR_s", "recall",
-                                       "captions", "created", "reason"])
+                                       "captions", "evaluated on", "created", "reason"])
 
 
 def percent(fraction: Any) -> str | None:
@@ -105,7 +107,8 @@ def status_html(rnd: dict | None, curve: list[dict] | None = None) -> str:
     ev = (rnd.get("metrics") or {}).get("eval")
     if ev:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
-        on = f" (on {ev['n_captions']} captions)" if isinstance(ev.get("n_captions"), int) else ""
+        on = (f" (on {ev['n_captions']} captions of {evaluation_label(ev)})" if isinstance(ev.get("n_captions"), int)
+              else f" (on {evaluation_label(ev)})")
         html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + on + "</div>"
     steps = sorted({rec["step"] for rec in curve or [] if isinstance(rec.get("loss"), int | float)})
     if len(steps) == 1:  # Gradio's LinePlot draws lines only: one point shows nothing
