@@ -80,6 +80,9 @@ CAPTION_FILE_MAX_BYTES = 4 * TEXT_MAX_CHARS + 3
 # An imported item's or pair's meta, as JSON: room for a COCO image's captions (each up to
 # TEXT_MAX_CHARS) and what the studio's own exports carry, and no room for a 30 MB blob in a row.
 META_MAX_CHARS = 200_000
+# A JSONL line is read no further than this: the longest record the studio keeps (texts, two meta
+# objects, all JSON-escaped) is far shorter, and a multi-GB line must not be loaded whole.
+JSONL_LINE_MAX_BYTES = 16 * 1024 * 1024
 
 
 class DataImportError(ValueError):
@@ -920,8 +923,12 @@ def _read_jsonl(
     path: Path, images_root: Path, dataset: str | None, split: str | None, prompt: str, method: str | None
 ):
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(_bounded_lines(fh, JSONL_LINE_MAX_BYTES), start=1):
             label = f"{path.name} line {number}"
+            if raw is None:
+                yield _Bad(label, f"longer than {JSONL_LINE_MAX_BYTES:,} bytes, far more than a record holds "
+                                  "(images are given by path); skipped unread")
+                continue
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark may open the file
             except UnicodeDecodeError as exc:
@@ -939,6 +946,18 @@ def _read_jsonl(
                 yield _record_from_mapping(row, label, images_root, dataset, split, prompt, method)
             except (ValueError, UnsafePathError, TypeError, AttributeError) as exc:
                 yield _Bad(label, str(exc))
+
+
+def _bounded_lines(fh, limit: int):
+    """The lines of a binary file, each read no further than ``limit`` bytes: a longer line is
+    skipped in chunks and yields None."""
+    while raw := fh.readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(limit + 1)
+            yield None
+        else:
+            yield raw
 
 
 def _record_from_mapping(

@@ -503,6 +503,43 @@ def test_trl_export_trains_with_dpo_trainer(store, make_pairs, tmp_path):
     assert changed  # one optimisation step really happened
 
 
+def test_a_jsonl_line_too_long_for_any_record_is_refused_unread(store, settings, tmp_path, monkeypatch):
+    """A line longer than JSONL_LINE_MAX_BYTES (a runaway export, a file that is not JSONL) used to
+    be read whole into memory; it is refused alone, read in bounded chunks, and the lines after it
+    import."""
+    monkeypatch.setattr(io, "JSONL_LINE_MAX_BYTES", 1000)
+    root = tmp_path / "j"
+    for k in range(3):
+        write_image(root / f"i{k}.png", seed=400 + k)
+    line = lambda k, prompt: json.dumps({"image": f"i{k}.png", "prompt": prompt})  # noqa: E731
+    data = "\n".join([line(0, "first"), line(1, "x" * 5000), line(2, "e" * 900), line(2, "last")]) + "\n"
+    (root / "data.jsonl").write_text(data)
+    reads, real_open = [], Path.open
+
+    class Spy:  # the import's file handle, recording how much each read asks for
+        def __init__(self, fh):
+            self.fh = fh
+
+        def readline(self, n=-1):
+            reads.append(n)
+            return self.fh.readline(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **kw: Spy(real_open(self, *a, **kw))
+                        if self.name == "data.jsonl" else real_open(self, *a, **kw))
+    report = io.import_path(store, settings, root / "data.jsonl")
+    assert report.imported == 3 and report.skipped == 1, report.errors
+    assert report.errors == ["data.jsonl line 2: longer than 1,000 bytes, far more than a record holds (images are "
+                             "given by path); skipped unread"]
+    assert sorted(i["prompt"] for i in store.list_items()) == ["e" * 900, "first", "last"]  # up to the limit: read
+    assert reads and all(0 < n <= 1001 for n in reads)  # never an unbounded read
+
+
 def test_jsonl_refuses_values_sqlite_or_the_studio_cannot_hold_line_by_line(store, settings, tmp_path):
     """Numbers too large for SQLite, non-finite margins, a line that is not UTF-8 and reserved meta
     keys of the wrong type each refuse their own line; the lines around them still import and no
