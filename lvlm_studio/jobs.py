@@ -81,7 +81,10 @@ def _start_lock(settings: Settings) -> contextlib.AbstractContextManager[None]:
 
 
 def process_running(pid: int) -> bool:
-    """Is ``pid`` a process that has not exited (a zombie has)?"""
+    """Is ``pid`` a process that has not exited (a zombie has)? A number no process can have (0 and
+    negatives name process groups to kill(); one beyond pid_t raised OverflowError) is none."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -98,15 +101,7 @@ def process_running(pid: int) -> bool:
 def pid_alive(pid: int | None, round_id: int | None = None, home: str | Path | None = None) -> bool:
     """Is ``pid`` a live round process (not a zombie, not a reused pid of another program)? With
     ``round_id`` (and ``home``), the job of that round (of that data root), not another one's."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user: a round job only if its command line says so
-    if not process_running(pid):
+    if not process_running(pid):  # another user's live process is running: its command line decides
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.is_dir():

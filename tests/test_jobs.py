@@ -659,6 +659,10 @@ def test_a_zombie_is_not_a_running_process():
         assert jobs.process_running(proc.pid) is False
         assert jobs.process_running(os.getpid()) is True
         assert jobs.pid_alive(0) is False and jobs.pid_alive(None) is False  # no pid recorded (0: our own group)
+        # Numbers no process has (a hand-edited store): not running, where kill() signalled a
+        # process group (0, negatives) or raised OverflowError (beyond pid_t).
+        for pid in (0, -1, -os.getpgid(0), 2**40, True):
+            assert jobs.process_running(pid) is False and jobs.pid_alive(pid) is False, pid
     finally:
         proc.wait()
 
