@@ -42,7 +42,7 @@ from lvlm_studio.config import (
     debug_enabled,
     listen_address,
 )
-from lvlm_studio.evaluation import evaluation_label
+from lvlm_studio.evaluation import evaluation_label, no_mentions_note
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -563,10 +563,8 @@ def eval_table(ev: dict) -> str:
             ("captions", "n_captions"), ("object mentions", "n_mentions"), ("POPE probes", "pope_n"),
             ("POPE answers saying nothing (read as yes)", "pope_n_empty"), ("items", "n_items")]
     out = table(["metric", "value"], [[name, ev.get(key)] for name, key in keys])
-    if ev.get("n_captions") and not ev.get("n_mentions"):
-        # CHAIR counts a caption that names nothing as clean: 0.000 would read as a perfect round.
-        out += ("\nnote: no caption names an object the extractor knows, so CHAIR_s and CHAIR_i are 0 by "
-                "default, not a clean result (is the model answering in another vocabulary?)")
+    if note := no_mentions_note(ev):
+        out += f"\nnote: {note}"
     return out
 
 
@@ -1042,6 +1040,8 @@ def report_round(round_id: int, timeout: float | None, as_json: bool) -> None:
         if stages := describe_povid_stages(metrics.get("povid_stages")):
             lines.append(stages)
         ev = eval_metrics(row)
+        if ev:  # its latest evaluation: a later `eval` on another set is what shows
+            lines.append(f"evaluated on {evaluation_label(ev)}:")
         lines.append(eval_table(ev) if ev else f"no evaluation: {metrics.get('eval_note', 'no evaluation items')}")
         if ev and metrics.get("eval_note"):
             lines.append(f"note: {metrics['eval_note']}")
@@ -1172,7 +1172,7 @@ def compare_cmd(
     try:
         for rid in (a, b):
             require_round(s.store, rid)
-        res = s.compare(a, b, only_diff=only_diff, evaluation_set=evaluation_set)
+        res = s.compare(a, b, only_diff=only_diff, evaluation_set=(evaluation_set or "").strip() or None)
     finally:
         s.store.close()
     total = len(res["rows"])
@@ -1185,18 +1185,22 @@ def compare_cmd(
         emit(result, True)
         return
 
+    # Figures on two different sets (the note says so) are not a change.
+    comparable = res["set"] is not None or not res.get("note")
+
     def side_by_side(ma: dict, mb: dict) -> str:
         return table(["metric", f"round {a}", f"round {b}", "change"],
                      [[name, ma.get(k), mb.get(k),
-                       f"{mb[k] - ma[k]:+.3f}" if isinstance(ma.get(k), float) and isinstance(mb.get(k), float)
-                       else None]
+                       f"{mb[k] - ma[k]:+.3f}" if comparable and isinstance(ma.get(k), float)
+                       and isinstance(mb.get(k), float) else None]
                       for k, name in (*METRIC_LABELS.items(), ("answers", "answers"))])
 
     lines = [f"on {res['set']}" + (f" (both were also evaluated on: {', '.join(x for x in res['sets'] if x != res['set'])}; "
                                    "--set picks one)" if len(res["sets"]) > 1 else "")] if res["set"] else []
-    lines.append(side_by_side(*res["metrics"]))
     if res.get("note"):
         lines.append(f"note: {res['note']}")
+    lines.append(side_by_side(*res["metrics"]))
+    lines += [f"note: round {m['round']}: {m['no_mentions']}" for m in res["metrics"] if m.get("no_mentions")]
     if res["common_metrics"]:
         lines.append(f"these metrics cover different items (the rounds answered different items, or a later, "
                      f"smaller eval replaced one's metrics); on the {res['common_metrics'][0]['answers']} "

@@ -769,6 +769,15 @@ def paired_pope_f1_summary(paired: dict[str, Any] | None, label_a: str, label_b:
 UNRECORDED_SET = "set not recorded"
 
 
+def no_mentions_note(ev: dict) -> str | None:
+    """Why CHAIR 0 is no clean result when no caption named an object the extractor knows (CHAIR
+    counts a caption that names nothing as clean: 0.000 would read as a perfect round); else None."""
+    if ev.get("n_captions") and not ev.get("n_mentions"):
+        return ("no caption names an object the extractor knows, so CHAIR_s and CHAIR_i are 0 by default, not a "
+                "clean result (is the model answering in another vocabulary?)")
+    return None
+
+
 def evaluation_set_of(items: Iterable[dict]) -> list[list[str]]:
     """The sorted (dataset, split) pairs the items come from ([] when they do not say)."""
     pairs = {(it["dataset"], it["split"]) for it in items

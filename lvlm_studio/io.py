@@ -232,8 +232,8 @@ def safe_join(root: Path, relative: Any) -> Path:
         or "://" in relative
         or Path(relative).is_absolute()
     ):
-        raise UnsafePathError(
-            f"image path {relative!r} is absolute; only paths inside the import root are allowed"
+        raise UnsafePathError(  # a record names its image relative to the import root, never absolutely
+            f"image path {relative!r} is absolute (or a URL); give it relative to the import root {root.resolve()}"
         )
     base = root.resolve()
     target = _resolved_or_refused(base / relative, f"image path {relative!r}")
@@ -615,8 +615,9 @@ def _refuse_conflict(store: Store, image_id: str, rec: _Record) -> dict | None:
     image = store.get_image(image_id)
     if rec.objects is not None and image is not None and image.get("objects") is not None \
             and sorted(image["objects"]) != sorted(rec.objects):
-        raise ValueError(f"the store holds this image with the ground-truth objects {_short(image['objects'])}, "
-                         f"and this record says {_short(rec.objects)}")
+        raise ValueError(f"the store holds this picture with the ground-truth objects {_short(image['objects'])}, "
+                         f"and this record says {_short(rec.objects)} (a picture has one ground truth, whichever "
+                         "dataset lists it)")
     item = store.find_item(image_id, rec.prompt, rec.dataset)
     if item is None:
         return None

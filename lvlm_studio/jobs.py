@@ -579,6 +579,16 @@ def eval_items_for(store, cfg) -> list[dict]:
     ]
 
 
+def parent_evaluated_on(store, parent: dict, items: list[dict]) -> bool:
+    """Has round ``parent`` a stored evaluation on the set of ``items`` and an answer to each?"""
+    from lvlm_studio.evaluation import evaluation_set_label, evaluation_set_of, round_evaluations
+
+    if evaluation_set_label(evaluation_set_of(items)) not in round_evaluations(parent.get("metrics")):
+        return False
+    answered = {r["item_id"] for r in store.eval_outputs(parent["id"])}
+    return {it["item_id"] for it in items} <= answered
+
+
 def training_on_evaluation_images(material: list[dict], eval_items: list[dict]) -> str | None:
     """A warning when some of a round's training rows are on its evaluation images (pairs made on
     the evaluation split, or an evaluation set that is the training split): its figures are then
@@ -611,8 +621,14 @@ def check_evaluation_choice(store, cfg) -> None:
     where = _evaluation_set_name(cfg)
     items = store.list_items(dataset=cfg.eval_dataset, split=cfg.eval_split)
     if not items:
-        splits = sorted({split for by_split in store.stats()["datasets"].values() for split in by_split})
-        found = f"no item is in {where} (splits in the store: {', '.join(splits) or 'none'})"
+        datasets = store.stats()["datasets"]
+        if cfg.eval_dataset is None:
+            splits = sorted({split for by_split in datasets.values() for split in by_split})
+            found = f"no item is in {where} (splits in the store: {', '.join(splits) or 'none'})"
+        elif cfg.eval_dataset in datasets:
+            found = f"no item is in {where} (its splits: {', '.join(sorted(datasets[cfg.eval_dataset]))})"
+        else:
+            found = f"no item is in {where}: the store has no such dataset (its datasets: {', '.join(sorted(datasets)) or 'none'})"
     else:
         kinds = sorted({(it.get("meta") or {}).get("kind") or "describe" for it in items if it.get("objects") is not None})
         found = (f"no item of {where} with ground-truth objects is of a kind in eval_kinds {list(cfg.eval_kinds)} "
@@ -691,16 +707,26 @@ def refuse_broken_round(diverged: bool, eval_rows: list[dict]) -> None:
                        "lower the learning rate. The adapter was not made current")
 
 
-def _evaluate(model, processor, model_id: str, device: str, items, extractor, cfg, progress, should_stop):
+def _evaluate(model, processor, model_id: str, device: str, items, extractor, cfg, progress, should_stop,
+              mode_of: dict | None = None):
+    """Greedy answers at the round's answer length; describe-first as ``mode_of`` (a round's row:
+    each round is answered as it is used, as ``Studio.evaluate`` answers it) or else ``cfg`` says."""
     from lvlm_studio.evaluation import evaluate_backend
     from lvlm_studio.models.base import GenerationParams
     from lvlm_studio.models.hf import HFBackend
 
     backend = HFBackend(model, processor, model_id, device)
     params = GenerationParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
+    describe_prompt = cfg.evaluation_describe_prompt
+    if mode_of is not None:
+        from lvlm_studio.training import DPORoundConfig
+
+        describe_prompt = DPORoundConfig.from_dict(mode_of["config"]).evaluation_describe_prompt \
+            if mode_of.get("config") else None  # round 0, the base model: plain answers
     metrics, rows = evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop,
-                                     describe_prompt=cfg.evaluation_describe_prompt)
-    metrics["describe_first"] = cfg.describes_first
+                                     describe_prompt=describe_prompt)
+    metrics["describe_first"] = describe_prompt is not None
+    metrics["max_new_tokens"] = params.max_new_tokens
     return metrics, rows
 
 
@@ -914,18 +940,19 @@ def run_round(round_id: int, home: str | Path) -> int:
             device = resolve_device(cfg.device)
             try:
                 parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None
-                # The parent is evaluated unless it answered every one of these items already (it may
-                # have been evaluated on another set only): compare reads both on the same set.
-                answered = {r["item_id"] for r in store.eval_outputs(parent["id"])} if parent is not None else set()
-                if cfg.eval_parent and parent is not None and not {it["item_id"] for it in items} <= answered:
+                # The parent is evaluated unless it has an evaluation on this set that answered every
+                # one of these items (it may have been evaluated on another set only): compare reads
+                # both on the same set.
+                if cfg.eval_parent and parent is not None and not parent_evaluated_on(store, parent, items):
                     log(f"evaluating the parent round {parent['id']} on {len(items)} items (it has no stored "
-                        "answers to some of them)")
+                        "evaluation of them)")
                     model, processor = materialize_round_model(base_path, chain, device=device)
                     pm, prow = _evaluate(model, processor, f"round {parent['id']}", device, items, extractor,
-                                         cfg, None, stop.is_set)
-                    with store.transaction():
+                                         cfg, None, stop.is_set, mode_of=parent)
+                    with store.transaction():  # read again under the lock: another evaluation may have landed
                         store.add_eval_outputs(parent["id"], prow)
-                        store.update_round(parent["id"], metrics=with_evaluation(parent.get("metrics"), pm))
+                        now = store.get_round(parent["id"])["metrics"]
+                        store.update_round(parent["id"], metrics=with_evaluation(now, pm))
                     del model
                 log(f"evaluating round {round_id} on {len(items)} items ({extractor.name} objects)")
                 model, processor = materialize_round_model(base_path, [*chain, str(out_dir)], device=device)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.evaluation import POPE_STRATEGIES, round_evaluations
+from lvlm_studio.evaluation import POPE_STRATEGIES, no_mentions_note, round_evaluations
 from lvlm_studio.io import (
     DEFAULT_PROMPT,
     EXPORT_FORMATS,
@@ -1170,7 +1170,10 @@ class Studio:
             metrics = {**metrics, "model": ref, **meta}
         with self.store.transaction():  # the answers and their metrics land together or not at all
             self.store.add_eval_outputs(round_id, rows)
-            self.store.update_round(round_id, metrics=evaluation.with_evaluation(rnd.get("metrics"), metrics))
+            # Read again under the write lock: an evaluation of this round on another set that ended
+            # meanwhile (a round job evaluating its parent) keeps its figures.
+            now = self.store.get_round(round_id)["metrics"]
+            self.store.update_round(round_id, metrics=evaluation.with_evaluation(now, metrics))
         return metrics
 
     def _evaluable_round(self, round_id: int, model: str | None) -> dict:
@@ -1395,7 +1398,9 @@ class Studio:
             keep = set(list(dict.fromkeys(it["image_id"] for it in items))[:images])
             items = [it for it in items if it["image_id"] in keep]
         if not items:
-            raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on")
+            sets = [label for label in self.evaluation_sets() if label != f"{WORLD_DATASET}/test"]
+            raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on "
+                             f"(imported sets that have: {', '.join(sets) or 'none'})")
         # what will be scored (a set mixing vocabularies is scored on its larger part)
         _, items, note = _evaluation_plan(_round_extractor(rnd), items)
         n_images = len({it["image_id"] for it in items})
@@ -1449,8 +1454,9 @@ class Studio:
                 raise ValueError(f"round {rid} is {row['status']}{why}: it has no answers to compare")
         evals = {rid: round_evaluations((rounds[rid] or {}).get("metrics")) for rid in (a, b)}
         label, set_note = _comparison_set(a, b, evals, evaluation_set)
-        if label is not None:
-            outputs = {rid: _outputs_on(rows, evals[rid][label]) for rid, rows in outputs.items()}
+        # Each round's answers on the set read: the shared one, else (no set shared) its latest.
+        shown = {rid: evals[rid][label] if label is not None else _round_eval(rounds[rid]) for rid in (a, b)}
+        outputs = {rid: _outputs_on(rows, shown[rid]) for rid, rows in outputs.items()}
         out_a = {r["item_id"]: r for r in outputs[a]}
         out_b = {r["item_id"]: r for r in outputs[b]}
         rows = []
@@ -1469,14 +1475,14 @@ class Studio:
         metrics = []
         own_metrics_cover_all = True
         for rid in (a, b):
-            ev = evals[rid].get(label) if label is not None else _round_eval(rounds[rid])
+            ev = shown[rid]
             answered = len(out_a if rid == a else out_b)
             computed = _metrics_from_outputs(outputs[rid])
             # "answers": how many answers these figures cover (a later, smaller eval covers fewer
             # than the round holds)
             metrics.append({"round": rid, **{k: _metric(ev, k) if _metric(ev, k) is not None else computed.get(k)
                                              for k in ("chair_s", "chair_i", "recall", "pope_f1")},
-                            "answers": ev.get("n_items") or answered})
+                            "answers": ev.get("n_items") or answered, "no_mentions": no_mentions_note(ev)})
             # A later, smaller `eval` replaces the metrics but keeps the other stored answers.
             own_metrics_cover_all &= ev.get("n_items") in (None, answered)
         # Each round's own metrics may cover different items (another eval_limit, a later `eval`):
@@ -1521,7 +1527,9 @@ def _outputs_on(rows: list[dict], ev: dict) -> list[dict]:
     keeps them all)."""
     pairs = ev.get("eval_set")
     if not isinstance(pairs, list) or not pairs:
-        return rows
+        if not (isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str)):
+            return rows
+        pairs = [[ev["dataset"], ev["split"]]]  # the CLI's eval kept them beside the metrics
     wanted = {tuple(p) for p in pairs if isinstance(p, list | tuple)}
     return [r for r in rows if (r.get("dataset"), r.get("split")) in wanted]
 

@@ -210,6 +210,34 @@ def m003_round_cancel_requested(db: Database) -> None:
     db.execute("ALTER TABLE rounds ADD COLUMN cancel_requested TEXT")
 
 
+@migrations()
+def m004_evaluation_sets(db: Database) -> None:
+    # Evaluations are kept per set now (evaluation.with_evaluation): a round's one stored
+    # evaluation gets the set it answered, from the dataset and split the CLI's eval kept beside it,
+    # else from the items of the round's stored answers (a job's evaluation, its round's only one).
+    from lvlm_studio.evaluation import evaluation_set_label
+
+    for rid, text in db.execute("SELECT id, metrics FROM rounds WHERE metrics IS NOT NULL").fetchall():
+        try:
+            metrics = _loads(text)
+        except ValueError:  # not the store's own JSON: left as it is
+            continue
+        ev = metrics.get("eval") if isinstance(metrics, dict) else None
+        if not isinstance(ev, dict) or "evals" in metrics or "eval_set" in ev:
+            continue
+        if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
+            pairs = [[ev["dataset"], ev["split"]]]
+        else:
+            pairs = [list(r) for r in db.execute(
+                "SELECT DISTINCT i.dataset, i.split FROM eval_outputs e JOIN items i ON i.id = e.item_id "
+                "WHERE e.round_id = ? ORDER BY i.dataset, i.split", (rid,)).fetchall()]
+        if not pairs:
+            continue
+        ev = {**ev, "eval_set": pairs, "set": evaluation_set_label(pairs)}
+        metrics = {**metrics, "eval": ev, "evals": {ev["set"]: ev}}
+        db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (_dumps(metrics), rid))
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------

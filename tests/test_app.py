@@ -127,8 +127,8 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     assert "paired bootstrap over 2 images p = 1 " in paired  # each scene's probes drawn together
     assert metrics["data"][0][1:5] == [round(ev[k], 4) for k in ("chair_s", "chair_i", "recall", "pope_f1")]
     # What the field can get wrong is said, and nothing is evaluated.
-    for n, match in ((0, "test scenes: between 1 and 5000"), (5001, "between 1 and 5000"),
-                     (None, "test scenes: enter a number")):
+    for n, match in ((0, "test scenes or images: between 1 and 5000"), (5001, "between 1 and 5000"),
+                     (None, "test scenes or images: enter a number")):
         with pytest.raises(Exception, match=match):
             client.predict("0", n, api_name="/evaluate_round")
     with pytest.raises(Exception, match="pick a round"):
@@ -148,7 +148,8 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     summary, plot, note, plot_set, *_ = client.predict("0", 1, "coco/val", api_name="/evaluate_round")
     ev = studio.get_round(0)["metrics"]["eval"]
     assert (ev["dataset"], ev["split"], ev["images"], ev["extractor"]) == ("coco", "val", 1, "coco")
-    assert summary.startswith("Round 0 on 3 items (coco/val, 1 images), model demo")
+    assert summary.startswith("Round 0 on 3 items (coco/val, 1 image), model demo")
+    assert "no caption names an object the extractor knows" in summary  # the demo model names no COCO object
     # The world's figures are kept beside the set's; the plot turns to the set just evaluated and
     # offers both, and the comparison reads one set (the latest by default, the other when picked).
     assert studio.get_round(0)["metrics"]["evals"]["shapesworld/test"] == world

@@ -1040,7 +1040,8 @@ def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
     assert (ev["metrics"]["dataset"], ev["metrics"]["split"], ev["metrics"]["images"]) == ("coco", "val", 1)
     text = run("eval", "--dataset", "coco", "--split", "val", "--max-new-tokens", "8").stdout
     assert text.startswith("round 0 on 7 items of coco/val (3 images), model demo") and "POPE F1" in text
-    fails("eval", "--dataset", "coco", "--split", "test", message="no item of dataset 'coco', split 'test'")
+    fails("eval", "--dataset", "coco", "--split", "test", message="no item of dataset 'coco', split 'test' has "
+          "ground-truth objects to evaluate on (imported sets that have: coco/val)")
     # Then on the world's scenes: both sets' figures are kept; rounds names the latest's set, and
     # compare reads one set (the latest both share, or --set).
     ok_json("eval", "--n", "1", "--max-new-tokens", "8")
@@ -1054,5 +1055,31 @@ def test_pope_adds_probes_to_an_imported_set(env, tmp_path, monkeypatch):
                                                       "--set picks one)")
     fails("compare", "0", "0", "--set", "coco/test", message="round 0 was not evaluated on coco/test (its evaluations: "
           "coco/val, shapesworld/test)")
+    assert ok_json("compare", "0", "0", "--set", " coco/val ")["set"] == "coco/val"  # typed with spaces
+    assert ok_json("compare", "0", "0", "--set", "")["set"] == "shapesworld/test"  # empty: the default
+    # The demo model names no COCO object: CHAIR 0 there is said to be no clean result, here too.
+    text = run("compare", "0", "0", "--set", "coco/val").stdout
+    assert "note: round 0: no caption names an object the extractor knows" in text
+    # `wait` names the set of the figures it shows (the latest evaluation's).
+    assert "nothing was trained\nevaluated on shapesworld/test:\nmetric" in run("wait", "0").stdout
+    # Two rounds with no set in common: the note comes first and no "change" is computed.
+    from lvlm_studio.evaluation import with_evaluation
+
+    store = open_store(env)
+    try:
+        rounds = {}
+        for label in ("shapesworld/test", "coco/val"):
+            dataset, split = label.split("/")
+            rid = rounds[label] = store.create_round(0, "demo", {}, status="done")
+            rows = [o for o in store.eval_outputs(0) if (o["dataset"], o["split"]) == (dataset, split)]
+            store.add_eval_outputs(rid, rows)
+            ev = {"chair_s": 0.5, "n_items": len(rows), "set": label, "eval_set": [[dataset, split]]}
+            store.update_round(rid, metrics=with_evaluation(None, ev))
+    finally:
+        store.close()
+    text = run("compare", str(rounds["shapesworld/test"]), str(rounds["coco/val"])).stdout
+    assert text.startswith(f"note: round {rounds['shapesworld/test']} was evaluated on shapesworld/test and round "
+                           f"{rounds['coco/val']} on coco/val, no set both"), text
+    assert "+0.000" not in text and "CHAIR_s" in text
     monkeypatch.setenv("LVLM_STUDIO_USERS", "alice:pw:admin,bob:pw:reviewer")
     fails("pope", "--dataset", "coco", "--split", "val", "--user", "bob", message="admin")

@@ -173,7 +173,7 @@ def test_jsonl_import_with_bad_lines_and_escapes(store, settings, tmp_path):
     assert report.skipped == 6 and report.status == "partial"
     errors = "\n".join(report.errors)
     assert "data.jsonl line 3: image path '../secret.png' escapes the import root" in errors
-    assert "data.jsonl line 4:" in errors and "is absolute" in errors
+    assert "data.jsonl line 4:" in errors and f"is absolute (or a URL); give it relative to the import root {root}" in errors
     assert "data.jsonl line 5: imgs/missing.png: file not found" in errors
     assert "line 6: a pair needs both 'chosen' and 'rejected'" in errors
     assert "line 7: missing 'image'" in errors and "line 8: invalid JSON" in errors
@@ -1341,8 +1341,8 @@ def test_a_record_that_contradicts_the_stored_item_is_refused_not_dropped(store,
         "and this record says 'train')",
         "d.jsonl line 3: not stored (the store holds this image and prompt with another reference answer "
         "('A red square.', this record: 'A blue circle.'))",
-        "d.jsonl line 4: not stored (the store holds this image with the ground-truth objects ['red square'], "
-        "and this record says ['blue circle'])"]
+        "d.jsonl line 4: not stored (the store holds this picture with the ground-truth objects ['red square'], "
+        "and this record says ['blue circle'] (a picture has one ground truth, whichever dataset lists it))"]
     [item] = store.list_items()
     assert (item["split"], item["reference"], item["objects"]) == ("test", "A red square.", ["red square"])
     assert store.count_pairs() == 3

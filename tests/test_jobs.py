@@ -966,7 +966,10 @@ def test_an_evaluation_set_chosen_by_hand_that_selects_nothing_is_refused_before
         _populate(settings)  # train pairs; test items: describe and pope, with objects
         refusals = {
             "no item is in split 'tset' (splits in the store: test, train)": {"eval_split": "tset"},
-            "no item is in split 'test' of dataset 'coco' (splits in the store: test, train)": {"eval_dataset": "coco"},
+            "no item is in split 'test' of dataset 'coco': the store has no such dataset (its datasets: "
+            "shapesworld)": {"eval_dataset": "coco"},
+            "no item is in split 'val' of dataset 'shapesworld' (its splits: test, train)": {
+                "eval_dataset": "shapesworld", "eval_split": "val"},
             "no item of split 'test' with ground-truth objects is of a kind in eval_kinds ['descibe'] "
             "(kinds there: describe, pope)": {"eval_kinds": ["descibe"]},
         }
@@ -1055,6 +1058,51 @@ def test_a_parent_evaluated_on_another_set_only_is_evaluated_on_the_rounds_set_t
         assert [m["answers"] for m in res["metrics"]] == [home["n_eval"], home["n_eval"]]
     finally:
         studio.store.close()
+
+
+def test_a_parent_is_answered_as_it_is_used_at_its_childs_length(monkeypatch):
+    """A parent evaluated by its child's job is answered in its own mode (describe-first only for a
+    STIC stage-2 parent; round 0 plainly, as ``Studio.evaluate`` answers it) at the child's answer
+    length, which its figures record; it used to take the child's describe-first mode."""
+    from lvlm_studio import evaluation
+    from lvlm_studio.models import hf
+    from lvlm_studio.training import DPORoundConfig
+
+    asked = []
+    monkeypatch.setattr(hf, "HFBackend", lambda *a: None)
+    monkeypatch.setattr(evaluation, "evaluate_backend",
+                        lambda backend, items, extractor, params, *a, describe_prompt=None: (
+                            asked.append((describe_prompt, params.max_new_tokens)) or {}, []))
+    stage2 = DPORoundConfig(objective="stic_infusion", eval_max_new_tokens=40)
+    plain = DPORoundConfig()
+    for mode_of in (None, {"id": 0, "config": {}}, {"id": 1, "config": plain.to_dict()},
+                    {"id": 2, "config": stage2.to_dict()}):
+        metrics, _ = jobs._evaluate(None, None, "m", "cpu", [], None, stage2, None, lambda: False, mode_of=mode_of)
+        assert metrics == {"describe_first": asked[-1][0] is not None, "max_new_tokens": 40}
+    assert asked == [(stage2.describe_prompt, 40), (None, 40), (None, 40), (stage2.describe_prompt, 40)]
+
+
+def test_a_parent_counts_as_evaluated_only_on_the_same_set_with_every_item_answered(tmp_path):
+    from lvlm_studio.evaluation import with_evaluation
+
+    store = Store.open(Settings(home=tmp_path / "home").ensure_dirs())
+    try:
+        home = Settings(home=tmp_path / "home")
+        items = [{**it, "item_id": _add(store, home.home, it, "shapesworld", "test"), "split": "test",
+                  "dataset": "shapesworld"} for it in world_items("test", n=1, seed=3, kinds=("describe", "pope"))]
+        base = store.ensure_base_round("m")
+        answers = [{"item_id": it["item_id"], "answer": "Yes.", "objects": [], "hallucinated": []} for it in items]
+        store.add_eval_outputs(base, answers)
+        other = {"chair_s": 0.0, "set": "coco/val", "eval_set": [["coco", "val"]]}
+        store.update_round(base, metrics=with_evaluation(None, other))
+        assert not jobs.parent_evaluated_on(store, store.get_round(base), items)  # answered, on another set's record
+        same = {"chair_s": 0.0, "set": "shapesworld/test", "eval_set": [["shapesworld", "test"]]}
+        store.update_round(base, metrics=with_evaluation(store.get_round(base)["metrics"], same))
+        assert jobs.parent_evaluated_on(store, store.get_round(base), items)
+        store.db.execute("DELETE FROM eval_outputs WHERE item_id = ?", (items[-1]["item_id"],))
+        assert not jobs.parent_evaluated_on(store, store.get_round(base), items)  # an item unanswered
+    finally:
+        store.close()
 
 
 def test_a_new_round_never_takes_the_id_of_a_folder_on_disk(tmp_path, monkeypatch):

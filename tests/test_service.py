@@ -339,15 +339,57 @@ def test_each_evaluation_set_keeps_its_figures_and_a_plot_or_comparison_reads_on
     assert studio.compare(0, 0, evaluation_set=on_world)["metrics"][0]["chair_s"] == 0.5
     with pytest.raises(ValueError, match=f"round {r2} was not evaluated on {on_world} \\(its evaluations: {on_coco}\\)"):
         studio.compare(0, r2, evaluation_set=on_world)
-    # Rounds with no set in common: their figures are shown with a note, and nothing item by item.
+    # Rounds with no set in common: each is read on its latest set, with a note, nothing item by item.
     res = studio.compare(r1, r2)
     assert res["set"] is None and res["paired"] is None
     assert res["note"].startswith(f"round {r1} was evaluated on {on_world} and round {r2} on {on_coco}, no set both")
+    # Round 0 (latest: coco) against a round whose answers have no stored evaluation (world): round
+    # 0 is read on coco alone, so nothing is shared, and the note says so (its coco figures used to
+    # sit beside the other's world answers unannounced).
+    bare = studio.store.create_round(0, "m", {}, status="done")
+    studio.store.add_eval_outputs(bare, [{"item_id": i, "answer": "A circle.", "objects": ["circle"],
+                                          "hallucinated": []} for i in world])
+    res = studio.compare(0, bare)
+    assert res["set"] is None and res["answered"] == (2, 2) and res["paired"] is None
+    assert {r["item_id"] for r in res["rows"] if r["a"]} == set(coco)
+    assert res["note"].startswith("the two rounds answered no item in common")
+    # An evaluation stored with the CLI's dataset and split only (no eval_set) still selects its answers.
+    studio.store.update_round(r1, metrics={"eval": {"chair_s": 0.0, "dataset": "world", "split": split}})
+    res = studio.compare(0, r1)
+    assert res["set"] == on_world and [r["item_id"] for r in res["rows"]] == world
+    # Both rounds on both sets, each latest on another one: round B's latest is read.
+    evaluate(r1, coco, 0.0)
+    evaluate(r2, world, 1.0)
+    assert studio.compare(r1, r2)["set"] == on_world and studio.compare(r2, r1)["set"] == on_coco
+    assert studio.compare(r1, r2)["sets"] == [on_coco, on_world]
     # A later evaluation on a set replaces that set's figures only, and is the latest.
     evaluate(0, world, 0.0)
     evals = round_evaluations(studio.store.get_round(0)["metrics"])
     assert list(evals) == [on_coco, on_world] and evals[on_world]["chair_s"] == 0.0 and evals[on_coco]["chair_s"] == 1.0
     assert studio.store.get_round(0)["metrics"]["eval"] == evals[on_world]
+
+
+def test_an_evaluation_that_ends_while_another_ran_keeps_both_sets(studio, make_items, monkeypatch):
+    """Studio.evaluate reads the round's metrics again when it stores its own: an evaluation of the
+    same round on another set that ended meanwhile (a round job evaluating its parent) keeps its
+    figures instead of being overwritten by the metrics read before the long evaluation."""
+    from lvlm_studio import evaluation
+
+    items = make_items(1, dataset="coco")
+    split = studio.store.get_item(items[0])["split"]
+    monkeypatch.setattr(studio, "backend", lambda *a, **kw: object())
+
+    def evaluate_backend(backend, eval_items, extractor, params, **kw):
+        meanwhile = {"chair_s": 0.3, "set": "shapesworld/test", "eval_set": [["shapesworld", "test"]]}
+        studio.store.update_round(0, metrics=evaluation.with_evaluation(studio.store.get_round(0)["metrics"], meanwhile))
+        return {"chair_s": 0.1, "set": f"coco/{split}", "eval_set": [["coco", split]]}, [
+            {"item_id": items[0], "answer": "A cup.", "objects": [], "hallucinated": []}]
+
+    monkeypatch.setattr(evaluation, "evaluate_backend", evaluate_backend)
+    monkeypatch.setattr("lvlm_studio.service._evaluation_plan", lambda extractor, its: (None, its, None))
+    studio.evaluate(0, item_ids=items)
+    evals = evaluation.round_evaluations(studio.store.get_round(0)["metrics"])
+    assert {k: v["chair_s"] for k, v in evals.items()} == {"shapesworld/test": 0.3, f"coco/{split}": 0.1}
 
 
 def test_a_round_trained_without_evaluation_items_compares_and_plots(studio, make_items):

@@ -11,7 +11,7 @@ import pytest
 
 from lvlm_studio.store import NotFoundError, Store, StoreError, live_decisions
 
-MIGRATIONS = ["m001_initial_schema", "m002_studio_meta", "m003_round_cancel_requested"]
+MIGRATIONS = ["m001_initial_schema", "m002_studio_meta", "m003_round_cancel_requested", "m004_evaluation_sets"]
 
 
 # ------------------------------------------------------------------------- schema and pragmas
@@ -600,7 +600,8 @@ def test_a_data_root_from_before_studio_meta_migrates_and_keeps_its_data(setting
     with store.transaction() as db:  # what a data root written before m002 looks like
         db.execute("DROP TABLE studio_meta")
         db.execute("ALTER TABLE rounds DROP COLUMN cancel_requested")
-        db.execute("DELETE FROM _sqlite_migrations WHERE name IN ('m002_studio_meta', 'm003_round_cancel_requested')")
+        db.execute("DELETE FROM _sqlite_migrations WHERE name IN ('m002_studio_meta', 'm003_round_cancel_requested', "
+                   "'m004_evaluation_sets')")
     store.close()
     reopened = Store(settings.db_path)
     try:
@@ -613,6 +614,40 @@ def test_a_data_root_from_before_studio_meta_migrates_and_keeps_its_data(setting
         reopened.set_meta("demo_seed", {"done": True})
         reopened.set_meta("demo_seed", {"done": False, "seed": 3})  # replaced, not duplicated
         assert reopened.get_meta("demo_seed") == {"done": False, "seed": 3}
+    finally:
+        reopened.close()
+
+
+def test_evaluations_stored_before_sets_were_recorded_get_their_set(settings, store, make_items):
+    """A data root from before evaluations were kept per set: a round job's evaluation (no dataset
+    or split beside it) gets the set of the round's stored answers, a CLI evaluation the dataset and
+    split it kept; then both rounds compare on that set instead of reading as different sets."""
+    from lvlm_studio.evaluation import round_evaluations
+
+    items = make_items(2, dataset="world")
+    split = store.get_item(items[0])["split"]
+    base = store.ensure_base_round("m")
+    job = store.create_round(base, "m", {}, status="done")
+    untouched = store.create_round(job, "m", {}, status="done")
+    for rid in (base, job):
+        store.add_eval_outputs(rid, [{"item_id": i, "answer": "A circle.", "objects": [], "hallucinated": []}
+                                     for i in items])
+    cli_eval = {"chair_s": 0.5, "dataset": "world", "split": split, "scenes": 2}
+    with store.transaction() as db:  # what such a data root holds
+        for rid, metrics in ((base, {"eval": cli_eval}), (job, {"n_pairs": 4, "eval": {"chair_s": 0.25}}),
+                             (untouched, {"eval": None, "eval_note": "no evaluation items"})):
+            db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), rid))
+        db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_evaluation_sets'")
+    store.close()
+    reopened = Store(settings.db_path)
+    try:
+        label = f"world/{split}"
+        assert round_evaluations(reopened.get_round(base)["metrics"]) == {
+            label: {**cli_eval, "set": label, "eval_set": [["world", split]]}}
+        job_metrics = reopened.get_round(job)["metrics"]
+        assert job_metrics["n_pairs"] == 4 and job_metrics["eval"]["set"] == label
+        assert list(round_evaluations(job_metrics)) == [label]
+        assert reopened.get_round(untouched)["metrics"] == {"eval": None, "eval_note": "no evaluation items"}
     finally:
         reopened.close()
 

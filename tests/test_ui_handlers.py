@@ -460,10 +460,26 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
                    if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
-    a, b, _plot, _note, _plot_set, evaluate_round, eval_set, _compare_set = on_load()
+    a, b, _plot, _note, plot_set, evaluate_round, eval_set, compare_set = on_load()
     assert b.value == str(r2) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
     assert [v for _, v in eval_set.choices] == ["shapesworld/test"]  # no imported set with ground truth yet
+    assert plot_set.choices == [] and plot_set.visible is False  # nothing evaluated: no set to pick
+    assert [v for _, v in compare_set.choices] == ["latest both share"]
+    # Rounds evaluated on two sets: the plot's box offers both (the set most rounds have first, and
+    # drawn), the comparison's box the default and both.
+    from lvlm_studio.evaluation import with_evaluation
+
+    for rid, sets in ((0, ("coco/val", "shapesworld/test")), (r1, ("shapesworld/test",)), (r2, ("coco/val",))):
+        metrics = None
+        for label in sets:
+            metrics = with_evaluation(metrics, {"chair_s": 0.1 * rid, "set": label})
+        studio.store.update_round(rid, metrics=metrics)
+    _a, _b, plot, note, plot_set, _r, _s, compare_set = on_load()
+    assert [v for _, v in plot_set.choices] == ["coco/val", "shapesworld/test"] and plot_set.visible is True
+    assert plot_set.value == "coco/val" and note.startswith("On coco/val")  # tie: the newest round's set
+    assert {row[0] for row in plot.value["data"]} == {"round 0", f"round {r2}"}
+    assert [v for _, v in compare_set.choices] == ["latest both share", "coco/val", "shapesworld/test"]
 
 
 # ---- the Generate and Train tabs ----------------------------------------------------------------

@@ -189,7 +189,7 @@ def test_number_fields_name_themselves_in_every_refusal():
         with pytest.raises(ValueError, match=f"^field: {match}"):
             number_field(value, "field", cast)
     assert evaluation_scenes(500.0) == 500
-    with pytest.raises(ValueError, match="test scenes: between 1 and 5000"):
+    with pytest.raises(ValueError, match="test scenes or images: between 1 and 5000"):
         evaluation_scenes(5001)
 
 

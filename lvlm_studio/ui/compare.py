@@ -9,8 +9,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lvlm_studio.config import MAX_WORLD_SCENES
-from lvlm_studio.evaluation import METRIC_LABELS, paired_chair_s_summary, paired_pope_f1_summary
+from lvlm_studio.config import MAX_WORLD_SCENES, counted
+from lvlm_studio.evaluation import (
+    METRIC_LABELS,
+    no_mentions_note,
+    paired_chair_s_summary,
+    paired_pope_f1_summary,
+)
 from lvlm_studio.service import Studio
 from lvlm_studio.ui.auth import acting_user
 from lvlm_studio.ui.common import (
@@ -102,8 +107,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                            elem_id="compare-metrics")
     paired = gr.Markdown(elem_id="compare-paired")
     first_plot, first_note, first_sets = metrics_plot(studio)
+    # Custom values allowed: a set evaluated since the page loaded is drawn (metrics_plot checks it).
     plot_set = gr.Dropdown(first_sets.choices, value=first_sets.value, label="plot: metrics on",
-                           visible=len(first_sets.choices) > 1, elem_id="compare-plot-set")
+                           visible=len(first_sets.choices) > 1, allow_custom_value=True, elem_id="compare-plot-set")
     plot = gr.LinePlot(first_plot.value, x="round", y="value", color="metric", title="metrics per round",
                        y_title="value", height=260, sort=first_plot.sort, elem_id="compare-plot")
     # Not the plot's caption: Gradio clips a caption under a plot of fixed height.
@@ -115,7 +121,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff),
-                             evaluation_set=None if set_v in (None, "", SHARED_SET) else str(set_v))
+                             evaluation_set=None if str(set_v or "").strip() in ("", SHARED_SET) else str(set_v).strip())
         frame = metrics_frame(res)
         empty = ("The two rounds answer every item both answered the same." if diff and all(res["answered"])
                  else NO_ANSWERS)
@@ -123,6 +129,9 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         line = paired_chair_s_summary(res["paired"], f"round {res['a']}", f"round {res['b']}")
         if res["paired_pope"]:
             line += "\n\n" + paired_pope_f1_summary(res["paired_pope"], f"round {res['a']}", f"round {res['b']}")
+        for m in res["metrics"]:
+            if m.get("no_mentions"):
+                line += f"\n\n**Note:** round {m['round']}: {escape_markdown(m['no_mentions'])}"
         if res.get("note"):
             line = f"**Note:** {escape_markdown(res['note'])}\n\n{line}"
         if res.get("set"):
@@ -206,10 +215,11 @@ def newest(choices: list[tuple[str, str]]) -> str:
 
 
 def evaluation_scenes(value: Any) -> int:
-    """The "test scenes" field as a count: a whole number from 1 to ``EVAL_SCENES_MAX``."""
-    n = number_field(value, "test scenes", int)
+    """The "test scenes, or images of a set" field as a count: a whole number from 1 to ``EVAL_SCENES_MAX``."""
+    n = number_field(value, "test scenes or images", int)
     if not 1 <= n <= EVAL_SCENES_MAX:
-        raise ValueError(f"test scenes: between 1 and {EVAL_SCENES_MAX} (the CLI's eval takes up to {MAX_WORLD_SCENES})")
+        raise ValueError(f"test scenes or images: between 1 and {EVAL_SCENES_MAX} (the CLI's eval takes up to "
+                         f"{MAX_WORLD_SCENES})")
     return n
 
 
@@ -219,8 +229,9 @@ def evaluation_summary(res: dict) -> str:
     figures = ", ".join(f"{label} **{value:.3f}**" for key, label in METRIC_LABELS.items()
                         if (value := _figure(ev, key)) is not None)
     where = (f"{ev.get('scenes', '?')} test scenes, {res['added']} items added" if "added" in res else
-             f"{escape_markdown(ev.get('dataset'))}/{escape_markdown(ev.get('split'))}, {res.get('images')} images")
-    note = f" ({escape_markdown(ev['eval_note'])})" if ev.get("eval_note") else ""
+             f"{escape_markdown(ev.get('dataset'))}/{escape_markdown(ev.get('split'))}, {counted(res.get('images'), 'image')}")
+    notes = [n for n in (ev.get("eval_note"), no_mentions_note(ev)) if n]
+    note = f" ({escape_markdown('; '.join(notes))})" if notes else ""
     return (f"Round {res['round']} on {res['items']} items ({where}), model {escape_markdown(ev.get('model'))}: "
             f"{figures or 'no figures'}{note}")
 
