@@ -1355,6 +1355,18 @@ def _register() -> None:
 _register()
 
 
+def _parser_errors() -> tuple[type[Exception], ...]:
+    """The parser's error classes: typer's own click (typer 0.2x vendors one), and click itself
+    (which older typer versions raise)."""
+    from typer.exceptions import TyperException
+
+    try:
+        from click import ClickException
+    except ImportError:
+        return (TyperException,)
+    return TyperException, ClickException
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``lvlm-studio``) and ``python -m lvlm_studio``."""
     if not sys.stderr.isatty():
@@ -1363,17 +1375,20 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = list(argv if argv is not None else sys.argv[1:])
-    if "--json" not in args:
-        app(args=args, prog_name="lvlm-studio")
-        return
-    # With --json every failure gives the JSON error object on stdout, the parser's usage errors (an
-    # unknown option, a value out of range) included: click prints those itself in standalone mode.
-    from typer.exceptions import TyperException
-
+    as_json = "--json" in args
+    # The parser's usage errors (an unknown option or command, a value out of range) are printed
+    # here, as every other failure is: one 'error:' line (click draws a box for them itself in
+    # standalone mode), and with --json the JSON error object on stdout.
     try:
         code = app(args=args, prog_name="lvlm-studio", standalone_mode=False)
-    except TyperException as exc:  # typer's click: UsageError, BadParameter, NoSuchOption, ...
-        show_failure(exc.format_message(), as_json=True)
+    except _parser_errors() as exc:  # UsageError, BadParameter, NoSuchOption, ...
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a group named alone: its help
+            typer.echo(ctx.get_help())
+            sys.exit(exc.exit_code)
+        show_failure(exc.format_message(), as_json=as_json)
+        if not as_json and ctx is not None:
+            say(f"(see {ctx.command_path} --help)", err=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         say("Aborted!", err=True)

@@ -151,6 +151,28 @@ def test_json_usage_errors_from_the_parser_are_json_too(home, capsys, args, mess
     assert err.strip() == f"error: {result['error']}"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["demo", "seed", "--train", "-1"], "Invalid value for '--train': Input should be greater than or equal to 0"),
+    (["no-such-command"], "No such command 'no-such-command'."),
+    (["stats", "--nope"], "No such option: --nope"),
+])
+def test_usage_errors_from_the_parser_are_one_error_line(home, capsys, args, message):
+    """Without --json the parser's usage errors were a box drawn on stderr; they are one 'error:'
+    line now, as every other failure, and where to find the command's help."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    command = " ".join(["lvlm-studio", *args[:2]]) if args[0] == "demo" else "lvlm-studio" + (
+        f" {args[0]}" if args[0] == "stats" else "")
+    assert err.splitlines() == [f"error: {message}", f"(see {command} --help)"]
+    # A command group named alone shows its help, as before.
+    with pytest.raises(SystemExit) as info:
+        main(["demo"])
+    out, _ = capsys.readouterr()
+    assert info.value.code == 2 and "Usage: lvlm-studio demo" in out and "seed" in out
+
+
 def test_json_mode_keeps_exit_codes_and_help(home, capsys):
     for args, code in ((["init", "--json"], 0), (["stats", "--json"], 0), (["init", "--help", "--json"], 0), (["rounds", "--json"], 0),
                        (["compare", "5", "6", "--json"], 1)):
