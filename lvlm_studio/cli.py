@@ -1355,18 +1355,6 @@ def _register() -> None:
 _register()
 
 
-def _parser_errors() -> tuple[type[Exception], ...]:
-    """The parser's error classes: typer's own click (typer 0.2x vendors one), and click itself
-    (which older typer versions raise)."""
-    from typer.exceptions import TyperException
-
-    try:
-        from click import ClickException
-    except ImportError:
-        return (TyperException,)
-    return TyperException, ClickException
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``lvlm-studio``) and ``python -m lvlm_studio``."""
     if not sys.stderr.isatty():
@@ -1379,12 +1367,15 @@ def main(argv: list[str] | None = None) -> None:
     # The parser's usage errors (an unknown option or command, a value out of range) are printed
     # here, as every other failure is: one 'error:' line (click draws a box for them itself in
     # standalone mode), and with --json the JSON error object on stdout.
+    from typer.exceptions import TyperException  # typer >= 0.27.2: its own click's errors derive from it
+
     try:
         code = app(args=args, prog_name="lvlm-studio", standalone_mode=False)
-    except _parser_errors() as exc:  # UsageError, BadParameter, NoSuchOption, ...
+    except TyperException as exc:  # UsageError, BadParameter, NoSuchOption, ...
         ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a group named alone: its help
-            typer.echo(ctx.get_help())
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group named alone: its help (rich printed it already)
+            if message := exc.format_message():
+                typer.echo(message)
             sys.exit(exc.exit_code)
         show_failure(exc.format_message(), as_json=as_json)
         if not as_json and ctx is not None:

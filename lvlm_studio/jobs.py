@@ -709,8 +709,8 @@ def refuse_broken_round(diverged: bool, eval_rows: list[dict]) -> None:
 
 def _evaluate(model, processor, model_id: str, device: str, items, extractor, cfg, progress, should_stop,
               mode_of: dict | None = None):
-    """Greedy answers at the round's answer length; describe-first as ``mode_of`` (a round's row:
-    each round is answered as it is used, as ``Studio.evaluate`` answers it) or else ``cfg`` says."""
+    """Greedy answers at ``cfg``'s answer length; describe-first as ``mode_of`` (a round's row: a
+    parent is answered in its own mode, as ``Studio.evaluate`` answers a round) or else ``cfg`` says."""
     from lvlm_studio.evaluation import evaluate_backend
     from lvlm_studio.models.base import GenerationParams
     from lvlm_studio.models.hf import HFBackend
@@ -721,8 +721,7 @@ def _evaluate(model, processor, model_id: str, device: str, items, extractor, cf
     if mode_of is not None:
         from lvlm_studio.training import DPORoundConfig
 
-        describe_prompt = DPORoundConfig.from_dict(mode_of["config"]).evaluation_describe_prompt \
-            if mode_of.get("config") else None  # round 0, the base model: plain answers
+        describe_prompt = DPORoundConfig.describe_prompt_of(mode_of.get("config"))
     metrics, rows = evaluate_backend(backend, items, extractor, params, cfg.eval_batch_size, progress, should_stop,
                                      describe_prompt=describe_prompt)
     metrics["describe_first"] = describe_prompt is not None

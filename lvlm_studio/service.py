@@ -1214,11 +1214,9 @@ class Studio:
     def _describe_prompt(rnd: dict) -> str | None:
         """The prompt a round describes the image with before each question when evaluated (its
         config's ``describes_first``: STIC's stage-2 rounds), else None."""
-        if not rnd.get("config"):  # round 0, the base model: plain answers
-            return None
         from lvlm_studio.training import DPORoundConfig
 
-        return DPORoundConfig.from_dict(rnd["config"]).evaluation_describe_prompt
+        return DPORoundConfig.describe_prompt_of(rnd.get("config"))
 
     def _eval_items_by_id(self, item_ids: Sequence[int]) -> list[dict]:
         return [_eval_item(it) for it in self._items_by_id(item_ids)]

@@ -214,13 +214,14 @@ def m003_round_cancel_requested(db: Database) -> None:
 def m004_evaluation_sets(db: Database) -> None:
     # Evaluations are kept per set now (evaluation.with_evaluation): a round's one stored
     # evaluation gets the set it answered, from the dataset and split the CLI's eval kept beside it,
-    # else from the items of the round's stored answers (a job's evaluation, its round's only one).
+    # else from the items of its answers: the round's last n_items stored answers (the latest
+    # evaluation wrote them last; an earlier one on another set may have left others).
     from lvlm_studio.evaluation import evaluation_set_label
 
     for rid, text in db.execute("SELECT id, metrics FROM rounds WHERE metrics IS NOT NULL").fetchall():
         try:
             metrics = _loads(text)
-        except ValueError:  # not the store's own JSON: left as it is
+        except (ValueError, TypeError, RecursionError):  # not the store's own JSON: left as it is
             continue
         ev = metrics.get("eval") if isinstance(metrics, dict) else None
         if not isinstance(ev, dict) or "evals" in metrics or "eval_set" in ev:
@@ -228,9 +229,13 @@ def m004_evaluation_sets(db: Database) -> None:
         if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
             pairs = [[ev["dataset"], ev["split"]]]
         else:
+            n = ev.get("n_items")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                continue  # which answers it wrote is unknown: left unlabelled rather than guessed
             pairs = [list(r) for r in db.execute(
-                "SELECT DISTINCT i.dataset, i.split FROM eval_outputs e JOIN items i ON i.id = e.item_id "
-                "WHERE e.round_id = ? ORDER BY i.dataset, i.split", (rid,)).fetchall()]
+                "SELECT DISTINCT i.dataset, i.split FROM (SELECT item_id FROM eval_outputs WHERE round_id = ? "
+                "ORDER BY id DESC LIMIT ?) e JOIN items i ON i.id = e.item_id ORDER BY i.dataset, i.split",
+                (rid, n)).fetchall()]
         if not pairs:
             continue
         ev = {**ev, "eval_set": pairs, "set": evaluation_set_label(pairs)}

@@ -321,6 +321,21 @@ class DPORoundConfig:
         """The prompt evaluation describes the image with before each question, or None (``describes_first``)."""
         return self.describe_prompt if self.describes_first else None
 
+    @classmethod
+    def describe_prompt_of(cls, config: dict | None) -> str | None:
+        """The prompt a round with stored ``config`` describes the image with before each question
+        when evaluated, or None (round 0, the base model: plain answers). Read leniently: a config
+        stored by an older version that today's checks refuse still says how its round answers."""
+        if not config:
+            return None
+        try:
+            return cls.from_dict(config).evaluation_describe_prompt
+        except (TypeError, ValueError):
+            first = config.get("eval_describe_first")
+            first = config.get("objective") == "stic_infusion" if first is None else bool(first)
+            prompt = config.get("describe_prompt")
+            return (prompt if isinstance(prompt, str) and prompt.strip() else cls().describe_prompt) if first else None
+
     def loss_types(self) -> tuple[list[str], list[float]]:
         """TRL's loss_type / loss_weights when every row has the same weights (otherwise
         ``train_round`` weights rows with ``weighted_dpo_trainer_class``)."""

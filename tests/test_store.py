@@ -625,17 +625,27 @@ def test_evaluations_stored_before_sets_were_recorded_get_their_set(settings, st
     from lvlm_studio.evaluation import round_evaluations
 
     items = make_items(2, dataset="world")
+    coco = make_items(1, seed0=5, dataset="coco")
     split = store.get_item(items[0])["split"]
     base = store.ensure_base_round("m")
     job = store.create_round(base, "m", {}, status="done")
     untouched = store.create_round(job, "m", {}, status="done")
-    for rid in (base, job):
+    api = store.create_round(job, "m", {}, status="done")
+    unknown = store.create_round(job, "m", {}, status="done")
+
+    def answer(rid: int, item_ids: list[int]) -> None:
         store.add_eval_outputs(rid, [{"item_id": i, "answer": "A circle.", "objects": [], "hallucinated": []}
-                                     for i in items])
+                                     for i in item_ids])
+
+    for rid in (base, job, unknown):
+        answer(rid, items)
+    answer(api, coco)  # an earlier evaluation on coco, then one through the API on the world's items
+    answer(api, items)
     cli_eval = {"chair_s": 0.5, "dataset": "world", "split": split, "scenes": 2}
     with store.transaction() as db:  # what such a data root holds
-        for rid, metrics in ((base, {"eval": cli_eval}), (job, {"n_pairs": 4, "eval": {"chair_s": 0.25}}),
-                             (untouched, {"eval": None, "eval_note": "no evaluation items"})):
+        for rid, metrics in ((base, {"eval": cli_eval}), (job, {"n_pairs": 4, "eval": {"chair_s": 0.25, "n_items": 2}}),
+                             (untouched, {"eval": None, "eval_note": "no evaluation items"}),
+                             (api, {"eval": {"chair_s": 0.0, "n_items": 2}}), (unknown, {"eval": {"chair_s": 0.1}})):
             db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), rid))
         db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_evaluation_sets'")
     store.close()
@@ -648,6 +658,10 @@ def test_evaluations_stored_before_sets_were_recorded_get_their_set(settings, st
         assert job_metrics["n_pairs"] == 4 and job_metrics["eval"]["set"] == label
         assert list(round_evaluations(job_metrics)) == [label]
         assert reopened.get_round(untouched)["metrics"] == {"eval": None, "eval_note": "no evaluation items"}
+        # Labelled by the answers the latest evaluation wrote (the last n_items), not every answer.
+        assert list(round_evaluations(reopened.get_round(api)["metrics"])) == [label]
+        # No n_items: which answers it wrote is unknown, so it is left unlabelled, not guessed.
+        assert reopened.get_round(unknown)["metrics"] == {"eval": {"chair_s": 0.1}}
     finally:
         reopened.close()
 

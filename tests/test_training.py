@@ -186,6 +186,23 @@ def test_config_loss_types_and_validation():
     assert DPORoundConfig(objective="stic_infusion", learning_rate=1e-4).learning_rate == 1e-4
 
 
+def test_a_stored_rounds_describe_mode_is_read_even_when_todays_checks_refuse_its_config():
+    """How a round answers when evaluated (describe-first for STIC stage 2) comes from its stored
+    config; a config an older version stored that today's checks refuse (num_epochs 0 trained
+    nothing then) must not fail the child round that evaluates it as a parent after training."""
+    stage2 = DPORoundConfig(objective="stic_infusion")
+    assert DPORoundConfig.describe_prompt_of(None) is None and DPORoundConfig.describe_prompt_of({}) is None
+    assert DPORoundConfig.describe_prompt_of(stage2.to_dict()) == stage2.describe_prompt
+    assert DPORoundConfig.describe_prompt_of(DPORoundConfig().to_dict()) is None
+    with pytest.raises(ValueError):
+        DPORoundConfig.from_dict({**stage2.to_dict(), "num_epochs": 0})
+    assert DPORoundConfig.describe_prompt_of({**stage2.to_dict(), "num_epochs": 0}) == stage2.describe_prompt
+    assert DPORoundConfig.describe_prompt_of({"objective": "stic_infusion", "betta": 1,
+                                              "describe_prompt": "Say what you see."}) == "Say what you see."
+    assert DPORoundConfig.describe_prompt_of({"objective": "dpo", "num_epochs": 0}) is None
+    assert DPORoundConfig.describe_prompt_of({"eval_describe_first": True, "num_epochs": 0}) == stage2.describe_prompt
+
+
 def test_answer_prior_balancing_cuts_each_question_to_equal_yes_and_no():
     def pair(pid, prompt, chosen, rejected):
         return {"pair_id": pid, "prompt": prompt, "chosen": chosen, "rejected": rejected}
