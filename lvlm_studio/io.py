@@ -940,6 +940,10 @@ def _read_jsonl(
             try:
                 try:
                     row = _json_loads(line)
+                except json.JSONDecodeError as exc:  # its "line 2" would be the line's own end, not the file's
+                    where = ("the line ends before the record does" if exc.pos >= len(line.rstrip())
+                             else f"{exc.msg} at character {exc.pos + 1} of the line")
+                    raise ValueError(f"invalid JSON ({where})") from None
                 except ValueError as exc:
                     raise ValueError(f"invalid JSON ({exc})") from exc
                 if not isinstance(row, dict):

@@ -164,19 +164,23 @@ def test_jsonl_import_with_bad_lines_and_escapes(store, settings, tmp_path):
         {"image": "imgs/a.png", "prompt": "x", "chosen": "only chosen"},
         {"prompt": "no image"},
     ]
-    text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n\n"
+    text = "\n".join(json.dumps(x) for x in lines) + '\n{not json\n\n{"image": "imgs/a.png",\n'
     (root / "data.jsonl").write_text(text)
     calls = []
     report = io.import_path(store, settings, root / "data.jsonl", progress=lambda *a: calls.append(a))
-    assert calls == [(k, None, f"{k} records read") for k in range(1, 9)]  # every record, refused ones too
+    assert calls == [(k, None, f"{k} records read") for k in range(1, 10)]  # every record, refused ones too
     assert report.format == "jsonl" and report.imported == 2 and report.pairs == 1
-    assert report.skipped == 6 and report.status == "partial"
+    assert report.skipped == 7 and report.status == "partial"
     errors = "\n".join(report.errors)
     assert "data.jsonl line 3: image path '../secret.png' escapes the import root" in errors
     assert "data.jsonl line 4:" in errors and f"is absolute (or a URL); give it relative to the import root {root}" in errors
     assert "data.jsonl line 5: imgs/missing.png: file not found" in errors
     assert "line 6: a pair needs both 'chosen' and 'rejected'" in errors
-    assert "line 7: missing 'image'" in errors and "line 8: invalid JSON" in errors
+    assert "line 7: missing 'image'" in errors
+    # Where in the line JSON went wrong; a record cut short says so (the parser's own "line 2"
+    # would be the line's end, not the file's line 2).
+    assert "line 8: invalid JSON (Expecting property name enclosed in double quotes at character 2 of the line)" in errors
+    assert "line 10: invalid JSON (the line ends before the record does)" in errors
     a = next(i for i in store.list_items() if i["prompt"] == "What is here?")
     assert a["objects"] == ["noise"] and a["reference"] == "Noise."
     [pair] = store.training_pairs(include_auto=True)
