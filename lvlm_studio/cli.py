@@ -1159,7 +1159,7 @@ def compare_cmd(
     b: Annotated[int, typer.Argument(help="Round B.")],
     only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items both rounds answered, differently.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show at most this many items.")] = None,
-    evaluation_set: Annotated[str | None, typer.Option("--set", help="The evaluation set to compare on, as lvlm-studio rounds names it (e.g. shapesworld/test, coco/val2014); default: round B's latest evaluation, else A's, else another set both were evaluated on.")] = None,
+    evaluation_set: Annotated[str | None, typer.Option("--set", help="The evaluation set to compare on, as lvlm-studio rounds names it (e.g. shapesworld/test, coco/val); default: round B's latest set when A was evaluated on it too, else A's latest when B was, else another set both were evaluated on.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Two rounds' evaluation metrics side by side on one evaluation set, then their answers per
