@@ -503,6 +503,11 @@ def test_round_status_shows_povid_stages_and_escapes_what_it_shows():
     assert "POVID stages: 1: 200 pairs, 75 steps; 2: 400 pairs, 50 steps" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "POVID stages" not in status_html({"id": 2, "status": "done", "metrics": {"eval": {"chair_s": 0.1}}})
+    # The evaluation set's label holds an imported dataset's name: shown as text too.
+    hostile = "<img src=x onerror=alert(1)>/val"
+    for ev in ({"chair_s": 0.1, "n_captions": 3, "set": hostile}, {"chair_s": 0.1, "set": hostile}):
+        html = status_html({"id": 2, "status": "done", "metrics": {"eval": ev}})
+        assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;/val" in html
 
 
 def test_export_offers_the_methods_the_store_holds(tmp_path):

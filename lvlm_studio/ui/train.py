@@ -109,7 +109,8 @@ def status_html(rnd: dict | None, curve: list[dict] | None = None) -> str:
         shown = {label: ev[k] for k, label in METRIC_LABELS.items() if isinstance(ev.get(k), int | float)}
         on = (f" (on {ev['n_captions']} captions of {evaluation_label(ev)})" if isinstance(ev.get("n_captions"), int)
               else f" (on {evaluation_label(ev)})")
-        html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + on + "</div>"
+        # the set's label holds dataset names from imports: escaped like every stored text
+        html += "<div>" + " · ".join(f"{escape_text(k)} {v:.3f}" for k, v in shown.items()) + escape_text(on) + "</div>"
     steps = sorted({rec["step"] for rec in curve or [] if isinstance(rec.get("loss"), int | float)})
     if len(steps) == 1:  # Gradio's LinePlot draws lines only: one point shows nothing
         loss = next(rec["loss"] for rec in curve if isinstance(rec.get("loss"), int | float))
