@@ -1418,6 +1418,13 @@ class Studio:
             newest = list(evals)[-1] if evals else newest
         return sorted(counts, key=lambda label: (-counts[label], label != newest, label))
 
+    def shared_sets(self, a: int, b: int) -> list[str]:
+        """The evaluation sets both rounds were evaluated on (round B's order): what ``compare`` can
+        be asked to read them on."""
+        evals = [round_evaluations((self.store.get_round(whole_number(r, "round")) or {}).get("metrics"))
+                 for r in (a, b)]
+        return [label for label in evals[1] if label in evals[0]]
+
     def round_metrics(self, evaluation_set: str | None = None) -> list[dict]:
         """CHAIR_s, CHAIR_i, recall and POPE F1 of every round evaluated on one set (long format for
         the plot; default: ``evaluated_sets()``'s first): rounds evaluated on other sets are left

@@ -460,12 +460,11 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
                    if [getattr(c, "elem_id", None) for c in f.outputs][:2] == ["compare-a", "compare-b"])
     r2 = studio.store.create_round(r1, "m", {}, status="done")
     r3 = studio.store.create_round(r2, "m", {}, status="failed")
-    a, b, _plot, _note, plot_set, evaluate_round, eval_set, compare_set = on_load()
+    a, b, _plot, _note, plot_set, evaluate_round, eval_set = on_load()
     assert b.value == str(r2) and [v for _, v in a.choices] == ["0", str(r1), str(r2), str(r3)]
     assert [v for _, v in evaluate_round.choices] == ["0", str(r1), str(r2)]  # finished rounds only
     assert [v for _, v in eval_set.choices] == ["shapesworld/test"]  # no imported set with ground truth yet
     assert plot_set.choices == [] and plot_set.visible is False  # nothing evaluated: no set to pick
-    assert [v for _, v in compare_set.choices] == ["latest both share"]
     # Rounds evaluated on two sets: the plot's box offers both (the set most rounds have first, and
     # drawn), the comparison's box the default and both.
     from lvlm_studio.evaluation import with_evaluation
@@ -475,11 +474,19 @@ def test_compare_tab_load_offers_rounds_made_since_and_picks_the_newest_finished
         for label in sets:
             metrics = with_evaluation(metrics, {"chair_s": 0.1 * rid, "set": label})
         studio.store.update_round(rid, metrics=metrics)
-    _a, _b, plot, note, plot_set, _r, _s, compare_set = on_load()
+    _a, _b, plot, note, plot_set, _r, _s = on_load()
     assert [v for _, v in plot_set.choices] == ["coco/val", "shapesworld/test"] and plot_set.visible is True
     assert plot_set.value == "coco/val" and note.startswith("On coco/val")  # tie: the newest round's set
     assert {row[0] for row in plot.value["data"]} == {"round 0", f"round {r2}"}
-    assert [v for _, v in compare_set.choices] == ["latest both share", "coco/val", "shapesworld/test"]
+    # The comparison's set box follows the rounds picked: only the sets both share are offered, and
+    # a set picked that the new pair lacks falls back to the default.
+    pair_sets = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pair_sets")
+    box = pair_sets("0", str(r1), "latest both share")
+    assert [v for _, v in box.choices] == ["latest both share", "shapesworld/test"]
+    assert pair_sets("0", str(r2), "shapesworld/test").value == "latest both share"
+    assert [v for _, v in pair_sets("0", str(r2), None).choices] == ["latest both share", "coco/val"]
+    assert [v for _, v in pair_sets(str(r1), str(r2), None).choices] == ["latest both share"]  # none shared
+    assert pair_sets("0", "nonsense", None) == gr.skip()  # a round typed wrong: no update, no error
 
 
 # ---- the Generate and Train tabs ----------------------------------------------------------------
@@ -605,7 +612,7 @@ def test_opening_a_tab_again_offers_the_rounds_and_methods_made_since(open_studi
     from conftest import write_coco
 
     studio.import_path(write_coco(studio.settings.home.parent / "coco-since", [["dog", "cat", "cup"]]))
-    a, b, _plot, _note, _plot_set, evaluated, sets, _compare_set = on_show["compare_rounds"]()
+    a, b, _plot, _note, _plot_set, evaluated, sets = on_show["compare_rounds"]()
     assert all(str(r1) in values(d) for d in (a, b, evaluated))
     assert all("value" not in d._constructor_args[0] for d in (a, b))  # choices only: A and B stay as picked
     assert values(sets) == ["shapesworld/test", "coco/val"]  # a set imported since is offered to Evaluate

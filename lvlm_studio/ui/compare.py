@@ -100,8 +100,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
                         allow_custom_value=True, elem_id="compare-b")
         only_diff = gr.Checkbox(False, label="only where they differ", elem_id="compare-only-diff", min_width=180)
         # Both rounds are read on one evaluation set: by default the latest one they share.
-        cmp_set = gr.Dropdown([SHARED_SET, *studio.evaluated_sets()], value=SHARED_SET, label="evaluation set",
-                              allow_custom_value=True, elem_id="compare-set")
+        cmp_set = gr.Dropdown([SHARED_SET, *studio.shared_sets(0, int(b.value))], value=SHARED_SET,
+                              label="evaluation set", allow_custom_value=True, elem_id="compare-set")
         go = gr.Button("Compare", variant="primary", elem_id="compare-run")
     metrics = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), headers=METRIC_COLUMNS, interactive=False,
                            elem_id="compare-metrics")
@@ -136,7 +136,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
             line = f"**Note:** {escape_markdown(res['note'])}\n\n{line}"
         if res.get("set"):
             line = f"On {escape_markdown(res['set'])}.\n\n{line}"
-        sets = gr.Dropdown(choices=[SHARED_SET, *studio.evaluated_sets()])
+        sets = gr.Dropdown(choices=[SHARED_SET, *res["sets"]])  # what this pair can be read on
         return frame, line, html, *metrics_plot(studio, plot_v), sets
 
     with gr.Accordion("Evaluate a round", open=not studio.round_metrics(), elem_id="compare-eval-box"):
@@ -162,6 +162,21 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     go.click(run, inputs, outputs, api_name="compare_view")
     only_diff.change(run, inputs, outputs, api_name=False)
     cmp_set.input(run, inputs, outputs, api_name=False)
+
+    def pair_sets(a_v: str, b_v: str, set_v: str | None) -> gr.Dropdown:
+        """The set box offers the sets the two rounds picked share (the default when the one picked
+        is not among them); a round typed wrong leaves the box as it is (Compare says why)."""
+        try:
+            ra, rb = parse_round(a_v), parse_round(b_v)
+        except ValueError:
+            return gr.skip()
+        if ra is None or rb is None:
+            return gr.skip()
+        shared = studio.shared_sets(ra, rb)
+        return gr.Dropdown(choices=[SHARED_SET, *shared], value=set_v if set_v in shared else SHARED_SET)
+
+    for box in (a, b):
+        box.change(pair_sets, [a, b, cmp_set], [cmp_set], api_name=False, show_progress="hidden")
     plot_set.input(lambda v: metrics_plot(studio, v), [plot_set], [plot, plot_note, plot_set], api_name=False)
 
     @user_errors
@@ -198,13 +213,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         ch, done = round_choices(studio, rounds=rounds), round_choices(studio, done_only=True, rounds=rounds)
         b_update = gr.Dropdown(choices=ch, value=newest(done)) if pick_newest else gr.Dropdown(choices=ch)
         return (gr.Dropdown(choices=ch), b_update, *metrics_plot(studio), gr.Dropdown(choices=done),
-                gr.Dropdown(choices=list(studio.evaluation_sets())),  # a set imported since is offered
-                gr.Dropdown(choices=[SHARED_SET, *studio.evaluated_sets()]))
+                gr.Dropdown(choices=list(studio.evaluation_sets())))  # a set imported since is offered
 
     def refresh() -> tuple:
         return compare_rounds(pick_newest=True)
 
-    shown = [a, b, plot, plot_note, plot_set, eval_round, eval_set, cmp_set]
+    shown = [a, b, plot, plot_note, plot_set, eval_round, eval_set]  # the set box follows A and B (pair_sets)
     demo.load(refresh, None, shown, api_name=False)
     return {"on_show": (compare_rounds, shown)}
 
