@@ -25,6 +25,7 @@ POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -785,9 +786,16 @@ def evaluation_set_of(items: Iterable[dict]) -> list[list[str]]:
     return [list(p) for p in sorted(pairs)]
 
 
+def _label_part(name: str) -> str:
+    """A dataset or split name as a label shows it: quoted (JSON) when it could be read as more
+    than one part (a Hub name "lmms-lab/POPE", a " + "), so two sets never share a label."""
+    return json.dumps(name, ensure_ascii=False) if "/" in name or " + " in name or name.startswith('"') else name
+
+
 def evaluation_set_label(pairs: Iterable[Sequence[str]]) -> str:
-    """"shapesworld/test"; "coco/val + shapesworld/test" for an evaluation over both."""
-    return " + ".join(f"{d}/{s}" for d, s in pairs) or UNRECORDED_SET
+    """"shapesworld/test"; "coco/val + shapesworld/test" for an evaluation over both;
+    '"lmms-lab/POPE"/test' for a dataset whose name holds a slash."""
+    return " + ".join(f"{_label_part(d)}/{_label_part(s)}" for d, s in pairs) or UNRECORDED_SET
 
 
 def evaluation_label(ev: dict) -> str:
@@ -796,7 +804,7 @@ def evaluation_label(ev: dict) -> str:
     if isinstance(ev.get("set"), str):
         return ev["set"]
     if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
-        return f"{ev['dataset']}/{ev['split']}"
+        return evaluation_set_label([(ev["dataset"], ev["split"])])
     return UNRECORDED_SET
 
 

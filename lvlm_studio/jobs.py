@@ -646,7 +646,9 @@ def no_evaluation_items_note(store, cfg) -> str:
     pick a set the store holds (an imported set is not the default: the world's test split is)."""
     where = _evaluation_set_name(cfg)
     sets = store.ground_truth_sets()
-    hint = ("; sets with ground-truth objects here: " + ", ".join(f"{d}/{s}" for d, s in sets[:5])
+    from lvlm_studio.evaluation import evaluation_set_label
+
+    hint = ("; sets with ground-truth objects here: " + ", ".join(evaluation_set_label([p]) for p in sets[:5])
             + " (--config eval_dataset=D --config eval_split=S)") if sets else \
         ": import the world's test split or a dataset with objects"
     return f"no evaluation items ({where} with ground-truth objects){hint}"

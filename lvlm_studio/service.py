@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.evaluation import POPE_STRATEGIES, no_mentions_note, round_evaluations
+from lvlm_studio.evaluation import POPE_STRATEGIES, evaluation_set_label, no_mentions_note, round_evaluations
 from lvlm_studio.io import (
     DEFAULT_PROMPT,
     EXPORT_FORMATS,
@@ -1374,7 +1374,8 @@ class Studio:
         """What a round can be evaluated on, by label: the world's test scenes ("shapesworld/test",
         made as needed) first, then every imported (dataset, split) with ground-truth objects."""
         sets = {f"{WORLD_DATASET}/test": (WORLD_DATASET, "test")}
-        sets.update({f"{d}/{s}": (d, s) for d, s in self.store.ground_truth_sets() if d != WORLD_DATASET})
+        sets.update({evaluation_set_label([(d, s)]): (d, s) for d, s in self.store.ground_truth_sets()
+                     if d != WORLD_DATASET})
         return sets
 
     def evaluate_set(self, round_id: int = BASE_ROUND_ID, dataset: str = WORLD_DATASET, split: str = "test",

@@ -469,6 +469,12 @@ def test_a_rounds_evaluations_are_kept_by_set_and_older_records_are_read():
     assert evaluation_set_of(items) == [["coco", "val"], ["shapesworld", "test"]]
     assert evaluation_set_label(evaluation_set_of(items)) == "coco/val + shapesworld/test"
     assert evaluation_set_label([]) == UNRECORDED_SET
+    # Names that hold a slash or " + " are quoted: two sets never share a label (a Hub dataset
+    # "lmms-lab/POPE" split "test" and a dataset "lmms-lab" split "POPE/test" did).
+    labels = {evaluation_set_label([pair]) for pair in (("lmms-lab/POPE", "test"), ("lmms-lab", "POPE/test"),
+                                                         ("a + b/c", "d"), ("a", "b/c + d"))}
+    assert len(labels) == 4 and '"lmms-lab/POPE"/test' in labels
+    assert evaluation_set_label([("coco", "val"), ("x", "test")]) != evaluation_set_label([("coco/val + x", "test")])
     world = {"chair_s": 0.2, "set": "shapesworld/test"}
     coco = {"chair_s": 0.4, "set": "coco/val"}
     metrics = with_evaluation(with_evaluation({"n_pairs": 3, "eval": None}, world), coco)
