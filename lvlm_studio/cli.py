@@ -42,7 +42,7 @@ from lvlm_studio.config import (
     debug_enabled,
     listen_address,
 )
-from lvlm_studio.evaluation import evaluation_label, no_mentions_note
+from lvlm_studio.evaluation import evaluation_label, evaluation_set_label, no_mentions_note
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -1159,7 +1159,7 @@ def compare_cmd(
     b: Annotated[int, typer.Argument(help="Round B.")],
     only_diff: Annotated[bool, typer.Option("--only-diff", help="Only items both rounds answered, differently.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show at most this many items.")] = None,
-    evaluation_set: Annotated[str | None, typer.Option("--set", help="The evaluation set to compare on, as lvlm-studio rounds names it (e.g. shapesworld/test, coco/val); default: round B's latest set when A was evaluated on it too, else A's latest when B was, else another set both were evaluated on.")] = None,
+    evaluation_set: Annotated[str | None, typer.Option("--set", help="The evaluation set to compare on, as lvlm-studio rounds names it (e.g. shapesworld/test, coco/val; a name holding '/', '+' or a quote is quoted, as rounds shows it); default: round B's latest set when A was evaluated on it too, else A's latest when B was, else another set both were evaluated on.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Two rounds' evaluation metrics side by side on one evaluation set, then their answers per
@@ -1258,7 +1258,8 @@ def eval_cmd(
     def human() -> str:
         where = (f"shapesworld/{split} ({counted(res['metrics']['scenes'], 'scene')}, seed {seed}; "
                  f"{res['added']} items added)" if world
-                 else f"{dataset}/{split} ({counted(res['images'], 'image')})")
+                 else f"{res['metrics'].get('set') or evaluation_set_label([(dataset, split)])} "
+                      f"({counted(res['images'], 'image')})")
         note = f"\nnote: {res['metrics']['eval_note']}" if res["metrics"].get("eval_note") else ""
         return (f"round {round} on {res['items']} items of {where}, model {res['metrics'].get('model')}\n"
                 + eval_table(res["metrics"]) + note)

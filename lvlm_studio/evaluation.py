@@ -787,9 +787,11 @@ def evaluation_set_of(items: Iterable[dict]) -> list[list[str]]:
 
 
 def _label_part(name: str) -> str:
-    """A dataset or split name as a label shows it: quoted (JSON) when it could be read as more
-    than one part (a Hub name "lmms-lab/POPE", a " + "), so two sets never share a label."""
-    return json.dumps(name, ensure_ascii=False) if "/" in name or " + " in name or name.startswith('"') else name
+    """A dataset or split name as a label shows it: quoted (JSON) when it holds a character the
+    label uses ("/", "+", a quote) or space at an end (a Hub name "lmms-lab/POPE"), so two sets
+    never share a label."""
+    plain = not any(c in name for c in '/+"') and name == name.strip() and name != ""
+    return name if plain else json.dumps(name, ensure_ascii=False)
 
 
 def evaluation_set_label(pairs: Iterable[Sequence[str]]) -> str:
@@ -801,6 +803,10 @@ def evaluation_set_label(pairs: Iterable[Sequence[str]]) -> str:
 def evaluation_label(ev: dict) -> str:
     """The set one stored evaluation answered: its own record, else (evaluations stored before sets
     were recorded) the dataset and split the CLI's eval kept beside the metrics."""
+    pairs = ev.get("eval_set")
+    if isinstance(pairs, list) and pairs and all(isinstance(p, list | tuple) and len(p) == 2
+                                                 and all(isinstance(x, str) for x in p) for p in pairs):
+        return evaluation_set_label(pairs)  # from the pairs, as labels are made now
     if isinstance(ev.get("set"), str):
         return ev["set"]
     if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
@@ -812,8 +818,8 @@ def round_evaluations(metrics: dict | None) -> dict[str, dict]:
     """A round's stored evaluations by set label, the latest last (``with_evaluation`` keeps them)."""
     metrics = metrics if isinstance(metrics, dict) else {}
     evals = metrics.get("evals")
-    if isinstance(evals, dict) and evals:
-        return {k: v for k, v in evals.items() if isinstance(v, dict)}
+    if isinstance(evals, dict) and evals:  # keyed as labels are made now (a later one on a set wins)
+        return {evaluation_label(v): v for v in evals.values() if isinstance(v, dict)}
     latest = metrics.get("eval")
     return {evaluation_label(latest): latest} if isinstance(latest, dict) else {}
 

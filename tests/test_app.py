@@ -110,7 +110,7 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     client = Client(url, verbose=False)
     html = client.predict("0", "0", False, api_name="/compare_view")[2]
     assert "evaluate a round below" in html
-    summary, plot, note, plot_set, _a, b = client.predict("0", 2, api_name="/evaluate_round")
+    summary, plot, note, plot_set, _a, b, compare_set = client.predict("0", 2, api_name="/evaluate_round")
     ev = studio.get_round(0)["metrics"]["eval"]
     assert ev["scenes"] == 2 and ev["split"] == "test" and ev["model"] == "demo"
     outputs = studio.store.eval_outputs(0)
@@ -121,6 +121,8 @@ def test_compare_tab_evaluates_a_round_then_compares_it(app):
     assert b["value"] == "0" and {row[0] for row in plot["value"]["data"]} == {"round 0"}
     assert note.startswith("Only round 0 is evaluated so far") and f"{ev['chair_s']:.3f}" in note
     assert plot_set["value"] == "shapesworld/test" and not plot_set["visible"]  # one set: no box to pick from
+    # The comparison that follows (A = 0, B = 0) is offered the set just evaluated.
+    assert [c[1] for c in compare_set["choices"]] == ["latest both share", "shapesworld/test"]
     metrics, paired, html, *_plot = client.predict("0", "0", False, api_name="/compare_view")
     assert captions[0]["answer"].split(".")[0] in html
     assert f"POPE F1 on the same {len(outputs) - 2} probes: {ev['pope_f1']:.3f} (round 0)" in paired  # probe by probe

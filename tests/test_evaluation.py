@@ -475,6 +475,15 @@ def test_a_rounds_evaluations_are_kept_by_set_and_older_records_are_read():
                                                          ("a + b/c", "d"), ("a", "b/c + d"))}
     assert len(labels) == 4 and '"lmms-lab/POPE"/test' in labels
     assert evaluation_set_label([("coco", "val"), ("x", "test")]) != evaluation_set_label([("coco/val + x", "test")])
+    assert evaluation_set_label([("+ a", "b"), ("+ c", "d")]) != evaluation_set_label([("+ a", "b +"), ("c", "d")])
+    assert evaluation_set_label([(" coco", "val")]) == '" coco"/val'
+    # Evaluations filed under a label made before names were quoted are read under today's label
+    # (from their eval_set), so a new evaluation on that set replaces them rather than sitting beside.
+    old = {"chair_s": 0.4, "set": "lmms-lab/POPE/test", "eval_set": [["lmms-lab/POPE", "test"]]}
+    new = {"chair_s": 0.2, "set": '"lmms-lab/POPE"/test', "eval_set": [["lmms-lab/POPE", "test"]]}
+    metrics = {"eval": old, "evals": {"lmms-lab/POPE/test": old}}
+    assert list(round_evaluations(metrics)) == ['"lmms-lab/POPE"/test']
+    assert round_evaluations(with_evaluation(metrics, new)) == {'"lmms-lab/POPE"/test': new}
     world = {"chair_s": 0.2, "set": "shapesworld/test"}
     coco = {"chair_s": 0.4, "set": "coco/val"}
     metrics = with_evaluation(with_evaluation({"n_pairs": 3, "eval": None}, world), coco)

@@ -303,7 +303,12 @@ def test_each_evaluation_set_keeps_its_figures_and_a_plot_or_comparison_reads_on
     latest figures: the plot drew one round's world figures and the next one's set figures on one
     line, and Compare set them side by side as a change. Each set's figures are kept now, and a plot
     or a comparison reads one set."""
-    from lvlm_studio.evaluation import evaluation_set_of, round_evaluations, with_evaluation
+    from lvlm_studio.evaluation import (
+        evaluation_set_label,
+        evaluation_set_of,
+        round_evaluations,
+        with_evaluation,
+    )
 
     world, coco = make_items(2, dataset="world"), make_items(2, seed0=10, dataset="coco")
     split = studio.store.get_item(world[0])["split"]
@@ -316,7 +321,7 @@ def test_each_evaluation_set_keeps_its_figures_and_a_plot_or_comparison_reads_on
             {"item_id": i, "answer": f"Round {rid} on {i}.", "objects": ["circle"],
              "hallucinated": ["circle"] if k < chair_s * len(items) else []} for k, i in enumerate(items)])
         sets = evaluation_set_of(studio.store.get_item(i) for i in items)
-        ev = {"chair_s": chair_s, "n_items": len(items), "eval_set": sets, "set": " + ".join(f"{d}/{s}" for d, s in sets)}
+        ev = {"chair_s": chair_s, "n_items": len(items), "eval_set": sets, "set": evaluation_set_label(sets)}
         studio.store.update_round(rid, metrics=with_evaluation(studio.store.get_round(rid)["metrics"], ev))
 
     evaluate(0, world, 0.5)

@@ -616,6 +616,12 @@ def test_opening_a_tab_again_offers_the_rounds_and_methods_made_since(open_studi
     assert all(str(r1) in values(d) for d in (a, b, evaluated))
     assert all("value" not in d._constructor_args[0] for d in (a, b))  # choices only: A and B stay as picked
     assert values(sets) == ["shapesworld/test", "coco/val"]  # a set imported since is offered to Evaluate
+    # Then the comparison's set box follows A and B as they are (no change event fires when they
+    # stay as picked): after the tab is opened again and after a page load.
+    ids = {i: f for i, f in demo.fns.items()}
+    follows = {ids[f.trigger_after].fn.__name__ for f in demo.fns.values()
+               if getattr(f.fn, "__name__", "") == "pair_sets" and f.trigger_after is not None}
+    assert follows == {"compare_rounds", "refresh"}
 
 
 def test_train_tab_polls_the_newest_round_and_keeps_the_users_ticks(open_studio):

@@ -127,8 +127,10 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
                 if "on_show" in built:
                     # Rounds and methods made since the page loaded (a round that finished in the
                     # Train tab, an import's new method) are offered when the tab is opened again.
-                    fn, outputs = built["on_show"]
-                    tab.select(fn, None, outputs, api_name=False, show_progress="hidden")
+                    fn, outputs, *follow = built["on_show"]
+                    shown = tab.select(fn, None, outputs, api_name=False, show_progress="hidden")
+                    for then_fn, then_in, then_out in follow:  # a step that reads what the first set
+                        shown = shown.then(then_fn, then_in, then_out, api_name=False, show_progress="hidden")
 
         def on_header(request: gr.Request) -> str:
             return _header_html(studio, request)

@@ -12,6 +12,7 @@ import pandas as pd
 from lvlm_studio.config import MAX_WORLD_SCENES, counted
 from lvlm_studio.evaluation import (
     METRIC_LABELS,
+    evaluation_set_label,
     no_mentions_note,
     paired_chair_s_summary,
     paired_pope_f1_summary,
@@ -180,7 +181,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     plot_set.input(lambda v: metrics_plot(studio, v), [plot_set], [plot, plot_note, plot_set], api_name=False)
 
     @user_errors
-    def evaluate(round_v: str, n_v: Any, set_v: str = WORLD_SET, plot_v: str | None = None,
+    def evaluate(round_v: str, n_v: Any, set_v: str = WORLD_SET, plot_v: str | None = None, a_v: str = "0",
                  progress=gr.Progress(),  # noqa: B008 - Gradio's idiom
                  request: gr.Request = None) -> tuple:
         acting_user(studio, request, None)  # signed in, unless the studio runs in open mode
@@ -197,11 +198,18 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         ch = round_choices(studio)
         # The plot turns to the set just evaluated, which the comparison then reads too.
         done = res["metrics"].get("set") or plot_v
+        # The comparison that follows reads A against this round: the set box offers what they share
+        # (set here, before that comparison reads it, rather than by B's change event).
+        try:
+            shared = studio.shared_sets(parse_round(a_v) or 0, round_id)
+        except ValueError:
+            shared = []
         return (evaluation_summary(res), *metrics_plot(studio, done), gr.Dropdown(choices=ch),
-                gr.Dropdown(choices=ch, value=str(round_id)))
+                gr.Dropdown(choices=ch, value=str(round_id)), gr.Dropdown(choices=[SHARED_SET, *shared], value=SHARED_SET))
 
     # The bar shows under the button's summary only; once stored, the comparison is drawn again.
-    eval_go.click(evaluate, [eval_round, eval_n, eval_set, plot_set], [eval_summary, plot, plot_note, plot_set, a, b],
+    eval_go.click(evaluate, [eval_round, eval_n, eval_set, plot_set, a], [eval_summary, plot, plot_note, plot_set, a, b,
+                                                                          cmp_set],
                   api_name="evaluate_round", concurrency_limit=1, concurrency_id=MODEL_JOBS,
                   show_progress_on=[eval_summary]).success(run, inputs, outputs, api_name=False)
 
@@ -218,9 +226,12 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
     def refresh() -> tuple:
         return compare_rounds(pick_newest=True)
 
-    shown = [a, b, plot, plot_note, plot_set, eval_round, eval_set]  # the set box follows A and B (pair_sets)
-    demo.load(refresh, None, shown, api_name=False)
-    return {"on_show": (compare_rounds, shown)}
+    shown = [a, b, plot, plot_note, plot_set, eval_round, eval_set]
+    # The set box follows A and B: after a load or a return to the tab too, where A and B may not
+    # change (no change event fires).
+    follow = (pair_sets, [a, b, cmp_set], [cmp_set])
+    demo.load(refresh, None, shown, api_name=False).then(*follow, api_name=False, show_progress="hidden")
+    return {"on_show": (compare_rounds, shown, follow)}
 
 
 def newest(choices: list[tuple[str, str]]) -> str:
@@ -243,7 +254,8 @@ def evaluation_summary(res: dict) -> str:
     figures = ", ".join(f"{label} **{value:.3f}**" for key, label in METRIC_LABELS.items()
                         if (value := _figure(ev, key)) is not None)
     where = (f"{ev.get('scenes', '?')} test scenes, {res['added']} items added" if "added" in res else
-             f"{escape_markdown(ev.get('dataset'))}/{escape_markdown(ev.get('split'))}, {counted(res.get('images'), 'image')}")
+             f"{escape_markdown(ev.get('set') or evaluation_set_label([(ev.get('dataset'), ev.get('split'))]))}, "
+             f"{counted(res.get('images'), 'image')}")
     notes = [n for n in (ev.get("eval_note"), no_mentions_note(ev)) if n]
     note = f" ({escape_markdown('; '.join(notes))})" if notes else ""
     return (f"Round {res['round']} on {res['items']} items ({where}), model {escape_markdown(ev.get('model'))}: "
