@@ -6,6 +6,7 @@ test-artifacts/review.png."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,8 +187,10 @@ def test_generate_and_upload_from_the_browser(fresh, tmp_path):
         items_before = studio.store.count_items()
         page.get_by_role("tab", name="Data").click()
         page.locator("#data-upload input[type=file]").set_input_files([str(good), str(bad)])
-        # the upload has finished (the box lists the files) before the button reads them
-        expect(page.locator("#data-upload")).to_contain_text("photo.png", timeout=30_000)
+        # the upload has finished (the box lists the files; Gradio may render a name's stem and
+        # extension apart: "photo .png") before the button reads them
+        expect(page.locator("#data-upload")).to_contain_text(re.compile(r"photo\s*\.png"), timeout=30_000)
+        expect(page.locator("#data-upload")).not_to_contain_text("Uploading", timeout=30_000)
         page.locator("#data-upload-run").click()
         result = page.locator("#data-summary")  # the readable report (the JSON is folded away)
         expect(result).to_contain_text("1 image added, 1 refused", timeout=30_000)
