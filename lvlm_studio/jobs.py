@@ -580,10 +580,12 @@ def eval_items_for(store, cfg) -> list[dict]:
 
 
 def parent_evaluated_on(store, parent: dict, items: list[dict]) -> bool:
-    """Has round ``parent`` a stored evaluation on the set of ``items`` and an answer to each?"""
+    """Has round ``parent`` a stored evaluation on the set of ``items``, over as many items (a later,
+    smaller evaluation replaced its figures on the whole set), and an answer to each?"""
     from lvlm_studio.evaluation import evaluation_set_label, evaluation_set_of, round_evaluations
 
-    if evaluation_set_label(evaluation_set_of(items)) not in round_evaluations(parent.get("metrics")):
+    stored = round_evaluations(parent.get("metrics")).get(evaluation_set_label(evaluation_set_of(items)))
+    if stored is None or not isinstance(stored.get("n_items"), int) or stored["n_items"] < len(items):
         return False
     answered = {r["item_id"] for r in store.eval_outputs(parent["id"])}
     return {it["item_id"] for it in items} <= answered

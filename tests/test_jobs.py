@@ -1096,7 +1096,11 @@ def test_a_parent_counts_as_evaluated_only_on_the_same_set_with_every_item_answe
         other = {"chair_s": 0.0, "set": "coco/val", "eval_set": [["coco", "val"]]}
         store.update_round(base, metrics=with_evaluation(None, other))
         assert not jobs.parent_evaluated_on(store, store.get_round(base), items)  # answered, on another set's record
-        same = {"chair_s": 0.0, "set": "shapesworld/test", "eval_set": [["shapesworld", "test"]]}
+        smaller = {"chair_s": 0.0, "set": "shapesworld/test", "eval_set": [["shapesworld", "test"]], "n_items": 1}
+        store.update_round(base, metrics=with_evaluation(store.get_round(base)["metrics"], smaller))
+        # its figures on the set cover one item (a later, smaller evaluation): evaluated again
+        assert not jobs.parent_evaluated_on(store, store.get_round(base), items)
+        same = {**smaller, "n_items": len(items)}
         store.update_round(base, metrics=with_evaluation(store.get_round(base)["metrics"], same))
         assert jobs.parent_evaluated_on(store, store.get_round(base), items)
         store.db.execute("DELETE FROM eval_outputs WHERE item_id = ?", (items[-1]["item_id"],))
