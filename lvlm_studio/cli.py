@@ -1172,7 +1172,7 @@ def compare_cmd(
     try:
         for rid in (a, b):
             require_round(s.store, rid)
-        res = s.compare(a, b, only_diff=only_diff, evaluation_set=(evaluation_set or "").strip() or None)
+        res = s.compare(a, b, only_diff=only_diff, evaluation_set=evaluation_set)
     finally:
         s.store.close()
     total = len(res["rows"])

@@ -800,18 +800,25 @@ def evaluation_set_label(pairs: Iterable[Sequence[str]]) -> str:
     return " + ".join(f"{_label_part(d)}/{_label_part(s)}" for d, s in pairs) or UNRECORDED_SET
 
 
-def evaluation_label(ev: dict) -> str:
-    """The set one stored evaluation answered: its own record, else (evaluations stored before sets
-    were recorded) the dataset and split the CLI's eval kept beside the metrics."""
+def evaluation_pairs(ev: dict) -> list[tuple[str, str]]:
+    """The (dataset, split) pairs one stored evaluation answered: its own record (``eval_set``),
+    else (evaluations stored before sets were recorded) the dataset and split the CLI's eval kept
+    beside the metrics; [] when it says neither."""
     pairs = ev.get("eval_set")
     if isinstance(pairs, list) and pairs and all(isinstance(p, list | tuple) and len(p) == 2
                                                  and all(isinstance(x, str) for x in p) for p in pairs):
-        return evaluation_set_label(pairs)  # from the pairs, as labels are made now
-    if isinstance(ev.get("set"), str):
-        return ev["set"]
+        return [(d, s) for d, s in pairs]
     if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
-        return evaluation_set_label([(ev["dataset"], ev["split"])])
-    return UNRECORDED_SET
+        return [(ev["dataset"], ev["split"])]
+    return []
+
+
+def evaluation_label(ev: dict) -> str:
+    """The set one stored evaluation answered, labelled from its pairs as labels are made now (else
+    the label it carries, else ``UNRECORDED_SET``)."""
+    if pairs := evaluation_pairs(ev):
+        return evaluation_set_label(pairs)
+    return ev["set"] if isinstance(ev.get("set"), str) else UNRECORDED_SET
 
 
 def round_evaluations(metrics: dict | None) -> dict[str, dict]:

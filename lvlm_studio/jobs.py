@@ -943,9 +943,9 @@ def run_round(round_id: int, home: str | Path) -> int:
             device = resolve_device(cfg.device)
             try:
                 parent = store.get_round(row["parent_id"]) if row["parent_id"] is not None else None
-                # The parent is evaluated unless it has an evaluation on this set that answered every
-                # one of these items (it may have been evaluated on another set only): compare reads
-                # both on the same set.
+                # The parent is evaluated unless its evaluation on this set covers these items (it may
+                # have been evaluated on another set only, or on fewer items): compare reads both on
+                # the same set.
                 if cfg.eval_parent and parent is not None and not parent_evaluated_on(store, parent, items):
                     log(f"evaluating the parent round {parent['id']} on {len(items)} items (it has no stored "
                         "evaluation of them)")

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_studio.config import MAX_ID, MAX_SEED, MAX_WORLD_SCENES, Settings, check_option_types, round_dirname
-from lvlm_studio.evaluation import POPE_STRATEGIES, evaluation_set_label, no_mentions_note, round_evaluations
+from lvlm_studio.evaluation import (
+    POPE_STRATEGIES,
+    evaluation_pairs,
+    evaluation_set_label,
+    no_mentions_note,
+    round_evaluations,
+)
 from lvlm_studio.io import (
     DEFAULT_PROMPT,
     EXPORT_FORMATS,
@@ -1373,10 +1379,8 @@ class Studio:
     def evaluation_sets(self) -> dict[str, tuple[str, str]]:
         """What a round can be evaluated on, by label: the world's test scenes ("shapesworld/test",
         made as needed) first, then every imported (dataset, split) with ground-truth objects."""
-        sets = {f"{WORLD_DATASET}/test": (WORLD_DATASET, "test")}
-        sets.update({evaluation_set_label([(d, s)]): (d, s) for d, s in self.store.ground_truth_sets()
-                     if d != WORLD_DATASET})
-        return sets
+        imported = [(d, s) for d, s in self.store.ground_truth_sets() if d != WORLD_DATASET]
+        return {evaluation_set_label([pair]): pair for pair in [(WORLD_DATASET, "test"), *imported]}
 
     def evaluate_set(self, round_id: int = BASE_ROUND_ID, dataset: str = WORLD_DATASET, split: str = "test",
                      images: int | None = None, model: str | None = None, max_new_tokens: int | None = None,
@@ -1397,7 +1401,7 @@ class Studio:
             keep = set(list(dict.fromkeys(it["image_id"] for it in items))[:images])
             items = [it for it in items if it["image_id"] in keep]
         if not items:
-            sets = [label for label in self.evaluation_sets() if label != f"{WORLD_DATASET}/test"]
+            sets = [label for label, (d, _) in self.evaluation_sets().items() if d != WORLD_DATASET]
             raise ValueError(f"no item of dataset {dataset!r}, split {split!r} has ground-truth objects to evaluate on "
                              f"(imported sets that have: {', '.join(sets) or 'none'})")
         # what will be scored (a set mixing vocabularies is scored on its larger part)
@@ -1424,7 +1428,7 @@ class Studio:
         be asked to read them on."""
         evals = [round_evaluations((self.store.get_round(whole_number(r, "round")) or {}).get("metrics"))
                  for r in (a, b)]
-        return [label for label in evals[1] if label in evals[0]]
+        return _shared(*evals)
 
     def round_metrics(self, evaluation_set: str | None = None) -> list[dict]:
         """CHAIR_s, CHAIR_i, recall and POPE F1 of every round evaluated on one set (long format for
@@ -1459,6 +1463,8 @@ class Studio:
                 why = f" ({row['error']})" if row.get("error") else ""
                 raise ValueError(f"round {rid} is {row['status']}{why}: it has no answers to compare")
         evals = {rid: round_evaluations((rounds[rid] or {}).get("metrics")) for rid in (a, b)}
+        # as typed (the CLI's --set, the JSON API): trimmed, and "" for the default
+        evaluation_set = (str(evaluation_set).strip() or None) if evaluation_set is not None else None
         label, set_note = _comparison_set(a, b, evals, evaluation_set)
         # Each round's answers on the set read: the shared one, else (no set shared) its latest.
         shown = {rid: evals[rid][label] if label is not None else _round_eval(rounds[rid]) for rid in (a, b)}
@@ -1503,7 +1509,7 @@ class Studio:
         return {"a": a, "b": b, "rows": rows, "metrics": metrics, "common_metrics": common_metrics,
                 "paired": _paired_chair_s(out_a, out_b), "paired_pope": _paired_pope_f1(out_a, out_b),
                 "answered": (len(out_a), len(out_b)), "set": label,
-                "sets": [s for s in evals[b] if s in evals[a]],
+                "sets": _shared(evals[a], evals[b]),
                 "note": set_note or (DISJOINT_NOTE if disjoint else None)}
 
 
@@ -1517,7 +1523,7 @@ def _comparison_set(a: int, b: int, evals: dict[int, dict[str, dict]], wanted: s
                 raise ValueError(f"round {rid} was not evaluated on {wanted} "
                                  f"(its evaluations: {', '.join(evals[rid]) or 'none'})")
         return wanted, None
-    common = [label for label in evals[b] if label in evals[a]]
+    common = _shared(evals[a], evals[b])
     latest = {rid: list(evals[rid])[-1] for rid in (a, b) if evals[rid]}
     for label in (latest.get(b), latest.get(a), *common[::-1]):
         if label in common:
@@ -1528,16 +1534,15 @@ def _comparison_set(a: int, b: int, evals: dict[int, dict[str, dict]], wanted: s
     return None, None
 
 
+def _shared(evals_a: dict[str, dict], evals_b: dict[str, dict]) -> list[str]:
+    """The set labels two rounds' evaluations (``round_evaluations``) share, in round B's order."""
+    return [label for label in evals_b if label in evals_a]
+
+
 def _outputs_on(rows: list[dict], ev: dict) -> list[dict]:
-    """The stored answers of one evaluation's set (an evaluation stored before sets were recorded
-    keeps them all)."""
-    pairs = ev.get("eval_set")
-    if not isinstance(pairs, list) or not pairs:
-        if not (isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str)):
-            return rows
-        pairs = [[ev["dataset"], ev["split"]]]  # the CLI's eval kept them beside the metrics
-    wanted = {tuple(p) for p in pairs if isinstance(p, list | tuple)}
-    return [r for r in rows if (r.get("dataset"), r.get("split")) in wanted]
+    """The stored answers of one evaluation's set (one that does not say its set keeps them all)."""
+    wanted = set(evaluation_pairs(ev))
+    return [r for r in rows if (r.get("dataset"), r.get("split")) in wanted] if wanted else rows
 
 
 # Compare's word when two rounds were evaluated on sets that share no item (one on the world's test

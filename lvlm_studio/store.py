@@ -216,7 +216,7 @@ def m004_evaluation_sets(db: Database) -> None:
     # evaluation gets the set it answered, from the dataset and split the CLI's eval kept beside it,
     # else from the items of its answers: the round's last n_items stored answers (the latest
     # evaluation wrote them last; an earlier one on another set may have left others).
-    from lvlm_studio.evaluation import evaluation_set_label
+    from lvlm_studio.evaluation import evaluation_pairs, evaluation_set_label
 
     for rid, text in db.execute("SELECT id, metrics FROM rounds WHERE metrics IS NOT NULL").fetchall():
         try:
@@ -226,8 +226,8 @@ def m004_evaluation_sets(db: Database) -> None:
         ev = metrics.get("eval") if isinstance(metrics, dict) else None
         if not isinstance(ev, dict) or "evals" in metrics or "eval_set" in ev:
             continue
-        if isinstance(ev.get("dataset"), str) and isinstance(ev.get("split"), str):
-            pairs = [[ev["dataset"], ev["split"]]]
+        if found := evaluation_pairs(ev):  # the CLI's dataset and split (no eval_set here)
+            pairs = [list(p) for p in found]
         else:
             n = ev.get("n_items")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:

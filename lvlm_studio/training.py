@@ -229,7 +229,7 @@ class DPORoundConfig:
     # scenes); set it higher for real models (CHAIR evaluations commonly allow 512).
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 16  # items decoded together (memory and speed)
-    eval_parent: bool = True  # also evaluate the parent round unless it answered every evaluation item
+    eval_parent: bool = True  # also evaluate the parent round unless it is evaluated on these items (jobs.parent_evaluated_on)
     extractor: str = "auto"  # "shapesworld" | "coco" | "auto" (world if its vocabulary parses the GT)
 
     def __post_init__(self) -> None:

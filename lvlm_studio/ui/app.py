@@ -199,7 +199,7 @@ def _json_api(studio: Studio) -> None:
 
     @user_errors
     def compare(a: int, b: int, only_diff: bool = False, evaluation_set: str | None = None) -> dict:
-        return studio.compare(a, b, bool(only_diff), evaluation_set=str(evaluation_set or "").strip() or None)
+        return studio.compare(a, b, bool(only_diff), evaluation_set=evaluation_set)
 
     def agreement() -> dict:
         return studio.agreement()

@@ -122,7 +122,7 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         if a_v in (None, "") or b_v in (None, ""):
             raise ValueError("pick two rounds")
         res = studio.compare(parse_round(a_v), parse_round(b_v), bool(diff),
-                             evaluation_set=None if str(set_v or "").strip() in ("", SHARED_SET) else str(set_v).strip())
+                             evaluation_set=None if str(set_v or "").strip() == SHARED_SET else set_v)
         frame = metrics_frame(res)
         empty = ("The two rounds answer every item both answered the same." if diff and all(res["answered"])
                  else NO_ANSWERS)
@@ -200,12 +200,8 @@ def build(studio: Studio, demo: gr.Blocks) -> dict[str, Any]:
         done = res["metrics"].get("set") or plot_v
         # The comparison that follows reads A against this round: the set box offers what they share
         # (set here, before that comparison reads it, rather than by B's change event).
-        try:
-            shared = studio.shared_sets(parse_round(a_v) or 0, round_id)
-        except ValueError:
-            shared = []
         return (evaluation_summary(res), *metrics_plot(studio, done), gr.Dropdown(choices=ch),
-                gr.Dropdown(choices=ch, value=str(round_id)), gr.Dropdown(choices=[SHARED_SET, *shared], value=SHARED_SET))
+                gr.Dropdown(choices=ch, value=str(round_id)), pair_sets(a_v, str(round_id), None))
 
     # The bar shows under the button's summary only; once stored, the comparison is drawn again.
     eval_go.click(evaluate, [eval_round, eval_n, eval_set, plot_set, a], [eval_summary, plot, plot_note, plot_set, a, b,
